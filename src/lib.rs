@@ -1,0 +1,5 @@
+//! apar plans data, tensor and pipeline parallel training of deep-learning models.
+#![deny(missing_docs)]
+
+pub mod ir;
+pub mod models;

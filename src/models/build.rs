@@ -1,0 +1,293 @@
+//! Builds the forward graph of a decoder-only transformer from a [`ModelConfig`].
+
+use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
+use crate::ir::{
+    Block, DType, Dim, Graph, GraphBuilder, Op, Shape, ShapeError, TensorId, TensorType,
+};
+
+/// Compute dtype of the forward graph (mixed precision keeps fp32 masters; see `train`).
+pub const COMPUTE_DTYPE: DType = DType::Bf16;
+
+struct Ctx<'a> {
+    cfg: &'a ModelConfig,
+    b: GraphBuilder,
+}
+
+type R<T> = Result<T, ShapeError>;
+
+fn bsd(last: u64) -> Vec<Dim> {
+    vec![Dim::batch(), Dim::seq(), Dim::lit(last)]
+}
+
+impl Ctx<'_> {
+    fn param(&mut self, name: &str, dims: &[u64]) -> TensorId {
+        let ty = TensorType::new(COMPUTE_DTYPE, dims.iter().map(|&d| Dim::lit(d)));
+        self.b.param(name, ty)
+    }
+
+    fn op(&mut self, op: Op, inputs: &[TensorId]) -> R<TensorId> {
+        self.b.add1(op, inputs)
+    }
+
+    /// `x · W (+ bias)` with `W[in, out]`.
+    fn linear(&mut self, x: TensorId, name: &str, din: u64, dout: u64, bias: bool) -> R<TensorId> {
+        let w = self.param(&format!("{name}.weight"), &[din, dout]);
+        let y = self.op(
+            Op::MatMul {
+                ta: false,
+                tb: false,
+            },
+            &[x, w],
+        )?;
+        if bias {
+            let bv = self.param(&format!("{name}.bias"), &[dout]);
+            self.op(Op::BiasAdd, &[y, bv])
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn norm(&mut self, x: TensorId, name: &str) -> R<TensorId> {
+        let h = self.cfg.hidden;
+        let eps = self.cfg.norm_eps;
+        let g = self.param(&format!("{name}.weight"), &[h]);
+        match self.cfg.norm {
+            Norm::LayerNorm => {
+                let beta = self.param(&format!("{name}.bias"), &[h]);
+                self.op(Op::LayerNorm { eps }, &[x, g, beta])
+            }
+            Norm::RmsNorm => self.op(Op::RmsNorm { eps }, &[x, g]),
+        }
+    }
+
+    fn dropout(&mut self, x: TensorId) -> R<TensorId> {
+        if self.cfg.dropout > 0.0 {
+            Ok(self.b.add(
+                Op::Dropout {
+                    p: self.cfg.dropout,
+                },
+                &[x],
+            )?[0])
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// `[b, s, n·d]` → `[b, s, n, d]`.
+    fn split_heads(&mut self, x: TensorId, n: u64) -> R<TensorId> {
+        let d = self.cfg.head_dim;
+        let shape = Shape::new([Dim::batch(), Dim::seq(), Dim::lit(n), Dim::lit(d)]);
+        self.op(Op::Reshape { shape }, &[x])
+    }
+
+    fn attention(&mut self, x: TensorId, p: &str) -> R<TensorId> {
+        let cfg = self.cfg;
+        let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let (q, k, v) = if a == kv {
+            // Megatron-style fused projection, split into views.
+            let qkv = self.linear(x, &format!("{p}.qkv"), h, 3 * a * d, cfg.qkv_bias)?;
+            let part = |c: &mut Self, i: u64| {
+                c.op(
+                    Op::Slice {
+                        axis: 2,
+                        start: i * a * d,
+                        len: a * d,
+                    },
+                    &[qkv],
+                )
+            };
+            (part(self, 0)?, part(self, 1)?, part(self, 2)?)
+        } else {
+            let q = self.linear(x, &format!("{p}.q"), h, a * d, cfg.qkv_bias)?;
+            let k = self.linear(x, &format!("{p}.k"), h, kv * d, cfg.qkv_bias)?;
+            let v = self.linear(x, &format!("{p}.v"), h, kv * d, cfg.qkv_bias)?;
+            (q, k, v)
+        };
+        let mut q = self.split_heads(q, a)?;
+        let mut k = self.split_heads(k, kv)?;
+        let v = self.split_heads(v, kv)?;
+        if let Position::Rotary { dims, theta } = cfg.position {
+            q = self.op(Op::Rotary { dims, theta }, &[q])?;
+            k = self.op(Op::Rotary { dims, theta }, &[k])?;
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        let ctx = match cfg.attention {
+            Attention::Flash => self.op(
+                Op::FlashAttention {
+                    causal: true,
+                    scale,
+                },
+                &[q, k, v],
+            )?,
+            Attention::Eager => {
+                let (k, v) = if a == kv {
+                    (k, v)
+                } else {
+                    let times = a / kv;
+                    (
+                        self.op(Op::Repeat { axis: 2, times }, &[k])?,
+                        self.op(Op::Repeat { axis: 2, times }, &[v])?,
+                    )
+                };
+                let heads_first = Op::Transpose {
+                    perm: vec![0, 2, 1, 3],
+                };
+                let q = self.op(heads_first.clone(), &[q])?;
+                let k = self.op(heads_first.clone(), &[k])?;
+                let v = self.op(heads_first.clone(), &[v])?;
+                let scores = self.op(
+                    Op::MatMul {
+                        ta: false,
+                        tb: true,
+                    },
+                    &[q, k],
+                )?;
+                let probs = self.op(
+                    Op::Softmax {
+                        causal: true,
+                        scale,
+                    },
+                    &[scores],
+                )?;
+                let probs = self.dropout(probs)?;
+                let ctx = self.op(
+                    Op::MatMul {
+                        ta: false,
+                        tb: false,
+                    },
+                    &[probs, v],
+                )?;
+                self.op(heads_first, &[ctx])?
+            }
+        };
+        let ctx = self.op(
+            Op::Reshape {
+                shape: Shape::new(bsd(a * d)),
+            },
+            &[ctx],
+        )?;
+        self.linear(ctx, &format!("{p}.out"), a * d, h, cfg.out_bias)
+    }
+
+    fn mlp(&mut self, x: TensorId, p: &str) -> R<TensorId> {
+        let cfg = self.cfg;
+        let (h, f) = (cfg.hidden, cfg.ffn);
+        match cfg.mlp {
+            Mlp::Gelu => {
+                let y = self.linear(x, &format!("{p}.fc1"), h, f, cfg.mlp_bias)?;
+                let y = self.op(Op::Gelu, &[y])?;
+                self.linear(y, &format!("{p}.fc2"), f, h, cfg.mlp_bias)
+            }
+            Mlp::SwiGlu => {
+                let gate = self.linear(x, &format!("{p}.gate"), h, f, cfg.mlp_bias)?;
+                let up = self.linear(x, &format!("{p}.up"), h, f, cfg.mlp_bias)?;
+                let act = self.op(Op::Silu, &[gate])?;
+                let y = self.op(Op::Mul, &[act, up])?;
+                self.linear(y, &format!("{p}.down"), f, h, cfg.mlp_bias)
+            }
+        }
+    }
+
+    fn layer(&mut self, x: TensorId, i: u32) -> R<TensorId> {
+        let p = format!("layers.{i}");
+        let n1 = self.norm(x, &format!("{p}.norm1"))?;
+        let attn = self.attention(n1, &format!("{p}.attn"))?;
+        let attn = self.dropout(attn)?;
+        if self.cfg.parallel_residual {
+            let n2 = self.norm(x, &format!("{p}.norm2"))?;
+            let m = self.mlp(n2, &format!("{p}.mlp"))?;
+            let m = self.dropout(m)?;
+            let y = self.op(Op::Add, &[x, attn])?;
+            self.op(Op::Add, &[y, m])
+        } else {
+            let y = self.op(Op::Add, &[x, attn])?;
+            let n2 = self.norm(y, &format!("{p}.norm2"))?;
+            let m = self.mlp(n2, &format!("{p}.mlp"))?;
+            let m = self.dropout(m)?;
+            self.op(Op::Add, &[y, m])
+        }
+    }
+}
+
+/// Builds the forward graph: `embed`, `layer.0` … `layer.{l-1}`, `head` (final norm,
+/// logits, mean cross-entropy). Inputs `tokens` and `labels` (and `positions` with
+/// learned positions) are `i64[b,s]`; parameters are bf16 with role `param`.
+pub fn build_forward(cfg: &ModelConfig) -> Result<Graph, ModelError> {
+    cfg.validate()?;
+    let shape_err = |source| ModelError::Shape {
+        model: cfg.name.clone(),
+        source,
+    };
+    let mut c = Ctx {
+        cfg,
+        b: GraphBuilder::new(cfg.name.clone()),
+    };
+    let ids = TensorType::new(DType::I64, [Dim::batch(), Dim::seq()]);
+    let (h, v) = (cfg.hidden, cfg.vocab);
+
+    c.b.set_block(Block::Embed);
+    let tokens = c.b.input("tokens", ids.clone());
+    let wte = c.param("embed.tokens.weight", &[v, h]);
+    let mut x = c.op(Op::Embedding, &[wte, tokens]).map_err(shape_err)?;
+    if let Position::Learned { max_positions } = cfg.position {
+        let pos = c.b.input("positions", ids.clone());
+        let wpe = c.param("embed.positions.weight", &[max_positions, h]);
+        let pe = c.op(Op::Embedding, &[wpe, pos]).map_err(shape_err)?;
+        x = c.op(Op::Add, &[x, pe]).map_err(shape_err)?;
+    }
+    x = c.dropout(x).map_err(shape_err)?;
+
+    for i in 0..cfg.layers {
+        c.b.set_block(Block::Layer(i));
+        x = c.layer(x, i).map_err(shape_err)?;
+    }
+
+    c.b.set_block(Block::Head);
+    let run = |c: &mut Ctx| -> R<TensorId> {
+        let xn = c.norm(x, "head.norm")?;
+        let logits = if cfg.tied_embeddings {
+            c.op(
+                Op::MatMul {
+                    ta: false,
+                    tb: true,
+                },
+                &[xn, wte],
+            )?
+        } else {
+            let w = c.param("head.out.weight", &[h, v]);
+            c.op(
+                Op::MatMul {
+                    ta: false,
+                    tb: false,
+                },
+                &[xn, w],
+            )?
+        };
+        let labels = c.b.input("labels", ids.clone());
+        c.op(Op::CrossEntropy, &[logits, labels])
+    };
+    run(&mut c).map_err(shape_err)?;
+    Ok(c.b.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{verify, Env};
+
+    #[test]
+    fn every_zoo_model_builds_verifies_and_counts_its_params() {
+        for entry in crate::models::zoo::ZOO {
+            let cfg = (entry.config)();
+            let g = build_forward(&cfg).unwrap();
+            verify(&g).unwrap();
+            let env = Env::new(1, 1);
+            let counted: u64 = g
+                .ops()
+                .filter(|&o| matches!(g.op(o), Op::Param { .. }))
+                .map(|o| g.ty(g.node(o).results[0]).shape.numel_at(env).unwrap())
+                .sum();
+            assert_eq!(counted, cfg.param_count(), "{}", cfg.name);
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Model frontends: the built-in zoo, Hugging Face `config.json` files, and the
+//! builder that turns a [`ModelConfig`] into a forward [`Graph`] with block tags.
+//!
+//! Graphs use Megatron-LM granularity: separate layernorm, bias add, GeLU, fused
+//! scale-mask-softmax and dropout ops (dropout with a 1-byte mask), so that the
+//! training graph's saved tensors reproduce Korthikanti et al.'s activation counts.
+
+mod build;
+pub mod hf;
+pub mod zoo;
+
+pub use build::build_forward;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Normalization layer kind.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    /// LayerNorm with weight and bias.
+    LayerNorm,
+    /// RMSNorm with weight only.
+    RmsNorm,
+}
+
+/// Position encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Position {
+    /// A learned table of `max_positions` rows added to the token embedding.
+    Learned {
+        /// Rows of the position table.
+        max_positions: u64,
+    },
+    /// Rotary embedding on the first `dims` channels of every query/key head.
+    Rotary {
+        /// Rotated channels per head (even).
+        dims: u64,
+        /// Frequency base.
+        theta: f64,
+    },
+}
+
+/// Feed-forward block kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mlp {
+    /// `fc2(gelu(fc1(x)))`.
+    Gelu,
+    /// `down(silu(gate(x)) · up(x))` (Llama).
+    SwiGlu,
+}
+
+/// How the attention core is expressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attention {
+    /// Decomposed: `QKᵀ`, fused scale-mask-softmax, dropout, `·V` (materializes `s×s`).
+    Eager,
+    /// One fused kernel that keeps no `s×s` tensor.
+    Flash,
+}
+
+/// Everything needed to build a decoder-only transformer graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Model name (the zoo key or the file it came from).
+    pub name: String,
+    /// Number of transformer layers `l`.
+    pub layers: u32,
+    /// Hidden size `h`.
+    pub hidden: u64,
+    /// Attention heads `a`.
+    pub heads: u64,
+    /// Key/value heads (`heads` without grouped-query attention).
+    pub kv_heads: u64,
+    /// Per-head channels `d` (usually `hidden / heads`).
+    pub head_dim: u64,
+    /// Feed-forward inner size.
+    pub ffn: u64,
+    /// Vocabulary size `V`.
+    pub vocab: u64,
+    /// Normalization kind.
+    pub norm: Norm,
+    /// Normalization epsilon.
+    pub norm_eps: f64,
+    /// Position encoding.
+    pub position: Position,
+    /// Feed-forward kind.
+    pub mlp: Mlp,
+    /// Bias on the query/key/value projections.
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection.
+    pub out_bias: bool,
+    /// Biases on the feed-forward projections.
+    pub mlp_bias: bool,
+    /// `x + attn(ln1(x)) + mlp(ln2(x))` instead of two sequential residuals (GPT-NeoX, GPT-J).
+    pub parallel_residual: bool,
+    /// Output projection shares the token embedding table.
+    pub tied_embeddings: bool,
+    /// Dropout probability on the embedding, attention probabilities and residual
+    /// branches (0 builds no dropout ops).
+    pub dropout: f64,
+    /// Attention form.
+    pub attention: Attention,
+}
+
+impl ModelConfig {
+    /// Number of trainable parameters, counted from the configuration (the built
+    /// graph's parameter tensors must add up to the same number; a test checks it).
+    pub fn param_count(&self) -> u64 {
+        let (h, f, v) = (self.hidden, self.ffn, self.vocab);
+        let d = self.head_dim;
+        let norm = match self.norm {
+            Norm::LayerNorm => 2 * h,
+            Norm::RmsNorm => h,
+        };
+        let q = h * self.heads * d;
+        let kv = 2 * h * self.kv_heads * d;
+        let mut layer = q + kv + self.heads * d * h + 2 * norm;
+        if self.qkv_bias {
+            layer += (self.heads + 2 * self.kv_heads) * d;
+        }
+        if self.out_bias {
+            layer += h;
+        }
+        layer += match self.mlp {
+            Mlp::Gelu => 2 * h * f + if self.mlp_bias { f + h } else { 0 },
+            Mlp::SwiGlu => 3 * h * f + if self.mlp_bias { 2 * f + h } else { 0 },
+        };
+        let mut total = u64::from(self.layers) * layer + v * h + norm;
+        if let Position::Learned { max_positions } = self.position {
+            total += max_positions * h;
+        }
+        if !self.tied_embeddings {
+            total += v * h;
+        }
+        total
+    }
+
+    /// Checks the configuration's internal consistency.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |field: &'static str, why: String| {
+            Err(ModelError::Invalid {
+                model: self.name.clone(),
+                field,
+                why,
+            })
+        };
+        if self.layers == 0 {
+            return bad("layers", "must be positive".into());
+        }
+        for (field, v) in [
+            ("hidden", self.hidden),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("ffn", self.ffn),
+            ("vocab", self.vocab),
+        ] {
+            if v == 0 {
+                return bad(field, "must be positive".into());
+            }
+        }
+        if self.heads % self.kv_heads != 0 {
+            return bad(
+                "kv_heads",
+                format!(
+                    "{} heads are not a multiple of {} kv heads",
+                    self.heads, self.kv_heads
+                ),
+            );
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout", format!("{} is outside [0, 1)", self.dropout));
+        }
+        if let Position::Rotary { dims, .. } = self.position {
+            if dims == 0 || dims % 2 != 0 || dims > self.head_dim {
+                return bad(
+                    "rotary dims",
+                    format!(
+                        "{dims} must be even, positive and ≤ head dim {}",
+                        self.head_dim
+                    ),
+                );
+            }
+        }
+        if let Position::Learned { max_positions: 0 } = self.position {
+            return bad("max_positions", "must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// A problem loading or building a model.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// The zoo has no such model.
+    #[error("unknown model `{0}` (see `apar models`)")]
+    Unknown(String),
+    /// A configuration field is missing.
+    #[error("{file}: missing field `{field}`")]
+    MissingField {
+        /// The file.
+        file: String,
+        /// The field.
+        field: String,
+    },
+    /// The architecture is not supported.
+    #[error("{file}: unsupported architecture `{arch}` (supported: {supported})")]
+    Unsupported {
+        /// The file.
+        file: String,
+        /// The `model_type` / architecture found.
+        arch: String,
+        /// What is supported.
+        supported: &'static str,
+    },
+    /// A field has an invalid value.
+    #[error("model `{model}`: `{field}` {why}")]
+    Invalid {
+        /// Model name.
+        model: String,
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// The file could not be read or is not JSON.
+    #[error("{file}: {why}")]
+    File {
+        /// The file.
+        file: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// The builder produced an op with a shape error (a configuration the graph cannot express).
+    #[error("model `{model}`: {source}")]
+    Shape {
+        /// Model name.
+        model: String,
+        /// The shape error.
+        source: crate::ir::ShapeError,
+    },
+}
