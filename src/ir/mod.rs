@@ -14,8 +14,12 @@
 //! type inferred from its inputs, no zero-sized dimension, every tensor's byte size
 //! representable, and blocks/phases ordered.
 
+pub mod codec;
+pub mod gen;
 mod graph;
+pub mod json;
 mod op;
+pub mod text;
 mod types;
 pub mod verify;
 
