@@ -224,12 +224,12 @@ impl Graph {
     }
 
     /// Op ids in definition order.
-    pub fn ops(&self) -> impl ExactSizeIterator<Item = OpId> + '_ {
+    pub fn ops(&self) -> impl DoubleEndedIterator<Item = OpId> + ExactSizeIterator + '_ {
         (0..self.dag.node_count()).map(OpId::from_index)
     }
 
     /// Tensor ids in definition order.
-    pub fn tensor_ids(&self) -> impl ExactSizeIterator<Item = TensorId> + '_ {
+    pub fn tensor_ids(&self) -> impl DoubleEndedIterator<Item = TensorId> + ExactSizeIterator + '_ {
         (0..self.tensors.len()).map(TensorId::from_index)
     }
 
