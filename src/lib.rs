@@ -1,6 +1,7 @@
 //! apar plans data, tensor and pipeline parallel training of deep-learning models.
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod ir;
 pub mod models;
 pub mod train;

@@ -1,0 +1,571 @@
+//! Clusters: device specs, nodes, links, presets and JSON cluster files.
+//!
+//! A cluster is `nodes` identical nodes of `devices_per_node` identical devices.
+//! Inside a node devices talk over one scale-up fabric (NVLink/NVSwitch, xGMI);
+//! across nodes over NICs (InfiniBand/RoCE). Every number below names its source.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::Path;
+use thiserror::Error;
+
+/// One accelerator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceSpec {
+    /// Marketing name.
+    pub name: String,
+    /// Peak dense bf16/fp16 tensor throughput, FLOP/s.
+    pub peak_bf16_flops: f64,
+    /// Peak dense fp32 (non-tensor) throughput, FLOP/s.
+    pub peak_fp32_flops: f64,
+    /// Device memory, bytes.
+    pub memory_bytes: u64,
+    /// Device memory bandwidth, bytes/s.
+    pub memory_bandwidth: f64,
+}
+
+/// A link class: per-device unidirectional bandwidth and per-message latency.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// Name (`nvlink4`, `ib-ndr`).
+    pub name: String,
+    /// Unidirectional bandwidth available to one device, bytes/s.
+    pub bandwidth: f64,
+    /// Latency of one message (the alpha of the alpha-beta model), seconds.
+    pub latency_s: f64,
+}
+
+/// A homogeneous cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// Name, for reports.
+    pub name: String,
+    /// The accelerator.
+    pub device: DeviceSpec,
+    /// Devices per node.
+    pub devices_per_node: u32,
+    /// Nodes.
+    pub nodes: u32,
+    /// Scale-up link inside a node.
+    pub intra_node: Link,
+    /// Scale-out link between nodes (per device).
+    pub inter_node: Link,
+    /// Bytes a job may use per device, when the platform reserves part of the memory
+    /// (`None`: all of `device.memory_bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usable_memory_bytes: Option<u64>,
+}
+
+impl Cluster {
+    /// Total devices.
+    pub fn devices(&self) -> u64 {
+        u64::from(self.devices_per_node) * u64::from(self.nodes)
+    }
+
+    /// Memory a job may use on one device.
+    pub fn device_memory(&self) -> u64 {
+        self.usable_memory_bytes.unwrap_or(self.device.memory_bytes)
+    }
+
+    /// Checks that every number is usable.
+    pub fn validate(&self) -> Result<(), ClusterError> {
+        let bad = |field: &str, why: &str| {
+            Err(ClusterError::Invalid {
+                cluster: self.name.clone(),
+                field: field.to_string(),
+                why: why.to_string(),
+            })
+        };
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if self.devices_per_node == 0 {
+            return bad("devices_per_node", "must be positive");
+        }
+        if self.nodes == 0 {
+            return bad("nodes", "must be positive");
+        }
+        for (f, v) in [
+            ("device.peak_bf16_flops", self.device.peak_bf16_flops),
+            ("device.peak_fp32_flops", self.device.peak_fp32_flops),
+            ("device.memory_bandwidth", self.device.memory_bandwidth),
+            ("intra_node.bandwidth", self.intra_node.bandwidth),
+            ("inter_node.bandwidth", self.inter_node.bandwidth),
+        ] {
+            if !positive(v) {
+                return bad(f, "must be a positive finite number");
+            }
+        }
+        for (f, v) in [
+            ("intra_node.latency_s", self.intra_node.latency_s),
+            ("inter_node.latency_s", self.inter_node.latency_s),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(f, "must be a non-negative finite number");
+            }
+        }
+        if self.device.memory_bytes == 0 {
+            return bad("device.memory_bytes", "must be positive");
+        }
+        if let Some(u) = self.usable_memory_bytes {
+            if u == 0 || u > self.device.memory_bytes {
+                return bad("usable_memory_bytes", "must be in (0, device.memory_bytes]");
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and validates a JSON cluster file.
+    pub fn from_json_file(path: &Path) -> Result<Cluster, ClusterError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ClusterError::File {
+            file: file.clone(),
+            why: e.to_string(),
+        })?;
+        let c: Cluster = serde_json::from_str(&text).map_err(|e| ClusterError::File {
+            file,
+            why: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Resolves `--cluster`: a preset `name:NODES`, a flavor (`moai-4xlarge`), or a
+    /// JSON file.
+    pub fn resolve(spec: &str) -> Result<Cluster, ClusterError> {
+        if let Some(c) = preset(spec)? {
+            return Ok(c);
+        }
+        let path = Path::new(spec);
+        if path.exists() {
+            return Cluster::from_json_file(path);
+        }
+        Err(ClusterError::Unknown(spec.to_string()))
+    }
+}
+
+impl fmt::Display for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} node(s) × {} {} ({:.0} GiB usable each)",
+            self.name,
+            self.nodes,
+            self.devices_per_node,
+            self.device.name,
+            self.device_memory() as f64 / (1u64 << 30) as f64
+        )
+    }
+}
+
+/// A problem with a cluster argument or file.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// Neither a preset nor a file.
+    #[error(
+        "unknown cluster `{0}` (see `apar clusters`; presets take a node count, e.g. `dgx-h100:4`)"
+    )]
+    Unknown(String),
+    /// A preset with a bad node count.
+    #[error("cluster `{spec}`: {why}")]
+    BadSpec {
+        /// The argument.
+        spec: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The file could not be read or parsed.
+    #[error("{file}: {why}")]
+    File {
+        /// The file.
+        file: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// A field has an unusable value.
+    #[error("cluster `{cluster}`: `{field}` {why}")]
+    Invalid {
+        /// Cluster name.
+        cluster: String,
+        /// The field.
+        field: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+const GB: f64 = 1e9;
+const GIB: u64 = 1 << 30;
+
+/// Device specs.
+pub mod devices {
+    use super::{DeviceSpec, GB, GIB};
+
+    /// NVIDIA A100 SXM4 40 GB: 312 TFLOP/s dense bf16, 19.5 TFLOP/s fp32, 1,555 GB/s
+    /// HBM2 (NVIDIA A100 Tensor Core GPU datasheet, 2021); 40 GiB as the driver reports.
+    pub fn a100_40g() -> DeviceSpec {
+        DeviceSpec {
+            name: "A100-SXM4-40GB".into(),
+            peak_bf16_flops: 312e12,
+            peak_fp32_flops: 19.5e12,
+            memory_bytes: 40 * GIB,
+            memory_bandwidth: 1555.0 * GB,
+        }
+    }
+
+    /// NVIDIA A100 SXM4 80 GB: 312 TFLOP/s dense bf16, 2,039 GB/s HBM2e (same datasheet).
+    pub fn a100_80g() -> DeviceSpec {
+        DeviceSpec {
+            name: "A100-SXM4-80GB".into(),
+            peak_bf16_flops: 312e12,
+            peak_fp32_flops: 19.5e12,
+            memory_bytes: 80 * GIB,
+            memory_bandwidth: 2039.0 * GB,
+        }
+    }
+
+    /// NVIDIA H100 SXM5 80 GB: 989 TFLOP/s dense bf16, 67 TFLOP/s fp32, 3.35 TB/s HBM3
+    /// (NVIDIA H100 Tensor Core GPU datasheet, 2023).
+    pub fn h100() -> DeviceSpec {
+        DeviceSpec {
+            name: "H100-SXM5-80GB".into(),
+            peak_bf16_flops: 989e12,
+            peak_fp32_flops: 67e12,
+            memory_bytes: 80 * GIB,
+            memory_bandwidth: 3350.0 * GB,
+        }
+    }
+
+    /// NVIDIA H200 SXM 141 GB: 989 TFLOP/s dense bf16, 67 TFLOP/s fp32, 4.8 TB/s HBM3e
+    /// (NVIDIA H200 Tensor Core GPU datasheet, 2024); 141 GB = 141·10⁹ bytes.
+    pub fn h200() -> DeviceSpec {
+        DeviceSpec {
+            name: "H200-SXM-141GB".into(),
+            peak_bf16_flops: 989e12,
+            peak_fp32_flops: 67e12,
+            memory_bytes: 141_000_000_000,
+            memory_bandwidth: 4800.0 * GB,
+        }
+    }
+
+    /// One GCD of an AMD Instinct MI250: half of the package's 383 TFLOP/s dense bf16
+    /// and 47.9 TFLOP/s fp32 vector, 64 GiB HBM2e at half of 3.2 TB/s (AMD Instinct
+    /// MI250 data sheet, 2021).
+    pub fn mi250_gcd() -> DeviceSpec {
+        DeviceSpec {
+            name: "MI250-GCD".into(),
+            peak_bf16_flops: 191.5e12,
+            peak_fp32_flops: 23.95e12,
+            memory_bytes: 64 * GIB,
+            memory_bandwidth: 1638.4 * GB,
+        }
+    }
+
+    /// AMD Instinct MI300X: 1,307.4 TFLOP/s dense bf16, 163.4 TFLOP/s fp32, 192 GB HBM3
+    /// at 5.3 TB/s (AMD Instinct MI300X data sheet, 2023).
+    pub fn mi300x() -> DeviceSpec {
+        DeviceSpec {
+            name: "MI300X".into(),
+            peak_bf16_flops: 1307.4e12,
+            peak_fp32_flops: 163.4e12,
+            memory_bytes: 192_000_000_000,
+            memory_bandwidth: 5300.0 * GB,
+        }
+    }
+}
+
+/// Link classes.
+pub mod links {
+    use super::{Link, GB};
+
+    /// NVLink 3 through NVSwitch (DGX A100): 600 GB/s bidirectional per GPU, 300 GB/s
+    /// each way (NVIDIA DGX A100 datasheet). Latency: NCCL's order of magnitude for an
+    /// intra-node step, a few microseconds.
+    pub fn nvlink3() -> Link {
+        Link {
+            name: "nvlink3".into(),
+            bandwidth: 300.0 * GB,
+            latency_s: 5e-6,
+        }
+    }
+
+    /// NVLink 4 through NVSwitch (DGX H100/H200): 900 GB/s bidirectional per GPU, 450
+    /// GB/s each way (NVIDIA DGX H100 datasheet).
+    pub fn nvlink4() -> Link {
+        Link {
+            name: "nvlink4".into(),
+            bandwidth: 450.0 * GB,
+            latency_s: 5e-6,
+        }
+    }
+
+    /// One 200 Gb/s HDR InfiniBand NIC per GPU (DGX A100: 8 × ConnectX-6 for compute),
+    /// 25 GB/s each way.
+    pub fn ib_hdr() -> Link {
+        Link {
+            name: "ib-hdr".into(),
+            bandwidth: 25.0 * GB,
+            latency_s: 10e-6,
+        }
+    }
+
+    /// One 400 Gb/s NDR InfiniBand NIC per GPU (DGX H100: 8 × ConnectX-7), 50 GB/s each way.
+    pub fn ib_ndr() -> Link {
+        Link {
+            name: "ib-ndr".into(),
+            bandwidth: 50.0 * GB,
+            latency_s: 10e-6,
+        }
+    }
+
+    /// AMD Infinity Fabric (xGMI) between MI250 GCDs of one node: 50 GB/s each way per
+    /// link (AMD CDNA 2 white paper); a ring over the node's GCDs gets about two links'
+    /// worth, 100 GB/s.
+    pub fn xgmi_mi250() -> Link {
+        Link {
+            name: "xgmi-mi250".into(),
+            bandwidth: 100.0 * GB,
+            latency_s: 5e-6,
+        }
+    }
+
+    /// AMD Infinity Fabric on MI300X platforms: 7 links of 64 GB/s each way per GPU,
+    /// 448 GB/s (AMD Instinct MI300X platform data sheet).
+    pub fn xgmi_mi300x() -> Link {
+        Link {
+            name: "xgmi-mi300x".into(),
+            bandwidth: 448.0 * GB,
+            latency_s: 5e-6,
+        }
+    }
+
+    /// 200 Gb/s RoCE/InfiniBand shared by two GCDs (one NIC per MI250 package),
+    /// 12.5 GB/s each way per GCD.
+    pub fn nic_200g_per_2() -> Link {
+        Link {
+            name: "nic-200g/2".into(),
+            bandwidth: 12.5 * GB,
+            latency_s: 10e-6,
+        }
+    }
+}
+
+/// The usable memory per device of the reference platform's MI250 flavors, from its
+/// out-of-memory report ("Memory available: 68702699520 bytes").
+pub const MOAI_USABLE_BYTES: u64 = 68_702_699_520;
+
+struct Preset {
+    name: &'static str,
+    about: &'static str,
+    /// Fixed node count for flavors; `None` for `name:N` presets.
+    nodes: Option<u32>,
+    make: fn(u32) -> Cluster,
+}
+
+fn node(
+    name: String,
+    device: DeviceSpec,
+    per_node: u32,
+    nodes: u32,
+    intra: Link,
+    inter: Link,
+) -> Cluster {
+    Cluster {
+        name,
+        device,
+        devices_per_node: per_node,
+        nodes,
+        intra_node: intra,
+        inter_node: inter,
+        usable_memory_bytes: None,
+    }
+}
+
+fn moai(nodes: u32, flavor: &str) -> Cluster {
+    let mut c = node(
+        flavor.to_string(),
+        devices::mi250_gcd(),
+        8,
+        nodes,
+        links::xgmi_mi250(),
+        links::nic_200g_per_2(),
+    );
+    c.usable_memory_bytes = Some(MOAI_USABLE_BYTES);
+    c
+}
+
+const PRESETS: &[Preset] = &[
+    Preset {
+        name: "dgx-a100-40g",
+        about: "DGX A100 40 GB: 8 × A100-40GB, NVLink3/NVSwitch, 8 × HDR IB",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("dgx-a100-40g:{n}"),
+                devices::a100_40g(),
+                8,
+                n,
+                links::nvlink3(),
+                links::ib_hdr(),
+            )
+        },
+    },
+    Preset {
+        name: "dgx-a100-80g",
+        about: "DGX A100 80 GB: 8 × A100-80GB, NVLink3/NVSwitch, 8 × HDR IB",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("dgx-a100-80g:{n}"),
+                devices::a100_80g(),
+                8,
+                n,
+                links::nvlink3(),
+                links::ib_hdr(),
+            )
+        },
+    },
+    Preset {
+        name: "dgx-h100",
+        about: "DGX H100: 8 × H100-SXM5, NVLink4/NVSwitch, 8 × NDR IB",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("dgx-h100:{n}"),
+                devices::h100(),
+                8,
+                n,
+                links::nvlink4(),
+                links::ib_ndr(),
+            )
+        },
+    },
+    Preset {
+        name: "dgx-h200",
+        about: "DGX H200: 8 × H200-SXM, NVLink4/NVSwitch, 8 × NDR IB",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("dgx-h200:{n}"),
+                devices::h200(),
+                8,
+                n,
+                links::nvlink4(),
+                links::ib_ndr(),
+            )
+        },
+    },
+    Preset {
+        name: "mi250-gcd",
+        about: "4 × MI250 (8 GCDs) per node, xGMI, one 200 Gb/s NIC per package",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("mi250-gcd:{n}"),
+                devices::mi250_gcd(),
+                8,
+                n,
+                links::xgmi_mi250(),
+                links::nic_200g_per_2(),
+            )
+        },
+    },
+    Preset {
+        name: "mi300x",
+        about: "8 × MI300X per node, Infinity Fabric, 8 × 400 Gb/s NICs",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("mi300x:{n}"),
+                devices::mi300x(),
+                8,
+                n,
+                links::xgmi_mi300x(),
+                links::ib_ndr(),
+            )
+        },
+    },
+    Preset {
+        name: "moai-xlarge",
+        about: "reference platform flavor: 1 node × 8 MI250 GCDs, 68,702,699,520 B usable",
+        nodes: Some(1),
+        make: |n| moai(n, "moai-xlarge"),
+    },
+    Preset {
+        name: "moai-2xlarge",
+        about: "reference platform flavor: 2 nodes × 8 MI250 GCDs",
+        nodes: Some(2),
+        make: |n| moai(n, "moai-2xlarge"),
+    },
+    Preset {
+        name: "moai-4xlarge",
+        about: "reference platform flavor: 4 nodes × 8 MI250 GCDs",
+        nodes: Some(4),
+        make: |n| moai(n, "moai-4xlarge"),
+    },
+    Preset {
+        name: "moai-8xlarge",
+        about: "reference platform flavor: 8 nodes × 8 MI250 GCDs",
+        nodes: Some(8),
+        make: |n| moai(n, "moai-8xlarge"),
+    },
+];
+
+/// Preset names with a description (`apar clusters`).
+pub fn presets() -> impl Iterator<Item = (String, &'static str)> {
+    PRESETS.iter().map(|p| {
+        let name = match p.nodes {
+            Some(_) => p.name.to_string(),
+            None => format!("{}:N", p.name),
+        };
+        (name, p.about)
+    })
+}
+
+/// Builds a preset from `name:N` or a flavor name; `Ok(None)` if `spec` names no preset.
+pub fn preset(spec: &str) -> Result<Option<Cluster>, ClusterError> {
+    let (name, count) = match spec.split_once(':') {
+        Some((n, c)) => (n, Some(c)),
+        None => (spec, None),
+    };
+    let Some(p) = PRESETS.iter().find(|p| p.name == name) else {
+        return Ok(None);
+    };
+    let bad = |why: String| ClusterError::BadSpec {
+        spec: spec.to_string(),
+        why,
+    };
+    let nodes = match (p.nodes, count) {
+        (Some(n), None) => n,
+        (Some(_), Some(_)) => return Err(bad("a flavor has a fixed node count".into())),
+        (None, None) => return Err(bad(format!("give a node count, e.g. `{name}:4`"))),
+        (None, Some(c)) => match c.parse::<u32>() {
+            Ok(n) if n > 0 && n <= 1 << 20 => n,
+            _ => return Err(bad(format!("`{c}` is not a node count"))),
+        },
+    };
+    let c = (p.make)(nodes);
+    c.validate()?;
+    Ok(Some(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_resolve_and_validate() {
+        let c = Cluster::resolve("dgx-h100:2048").unwrap();
+        assert_eq!(c.devices(), 16384);
+        let m = Cluster::resolve("moai-4xlarge").unwrap();
+        assert_eq!(m.devices(), 32);
+        assert_eq!(m.device_memory(), 68_702_699_520);
+        for bad in [
+            "dgx-h100",
+            "dgx-h100:0",
+            "dgx-h100:x",
+            "moai-4xlarge:2",
+            "nope:3",
+        ] {
+            assert!(Cluster::resolve(bad).is_err(), "{bad}");
+        }
+    }
+}
