@@ -5,3 +5,4 @@ pub mod cluster;
 pub mod ir;
 pub mod models;
 pub mod train;
+pub mod shard;
