@@ -2,7 +2,8 @@
 #![deny(missing_docs)]
 
 pub mod cluster;
+pub mod cost;
 pub mod ir;
 pub mod models;
-pub mod train;
 pub mod shard;
+pub mod train;

@@ -1,0 +1,216 @@
+//! The cost model: roofline time per op, alpha-beta time per collective on the link a
+//! group actually spans, point-to-point time for pipeline sends.
+//!
+//! Every efficiency is a named constant. The values were fitted to Korthikanti et al.
+//! 2022 ("Reducing Activation Recomputation in Large Transformer Models") Table 4
+//! (per-layer forward/backward times of the 22B model on DGX A100) and Table 5
+//! (iteration times); see the README's calibration section for what was fitted to what.
+
+use crate::cluster::{Cluster, Link};
+use crate::ir::{Env, Op, OpClass, TensorType};
+use serde::Serialize;
+
+/// Efficiency constants (fraction of a peak a kernel class reaches).
+pub mod eff {
+    /// Dense bf16 matmuls: fraction of peak tensor FLOP/s. Fitted to Korthikanti et al.
+    /// Table 4 (22B layer forward 7.7 ms on A100, t = 8).
+    pub const MATMUL: f64 = 0.62;
+    /// Fused attention kernels: fraction of peak tensor FLOP/s (no published fit
+    /// target; FlashAttention-2 reports 50–73% of A100 peak forward, we take the low end).
+    pub const ATTENTION: f64 = 0.5;
+    /// Memory-bound kernels (elementwise, norms, softmax, layout copies, optimizer):
+    /// fraction of HBM bandwidth. Fitted with [`MATMUL`] to Korthikanti Table 4.
+    pub const MEMORY: f64 = 0.7;
+    /// Collectives and point-to-point: fraction of link bandwidth reached by NCCL-style
+    /// rings on large messages. Fitted to Korthikanti Table 5 (the t = 8 all-reduce
+    /// share of the 22B iteration).
+    pub const LINK: f64 = 0.7;
+}
+
+/// A group of devices that communicate: its size and how it spans nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Group {
+    /// Devices in the group.
+    pub size: u32,
+    /// Devices of the group on each node it touches (`size` when inside one node).
+    pub per_node: u32,
+}
+
+impl Group {
+    /// A group of one (no communication).
+    pub const SINGLE: Group = Group {
+        size: 1,
+        per_node: 1,
+    };
+
+    /// Nodes the group spans.
+    pub fn nodes(&self) -> u32 {
+        self.size / self.per_node.max(1)
+    }
+}
+
+/// Collective kinds priced by [`CostModel::collective_time`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collective {
+    /// Sum to all.
+    AllReduce,
+    /// Concatenate to all; `bytes` is the gathered (output) size.
+    AllGather,
+    /// Sum and scatter; `bytes` is the input (unscattered) size.
+    ReduceScatter,
+    /// Personalized exchange; `bytes` is the per-device input size.
+    AllToAll,
+}
+
+/// Prices ops and communication on one cluster.
+#[derive(Clone, Debug)]
+pub struct CostModel {
+    /// The cluster.
+    pub cluster: Cluster,
+}
+
+impl CostModel {
+    /// A cost model for `cluster`.
+    pub fn new(cluster: Cluster) -> CostModel {
+        CostModel { cluster }
+    }
+
+    fn link_time(link: &Link, bytes: f64, steps: f64) -> f64 {
+        bytes / (link.bandwidth * eff::LINK) + steps * link.latency_s
+    }
+
+    /// Time of a collective over `group` moving `bytes` (see [`Collective`]):
+    /// ring algorithms inside a node, hierarchical (intra-node reduce-scatter,
+    /// inter-node ring on `1/per_node` of the data, intra-node all-gather) across nodes.
+    pub fn collective_time(&self, kind: Collective, bytes: f64, group: Group) -> f64 {
+        let n = f64::from(group.size);
+        if group.size <= 1 || bytes <= 0.0 {
+            return 0.0;
+        }
+        let intra = &self.cluster.intra_node;
+        let inter = &self.cluster.inter_node;
+        let g = f64::from(group.per_node.max(1));
+        let k = f64::from(group.nodes().max(1));
+        // One ring pass: each device sends (n-1)/n of the data in n-1 steps.
+        let ring = |link: &Link, ranks: f64, data: f64| {
+            if ranks <= 1.0 {
+                0.0
+            } else {
+                Self::link_time(link, (ranks - 1.0) / ranks * data, ranks - 1.0)
+            }
+        };
+        let passes = |data: f64, p: f64| -> f64 {
+            if k <= 1.0 {
+                p * ring(intra, g, data)
+            } else {
+                // Intra-node pass on the full data, inter-node pass on this device's
+                // 1/g share, repeated `p` times (2 for all-reduce).
+                p * (ring(intra, g, data) + ring(inter, k, data / g))
+            }
+        };
+        match kind {
+            Collective::AllReduce => passes(bytes, 2.0),
+            Collective::AllGather | Collective::ReduceScatter => passes(bytes, 1.0),
+            Collective::AllToAll => {
+                let link = if k <= 1.0 { intra } else { inter };
+                Self::link_time(link, (n - 1.0) / n * bytes, n - 1.0)
+            }
+        }
+    }
+
+    /// Time to send `bytes` to one peer, on the intra- or inter-node link.
+    pub fn p2p_time(&self, bytes: f64, cross_node: bool) -> f64 {
+        let link = if cross_node {
+            &self.cluster.inter_node
+        } else {
+            &self.cluster.intra_node
+        };
+        Self::link_time(link, bytes, 1.0)
+    }
+
+    /// Time of one op on one device (collectives over `tp_group`), in seconds.
+    pub fn op_time(
+        &self,
+        op: &Op,
+        inputs: &[&TensorType],
+        results: &[&TensorType],
+        env: Env,
+        tp_group: Group,
+    ) -> f64 {
+        let Some(c) = op.cost(inputs, results, env) else {
+            return f64::INFINITY;
+        };
+        let dev = &self.cluster.device;
+        let (flops, bytes) = (c.flops as f64, c.bytes as f64);
+        let mem = bytes / (dev.memory_bandwidth * eff::MEMORY);
+        let in_bytes = || inputs.first().and_then(|t| t.bytes_at(env)).unwrap_or(0) as f64;
+        let out_bytes = || results.first().and_then(|t| t.bytes_at(env)).unwrap_or(0) as f64;
+        match op.info().class {
+            OpClass::Source => 0.0,
+            OpClass::MatMul => (flops / (dev.peak_bf16_flops * eff::MATMUL)).max(mem),
+            OpClass::Attention => (flops / (dev.peak_bf16_flops * eff::ATTENTION)).max(mem),
+            OpClass::Elementwise | OpClass::Reduction | OpClass::Optimizer => {
+                mem.max(flops / dev.peak_fp32_flops)
+            }
+            OpClass::Layout => {
+                if op.is_view() {
+                    0.0
+                } else {
+                    mem
+                }
+            }
+            OpClass::Collective => match op {
+                Op::AllReduce { .. } => {
+                    self.collective_time(Collective::AllReduce, in_bytes(), tp_group)
+                }
+                Op::AllGather { .. } => {
+                    self.collective_time(Collective::AllGather, out_bytes(), tp_group)
+                }
+                Op::ReduceScatter { .. } => {
+                    self.collective_time(Collective::ReduceScatter, in_bytes(), tp_group)
+                }
+                _ => self.collective_time(Collective::AllToAll, in_bytes(), tp_group),
+            },
+            OpClass::P2p => self.p2p_time(in_bytes().max(out_bytes()), false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Cluster;
+
+    #[test]
+    fn ring_all_reduce_follows_the_alpha_beta_formula() {
+        let c = Cluster::resolve("dgx-a100-80g:1").unwrap();
+        let m = CostModel::new(c.clone());
+        let bytes = 1e9;
+        let t = m.collective_time(
+            Collective::AllReduce,
+            bytes,
+            Group {
+                size: 8,
+                per_node: 8,
+            },
+        );
+        // Ring all-reduce: 2(n-1)/n · S / (B·eff) + 2(n-1)·α (Thakur et al. 2005).
+        let expected = 2.0 * 7.0 / 8.0 * bytes / (c.intra_node.bandwidth * eff::LINK)
+            + 14.0 * c.intra_node.latency_s;
+        assert!((t - expected).abs() / expected < 1e-12);
+        // Across nodes the inter-node share dominates and the time grows.
+        let across = m.collective_time(
+            Collective::AllReduce,
+            bytes,
+            Group {
+                size: 64,
+                per_node: 8,
+            },
+        );
+        assert!(across > t);
+        assert_eq!(
+            m.collective_time(Collective::AllReduce, bytes, Group::SINGLE),
+            0.0
+        );
+    }
+}
