@@ -5,5 +5,6 @@ pub mod cluster;
 pub mod cost;
 pub mod ir;
 pub mod models;
+pub mod passes;
 pub mod shard;
 pub mod train;

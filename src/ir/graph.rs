@@ -517,6 +517,28 @@ impl GraphBuilder {
         self.graph.set_role(t, role);
     }
 
+    /// Copies op `id` of `src` with new `inputs` (tensors of this builder), keeping its
+    /// result types and roles, under the builder's current block and phase tags.
+    /// Sources keep their declared types; other ops re-infer theirs.
+    pub fn copy_op(
+        &mut self,
+        src: &Graph,
+        id: OpId,
+        inputs: &[TensorId],
+    ) -> Result<Vec<TensorId>, ShapeError> {
+        let node = src.node(id);
+        let results = if node.op.is_source() {
+            let t = node.results[0];
+            vec![self.source(node.op.clone(), src.ty(t).clone(), src.tensor(t).role)]
+        } else {
+            self.add_with_role(node.op.clone(), inputs, Role::Activation)?
+        };
+        for (&new, &old) in results.iter().zip(&node.results) {
+            self.graph.set_role(new, src.tensor(old).role);
+        }
+        Ok(results)
+    }
+
     /// Finishes the graph.
     pub fn finish(self) -> Graph {
         self.graph

@@ -1,0 +1,1 @@
+//! ZeRO-style distribution (in progress).

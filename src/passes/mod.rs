@@ -1,0 +1,148 @@
+//! Partitioning passes: the parallel configuration ([`Config`]), recomputation
+//! insertion, ZeRO-style distribution, and the pipeline cut.
+//!
+//! Passes read a graph and return a new one (or a side table); they never mutate
+//! their input. Every graph a pass returns passes the verifier (checked in debug and
+//! test builds).
+
+pub mod distribute;
+pub mod pipeline;
+pub mod recompute;
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Activation recomputation policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recompute {
+    /// Keep every activation the backward pass reads.
+    None,
+    /// Recompute the attention core (the `s×s` tensors), as Korthikanti et al. 2022.
+    Selective,
+    /// Keep only each layer's input; rerun the layer's forward before its backward.
+    Full,
+}
+
+impl Recompute {
+    /// Text spelling (`none`, `selective`, `full`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Selective => "selective",
+            Recompute::Full => "full",
+        }
+    }
+}
+
+impl fmt::Display for Recompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Pipeline schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// All forwards, then all backwards (Huang et al. 2019).
+    Gpipe,
+    /// One forward, one backward in steady state (PipeDream-flush; Narayanan et al. 2021).
+    OneFOneB,
+    /// 1F1B with `v` model chunks per device (Narayanan et al. 2021, Sec. 2.2).
+    Interleaved(u32),
+}
+
+impl Schedule {
+    /// Model chunks per device.
+    pub fn chunks(self) -> u32 {
+        match self {
+            Schedule::Interleaved(v) => v.max(1),
+            _ => 1,
+        }
+    }
+
+    /// Parses `gpipe`, `1f1b`, `interleaved:V`.
+    pub fn parse(s: &str) -> Option<Schedule> {
+        match s {
+            "gpipe" => Some(Schedule::Gpipe),
+            "1f1b" => Some(Schedule::OneFOneB),
+            _ => {
+                let v: u32 = s.strip_prefix("interleaved:")?.parse().ok()?;
+                (v >= 2).then_some(Schedule::Interleaved(v))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Schedule::Gpipe => f.write_str("gpipe"),
+            Schedule::OneFOneB => f.write_str("1f1b"),
+            Schedule::Interleaved(v) => write!(f, "interleaved:{v}"),
+        }
+    }
+}
+
+/// One parallelization candidate: everything the lowering needs besides the model,
+/// the cluster and the global batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Config {
+    /// Data-parallel degree.
+    pub dp: u32,
+    /// Tensor-parallel degree (inside one node).
+    pub tp: u32,
+    /// Pipeline stages (devices in a pipeline).
+    pub pp: u32,
+    /// Sequences per micro-batch `b`.
+    pub micro_batch: u32,
+    /// Micro-batches per step per pipeline `m` (global batch = dp·m·b).
+    pub num_micro_batches: u32,
+    /// Sequence parallelism on the tensor-parallel group.
+    pub sp: bool,
+    /// Recomputation policy.
+    pub recompute: Recompute,
+    /// ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters.
+    pub zero: u8,
+    /// Shard the low-precision parameter copy over data parallel ranks (implied by ZeRO-3).
+    pub low_prec_shard: bool,
+    /// Pipeline schedule.
+    pub schedule: Schedule,
+}
+
+impl Config {
+    /// Devices used.
+    pub fn devices(&self) -> u64 {
+        u64::from(self.dp) * u64::from(self.tp) * u64::from(self.pp)
+    }
+
+    /// Sequences per step.
+    pub fn global_batch(&self) -> u64 {
+        u64::from(self.dp) * u64::from(self.num_micro_batches) * u64::from(self.micro_batch)
+    }
+
+    /// Whether the low-precision parameters are sharded (ZeRO-3 or the explicit flag).
+    pub fn shards_low_prec(&self) -> bool {
+        self.zero >= 3 || self.low_prec_shard
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "dp {} tp {} pp {} b {} m {}{} recompute {} zero {}{} {}",
+            self.dp,
+            self.tp,
+            self.pp,
+            self.micro_batch,
+            self.num_micro_batches,
+            if self.sp { " sp" } else { "" },
+            self.recompute,
+            self.zero,
+            if self.low_prec_shard { " lps" } else { "" },
+            self.schedule
+        )
+    }
+}

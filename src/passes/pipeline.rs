@@ -1,0 +1,1 @@
+//! Pipeline cut (in progress).

@@ -1,0 +1,178 @@
+//! Recomputation insertion: clones forward ops into the backward pass so that the
+//! backward reads recomputed tensors instead of saved ones.
+//!
+//! * **full** — every forward op of a selected layer is cloned right before the
+//!   layer's first backward op; the layer's backward reads only clones, so the only
+//!   forward tensor of the layer still kept is what later layers read (its output,
+//!   the next layer's checkpoint).
+//! * **selective** — the attention core (ops whose result has two sequence-length
+//!   dimensions: `QKᵀ`, softmax, attention dropout) is cloned right before the first
+//!   backward op that reads it (Korthikanti et al. 2022, Sec. 4.2).
+//!
+//! Embedding and head blocks are never recomputed.
+
+use super::Recompute;
+use crate::ir::{Block, Graph, GraphBuilder, OpId, Phase, ShapeError, TensorId};
+
+/// Whether a tensor type is `s×s`-shaped (two dimensions mention the sequence length).
+fn is_quadratic(g: &Graph, t: TensorId) -> bool {
+    let dims = g.ty(t).shape.dims();
+    dims.iter().filter(|d| d.to_string().contains('s')).count() >= 2
+}
+
+/// Applies `policy` to the layers for which `select` returns true.
+pub fn apply(
+    g: &Graph,
+    policy: Recompute,
+    select: impl Fn(u32) -> bool,
+) -> Result<Graph, ShapeError> {
+    if policy == Recompute::None {
+        return Ok(g.clone());
+    }
+    // Forward ops to clone, per layer.
+    let mut cloned = vec![false; g.op_count()];
+    for id in g.ops() {
+        let node = g.node(id);
+        let Block::Layer(i) = node.block else {
+            continue;
+        };
+        if node.phase != Phase::Fwd || node.op.is_source() || !select(i) {
+            continue;
+        }
+        cloned[id.index()] = match policy {
+            Recompute::None => false,
+            Recompute::Full => true,
+            Recompute::Selective => node.results.iter().any(|&r| is_quadratic(g, r)),
+        };
+    }
+    let mut by_block: std::collections::BTreeMap<Block, Vec<OpId>> = Default::default();
+    for id in g.ops().filter(|o| cloned[o.index()]) {
+        by_block.entry(g.node(id).block).or_default().push(id);
+    }
+    // Where each layer's clones go: before its first backward op that reads a cloned
+    // tensor (selective) or before its first backward op (full).
+    let mut insert_at: Vec<Option<OpId>> = vec![None; g.op_count()];
+    let mut placed = std::collections::BTreeSet::new();
+    for id in g.ops() {
+        let node = g.node(id);
+        let Block::Layer(i) = node.block else {
+            continue;
+        };
+        if node.phase != Phase::Bwd || placed.contains(&i) {
+            continue;
+        }
+        let reads_clone = node
+            .inputs
+            .iter()
+            .any(|&t| cloned[g.tensor(t).producer.index()]);
+        let trigger = match policy {
+            Recompute::Full => by_block.contains_key(&node.block),
+            _ => reads_clone,
+        };
+        if trigger {
+            insert_at[id.index()] = Some(id);
+            placed.insert(i);
+        }
+    }
+
+    let mut b = GraphBuilder::new(g.name());
+    let mut map: Vec<Option<TensorId>> = vec![None; g.tensor_count()];
+    let mut clone_of: Vec<Option<TensorId>> = vec![None; g.tensor_count()];
+    let get = |map: &[Option<TensorId>], t: TensorId| map[t.index()].expect("defined earlier");
+    for id in g.ops() {
+        let node = g.node(id);
+        if insert_at[id.index()].is_some() {
+            b.set_block(node.block);
+            b.set_phase(Phase::Bwd);
+            for &src in by_block.get(&node.block).map_or(&[][..], Vec::as_slice) {
+                let inputs: Vec<TensorId> = g
+                    .node(src)
+                    .inputs
+                    .iter()
+                    .map(|&t| clone_of[t.index()].unwrap_or_else(|| get(&map, t)))
+                    .collect();
+                let results = b.copy_op(g, src, &inputs)?;
+                for (&old, new) in g.node(src).results.iter().zip(results) {
+                    clone_of[old.index()] = Some(new);
+                }
+            }
+        }
+        b.set_block(node.block);
+        b.set_phase(node.phase);
+        let use_clones = node.phase == Phase::Bwd;
+        let inputs: Vec<TensorId> = node
+            .inputs
+            .iter()
+            .map(|&t| {
+                let same_block = g.node(g.tensor(t).producer).block == node.block;
+                match clone_of[t.index()] {
+                    Some(c) if use_clones && same_block => c,
+                    _ => get(&map, t),
+                }
+            })
+            .collect();
+        let results = b.copy_op(g, id, &inputs)?;
+        for (&old, new) in node.results.iter().zip(results) {
+            map[old.index()] = Some(new);
+        }
+    }
+    Ok(b.finish())
+}
+
+/// Forward ops of `g` that `apply` would clone for `policy` (for reports and tests).
+pub fn recomputed_ops(g: &Graph, policy: Recompute) -> Vec<OpId> {
+    g.ops()
+        .filter(|&id| {
+            let node = g.node(id);
+            matches!(node.block, Block::Layer(_))
+                && node.phase == Phase::Fwd
+                && !node.op.is_source()
+                && match policy {
+                    Recompute::None => false,
+                    Recompute::Full => true,
+                    Recompute::Selective => node.results.iter().any(|&r| is_quadratic(g, r)),
+                }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{verify, Env};
+    use crate::models::{build_forward, zoo, Attention};
+    use crate::train::memory::saved_activation_bytes;
+    use crate::train::{training_graph, TrainOptions};
+
+    fn gpt3_like_one_layer() -> Graph {
+        // GPT-3 175B dimensions (Brown et al. 2020), one layer is enough per layer.
+        let mut cfg = zoo::gpt("g", 96, 12288, 96, 51200, 2048, 0.1, Attention::Eager);
+        cfg.layers = 2;
+        training_graph(&build_forward(&cfg).unwrap(), &TrainOptions::default()).unwrap()
+    }
+
+    /// Korthikanti et al. 2022, Table 2: with selective recomputation and no
+    /// parallelism the per-layer activations are 34·s·b·h; with full recomputation
+    /// only the layer input, 2·s·b·h, is kept.
+    #[test]
+    fn recompute_policies_match_korthikanti_table2() {
+        let g = gpt3_like_one_layer();
+        let (s, b, h) = (2048.0, 1.0, 12288.0);
+        let env = Env::new(1, 2048);
+        for (policy, expected) in [
+            (Recompute::Selective, s * b * h * 34.0),
+            (Recompute::Full, s * b * h * 2.0),
+        ] {
+            let r = apply(&g, policy, |_| true).unwrap();
+            verify(&r).unwrap();
+            let saved = saved_activation_bytes(&r, env).unwrap();
+            let got = saved[&Block::Layer(0)] as f64;
+            assert!(
+                (got - expected).abs() / expected < 0.01,
+                "{policy}: {got} vs {expected}"
+            );
+            // Recomputation adds forward work to the step.
+            assert!(r.total_flops(env).unwrap() > g.total_flops(env).unwrap());
+        }
+    }
+}
