@@ -13,6 +13,7 @@
 
 use super::Recompute;
 use crate::ir::{Block, Graph, GraphBuilder, OpId, Phase, ShapeError, TensorId};
+use std::collections::BTreeSet;
 
 /// Whether a tensor type is `s×s`-shaped (two dimensions mention the sequence length).
 fn is_quadratic(g: &Graph, t: TensorId) -> bool {
@@ -20,15 +21,28 @@ fn is_quadratic(g: &Graph, t: TensorId) -> bool {
     dims.iter().filter(|d| d.to_string().contains('s')).count() >= 2
 }
 
+/// A graph with recomputation and the clone ops it added.
+#[derive(Clone, Debug)]
+pub struct Recomputed {
+    /// The transformed graph.
+    pub graph: Graph,
+    /// The backward-phase clones of forward ops.
+    pub clones: BTreeSet<OpId>,
+}
+
 /// Applies `policy` to the layers for which `select` returns true.
 pub fn apply(
     g: &Graph,
     policy: Recompute,
     select: impl Fn(u32) -> bool,
-) -> Result<Graph, ShapeError> {
+) -> Result<Recomputed, ShapeError> {
     if policy == Recompute::None {
-        return Ok(g.clone());
+        return Ok(Recomputed {
+            graph: g.clone(),
+            clones: BTreeSet::new(),
+        });
     }
+    let mut clones = BTreeSet::new();
     // Forward ops to clone, per layer.
     let mut cloned = vec![false; g.op_count()];
     for id in g.ops() {
@@ -52,7 +66,7 @@ pub fn apply(
     // Where each layer's clones go: before its first backward op that reads a cloned
     // tensor (selective) or before its first backward op (full).
     let mut insert_at: Vec<Option<OpId>> = vec![None; g.op_count()];
-    let mut placed = std::collections::BTreeSet::new();
+    let mut placed = BTreeSet::new();
     for id in g.ops() {
         let node = g.node(id);
         let Block::Layer(i) = node.block else {
@@ -92,6 +106,9 @@ pub fn apply(
                     .map(|&t| clone_of[t.index()].unwrap_or_else(|| get(&map, t)))
                     .collect();
                 let results = b.copy_op(g, src, &inputs)?;
+                if let Some(&r) = results.first() {
+                    clones.insert(b.graph().tensor(r).producer);
+                }
                 for (&old, new) in g.node(src).results.iter().zip(results) {
                     clone_of[old.index()] = Some(new);
                 }
@@ -116,7 +133,10 @@ pub fn apply(
             map[old.index()] = Some(new);
         }
     }
-    Ok(b.finish())
+    Ok(Recomputed {
+        graph: b.finish(),
+        clones,
+    })
 }
 
 /// Forward ops of `g` that `apply` would clone for `policy` (for reports and tests).
@@ -163,7 +183,7 @@ mod tests {
             (Recompute::Selective, s * b * h * 34.0),
             (Recompute::Full, s * b * h * 2.0),
         ] {
-            let r = apply(&g, policy, |_| true).unwrap();
+            let r = apply(&g, policy, |_| true).unwrap().graph;
             verify(&r).unwrap();
             let saved = saved_activation_bytes(&r, env).unwrap();
             let got = saved[&Block::Layer(0)] as f64;

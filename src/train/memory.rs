@@ -5,14 +5,23 @@ use crate::ir::{Block, Env, Graph, Op, Phase, Role, TensorId};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// The tensor whose storage `t` uses: `t` itself, or for a view (reshape, transpose,
-/// slice) the storage of the viewed tensor.
+/// The tensor whose storage `t` uses: `t` itself; for a view (reshape, transpose,
+/// slice) the storage of the viewed tensor; for an in-place op (all-reduce, AdamW)
+/// the storage of the input it overwrites.
 pub fn buffer_root(g: &Graph, mut t: TensorId) -> TensorId {
     loop {
         let node = g.node(g.tensor(t).producer);
-        match node.inputs.first() {
-            Some(&src) if node.op.is_view() => t = src,
-            _ => return t,
+        let port = node.results.iter().position(|&r| r == t).unwrap_or(0);
+        let src = match node.op {
+            _ if node.op.is_view() => node.inputs.first(),
+            Op::AllReduce { .. } => node.inputs.first(),
+            // AdamW: (param, grad, m, v) → (param', m', v').
+            Op::AdamW { .. } => node.inputs.get([0, 2, 3][port.min(2)]),
+            _ => None,
+        };
+        match src {
+            Some(&s) => t = s,
+            None => return t,
         }
     }
 }
