@@ -580,13 +580,11 @@ fn expected(pos: Pos, what: &'static str, found: &Tok<'_>) -> ParseError {
 
 impl<'a> Parser<'a> {
     fn peek(&mut self) -> Result<&(Tok<'a>, Pos), ParseError> {
-        if self.peeked.is_none() {
-            self.peeked = Some(self.lex.next()?);
-        }
-        match &self.peeked {
-            Some(t) => Ok(t),
-            None => unreachable!("peeked was just filled"),
-        }
+        let tok = match self.peeked.take() {
+            Some(t) => t,
+            None => self.lex.next()?,
+        };
+        Ok(self.peeked.insert(tok))
     }
 
     fn next(&mut self) -> Result<(Tok<'a>, Pos), ParseError> {
