@@ -1,5 +1,6 @@
 //! Model frontends: the built-in zoo, Hugging Face `config.json` files, and the
-//! builder that turns a [`ModelConfig`] into a forward [`Graph`] with block tags.
+//! builder that turns a [`ModelConfig`] into a forward [`Graph`](crate::ir::Graph)
+//! with block tags.
 //!
 //! Graphs use Megatron-LM granularity: separate layernorm, bias add, GeLU, fused
 //! scale-mask-softmax and dropout ops (dropout with a 1-byte mask), so that the
@@ -62,6 +63,18 @@ pub enum Attention {
     Flash,
 }
 
+/// Largest accepted size of any single dimension (hidden, heads, head dim, ffn, vocab,
+/// positions): 2^24, far above every published model (the largest hidden size in the
+/// zoo is 25,600, the largest vocabulary 152,064), and small enough that the builder's
+/// products of two sizes (such as `3 · heads · head_dim`) stay far inside `u64`; the
+/// parameter count, a sum of products of three, is checked separately.
+pub const MAX_DIM: u64 = 1 << 24;
+
+/// Largest accepted layer count: 2^16, far above every published model (the zoo's
+/// deepest, Megatron's 1T, has 128 layers), and it keeps built graphs to a few million
+/// ops.
+pub const MAX_LAYERS: u32 = 1 << 16;
+
 /// Everything needed to build a decoder-only transformer graph.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -109,34 +122,58 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Number of trainable parameters, counted from the configuration (the built
     /// graph's parameter tensors must add up to the same number; a test checks it).
+    ///
+    /// Saturates at `u64::MAX` for a configuration whose count does not fit (which
+    /// [`ModelConfig::validate`] rejects).
     pub fn param_count(&self) -> u64 {
+        self.checked_param_count().unwrap_or(u64::MAX)
+    }
+
+    /// [`ModelConfig::param_count`], or `None` when the count overflows `u64`.
+    pub fn checked_param_count(&self) -> Option<u64> {
         let (h, f, v) = (self.hidden, self.ffn, self.vocab);
         let d = self.head_dim;
         let norm = match self.norm {
-            Norm::LayerNorm => 2 * h,
+            Norm::LayerNorm => h.checked_mul(2)?,
             Norm::RmsNorm => h,
         };
-        let q = h * self.heads * d;
-        let kv = 2 * h * self.kv_heads * d;
-        let mut layer = q + kv + self.heads * d * h + 2 * norm;
+        let q = h.checked_mul(self.heads)?.checked_mul(d)?;
+        let kv = h
+            .checked_mul(self.kv_heads)?
+            .checked_mul(d)?
+            .checked_mul(2)?;
+        let out = self.heads.checked_mul(d)?.checked_mul(h)?;
+        let mut layer = q
+            .checked_add(kv)?
+            .checked_add(out)?
+            .checked_add(norm.checked_mul(2)?)?;
         if self.qkv_bias {
-            layer += (self.heads + 2 * self.kv_heads) * d;
+            let n = self.kv_heads.checked_mul(2)?.checked_add(self.heads)?;
+            layer = layer.checked_add(n.checked_mul(d)?)?;
         }
         if self.out_bias {
-            layer += h;
+            layer = layer.checked_add(h)?;
         }
-        layer += match self.mlp {
-            Mlp::Gelu => 2 * h * f + if self.mlp_bias { f + h } else { 0 },
-            Mlp::SwiGlu => 3 * h * f + if self.mlp_bias { 2 * f + h } else { 0 },
+        let (mats, bias) = match self.mlp {
+            Mlp::Gelu => (2, f.checked_add(h)?),
+            Mlp::SwiGlu => (3, f.checked_mul(2)?.checked_add(h)?),
         };
-        let mut total = u64::from(self.layers) * layer + v * h + norm;
+        layer = layer.checked_add(h.checked_mul(f)?.checked_mul(mats)?)?;
+        if self.mlp_bias {
+            layer = layer.checked_add(bias)?;
+        }
+        let embed = v.checked_mul(h)?;
+        let mut total = u64::from(self.layers)
+            .checked_mul(layer)?
+            .checked_add(embed)?
+            .checked_add(norm)?;
         if let Position::Learned { max_positions } = self.position {
-            total += max_positions * h;
+            total = total.checked_add(max_positions.checked_mul(h)?)?;
         }
         if !self.tied_embeddings {
-            total += v * h;
+            total = total.checked_add(embed)?;
         }
-        total
+        Some(total)
     }
 
     /// Checks the configuration's internal consistency.
@@ -151,6 +188,15 @@ impl ModelConfig {
         if self.layers == 0 {
             return bad("layers", "must be positive".into());
         }
+        if self.layers > MAX_LAYERS {
+            return bad(
+                "layers",
+                format!(
+                    "{} exceeds the largest supported count {MAX_LAYERS}",
+                    self.layers
+                ),
+            );
+        }
         for (field, v) in [
             ("hidden", self.hidden),
             ("heads", self.heads),
@@ -161,6 +207,25 @@ impl ModelConfig {
         ] {
             if v == 0 {
                 return bad(field, "must be positive".into());
+            }
+        }
+        let positions = match self.position {
+            Position::Learned { max_positions } => max_positions,
+            Position::Rotary { .. } => 0,
+        };
+        for (field, v) in [
+            ("hidden", self.hidden),
+            ("heads", self.heads),
+            ("head_dim", self.head_dim),
+            ("ffn", self.ffn),
+            ("vocab", self.vocab),
+            ("max_positions", positions),
+        ] {
+            if v > MAX_DIM {
+                return bad(
+                    field,
+                    format!("{v} exceeds the largest supported size {MAX_DIM}"),
+                );
             }
         }
         if self.heads % self.kv_heads != 0 {
@@ -188,6 +253,9 @@ impl ModelConfig {
         }
         if let Position::Learned { max_positions: 0 } = self.position {
             return bad("max_positions", "must be positive".into());
+        }
+        if self.checked_param_count().is_none() {
+            return bad("param_count", "overflows u64".into());
         }
         Ok(())
     }
