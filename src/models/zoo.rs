@@ -2,7 +2,21 @@
 //!
 //! Each entry cites the source of its dimensions. Megatron-family entries use
 //! decomposed (eager) attention with dropout 0.1, as those papers ran; the others
-//! use flash attention and no dropout.
+//! use flash attention and no dropout (GPT-2 keeps its configured dropout 0.1).
+//! [`with_attention`] switches the attention form (the CLI's `--attention`).
+//!
+//! Sources:
+//! - GPT-2: the Hugging Face `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` configs
+//!   (Radford et al. 2019): vocabulary 50,257, 1,024 positions, tied embeddings.
+//! - Megatron-LM: Narayanan et al., *Efficient Large-Scale Language Model Training
+//!   on GPU Clusters Using Megatron-LM* (SC'21), Table 1: vocabulary 51,200,
+//!   sequence 2,048, ffn 4h; each entry is named by the table's parameter column.
+//! - Korthikanti et al., *Reducing Activation Recomputation in Large Transformer
+//!   Models* (2022), Table 3: the 22B, 175B (GPT-3) and 530B (MT-NLG) models with
+//!   the same Megatron conventions.
+//! - Llama 2 (Touvron et al. 2023), Llama 3 / 3.1 (Dubey et al. 2024), Mistral 7B
+//!   (Jiang et al. 2023, v0.1), Qwen2 (Yang et al. 2024): the published Hugging Face
+//!   `config.json` of each checkpoint.
 
 use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
 
@@ -91,6 +105,79 @@ pub fn llama(
     }
 }
 
+/// Vocabulary `V` of the Megatron-LM papers' GPT models (Narayanan et al. 2021, §5:
+/// the GPT-2 BPE vocabulary padded to 51,200, a multiple of 1,024).
+pub const MEGATRON_VOCAB: u64 = 51200;
+
+/// Sequence length, and learned position rows, of the Megatron-LM papers' GPT models.
+pub const MEGATRON_SEQ: u64 = 2048;
+
+/// GPT-2 BPE vocabulary size (Hugging Face `gpt2*` configs, `vocab_size`).
+pub const GPT2_VOCAB: u64 = 50257;
+
+/// GPT-2 context length (Hugging Face `gpt2*` configs, `n_positions`).
+pub const GPT2_POSITIONS: u64 = 1024;
+
+/// Llama 2 and Mistral 7B v0.1 SentencePiece vocabulary (`vocab_size`).
+const LLAMA2_VOCAB: u64 = 32000;
+
+/// Llama 3 / 3.1 vocabulary (`vocab_size`).
+const LLAMA3_VOCAB: u64 = 128256;
+
+/// Llama 3 / 3.1 RoPE base (`rope_theta`).
+const LLAMA3_THETA: f64 = 500000.0;
+
+/// RoPE base of Llama 2 and Mistral 7B v0.1 (`rope_theta`, the Llama default).
+const ROPE_THETA: f64 = 10000.0;
+
+/// A Megatron-LM GPT model as in Narayanan et al. (SC'21) and Korthikanti et al.
+/// (2022): vocabulary [`MEGATRON_VOCAB`], [`MEGATRON_SEQ`] learned positions,
+/// ffn 4h, biases, tied embeddings, dropout 0.1, eager attention.
+pub fn megatron(name: &str, layers: u32, hidden: u64, heads: u64) -> ModelConfig {
+    gpt(
+        name,
+        layers,
+        hidden,
+        heads,
+        MEGATRON_VOCAB,
+        MEGATRON_SEQ,
+        0.1,
+        Attention::Eager,
+    )
+}
+
+/// A GPT-2 checkpoint's shape: [`GPT2_VOCAB`], [`GPT2_POSITIONS`], dropout 0.1
+/// (`attn_pdrop`, `resid_pdrop`, `embd_pdrop` of the HF configs), flash attention.
+fn gpt2(name: &str, layers: u32, hidden: u64, heads: u64) -> ModelConfig {
+    gpt(
+        name,
+        layers,
+        hidden,
+        heads,
+        GPT2_VOCAB,
+        GPT2_POSITIONS,
+        0.1,
+        Attention::Flash,
+    )
+}
+
+/// Qwen2-7B: the Llama layout with q/k/v biases, RMSNorm eps 1e-6, RoPE base 10^6.
+fn qwen2_7b() -> ModelConfig {
+    let mut cfg = llama("qwen2-7b", 28, 3584, 28, 4, 18944, 152064, 1_000_000.0);
+    cfg.norm_eps = 1e-6;
+    cfg.qkv_bias = true;
+    cfg
+}
+
+/// Returns `cfg` with its attention expressed as `attention` (the CLI's
+/// `--attention eager|flash`). Eager attention builds the `s×s` scores, the softmax
+/// and (with dropout) the probability dropout; flash attention keeps none of them.
+/// Parameters are unchanged.
+pub fn with_attention(mut cfg: ModelConfig, attention: Attention) -> ModelConfig {
+    cfg.attention = attention;
+    cfg
+}
+
 /// The zoo, in listing order.
 pub static ZOO: &[ZooEntry] = &[
     ZooEntry {
@@ -105,13 +192,230 @@ pub static ZOO: &[ZooEntry] = &[
     },
     ZooEntry {
         name: "gpt2",
-        about: "GPT-2 small, 124M (Radford et al. 2019; HF gpt2 config)",
-        config: || gpt("gpt2", 12, 768, 12, 50257, 1024, 0.1, Attention::Flash),
+        about: "GPT-2 small, 124,439,808 params: 12 layers, h 768, 12 heads \
+                (Radford et al. 2019; HF gpt2 config)",
+        config: || gpt2("gpt2", 12, 768, 12),
+    },
+    ZooEntry {
+        name: "gpt2-medium",
+        about: "GPT-2 medium, 354,823,168 params: 24 layers, h 1024, 16 heads \
+                (Radford et al. 2019; HF gpt2-medium config)",
+        config: || gpt2("gpt2-medium", 24, 1024, 16),
+    },
+    ZooEntry {
+        name: "gpt2-large",
+        about: "GPT-2 large, 774,030,080 params: 36 layers, h 1280, 20 heads \
+                (Radford et al. 2019; HF gpt2-large config)",
+        config: || gpt2("gpt2-large", 36, 1280, 20),
+    },
+    ZooEntry {
+        name: "gpt2-xl",
+        about: "GPT-2 XL, 1,557,611,200 params: 48 layers, h 1600, 25 heads \
+                (Radford et al. 2019; HF gpt2-xl config)",
+        config: || gpt2("gpt2-xl", 48, 1600, 25),
+    },
+    ZooEntry {
+        name: "megatron-1.7b",
+        about: "Megatron GPT 1.7B: 24 layers, h 2304, 24 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-1.7b", 24, 2304, 24),
+    },
+    ZooEntry {
+        name: "megatron-3.6b",
+        about: "Megatron GPT 3.6B: 30 layers, h 3072, 32 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-3.6b", 30, 3072, 32),
+    },
+    ZooEntry {
+        name: "megatron-7.5b",
+        about: "Megatron GPT 7.5B: 36 layers, h 4096, 32 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-7.5b", 36, 4096, 32),
+    },
+    ZooEntry {
+        name: "megatron-18.4b",
+        about: "Megatron GPT 18.4B: 40 layers, h 6144, 48 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-18.4b", 40, 6144, 48),
+    },
+    ZooEntry {
+        name: "megatron-39.1b",
+        about: "Megatron GPT 39.1B: 48 layers, h 8192, 64 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-39.1b", 48, 8192, 64),
+    },
+    ZooEntry {
+        name: "megatron-76.1b",
+        about: "Megatron GPT 76.1B: 60 layers, h 10240, 80 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-76.1b", 60, 10240, 80),
+    },
+    ZooEntry {
+        name: "megatron-145.6b",
+        about: "Megatron GPT 145.6B: 80 layers, h 12288, 96 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-145.6b", 80, 12288, 96),
+    },
+    ZooEntry {
+        name: "megatron-310.1b",
+        about: "Megatron GPT 310.1B: 96 layers, h 16384, 128 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-310.1b", 96, 16384, 128),
+    },
+    ZooEntry {
+        name: "megatron-529.6b",
+        about: "Megatron GPT 529.6B: 105 layers, h 20480, 128 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-529.6b", 105, 20480, 128),
+    },
+    ZooEntry {
+        name: "megatron-1t",
+        about: "Megatron GPT 1T (1008.0B): 128 layers, h 25600, 160 heads \
+                (Narayanan et al. SC'21, Table 1)",
+        config: || megatron("megatron-1t", 128, 25600, 160),
+    },
+    ZooEntry {
+        name: "megatron-22b",
+        about: "Megatron GPT 22B: 48 layers, h 6144, 64 heads \
+                (Korthikanti et al. 2022, Table 3)",
+        config: || megatron("megatron-22b", 48, 6144, 64),
+    },
+    ZooEntry {
+        name: "gpt3-175b",
+        about: "GPT-3 175B, Megatron form (vocab 51200): 96 layers, h 12288, 96 heads \
+                (Korthikanti et al. 2022, Table 3)",
+        config: || megatron("gpt3-175b", 96, 12288, 96),
+    },
+    ZooEntry {
+        name: "mt-nlg-530b",
+        about: "MT-NLG 530B, Megatron form: 105 layers, h 20480, 128 heads \
+                (Korthikanti et al. 2022, Table 3)",
+        config: || megatron("mt-nlg-530b", 105, 20480, 128),
     },
     ZooEntry {
         name: "llama2-7b",
-        about: "Llama-2-7B, 6,738,415,616 params (Touvron et al. 2023; HF config)",
-        config: || llama("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 10000.0),
+        about: "Llama-2-7B, 6,738,415,616 params: 32 layers, h 4096, 32 heads, ffn 11008 \
+                (Touvron et al. 2023; HF config)",
+        config: || {
+            llama(
+                "llama2-7b",
+                32,
+                4096,
+                32,
+                32,
+                11008,
+                LLAMA2_VOCAB,
+                ROPE_THETA,
+            )
+        },
+    },
+    ZooEntry {
+        name: "llama2-13b",
+        about: "Llama-2-13B, 13,015,864,320 params: 40 layers, h 5120, 40 heads, ffn 13824 \
+                (Touvron et al. 2023; HF config)",
+        config: || {
+            llama(
+                "llama2-13b",
+                40,
+                5120,
+                40,
+                40,
+                13824,
+                LLAMA2_VOCAB,
+                ROPE_THETA,
+            )
+        },
+    },
+    ZooEntry {
+        name: "llama2-70b",
+        about: "Llama-2-70B, 68,976,648,192 params: 80 layers, h 8192, 64 heads / 8 kv, \
+                ffn 28672 (Touvron et al. 2023; HF config)",
+        config: || {
+            llama(
+                "llama2-70b",
+                80,
+                8192,
+                64,
+                8,
+                28672,
+                LLAMA2_VOCAB,
+                ROPE_THETA,
+            )
+        },
+    },
+    ZooEntry {
+        name: "llama3-8b",
+        about: "Llama-3-8B, 8,030,261,248 params: 32 layers, h 4096, 32 heads / 8 kv, \
+                ffn 14336, theta 5e5 (Dubey et al. 2024; HF config)",
+        config: || {
+            llama(
+                "llama3-8b",
+                32,
+                4096,
+                32,
+                8,
+                14336,
+                LLAMA3_VOCAB,
+                LLAMA3_THETA,
+            )
+        },
+    },
+    ZooEntry {
+        name: "llama3-70b",
+        about: "Llama-3-70B, 70,553,706,496 params: 80 layers, h 8192, 64 heads / 8 kv, \
+                ffn 28672, theta 5e5 (Dubey et al. 2024; HF config)",
+        config: || {
+            llama(
+                "llama3-70b",
+                80,
+                8192,
+                64,
+                8,
+                28672,
+                LLAMA3_VOCAB,
+                LLAMA3_THETA,
+            )
+        },
+    },
+    ZooEntry {
+        name: "llama3-405b",
+        about: "Llama-3.1-405B, 405,853,388,800 params: 126 layers, h 16384, 128 heads / 8 kv, \
+                ffn 53248, theta 5e5 (Dubey et al. 2024; HF config)",
+        config: || {
+            llama(
+                "llama3-405b",
+                126,
+                16384,
+                128,
+                8,
+                53248,
+                LLAMA3_VOCAB,
+                LLAMA3_THETA,
+            )
+        },
+    },
+    ZooEntry {
+        name: "mistral-7b",
+        about: "Mistral-7B-v0.1, 7,241,732,096 params: 32 layers, h 4096, 32 heads / 8 kv, \
+                ffn 14336; 4096-token sliding window not modeled (Jiang et al. 2023; HF config)",
+        config: || {
+            llama(
+                "mistral-7b",
+                32,
+                4096,
+                32,
+                8,
+                14336,
+                LLAMA2_VOCAB,
+                ROPE_THETA,
+            )
+        },
+    },
+    ZooEntry {
+        name: "qwen2-7b",
+        about: "Qwen2-7B, 7,615,616,512 params: 28 layers, h 3584, 28 heads / 4 kv, \
+                ffn 18944, qkv bias, untied, theta 1e6 (Yang et al. 2024; HF config)",
+        config: qwen2_7b,
     },
 ];
 
