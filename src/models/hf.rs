@@ -1,1 +1,547 @@
 //! Hugging Face `config.json` loader.
+//!
+//! [`load`] and [`from_json_str`] read the `config.json` of a Hugging Face checkpoint
+//! and return the [`ModelConfig`] of the same decoder-only transformer, with flash
+//! attention (use [`super::zoo::with_attention`] for the eager form). The count of
+//! parameters is that of the checkpoint.
+//!
+//! | `model_type` | layout | biases | tied by default | dropout from |
+//! |---|---|---|---|---|
+//! | `llama` | RMSNorm, RoPE, SwiGLU | `attention_bias` (q, k, v, o), `mlp_bias` | no | `attention_dropout` |
+//! | `mistral` | as llama | none | no | `attention_dropout` |
+//! | `qwen2` | as llama | q, k, v | no | `attention_dropout` |
+//! | `gpt2` | LayerNorm, learned positions, GeLU | all | yes | `attn_pdrop`, `resid_pdrop`, `embd_pdrop` |
+//! | `gpt_neox` | LayerNorm, partial RoPE, GeLU, `use_parallel_residual` | all (`attention_bias`) | no | `attention_dropout`, `hidden_dropout` |
+//! | `falcon` | LayerNorm, RoPE, GeLU, parallel or sequential | `bias` | yes | `attention_dropout`, `hidden_dropout` |
+//!
+//! Fields absent from the file take the default of the architecture's Hugging Face
+//! configuration class (for example `rms_norm_eps` 1e-6, `rope_theta` 10,000,
+//! `num_key_value_heads` = `num_attention_heads`; mistral's own default is 8 kv heads
+//! and qwen2's is 32, as in their classes). The sizes (hidden, heads, layers, feed-forward,
+//! vocabulary; positions for gpt2) are required. `null` counts as absent. The model
+//! has one dropout probability, so the largest of an architecture's dropout fields is
+//! used.
+//!
+//! Not modeled, and ignored when present: sliding windows (mistral, qwen2), RoPE
+//! scaling, tensor-parallel pretraining hints. Falcon checkpoints whose attention and
+//! MLP share one layernorm (falcon-7b's `parallel_attn` without
+//! `new_decoder_architecture`, or `num_ln_in_parallel_attn: 1`) and ALiBi checkpoints
+//! do not fit [`ModelConfig`] and are refused as unsupported.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
+
+/// The `model_type`s this loader reads.
+pub const SUPPORTED: &str = "llama, mistral, qwen2, gpt2, gpt_neox, falcon \
+                             (rotary, one layernorm per branch)";
+
+/// GeLU variants accepted as `activation_function` / `hidden_act` for GeLU MLPs.
+const GELU_NAMES: &[&str] = &[
+    "gelu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "gelu_accurate",
+    "quick_gelu",
+];
+
+/// Reads a Hugging Face `config.json`; the model is named after the path.
+pub fn load(path: &Path) -> Result<ModelConfig, ModelError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::File {
+        file: file.clone(),
+        why: e.to_string(),
+    })?;
+    from_json_str(&file, &text)
+}
+
+/// Parses the text of a Hugging Face `config.json`; `name` names the model and, in
+/// errors, the file.
+pub fn from_json_str(name: &str, text: &str) -> Result<ModelConfig, ModelError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| ModelError::File {
+        file: name.to_string(),
+        why: format!("not a JSON config: {e}"),
+    })?;
+    let Value::Object(map) = value else {
+        return Err(ModelError::File {
+            file: name.to_string(),
+            why: format!(
+                "expected a JSON object at the top level, found {}",
+                kind(&value)
+            ),
+        });
+    };
+    let f = Fields { name, map: &map };
+    let model_type = f.req_str("model_type")?;
+    let cfg = match model_type {
+        "llama" => llama_like(&f, Family::Llama)?,
+        "mistral" => llama_like(&f, Family::Mistral)?,
+        "qwen2" => llama_like(&f, Family::Qwen2)?,
+        "gpt2" => gpt2(&f)?,
+        "gpt_neox" => gpt_neox(&f)?,
+        "falcon" => falcon(&f)?,
+        other => return Err(f.unsupported(other.to_string())),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The Llama-layout architectures.
+#[derive(Clone, Copy, PartialEq)]
+enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
+    let hidden = f.req_u64("hidden_size")?;
+    let heads = f.req_u64("num_attention_heads")?;
+    let default_kv = match family {
+        // MistralConfig and Qwen2Config default `num_key_value_heads` to 8 and 32.
+        Family::Mistral => 8,
+        Family::Qwen2 => 32,
+        Family::Llama => heads,
+    };
+    let kv_heads = f.u64("num_key_value_heads")?.unwrap_or(default_kv);
+    let head_dim = match f.u64("head_dim")? {
+        Some(d) => d,
+        None => f.head_dim(hidden, "hidden_size", heads, "num_attention_heads")?,
+    };
+    let act = f.str("hidden_act")?.unwrap_or("silu");
+    if act != "silu" {
+        return Err(f.invalid(
+            "hidden_act",
+            format!("`{act}` is not supported: the SwiGLU MLP needs `silu`"),
+        ));
+    }
+    let factor = f.fraction("partial_rotary_factor")?.unwrap_or(1.0);
+    let (qkv_bias, out_bias, mlp_bias) = match family {
+        Family::Llama => {
+            let attn = f.bool("attention_bias")?.unwrap_or(false);
+            (attn, attn, f.bool("mlp_bias")?.unwrap_or(false))
+        }
+        Family::Mistral => (false, false, false),
+        Family::Qwen2 => (true, false, false),
+    };
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers: f.layers("num_hidden_layers")?,
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+        ffn: f.req_u64("intermediate_size")?,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::RmsNorm,
+        norm_eps: f.non_negative("rms_norm_eps")?.unwrap_or(1e-6),
+        position: Position::Rotary {
+            dims: rotary_dims(factor, head_dim),
+            theta: f.rope_theta(&["rope_theta"])?,
+        },
+        mlp: Mlp::SwiGlu,
+        qkv_bias,
+        out_bias,
+        mlp_bias,
+        parallel_residual: false,
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
+        dropout: f.dropout(&["attention_dropout"], 0.0)?,
+        attention: Attention::Flash,
+    })
+}
+
+fn gpt2(f: &Fields) -> Result<ModelConfig, ModelError> {
+    let hidden = f.req_u64("n_embd")?;
+    let heads = f.req_u64("n_head")?;
+    let head_dim = f.head_dim(hidden, "n_embd", heads, "n_head")?;
+    f.gelu("activation_function", "gelu_new")?;
+    let ffn = match f.u64("n_inner")? {
+        Some(n) => n,
+        None => f.times4(hidden, "n_embd")?,
+    };
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers: f.layers("n_layer")?,
+        hidden,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        ffn,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::LayerNorm,
+        norm_eps: f.non_negative("layer_norm_epsilon")?.unwrap_or(1e-5),
+        position: Position::Learned {
+            max_positions: f.req_u64("n_positions")?,
+        },
+        mlp: Mlp::Gelu,
+        qkv_bias: true,
+        out_bias: true,
+        mlp_bias: true,
+        parallel_residual: false,
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
+        // GPT2Config defaults each of the three to 0.1.
+        dropout: f.dropout(&["attn_pdrop", "resid_pdrop", "embd_pdrop"], 0.1)?,
+        attention: Attention::Flash,
+    })
+}
+
+fn gpt_neox(f: &Fields) -> Result<ModelConfig, ModelError> {
+    let hidden = f.req_u64("hidden_size")?;
+    let heads = f.req_u64("num_attention_heads")?;
+    let head_dim = f.head_dim(hidden, "hidden_size", heads, "num_attention_heads")?;
+    f.gelu("hidden_act", "gelu")?;
+    // Older files spell the rotary fraction and base `rotary_pct` / `rotary_emb_base`,
+    // newer ones `partial_rotary_factor` / `rope_theta`.
+    let pct = match f.fraction("rotary_pct")? {
+        Some(p) => p,
+        None => f.fraction("partial_rotary_factor")?.unwrap_or(0.25),
+    };
+    let bias = f.bool("attention_bias")?.unwrap_or(true);
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers: f.layers("num_hidden_layers")?,
+        hidden,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        ffn: f.req_u64("intermediate_size")?,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::LayerNorm,
+        norm_eps: f.non_negative("layer_norm_eps")?.unwrap_or(1e-5),
+        position: Position::Rotary {
+            dims: rotary_dims(pct, head_dim),
+            theta: f.rope_theta(&["rotary_emb_base", "rope_theta"])?,
+        },
+        mlp: Mlp::Gelu,
+        qkv_bias: bias,
+        out_bias: bias,
+        mlp_bias: true,
+        parallel_residual: f.bool("use_parallel_residual")?.unwrap_or(true),
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
+        dropout: f.dropout(&["attention_dropout", "hidden_dropout"], 0.0)?,
+        attention: Attention::Flash,
+    })
+}
+
+fn falcon(f: &Fields) -> Result<ModelConfig, ModelError> {
+    // FalconConfig maps `n_embed`, `n_head`, `n_layer`, `n_head_kv` onto these.
+    let hidden = f.req_u64_any(&["hidden_size", "n_embed"])?;
+    let heads = f.req_u64_any(&["num_attention_heads", "n_head"])?;
+    let layers = f.layers_any(&["num_hidden_layers", "n_layer"])?;
+    let head_dim = f.head_dim(hidden, "hidden_size", heads, "num_attention_heads")?;
+    if f.bool("alibi")?.unwrap_or(false) {
+        return Err(f.unsupported("falcon with ALiBi positions".into()));
+    }
+    let new_arch = f.bool("new_decoder_architecture")?.unwrap_or(false);
+    let parallel = f.bool("parallel_attn")?.unwrap_or(true);
+    let norms = f.u64("num_ln_in_parallel_attn")?;
+    // The layer has one layernorm per branch only in these two forms; otherwise
+    // attention and MLP read the same layernorm output, which ModelConfig cannot say.
+    let parallel_residual = match (new_arch, parallel, norms) {
+        (true, _, None | Some(2)) => true,
+        (false, false, _) => false,
+        _ => {
+            return Err(f.unsupported(
+                "falcon with attention and MLP sharing one layernorm \
+                 (parallel_attn without two layernorms, as in falcon-7b)"
+                    .into(),
+            ))
+        }
+    };
+    let kv_heads = if new_arch {
+        match f.u64("num_kv_heads")? {
+            Some(n) => n,
+            None => f.u64("n_head_kv")?.unwrap_or(heads),
+        }
+    } else if f.bool("multi_query")?.unwrap_or(true) {
+        1
+    } else {
+        heads
+    };
+    f.gelu("activation", "gelu")?;
+    let ffn = match f.u64("ffn_hidden_size")? {
+        Some(n) => n,
+        None => f.times4(hidden, "hidden_size")?,
+    };
+    let bias = f.bool("bias")?.unwrap_or(false);
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers,
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+        ffn,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::LayerNorm,
+        norm_eps: f.non_negative("layer_norm_epsilon")?.unwrap_or(1e-5),
+        position: Position::Rotary {
+            dims: head_dim,
+            theta: f.rope_theta(&["rope_theta"])?,
+        },
+        mlp: Mlp::Gelu,
+        qkv_bias: bias,
+        out_bias: bias,
+        mlp_bias: bias,
+        parallel_residual,
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
+        dropout: f.dropout(&["attention_dropout", "hidden_dropout"], 0.0)?,
+        attention: Attention::Flash,
+    })
+}
+
+/// Rotated channels per head: `int(fraction · head_dim)`, as Hugging Face computes it.
+/// An odd or zero result is left for [`ModelConfig::validate`] to reject.
+fn rotary_dims(fraction: f64, head_dim: u64) -> u64 {
+    // `fraction` is in (0, 1], so the product is at most `head_dim`.
+    (fraction * head_dim as f64) as u64
+}
+
+/// Typed access to the top-level fields of one config file.
+struct Fields<'a> {
+    name: &'a str,
+    map: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    /// The value of `key`, with `null` counted as absent.
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn missing(&self, key: &str) -> ModelError {
+        ModelError::MissingField {
+            file: self.name.to_string(),
+            field: key.to_string(),
+        }
+    }
+
+    fn invalid(&self, key: &'static str, why: String) -> ModelError {
+        ModelError::Invalid {
+            model: self.name.to_string(),
+            field: key,
+            why,
+        }
+    }
+
+    fn unsupported(&self, arch: String) -> ModelError {
+        ModelError::Unsupported {
+            file: self.name.to_string(),
+            arch,
+            supported: SUPPORTED,
+        }
+    }
+
+    fn wrong_type(&self, key: &'static str, want: &str, v: &Value) -> ModelError {
+        self.invalid(key, format!("must be {want}, found {}", describe(v)))
+    }
+
+    fn u64(&self, key: &'static str) -> Result<Option<u64>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, "a non-negative integer", v)),
+        }
+    }
+
+    fn req_u64(&self, key: &'static str) -> Result<u64, ModelError> {
+        self.u64(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    /// The first of `keys` present (aliases); missing names the first.
+    fn req_u64_any(&self, keys: &[&'static str]) -> Result<u64, ModelError> {
+        for &key in keys {
+            if let Some(v) = self.u64(key)? {
+                return Ok(v);
+            }
+        }
+        Err(self.missing(keys[0]))
+    }
+
+    fn layers(&self, key: &'static str) -> Result<u32, ModelError> {
+        self.layers_any(&[key])
+    }
+
+    fn layers_any(&self, keys: &[&'static str]) -> Result<u32, ModelError> {
+        let n = self.req_u64_any(keys)?;
+        u32::try_from(n).map_err(|_| self.invalid(keys[0], format!("{n} layers is too many")))
+    }
+
+    fn f64(&self, key: &'static str) -> Result<Option<f64>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(self.wrong_type(key, "a finite number", v)),
+            },
+        }
+    }
+
+    fn non_negative(&self, key: &'static str) -> Result<Option<f64>, ModelError> {
+        match self.f64(key)? {
+            Some(x) if x < 0.0 => Err(self.invalid(key, format!("{x} is negative"))),
+            other => Ok(other),
+        }
+    }
+
+    /// A number in (0, 1].
+    fn fraction(&self, key: &'static str) -> Result<Option<f64>, ModelError> {
+        match self.f64(key)? {
+            Some(x) if !(x > 0.0 && x <= 1.0) => {
+                Err(self.invalid(key, format!("{x} is outside (0, 1]")))
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn bool(&self, key: &'static str) -> Result<Option<bool>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, "true or false", v)),
+        }
+    }
+
+    fn str(&self, key: &'static str) -> Result<Option<&str>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, "a string", v)),
+        }
+    }
+
+    fn req_str(&self, key: &'static str) -> Result<&str, ModelError> {
+        self.str(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    /// `hidden / heads`, which must divide exactly.
+    fn head_dim(
+        &self,
+        hidden: u64,
+        hidden_key: &'static str,
+        heads: u64,
+        heads_key: &'static str,
+    ) -> Result<u64, ModelError> {
+        if heads == 0 {
+            return Err(self.invalid(heads_key, "must be positive".into()));
+        }
+        if hidden % heads != 0 {
+            return Err(self.invalid(
+                hidden_key,
+                format!("{hidden} is not a multiple of {heads} heads (`{heads_key}`)"),
+            ));
+        }
+        Ok(hidden / heads)
+    }
+
+    /// The default feed-forward size `4 · hidden`.
+    fn times4(&self, hidden: u64, key: &'static str) -> Result<u64, ModelError> {
+        hidden
+            .checked_mul(4)
+            .ok_or_else(|| self.invalid(key, format!("{hidden} is too large")))
+    }
+
+    /// The first RoPE base present among `keys`, else `rope_parameters.rope_theta`
+    /// (the nested form of recent files), else 10,000.
+    fn rope_theta(&self, keys: &[&'static str]) -> Result<f64, ModelError> {
+        let mut theta = None;
+        for &key in keys {
+            if let Some(x) = self.f64(key)? {
+                theta = Some((key, x));
+                break;
+            }
+        }
+        if theta.is_none() {
+            if let Some(params) = self.get("rope_parameters") {
+                let Some(map) = params.as_object() else {
+                    return Err(self.wrong_type("rope_parameters", "an object", params));
+                };
+                let nested = Fields {
+                    name: self.name,
+                    map,
+                };
+                theta = nested.f64("rope_theta")?.map(|x| ("rope_theta", x));
+            }
+        }
+        match theta {
+            None => Ok(10000.0),
+            Some((_, x)) if x > 0.0 => Ok(x),
+            Some((key, x)) => Err(self.invalid(key, format!("{x} must be positive"))),
+        }
+    }
+
+    /// The largest of the dropout fields present, `default` for each absent one.
+    fn dropout(&self, keys: &[&'static str], default: f64) -> Result<f64, ModelError> {
+        let mut p: f64 = 0.0;
+        for &key in keys {
+            p = p.max(self.non_negative(key)?.unwrap_or(default));
+        }
+        Ok(p)
+    }
+
+    /// Checks that the activation named by `key` (default `default`) is a GeLU.
+    fn gelu(&self, key: &'static str, default: &str) -> Result<(), ModelError> {
+        let act = self.str(key)?.unwrap_or(default);
+        if GELU_NAMES.contains(&act) {
+            Ok(())
+        } else {
+            Err(self.invalid(
+                key,
+                format!(
+                    "`{act}` is not supported: this architecture's MLP is modeled as GeLU \
+                     (accepted: {})",
+                    GELU_NAMES.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `a string "4096"`: the kind and a short rendering of a value.
+fn describe(v: &Value) -> String {
+    const SHOWN_CHARS: usize = 40;
+    let text = v.to_string();
+    let short: String = text.chars().take(SHOWN_CHARS).collect();
+    let dots = if short.len() < text.len() { "…" } else { "" };
+    format!("{} {short}{dots}", kind(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_dims_truncate_like_hugging_face() {
+        assert_eq!(rotary_dims(0.25, 128), 32);
+        assert_eq!(rotary_dims(0.25, 96), 24);
+        assert_eq!(rotary_dims(1.0, 80), 80);
+        assert_eq!(rotary_dims(0.3, 10), 3);
+    }
+
+    #[test]
+    fn describe_shortens_long_values() {
+        assert_eq!(describe(&Value::from("4096")), "a string \"4096\"");
+        let long = Value::from("x".repeat(100));
+        assert!(describe(&long).ends_with('…'));
+    }
+}
