@@ -1,0 +1,616 @@
+//! Model frontends against published numbers.
+//!
+//! Every parameter count is taken twice, from [`ModelConfig::param_count`] and by
+//! summing the `param` tensors of the built forward graph, and compared with a number
+//! that does not come from this crate: a published exact count, or the Megatron-LM
+//! paper's Eq. (2) evaluated here. The Hugging Face loader is checked against the zoo
+//! and on malformed files.
+
+use std::path::PathBuf;
+
+use apar::ir::{verify, Env, Graph, Op};
+use apar::models::{build_forward, hf, zoo, Attention, ModelConfig, ModelError, Position};
+
+/// Sum of the element counts of the graph's `param` tensors.
+fn graph_params(g: &Graph) -> u64 {
+    let env = Env::new(1, 1);
+    g.ops()
+        .filter(|&o| matches!(g.op(o), Op::Param { .. }))
+        .map(|o| {
+            g.ty(g.node(o).results[0])
+                .shape
+                .numel_at(env)
+                .expect("parameter shapes are literal")
+        })
+        .sum()
+}
+
+/// Asserts both counts of `cfg` equal `expected` and that the graph verifies.
+fn assert_params(cfg: &ModelConfig, expected: u64) {
+    assert_eq!(cfg.param_count(), expected, "{}: param_count()", cfg.name);
+    let g = build_forward(cfg).unwrap_or_else(|e| panic!("{}: {e}", cfg.name));
+    verify(&g).unwrap_or_else(|e| panic!("{}: {e:?}", cfg.name));
+    assert_eq!(graph_params(&g), expected, "{}: graph params", cfg.name);
+}
+
+fn zoo_model(name: &str) -> ModelConfig {
+    zoo::lookup(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+// ---------------------------------------------------------------------------------
+// Published exact counts.
+//
+// Each number is the checkpoint's published exact count of trainable parameters (what
+// transformers' `num_parameters()` gives for the Hugging Face model; GPT-2's leaves out
+// the causal-mask buffers its weight file also stores). Each was verified by deriving
+// it from the checkpoint's config.json fields, shown in the comment: per layer,
+// attention h·(a+2k)·d + a·d·h, MLP 3·h·f (SwiGLU) or 2·h·f plus biases (GeLU), norms;
+// plus embeddings, the final norm, and an untied output matrix.
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn published_exact_counts() {
+    let cases: &[(&str, u64)] = &[
+        // meta-llama/Llama-2-7b-hf: l 32, h 4096, f 11008, V 32000, untied.
+        // 32·(4·4096² + 3·4096·11008 + 2·4096) + 2·32000·4096 + 4096
+        ("llama2-7b", 6_738_415_616),
+        // meta-llama/Llama-2-13b-hf: l 40, h 5120, f 13824, V 32000.
+        // 40·(4·5120² + 3·5120·13824 + 2·5120) + 2·32000·5120 + 5120
+        ("llama2-13b", 13_015_864_320),
+        // meta-llama/Llama-2-70b-hf: l 80, h 8192, 64 heads, 8 kv heads (d 128), f 28672.
+        // 80·(2·8192² + 2·8192·1024 + 3·8192·28672 + 2·8192) + 2·32000·8192 + 8192
+        ("llama2-70b", 68_976_648_192),
+        // meta-llama/Meta-Llama-3-8B: l 32, h 4096, 8 kv heads, f 14336, V 128256.
+        // 32·(2·4096² + 2·4096·1024 + 3·4096·14336 + 2·4096) + 2·128256·4096 + 4096
+        ("llama3-8b", 8_030_261_248),
+        // meta-llama/Meta-Llama-3-70B: as Llama-2-70B with V 128256.
+        // 80·(2·8192² + 2·8192·1024 + 3·8192·28672 + 2·8192) + 2·128256·8192 + 8192
+        ("llama3-70b", 70_553_706_496),
+        // meta-llama/Llama-3.1-405B: l 126, h 16384, 128 heads, 8 kv, f 53248.
+        // 126·(2·16384² + 2·16384·1024 + 3·16384·53248 + 2·16384) + 2·128256·16384 + 16384
+        ("llama3-405b", 405_853_388_800),
+        // mistralai/Mistral-7B-v0.1: l 32, h 4096, 8 kv heads, f 14336, V 32000.
+        // 32·(2·4096² + 2·4096·1024 + 3·4096·14336 + 2·4096) + 2·32000·4096 + 4096
+        ("mistral-7b", 7_241_732_096),
+        // Qwen/Qwen2-7B: l 28, h 3584, 28 heads, 4 kv (d 128), f 18944, V 152064,
+        // q/k/v biases (3584 + 2·512).
+        // 28·(2·3584² + 2·3584·512 + 4608 + 3·3584·18944 + 2·3584) + 2·152064·3584 + 3584
+        ("qwen2-7b", 7_615_616_512),
+        // openai-community/gpt2: l 12, h 768, V 50257, 1024 positions, tied.
+        // 12·(12·768² + 13·768) + 50257·768 + 1024·768 + 2·768
+        ("gpt2", 124_439_808),
+        // gpt2-medium: l 24, h 1024.  24·(12·1024² + 13·1024) + (50257 + 1024 + 2)·1024
+        ("gpt2-medium", 354_823_168),
+        // gpt2-large: l 36, h 1280.  36·(12·1280² + 13·1280) + (50257 + 1024 + 2)·1280
+        ("gpt2-large", 774_030_080),
+        // gpt2-xl: l 48, h 1600.  48·(12·1600² + 13·1600) + (50257 + 1024 + 2)·1600
+        ("gpt2-xl", 1_557_611_200),
+    ];
+    for &(name, expected) in cases {
+        assert_params(&zoo_model(name), expected);
+    }
+}
+
+#[test]
+fn llama_family_details_match_their_configs() {
+    // (name, heads, kv heads, rope theta, rms eps, qkv bias, tied)
+    let cases: &[(&str, u64, u64, f64, f64, bool)] = &[
+        ("llama2-7b", 32, 32, 10_000.0, 1e-5, false),
+        ("llama2-13b", 40, 40, 10_000.0, 1e-5, false),
+        ("llama2-70b", 64, 8, 10_000.0, 1e-5, false),
+        ("llama3-8b", 32, 8, 500_000.0, 1e-5, false),
+        ("llama3-70b", 64, 8, 500_000.0, 1e-5, false),
+        ("llama3-405b", 128, 8, 500_000.0, 1e-5, false),
+        ("mistral-7b", 32, 8, 10_000.0, 1e-5, false),
+        ("qwen2-7b", 28, 4, 1_000_000.0, 1e-6, true),
+    ];
+    for &(name, heads, kv, theta, eps, qkv_bias) in cases {
+        let cfg = zoo_model(name);
+        assert_eq!(
+            (cfg.heads, cfg.kv_heads, cfg.head_dim),
+            (heads, kv, 128),
+            "{name}"
+        );
+        assert_eq!(
+            cfg.position,
+            Position::Rotary { dims: 128, theta },
+            "{name}"
+        );
+        assert_eq!(cfg.norm_eps, eps, "{name}");
+        assert_eq!(cfg.qkv_bias, qkv_bias, "{name}");
+        assert!(
+            !cfg.out_bias && !cfg.mlp_bias && !cfg.tied_embeddings,
+            "{name}"
+        );
+        assert_eq!(cfg.dropout, 0.0, "{name}");
+        assert_eq!(cfg.attention, Attention::Flash, "{name}");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Megatron-LM family: Narayanan et al. (SC'21) Eq. (2),
+//   P = 12·l·h²·(1 + 13/(12h) + (V + s)/(12·l·h)),
+// which counts the layers (12h² + 13h each), the token and position embeddings
+// (V + s)·h, and leaves out the final layernorm (2h), which the model has.
+// ---------------------------------------------------------------------------------
+
+/// Megatron vocabulary and sequence length (Narayanan et al. 2021).
+const MEGATRON_V: u64 = 51_200;
+const MEGATRON_S: u64 = 2_048;
+
+/// Eq. (2) as printed, in floating point.
+fn eq2(l: u64, h: u64) -> f64 {
+    let (l, h) = (l as f64, h as f64);
+    let (v, s) = (MEGATRON_V as f64, MEGATRON_S as f64);
+    12.0 * l * h * h * (1.0 + 13.0 / (12.0 * h) + (v + s) / (12.0 * l * h))
+}
+
+/// Eq. (2) multiplied out, in integers: 12lh² + 13lh + (V + s)h.
+fn eq2_exact(l: u64, h: u64) -> u64 {
+    12 * l * h * h + 13 * l * h + (MEGATRON_V + MEGATRON_S) * h
+}
+
+fn check_megatron(name: &str, l: u64, h: u64, a: u64) -> u64 {
+    let cfg = zoo_model(name);
+    assert_eq!(
+        (u64::from(cfg.layers), cfg.hidden, cfg.heads),
+        (l, h, a),
+        "{name}"
+    );
+    assert_eq!((cfg.vocab, cfg.ffn), (MEGATRON_V, 4 * h), "{name}");
+    assert_eq!(
+        cfg.position,
+        Position::Learned {
+            max_positions: MEGATRON_S
+        },
+        "{name}"
+    );
+    assert!(
+        cfg.tied_embeddings && cfg.qkv_bias && cfg.mlp_bias,
+        "{name}"
+    );
+    assert_eq!(
+        (cfg.dropout, cfg.attention),
+        (0.1, Attention::Eager),
+        "{name}"
+    );
+    let p = eq2_exact(l, h);
+    let printed = eq2(l, h);
+    assert!(
+        (printed - p as f64).abs() <= 1e-9 * printed,
+        "{name}: Eq. (2) {printed} vs multiplied out {p}"
+    );
+    assert_params(&cfg, p + 2 * h);
+    p
+}
+
+#[test]
+fn megatron_sc21_table1_follows_eq2_and_rounds_to_the_table() {
+    // (name, layers, hidden, heads, parameters in the table in tenths of a billion)
+    let table: &[(&str, u64, u64, u64, u64)] = &[
+        ("megatron-1.7b", 24, 2304, 24, 17),
+        ("megatron-3.6b", 30, 3072, 32, 36),
+        ("megatron-7.5b", 36, 4096, 32, 75),
+        ("megatron-18.4b", 40, 6144, 48, 184),
+        ("megatron-39.1b", 48, 8192, 64, 391),
+        ("megatron-76.1b", 60, 10240, 80, 761),
+        ("megatron-145.6b", 80, 12288, 96, 1456),
+        ("megatron-310.1b", 96, 16384, 128, 3101),
+        ("megatron-529.6b", 105, 20480, 128, 5296),
+        ("megatron-1t", 128, 25600, 160, 10080),
+    ];
+    for &(name, l, h, a, tenths) in table {
+        let p = check_megatron(name, l, h, a);
+        // The table prints Eq. (2) rounded to 0.1 B; with the final layernorm (2h,
+        // at most 51,200 here) the rounding is the same.
+        const TENTH_B: u64 = 100_000_000;
+        assert_eq!((p + TENTH_B / 2) / TENTH_B, tenths, "{name}: {p}");
+        assert_eq!((p + 2 * h + TENTH_B / 2) / TENTH_B, tenths, "{name}");
+        // So Eq. (2) is within 0.05 B of the table, some barely: 18.4 B is 18.4497 B,
+        // 76.1 B is 76.0507 B, 1.7 B is 1.6522 B.
+        let off_b = (p as f64 - tenths as f64 * TENTH_B as f64).abs() / 1e9;
+        assert!(off_b <= 0.05, "{name}: {off_b} B off");
+    }
+}
+
+#[test]
+fn korthikanti_table3_models_round_to_their_names() {
+    // (name, layers, hidden, heads, billions as named in Table 3)
+    let table: &[(&str, u64, u64, u64, u64)] = &[
+        ("megatron-22b", 48, 6144, 64, 22),
+        ("gpt3-175b", 96, 12288, 96, 175),
+        ("mt-nlg-530b", 105, 20480, 128, 530),
+    ];
+    for &(name, l, h, a, billions) in table {
+        let p = check_megatron(name, l, h, a);
+        const B: u64 = 1_000_000_000;
+        assert_eq!((p + B / 2) / B, billions, "{name}: {p}");
+    }
+    // The same Eq. (2) puts Table 3's 1T model at 1,008.0 B (SC'21 Table 1).
+    assert_eq!(eq2_exact(128, 25600) / 100_000_000, 10080);
+}
+
+// ---------------------------------------------------------------------------------
+// Zoo housekeeping and the attention override.
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn zoo_names_are_unique_and_entries_cite_a_source() {
+    let mut names: Vec<&str> = zoo::ZOO.iter().map(|e| e.name).collect();
+    let total = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), total, "duplicate zoo names");
+    for e in zoo::ZOO {
+        let cfg = (e.config)();
+        assert_eq!(cfg.name, e.name);
+        cfg.validate().unwrap_or_else(|err| panic!("{err}"));
+        if !e.name.starts_with("tiny-") {
+            assert!(
+                e.about.contains("et al.") && e.about.contains(char::is_numeric),
+                "{}: about should cite its source: {}",
+                e.name,
+                e.about
+            );
+        }
+    }
+    assert!(matches!(zoo::lookup("gpt5"), Err(ModelError::Unknown(n)) if n == "gpt5"));
+}
+
+fn attention_ops(g: &Graph) -> (usize, usize) {
+    let softmax = g
+        .ops()
+        .filter(|&o| matches!(g.op(o), Op::Softmax { .. }))
+        .count();
+    let flash = g
+        .ops()
+        .filter(|&o| matches!(g.op(o), Op::FlashAttention { .. }))
+        .count();
+    (softmax, flash)
+}
+
+#[test]
+fn with_attention_switches_the_attention_form_only() {
+    for (name, layers) in [("tiny-gpt", 2), ("tiny-llama", 2), ("llama2-7b", 32)] {
+        let base = zoo_model(name);
+        let eager = zoo::with_attention(base.clone(), Attention::Eager);
+        let flash = zoo::with_attention(base.clone(), Attention::Flash);
+        let ge = build_forward(&eager).unwrap_or_else(|e| panic!("{e}"));
+        let gf = build_forward(&flash).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(attention_ops(&ge), (layers, 0), "{name} eager");
+        assert_eq!(attention_ops(&gf), (0, layers), "{name} flash");
+        assert_eq!(graph_params(&ge), base.param_count());
+        assert_eq!(graph_params(&gf), base.param_count());
+        let mut back = eager.clone();
+        back.attention = base.attention;
+        assert_eq!(back, base);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Hugging Face loader.
+// ---------------------------------------------------------------------------------
+
+fn fixture(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(file)
+}
+
+fn load(file: &str) -> ModelConfig {
+    hf::load(&fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+fn load_err(file: &str) -> ModelError {
+    match hf::load(&fixture(file)) {
+        Ok(cfg) => panic!("{file} loaded: {cfg:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn hf_configs_load_as_the_zoo_entries() {
+    for (file, zoo_name) in [
+        ("llama-2-7b.json", "llama2-7b"),
+        ("llama-3.1-8b.json", "llama3-8b"),
+        ("mistral-7b.json", "mistral-7b"),
+        ("qwen2-7b.json", "qwen2-7b"),
+        ("gpt2.json", "gpt2"),
+    ] {
+        let mut cfg = load(file);
+        assert!(cfg.name.ends_with(file), "{}", cfg.name);
+        let expected = zoo_model(zoo_name);
+        cfg.name = expected.name.clone();
+        assert_eq!(cfg, expected, "{file}");
+    }
+    // The count, once more, through the graph of the loaded file.
+    assert_params(&load("llama-2-7b.json"), 6_738_415_616);
+}
+
+#[test]
+fn gpt_neox_loads_with_partial_rotary_and_parallel_residual() {
+    // EleutherAI/pythia-1.4b: 1,414,647,808 parameters (Biderman et al. 2023, Pythia
+    // model table; HF card). l 24, h 2048, f 8192, V 50304, untied, LayerNorm, biases:
+    // 24·(12·2048² + 13·2048) + 2·50304·2048 + 2·2048.
+    let pythia = load("pythia-1.4b.json");
+    assert_eq!(
+        pythia.position,
+        Position::Rotary {
+            dims: 32, // rotary_pct 0.25 · head dim 128
+            theta: 10_000.0
+        }
+    );
+    assert!(pythia.parallel_residual && !pythia.tied_embeddings);
+    assert!(pythia.qkv_bias && pythia.out_bias && pythia.mlp_bias);
+    assert_eq!((pythia.dropout, pythia.attention), (0.0, Attention::Flash));
+    assert_params(&pythia, 1_414_647_808);
+
+    // EleutherAI/gpt-neox-20b: 20,554,567,680 parameters (HF model card; Black et al.
+    // 2022). l 44, h 6144, f 24576, V 50432: 44·(12·6144² + 13·6144) + 2·50432·6144 + 2·6144.
+    let neox = load("gpt-neox-20b.json");
+    assert_eq!(
+        neox.position,
+        Position::Rotary {
+            dims: 24, // 0.25 · 96
+            theta: 10_000.0
+        }
+    );
+    assert_params(&neox, 20_554_567_680);
+}
+
+#[test]
+fn gpt_neox_sequential_residual() {
+    // togethercomputer/RedPajama-INCITE-Base-3B-v1 ("2.8B" on its card) sets
+    // use_parallel_residual false and rotary_pct 1.0. l 32, h 2560, f 10240, V 50432:
+    // 32·(12·2560² + 13·2560) + 2·50432·2560 + 2·2560 = 2,775,864,320.
+    let cfg = load("redpajama-incite-3b.json");
+    assert!(!cfg.parallel_residual);
+    assert_eq!(
+        cfg.position,
+        Position::Rotary {
+            dims: 80,
+            theta: 10_000.0
+        }
+    );
+    assert_params(&cfg, 2_775_864_320);
+    // The same file with the flag flipped builds the other residual wiring: the
+    // second layernorm reads the layer input instead of the attention residual.
+    let text =
+        std::fs::read_to_string(fixture("redpajama-incite-3b.json")).expect("fixture is readable");
+    let flipped = text.replace(
+        "\"use_parallel_residual\": false",
+        "\"use_parallel_residual\": true",
+    );
+    let parallel = hf::from_json_str("flipped", &flipped).unwrap_or_else(|e| panic!("{e}"));
+    assert!(parallel.parallel_residual);
+    assert_eq!(parallel.param_count(), cfg.param_count());
+}
+
+#[test]
+fn falcon_with_two_layernorms_loads_and_one_shared_layernorm_is_refused() {
+    // tiiuae/falcon-40b: new_decoder_architecture, 128 heads, 8 kv heads (d 64),
+    // ffn 4h, no linear biases, LayerNorms ln_attn and ln_mlp, tied embeddings.
+    // 60·(2·8192² + 2·8192·512 + 2·8192·32768 + 4·8192) + 65024·8192 + 2·8192.
+    let cfg = load("falcon-40b.json");
+    assert_eq!((cfg.heads, cfg.kv_heads, cfg.head_dim), (128, 8, 64));
+    assert!(cfg.parallel_residual && cfg.tied_embeddings);
+    assert!(!cfg.qkv_bias && !cfg.out_bias && !cfg.mlp_bias);
+    assert_params(&cfg, 41_303_293_952);
+
+    match load_err("falcon-7b.json") {
+        ModelError::Unsupported {
+            arch, supported, ..
+        } => {
+            assert!(
+                arch.contains("falcon") && arch.contains("layernorm"),
+                "{arch}"
+            );
+            assert!(supported.contains("gpt_neox"));
+        }
+        e => panic!("unexpected {e}"),
+    }
+}
+
+#[test]
+fn unsupported_model_type_is_named_with_the_supported_list() {
+    let e = load_err("mixtral-8x7b.json");
+    let text = e.to_string();
+    match e {
+        ModelError::Unsupported {
+            arch, supported, ..
+        } => {
+            assert_eq!(arch, "mixtral");
+            for t in ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "falcon"] {
+                assert!(supported.contains(t), "{supported}");
+            }
+        }
+        e => panic!("unexpected {e}"),
+    }
+    assert!(
+        text.contains("mixtral-8x7b.json") && text.contains("`mixtral`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn missing_field_is_named() {
+    let e = load_err("llama-missing-intermediate.json");
+    assert!(e.to_string().contains("`intermediate_size`"), "{e}");
+    assert!(
+        matches!(&e, ModelError::MissingField { field, file }
+            if field == "intermediate_size" && file.ends_with("llama-missing-intermediate.json")),
+        "{e:?}"
+    );
+    assert!(matches!(
+        hf::from_json_str("x", r#"{"n_embd": 8}"#),
+        Err(ModelError::MissingField { field, .. }) if field == "model_type"
+    ));
+}
+
+/// A small, valid llama config to mutate.
+const SMALL_LLAMA: &str = r#"{
+  "model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+  "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0
+}"#;
+
+fn with_field(base: &str, key: &str, value: &str) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(base).expect("base is JSON");
+    let value: serde_json::Value = serde_json::from_str(value).expect("value is JSON");
+    v[key] = value;
+    v.to_string()
+}
+
+fn invalid_field(text: &str) -> &'static str {
+    match hf::from_json_str("t", text) {
+        Err(ModelError::Invalid { field, .. }) => field,
+        other => panic!("expected an invalid field, got {other:?}"),
+    }
+}
+
+#[test]
+fn small_llama_matches_tiny_llama() {
+    let mut cfg = hf::from_json_str("t", SMALL_LLAMA).unwrap_or_else(|e| panic!("{e}"));
+    cfg.name = "tiny-llama".into();
+    assert_eq!(cfg, zoo_model("tiny-llama"));
+}
+
+#[test]
+fn bad_values_are_clear_errors() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("hidden_size", "\"4096\"", "hidden_size"),
+        ("num_hidden_layers", "2.5", "num_hidden_layers"),
+        ("num_hidden_layers", "-1", "num_hidden_layers"),
+        ("num_hidden_layers", "8589934592", "num_hidden_layers"),
+        ("num_hidden_layers", "0", "layers"),
+        ("num_hidden_layers", "100000", "layers"), // > MAX_LAYERS
+        ("model_type", "7", "model_type"),
+        ("tie_word_embeddings", "\"no\"", "tie_word_embeddings"),
+        ("rms_norm_eps", "-1e-5", "rms_norm_eps"),
+        ("rope_theta", "0", "rope_theta"),
+        ("num_attention_heads", "0", "num_attention_heads"),
+        ("hidden_size", "66", "hidden_size"), // not a multiple of 4 heads
+        ("num_key_value_heads", "3", "kv_heads"),
+        ("hidden_act", "\"gelu\"", "hidden_act"),
+        ("partial_rotary_factor", "1.5", "partial_rotary_factor"),
+        ("vocab_size", "33554432", "vocab"), // 2^25 > MAX_DIM
+        ("head_dim", "18446744073709551615", "head_dim"),
+        ("rope_parameters", "[]", "rope_parameters"),
+    ];
+    for &(key, value, field) in cases {
+        let mut text = with_field(SMALL_LLAMA, key, value);
+        if key == "rope_parameters" {
+            let mut v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+            if let Some(m) = v.as_object_mut() {
+                m.remove("rope_theta");
+            }
+            text = v.to_string();
+        }
+        assert_eq!(invalid_field(&text), field, "{key} = {value}");
+    }
+    // An odd number of rotated channels: int(0.2 · 128) = 25 (gpt_neox).
+    let pythia = std::fs::read_to_string(fixture("pythia-1.4b.json")).expect("fixture");
+    assert_eq!(
+        invalid_field(&with_field(&pythia, "rotary_pct", "0.2")),
+        "rotary dims"
+    );
+    // The messages name the field and what was found.
+    let e = hf::from_json_str(
+        "f.json",
+        &with_field(SMALL_LLAMA, "hidden_size", "\"4096\""),
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        e.contains("hidden_size") && e.contains("a string \"4096\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn unreadable_and_non_object_files_are_file_errors() {
+    for text in ["", "{", "[1, 2]", "null", "\"llama\""] {
+        assert!(
+            matches!(hf::from_json_str("t", text), Err(ModelError::File { .. })),
+            "{text:?}"
+        );
+    }
+    let missing = fixture("no-such-config.json");
+    assert!(matches!(hf::load(&missing), Err(ModelError::File { .. })));
+}
+
+#[test]
+fn nested_rope_parameters_and_null_fields() {
+    let mut v: serde_json::Value = serde_json::from_str(SMALL_LLAMA).expect("JSON");
+    if let Some(m) = v.as_object_mut() {
+        m.remove("rope_theta");
+        m.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_theta": 500000.0}),
+        );
+        m.insert("head_dim".into(), serde_json::Value::Null);
+    }
+    let cfg = hf::from_json_str("t", &v.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.position,
+        Position::Rotary {
+            dims: 16,
+            theta: 500_000.0
+        }
+    );
+}
+
+/// Every field of every fixture replaced by values of every JSON kind, or removed:
+/// the loader returns a configuration that validates, or an error; it never panics.
+#[test]
+fn mutated_fixtures_never_panic() {
+    let values = [
+        "null",
+        "\"x\"",
+        "-1",
+        "0",
+        "1",
+        "3",
+        "2.5",
+        "1e300",
+        "18446744073709551615",
+        "true",
+        "[]",
+        "{}",
+    ];
+    let dir = fixture("");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("fixture folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    let mut loaded = 0;
+    for path in files {
+        let text = std::fs::read_to_string(&path).expect("fixture");
+        let base: serde_json::Value = serde_json::from_str(&text).expect("fixture is JSON");
+        let keys: Vec<String> = base
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for key in &keys {
+            let mut variants = Vec::new();
+            let mut removed = base.clone();
+            if let Some(m) = removed.as_object_mut() {
+                m.remove(key);
+            }
+            variants.push(removed.to_string());
+            for value in values {
+                variants.push(with_field(&text, key, value));
+            }
+            for variant in variants {
+                if let Ok(cfg) = hf::from_json_str("m", &variant) {
+                    cfg.validate().unwrap_or_else(|e| panic!("{e}"));
+                    assert!(cfg.checked_param_count().is_some());
+                    loaded += 1;
+                }
+            }
+        }
+    }
+    assert!(loaded > 0);
+}
