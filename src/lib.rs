@@ -8,3 +8,4 @@ pub mod models;
 pub mod passes;
 pub mod shard;
 pub mod train;
+pub mod lower;

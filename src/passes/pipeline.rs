@@ -1,1 +1,132 @@
-//! Pipeline cut (in progress).
+//! Pipeline cut: contiguous stages of blocks, balanced on block times subject to a
+//! per-stage memory limit.
+//!
+//! Minimizing the slowest stage over contiguous partitions is solved exactly by a
+//! binary search on the stage-time bound with a greedy feasibility check: each stage,
+//! in order, takes the longest run of blocks that stays under the bound and under its
+//! memory limit. Both limits are monotone in the run, so the greedy prefix is the
+//! longest any feasible partition can reach (an exchange argument), and the search
+//! finds the smallest bound to within floating-point resolution. Embedding and head
+//! blocks are ordinary blocks with their own (different) costs.
+
+use crate::lower::StageSpan;
+
+/// Searches for the smallest slowest-stage time.
+const BISECTION_STEPS: u32 = 60;
+
+/// Cuts `times.len()` blocks into `parts` contiguous stages minimizing the largest
+/// stage time, where `fits(stage, first, last)` says whether blocks `first..=last` fit
+/// in stage `stage`'s memory. Returns `None` when no cut satisfies `fits` (or there
+/// are fewer blocks than parts).
+pub fn cut(
+    times: &[f64],
+    parts: usize,
+    fits: impl Fn(usize, usize, usize) -> bool,
+) -> Option<Vec<StageSpan>> {
+    let n = times.len();
+    if parts == 0 || parts > n {
+        return None;
+    }
+    let mut prefix = vec![0.0; n + 1];
+    for (i, t) in times.iter().enumerate() {
+        prefix[i + 1] = prefix[i] + t;
+    }
+    let sum = |a: usize, b: usize| prefix[b + 1] - prefix[a];
+    let greedy = |bound: f64| -> Option<Vec<StageSpan>> {
+        let mut spans = Vec::with_capacity(parts);
+        let mut first = 0;
+        for stage in 0..parts {
+            let left_after = parts - stage - 1;
+            if first >= n {
+                return None;
+            }
+            let mut last = first;
+            if sum(first, last) > bound || !fits(stage, first, last) {
+                return None;
+            }
+            // Leave at least one block for each later stage.
+            while last + 1 < n - left_after
+                && sum(first, last + 1) <= bound
+                && fits(stage, first, last + 1)
+            {
+                last += 1;
+            }
+            if stage == parts - 1 && last != n - 1 {
+                return None;
+            }
+            spans.push(StageSpan { first, last });
+            first = last + 1;
+        }
+        Some(spans)
+    };
+    let max_block = times.iter().copied().fold(0.0, f64::max);
+    let (mut lo, mut hi) = (max_block.max(prefix[n] / parts as f64), prefix[n]);
+    let mut best = greedy(hi)?;
+    if let Some(b) = greedy(lo) {
+        return Some(b);
+    }
+    for _ in 0..BISECTION_STEPS {
+        let mid = 0.5 * (lo + hi);
+        match greedy(mid) {
+            Some(b) => {
+                best = b;
+                hi = mid;
+            }
+            None => lo = mid,
+        }
+    }
+    Some(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_time(times: &[f64], spans: &[StageSpan]) -> f64 {
+        spans
+            .iter()
+            .map(|s| times[s.first..=s.last].iter().sum::<f64>())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn cut_is_optimal_against_brute_force() {
+        let times = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0];
+        for parts in 1..=times.len() {
+            let spans = cut(&times, parts, |_, _, _| true).unwrap();
+            assert_eq!(spans.len(), parts);
+            // Brute force over all cut positions.
+            let n = times.len();
+            let mut best = f64::INFINITY;
+            for mask in 0u32..(1 << (n - 1)) {
+                if mask.count_ones() as usize != parts - 1 {
+                    continue;
+                }
+                let mut cur = 0.0f64;
+                let mut worst = 0.0f64;
+                for (i, t) in times.iter().enumerate() {
+                    cur += t;
+                    if i == n - 1 || mask & (1 << i) != 0 {
+                        worst = worst.max(cur);
+                        cur = 0.0;
+                    }
+                }
+                best = best.min(worst);
+            }
+            assert!(
+                (max_time(&times, &spans) - best).abs() < 1e-9,
+                "parts {parts}"
+            );
+        }
+    }
+
+    #[test]
+    fn memory_limits_move_the_cut() {
+        let times = [1.0; 6];
+        // Stage 0 may hold at most two blocks.
+        let spans = cut(&times, 2, |s, a, b| s != 0 || b - a < 2).unwrap();
+        assert_eq!(spans[0], StageSpan { first: 0, last: 1 });
+        assert!(cut(&times, 2, |_, a, b| b - a < 2).is_none());
+        assert!(cut(&times, 7, |_, _, _| true).is_none());
+    }
+}

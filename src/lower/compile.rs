@@ -1,0 +1,448 @@
+//! Compiles one configuration end to end: per-device graph (tensor parallelism),
+//! training graph, recomputation, distribution, block profiles, pipeline cut,
+//! schedule simulation.
+//!
+//! Transformer layers repeat, so a zoo model is compiled from a one-layer template
+//! (embedding, one layer, head) whose layer profile stands for every layer; an IR
+//! file is compiled whole. Profiles are cached per (tp, sp, recompute, micro-batch,
+//! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
+
+use super::profile::{profile, BlockProfile, Groups};
+use super::{simulate, SimInput, Simulation, StageSpan};
+use crate::cluster::Cluster;
+use crate::cost::{CostModel, Group};
+use crate::ir::{Block, Env, Graph};
+use crate::models::{build_forward, ModelConfig};
+use crate::passes::{distribute, pipeline, recompute, Config, Recompute, Schedule};
+use crate::train::{training_graph, TrainOptions};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+
+/// Default fraction of device memory a plan may use (the reference platform's headroom).
+pub const DEFAULT_MEMORY_RATIO: f64 = 0.8;
+
+/// Why a configuration cannot be compiled (bad input, not out-of-memory).
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum CompileError {
+    /// The configuration does not fit the cluster, batch or model.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// A stage of compilation failed.
+    #[error("{stage}: {why}")]
+    Failed {
+        /// Which stage.
+        stage: &'static str,
+        /// What happened.
+        why: String,
+    },
+}
+
+/// The model a compiler plans for.
+#[derive(Clone, Debug)]
+pub enum ModelSource {
+    /// A configuration (compiled from its one-layer template).
+    Config(ModelConfig),
+    /// A forward graph (compiled whole).
+    Graph(Graph),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ProfileKey {
+    tp: u32,
+    sp: bool,
+    recompute: Recompute,
+    micro_batch: u32,
+    zero: u8,
+    low_prec_shard: bool,
+    dp: u32,
+}
+
+type Profiles = Arc<Result<Vec<BlockProfile>, CompileError>>;
+
+/// Compiles configurations of one model on one cluster at one sequence length and
+/// global batch.
+pub struct Compiler {
+    source: ModelSource,
+    /// Forward graph compiled per configuration (the template for zoo models).
+    forward: Graph,
+    layers: u32,
+    /// The cluster.
+    pub cluster: Cluster,
+    /// The cost model.
+    pub cost: CostModel,
+    /// Sequence length.
+    pub seq: u64,
+    /// Sequences per step.
+    pub global_batch: u64,
+    /// Memory budget per device, bytes.
+    pub budget_bytes: u64,
+    cache: Mutex<BTreeMap<ProfileKey, Profiles>>,
+}
+
+/// The evaluation of one configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Evaluation {
+    /// The configuration.
+    pub config: Config,
+    /// Seconds per step.
+    pub step_time_s: f64,
+    /// Tokens per second over the cluster.
+    pub tokens_per_s: f64,
+    /// Achieved TFLOP/s per device (no recomputation counted).
+    pub tflops_per_device: f64,
+    /// Model FLOPs utilization.
+    pub mfu: f64,
+    /// Memory budget per device, bytes.
+    pub budget_bytes: u64,
+    /// Largest stage peak, bytes.
+    pub peak_bytes: u64,
+    /// Whether every stage's peak is within the budget.
+    pub fits: bool,
+    /// Block spans of the virtual stages.
+    pub stages: Vec<StageSpan>,
+    /// Number of blocks (embedding + layers + head).
+    pub blocks: usize,
+    /// The simulation.
+    pub sim: Simulation,
+}
+
+impl Compiler {
+    /// Prepares a compiler. `memory_ratio` is the fraction of device memory usable.
+    pub fn new(
+        source: ModelSource,
+        cluster: Cluster,
+        seq: u64,
+        global_batch: u64,
+        memory_ratio: f64,
+    ) -> Result<Compiler, CompileError> {
+        if !(memory_ratio > 0.0 && memory_ratio <= 1.0) {
+            return Err(CompileError::Invalid(format!(
+                "memory ratio {memory_ratio} must be in (0, 1]"
+            )));
+        }
+        if seq == 0 || global_batch == 0 {
+            return Err(CompileError::Invalid(
+                "sequence length and global batch must be positive".into(),
+            ));
+        }
+        cluster
+            .validate()
+            .map_err(|e| CompileError::Invalid(e.to_string()))?;
+        let (forward, layers) = match &source {
+            ModelSource::Config(cfg) => {
+                let mut t = cfg.clone();
+                t.layers = 1;
+                let g = build_forward(&t).map_err(|e| CompileError::Failed {
+                    stage: "model",
+                    why: e.to_string(),
+                })?;
+                (g, cfg.layers)
+            }
+            ModelSource::Graph(g) => {
+                let layers = g
+                    .ops()
+                    .filter_map(|o| match g.node(o).block {
+                        Block::Layer(i) => Some(i + 1),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                (g.clone(), layers)
+            }
+        };
+        let budget_bytes = (cluster.device_memory() as f64 * memory_ratio) as u64;
+        Ok(Compiler {
+            source,
+            forward,
+            layers,
+            cost: CostModel::new(cluster.clone()),
+            cluster,
+            seq,
+            global_batch,
+            budget_bytes,
+            cache: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Number of blocks the pipeline can cut between.
+    pub fn block_count(&self) -> usize {
+        match &self.source {
+            ModelSource::Config(cfg) => cfg.layers as usize + 2,
+            ModelSource::Graph(g) => {
+                let blocks: std::collections::BTreeSet<Block> =
+                    g.ops().map(|o| g.node(o).block).collect();
+                blocks.len()
+            }
+        }
+    }
+
+    /// Transformer layers of the model.
+    pub fn layers(&self) -> u32 {
+        self.layers
+    }
+
+    /// Checks a configuration against the cluster, the batch and the model.
+    pub fn check(&self, c: &Config) -> Result<(), CompileError> {
+        let bad = |s: String| Err(CompileError::Invalid(s));
+        let devices = self.cluster.devices();
+        if c.dp == 0 || c.tp == 0 || c.pp == 0 || c.micro_batch == 0 || c.num_micro_batches == 0 {
+            return bad("degrees, micro-batch size and count must be positive".into());
+        }
+        if c.devices() != devices {
+            return bad(format!(
+                "dp {} × tp {} × pp {} = {} devices, but the cluster has {devices}",
+                c.dp,
+                c.tp,
+                c.pp,
+                c.devices()
+            ));
+        }
+        if self.cluster.devices_per_node % c.tp != 0 {
+            return bad(format!(
+                "tp {} must divide the {} devices of a node",
+                c.tp, self.cluster.devices_per_node
+            ));
+        }
+        if c.global_batch() != self.global_batch {
+            return bad(format!(
+                "global batch {} is not dp {} × micro-batches {} × micro-batch size {} = {}",
+                self.global_batch,
+                c.dp,
+                c.num_micro_batches,
+                c.micro_batch,
+                c.global_batch()
+            ));
+        }
+        if c.zero > 3 {
+            return bad(format!("ZeRO stage {} does not exist (0–3)", c.zero));
+        }
+        if c.sp && c.tp == 1 {
+            return bad("sequence parallelism needs tp > 1".into());
+        }
+        let v = c.schedule.chunks();
+        let stages = c.pp as usize * v as usize;
+        if stages > self.block_count() {
+            return bad(format!(
+                "{stages} pipeline stages but the model has only {} blocks",
+                self.block_count()
+            ));
+        }
+        if let Schedule::Interleaved(_) = c.schedule {
+            if c.pp < 2 || c.num_micro_batches % c.pp != 0 {
+                return bad(format!(
+                    "the interleaved schedule needs pp ≥ 2 and micro-batches ({}) divisible by pp ({})",
+                    c.num_micro_batches, c.pp
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn groups(&self, c: &Config) -> (Group, Group) {
+        let per_node = self.cluster.devices_per_node;
+        let tp = Group {
+            size: c.tp,
+            per_node: c.tp,
+        };
+        // Ranks are ordered tensor-parallel fastest, then data-parallel, then pipeline
+        // (Megatron-LM's default order), so a dp group has per_node / tp members per node.
+        let dp_per_node = (per_node / c.tp).clamp(1, c.dp);
+        let dp = Group {
+            size: c.dp,
+            per_node: dp_per_node,
+        };
+        (tp, dp)
+    }
+
+    /// Block profiles for a configuration (cached).
+    pub fn profiles(&self, c: &Config) -> Profiles {
+        let key = ProfileKey {
+            tp: c.tp,
+            sp: c.sp,
+            recompute: c.recompute,
+            micro_batch: c.micro_batch,
+            zero: if c.dp > 1 { c.zero } else { 0 },
+            low_prec_shard: c.dp > 1 && c.shards_low_prec(),
+            dp: c.dp,
+        };
+        if let Some(p) = self.cache.lock().expect("cache lock").get(&key) {
+            return p.clone();
+        }
+        let computed = Arc::new(self.compute_profiles(c));
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .entry(key)
+            .or_insert(computed)
+            .clone()
+    }
+
+    fn compute_profiles(&self, c: &Config) -> Result<Vec<BlockProfile>, CompileError> {
+        let fail = |stage: &'static str| {
+            move |e: &dyn std::fmt::Display| CompileError::Failed {
+                stage,
+                why: e.to_string(),
+            }
+        };
+        let fwd = per_device_forward(&self.forward, c.tp, c.sp)?;
+        let train = training_graph(&fwd, &TrainOptions::default())
+            .map_err(|e| fail("training graph")(&e))?;
+        let rc =
+            recompute::apply(&train, c.recompute, |_| true).map_err(|e| fail("recompute")(&e))?;
+        let dist = distribute::apply(&rc.graph, c).map_err(|e| fail("distribute")(&e))?;
+        #[cfg(debug_assertions)]
+        crate::ir::verify(&dist.graph).map_err(|e| fail("verify")(&e))?;
+        let env = Env::new(u64::from(c.micro_batch), self.seq);
+        let (tp, dp) = self.groups(c);
+        let groups = Groups {
+            dp_ops: &dist.dp_ops,
+            tp,
+            dp,
+        };
+        // Clones keep their op ids through distribution only if distribution inserts
+        // nothing before them; recompute is applied first, so map by position instead.
+        let clones = remap_clones(&rc.graph, &dist.graph, &rc.clones);
+        let by_block =
+            profile(&dist.graph, env, &self.cost, &groups, &clones).ok_or_else(|| {
+                CompileError::Invalid(format!(
+                "sizes overflow or the sequence length {} is not divisible as the sharding needs",
+                self.seq
+            ))
+            })?;
+        Ok(match &self.source {
+            ModelSource::Config(cfg) => {
+                let get = |b: Block| by_block.get(&b).cloned().unwrap_or_default();
+                let layer = get(Block::Layer(0));
+                let mut out = Vec::with_capacity(cfg.layers as usize + 2);
+                out.push(get(Block::Embed));
+                for i in 0..cfg.layers {
+                    let mut l = layer.clone();
+                    l.block = Some(Block::Layer(i));
+                    out.push(l);
+                }
+                out.push(get(Block::Head));
+                out
+            }
+            ModelSource::Graph(_) => by_block.into_values().collect(),
+        })
+    }
+
+    /// Compiles and simulates one configuration.
+    pub fn evaluate(&self, c: &Config) -> Result<Evaluation, CompileError> {
+        self.check(c)?;
+        let profiles = self.profiles(c);
+        let blocks = match profiles.as_ref() {
+            Ok(b) => b,
+            Err(e) => return Err(e.clone()),
+        };
+        let stages = self.cut(blocks, c)?;
+        let (_, dp) = self.groups(c);
+        let _ = dp;
+        let stage_devices = u64::from(c.tp) * u64::from(c.dp);
+        let pp_cross_node = stage_devices >= u64::from(self.cluster.devices_per_node);
+        let sim = simulate(
+            blocks,
+            &SimInput {
+                config: c,
+                stages: &stages,
+                cost: &self.cost,
+                pp_cross_node,
+            },
+        );
+        let peak_bytes = sim.memory.iter().map(|m| m.peak_bytes).max().unwrap_or(0);
+        let tokens = self.global_batch as f64 * self.seq as f64;
+        let step = sim.step_time_s;
+        let avg_flops = sim.flops_per_device.iter().sum::<u64>() as f64
+            / sim.flops_per_device.len().max(1) as f64;
+        let tflops = avg_flops / step / 1e12;
+        Ok(Evaluation {
+            config: *c,
+            step_time_s: step,
+            tokens_per_s: tokens / step,
+            tflops_per_device: tflops,
+            mfu: tflops * 1e12 / self.cluster.device.peak_bf16_flops,
+            budget_bytes: self.budget_bytes,
+            peak_bytes,
+            fits: peak_bytes <= self.budget_bytes,
+            stages,
+            blocks: blocks.len(),
+            sim,
+        })
+    }
+
+    fn cut(&self, blocks: &[BlockProfile], c: &Config) -> Result<Vec<StageSpan>, CompileError> {
+        let pp = c.pp as usize;
+        let parts = pp * c.schedule.chunks() as usize;
+        let times: Vec<f64> = blocks.iter().map(|b| b.fwd_s + b.bwd_s).collect();
+        // In-flight micro-batches per device: all of them for GPipe, pp - s for 1F1B.
+        let inflight = |stage: usize| -> u64 {
+            let s = stage % pp;
+            let m = u64::from(c.num_micro_batches);
+            match c.schedule {
+                Schedule::Gpipe => m,
+                _ => ((pp - s) as u64).min(m),
+            }
+        };
+        let v = u64::from(c.schedule.chunks());
+        let budget = self.budget_bytes;
+        let fits = |stage: usize, first: usize, last: usize| {
+            let part = &blocks[first..=last];
+            let states: u64 = part.iter().map(|b| b.states.total()).sum();
+            let saved: u64 = part.iter().map(|b| b.saved).sum();
+            let extra = part
+                .iter()
+                .map(|b| b.fwd_extra.max(b.bwd_extra))
+                .max()
+                .unwrap_or(0);
+            // A device holds v chunks; charge each chunk a 1/v share of the budget.
+            (states + saved * inflight(stage) + extra) * v <= budget
+        };
+        pipeline::cut(&times, parts, fits)
+            .or_else(|| pipeline::cut(&times, parts, |_, _, _| true))
+            .ok_or_else(|| {
+                CompileError::Invalid(format!(
+                    "cannot cut {} blocks into {parts} stages",
+                    blocks.len()
+                ))
+            })
+    }
+}
+
+fn remap_clones(
+    before: &Graph,
+    after: &Graph,
+    clones: &std::collections::BTreeSet<crate::ir::OpId>,
+) -> std::collections::BTreeSet<crate::ir::OpId> {
+    // Distribution copies every op in order and only inserts ops; match clones by
+    // (block, phase, op) in sequence.
+    let mut out = std::collections::BTreeSet::new();
+    let mut it = after.ops().peekable();
+    for id in before.ops() {
+        let node = before.node(id);
+        while let Some(&a) = it.peek() {
+            it.next();
+            let an = after.node(a);
+            if an.op == node.op && an.block == node.block && an.phase == node.phase {
+                if clones.contains(&id) {
+                    out.insert(a);
+                }
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The forward graph one device runs at tensor-parallel degree `tp`.
+pub fn per_device_forward(fwd: &Graph, tp: u32, sp: bool) -> Result<Graph, CompileError> {
+    if tp <= 1 {
+        return Ok(fwd.clone());
+    }
+    let _ = sp;
+    Err(CompileError::Failed {
+        stage: "shard",
+        why: "tensor parallelism is not available yet".into(),
+    })
+}

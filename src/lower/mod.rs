@@ -1,0 +1,413 @@
+//! Lowering: per-device schedules, an event simulation across pipeline stages that
+//! yields the step time, and a memory timeline per stage.
+//!
+//! Ranks of one stage are symmetric, so one representative device per pipeline stage
+//! is simulated. Work units are a micro-batch's forward or backward through one model
+//! chunk; their times and memory come from [`profile::BlockProfile`]s, which come from
+//! the per-device training graph's ops and tensor liveness.
+
+pub mod compile;
+pub mod profile;
+pub mod schedule;
+
+use crate::cost::CostModel;
+use crate::passes::Config;
+use profile::{BlockProfile, StateBytes};
+use schedule::{device_order, Pass};
+use serde::Serialize;
+
+/// One sample of a device's memory timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct MemSample {
+    /// Time, seconds from the step start.
+    pub t: f64,
+    /// Bytes in use.
+    pub bytes: u64,
+}
+
+/// One simulated unit of work, for traces.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Event {
+    /// Pipeline device (stage).
+    pub stage: u32,
+    /// Forward or backward.
+    pub pass: Pass,
+    /// Model chunk.
+    pub chunk: u32,
+    /// Micro-batch.
+    pub micro_batch: u32,
+    /// Start, seconds.
+    pub start: f64,
+    /// End, seconds.
+    pub end: f64,
+}
+
+/// Memory of one pipeline device at its peak.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageMemory {
+    /// Pipeline stage (device index in the pipeline).
+    pub stage: u32,
+    /// Peak bytes.
+    pub peak_bytes: u64,
+    /// Parameter bytes (low-precision copies and masters).
+    pub params: u64,
+    /// Gradient bytes.
+    pub grads: u64,
+    /// Optimizer-state bytes.
+    pub optimizer: u64,
+    /// Saved activations of in-flight micro-batches at the peak.
+    pub activations: u64,
+    /// Transient bytes of the running pass at the peak.
+    pub temporary: u64,
+}
+
+/// Where the step time of the slowest device goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct TimeBreakdown {
+    /// Forward and backward compute (no communication, no recomputation).
+    pub compute_s: f64,
+    /// Tensor-parallel communication (inside the passes, not overlapped).
+    pub tp_comm_s: f64,
+    /// Data-parallel communication not hidden behind compute.
+    pub dp_comm_s: f64,
+    /// Pipeline point-to-point waits.
+    pub pp_comm_s: f64,
+    /// Pipeline bubble (idle while waiting on other stages).
+    pub bubble_s: f64,
+    /// Recomputation.
+    pub recompute_s: f64,
+    /// Optimizer step.
+    pub optimizer_s: f64,
+}
+
+/// A virtual pipeline stage: a contiguous range of blocks (indices into the block list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct StageSpan {
+    /// First block index.
+    pub first: usize,
+    /// Last block index (inclusive).
+    pub last: usize,
+}
+
+/// Result of simulating one configuration.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Simulation {
+    /// Step time, seconds.
+    pub step_time_s: f64,
+    /// Per pipeline device.
+    pub memory: Vec<StageMemory>,
+    /// Per virtual stage: forward+backward time of one micro-batch.
+    pub stage_time_s: Vec<f64>,
+    /// Breakdown on the device that finishes last.
+    pub breakdown: TimeBreakdown,
+    /// FLOPs one device of each stage runs per step (no recomputation).
+    pub flops_per_device: Vec<u64>,
+    /// Every work unit (for traces).
+    pub events: Vec<Event>,
+    /// Memory timeline per pipeline device.
+    pub timeline: Vec<Vec<MemSample>>,
+}
+
+/// Inputs of the simulation besides the block profiles.
+#[derive(Clone, Debug)]
+pub struct SimInput<'a> {
+    /// The configuration.
+    pub config: &'a Config,
+    /// Virtual stages in model order; `pp · v` of them. Device `s` runs stages `s`,
+    /// `s + pp`, `s + 2pp`, ….
+    pub stages: &'a [StageSpan],
+    /// Cost model (for pipeline point-to-point transfers).
+    pub cost: &'a CostModel,
+    /// Whether neighbouring pipeline stages sit on different nodes.
+    pub pp_cross_node: bool,
+}
+
+struct Vs {
+    fwd: f64,
+    bwd: f64,
+    recompute: f64,
+    tp: f64,
+    dp_exposed_fwd: f64,
+    dp_exposed_bwd: f64,
+    saved: u64,
+    /// Peak during the forward: (bytes above the in-flight activations, of which
+    /// this micro-batch's own saved activations).
+    fwd_peak: (u64, u64),
+    /// Same for the backward.
+    bwd_peak: (u64, u64),
+    p2p_out: f64,
+    flops: u64,
+}
+
+fn summarize(blocks: &[BlockProfile], span: StageSpan, input: &SimInput) -> Vs {
+    let mut v = Vs {
+        fwd: 0.0,
+        bwd: 0.0,
+        recompute: 0.0,
+        tp: 0.0,
+        dp_exposed_fwd: 0.0,
+        dp_exposed_bwd: 0.0,
+        saved: 0,
+        fwd_peak: (0, 0),
+        bwd_peak: (0, 0),
+        p2p_out: 0.0,
+        flops: 0,
+    };
+    let mut held = 0u64;
+    for b in &blocks[span.first..=span.last] {
+        // Data-parallel gathers/reductions per micro-batch overlap with the pass.
+        v.fwd += b.fwd_s.max(b.dp_fwd_s);
+        v.bwd += b.bwd_s.max(b.dp_bwd_s);
+        v.dp_exposed_fwd += (b.dp_fwd_s - b.fwd_s).max(0.0);
+        v.dp_exposed_bwd += (b.dp_bwd_s - b.bwd_s).max(0.0);
+        v.recompute += b.recompute_s;
+        v.tp += b.tp_comm_s;
+        if held + b.fwd_extra > v.fwd_peak.0 {
+            v.fwd_peak = (held + b.fwd_extra, held);
+        }
+        if held + b.bwd_extra > v.bwd_peak.0 {
+            v.bwd_peak = (held + b.bwd_extra, held);
+        }
+        held += b.saved;
+        v.flops += b.flops;
+    }
+    v.saved = held;
+    let boundary = blocks[span.last].boundary as f64;
+    let tp = f64::from(input.config.tp.max(1));
+    // Megatron's scatter/gather optimization sends 1/t of a replicated boundary tensor.
+    let bytes = if input.config.sp {
+        boundary
+    } else {
+        boundary / tp
+    };
+    v.p2p_out = input.cost.p2p_time(bytes, input.pp_cross_node);
+    v
+}
+
+/// Simulates one step. `blocks` are the per-device block profiles in model order.
+pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
+    let cfg = input.config;
+    let pp = cfg.pp.max(1);
+    let v = cfg.schedule.chunks();
+    let m = cfg.num_micro_batches.max(1);
+    let nvs = input.stages.len();
+    let vs: Vec<Vs> = input
+        .stages
+        .iter()
+        .map(|&s| summarize(blocks, s, input))
+        .collect();
+    let idx = |c: u32, mb: u32| -> usize { c as usize * m as usize + mb as usize };
+    let vstage = |s: u32, c: u32| -> usize { (c * pp + s) as usize };
+
+    // Persistent bytes per device.
+    let mut states = vec![StateBytes::default(); pp as usize];
+    let mut opt_s = vec![0.0; pp as usize];
+    let mut param_gather_s = vec![0.0; pp as usize];
+    let mut opt_extra = vec![0u64; pp as usize];
+    for (i, span) in input.stages.iter().enumerate() {
+        let dev = i % pp as usize;
+        for b in &blocks[span.first..=span.last] {
+            states[dev].add(&b.states);
+            opt_s[dev] += b.opt_s;
+            param_gather_s[dev] += b.dp_param_s;
+            opt_extra[dev] = opt_extra[dev].max(b.opt_extra);
+        }
+    }
+
+    let orders: Vec<Vec<schedule::Step>> = (0..pp)
+        .map(|s| device_order(cfg.schedule, s, pp, m))
+        .collect();
+    let mut f_end = vec![f64::NAN; nvs * m as usize];
+    let mut b_end = vec![f64::NAN; nvs * m as usize];
+    let mut pos = vec![0usize; pp as usize];
+    let mut free_at = vec![0.0f64; pp as usize];
+    let mut busy = vec![0.0f64; pp as usize];
+    let mut p2p_wait = vec![0.0f64; pp as usize];
+    let mut events = Vec::with_capacity(orders.iter().map(Vec::len).sum());
+    let mut inflight = vec![0u64; pp as usize];
+    let mut peak = vec![(0u64, 0u64, 0u64); pp as usize]; // (total, activations, temporary)
+    let mut timeline: Vec<Vec<MemSample>> = (0..pp as usize)
+        .map(|d| {
+            vec![MemSample {
+                t: 0.0,
+                bytes: states[d].total(),
+            }]
+        })
+        .collect();
+
+    loop {
+        let mut progressed = false;
+        let mut done = true;
+        for s in 0..pp {
+            let d = s as usize;
+            while let Some(step) = orders[d].get(pos[d]) {
+                let k = vstage(s, step.chunk);
+                let i = idx(k as u32, step.micro_batch);
+                let dep = match step.pass {
+                    Pass::F if k == 0 => Some(0.0),
+                    Pass::F => {
+                        let e = f_end[idx(k as u32 - 1, step.micro_batch)];
+                        (!e.is_nan()).then(|| e + vs[k - 1].p2p_out)
+                    }
+                    Pass::B if k + 1 == nvs => {
+                        let e = f_end[i];
+                        (!e.is_nan()).then_some(e)
+                    }
+                    Pass::B => {
+                        let e = b_end[idx(k as u32 + 1, step.micro_batch)];
+                        (!e.is_nan()).then(|| e + vs[k].p2p_out)
+                    }
+                };
+                let Some(ready) = dep else {
+                    break;
+                };
+                let start = free_at[d].max(ready);
+                if ready > free_at[d] {
+                    let p2p = match step.pass {
+                        Pass::F if k > 0 => vs[k - 1].p2p_out,
+                        Pass::B if k + 1 < nvs => vs[k].p2p_out,
+                        _ => 0.0,
+                    };
+                    p2p_wait[d] += p2p.min(ready - free_at[d]);
+                }
+                let dur = match step.pass {
+                    Pass::F => vs[k].fwd,
+                    Pass::B => vs[k].bwd,
+                };
+                let end = start + dur;
+                let base = states[d].total();
+                let (extra, after) = match step.pass {
+                    Pass::F => (vs[k].fwd_peak, inflight[d] + vs[k].saved),
+                    Pass::B => {
+                        inflight[d] -= vs[k].saved;
+                        (vs[k].bwd_peak, inflight[d])
+                    }
+                };
+                let during = base + inflight[d] + extra.0;
+                if during > peak[d].0 {
+                    peak[d] = (during, inflight[d] + extra.1, extra.0 - extra.1);
+                }
+                timeline[d].push(MemSample {
+                    t: start,
+                    bytes: during,
+                });
+                inflight[d] = after;
+                timeline[d].push(MemSample {
+                    t: end,
+                    bytes: base + inflight[d],
+                });
+                match step.pass {
+                    Pass::F => f_end[i] = end,
+                    Pass::B => b_end[i] = end,
+                }
+                free_at[d] = end;
+                busy[d] += dur;
+                events.push(Event {
+                    stage: s,
+                    pass: step.pass,
+                    chunk: step.chunk,
+                    micro_batch: step.micro_batch,
+                    start,
+                    end,
+                });
+                pos[d] += 1;
+                progressed = true;
+            }
+            if pos[d] < orders[d].len() {
+                done = false;
+            }
+        }
+        if done {
+            break;
+        }
+        assert!(progressed, "pipeline schedule deadlocked (internal bug)");
+    }
+
+    // Gradient reduction after the last backward of each chunk, block by block, on a
+    // communication stream; then the optimizer and the parameter gather.
+    let mut finish = vec![0.0f64; pp as usize];
+    let mut dp_exposed = vec![0.0f64; pp as usize];
+    for s in 0..pp {
+        let d = s as usize;
+        let mut comm = 0.0f64;
+        for c in (0..v).rev() {
+            let k = vstage(s, c);
+            let span = input.stages[k];
+            let end_of_chunk = (0..m)
+                .map(|mb| b_end[idx(k as u32, mb)])
+                .fold(0.0f64, f64::max);
+            let mut t = end_of_chunk - vs[k].bwd;
+            for b in blocks[span.first..=span.last].iter().rev() {
+                t += b.bwd_s.max(b.dp_bwd_s);
+                comm = comm.max(t) + b.dp_grad_s;
+            }
+        }
+        let compute_end = free_at[d];
+        let end = compute_end.max(comm);
+        dp_exposed[d] = end - compute_end;
+        finish[d] = end + opt_s[d] + param_gather_s[d];
+        dp_exposed[d] += param_gather_s[d];
+        timeline[d].push(MemSample {
+            t: end,
+            bytes: states[d].total() + opt_extra[d],
+        });
+        timeline[d].push(MemSample {
+            t: finish[d],
+            bytes: states[d].total(),
+        });
+        let opt_peak = states[d].total() + opt_extra[d];
+        if opt_peak > peak[d].0 {
+            peak[d] = (opt_peak, 0, opt_extra[d]);
+        }
+    }
+    let step_time_s = finish.iter().copied().fold(0.0, f64::max);
+    let critical = finish
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, &f)| if f > finish[best] { i } else { best });
+
+    let mut br = TimeBreakdown::default();
+    {
+        let d = critical;
+        let mut recompute = 0.0;
+        let mut tp = 0.0;
+        let mut dp_mb = 0.0;
+        for c in 0..v {
+            let k = vstage(d as u32, c);
+            recompute += vs[k].recompute * f64::from(m);
+            tp += vs[k].tp * f64::from(m);
+            dp_mb += (vs[k].dp_exposed_fwd + vs[k].dp_exposed_bwd) * f64::from(m);
+        }
+        br.recompute_s = recompute;
+        br.tp_comm_s = tp;
+        br.dp_comm_s = dp_exposed[d] + dp_mb;
+        br.compute_s = busy[d] - recompute - tp - dp_mb;
+        br.pp_comm_s = p2p_wait[d];
+        br.bubble_s = (free_at[d] - busy[d] - p2p_wait[d]).max(0.0);
+        br.optimizer_s = opt_s[d];
+    }
+
+    let memory = (0..pp as usize)
+        .map(|d| StageMemory {
+            stage: d as u32,
+            peak_bytes: peak[d].0,
+            params: states[d].low_prec_params + states[d].master_params,
+            grads: states[d].grads,
+            optimizer: states[d].optimizer,
+            activations: peak[d].1,
+            temporary: peak[d].2,
+        })
+        .collect();
+    let flops_per_device = (0..pp)
+        .map(|s| (0..v).map(|c| vs[vstage(s, c)].flops * u64::from(m)).sum())
+        .collect();
+    Simulation {
+        step_time_s,
+        memory,
+        stage_time_s: vs.iter().map(|x| x.fwd + x.bwd).collect(),
+        breakdown: br,
+        flops_per_device,
+        events,
+        timeline,
+    }
+}

@@ -1,0 +1,261 @@
+//! Block profiles: time, FLOPs and memory of each block of a per-device training
+//! graph, read off the graph's real ops and a liveness simulation of its tensors.
+//!
+//! The simulation runs one micro-batch's forward and backward ops in graph order,
+//! allocating each non-persistent buffer at its producer and freeing it after its
+//! last use (views and in-place ops share their input's buffer). From it:
+//! `saved` — bytes a block's forward leaves alive for the backward; `fwd_extra` /
+//! `bwd_extra` — the most the block's forward / backward holds above the saved
+//! activations of the blocks before it. Persistent buffers (parameters, gradients,
+//! optimizer states) are summed per block by role.
+
+use crate::cost::{CostModel, Group};
+use crate::ir::{Block, Env, Graph, OpClass, OpId, Phase, Role};
+use crate::train::memory::buffer_root;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Persistent bytes of one block on one device, by role.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StateBytes {
+    /// Low-precision parameter copies.
+    pub low_prec_params: u64,
+    /// Full-precision master parameters.
+    pub master_params: u64,
+    /// Gradient buffers.
+    pub grads: u64,
+    /// Optimizer moments.
+    pub optimizer: u64,
+}
+
+impl StateBytes {
+    /// Sum of all four.
+    pub fn total(&self) -> u64 {
+        self.low_prec_params + self.master_params + self.grads + self.optimizer
+    }
+
+    /// Adds another block's bytes.
+    pub fn add(&mut self, o: &StateBytes) {
+        self.low_prec_params += o.low_prec_params;
+        self.master_params += o.master_params;
+        self.grads += o.grads;
+        self.optimizer += o.optimizer;
+    }
+}
+
+/// What one block costs on one device for one micro-batch (and per step for the
+/// optimizer part).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct BlockProfile {
+    /// The block.
+    pub block: Option<Block>,
+    /// Forward compute time (tensor-parallel collectives included).
+    pub fwd_s: f64,
+    /// Backward compute time, recomputation included.
+    pub bwd_s: f64,
+    /// Recomputation share of `bwd_s`.
+    pub recompute_s: f64,
+    /// Tensor-parallel collective share of `fwd_s + bwd_s`.
+    pub tp_comm_s: f64,
+    /// Data-parallel collectives issued every micro-batch (ZeRO-2/3), forward.
+    pub dp_fwd_s: f64,
+    /// Data-parallel collectives issued every micro-batch (ZeRO-2/3), backward.
+    pub dp_bwd_s: f64,
+    /// Data-parallel gradient reduction once per step (ZeRO-0/1).
+    pub dp_grad_s: f64,
+    /// Data-parallel parameter all-gather once per step, after the optimizer.
+    pub dp_param_s: f64,
+    /// Optimizer compute once per step.
+    pub opt_s: f64,
+    /// Forward and backward FLOPs per micro-batch (no recomputation).
+    pub flops: u64,
+    /// Recomputation FLOPs per micro-batch.
+    pub recompute_flops: u64,
+    /// Activation bytes kept from this block's forward until its backward.
+    pub saved: u64,
+    /// Peak bytes of the forward above the earlier blocks' saved activations.
+    pub fwd_extra: u64,
+    /// Peak bytes of the backward above the earlier blocks' saved activations.
+    pub bwd_extra: u64,
+    /// Peak transient bytes of the optimizer step.
+    pub opt_extra: u64,
+    /// Bytes the block's forward hands to the next block.
+    pub boundary: u64,
+    /// Persistent bytes.
+    pub states: StateBytes,
+}
+
+/// Which collectives run on the data-parallel group, and the two groups.
+#[derive(Clone, Debug)]
+pub struct Groups<'a> {
+    /// Data-parallel collective ops of the graph.
+    pub dp_ops: &'a BTreeSet<OpId>,
+    /// The tensor-parallel group.
+    pub tp: Group,
+    /// The data-parallel group.
+    pub dp: Group,
+}
+
+fn persistent(role: Role) -> bool {
+    role.is_persistent()
+}
+
+/// Profiles every block of `g` under `env`. Returns `None` if a size overflows.
+pub fn profile(
+    g: &Graph,
+    env: Env,
+    cost: &CostModel,
+    groups: &Groups,
+    clones: &BTreeSet<OpId>,
+) -> Option<BTreeMap<Block, BlockProfile>> {
+    let mut out: BTreeMap<Block, BlockProfile> = BTreeMap::new();
+    let n = g.op_count();
+
+    // Times and FLOPs.
+    for id in g.ops() {
+        let node = g.node(id);
+        let p = out.entry(node.block).or_default();
+        p.block = Some(node.block);
+        let ins = g.input_types(id);
+        let res = g.result_types(id);
+        let is_dp = groups.dp_ops.contains(&id);
+        let group = if is_dp { groups.dp } else { groups.tp };
+        let t = cost.op_time(&node.op, &ins, &res, env, group);
+        let flops = node.op.cost(&ins, &res, env)?.flops;
+        let collective = node.op.info().class == OpClass::Collective;
+        match node.phase {
+            Phase::Fwd if is_dp => p.dp_fwd_s += t,
+            Phase::Bwd if is_dp => p.dp_bwd_s += t,
+            Phase::Opt if is_dp && matches!(node.op, crate::ir::Op::AllGather { .. }) => {
+                p.dp_param_s += t
+            }
+            Phase::Opt if is_dp => p.dp_grad_s += t,
+            Phase::Fwd => {
+                p.fwd_s += t;
+                p.flops += flops;
+            }
+            Phase::Bwd => {
+                p.bwd_s += t;
+                if clones.contains(&id) {
+                    p.recompute_s += t;
+                    p.recompute_flops += flops;
+                } else {
+                    p.flops += flops;
+                }
+            }
+            Phase::Opt => p.opt_s += t,
+        }
+        if collective && !is_dp && node.phase != Phase::Opt {
+            p.tp_comm_s += t;
+        }
+    }
+
+    // Buffers: root, bytes, last use.
+    let mut root_of = vec![0usize; g.tensor_count()];
+    let mut last_use = vec![0usize; g.tensor_count()];
+    let mut bytes = vec![0u64; g.tensor_count()];
+    for t in g.tensor_ids() {
+        let r = buffer_root(g, t);
+        root_of[t.index()] = r.index();
+        last_use[r.index()] = last_use[r.index()].max(g.tensor(t).producer.index());
+        if r == t {
+            bytes[t.index()] = g.ty(t).bytes_at(env)?;
+        }
+    }
+    for id in g.ops() {
+        for &t in &g.node(id).inputs {
+            let r = root_of[t.index()];
+            last_use[r] = last_use[r].max(id.index());
+        }
+    }
+    // Persistent state bytes by block of the buffer's producer.
+    for t in g.tensor_ids() {
+        if root_of[t.index()] != t.index() {
+            continue;
+        }
+        let tensor = g.tensor(t);
+        let block = g.node(tensor.producer).block;
+        let source = g.op(tensor.producer).is_source();
+        let s = &mut out.entry(block).or_default().states;
+        match tensor.role {
+            Role::LowPrecParam if source => s.low_prec_params += bytes[t.index()],
+            Role::Param if source => s.master_params += bytes[t.index()],
+            Role::OptimizerState if source => s.optimizer += bytes[t.index()],
+            Role::Grad => s.grads += bytes[t.index()],
+            _ => {}
+        }
+    }
+
+    // Liveness over forward+backward, then over the optimizer step.
+    let first_bwd = g
+        .ops()
+        .find(|&o| g.node(o).phase != Phase::Fwd)
+        .map_or(n, |o| o.index());
+    let mut frees: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for t in g.tensor_ids() {
+        let i = t.index();
+        if root_of[i] == i && !persistent(g.tensor(t).role) {
+            frees[last_use[i].max(g.tensor(t).producer.index())].push(i);
+        }
+    }
+    let mut saved_by_block: BTreeMap<Block, u64> = BTreeMap::new();
+    for t in g.tensor_ids() {
+        let i = t.index();
+        let producer = g.node(g.tensor(t).producer);
+        if root_of[i] == i
+            && !persistent(g.tensor(t).role)
+            && producer.phase == Phase::Fwd
+            && last_use[i] >= first_bwd
+        {
+            *saved_by_block.entry(producer.block).or_default() += bytes[i];
+        }
+    }
+    let mut before: BTreeMap<Block, u64> = BTreeMap::new();
+    let mut acc = 0u64;
+    for (&b, &s) in &saved_by_block {
+        before.insert(b, acc);
+        acc += s;
+    }
+    let mut live: u64 = 0;
+    for id in g.ops() {
+        let node = g.node(id);
+        for &r in &node.results {
+            let i = r.index();
+            if root_of[i] == i && !persistent(g.tensor(r).role) {
+                live += bytes[i];
+            }
+        }
+        let p = out.entry(node.block).or_default();
+        let base = before.get(&node.block).copied().unwrap_or(0);
+        let extra = live.saturating_sub(base);
+        match node.phase {
+            Phase::Fwd => p.fwd_extra = p.fwd_extra.max(extra),
+            Phase::Bwd => p.bwd_extra = p.bwd_extra.max(extra),
+            Phase::Opt => p.opt_extra = p.opt_extra.max(live),
+        }
+        for &i in &frees[id.index()] {
+            live = live.saturating_sub(bytes[i]);
+        }
+    }
+    for (b, s) in saved_by_block {
+        out.entry(b).or_default().saved = s;
+    }
+
+    // Boundary: forward tensors a block hands to a later block's forward.
+    for id in g.ops() {
+        let node = g.node(id);
+        if node.phase != Phase::Fwd {
+            continue;
+        }
+        for &r in &node.results {
+            let crosses = g.uses(r).iter().any(|&u| {
+                let un = g.node(u);
+                un.phase == Phase::Fwd && un.block != node.block
+            });
+            if crosses && !persistent(g.tensor(r).role) {
+                out.entry(node.block).or_default().boundary += g.ty(r).bytes_at(env)?;
+            }
+        }
+    }
+    Some(out)
+}
