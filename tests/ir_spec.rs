@@ -5,7 +5,6 @@
 use apar::ir::{codec, json, text, verify, OpKind};
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
 
 const README: &str = include_str!("../ir-spec/README.md");
 
@@ -65,15 +64,29 @@ fn op_table_matches_the_code_in_both_directions() {
     let code_set: BTreeSet<&str> = code_names.iter().copied().collect();
     let undocumented: Vec<_> = code_set.difference(&doc_set).collect();
     let unknown: Vec<_> = doc_set.difference(&code_set).collect();
-    assert!(undocumented.is_empty(), "ops missing from the README: {undocumented:?}");
-    assert!(unknown.is_empty(), "README rows for unknown ops: {unknown:?}");
+    assert!(
+        undocumented.is_empty(),
+        "ops missing from the README: {undocumented:?}"
+    );
+    assert!(
+        unknown.is_empty(),
+        "README rows for unknown ops: {unknown:?}"
+    );
     assert_eq!(doc_names.len(), doc_set.len(), "README lists an op twice");
-    assert_eq!(doc_names, code_names, "README rows are not in op-table order");
+    assert_eq!(
+        doc_names, code_names,
+        "README rows are not in op-table order"
+    );
 
     for row in &rows {
         let info = OpKind::from_name(&row.name).unwrap().info();
         assert_eq!(row.inputs, info.arity.to_string(), "{}: inputs", row.name);
-        assert_eq!(row.results, info.results.to_string(), "{}: results", row.name);
+        assert_eq!(
+            row.results,
+            info.results.to_string(),
+            "{}: results",
+            row.name
+        );
         let attrs: Vec<&str> = row.attrs.iter().map(String::as_str).collect();
         assert_eq!(attrs, info.attrs, "{}: attributes", row.name);
         let saves = if info.saves.is_empty() {
@@ -118,7 +131,7 @@ fn check_all_formats(name: &str, src: &str) -> String {
 #[test]
 fn examples_parse_verify_and_round_trip() {
     let mut seen = BTreeSet::new();
-    insta::glob!("../ir-spec/examples", "*.apir", |path: &Path| {
+    insta::glob!("../ir-spec/examples", "*.apir", |path| {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         let src = fs::read_to_string(path).unwrap();
         let printed = check_all_formats(&name, &src);
