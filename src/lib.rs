@@ -10,3 +10,4 @@ pub mod shard;
 pub mod train;
 pub mod lower;
 pub mod report;
+pub mod search;
