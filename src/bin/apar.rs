@@ -187,7 +187,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {}", f.message);
+            if !f.message.is_empty() {
+                eprintln!("error: {}", f.message);
+            }
             ExitCode::from(f.code)
         }
     }
@@ -249,9 +251,10 @@ fn print_evaluation(c: &Compiler, e: &Evaluation, out: &OutputArgs) -> Result<()
             oom.text()
         };
         println!("{}", message.trim_end());
+        // The report is the message; exit 1 says infeasible.
         return Err(Failure {
             code: 1,
-            message: "out of memory".into(),
+            message: String::new(),
         });
     }
     if out.json {
