@@ -3,9 +3,9 @@
 use apar::cluster::{self, Cluster};
 use apar::ir::{self, Env, Graph};
 use apar::lower::compile::{Compiler, Evaluation, ModelSource, DEFAULT_MEMORY_RATIO};
+use apar::models::{self, Attention};
 use apar::passes::{Config, Recompute, Schedule};
 use apar::report::{self, EvalJson, OomReport};
-use apar::models::{self, Attention};
 use apar::train::{self, Stats, TrainOptions};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -80,6 +80,71 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Search every parallel configuration and print the fastest that fits.
+    Plan {
+        /// Zoo name (see `apar models`), a Hugging Face config.json, or an IR file.
+        #[arg(long, default_value = "llama2-13b")]
+        model: String,
+        /// Override the attention form of a zoo or config.json model.
+        #[arg(long, value_enum)]
+        attention: Option<AttentionArg>,
+        /// Override the number of layers of a zoo or config.json model.
+        #[arg(long)]
+        layers: Option<u32>,
+        /// Cluster preset with a node count, a flavor, or a JSON file.
+        #[arg(long, default_value = "moai-4xlarge")]
+        cluster: String,
+        /// Sequences per training step.
+        #[arg(long, default_value_t = 64)]
+        global_batch: u64,
+        /// Sequence length.
+        #[arg(long, default_value_t = 1024)]
+        seq: u64,
+        /// Fraction of device memory a plan may use.
+        #[arg(long, default_value_t = DEFAULT_MEMORY_RATIO)]
+        memory_ratio: f64,
+        /// Pin the tensor-parallel degree.
+        #[arg(long)]
+        tp: Option<u32>,
+        /// Pin the number of pipeline stages.
+        #[arg(long)]
+        pp: Option<u32>,
+        /// Pin the data-parallel degree.
+        #[arg(long)]
+        dp: Option<u32>,
+        /// Bound the number of pipeline stages.
+        #[arg(long)]
+        max_stages: Option<u32>,
+        /// Bound the tensor-parallel degree.
+        #[arg(long)]
+        max_tp: Option<u32>,
+        /// Pin the micro-batch size.
+        #[arg(long)]
+        micro_batch: Option<u32>,
+        /// Pin sequence parallelism (true/false).
+        #[arg(long)]
+        sp: Option<bool>,
+        /// Pin the recomputation policy.
+        #[arg(long, value_enum)]
+        recompute: Option<RecomputeArg>,
+        /// Pin the ZeRO stage.
+        #[arg(long)]
+        zero: Option<u8>,
+        /// Pin low-precision parameter sharding (true/false).
+        #[arg(long)]
+        low_prec_shard: Option<bool>,
+        /// Pin the schedule: gpipe, 1f1b, interleaved:V.
+        #[arg(long, value_parser = parse_schedule)]
+        schedule: Option<Schedule>,
+        /// Compile every candidate fully (no memory lower-bound shortcut).
+        #[arg(long)]
+        exhaustive: bool,
+        /// Write every candidate with its peak memory, step time or rejection reason.
+        #[arg(long)]
+        detailed_log: Option<PathBuf>,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Compile and simulate one parallel configuration.
     Eval {
@@ -217,14 +282,7 @@ fn compiler(model: &models::LoadedModel, job: &JobArgs) -> Result<Compiler, Fail
         None => ModelSource::Graph(model.graph.clone()),
     };
     let cluster = Cluster::resolve(&job.cluster).map_err(bad)?;
-    Compiler::new(
-        source,
-        cluster,
-        job.seq,
-        job.global_batch,
-        job.memory_ratio,
-    )
-    .map_err(bad)
+    Compiler::new(source, cluster, job.seq, job.global_batch, job.memory_ratio).map_err(bad)
 }
 
 fn write_outputs(e: &Evaluation, out: &OutputArgs) -> Result<(), Failure> {
@@ -245,11 +303,7 @@ fn print_evaluation(c: &Compiler, e: &Evaluation, out: &OutputArgs) -> Result<()
     write_outputs(e, out)?;
     if !e.fits {
         let oom = OomReport::new(e, apar::search::suggestions(c, &e.config));
-        let message = if out.json {
-            pretty(&oom)?
-        } else {
-            oom.text()
-        };
+        let message = if out.json { pretty(&oom)? } else { oom.text() };
         println!("{}", message.trim_end());
         // The report is the message; exit 1 says infeasible.
         return Err(Failure {
@@ -312,6 +366,100 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         attn,
                         e.about
                     );
+                }
+            }
+        }
+        Command::Plan {
+            model,
+            attention,
+            layers,
+            cluster,
+            global_batch,
+            seq,
+            memory_ratio,
+            tp,
+            pp,
+            dp,
+            max_stages,
+            max_tp,
+            micro_batch,
+            sp,
+            recompute,
+            zero,
+            low_prec_shard,
+            schedule,
+            exhaustive,
+            detailed_log,
+            out,
+        } => {
+            let m = load_model(&ModelArgs {
+                model,
+                attention,
+                layers,
+            })?;
+            let job = JobArgs {
+                cluster,
+                global_batch,
+                seq,
+                memory_ratio,
+            };
+            let c = compiler(&m, &job)?;
+            let opts = apar::search::SearchOptions {
+                constraints: apar::passes::candidates::Constraints {
+                    tp,
+                    pp,
+                    dp,
+                    max_stages,
+                    max_tp,
+                    micro_batch,
+                    sp,
+                    recompute: recompute.map(Into::into),
+                    zero,
+                    low_prec_shard,
+                    schedule,
+                    max_chunks: None,
+                },
+                exhaustive,
+                runners_up: 3,
+            };
+            let r = apar::search::plan_with(&c, &opts);
+            if let Some(path) = &detailed_log {
+                let mut text = String::new();
+                for o in &r.outcomes {
+                    text.push_str(&format!(
+                        "{}\t{}\n",
+                        o.config,
+                        serde_json::to_string(&o.outcome).unwrap_or_default()
+                    ));
+                }
+                std::fs::write(path, text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+            }
+            if r.stats.candidates == 0 {
+                return Err(bad("no configuration satisfies the pins and bounds"));
+            }
+            match &r.best {
+                Some(best) => {
+                    write_outputs(best, &out)?;
+                    if out.json {
+                        let mut v = serde_json::to_value(EvalJson::new(best))
+                            .map_err(|e| bad(e.to_string()))?;
+                        v["search"] =
+                            serde_json::to_value(r.stats).map_err(|e| bad(e.to_string()))?;
+                        println!("{}", pretty(&v)?);
+                    } else {
+                        print!("{}", report::plan_log(&r));
+                    }
+                }
+                None => {
+                    if !out.json {
+                        print!("{}", report::plan_log(&r));
+                    }
+                    match &r.closest {
+                        Some(closest) => print_evaluation(&c, closest, &out)?,
+                        None => {
+                            return Err(bad("no candidate could be compiled; see --detailed-log"))
+                        }
+                    }
                 }
             }
         }
@@ -437,8 +585,15 @@ fn gib(bytes: u64) -> String {
 
 fn print_stats(name: &str, s: &Stats, env: Env) {
     let m = &s.model_state_bytes;
-    println!("model {name}: {} layers, {} parameters", s.layers, group(s.params));
-    println!("one micro-batch of {} sequences of {} tokens:", env.batch, env.seq);
+    println!(
+        "model {name}: {} layers, {} parameters",
+        s.layers,
+        group(s.params)
+    );
+    println!(
+        "one micro-batch of {} sequences of {} tokens:",
+        env.batch, env.seq
+    );
     println!(
         "  FLOPs per step (forward + backward + optimizer): {:.4e}",
         s.flops_per_step as f64

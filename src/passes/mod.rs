@@ -5,6 +5,7 @@
 //! their input. Every graph a pass returns passes the verifier (checked in debug and
 //! test builds).
 
+pub mod candidates;
 pub mod distribute;
 pub mod pipeline;
 pub mod recompute;
@@ -84,8 +85,9 @@ impl From<Schedule> for String {
 impl TryFrom<String> for Schedule {
     type Error = String;
     fn try_from(s: String) -> Result<Schedule, String> {
-        Schedule::parse(&s)
-            .ok_or_else(|| format!("unknown schedule `{s}` (gpipe, 1f1b, interleaved:V with V ≥ 2)"))
+        Schedule::parse(&s).ok_or_else(|| {
+            format!("unknown schedule `{s}` (gpipe, 1f1b, interleaved:V with V ≥ 2)")
+        })
     }
 }
 

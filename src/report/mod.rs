@@ -255,3 +255,103 @@ impl OomReport {
         s
     }
 }
+
+/// The configuration line the reference platform prints after selection.
+pub fn selected_line(c: &Config) -> String {
+    let tp = if c.tp == 1 {
+        "No TP".to_string()
+    } else {
+        format!(
+            "TP : {}{}",
+            c.tp,
+            if c.sp { " (sequence parallel)" } else { "" }
+        )
+    };
+    let recompute = match c.recompute {
+        crate::passes::Recompute::None => 0,
+        crate::passes::Recompute::Selective => 1,
+        crate::passes::Recompute::Full => 2,
+    };
+    format!(
+        "num_stages : {}, num_micro_batches : {}, batch_per_device : {}, {tp}, recomputation : {recompute}, distribute_param : {}, distribute_low_prec_param : {}, data_parallel : {}, zero_stage : {}, schedule : {}",
+        c.pp,
+        c.num_micro_batches,
+        c.micro_batch,
+        c.zero >= 1,
+        c.shards_low_prec(),
+        c.dp,
+        c.zero,
+        c.schedule
+    )
+}
+
+/// The search log: the reference platform's story with apar's numbers, then the plan.
+pub fn plan_log(r: &crate::search::SearchResult) -> String {
+    let mut s = String::new();
+    let st = &r.stats;
+    let _ = writeln!(s, "[info] The number of candidates is {}.", st.candidates);
+    let _ = writeln!(s, "[info] Parallel Graph Compile start...");
+    let _ = writeln!(
+        s,
+        "[info] Elapsed Time to compile all candidates = {:.0} [ms]",
+        st.compile_ms
+    );
+    let _ = writeln!(s, "[info] Parallel Graph Compile finished.");
+    let _ = writeln!(
+        s,
+        "[info] The number of possible candidates is {}.",
+        st.feasible
+    );
+    let _ = writeln!(s, "[info] SelectBestGraphFromCandidates start...");
+    let _ = writeln!(
+        s,
+        "[info] Elapsed Time to compute cost for survived candidates = {:.0} [ms]",
+        st.cost_ms
+    );
+    let _ = writeln!(s, "[info] SelectBestGraphFromCandidates finished.");
+    if let Some(best) = &r.best {
+        let _ = writeln!(s, "[info] Configuration for parallelism is selected.");
+        let _ = writeln!(s, "[info] {}", selected_line(&best.config));
+        s.push('\n');
+        s.push_str(&eval_text(best));
+        if !r.runners_up.is_empty() {
+            let _ = writeln!(s, "runners-up (why they lost):");
+            for e in &r.runners_up {
+                let _ = writeln!(
+                    s,
+                    "  {:>8.3} s (+{:.1}%)  {}  — {}",
+                    e.step_time_s,
+                    100.0 * (e.step_time_s / best.step_time_s - 1.0),
+                    e.config,
+                    why_slower(best, e)
+                );
+            }
+        }
+    }
+    s
+}
+
+/// The largest difference in the step-time breakdown between a runner-up and the winner.
+pub fn why_slower(best: &Evaluation, other: &Evaluation) -> String {
+    let (a, b) = (&best.sim.breakdown, &other.sim.breakdown);
+    let parts = [
+        ("compute", b.compute_s - a.compute_s),
+        ("TP communication", b.tp_comm_s - a.tp_comm_s),
+        ("exposed DP communication", b.dp_comm_s - a.dp_comm_s),
+        ("PP communication", b.pp_comm_s - a.pp_comm_s),
+        ("pipeline bubble", b.bubble_s - a.bubble_s),
+        ("recomputation", b.recompute_s - a.recompute_s),
+        ("optimizer", b.optimizer_s - a.optimizer_s),
+    ];
+    let (name, d) = parts
+        .iter()
+        .copied()
+        .fold(("compute", f64::NEG_INFINITY), |acc, p| {
+            if p.1 > acc.1 {
+                p
+            } else {
+                acc
+            }
+        });
+    format!("{name} +{d:.3} s")
+}

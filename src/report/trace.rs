@@ -74,11 +74,7 @@ pub fn memory_svg(e: &Evaluation) -> String {
             s,
             r##"<rect x="{left}" y="{y0}" width="{plot_w}" height="{h}" fill="none" stroke="#999"/>"##
         );
-        let _ = writeln!(
-            s,
-            r#"<text x="4" y="{:.1}">stage {i}</text>"#,
-            y0 + h / 2.0
-        );
+        let _ = writeln!(s, r#"<text x="4" y="{:.1}">stage {i}</text>"#, y0 + h / 2.0);
         let by = y(e.budget_bytes as f64);
         let _ = writeln!(
             s,
