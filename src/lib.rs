@@ -9,3 +9,5 @@ pub mod passes;
 pub mod shard;
 pub mod train;
 pub mod lower;
+pub mod report;
+pub mod search;

@@ -1,1 +1,614 @@
-fn main() {}
+//! The `apar` command line. Parsing and printing only; the work is in the library.
+
+use apar::cluster::{self, Cluster};
+use apar::ir::{self, Env, Graph};
+use apar::lower::compile::{Compiler, Evaluation, ModelSource, DEFAULT_MEMORY_RATIO};
+use apar::models::{self, Attention};
+use apar::passes::{Config, Recompute, Schedule};
+use apar::report::{self, EvalJson, OomReport};
+use apar::train::{self, Stats, TrainOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "apar",
+    version,
+    about = "Plans data, tensor and pipeline parallel training of transformer models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttentionArg {
+    Eager,
+    Flash,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Zoo name (see `apar models`), a Hugging Face config.json, or an IR file (.apir/.json).
+    #[arg(long)]
+    model: String,
+    /// Override the attention form of a zoo or config.json model.
+    #[arg(long, value_enum)]
+    attention: Option<AttentionArg>,
+    /// Override the number of layers of a zoo or config.json model.
+    #[arg(long)]
+    layers: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the built-in models.
+    Models {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the cluster presets.
+    Clusters,
+    /// Print a model's IR (forward, or the training graph with --train).
+    Ir {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print the training graph (forward, backward, optimizer).
+        #[arg(long)]
+        train: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Parse and verify an IR file (.apir text, .json, or binary).
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Parameters, FLOPs and memory of one training step of a model.
+    Stats {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Sequence length.
+        #[arg(long)]
+        seq: u64,
+        /// Micro-batch size (sequences).
+        #[arg(long, default_value_t = 1)]
+        micro_batch: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Search every parallel configuration and print the fastest that fits.
+    Plan {
+        /// Zoo name (see `apar models`), a Hugging Face config.json, or an IR file.
+        #[arg(long, default_value = "llama2-13b")]
+        model: String,
+        /// Override the attention form of a zoo or config.json model.
+        #[arg(long, value_enum)]
+        attention: Option<AttentionArg>,
+        /// Override the number of layers of a zoo or config.json model.
+        #[arg(long)]
+        layers: Option<u32>,
+        /// Cluster preset with a node count, a flavor, or a JSON file.
+        #[arg(long, default_value = "moai-4xlarge")]
+        cluster: String,
+        /// Sequences per training step.
+        #[arg(long, default_value_t = 64)]
+        global_batch: u64,
+        /// Sequence length.
+        #[arg(long, default_value_t = 1024)]
+        seq: u64,
+        /// Fraction of device memory a plan may use.
+        #[arg(long, default_value_t = DEFAULT_MEMORY_RATIO)]
+        memory_ratio: f64,
+        /// Pin the tensor-parallel degree.
+        #[arg(long)]
+        tp: Option<u32>,
+        /// Pin the number of pipeline stages.
+        #[arg(long)]
+        pp: Option<u32>,
+        /// Pin the data-parallel degree.
+        #[arg(long)]
+        dp: Option<u32>,
+        /// Bound the number of pipeline stages.
+        #[arg(long)]
+        max_stages: Option<u32>,
+        /// Bound the tensor-parallel degree.
+        #[arg(long)]
+        max_tp: Option<u32>,
+        /// Pin the micro-batch size.
+        #[arg(long)]
+        micro_batch: Option<u32>,
+        /// Pin sequence parallelism (true/false).
+        #[arg(long)]
+        sp: Option<bool>,
+        /// Pin the recomputation policy.
+        #[arg(long, value_enum)]
+        recompute: Option<RecomputeArg>,
+        /// Pin the ZeRO stage.
+        #[arg(long)]
+        zero: Option<u8>,
+        /// Pin low-precision parameter sharding (true/false).
+        #[arg(long)]
+        low_prec_shard: Option<bool>,
+        /// Pin the schedule: gpipe, 1f1b, interleaved:V.
+        #[arg(long, value_parser = parse_schedule)]
+        schedule: Option<Schedule>,
+        /// Compile every candidate fully (no memory lower-bound shortcut).
+        #[arg(long)]
+        exhaustive: bool,
+        /// Write every candidate with its peak memory, step time or rejection reason.
+        #[arg(long)]
+        detailed_log: Option<PathBuf>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Compile and simulate one parallel configuration.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        job: JobArgs,
+        /// Data-parallel degree.
+        #[arg(long)]
+        dp: u32,
+        /// Tensor-parallel degree.
+        #[arg(long, default_value_t = 1)]
+        tp: u32,
+        /// Pipeline stages.
+        #[arg(long, default_value_t = 1)]
+        pp: u32,
+        /// Sequences per micro-batch.
+        #[arg(long, default_value_t = 1)]
+        micro_batch: u32,
+        /// Sequence parallelism (needs --tp > 1).
+        #[arg(long)]
+        sp: bool,
+        /// Activation recomputation.
+        #[arg(long, value_enum, default_value = "none")]
+        recompute: RecomputeArg,
+        /// ZeRO stage (0–3).
+        #[arg(long, default_value_t = 0)]
+        zero: u8,
+        /// Shard the low-precision parameter copy over data-parallel ranks.
+        #[arg(long)]
+        low_prec_shard: bool,
+        /// Pipeline schedule: gpipe, 1f1b, interleaved:V.
+        #[arg(long, default_value = "1f1b", value_parser = parse_schedule)]
+        schedule: Schedule,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RecomputeArg {
+    None,
+    Selective,
+    Full,
+}
+
+impl From<RecomputeArg> for Recompute {
+    fn from(r: RecomputeArg) -> Recompute {
+        match r {
+            RecomputeArg::None => Recompute::None,
+            RecomputeArg::Selective => Recompute::Selective,
+            RecomputeArg::Full => Recompute::Full,
+        }
+    }
+}
+
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    Schedule::parse(s).ok_or_else(|| format!("`{s}` is not gpipe, 1f1b or interleaved:V (V ≥ 2)"))
+}
+
+#[derive(clap::Args)]
+struct JobArgs {
+    /// Cluster preset with a node count (`dgx-h100:4`), a flavor (`moai-4xlarge`), or a JSON file.
+    #[arg(long)]
+    cluster: String,
+    /// Sequences per training step.
+    #[arg(long)]
+    global_batch: u64,
+    /// Sequence length.
+    #[arg(long)]
+    seq: u64,
+    /// Fraction of device memory a plan may use.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_RATIO)]
+    memory_ratio: f64,
+}
+
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write a Chrome/Perfetto trace of the simulated step.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Write an SVG plot of the memory timeline.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+/// A failure with its exit code: 1 infeasible, 2 bad input.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn bad(message: impl ToString) -> Failure {
+    Failure {
+        code: 2,
+        message: message.to_string(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("error: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn load_model(args: &ModelArgs) -> Result<models::LoadedModel, Failure> {
+    let overrides = models::Overrides {
+        attention: args.attention.map(|a| match a {
+            AttentionArg::Eager => Attention::Eager,
+            AttentionArg::Flash => Attention::Flash,
+        }),
+        layers: args.layers,
+    };
+    models::load(&args.model, &overrides).map_err(bad)
+}
+
+fn compiler(model: &models::LoadedModel, job: &JobArgs) -> Result<Compiler, Failure> {
+    if model.is_training {
+        return Err(bad(
+            "planning needs a forward graph; this IR file already has backward ops",
+        ));
+    }
+    let source = match &model.config {
+        Some(cfg) => ModelSource::Config(cfg.clone()),
+        None => ModelSource::Graph(model.graph.clone()),
+    };
+    let cluster = Cluster::resolve(&job.cluster).map_err(bad)?;
+    Compiler::new(source, cluster, job.seq, job.global_batch, job.memory_ratio).map_err(bad)
+}
+
+fn write_outputs(e: &Evaluation, out: &OutputArgs) -> Result<(), Failure> {
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).map_err(|err| bad(format!("{}: {err}", path.display())))
+    };
+    if let Some(p) = &out.trace {
+        write(p, pretty(&report::trace::chrome_trace(e))?)?;
+    }
+    if let Some(p) = &out.svg {
+        write(p, report::trace::memory_svg(e))?;
+    }
+    Ok(())
+}
+
+/// Prints an evaluation; an out-of-memory one becomes exit 1 with its report.
+fn print_evaluation(c: &Compiler, e: &Evaluation, out: &OutputArgs) -> Result<(), Failure> {
+    write_outputs(e, out)?;
+    if !e.fits {
+        let oom = OomReport::new(e, apar::search::suggestions(c, &e.config));
+        let message = if out.json { pretty(&oom)? } else { oom.text() };
+        println!("{}", message.trim_end());
+        // The report is the message; exit 1 says infeasible.
+        return Err(Failure {
+            code: 1,
+            message: String::new(),
+        });
+    }
+    if out.json {
+        println!("{}", pretty(&EvalJson::new(e))?);
+    } else {
+        print!("{}", report::eval_text(e));
+    }
+    Ok(())
+}
+
+fn training(fwd: &Graph) -> Result<Graph, Failure> {
+    train::training_graph(fwd, &TrainOptions::default()).map_err(bad)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Models { json } => {
+            let rows = models::zoo::ZOO
+                .iter()
+                .map(|e| {
+                    let cfg = (e.config)();
+                    (e, cfg.param_count(), cfg)
+                })
+                .collect::<Vec<_>>();
+            if json {
+                let list: Vec<_> = rows
+                    .iter()
+                    .map(|(e, params, cfg)| {
+                        serde_json::json!({
+                            "name": e.name, "params": params, "layers": cfg.layers,
+                            "hidden": cfg.hidden, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
+                            "vocab": cfg.vocab, "attention": cfg.attention, "about": e.about,
+                        })
+                    })
+                    .collect();
+                println!("{}", pretty(&list)?);
+            } else {
+                println!(
+                    "{:<18} {:>17} {:>6} {:>6} {:>5} {:>4} {:>7}  about",
+                    "model", "params", "layers", "hidden", "heads", "kv", "attn"
+                );
+                for (e, params, cfg) in rows {
+                    let attn = match cfg.attention {
+                        Attention::Eager => "eager",
+                        Attention::Flash => "flash",
+                    };
+                    println!(
+                        "{:<18} {:>17} {:>6} {:>6} {:>5} {:>4} {:>7}  {}",
+                        e.name,
+                        group(params),
+                        cfg.layers,
+                        cfg.hidden,
+                        cfg.heads,
+                        cfg.kv_heads,
+                        attn,
+                        e.about
+                    );
+                }
+            }
+        }
+        Command::Plan {
+            model,
+            attention,
+            layers,
+            cluster,
+            global_batch,
+            seq,
+            memory_ratio,
+            tp,
+            pp,
+            dp,
+            max_stages,
+            max_tp,
+            micro_batch,
+            sp,
+            recompute,
+            zero,
+            low_prec_shard,
+            schedule,
+            exhaustive,
+            detailed_log,
+            out,
+        } => {
+            let m = load_model(&ModelArgs {
+                model,
+                attention,
+                layers,
+            })?;
+            let job = JobArgs {
+                cluster,
+                global_batch,
+                seq,
+                memory_ratio,
+            };
+            let c = compiler(&m, &job)?;
+            let opts = apar::search::SearchOptions {
+                constraints: apar::passes::candidates::Constraints {
+                    tp,
+                    pp,
+                    dp,
+                    max_stages,
+                    max_tp,
+                    micro_batch,
+                    sp,
+                    recompute: recompute.map(Into::into),
+                    zero,
+                    low_prec_shard,
+                    schedule,
+                    max_chunks: None,
+                },
+                exhaustive,
+                runners_up: 3,
+            };
+            let r = apar::search::plan_with(&c, &opts);
+            if let Some(path) = &detailed_log {
+                let mut text = String::new();
+                for o in &r.outcomes {
+                    text.push_str(&format!(
+                        "{}\t{}\n",
+                        o.config,
+                        serde_json::to_string(&o.outcome).unwrap_or_default()
+                    ));
+                }
+                std::fs::write(path, text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+            }
+            if r.stats.candidates == 0 {
+                return Err(bad("no configuration satisfies the pins and bounds"));
+            }
+            match &r.best {
+                Some(best) => {
+                    write_outputs(best, &out)?;
+                    if out.json {
+                        let mut v = serde_json::to_value(EvalJson::new(best))
+                            .map_err(|e| bad(e.to_string()))?;
+                        v["search"] =
+                            serde_json::to_value(r.stats).map_err(|e| bad(e.to_string()))?;
+                        println!("{}", pretty(&v)?);
+                    } else {
+                        print!("{}", report::plan_log(&r));
+                    }
+                }
+                None => {
+                    if !out.json {
+                        print!("{}", report::plan_log(&r));
+                    }
+                    match &r.closest {
+                        Some(closest) => print_evaluation(&c, closest, &out)?,
+                        None => {
+                            return Err(bad("no candidate could be compiled; see --detailed-log"))
+                        }
+                    }
+                }
+            }
+        }
+        Command::Clusters => {
+            println!("{:<16}  about", "cluster");
+            for (name, about) in cluster::presets() {
+                println!("{name:<16}  {about}");
+            }
+            println!("\nor a JSON file with the fields of `apar::cluster::Cluster`");
+        }
+        Command::Eval {
+            model,
+            job,
+            dp,
+            tp,
+            pp,
+            micro_batch,
+            sp,
+            recompute,
+            zero,
+            low_prec_shard,
+            schedule,
+            out,
+        } => {
+            let m = load_model(&model)?;
+            let c = compiler(&m, &job)?;
+            let per_step = u64::from(dp) * u64::from(micro_batch);
+            if per_step == 0 || job.global_batch % per_step != 0 {
+                return Err(bad(format!(
+                    "global batch {} is not divisible by dp {dp} × micro-batch {micro_batch}",
+                    job.global_batch
+                )));
+            }
+            let num_micro_batches = u32::try_from(job.global_batch / per_step)
+                .map_err(|_| bad("too many micro-batches"))?;
+            let config = Config {
+                dp,
+                tp,
+                pp,
+                micro_batch,
+                num_micro_batches,
+                sp,
+                recompute: recompute.into(),
+                zero,
+                low_prec_shard,
+                schedule,
+            };
+            let e = c.evaluate(&config).map_err(bad)?;
+            print_evaluation(&c, &e, &out)?;
+        }
+        Command::Ir { model, train, json } => {
+            let m = load_model(&model)?;
+            let g = if train && !m.is_training {
+                training(&m.graph)?
+            } else {
+                m.graph
+            };
+            if json {
+                println!("{}", ir::json::to_json(&g));
+            } else {
+                print!("{}", ir::text::print(&g));
+            }
+        }
+        Command::Check { file } => {
+            let g = models::load_ir_file(&file).map_err(bad)?;
+            ir::verify(&g).map_err(|e| bad(format!("{}: {e}", file.display())))?;
+            println!(
+                "{}: ok ({} ops, {} tensors)",
+                file.display(),
+                g.op_count(),
+                g.tensor_count()
+            );
+        }
+        Command::Stats {
+            model,
+            seq,
+            micro_batch,
+            json,
+        } => {
+            if seq == 0 || micro_batch == 0 {
+                return Err(bad("--seq and --micro-batch must be positive"));
+            }
+            let m = load_model(&model)?;
+            let g = if m.is_training {
+                m.graph
+            } else {
+                training(&m.graph)?
+            };
+            let env = Env::new(micro_batch, seq);
+            let stats = Stats::of_training_graph(&g, env).map_err(bad)?;
+            if json {
+                println!("{}", pretty(&stats)?);
+            } else {
+                print_stats(g.name(), &stats, env);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pretty<T: serde::Serialize>(v: &T) -> Result<String, Failure> {
+    serde_json::to_string_pretty(v).map_err(|e| Failure {
+        code: 2,
+        message: format!("cannot write JSON: {e}"),
+    })
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn print_stats(name: &str, s: &Stats, env: Env) {
+    let m = &s.model_state_bytes;
+    println!(
+        "model {name}: {} layers, {} parameters",
+        s.layers,
+        group(s.params)
+    );
+    println!(
+        "one micro-batch of {} sequences of {} tokens:",
+        env.batch, env.seq
+    );
+    println!(
+        "  FLOPs per step (forward + backward + optimizer): {:.4e}",
+        s.flops_per_step as f64
+    );
+    println!(
+        "  activations saved per layer: {} ({} bytes)",
+        gib(s.activation_bytes_per_layer),
+        group(s.activation_bytes_per_layer)
+    );
+    println!(
+        "  model states: {} = low-precision params {} + fp32 params {} + grads {} + optimizer {}",
+        gib(m.total()),
+        gib(m.low_prec_params),
+        gib(m.params_fp32),
+        gib(m.grads),
+        gib(m.optimizer)
+    );
+}

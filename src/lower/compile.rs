@@ -178,6 +178,14 @@ impl Compiler {
         }
     }
 
+    /// Trainable parameters of the model.
+    pub fn param_count(&self) -> u64 {
+        match &self.source {
+            ModelSource::Config(cfg) => cfg.param_count(),
+            ModelSource::Graph(g) => crate::train::memory::param_count(g).unwrap_or(0),
+        }
+    }
+
     /// Transformer layers of the model.
     pub fn layers(&self) -> u32 {
         self.layers

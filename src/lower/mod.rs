@@ -42,6 +42,19 @@ pub struct Event {
     pub end: f64,
 }
 
+/// A communication or optimizer interval, for traces.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct CommEvent {
+    /// Pipeline device (stage).
+    pub stage: u32,
+    /// What it is (`send`, `dp-reduce`, `optimizer`, `param-gather`).
+    pub what: &'static str,
+    /// Start, seconds.
+    pub start: f64,
+    /// End, seconds.
+    pub end: f64,
+}
+
 /// Memory of one pipeline device at its peak.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StageMemory {
@@ -104,6 +117,8 @@ pub struct Simulation {
     pub flops_per_device: Vec<u64>,
     /// Every work unit (for traces).
     pub events: Vec<Event>,
+    /// Communication and optimizer intervals (for traces).
+    pub comm: Vec<CommEvent>,
     /// Memory timeline per pipeline device.
     pub timeline: Vec<Vec<MemSample>>,
 }
@@ -224,6 +239,7 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
     let mut busy = vec![0.0f64; pp as usize];
     let mut p2p_wait = vec![0.0f64; pp as usize];
     let mut events = Vec::with_capacity(orders.iter().map(Vec::len).sum());
+    let mut comm_events = Vec::new();
     let mut inflight = vec![0u64; pp as usize];
     let mut peak = vec![(0u64, 0u64, 0u64); pp as usize]; // (total, activations, temporary)
     let mut timeline: Vec<Vec<MemSample>> = (0..pp as usize)
@@ -300,6 +316,23 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
                     Pass::F => f_end[i] = end,
                     Pass::B => b_end[i] = end,
                 }
+                let sends = match step.pass {
+                    Pass::F => k + 1 < nvs,
+                    Pass::B => k > 0,
+                };
+                let p2p = match step.pass {
+                    Pass::F => vs[k].p2p_out,
+                    Pass::B if k > 0 => vs[k - 1].p2p_out,
+                    Pass::B => 0.0,
+                };
+                if sends && p2p > 0.0 {
+                    comm_events.push(CommEvent {
+                        stage: s,
+                        what: "send",
+                        start: end,
+                        end: end + p2p,
+                    });
+                }
                 free_at[d] = end;
                 busy[d] += dur;
                 events.push(Event {
@@ -344,6 +377,19 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
         }
         let compute_end = free_at[d];
         let end = compute_end.max(comm);
+        let mut push = |what, start: f64, stop: f64| {
+            if stop > start {
+                comm_events.push(CommEvent {
+                    stage: s,
+                    what,
+                    start,
+                    end: stop,
+                });
+            }
+        };
+        push("dp-reduce", compute_end, end);
+        push("optimizer", end, end + opt_s[d]);
+        push("param-gather", end + opt_s[d], end + opt_s[d] + param_gather_s[d]);
         dp_exposed[d] = end - compute_end;
         finish[d] = end + opt_s[d] + param_gather_s[d];
         dp_exposed[d] += param_gather_s[d];
@@ -408,6 +454,7 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
         breakdown: br,
         flops_per_device,
         events,
+        comm: comm_events,
         timeline,
     }
 }

@@ -8,9 +8,11 @@
 
 mod build;
 pub mod hf;
+mod load;
 pub mod zoo;
 
 pub use build::build_forward;
+pub use load::{load, load_ir_file, LoadedModel, Overrides};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

@@ -185,9 +185,8 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
                 (Some(r), _) => r,
                 (None, 0) => {
                     let gr = map[node.inputs[1].index()].expect("grad defined");
-                    let r = collective(&mut b, Op::AllReduce { parts }, gr, Role::Grad)?;
-                    b.set_role(gr, Role::Temporary);
-                    r
+                    // In place: the result shares the gradient buffer.
+                    collective(&mut b, Op::AllReduce { parts }, gr, Role::Grad)?
                 }
                 (None, _) => {
                     let gr = map[node.inputs[1].index()].expect("grad defined");

@@ -5,6 +5,7 @@
 //! their input. Every graph a pass returns passes the verifier (checked in debug and
 //! test builds).
 
+pub mod candidates;
 pub mod distribute;
 pub mod pipeline;
 pub mod recompute;
@@ -41,9 +42,9 @@ impl fmt::Display for Recompute {
     }
 }
 
-/// Pipeline schedule.
+/// Pipeline schedule; serialized as its text spelling (`gpipe`, `1f1b`, `interleaved:3`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(into = "String", try_from = "String")]
 pub enum Schedule {
     /// All forwards, then all backwards (Huang et al. 2019).
     Gpipe,
@@ -72,6 +73,21 @@ impl Schedule {
                 (v >= 2).then_some(Schedule::Interleaved(v))
             }
         }
+    }
+}
+
+impl From<Schedule> for String {
+    fn from(s: Schedule) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for Schedule {
+    type Error = String;
+    fn try_from(s: String) -> Result<Schedule, String> {
+        Schedule::parse(&s).ok_or_else(|| {
+            format!("unknown schedule `{s}` (gpipe, 1f1b, interleaved:V with V ≥ 2)")
+        })
     }
 }
 

@@ -75,11 +75,14 @@ impl ModelStateBytes {
     }
 }
 
-/// Sums the persistent tensors of a training graph by role: parameter and state
-/// sources, and the gradient tensors.
+/// Sums the persistent buffers of a training graph by role: parameter and state
+/// sources, and the gradient buffers (views and in-place results are not counted again).
 pub fn model_state_bytes(g: &Graph, env: Env) -> Option<ModelStateBytes> {
     let mut m = ModelStateBytes::default();
     for t in g.tensor_ids() {
+        if buffer_root(g, t) != t {
+            continue;
+        }
         let tensor = g.tensor(t);
         let source = g.op(tensor.producer).is_source();
         let slot = match tensor.role {

@@ -1,0 +1,189 @@
+//! Enumeration of parallel configurations.
+//!
+//! For `N` devices (`g` per node) and global batch `B`: every `tp` dividing `g`, every
+//! `pp` dividing `N/tp` with `pp · v ≤ blocks`, `dp = N/(tp·pp)`, every micro-batch
+//! size `b` dividing `B/dp` (`m = B/(dp·b)`), sequence parallelism on/off when
+//! `tp > 1`, recomputation none/selective/full, ZeRO 0–3 (only 0 when `dp = 1`) with
+//! or without sharding the low-precision copy (implied by ZeRO-3), and schedule GPipe,
+//! 1F1B or interleaved 1F1B with `v ≥ 2` chunks (needs `pp ≥ 2` and `pp | m`); with
+//! one stage the schedules coincide and only 1F1B is listed. Users pin or bound any
+//! dimension through [`Constraints`].
+
+use super::{Config, Recompute, Schedule};
+use serde::{Deserialize, Serialize};
+
+/// Pins and bounds on the candidate space (all optional).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Constraints {
+    /// Tensor-parallel degree.
+    pub tp: Option<u32>,
+    /// Pipeline stages.
+    pub pp: Option<u32>,
+    /// Data-parallel degree.
+    pub dp: Option<u32>,
+    /// Largest number of pipeline stages.
+    pub max_stages: Option<u32>,
+    /// Largest tensor-parallel degree.
+    pub max_tp: Option<u32>,
+    /// Micro-batch size.
+    pub micro_batch: Option<u32>,
+    /// Sequence parallelism.
+    pub sp: Option<bool>,
+    /// Recomputation policy.
+    pub recompute: Option<Recompute>,
+    /// ZeRO stage.
+    pub zero: Option<u8>,
+    /// Low-precision parameter sharding.
+    pub low_prec_shard: Option<bool>,
+    /// Schedule.
+    pub schedule: Option<Schedule>,
+    /// Largest number of interleaved chunks per device.
+    pub max_chunks: Option<u32>,
+}
+
+fn divisors(n: u64) -> Vec<u64> {
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut i = 1;
+    while i * i <= n {
+        if n % i == 0 {
+            small.push(i);
+            if i * i != n {
+                large.push(n / i);
+            }
+        }
+        i += 1;
+    }
+    small.extend(large.into_iter().rev());
+    small
+}
+
+/// Default bound on interleaved chunks per device.
+pub const DEFAULT_MAX_CHUNKS: u32 = 8;
+
+/// Every configuration allowed by `k`, in a fixed order (the same on every run).
+pub fn enumerate(
+    devices: u64,
+    devices_per_node: u32,
+    global_batch: u64,
+    blocks: usize,
+    k: &Constraints,
+) -> Vec<Config> {
+    let mut out = Vec::new();
+    let ok = |pin: Option<u32>, v: u32| pin.is_none_or(|p| p == v);
+    let max_chunks = k.max_chunks.unwrap_or(DEFAULT_MAX_CHUNKS).max(1);
+    for tp in divisors(u64::from(devices_per_node)) {
+        let tp = tp as u32;
+        if !ok(k.tp, tp) || k.max_tp.is_some_and(|m| tp > m) || devices % u64::from(tp) != 0 {
+            continue;
+        }
+        for pp in divisors(devices / u64::from(tp)) {
+            let Ok(pp) = u32::try_from(pp) else { continue };
+            if !ok(k.pp, pp) || k.max_stages.is_some_and(|m| pp > m) || pp as usize > blocks {
+                continue;
+            }
+            let Ok(dp) = u32::try_from(devices / u64::from(tp) / u64::from(pp)) else {
+                continue;
+            };
+            if !ok(k.dp, dp) || global_batch % u64::from(dp) != 0 {
+                continue;
+            }
+            for b in divisors(global_batch / u64::from(dp)) {
+                let (Ok(b), Ok(m)) = (
+                    u32::try_from(b),
+                    u32::try_from(global_batch / u64::from(dp) / b),
+                ) else {
+                    continue;
+                };
+                if !ok(k.micro_batch, b) {
+                    continue;
+                }
+                let mut schedules = vec![Schedule::OneFOneB];
+                if pp > 1 {
+                    schedules.insert(0, Schedule::Gpipe);
+                    if m % pp == 0 {
+                        for v in 2..=max_chunks {
+                            if (pp * v) as usize <= blocks {
+                                schedules.push(Schedule::Interleaved(v));
+                            }
+                        }
+                    }
+                }
+                for schedule in schedules {
+                    if k.schedule.is_some_and(|s| s != schedule) {
+                        continue;
+                    }
+                    for sp in [false, true] {
+                        if (sp && tp == 1) || k.sp.is_some_and(|s| s != sp) {
+                            continue;
+                        }
+                        for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
+                            if k.recompute.is_some_and(|r| r != recompute) {
+                                continue;
+                            }
+                            let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
+                            for &zero in zeros {
+                                if k.zero.is_some_and(|z| z != zero) {
+                                    continue;
+                                }
+                                let lps: &[bool] = if dp == 1 || zero == 3 {
+                                    &[false]
+                                } else {
+                                    &[false, true]
+                                };
+                                for &low_prec_shard in lps {
+                                    if k.low_prec_shard.is_some_and(|l| l != low_prec_shard) {
+                                        continue;
+                                    }
+                                    out.push(Config {
+                                        dp,
+                                        tp,
+                                        pp,
+                                        micro_batch: b,
+                                        num_micro_batches: m,
+                                        sp,
+                                        recompute,
+                                        zero,
+                                        low_prec_shard,
+                                        schedule,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_candidate_uses_every_device_and_the_whole_batch() {
+        let all = enumerate(32, 8, 64, 42, &Constraints::default());
+        assert!(!all.is_empty());
+        for c in &all {
+            assert_eq!(c.devices(), 32);
+            assert_eq!(c.global_batch(), 64);
+            assert!(8 % c.tp == 0);
+            assert!(!(c.sp && c.tp == 1));
+        }
+        let pinned = enumerate(
+            32,
+            8,
+            64,
+            42,
+            &Constraints {
+                pp: Some(2),
+                tp: Some(1),
+                ..Constraints::default()
+            },
+        );
+        assert!(pinned.iter().all(|c| c.pp == 2 && c.tp == 1 && c.dp == 16));
+        assert!(pinned.len() < all.len());
+    }
+}

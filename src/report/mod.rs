@@ -1,0 +1,357 @@
+//! Reports: the JSON plan/evaluation, human-readable text, the out-of-memory report,
+//! a Chrome/Perfetto trace and an SVG memory timeline. Nothing here computes plans.
+
+pub mod trace;
+
+use crate::lower::compile::Evaluation;
+use crate::lower::{StageMemory, TimeBreakdown};
+use crate::passes::Config;
+use serde::Serialize;
+use std::fmt::Write;
+
+/// `{"stage", "blocks": [first, last], "time_s"}` of the JSON contract.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageJson {
+    /// Virtual stage index (model order).
+    pub stage: usize,
+    /// Pipeline device running it.
+    pub device_stage: u32,
+    /// First and last block (0 = embedding, last = head).
+    pub blocks: [usize; 2],
+    /// Forward plus backward time of one micro-batch.
+    pub time_s: f64,
+}
+
+/// `memory` of the JSON contract.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryJson {
+    /// Budget per device.
+    pub budget_bytes: u64,
+    /// Largest peak.
+    pub peak_bytes: u64,
+    /// Per pipeline device.
+    pub per_stage: Vec<StageMemory>,
+}
+
+/// The evaluation as the JSON contract spells it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalJson {
+    /// The configuration.
+    pub config: Config,
+    /// Seconds per step.
+    pub step_time_s: f64,
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+    /// TFLOP/s per device.
+    pub tflops_per_device: f64,
+    /// Model FLOPs utilization.
+    pub mfu: f64,
+    /// Memory.
+    pub memory: MemoryJson,
+    /// Stages.
+    pub stages: Vec<StageJson>,
+    /// Step-time breakdown of the slowest device.
+    pub breakdown: TimeBreakdown,
+}
+
+impl EvalJson {
+    /// Builds the JSON view of an evaluation.
+    pub fn new(e: &Evaluation) -> EvalJson {
+        let pp = e.config.pp.max(1);
+        EvalJson {
+            config: e.config,
+            step_time_s: e.step_time_s,
+            tokens_per_s: e.tokens_per_s,
+            tflops_per_device: e.tflops_per_device,
+            mfu: e.mfu,
+            memory: MemoryJson {
+                budget_bytes: e.budget_bytes,
+                peak_bytes: e.peak_bytes,
+                per_stage: e.sim.memory.clone(),
+            },
+            stages: e
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| StageJson {
+                    stage: i,
+                    device_stage: i as u32 % pp,
+                    blocks: [s.first, s.last],
+                    time_s: e.sim.stage_time_s[i],
+                })
+                .collect(),
+            breakdown: e.sim.breakdown,
+        }
+    }
+}
+
+/// Bytes as GiB with two decimals.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Which part of a stage's memory is largest.
+pub fn dominant(m: &StageMemory) -> &'static str {
+    let parts = [
+        (m.params, "parameters"),
+        (m.grads, "gradients"),
+        (m.optimizer, "optimizer states"),
+        (m.activations, "activations"),
+        (m.temporary, "temporaries"),
+    ];
+    parts.iter().max_by_key(|p| p.0).map_or("nothing", |p| p.1)
+}
+
+/// Human-readable evaluation.
+pub fn eval_text(e: &Evaluation) -> String {
+    let mut s = String::new();
+    let c = &e.config;
+    let _ = writeln!(s, "configuration: {c}");
+    let _ = writeln!(
+        s,
+        "step time {:.3} s, {:.0} tokens/s, {:.1} TFLOP/s per device, MFU {:.1}%",
+        e.step_time_s,
+        e.tokens_per_s,
+        e.tflops_per_device,
+        100.0 * e.mfu
+    );
+    let b = &e.sim.breakdown;
+    let _ = writeln!(
+        s,
+        "  slowest device: compute {:.3} s, TP comm {:.3} s, DP comm (exposed) {:.3} s, PP comm {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s",
+        b.compute_s, b.tp_comm_s, b.dp_comm_s, b.pp_comm_s, b.bubble_s, b.recompute_s, b.optimizer_s
+    );
+    let _ = writeln!(
+        s,
+        "memory budget {} per device, peak {}{}",
+        gib(e.budget_bytes),
+        gib(e.peak_bytes),
+        if e.fits { "" } else { "  (OUT OF MEMORY)" }
+    );
+    let pp = c.pp.max(1) as usize;
+    for m in &e.sim.memory {
+        let spans: Vec<String> = e
+            .stages
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % pp == m.stage as usize)
+            .map(|(_, sp)| format!("blocks {}..={}", sp.first, sp.last))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  stage {}: {}  peak {} = params {} + grads {} + optimizer {} + activations {} + temporaries {}",
+            m.stage,
+            spans.join(", "),
+            gib(m.peak_bytes),
+            gib(m.params),
+            gib(m.grads),
+            gib(m.optimizer),
+            gib(m.activations),
+            gib(m.temporary)
+        );
+    }
+    s
+}
+
+/// A concrete change and what it would give.
+#[derive(Clone, Debug, Serialize)]
+pub struct Suggestion {
+    /// What to change, in words.
+    pub change: String,
+    /// The configuration after the change (when it is a configuration change).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<Config>,
+    /// Peak bytes after the change.
+    pub peak_bytes: u64,
+    /// Step time after the change, seconds.
+    pub step_time_s: f64,
+}
+
+/// The out-of-memory report (exit code 1).
+#[derive(Clone, Debug, Serialize)]
+pub struct OomReport {
+    /// Always `"out_of_memory"`.
+    pub error: &'static str,
+    /// Peak bytes of the worst device.
+    pub requested_bytes: u64,
+    /// Budget per device.
+    pub available_bytes: u64,
+    /// The worst pipeline stage.
+    pub stage: u32,
+    /// What dominates its memory.
+    pub dominant: &'static str,
+    /// Its breakdown.
+    pub breakdown: StageMemory,
+    /// The configuration.
+    pub config: Config,
+    /// Changes that fit, each checked by compiling it.
+    pub suggestions: Vec<Suggestion>,
+}
+
+impl OomReport {
+    /// Builds the report of an evaluation that does not fit.
+    pub fn new(e: &Evaluation, suggestions: Vec<Suggestion>) -> OomReport {
+        let worst = e
+            .sim
+            .memory
+            .iter()
+            .max_by_key(|m| m.peak_bytes)
+            .cloned()
+            .unwrap_or(StageMemory {
+                stage: 0,
+                peak_bytes: 0,
+                params: 0,
+                grads: 0,
+                optimizer: 0,
+                activations: 0,
+                temporary: 0,
+            });
+        OomReport {
+            error: "out_of_memory",
+            requested_bytes: worst.peak_bytes,
+            available_bytes: e.budget_bytes,
+            stage: worst.stage,
+            dominant: dominant(&worst),
+            breakdown: worst,
+            config: e.config,
+            suggestions,
+        }
+    }
+
+    /// Human-readable report.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let m = &self.breakdown;
+        let _ = writeln!(
+            s,
+            "OUT_OF_MEMORY: Memory requested: {} bytes, Memory available: {} bytes (stage {})",
+            self.requested_bytes, self.available_bytes, self.stage
+        );
+        let _ = writeln!(s, "  configuration: {}", self.config);
+        let _ = writeln!(
+            s,
+            "  {} dominate: params {}, grads {}, optimizer {}, activations {}, temporaries {}",
+            self.dominant,
+            gib(m.params),
+            gib(m.grads),
+            gib(m.optimizer),
+            gib(m.activations),
+            gib(m.temporary)
+        );
+        if self.suggestions.is_empty() {
+            let _ = writeln!(s, "  no single change tried fits");
+        } else {
+            let _ = writeln!(s, "  changes that fit:");
+            for sg in &self.suggestions {
+                let _ = writeln!(
+                    s,
+                    "    - {}: peak {}, step {:.3} s",
+                    sg.change,
+                    gib(sg.peak_bytes),
+                    sg.step_time_s
+                );
+            }
+        }
+        s
+    }
+}
+
+/// The configuration line the reference platform prints after selection.
+pub fn selected_line(c: &Config) -> String {
+    let tp = if c.tp == 1 {
+        "No TP".to_string()
+    } else {
+        format!(
+            "TP : {}{}",
+            c.tp,
+            if c.sp { " (sequence parallel)" } else { "" }
+        )
+    };
+    let recompute = match c.recompute {
+        crate::passes::Recompute::None => 0,
+        crate::passes::Recompute::Selective => 1,
+        crate::passes::Recompute::Full => 2,
+    };
+    format!(
+        "num_stages : {}, num_micro_batches : {}, batch_per_device : {}, {tp}, recomputation : {recompute}, distribute_param : {}, distribute_low_prec_param : {}, data_parallel : {}, zero_stage : {}, schedule : {}",
+        c.pp,
+        c.num_micro_batches,
+        c.micro_batch,
+        c.zero >= 1,
+        c.shards_low_prec(),
+        c.dp,
+        c.zero,
+        c.schedule
+    )
+}
+
+/// The search log: the reference platform's story with apar's numbers, then the plan.
+pub fn plan_log(r: &crate::search::SearchResult) -> String {
+    let mut s = String::new();
+    let st = &r.stats;
+    let _ = writeln!(s, "[info] The number of candidates is {}.", st.candidates);
+    let _ = writeln!(s, "[info] Parallel Graph Compile start...");
+    let _ = writeln!(
+        s,
+        "[info] Elapsed Time to compile all candidates = {:.0} [ms]",
+        st.compile_ms
+    );
+    let _ = writeln!(s, "[info] Parallel Graph Compile finished.");
+    let _ = writeln!(
+        s,
+        "[info] The number of possible candidates is {}.",
+        st.feasible
+    );
+    let _ = writeln!(s, "[info] SelectBestGraphFromCandidates start...");
+    let _ = writeln!(
+        s,
+        "[info] Elapsed Time to compute cost for survived candidates = {:.0} [ms]",
+        st.cost_ms
+    );
+    let _ = writeln!(s, "[info] SelectBestGraphFromCandidates finished.");
+    if let Some(best) = &r.best {
+        let _ = writeln!(s, "[info] Configuration for parallelism is selected.");
+        let _ = writeln!(s, "[info] {}", selected_line(&best.config));
+        s.push('\n');
+        s.push_str(&eval_text(best));
+        if !r.runners_up.is_empty() {
+            let _ = writeln!(s, "runners-up (why they lost):");
+            for e in &r.runners_up {
+                let _ = writeln!(
+                    s,
+                    "  {:>8.3} s (+{:.1}%)  {}  — {}",
+                    e.step_time_s,
+                    100.0 * (e.step_time_s / best.step_time_s - 1.0),
+                    e.config,
+                    why_slower(best, e)
+                );
+            }
+        }
+    }
+    s
+}
+
+/// The largest difference in the step-time breakdown between a runner-up and the winner.
+pub fn why_slower(best: &Evaluation, other: &Evaluation) -> String {
+    let (a, b) = (&best.sim.breakdown, &other.sim.breakdown);
+    let parts = [
+        ("compute", b.compute_s - a.compute_s),
+        ("TP communication", b.tp_comm_s - a.tp_comm_s),
+        ("exposed DP communication", b.dp_comm_s - a.dp_comm_s),
+        ("PP communication", b.pp_comm_s - a.pp_comm_s),
+        ("pipeline bubble", b.bubble_s - a.bubble_s),
+        ("recomputation", b.recompute_s - a.recompute_s),
+        ("optimizer", b.optimizer_s - a.optimizer_s),
+    ];
+    let (name, d) = parts
+        .iter()
+        .copied()
+        .fold(("compute", f64::NEG_INFINITY), |acc, p| {
+            if p.1 > acc.1 {
+                p
+            } else {
+                acc
+            }
+        });
+    format!("{name} +{d:.3} s")
+}

@@ -1,0 +1,310 @@
+//! Search over configurations: out-of-memory suggestions (each one compiled and
+//! checked), and (in `plan`) the whole candidate space.
+
+use crate::lower::compile::{Compiler, Evaluation};
+use crate::passes::candidates::{enumerate, Constraints};
+use crate::passes::{Config, Recompute};
+use crate::report::Suggestion;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Single changes to `c` that an out-of-memory user could make, in a fixed order.
+fn neighbours(c: &Config) -> Vec<(String, Config)> {
+    let mut out = Vec::new();
+    for zero in (c.zero + 1)..=3 {
+        out.push((
+            format!("ZeRO stage {zero} (--zero {zero})"),
+            Config { zero, ..*c },
+        ));
+    }
+    if !c.shards_low_prec() && c.dp > 1 {
+        out.push((
+            "shard the low-precision parameters (--low-prec-shard)".into(),
+            Config {
+                low_prec_shard: true,
+                ..*c
+            },
+        ));
+    }
+    for r in [Recompute::Selective, Recompute::Full] {
+        if r > c.recompute {
+            out.push((
+                format!("{r} recomputation (--recompute {r})"),
+                Config { recompute: r, ..*c },
+            ));
+        }
+    }
+    if c.micro_batch % 2 == 0 {
+        out.push((
+            format!(
+                "micro-batch {} × {} micro-batches (--micro-batch {})",
+                c.micro_batch / 2,
+                c.num_micro_batches * 2,
+                c.micro_batch / 2
+            ),
+            Config {
+                micro_batch: c.micro_batch / 2,
+                num_micro_batches: c.num_micro_batches * 2,
+                ..*c
+            },
+        ));
+    }
+    if c.dp % 2 == 0 {
+        out.push((
+            format!(
+                "{} pipeline stages, dp {} (--pp {} --dp {})",
+                c.pp * 2,
+                c.dp / 2,
+                c.pp * 2,
+                c.dp / 2
+            ),
+            Config {
+                pp: c.pp * 2,
+                dp: c.dp / 2,
+                num_micro_batches: c.num_micro_batches * 2,
+                ..*c
+            },
+        ));
+        out.push((
+            format!(
+                "tensor parallel {}, dp {} (--tp {} --dp {})",
+                c.tp * 2,
+                c.dp / 2,
+                c.tp * 2,
+                c.dp / 2
+            ),
+            Config {
+                tp: c.tp * 2,
+                dp: c.dp / 2,
+                num_micro_batches: c.num_micro_batches * 2,
+                ..*c
+            },
+        ));
+    }
+    if c.tp > 1 && !c.sp {
+        out.push((
+            "sequence parallelism (--sp)".into(),
+            Config { sp: true, ..*c },
+        ));
+    }
+    out
+}
+
+/// Compiles every single change of `c` and returns those that fit, fastest first.
+pub fn suggestions(compiler: &Compiler, c: &Config) -> Vec<Suggestion> {
+    let mut fits: Vec<Suggestion> = neighbours(c)
+        .into_iter()
+        .filter_map(|(change, cfg)| {
+            let e = compiler.evaluate(&cfg).ok()?;
+            e.fits.then_some(Suggestion {
+                change,
+                config: Some(cfg),
+                peak_bytes: e.peak_bytes,
+                step_time_s: e.step_time_s,
+            })
+        })
+        .collect();
+    fits.sort_by(|a, b| a.step_time_s.total_cmp(&b.step_time_s));
+    fits
+}
+
+/// Options of [`plan_with`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SearchOptions {
+    /// Pins and bounds.
+    pub constraints: Constraints,
+    /// Turn every shortcut off (compile every candidate fully).
+    pub exhaustive: bool,
+    /// How many runners-up to keep.
+    pub runners_up: usize,
+}
+
+/// What happened to one candidate.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Compiled and fits.
+    Fits {
+        /// Step time, seconds.
+        step_time_s: f64,
+        /// Peak bytes.
+        peak_bytes: u64,
+    },
+    /// Compiled; the worst stage exceeds the budget.
+    OutOfMemory {
+        /// Peak bytes.
+        peak_bytes: u64,
+    },
+    /// Skipped: a lower bound on its model states alone exceeds the budget.
+    Skipped {
+        /// The bound, bytes.
+        lower_bound_bytes: u64,
+    },
+    /// Could not be compiled (e.g. a split the model does not allow).
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One candidate and its outcome.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CandidateOutcome {
+    /// The configuration.
+    pub config: Config,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// Counts and timings of a search (`search` in the JSON contract).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct SearchStats {
+    /// Candidates enumerated.
+    pub candidates: usize,
+    /// Candidates that fit.
+    pub feasible: usize,
+    /// Wall time of the parallel compile phase, milliseconds.
+    pub compile_ms: f64,
+    /// Wall time of the selection phase, milliseconds.
+    pub cost_ms: f64,
+}
+
+/// The result of a search.
+#[derive(Clone, Debug)]
+pub struct SearchResult {
+    /// The fastest fitting configuration, if any.
+    pub best: Option<Evaluation>,
+    /// The next fastest fitting configurations.
+    pub runners_up: Vec<Evaluation>,
+    /// The compiled candidate with the smallest peak-to-budget ratio (for OOM reports).
+    pub closest: Option<Evaluation>,
+    /// Every candidate's outcome, in enumeration order.
+    pub outcomes: Vec<CandidateOutcome>,
+    /// Counts and timings.
+    pub stats: SearchStats,
+}
+
+/// Order of "simpler" configurations, used to break step-time ties deterministically.
+fn simplicity(c: &Config) -> impl Ord {
+    (
+        c.tp,
+        c.pp,
+        c.schedule.chunks(),
+        c.zero,
+        c.low_prec_shard,
+        c.recompute,
+        c.sp,
+        std::cmp::Reverse(c.micro_batch),
+        c.schedule,
+    )
+}
+
+/// A lower bound on a configuration's per-device peak: the average model-state bytes
+/// per device of its tensor × pipeline grid (replication only adds), with ZeRO's
+/// per-parameter bytes (16, 4 + 12/N, 2 + 14/N, 16/N; 2/N instead of 2 for sharded
+/// low-precision copies).
+pub fn state_lower_bound(params: u64, c: &Config) -> u64 {
+    let n = f64::from(c.dp.max(1));
+    let lowp = if c.shards_low_prec() { 2.0 / n } else { 2.0 };
+    let per_param = match c.zero {
+        0 => lowp + 14.0,
+        1 => lowp + 2.0 + 12.0 / n,
+        _ => lowp + 14.0 / n,
+    };
+    let grid = f64::from(c.tp) * f64::from(c.pp);
+    (params as f64 * per_param / grid) as u64
+}
+
+/// Compiles every candidate in parallel, drops those that do not fit and selects the
+/// fastest (ties: the simpler configuration). The result does not depend on the
+/// number of threads.
+pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
+    let candidates = enumerate(
+        compiler.cluster.devices(),
+        compiler.cluster.devices_per_node,
+        compiler.global_batch,
+        compiler.block_count(),
+        &opts.constraints,
+    );
+    let params = compiler.param_count();
+    let t0 = Instant::now();
+    let results: Vec<(Config, Result<Evaluation, Outcome>)> = candidates
+        .par_iter()
+        .map(|c| {
+            let bound = state_lower_bound(params, c);
+            if !opts.exhaustive && bound > compiler.budget_bytes {
+                return (
+                    *c,
+                    Err(Outcome::Skipped {
+                        lower_bound_bytes: bound,
+                    }),
+                );
+            }
+            match compiler.evaluate(c) {
+                Ok(e) => (*c, Ok(e)),
+                Err(err) => (
+                    *c,
+                    Err(Outcome::Rejected {
+                        reason: err.to_string(),
+                    }),
+                ),
+            }
+        })
+        .collect();
+    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let t1 = Instant::now();
+    let mut outcomes = Vec::with_capacity(results.len());
+    let mut fitting: Vec<&Evaluation> = Vec::new();
+    let mut closest: Option<&Evaluation> = None;
+    for (c, r) in &results {
+        let outcome = match r {
+            Ok(e) if e.fits => {
+                fitting.push(e);
+                Outcome::Fits {
+                    step_time_s: e.step_time_s,
+                    peak_bytes: e.peak_bytes,
+                }
+            }
+            Ok(e) => Outcome::OutOfMemory {
+                peak_bytes: e.peak_bytes,
+            },
+            Err(o) => o.clone(),
+        };
+        if let Ok(e) = r {
+            if closest.is_none_or(|b| e.peak_bytes < b.peak_bytes) {
+                closest = Some(e);
+            }
+        }
+        outcomes.push(CandidateOutcome {
+            config: *c,
+            outcome,
+        });
+    }
+    fitting.sort_by(|a, b| {
+        a.step_time_s
+            .total_cmp(&b.step_time_s)
+            .then_with(|| simplicity(&a.config).cmp(&simplicity(&b.config)))
+    });
+    let best = fitting.first().map(|e| (*e).clone());
+    let runners_up = fitting
+        .iter()
+        .skip(1)
+        .take(opts.runners_up)
+        .map(|e| (*e).clone())
+        .collect();
+    let cost_ms = t1.elapsed().as_secs_f64() * 1e3;
+    SearchResult {
+        best,
+        runners_up,
+        closest: closest.cloned(),
+        stats: SearchStats {
+            candidates: candidates.len(),
+            feasible: fitting.len(),
+            compile_ms,
+            cost_ms,
+        },
+        outcomes,
+    }
+}
