@@ -56,7 +56,7 @@ pub struct CommEvent {
 }
 
 /// Memory of one pipeline device at its peak.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct StageMemory {
     /// Pipeline stage (device index in the pipeline).
     pub stage: u32,
@@ -75,7 +75,7 @@ pub struct StageMemory {
 }
 
 /// Where the step time of the slowest device goes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct TimeBreakdown {
     /// Forward and backward compute (no communication, no recomputation).
     pub compute_s: f64,

@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::fmt::Write;
 
 /// `{"stage", "blocks": [first, last], "time_s"}` of the JSON contract.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct StageJson {
     /// Virtual stage index (model order).
     pub stage: usize,
@@ -23,7 +23,7 @@ pub struct StageJson {
 }
 
 /// `memory` of the JSON contract.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct MemoryJson {
     /// Budget per device.
     pub budget_bytes: u64,
@@ -34,7 +34,7 @@ pub struct MemoryJson {
 }
 
 /// The evaluation as the JSON contract spells it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct EvalJson {
     /// The configuration.
     pub config: Config,

@@ -158,7 +158,7 @@ pub struct CandidateOutcome {
 }
 
 /// Counts and timings of a search (`search` in the JSON contract).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SearchStats {
     /// Candidates enumerated.
     pub candidates: usize,
