@@ -41,6 +41,37 @@ struct ModelArgs {
     layers: Option<u32>,
 }
 
+/// `ModelArgs` where `--model` may be absent (`eval --plan`).
+#[derive(clap::Args)]
+struct OptModelArgs {
+    /// Zoo name (see `apar models`), a Hugging Face config.json, or an IR file (.apir/.json).
+    #[arg(long)]
+    model: Option<String>,
+    /// Override the attention form of a zoo or config.json model.
+    #[arg(long, value_enum)]
+    attention: Option<AttentionArg>,
+    /// Override the number of layers of a zoo or config.json model.
+    #[arg(long)]
+    layers: Option<u32>,
+}
+
+/// `JobArgs` where the fields may be absent (`eval --plan`).
+#[derive(clap::Args)]
+struct OptJobArgs {
+    /// Cluster preset with a node count (`dgx-h100:4`), a flavor (`moai-4xlarge`), or a JSON file.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Sequences per training step.
+    #[arg(long)]
+    global_batch: Option<u64>,
+    /// Sequence length.
+    #[arg(long)]
+    seq: Option<u64>,
+    /// Fraction of device memory a plan may use.
+    #[arg(long)]
+    memory_ratio: Option<f64>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List the built-in models.
@@ -148,13 +179,16 @@ enum Command {
     },
     /// Compile and simulate one parallel configuration.
     Eval {
+        /// Re-cost a saved plan (from `--save`, possibly edited) instead of the flags below.
+        #[arg(long, conflicts_with_all = ["model", "cluster", "dp"])]
+        plan: Option<PathBuf>,
         #[command(flatten)]
-        model: ModelArgs,
+        model: OptModelArgs,
         #[command(flatten)]
-        job: JobArgs,
+        job: OptJobArgs,
         /// Data-parallel degree.
         #[arg(long)]
-        dp: u32,
+        dp: Option<u32>,
         /// Tensor-parallel degree.
         #[arg(long, default_value_t = 1)]
         tp: u32,
@@ -221,8 +255,21 @@ struct JobArgs {
     memory_ratio: f64,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum EmitArg {
+    Megatron,
+    Deepspeed,
+    Torchtitan,
+}
+
 #[derive(clap::Args)]
 struct OutputArgs {
+    /// Print the configuration for an engine instead of the report.
+    #[arg(long, value_enum)]
+    emit: Option<EmitArg>,
+    /// Save the plan (JSON, re-costable with `apar eval --plan FILE`).
+    #[arg(long)]
+    save: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -271,16 +318,20 @@ fn load_model(args: &ModelArgs) -> Result<models::LoadedModel, Failure> {
     models::load(&args.model, &overrides).map_err(bad)
 }
 
-fn compiler(model: &models::LoadedModel, job: &JobArgs) -> Result<Compiler, Failure> {
+fn model_source(model: &models::LoadedModel) -> Result<ModelSource, Failure> {
     if model.is_training {
         return Err(bad(
             "planning needs a forward graph; this IR file already has backward ops",
         ));
     }
-    let source = match &model.config {
+    Ok(match &model.config {
         Some(cfg) => ModelSource::Config(cfg.clone()),
         None => ModelSource::Graph(model.graph.clone()),
-    };
+    })
+}
+
+fn compiler(model: &models::LoadedModel, job: &JobArgs) -> Result<Compiler, Failure> {
+    let source = model_source(model)?;
     let cluster = Cluster::resolve(&job.cluster).map_err(bad)?;
     Compiler::new(source, cluster, job.seq, job.global_batch, job.memory_ratio).map_err(bad)
 }
@@ -298,9 +349,50 @@ fn write_outputs(e: &Evaluation, out: &OutputArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn saved_plan(
+    c: &Compiler,
+    e: &Evaluation,
+    model: &str,
+    search: apar::search::SearchStats,
+) -> apar::Plan {
+    apar::Plan {
+        model: model.to_string(),
+        cluster: c.cluster.clone(),
+        seq: c.seq,
+        global_batch: c.global_batch,
+        memory_ratio: c.budget_bytes as f64 / c.cluster.device_memory() as f64,
+        config: e.config,
+        evaluation: EvalJson::new(e),
+        search,
+    }
+}
+
 /// Prints an evaluation; an out-of-memory one becomes exit 1 with its report.
-fn print_evaluation(c: &Compiler, e: &Evaluation, out: &OutputArgs) -> Result<(), Failure> {
+fn print_evaluation(
+    c: &Compiler,
+    e: &Evaluation,
+    out: &OutputArgs,
+    model: &str,
+    config: Option<&models::ModelConfig>,
+) -> Result<(), Failure> {
     write_outputs(e, out)?;
+    if let Some(path) = &out.save {
+        let plan = saved_plan(c, e, model, apar::search::SearchStats::default());
+        std::fs::write(path, pretty(&plan)?)
+            .map_err(|err| bad(format!("{}: {err}", path.display())))?;
+    }
+    if let (Some(engine), true) = (out.emit, e.fits) {
+        let engine = match engine {
+            EmitArg::Megatron => report::engines::Engine::Megatron,
+            EmitArg::Deepspeed => report::engines::Engine::DeepSpeed,
+            EmitArg::Torchtitan => report::engines::Engine::Torchtitan,
+        };
+        print!(
+            "{}",
+            report::engines::emit(engine, &e.config, config, c.seq, c.global_batch)
+        );
+        return Ok(());
+    }
     if !e.fits {
         let oom = OomReport::new(e, apar::search::suggestions(c, &e.config));
         let message = if out.json { pretty(&oom)? } else { oom.text() };
@@ -392,6 +484,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             detailed_log,
             out,
         } => {
+            let model_spec = model.clone();
             let m = load_model(&ModelArgs {
                 model,
                 attention,
@@ -437,10 +530,32 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if r.stats.candidates == 0 {
                 return Err(bad("no configuration satisfies the pins and bounds"));
             }
+            let model_name = model_spec.clone();
             match &r.best {
                 Some(best) => {
                     write_outputs(best, &out)?;
-                    if out.json {
+                    if let Some(path) = &out.save {
+                        let plan = saved_plan(&c, best, &model_name, r.stats);
+                        std::fs::write(path, pretty(&plan)?)
+                            .map_err(|err| bad(format!("{}: {err}", path.display())))?;
+                    }
+                    if let Some(engine) = out.emit {
+                        let engine = match engine {
+                            EmitArg::Megatron => report::engines::Engine::Megatron,
+                            EmitArg::Deepspeed => report::engines::Engine::DeepSpeed,
+                            EmitArg::Torchtitan => report::engines::Engine::Torchtitan,
+                        };
+                        print!(
+                            "{}",
+                            report::engines::emit(
+                                engine,
+                                &best.config,
+                                m.config.as_ref(),
+                                c.seq,
+                                c.global_batch
+                            )
+                        );
+                    } else if out.json {
                         let mut v = serde_json::to_value(EvalJson::new(best))
                             .map_err(|e| bad(e.to_string()))?;
                         v["search"] =
@@ -455,7 +570,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         print!("{}", report::plan_log(&r));
                     }
                     match &r.closest {
-                        Some(closest) => print_evaluation(&c, closest, &out)?,
+                        Some(closest) => {
+                            print_evaluation(&c, closest, &out, &model_name, m.config.as_ref())?
+                        }
                         None => {
                             return Err(bad("no candidate could be compiled; see --detailed-log"))
                         }
@@ -471,6 +588,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("\nor a JSON file with the fields of `apar::cluster::Cluster`");
         }
         Command::Eval {
+            plan,
             model,
             job,
             dp,
@@ -484,6 +602,40 @@ fn run(cli: Cli) -> Result<(), Failure> {
             schedule,
             out,
         } => {
+            if let Some(path) = plan {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+                let saved: apar::Plan = serde_json::from_str(&text)
+                    .map_err(|e| bad(format!("{}: not a saved plan: {e}", path.display())))?;
+                let m = load_model(&ModelArgs {
+                    model: saved.model.clone(),
+                    attention: None,
+                    layers: None,
+                })?;
+                let c = Compiler::new(
+                    model_source(&m)?,
+                    saved.cluster.clone(),
+                    saved.seq,
+                    saved.global_batch,
+                    saved.memory_ratio,
+                )
+                .map_err(bad)?;
+                let e = c.evaluate(&saved.config).map_err(bad)?;
+                return print_evaluation(&c, &e, &out, &saved.model, m.config.as_ref());
+            }
+            let need = |what: &str| bad(format!("eval needs --{what} (or --plan FILE)"));
+            let model = ModelArgs {
+                model: model.model.ok_or_else(|| need("model"))?,
+                attention: model.attention,
+                layers: model.layers,
+            };
+            let job = JobArgs {
+                cluster: job.cluster.ok_or_else(|| need("cluster"))?,
+                global_batch: job.global_batch.ok_or_else(|| need("global-batch"))?,
+                seq: job.seq.ok_or_else(|| need("seq"))?,
+                memory_ratio: job.memory_ratio.unwrap_or(DEFAULT_MEMORY_RATIO),
+            };
+            let dp = dp.ok_or_else(|| need("dp"))?;
             let m = load_model(&model)?;
             let c = compiler(&m, &job)?;
             let per_step = u64::from(dp) * u64::from(micro_batch);
@@ -508,7 +660,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 schedule,
             };
             let e = c.evaluate(&config).map_err(bad)?;
-            print_evaluation(&c, &e, &out)?;
+            print_evaluation(&c, &e, &out, &model.model, m.config.as_ref())?;
         }
         Command::Ir { model, train, json } => {
             let m = load_model(&model)?;
