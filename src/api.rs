@@ -87,8 +87,8 @@ pub fn plan(graph: &Graph, cluster: &Cluster, options: &PlanOptions) -> Result<P
     )
 }
 
-/// Plans a model configuration; compiles one layer as the template for all layers,
-/// which is much faster than [`plan`] on the built graph and gives the same result.
+/// Plans a model configuration; compiles a two-layer template for all layers, which
+/// is much faster than [`plan`] on the built graph and gives the same result.
 pub fn plan_model(
     model: &ModelConfig,
     cluster: &Cluster,

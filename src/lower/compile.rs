@@ -2,9 +2,9 @@
 //! training graph, recomputation, distribution, block profiles, pipeline cut,
 //! schedule simulation.
 //!
-//! Transformer layers repeat, so a zoo model is compiled from a one-layer template
-//! (embedding, one layer, head) whose layer profile stands for every layer; an IR
-//! file is compiled whole. Profiles are cached per (tp, sp, recompute, micro-batch,
+//! Transformer layers repeat, so a zoo model is compiled from a two-layer template
+//! (embedding, two layers, head): the first layer's profile stands for every layer but
+//! the last, the second for the last; an IR file is compiled whole. Profiles are cached per (tp, sp, recompute, micro-batch,
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
 use super::profile::{profile, BlockProfile, Groups};
@@ -132,8 +132,10 @@ impl Compiler {
             .map_err(|e| CompileError::Invalid(e.to_string()))?;
         let (forward, layers) = match &source {
             ModelSource::Config(cfg) => {
+                // Two layers: `layer.0` stands for every layer but the last (its output
+                // gradient sums two uses), `layer.1` for the last.
                 let mut t = cfg.clone();
-                t.layers = 1;
+                t.layers = cfg.layers.min(2);
                 let g = build_forward(&t).map_err(|e| CompileError::Failed {
                     stage: "model",
                     why: e.to_string(),
@@ -322,11 +324,18 @@ impl Compiler {
         Ok(match &self.source {
             ModelSource::Config(cfg) => {
                 let get = |b: Block| by_block.get(&b).cloned().unwrap_or_default();
-                let layer = get(Block::Layer(0));
+                let (inner, last) = (
+                    get(Block::Layer(0)),
+                    get(Block::Layer(cfg.layers.min(2) - 1)),
+                );
                 let mut out = Vec::with_capacity(cfg.layers as usize + 2);
                 out.push(get(Block::Embed));
                 for i in 0..cfg.layers {
-                    let mut l = layer.clone();
+                    let mut l = if i + 1 == cfg.layers {
+                        last.clone()
+                    } else {
+                        inner.clone()
+                    };
                     l.block = Some(Block::Layer(i));
                     out.push(l);
                 }

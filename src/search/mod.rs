@@ -282,6 +282,21 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
             outcome,
         });
     }
+    // Everything skipped by the bound: compile the candidate with the smallest bound so
+    // that an out-of-memory report describes a real compiled configuration.
+    let fallback = if closest.is_none() {
+        results
+            .iter()
+            .filter_map(|(c, r)| match r {
+                Err(Outcome::Skipped { lower_bound_bytes }) => Some((*lower_bound_bytes, *c)),
+                _ => None,
+            })
+            .min_by_key(|(b, c)| (*b, simplicity(c)))
+            .and_then(|(_, c)| compiler.evaluate(&c).ok())
+    } else {
+        None
+    };
+    let closest = closest.or(fallback.as_ref());
     fitting.sort_by(|a, b| {
         a.step_time_s
             .total_cmp(&b.step_time_s)

@@ -1,0 +1,144 @@
+//! Properties of `apar::plan` on random small graphs and clusters.
+
+use apar::cluster::{Cluster, DeviceSpec, Link};
+use apar::ir::{gen, Env, Phase};
+use apar::lower::compile::{Compiler, ModelSource};
+use apar::lower::schedule::Pass;
+use apar::models::{build_forward, zoo};
+use apar::search::{plan_with, SearchOptions};
+use apar::train::{training_graph, TrainOptions};
+use apar::{plan, plan_model, PlanError, PlanOptions};
+use proptest::prelude::*;
+
+fn cluster(per_node: u32, nodes: u32, memory_bytes: u64) -> Cluster {
+    let mut c = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    c.name = format!("test:{per_node}x{nodes}");
+    c.devices_per_node = per_node;
+    c.nodes = nodes;
+    c.device = DeviceSpec {
+        memory_bytes,
+        ..c.device.clone()
+    };
+    c.intra_node = Link {
+        latency_s: 1e-6,
+        ..c.intra_node.clone()
+    };
+    c
+}
+
+fn small_graph(seed: u64) -> apar::ir::Graph {
+    let mut rng = gen::SplitMix64::new(seed);
+    let opts = gen::GenOptions {
+        max_layers: 3,
+        max_units: 2,
+        training: false,
+        communication: false,
+        arbitrary_floats: false,
+    };
+    gen::generate(&mut rng, &opts)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// A plan fits, uses every device, keeps the batch identity, runs each stage's
+    /// passes after the stage they receive from, and conserves FLOPs.
+    #[test]
+    fn plans_are_consistent(seed in any::<u64>(), per_node in prop::sample::select(vec![1u32, 2, 4]),
+                            nodes in 1u32..=2, batch_log in 0u32..=3, seq_log in 4u32..=6,
+                            mem_log in 16u32..=30) {
+        let g = small_graph(seed);
+        let c = cluster(per_node, nodes, 1u64 << mem_log);
+        let (batch, seq) = (1u64 << batch_log, 1u64 << seq_log);
+        let compiler = Compiler::new(ModelSource::Graph(g.clone()), c.clone(), seq, batch, 0.8).unwrap();
+        let r = plan_with(&compiler, &SearchOptions::default());
+        match &r.best {
+            None => {
+                let any_fit = r.outcomes.iter().any(|o| matches!(o.outcome, apar::search::Outcome::Fits { .. }));
+                prop_assert!(!any_fit);
+            }
+            Some(e) => {
+                let cfg = e.config;
+                prop_assert!(e.peak_bytes <= e.budget_bytes);
+                prop_assert_eq!(cfg.devices(), c.devices());
+                prop_assert_eq!(cfg.global_batch(), batch);
+                let nvs = e.stages.len();
+                for x in &e.sim.events {
+                    let k = (x.chunk * cfg.pp + x.stage) as usize;
+                    let pred = match x.pass {
+                        Pass::F if k > 0 => Some((Pass::F, k - 1)),
+                        Pass::B if k + 1 < nvs => Some((Pass::B, k + 1)),
+                        _ => None,
+                    };
+                    if let Some((pass, kk)) = pred {
+                        let sender = e.sim.events.iter().find(|y| y.pass == pass && y.micro_batch == x.micro_batch
+                            && (y.chunk * cfg.pp + y.stage) as usize == kk);
+                        prop_assert!(sender.is_some_and(|y| y.end <= x.start), "receive before send");
+                    }
+                }
+                if cfg.tp == 1 {
+                    let train = training_graph(&g, &TrainOptions::default()).unwrap();
+                    let env = Env::new(u64::from(cfg.micro_batch), seq);
+                    let per_mb: u64 = train.ops()
+                        .filter(|&o| train.node(o).phase != Phase::Opt)
+                        .map(|o| train.op_cost(o, env).unwrap().flops)
+                        .sum();
+                    let total: u64 = e.sim.flops_per_device.iter().sum();
+                    prop_assert_eq!(total, per_mb * u64::from(cfg.num_micro_batches));
+                }
+            }
+        }
+    }
+}
+
+/// Same plan, byte for byte, with one thread and with two.
+#[test]
+fn plans_do_not_depend_on_the_thread_count() {
+    let run = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let model = zoo::lookup("tiny-llama").unwrap();
+            let c = Cluster::resolve("dgx-a100-40g:2").unwrap();
+            let p = plan_model(&model, &c, &PlanOptions::new(256, 32)).unwrap();
+            serde_json::to_string(&p.evaluation).unwrap()
+        })
+    };
+    assert_eq!(run(1), run(2));
+}
+
+/// Planning the built graph and planning the configuration (one-layer template)
+/// choose the same configuration with the same step time.
+#[test]
+fn graph_and_template_plans_agree() {
+    for name in ["tiny-gpt", "tiny-llama"] {
+        let model = zoo::lookup(name).unwrap();
+        let graph = build_forward(&model).unwrap();
+        let c = Cluster::resolve("dgx-a100-80g:1").unwrap();
+        let opts = PlanOptions::new(128, 16);
+        let a = plan(&graph, &c, &opts).unwrap();
+        let b = plan_model(&model, &c, &opts).unwrap();
+        assert_eq!(a.config, b.config, "{name}");
+        let (ta, tb) = (a.evaluation.step_time_s, b.evaluation.step_time_s);
+        assert!((ta - tb).abs() <= 1e-9 * tb, "{name}: {ta} vs {tb}");
+        assert_eq!(
+            a.evaluation.memory.peak_bytes, b.evaluation.memory.peak_bytes,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn nothing_fits_is_a_typed_error() {
+    let model = zoo::lookup("llama2-7b").unwrap();
+    let c = cluster(1, 1, 1 << 30);
+    match plan_model(&model, &c, &PlanOptions::new(1024, 1)) {
+        Err(PlanError::OutOfMemory(r)) => {
+            assert!(r.requested_bytes > r.available_bytes);
+            assert_eq!(r.error, "out_of_memory");
+        }
+        other => panic!("expected out of memory, got {other:?}"),
+    }
+}
