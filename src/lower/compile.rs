@@ -13,10 +13,11 @@ use crate::cluster::Cluster;
 use crate::cost::{CostModel, Group};
 use crate::ir::{Block, Env, Graph};
 use crate::models::{build_forward, ModelConfig};
+use crate::passes::recompute::Recomputed;
 use crate::passes::{distribute, pipeline, recompute, Config, Recompute, Schedule};
 use crate::train::{training_graph, TrainOptions};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
@@ -60,6 +61,43 @@ struct ProfileKey {
 }
 
 type Profiles = Arc<Result<Vec<BlockProfile>, CompileError>>;
+type BlockMap = BTreeMap<Block, BlockProfile>;
+
+/// A cache from keys to shared, possibly failed, results.
+type Cache<K, V> = Mutex<BTreeMap<K, Arc<V>>>;
+type Compiled<T> = Result<T, CompileError>;
+/// (tp, sp, recompute, micro-batch): what block times depend on.
+type BaseKey = (u32, bool, Recompute, u32);
+
+#[derive(Default)]
+struct Caches {
+    /// Training graphs with recomputation, by (tp, sp, recompute).
+    graphs: Cache<(u32, bool, Recompute), Compiled<Recomputed>>,
+    /// Undistributed profiles, by (tp, sp, recompute, b).
+    base: Cache<BaseKey, Compiled<BlockMap>>,
+    /// Distribution profiles, by (tp, zero, low-precision sharding, dp).
+    dist: Cache<(u32, u8, bool, u32), Compiled<BlockMap>>,
+    profiles: Cache<ProfileKey, Compiled<Vec<BlockProfile>>>,
+    /// Time-balanced cuts without memory limits, by (tp, sp, recompute, b, stages).
+    cuts: Cache<(BaseKey, usize), Option<Vec<StageSpan>>>,
+    /// Per-device schedules by (schedule, pp, m).
+    orders: Cache<(Schedule, u32, u32), Vec<Vec<super::schedule::Step>>>,
+}
+
+/// Looks `key` up in `map`, computing and inserting it on a miss. The lock is not held
+/// while computing; two threads may compute the same entry, and the first insert wins
+/// (the computation is deterministic, so both are equal).
+fn cached<K: Ord, V>(map: &Cache<K, V>, key: K, f: impl FnOnce() -> V) -> Arc<V> {
+    if let Some(v) = map.lock().expect("cache lock").get(&key) {
+        return v.clone();
+    }
+    let v = Arc::new(f());
+    map.lock()
+        .expect("cache lock")
+        .entry(key)
+        .or_insert(v)
+        .clone()
+}
 
 /// Compiles configurations of one model on one cluster at one sequence length and
 /// global batch.
@@ -78,7 +116,7 @@ pub struct Compiler {
     pub global_batch: u64,
     /// Memory budget per device, bytes.
     pub budget_bytes: u64,
-    cache: Mutex<BTreeMap<ProfileKey, Profiles>>,
+    caches: Caches,
 }
 
 /// The evaluation of one configuration.
@@ -164,7 +202,7 @@ impl Compiler {
             seq,
             global_batch,
             budget_bytes,
-            cache: Mutex::new(BTreeMap::new()),
+            caches: Caches::default(),
         })
     }
 
@@ -267,6 +305,14 @@ impl Compiler {
     }
 
     /// Block profiles for a configuration (cached).
+    ///
+    /// Composed from two cached parts: the per-micro-batch profile of the training
+    /// graph with tensor parallelism and recomputation (keyed by tp, sp, recompute,
+    /// micro-batch), and the distribution profile (keyed by tp, ZeRO stage,
+    /// low-precision sharding, dp): model-state bytes, data-parallel collectives,
+    /// optimizer time, and the transient bytes distribution adds to each block's
+    /// forward and backward (gathered parameters, unreduced gradients), which do not
+    /// depend on the micro-batch.
     pub fn profiles(&self, c: &Config) -> Profiles {
         let key = ProfileKey {
             tp: c.tp,
@@ -277,50 +323,110 @@ impl Compiler {
             low_prec_shard: c.dp > 1 && c.shards_low_prec(),
             dp: c.dp,
         };
-        if let Some(p) = self.cache.lock().expect("cache lock").get(&key) {
-            return p.clone();
+        cached(&self.caches.profiles, key, || self.compute_profiles(c))
+    }
+
+    fn fail(stage: &'static str) -> impl Fn(&dyn std::fmt::Display) -> CompileError {
+        move |e| CompileError::Failed {
+            stage,
+            why: e.to_string(),
         }
-        let computed = Arc::new(self.compute_profiles(c));
-        self.cache
-            .lock()
-            .expect("cache lock")
-            .entry(key)
-            .or_insert(computed)
-            .clone()
+    }
+
+    /// The per-device training graph with recomputation (symbolic in `b` and `s`).
+    fn graph(&self, tp: u32, sp: bool, rc: Recompute) -> Arc<Result<Recomputed, CompileError>> {
+        cached(&self.caches.graphs, (tp, sp, rc), || {
+            let fwd = per_device_forward(&self.forward, tp, sp)?;
+            let train = training_graph(&fwd, &TrainOptions::default())
+                .map_err(|e| Self::fail("training graph")(&e))?;
+            let r =
+                recompute::apply(&train, rc, |_| true).map_err(|e| Self::fail("recompute")(&e))?;
+            #[cfg(debug_assertions)]
+            crate::ir::verify(&r.graph).map_err(|e| Self::fail("verify")(&e))?;
+            Ok(r)
+        })
+    }
+
+    fn size_error(&self) -> CompileError {
+        CompileError::Invalid(format!(
+            "sizes overflow or the sequence length {} is not divisible as the sharding needs",
+            self.seq
+        ))
+    }
+
+    /// Profiles of the undistributed training graph at micro-batch `b`.
+    fn base(
+        &self,
+        tp: u32,
+        sp: bool,
+        rc: Recompute,
+        b: u32,
+    ) -> Arc<Result<BlockMap, CompileError>> {
+        cached(&self.caches.base, (tp, sp, rc, b), || {
+            let g = self.graph(tp, sp, rc);
+            let g = g.as_ref().as_ref().map_err(Clone::clone)?;
+            let env = Env::new(u64::from(b), self.seq);
+            let none = BTreeSet::new();
+            let groups = Groups {
+                dp_ops: &none,
+                tp: Group {
+                    size: tp,
+                    per_node: tp,
+                },
+                dp: Group::SINGLE,
+            };
+            profile(&g.graph, env, &self.cost, &groups, &g.clones).ok_or_else(|| self.size_error())
+        })
+    }
+
+    /// What distribution changes per block (see [`Compiler::profiles`]).
+    fn distribution(&self, c: &Config) -> Arc<Result<BlockMap, CompileError>> {
+        let key = (c.tp, c.zero, c.shards_low_prec(), c.dp);
+        cached(&self.caches.dist, key, || {
+            let g = self.graph(c.tp, false, Recompute::None);
+            let g = g.as_ref().as_ref().map_err(Clone::clone)?;
+            let d = distribute::apply(&g.graph, c).map_err(|e| Self::fail("distribute")(&e))?;
+            #[cfg(debug_assertions)]
+            crate::ir::verify(&d.graph).map_err(|e| Self::fail("verify")(&e))?;
+            let env = Env::new(1, self.seq);
+            let (tp, dp) = self.groups(c);
+            let groups = Groups {
+                dp_ops: &d.dp_ops,
+                tp,
+                dp,
+            };
+            let mut with = profile(&d.graph, env, &self.cost, &groups, &BTreeSet::new())
+                .ok_or_else(|| self.size_error())?;
+            let without = self.base(c.tp, false, Recompute::None, 1);
+            let without = without.as_ref().as_ref().map_err(Clone::clone)?;
+            for (b, p) in with.iter_mut() {
+                let base = without.get(b).cloned().unwrap_or_default();
+                p.fwd_extra = p.fwd_extra.saturating_sub(base.fwd_extra);
+                p.bwd_extra = p.bwd_extra.saturating_sub(base.bwd_extra);
+            }
+            Ok(with)
+        })
     }
 
     fn compute_profiles(&self, c: &Config) -> Result<Vec<BlockProfile>, CompileError> {
-        let fail = |stage: &'static str| {
-            move |e: &dyn std::fmt::Display| CompileError::Failed {
-                stage,
-                why: e.to_string(),
+        let base = self.base(c.tp, c.sp, c.recompute, c.micro_batch);
+        let mut by_block = base.as_ref().as_ref().map_err(Clone::clone)?.clone();
+        if c.dp > 1 {
+            let dist = self.distribution(c);
+            let dist = dist.as_ref().as_ref().map_err(Clone::clone)?;
+            for (b, p) in by_block.iter_mut() {
+                let d = dist.get(b).cloned().unwrap_or_default();
+                p.states = d.states;
+                p.dp_fwd_s = d.dp_fwd_s;
+                p.dp_bwd_s = d.dp_bwd_s;
+                p.dp_grad_s = d.dp_grad_s;
+                p.dp_param_s = d.dp_param_s;
+                p.opt_s = d.opt_s;
+                p.opt_extra = d.opt_extra;
+                p.fwd_extra += d.fwd_extra;
+                p.bwd_extra += d.bwd_extra;
             }
-        };
-        let fwd = per_device_forward(&self.forward, c.tp, c.sp)?;
-        let train = training_graph(&fwd, &TrainOptions::default())
-            .map_err(|e| fail("training graph")(&e))?;
-        let rc =
-            recompute::apply(&train, c.recompute, |_| true).map_err(|e| fail("recompute")(&e))?;
-        let dist = distribute::apply(&rc.graph, c).map_err(|e| fail("distribute")(&e))?;
-        #[cfg(debug_assertions)]
-        crate::ir::verify(&dist.graph).map_err(|e| fail("verify")(&e))?;
-        let env = Env::new(u64::from(c.micro_batch), self.seq);
-        let (tp, dp) = self.groups(c);
-        let groups = Groups {
-            dp_ops: &dist.dp_ops,
-            tp,
-            dp,
-        };
-        // Clones keep their op ids through distribution only if distribution inserts
-        // nothing before them; recompute is applied first, so map by position instead.
-        let clones = remap_clones(&rc.graph, &dist.graph, &rc.clones);
-        let by_block =
-            profile(&dist.graph, env, &self.cost, &groups, &clones).ok_or_else(|| {
-                CompileError::Invalid(format!(
-                "sizes overflow or the sequence length {} is not divisible as the sharding needs",
-                self.seq
-            ))
-            })?;
+        }
         Ok(match &self.source {
             ModelSource::Config(cfg) => {
                 let get = |b: Block| by_block.get(&b).cloned().unwrap_or_default();
@@ -346,8 +452,15 @@ impl Compiler {
         })
     }
 
-    /// Compiles and simulates one configuration.
+    /// Compiles and simulates one configuration, recording its events and memory
+    /// timeline.
     pub fn evaluate(&self, c: &Config) -> Result<Evaluation, CompileError> {
+        self.evaluate_with(c, true)
+    }
+
+    /// Compiles and simulates one configuration; `detail` records every event and the
+    /// memory timeline (needed for traces and plots, not for ranking).
+    pub fn evaluate_with(&self, c: &Config, detail: bool) -> Result<Evaluation, CompileError> {
         self.check(c)?;
         let profiles = self.profiles(c);
         let blocks = match profiles.as_ref() {
@@ -355,8 +468,17 @@ impl Compiler {
             Err(e) => return Err(e.clone()),
         };
         let stages = self.cut(blocks, c)?;
-        let (_, dp) = self.groups(c);
-        let _ = dp;
+        let orders = cached(
+            &self.caches.orders,
+            (c.schedule, c.pp, c.num_micro_batches),
+            || {
+                (0..c.pp)
+                    .map(|s| {
+                        super::schedule::device_order(c.schedule, s, c.pp, c.num_micro_batches)
+                    })
+                    .collect()
+            },
+        );
         let stage_devices = u64::from(c.tp) * u64::from(c.dp);
         let pp_cross_node = stage_devices >= u64::from(self.cluster.devices_per_node);
         let sim = simulate(
@@ -366,6 +488,8 @@ impl Compiler {
                 stages: &stages,
                 cost: &self.cost,
                 pp_cross_node,
+                detail,
+                orders: &orders,
             },
         );
         let peak_bytes = sim.memory.iter().map(|m| m.peak_bytes).max().unwrap_or(0);
@@ -404,20 +528,40 @@ impl Compiler {
         };
         let v = u64::from(c.schedule.chunks());
         let budget = self.budget_bytes;
-        let fits = |stage: usize, first: usize, last: usize| {
-            let part = &blocks[first..=last];
-            let states: u64 = part.iter().map(|b| b.states.total()).sum();
-            let saved: u64 = part.iter().map(|b| b.saved).sum();
-            let extra = part
+        let states = pipeline::RangeStats::new(
+            blocks
                 .iter()
-                .map(|b| b.fwd_extra.max(b.bwd_extra))
-                .max()
-                .unwrap_or(0);
+                .map(|b| (b.states.total(), b.fwd_extra.max(b.bwd_extra))),
+        );
+        let saved = pipeline::RangeStats::new(blocks.iter().map(|b| (b.saved, 0)));
+        let fits = |stage: usize, first: usize, last: usize| {
+            let (extra, states, saved) = (
+                states.max(first, last),
+                states.sum(first, last),
+                saved.sum(first, last),
+            );
             // A device holds v chunks; charge each chunk a 1/v share of the budget.
             (states + saved * inflight(stage) + extra) * v <= budget
         };
+        // Block times do not depend on distribution, so the time-optimal cut is shared
+        // by every candidate with the same (tp, sp, recompute, b); if it meets the
+        // memory limits it is also the constrained optimum.
+        let free = cached(
+            &self.caches.cuts,
+            ((c.tp, c.sp, c.recompute, c.micro_batch), parts),
+            || pipeline::cut(&times, parts, |_, _, _| true),
+        );
+        if let Some(spans) = free.as_ref() {
+            if spans
+                .iter()
+                .enumerate()
+                .all(|(i, sp)| fits(i, sp.first, sp.last))
+            {
+                return Ok(spans.clone());
+            }
+        }
         pipeline::cut(&times, parts, fits)
-            .or_else(|| pipeline::cut(&times, parts, |_, _, _| true))
+            .or_else(|| free.as_ref().clone())
             .ok_or_else(|| {
                 CompileError::Invalid(format!(
                     "cannot cut {} blocks into {parts} stages",
@@ -425,31 +569,6 @@ impl Compiler {
                 ))
             })
     }
-}
-
-fn remap_clones(
-    before: &Graph,
-    after: &Graph,
-    clones: &std::collections::BTreeSet<crate::ir::OpId>,
-) -> std::collections::BTreeSet<crate::ir::OpId> {
-    // Distribution copies every op in order and only inserts ops; match clones by
-    // (block, phase, op) in sequence.
-    let mut out = std::collections::BTreeSet::new();
-    let mut it = after.ops().peekable();
-    for id in before.ops() {
-        let node = before.node(id);
-        while let Some(&a) = it.peek() {
-            it.next();
-            let an = after.node(a);
-            if an.op == node.op && an.block == node.block && an.phase == node.phase {
-                if clones.contains(&id) {
-                    out.insert(a);
-                }
-                break;
-            }
-        }
-    }
-    out
 }
 
 /// The forward graph one device runs at tensor-parallel degree `tp`.

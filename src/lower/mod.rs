@@ -13,7 +13,7 @@ pub mod schedule;
 use crate::cost::CostModel;
 use crate::passes::Config;
 use profile::{BlockProfile, StateBytes};
-use schedule::{device_order, Pass};
+use schedule::Pass;
 use serde::Serialize;
 
 /// One sample of a device's memory timeline.
@@ -135,6 +135,10 @@ pub struct SimInput<'a> {
     pub cost: &'a CostModel,
     /// Whether neighbouring pipeline stages sit on different nodes.
     pub pp_cross_node: bool,
+    /// Record every event and the memory timeline (for traces); off during search.
+    pub detail: bool,
+    /// The order of work on each pipeline device ([`schedule::device_order`]).
+    pub orders: &'a [Vec<schedule::Step>],
 }
 
 struct Vs {
@@ -229,25 +233,31 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
         }
     }
 
-    let orders: Vec<Vec<schedule::Step>> = (0..pp)
-        .map(|s| device_order(cfg.schedule, s, pp, m))
-        .collect();
+    let orders = input.orders;
     let mut f_end = vec![f64::NAN; nvs * m as usize];
     let mut b_end = vec![f64::NAN; nvs * m as usize];
     let mut pos = vec![0usize; pp as usize];
     let mut free_at = vec![0.0f64; pp as usize];
     let mut busy = vec![0.0f64; pp as usize];
     let mut p2p_wait = vec![0.0f64; pp as usize];
-    let mut events = Vec::with_capacity(orders.iter().map(Vec::len).sum());
+    let mut events = Vec::with_capacity(if input.detail {
+        orders.iter().map(Vec::len).sum()
+    } else {
+        0
+    });
     let mut comm_events = Vec::new();
     let mut inflight = vec![0u64; pp as usize];
     let mut peak = vec![(0u64, 0u64, 0u64); pp as usize]; // (total, activations, temporary)
     let mut timeline: Vec<Vec<MemSample>> = (0..pp as usize)
         .map(|d| {
-            vec![MemSample {
-                t: 0.0,
-                bytes: states[d].total(),
-            }]
+            if input.detail {
+                vec![MemSample {
+                    t: 0.0,
+                    bytes: states[d].total(),
+                }]
+            } else {
+                Vec::new()
+            }
         })
         .collect();
 
@@ -325,7 +335,7 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
                     Pass::B if k > 0 => vs[k - 1].p2p_out,
                     Pass::B => 0.0,
                 };
-                if sends && p2p > 0.0 {
+                if input.detail && sends && p2p > 0.0 {
                     comm_events.push(CommEvent {
                         stage: s,
                         what: "send",
@@ -335,14 +345,16 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
                 }
                 free_at[d] = end;
                 busy[d] += dur;
-                events.push(Event {
-                    stage: s,
-                    pass: step.pass,
-                    chunk: step.chunk,
-                    micro_batch: step.micro_batch,
-                    start,
-                    end,
-                });
+                if input.detail {
+                    events.push(Event {
+                        stage: s,
+                        pass: step.pass,
+                        chunk: step.chunk,
+                        micro_batch: step.micro_batch,
+                        start,
+                        end,
+                    });
+                }
                 pos[d] += 1;
                 progressed = true;
             }
@@ -378,7 +390,7 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
         let compute_end = free_at[d];
         let end = compute_end.max(comm);
         let mut push = |what, start: f64, stop: f64| {
-            if stop > start {
+            if input.detail && stop > start {
                 comm_events.push(CommEvent {
                     stage: s,
                     what,
@@ -389,18 +401,24 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
         };
         push("dp-reduce", compute_end, end);
         push("optimizer", end, end + opt_s[d]);
-        push("param-gather", end + opt_s[d], end + opt_s[d] + param_gather_s[d]);
+        push(
+            "param-gather",
+            end + opt_s[d],
+            end + opt_s[d] + param_gather_s[d],
+        );
         dp_exposed[d] = end - compute_end;
         finish[d] = end + opt_s[d] + param_gather_s[d];
         dp_exposed[d] += param_gather_s[d];
-        timeline[d].push(MemSample {
-            t: end,
-            bytes: states[d].total() + opt_extra[d],
-        });
-        timeline[d].push(MemSample {
-            t: finish[d],
-            bytes: states[d].total(),
-        });
+        if input.detail {
+            timeline[d].push(MemSample {
+                t: end,
+                bytes: states[d].total() + opt_extra[d],
+            });
+            timeline[d].push(MemSample {
+                t: finish[d],
+                bytes: states[d].total(),
+            });
+        }
         let opt_peak = states[d].total() + opt_extra[d];
         if opt_peak > peak[d].0 {
             peak[d] = (opt_peak, 0, opt_extra[d]);

@@ -11,8 +11,12 @@
 
 use crate::lower::StageSpan;
 
-/// Searches for the smallest slowest-stage time.
+/// Most bisection steps of the search for the smallest slowest-stage time.
 const BISECTION_STEPS: u32 = 60;
+
+/// The search stops when the bound is known to this relative precision (far below
+/// the cost model's own accuracy).
+const RELATIVE_RESOLUTION: f64 = 1e-6;
 
 /// Cuts `times.len()` blocks into `parts` contiguous stages minimizing the largest
 /// stage time, where `fits(stage, first, last)` says whether blocks `first..=last` fit
@@ -40,17 +44,22 @@ pub fn cut(
             if first >= n {
                 return None;
             }
-            let mut last = first;
-            if sum(first, last) > bound || !fits(stage, first, last) {
+            let ok = |last: usize| sum(first, last) <= bound && fits(stage, first, last);
+            if !ok(first) {
                 return None;
             }
-            // Leave at least one block for each later stage.
-            while last + 1 < n - left_after
-                && sum(first, last + 1) <= bound
-                && fits(stage, first, last + 1)
-            {
-                last += 1;
+            // The longest feasible run, leaving one block for each later stage; `ok`
+            // is monotone in `last`, so binary search.
+            let (mut good, mut bad) = (first, n - left_after);
+            while bad - good > 1 {
+                let mid = good + (bad - good) / 2;
+                if ok(mid) {
+                    good = mid;
+                } else {
+                    bad = mid;
+                }
             }
+            let last = good;
             if stage == parts - 1 && last != n - 1 {
                 return None;
             }
@@ -59,6 +68,14 @@ pub fn cut(
         }
         Some(spans)
     };
+    if parts == 1 {
+        return fits(0, 0, n - 1).then(|| {
+            vec![StageSpan {
+                first: 0,
+                last: n - 1,
+            }]
+        });
+    }
     let max_block = times.iter().copied().fold(0.0, f64::max);
     let (mut lo, mut hi) = (max_block.max(prefix[n] / parts as f64), prefix[n]);
     let mut best = greedy(hi)?;
@@ -66,6 +83,9 @@ pub fn cut(
         return Some(b);
     }
     for _ in 0..BISECTION_STEPS {
+        if hi - lo <= RELATIVE_RESOLUTION * hi {
+            break;
+        }
         let mid = 0.5 * (lo + hi);
         match greedy(mid) {
             Some(b) => {
@@ -76,6 +96,50 @@ pub fn cut(
         }
     }
     Some(best)
+}
+
+/// Prefix sums and range maxima over per-block values, for O(1) range queries.
+#[derive(Clone, Debug)]
+pub struct RangeStats {
+    prefix: Vec<u64>,
+    /// `max[k][i]` is the maximum of `2^k` values starting at `i`.
+    max: Vec<Vec<u64>>,
+}
+
+impl RangeStats {
+    /// Builds from values given as (summed, maximized) pairs.
+    pub fn new(values: impl IntoIterator<Item = (u64, u64)>) -> RangeStats {
+        let (sums, maxes): (Vec<u64>, Vec<u64>) = values.into_iter().unzip();
+        let mut prefix = vec![0u64; sums.len() + 1];
+        for (i, v) in sums.iter().enumerate() {
+            prefix[i + 1] = prefix[i].saturating_add(*v);
+        }
+        let n = maxes.len();
+        let mut max = vec![maxes];
+        let mut width = 1;
+        while 2 * width <= n {
+            let prev = max.last().expect("level 0 exists");
+            let next = (0..n + 1 - 2 * width)
+                .map(|i| prev[i].max(prev[i + width]))
+                .collect();
+            max.push(next);
+            width *= 2;
+        }
+        RangeStats { prefix, max }
+    }
+
+    /// Sum of the summed values over `first..=last`.
+    pub fn sum(&self, first: usize, last: usize) -> u64 {
+        self.prefix[last + 1] - self.prefix[first]
+    }
+
+    /// Maximum of the maximized values over `first..=last`.
+    pub fn max(&self, first: usize, last: usize) -> u64 {
+        let len = last + 1 - first;
+        let k = usize::BITS as usize - 1 - len.leading_zeros() as usize;
+        let w = 1 << k;
+        self.max[k][first].max(self.max[k][last + 1 - w])
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +181,18 @@ mod tests {
                 (max_time(&times, &spans) - best).abs() < 1e-9,
                 "parts {parts}"
             );
+        }
+    }
+
+    #[test]
+    fn range_stats_match_direct_computation() {
+        let v: Vec<(u64, u64)> = (0..13u64).map(|i| (i * 3 % 7, (i * 5) % 11)).collect();
+        let r = RangeStats::new(v.iter().copied());
+        for a in 0..v.len() {
+            for b in a..v.len() {
+                assert_eq!(r.sum(a, b), v[a..=b].iter().map(|x| x.0).sum::<u64>());
+                assert_eq!(r.max(a, b), v[a..=b].iter().map(|x| x.1).max().unwrap());
+            }
         }
     }
 

@@ -241,7 +241,7 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
                     }),
                 );
             }
-            match compiler.evaluate(c) {
+            match compiler.evaluate_with(c, false) {
                 Ok(e) => (*c, Ok(e)),
                 Err(err) => (
                     *c,
@@ -302,18 +302,20 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
             .total_cmp(&b.step_time_s)
             .then_with(|| simplicity(&a.config).cmp(&simplicity(&b.config)))
     });
-    let best = fitting.first().map(|e| (*e).clone());
+    // Re-run the few reported plans with their events and memory timelines.
+    let detailed = |e: &Evaluation| compiler.evaluate(&e.config).unwrap_or_else(|_| e.clone());
+    let best = fitting.first().map(|e| detailed(e));
     let runners_up = fitting
         .iter()
         .skip(1)
         .take(opts.runners_up)
-        .map(|e| (*e).clone())
+        .map(|e| detailed(e))
         .collect();
     let cost_ms = t1.elapsed().as_secs_f64() * 1e3;
     SearchResult {
         best,
         runners_up,
-        closest: closest.cloned(),
+        closest: closest.map(detailed),
         stats: SearchStats {
             candidates: candidates.len(),
             feasible: fitting.len(),
