@@ -131,7 +131,7 @@ pub fn from_bytes(bytes: &[u8]) -> Graph {
     generate(&mut ByteEntropy::new(bytes), &GenOptions::default())
 }
 
-/// Generates a graph that passes [`verify`](super::verify) (see the module docs).
+/// Generates a graph that passes [`verify`](super::verify()) (see the module docs).
 ///
 /// # Panics
 /// Never by design: every op is built from types the generator chose to fit. A panic
