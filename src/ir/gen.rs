@@ -5,7 +5,8 @@
 //! pre-norm, post-norm and parallel-residual units (MLP with GeLU, SiLU or SwiGLU;
 //! decomposed attention with softmax and dropout, or flash attention; rotary; GQA
 //! through `repeat`), layout detours (reshape, transpose, slice, concat, pad, broadcast,
-//! reduce-sum, cast), collectives and pipeline send/receive, and a head with a
+//! reduce-sum, cast), collectives, tensor-parallel regions (a Megatron-style split MLP,
+//! vocabulary-parallel embedding and loss) and pipeline send/receive, and a head with a
 //! cross-entropy loss. Optionally a backward section (the gradient ops of the forward
 //! ops, weight gradients, gradient all-reduce) and an optimizer section (AdamW on
 //! every parameter with a gradient) follow, so every op of the op table appears.
@@ -131,7 +132,7 @@ pub fn from_bytes(bytes: &[u8]) -> Graph {
     generate(&mut ByteEntropy::new(bytes), &GenOptions::default())
 }
 
-/// Generates a graph that passes [`verify`](super::verify) (see the module docs).
+/// Generates a graph that passes [`verify`](super::verify()) (see the module docs).
 ///
 /// # Panics
 /// Never by design: every op is built from types the generator chose to fit. A panic
@@ -185,6 +186,8 @@ enum Record {
         ids: TensorId,
         vocab: u64,
         param: usize,
+        /// Group size of a vocabulary-parallel lookup.
+        parts: Option<u32>,
     },
     Flash {
         q: TensorId,
@@ -221,6 +224,8 @@ struct Gen<'r> {
     heads: u64,
     kv: u64,
     vocab: u64,
+    /// Group size when the embedding table and the logits are split by vocabulary.
+    vocab_parts: Option<u32>,
     /// Per-graph choices of the norm and activation flavours.
     rms: bool,
     records: Vec<(Block, Record)>,
@@ -256,6 +261,7 @@ impl<'r> Gen<'r> {
             heads,
             kv,
             vocab,
+            vocab_parts: None,
             rms,
             records: Vec::new(),
             params: Vec::new(),
@@ -571,7 +577,7 @@ impl<'r> Gen<'r> {
     /// A shape-preserving detour through layout, conversion and collective ops.
     fn detour(&mut self, x: TensorId) -> TensorId {
         let h = self.h;
-        let choices = if self.opts.communication { 9 } else { 6 };
+        let choices = if self.opts.communication { 11 } else { 6 };
         match self.pick(choices) {
             0 => {
                 let factor = self.scale_factor();
@@ -666,6 +672,13 @@ impl<'r> Gen<'r> {
                 let rs = self.add1(Op::ReduceScatter { axis: 2, parts }, &[gathered]);
                 self.add1(Op::AllReduce { parts }, &[rs])
             }
+            9 => {
+                // Split the hidden axis over a tensor-parallel group and gather it back.
+                let parts = [2, 4][self.pick(2) as usize];
+                let piece = self.add1(Op::TpSplit { axis: 2, parts }, &[x]);
+                self.add1(Op::TpGather { axis: 2, parts }, &[piece])
+            }
+            10 => self.tp_mlp(x),
             _ => {
                 // Pipeline boundary: send to the next stage, receive from the previous.
                 let peer = self.peer;
@@ -675,6 +688,21 @@ impl<'r> Gen<'r> {
                 self.b.source(Op::Recv { peer }, ty, Role::Activation)
             }
         }
+    }
+
+    /// A Megatron-style tensor-parallel MLP on one device of a group: copy into the
+    /// region, column-split up projection, GeLU, row-split down projection, all-reduce.
+    fn tp_mlp(&mut self, x: TensorId) -> TensorId {
+        let parts = [2, 4][self.pick(2) as usize];
+        let f = self.h * [4, 2][self.pick(2) as usize] / u64::from(parts);
+        let n = self.norm(x, "tp_norm");
+        let c = self.add1(Op::TpCopy { parts }, &[n]);
+        let bias = self.coin();
+        let up = self.linear(c, "tp_mlp.up", f, bias);
+        let act = self.unary(Op::Gelu, up);
+        let down = self.linear(act, "tp_mlp.down", self.h, false);
+        let sum = self.add1(Op::AllReduce { parts }, &[down]);
+        self.add1(Op::Add, &[x, sum])
     }
 
     fn layer(&mut self, mut x: TensorId, units: u32) -> TensorId {
@@ -717,14 +745,35 @@ impl<'r> Gen<'r> {
         // Embedding.
         self.b.set_block(Block::Embed);
         let tokens = self.b.input("tokens", TensorType::new(ids_dt, bs));
-        let (table, ti) = self.weight("tokens.weight", &[vocab, h]);
-        let mut x = self.add1(Op::Embedding, &[table, tokens]);
-        self.record(Record::Embedding {
-            y: x,
-            ids: tokens,
-            vocab,
-            param: ti,
-        });
+        if self.opts.communication && self.pick(3) == 0 {
+            self.vocab_parts = Some(2);
+        }
+        let rows = vocab / u64::from(self.vocab_parts.unwrap_or(1));
+        let (table, ti) = self.weight("tokens.weight", &[rows, h]);
+        let mut x = match self.vocab_parts {
+            Some(parts) => {
+                let partial = self.add1(Op::VocabParallelEmbedding { parts }, &[table, tokens]);
+                self.record(Record::Embedding {
+                    y: partial,
+                    ids: tokens,
+                    vocab: rows,
+                    param: ti,
+                    parts: Some(parts),
+                });
+                self.add1(Op::AllReduce { parts }, &[partial])
+            }
+            None => {
+                let y = self.add1(Op::Embedding, &[table, tokens]);
+                self.record(Record::Embedding {
+                    y,
+                    ids: tokens,
+                    vocab,
+                    param: ti,
+                    parts: None,
+                });
+                y
+            }
+        };
         if self.coin() {
             let pos = self.b.input("positions", TensorType::new(ids_dt, bs));
             let max_pos = [64, 128][self.pick(2) as usize];
@@ -735,6 +784,7 @@ impl<'r> Gen<'r> {
                 ids: pos,
                 vocab: max_pos,
                 param: pi,
+                parts: None,
             });
             x = self.add1(Op::Add, &[x, p]);
         }
@@ -762,11 +812,14 @@ impl<'r> Gen<'r> {
                 &[n, table],
             )
         } else {
-            self.linear(n, "lm_head", vocab, false)
+            self.linear(n, "lm_head", rows, false)
         };
         let labels = self.b.input("labels", TensorType::new(ids_dt, bs));
-        let loss = self.add1(Op::CrossEntropy, &[logits, labels]);
-        let _ = loss;
+        let loss = match self.vocab_parts {
+            Some(parts) => Op::VocabParallelCrossEntropy { parts },
+            None => Op::CrossEntropy,
+        };
+        self.add1(loss, &[logits, labels]);
 
         if self.opts.training && self.pick(4) != 0 {
             self.backward(logits, labels);
@@ -782,7 +835,11 @@ impl<'r> Gen<'r> {
             TensorType::new(DType::F32, []),
             Role::Temporary,
         );
-        let _ = self.add1(Op::CrossEntropyGrad, &[one, logits, labels]);
+        let grad = match self.vocab_parts {
+            Some(parts) => Op::VocabParallelCrossEntropyGrad { parts },
+            None => Op::CrossEntropyGrad,
+        };
+        self.add1(grad, &[one, logits, labels]);
         let records = std::mem::take(&mut self.records);
         for (block, rec) in records.into_iter().rev() {
             if self.pick(3) == 0 {
@@ -848,8 +905,13 @@ impl<'r> Gen<'r> {
                 ids,
                 vocab,
                 param,
+                parts,
             } => {
-                let g = self.add1(Op::EmbeddingGrad { vocab }, &[y, ids]);
+                let op = match parts {
+                    Some(parts) => Op::VocabParallelEmbeddingGrad { vocab, parts },
+                    None => Op::EmbeddingGrad { vocab },
+                };
+                let g = self.add1(op, &[y, ids]);
                 self.set_grad(param, g);
             }
             Record::Flash {

@@ -268,6 +268,61 @@ pub enum Op {
         /// Receiving stage.
         peer: u32,
     },
+
+    // ---- tensor-parallel regions (per-device view; `rank` is the device's index in
+    // its tensor-parallel group of `parts` devices) ----
+    /// Identity forward; its derivative all-reduces over the group (Megatron-LM's
+    /// "copy to tensor-parallel region"): marks a replicated tensor whose uses produce
+    /// partial gradients.
+    TpCopy {
+        /// Group size.
+        parts: u32,
+    },
+    /// Keeps this device's `1/parts` slice of `axis` (slice `rank`) of a replicated
+    /// tensor; its derivative all-gathers (Megatron-LM's "scatter to region").
+    TpSplit {
+        /// Axis.
+        axis: u32,
+        /// Group size.
+        parts: u32,
+    },
+    /// All-gather along `axis` whose derivative keeps this device's slice of the
+    /// (replicated) gradient instead of reduce-scattering it (Megatron-LM's "gather
+    /// from tensor-parallel region").
+    TpGather {
+        /// Axis.
+        axis: u32,
+        /// Group size.
+        parts: u32,
+    },
+    /// Vocabulary-parallel lookup `(table[V/parts, h], ids[..]) → [.., h]`: this device
+    /// holds rows `rank·V/parts ..` of the table; ids outside that range give zero
+    /// rows, so the group's results sum to the full lookup.
+    VocabParallelEmbedding {
+        /// Group size.
+        parts: u32,
+    },
+    /// `(dy[.., h], ids[..]) → dtable[vocab, h]` of [`Op::VocabParallelEmbedding`]:
+    /// scatter-add of the rows whose ids fall in this device's range.
+    VocabParallelEmbeddingGrad {
+        /// Rows of this device's table shard.
+        vocab: u64,
+        /// Group size.
+        parts: u32,
+    },
+    /// Mean token cross-entropy over logits split by vocabulary:
+    /// `(logits[.., V/parts], labels[..]) → f32[]`, every device getting the full
+    /// loss (the row maxima, exponential sums and target logits are all-reduced).
+    VocabParallelCrossEntropy {
+        /// Group size.
+        parts: u32,
+    },
+    /// `(dloss, logits[.., V/parts], labels) → dlogits[.., V/parts]` of
+    /// [`Op::VocabParallelCrossEntropy`] (recomputes the all-reduced statistics).
+    VocabParallelCrossEntropyGrad {
+        /// Group size.
+        parts: u32,
+    },
 }
 
 /// Operator class, used by the cost model's per-class efficiencies.
@@ -421,6 +476,13 @@ op_kinds!(
     ReduceScatter,
     AllToAll,
     Send,
+    TpCopy,
+    TpSplit,
+    TpGather,
+    VocabParallelEmbedding,
+    VocabParallelEmbeddingGrad,
+    VocabParallelCrossEntropy,
+    VocabParallelCrossEntropyGrad,
 );
 
 const fn info(
@@ -624,14 +686,14 @@ impl OpKind {
                 false,
                 &[],
             ),
-            OpKind::AllReduce => info("all_reduce", C::Collective, N(1), 1, &["parts"], false, &[]),
+            OpKind::AllReduce => info("all_reduce", C::Collective, N(1), 1, &["parts"], true, &[]),
             OpKind::AllGather => info(
                 "all_gather",
                 C::Collective,
                 N(1),
                 1,
                 &["axis", "parts"],
-                false,
+                true,
                 &[],
             ),
             OpKind::ReduceScatter => info(
@@ -640,7 +702,7 @@ impl OpKind {
                 N(1),
                 1,
                 &["axis", "parts"],
-                false,
+                true,
                 &[],
             ),
             OpKind::AllToAll => info(
@@ -649,10 +711,65 @@ impl OpKind {
                 N(1),
                 1,
                 &["split", "concat", "parts"],
-                false,
+                true,
                 &[],
             ),
             OpKind::Send => info("send", C::P2p, N(1), 0, &["peer"], false, &[]),
+            OpKind::TpCopy => info("tp_copy", C::Layout, N(1), 1, &["parts"], true, &[]),
+            OpKind::TpSplit => info(
+                "tp_split",
+                C::Layout,
+                N(1),
+                1,
+                &["axis", "parts"],
+                true,
+                &[],
+            ),
+            OpKind::TpGather => info(
+                "tp_gather",
+                C::Collective,
+                N(1),
+                1,
+                &["axis", "parts"],
+                true,
+                &[],
+            ),
+            OpKind::VocabParallelEmbedding => info(
+                "vocab_parallel_embedding",
+                C::Layout,
+                N(2),
+                1,
+                &["parts"],
+                true,
+                &[I(1)],
+            ),
+            OpKind::VocabParallelEmbeddingGrad => info(
+                "vocab_parallel_embedding_grad",
+                C::Layout,
+                N(2),
+                1,
+                &["vocab", "parts"],
+                false,
+                &[],
+            ),
+            OpKind::VocabParallelCrossEntropy => info(
+                "vocab_parallel_cross_entropy",
+                C::Reduction,
+                N(2),
+                1,
+                &["parts"],
+                true,
+                &[I(0), I(1)],
+            ),
+            OpKind::VocabParallelCrossEntropyGrad => info(
+                "vocab_parallel_cross_entropy_grad",
+                C::Reduction,
+                N(3),
+                1,
+                &["parts"],
+                false,
+                &[],
+            ),
         }
     }
 
@@ -868,6 +985,13 @@ impl Op {
             Op::ReduceScatter { .. } => OpKind::ReduceScatter,
             Op::AllToAll { .. } => OpKind::AllToAll,
             Op::Send { .. } => OpKind::Send,
+            Op::TpCopy { .. } => OpKind::TpCopy,
+            Op::TpSplit { .. } => OpKind::TpSplit,
+            Op::TpGather { .. } => OpKind::TpGather,
+            Op::VocabParallelEmbedding { .. } => OpKind::VocabParallelEmbedding,
+            Op::VocabParallelEmbeddingGrad { .. } => OpKind::VocabParallelEmbeddingGrad,
+            Op::VocabParallelCrossEntropy { .. } => OpKind::VocabParallelCrossEntropy,
+            Op::VocabParallelCrossEntropyGrad { .. } => OpKind::VocabParallelCrossEntropyGrad,
         }
     }
 
@@ -897,7 +1021,7 @@ impl Op {
     pub fn is_view(&self) -> bool {
         matches!(
             self,
-            Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. }
+            Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::TpCopy { .. }
         )
     }
 
@@ -984,8 +1108,21 @@ impl Op {
                 ("eps", V::Float(*eps)),
                 ("weight_decay", V::Float(*weight_decay)),
             ],
-            Op::AllReduce { parts } => vec![("parts", V::Int(u64::from(*parts)))],
-            Op::AllGather { axis, parts } | Op::ReduceScatter { axis, parts } => vec![
+            Op::AllReduce { parts }
+            | Op::TpCopy { parts }
+            | Op::VocabParallelEmbedding { parts }
+            | Op::VocabParallelCrossEntropy { parts }
+            | Op::VocabParallelCrossEntropyGrad { parts } => {
+                vec![("parts", V::Int(u64::from(*parts)))]
+            }
+            Op::VocabParallelEmbeddingGrad { vocab, parts } => vec![
+                ("vocab", V::Int(*vocab)),
+                ("parts", V::Int(u64::from(*parts))),
+            ],
+            Op::AllGather { axis, parts }
+            | Op::ReduceScatter { axis, parts }
+            | Op::TpSplit { axis, parts }
+            | Op::TpGather { axis, parts } => vec![
                 ("axis", V::Int(u64::from(*axis))),
                 ("parts", V::Int(u64::from(*parts))),
             ],
@@ -1136,6 +1273,30 @@ impl Op {
             },
             OpKind::Send => Op::Send {
                 peer: r.u32("peer")?,
+            },
+            OpKind::TpCopy => Op::TpCopy {
+                parts: r.u32("parts")?,
+            },
+            OpKind::TpSplit => Op::TpSplit {
+                axis: r.u32("axis")?,
+                parts: r.u32("parts")?,
+            },
+            OpKind::TpGather => Op::TpGather {
+                axis: r.u32("axis")?,
+                parts: r.u32("parts")?,
+            },
+            OpKind::VocabParallelEmbedding => Op::VocabParallelEmbedding {
+                parts: r.u32("parts")?,
+            },
+            OpKind::VocabParallelEmbeddingGrad => Op::VocabParallelEmbeddingGrad {
+                vocab: r.u64("vocab")?,
+                parts: r.u32("parts")?,
+            },
+            OpKind::VocabParallelCrossEntropy => Op::VocabParallelCrossEntropy {
+                parts: r.u32("parts")?,
+            },
+            OpKind::VocabParallelCrossEntropyGrad => Op::VocabParallelCrossEntropyGrad {
+                parts: r.u32("parts")?,
             },
         })
     }
@@ -1319,7 +1480,10 @@ impl Op {
                 }
                 one(inputs[0].clone())
             }
-            Op::Embedding => {
+            Op::Embedding | Op::VocabParallelEmbedding { .. } => {
+                if let Op::VocabParallelEmbedding { parts: 0 } = self {
+                    return Err(err("group size must be positive".into()));
+                }
                 let (table, ids) = (inputs[0], inputs[1]);
                 float(0)?;
                 if table.shape.rank() != 2 {
@@ -1466,7 +1630,10 @@ impl Op {
                 one(TensorType::new(inputs[0].dtype, dims))
             }
             Op::Cast { to } => one(inputs[0].with_dtype(*to)),
-            Op::CrossEntropy => {
+            Op::CrossEntropy | Op::VocabParallelCrossEntropy { .. } => {
+                if let Op::VocabParallelCrossEntropy { parts: 0 } = self {
+                    return Err(err("group size must be positive".into()));
+                }
                 let (logits, labels) = (inputs[0], inputs[1]);
                 float(0)?;
                 if !labels.dtype.is_int() {
@@ -1515,7 +1682,10 @@ impl Op {
                 out.extend(std::iter::repeat_n(inputs[2].clone(), n));
                 Ok(Some(out))
             }
-            Op::EmbeddingGrad { vocab } => {
+            Op::EmbeddingGrad { vocab } | Op::VocabParallelEmbeddingGrad { vocab, .. } => {
+                if let Op::VocabParallelEmbeddingGrad { parts: 0, .. } = self {
+                    return Err(err("group size must be positive".into()));
+                }
                 let (dy, ids) = (inputs[0], inputs[1]);
                 float(0)?;
                 if !ids.dtype.is_int() {
@@ -1529,7 +1699,10 @@ impl Op {
                 let h = *dy.shape.0.last().expect("rank checked above");
                 one(TensorType::new(dy.dtype, [Dim::lit(*vocab), h]))
             }
-            Op::CrossEntropyGrad => {
+            Op::CrossEntropyGrad | Op::VocabParallelCrossEntropyGrad { .. } => {
+                if let Op::VocabParallelCrossEntropyGrad { parts: 0 } = self {
+                    return Err(err("group size must be positive".into()));
+                }
                 let (dloss, logits, labels) = (inputs[0], inputs[1], inputs[2]);
                 if dloss.shape.rank() != 0 || !dloss.dtype.is_float() {
                     return Err(err("dloss must be a float scalar".into()));
@@ -1574,7 +1747,7 @@ impl Op {
                 float(0)?;
                 one(inputs[0].clone())
             }
-            Op::AllGather { axis, parts } => {
+            Op::AllGather { axis, parts } | Op::TpGather { axis, parts } => {
                 let ax = axis_ok(*axis, inputs[0].shape.rank())
                     .ok_or_else(|| err(format!("axis {axis} out of range")))?;
                 let mut t = inputs[0].clone();
@@ -1610,6 +1783,19 @@ impl Op {
                 one(t)
             }
             Op::Send { .. } => Ok(Some(vec![])),
+            Op::TpCopy { parts } => {
+                if *parts == 0 {
+                    return Err(err("group size must be positive".into()));
+                }
+                one(inputs[0].clone())
+            }
+            Op::TpSplit { axis, parts } => {
+                let ax = axis_ok(*axis, inputs[0].shape.rank())
+                    .ok_or_else(|| err(format!("axis {axis} out of range")))?;
+                let mut t = inputs[0].clone();
+                t.shape.0[ax] = split_dim(t.shape.0[ax], *parts).map_err(err)?;
+                one(t)
+            }
         }
     }
 }
@@ -1746,16 +1932,22 @@ impl Op {
             Op::RmsNormGrad { .. } => per_elem(fpe::RMSNORM_GRAD),
             Op::Rotary { .. } | Op::RotaryGrad { .. } => per_elem(fpe::ROTARY),
             Op::Cast { .. } | Op::Embedding | Op::Concat { .. } | Op::Pad { .. } => per_elem(0),
+            Op::VocabParallelEmbedding { .. }
+            | Op::VocabParallelEmbeddingGrad { .. }
+            | Op::TpSplit { .. } => per_elem(0),
+            Op::TpCopy { .. } => Some(OpCost::default()),
             Op::Repeat { .. } | Op::Broadcast { .. } | Op::EmbeddingGrad { .. } => per_elem(0),
             Op::ReduceSum { .. } => Some(OpCost {
                 flops: numel(inputs.first()?)?,
                 bytes: io_bytes()?,
             }),
-            Op::CrossEntropy => Some(OpCost {
+            Op::CrossEntropy | Op::VocabParallelCrossEntropy { .. } => Some(OpCost {
                 flops: numel(inputs.first()?)?.checked_mul(fpe::CROSS_ENTROPY)?,
                 bytes: io_bytes()?,
             }),
-            Op::CrossEntropyGrad => per_elem(fpe::CROSS_ENTROPY_GRAD),
+            Op::CrossEntropyGrad | Op::VocabParallelCrossEntropyGrad { .. } => {
+                per_elem(fpe::CROSS_ENTROPY_GRAD)
+            }
             Op::FlashAttention { .. } | Op::FlashAttentionGrad { .. } => {
                 // q[b,s,a,d] against k[b,t,kv,d]: QKᵀ and PV are 2·b·a·s·t·d each.
                 let q = inputs.get(usize::from(matches!(self, Op::FlashAttentionGrad { .. })))?;
@@ -1779,6 +1971,7 @@ impl Op {
             | Op::AllGather { .. }
             | Op::ReduceScatter { .. }
             | Op::AllToAll { .. }
+            | Op::TpGather { .. }
             | Op::Send { .. }
             | Op::Recv { .. } => Some(OpCost {
                 flops: 0,

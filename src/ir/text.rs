@@ -41,7 +41,7 @@
 //!   `[b,s,4,16]`.
 //!
 //! The parser checks syntax, names, attributes and that every value is defined before
-//! it is used; it does not check types. Run [`verify`](super::verify) on the result.
+//! it is used; it does not check types. Run [`verify`](super::verify()) on the result.
 //! It never panics, whatever the input. `ir-spec/README.md` gives the grammar in EBNF.
 
 use super::graph::{Block, Graph, OpId, Phase, TensorId};

@@ -243,6 +243,19 @@ impl Dim {
         (v % self.div == 0).then_some(v / self.div)
     }
 
+    /// Value under `env` rounded up to a whole number (`s/8` at `s = 1` is 1); `None` on
+    /// overflow.
+    pub fn eval_ceil(self, env: Env) -> Option<u64> {
+        let mut v = self.coef;
+        for _ in 0..self.batch {
+            v = v.checked_mul(env.batch)?;
+        }
+        for _ in 0..self.seq {
+            v = v.checked_mul(env.seq)?;
+        }
+        Some(v.div_ceil(self.div))
+    }
+
     /// Parses the text spelling: factors `N`, `b`, `s` joined by `*`, optionally `/N`.
     pub fn parse(text: &str) -> Option<Dim> {
         let (num, den) = match text.split_once('/') {
@@ -388,6 +401,17 @@ impl TensorType {
         self.shape
             .numel_at(env)?
             .checked_mul(self.dtype.size_bytes())
+    }
+
+    /// Size in bytes under `env` with every dimension rounded up to a whole number (a
+    /// per-device `s/8` at `s = 1` counts as 1); `None` only on overflow.
+    pub fn bytes_at_ceil(&self, env: Env) -> Option<u64> {
+        self.shape
+            .dims()
+            .iter()
+            .try_fold(self.dtype.size_bytes(), |acc, d| {
+                acc.checked_mul(d.eval_ceil(env)?)
+            })
     }
 }
 

@@ -11,7 +11,8 @@
 //!    from its inputs and attributes (dtype, shape and attribute rules of the op table).
 //! 6. **No zero dims.** No tensor and no shape attribute has a zero-sized dimension.
 //! 7. **Representable sizes.** Every tensor's byte size fits in 64 bits when `b` and `s`
-//!    are bound to [`VerifyOptions::env`].
+//!    are bound to [`VerifyOptions::env`] (fractional per-device dimensions such as
+//!    `s/8` rounded up: they are whole once the sequence length divides).
 //! 8. **Phases flow forward.** A forward op reads no backward or optimizer result; a
 //!    backward op reads no optimizer result.
 //! 9. **Blocks flow forward.** A forward op reads no forward result of a later block.
@@ -331,7 +332,7 @@ pub fn verify_with(g: &Graph, opts: VerifyOptions) -> Result<(), VerifyErrors> {
                     what: format!("result {t}"),
                     ty: ty.to_string(),
                 });
-            } else if ty.bytes_at(opts.env).is_none() {
+            } else if ty.bytes_at_ceil(opts.env).is_none() {
                 errs.push(VerifyError::Overflow {
                     op: id,
                     name,

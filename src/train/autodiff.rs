@@ -32,6 +32,7 @@ pub fn derive_with_report(
         tiles: BTreeMap::new(),
         cur: None,
         read: BTreeSet::new(),
+        regathered: BTreeMap::new(),
     };
     d.copy_forward(opts)?;
     d.find_tilings();
@@ -122,6 +123,8 @@ struct Diff<'a> {
     /// The forward op whose rule is running, and the forward tensors it read.
     cur: Option<OpId>,
     read: BTreeSet<Saved>,
+    /// Forward all-gather results re-gathered in backward (see [`Diff::input`]).
+    regathered: BTreeMap<TensorId, TensorId>,
 }
 
 type R<T> = Result<T, TrainError>;
@@ -249,10 +252,28 @@ impl Diff<'_> {
     }
 
     /// Forward input `i` of the current op, recorded as saved.
+    ///
+    /// Sequence parallelism (Korthikanti et al. 2022, Sec. 4.2.2, as Megatron-LM does
+    /// it): when the input is the result of a forward all-gather, the rule keeps the
+    /// gather's sharded input instead and gathers it again in backward, once per
+    /// gathered tensor.
     fn input(&mut self, i: usize) -> TensorId {
         self.read.insert(Saved::Input(i));
         let op = self.cur.expect("rule running");
-        self.mapped(self.fwd.node(op).inputs[i])
+        let t = self.fwd.node(op).inputs[i];
+        let gather = self.fwd.node(self.fwd.tensor(t).producer);
+        if !matches!(gather.op, Op::AllGather { .. } | Op::TpGather { .. }) {
+            return self.mapped(t);
+        }
+        if let Some(&g) = self.regathered.get(&t) {
+            return g;
+        }
+        let full = self.mapped(t);
+        let shard = self.mapped(gather.inputs[0]);
+        // Same op on the same input type as in forward: inference cannot fail.
+        let g = self.b.add1(gather.op.clone(), &[shard]).unwrap_or(full);
+        self.regathered.insert(t, g);
+        g
     }
 
     /// Forward result `i` of the current op, recorded as saved.
@@ -500,6 +521,50 @@ impl Diff<'_> {
                     .add(Op::FlashAttentionGrad { causal, scale }, &[dy, q, k, v, o])?;
                 out.extend([(0, r[0]), (1, r[1]), (2, r[2])]);
             }
+            // Collectives: the conjugate collective (a per-device sum's derivative is
+            // the identity, a gather's is a reduce-scatter, and so on).
+            Op::AllReduce { .. } => out.push((0, dy)),
+            Op::AllGather { axis, parts } => {
+                out.push((0, self.b.add1(Op::ReduceScatter { axis, parts }, &[dy])?));
+            }
+            Op::ReduceScatter { axis, parts } => {
+                out.push((0, self.b.add1(Op::AllGather { axis, parts }, &[dy])?));
+            }
+            Op::AllToAll {
+                split,
+                concat,
+                parts,
+            } => {
+                let back = Op::AllToAll {
+                    split: concat,
+                    concat: split,
+                    parts,
+                };
+                out.push((0, self.b.add1(back, &[dy])?));
+            }
+            Op::TpCopy { parts } => out.push((0, self.b.add1(Op::AllReduce { parts }, &[dy])?)),
+            Op::TpSplit { axis, parts } => {
+                out.push((0, self.b.add1(Op::AllGather { axis, parts }, &[dy])?));
+            }
+            Op::TpGather { axis, parts } => {
+                out.push((0, self.b.add1(Op::TpSplit { axis, parts }, &[dy])?));
+            }
+            Op::VocabParallelEmbedding { parts } => {
+                if self.wants(0) {
+                    let ids = self.input(1);
+                    let vocab = self.in_ty(0).shape.dims()[0]
+                        .as_lit()
+                        .ok_or_else(|| self.unsupported("symbolic vocabulary".into()))?;
+                    let grad = Op::VocabParallelEmbeddingGrad { vocab, parts };
+                    out.push((0, self.b.add1(grad, &[dy, ids])?));
+                }
+            }
+            Op::VocabParallelCrossEntropy { parts } => {
+                let logits = self.input(0);
+                let labels = self.input(1);
+                let grad = Op::VocabParallelCrossEntropyGrad { parts };
+                out.push((0, self.b.add1(grad, &[dy, logits, labels])?));
+            }
             Op::GeluGrad
             | Op::SiluGrad
             | Op::SoftmaxGrad { .. }
@@ -511,10 +576,8 @@ impl Diff<'_> {
             | Op::CrossEntropyGrad
             | Op::FlashAttentionGrad { .. }
             | Op::AdamW { .. }
-            | Op::AllReduce { .. }
-            | Op::AllGather { .. }
-            | Op::ReduceScatter { .. }
-            | Op::AllToAll { .. }
+            | Op::VocabParallelEmbeddingGrad { .. }
+            | Op::VocabParallelCrossEntropyGrad { .. }
             | Op::Send { .. } => {
                 return Err(TrainError::NoRule {
                     op: id,
