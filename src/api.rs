@@ -131,7 +131,8 @@ fn run(
             search: r.stats,
         }),
         (None, Some(closest)) => {
-            let suggestions = crate::search::suggestions(&compiler, &closest.config);
+            let suggestions =
+                crate::search::plan_suggestions(&compiler, &options.search, Some(&closest.config));
             Err(PlanError::OutOfMemory(Box::new(OomReport::new(
                 closest,
                 suggestions,

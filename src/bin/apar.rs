@@ -360,7 +360,7 @@ fn saved_plan(
         cluster: c.cluster.clone(),
         seq: c.seq,
         global_batch: c.global_batch,
-        memory_ratio: c.budget_bytes as f64 / c.cluster.device_memory() as f64,
+        memory_ratio: c.memory_ratio,
         config: e.config,
         evaluation: EvalJson::new(e),
         search,
@@ -571,7 +571,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     }
                     match &r.closest {
                         Some(closest) => {
-                            print_evaluation(&c, closest, &out, &model_name, m.config.as_ref())?
+                            let suggestions =
+                                apar::search::plan_suggestions(&c, &opts, Some(&closest.config));
+                            let oom = OomReport::new(closest, suggestions);
+                            write_outputs(closest, &out)?;
+                            let text = if out.json { pretty(&oom)? } else { oom.text() };
+                            println!("{}", text.trim_end());
+                            return Err(Failure {
+                                code: 1,
+                                message: String::new(),
+                            });
                         }
                         None => {
                             return Err(bad("no candidate could be compiled; see --detailed-log"))

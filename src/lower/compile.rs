@@ -116,6 +116,8 @@ pub struct Compiler {
     pub global_batch: u64,
     /// Memory budget per device, bytes.
     pub budget_bytes: u64,
+    /// Fraction of device memory the budget is.
+    pub memory_ratio: f64,
     caches: Caches,
 }
 
@@ -202,8 +204,31 @@ impl Compiler {
             seq,
             global_batch,
             budget_bytes,
+            memory_ratio,
             caches: Caches::default(),
         })
+    }
+
+    /// The same compiler with other cost-model efficiencies (for calibration); caches
+    /// start empty.
+    pub fn with_efficiencies(&self, eff: crate::cost::Efficiencies) -> Compiler {
+        let mut c = self
+            .with_job(self.cluster.clone(), self.global_batch)
+            .expect("the same job was valid");
+        c.cost.eff = eff;
+        c
+    }
+
+    /// A compiler for the same model and sequence length on another cluster or global
+    /// batch, with the same memory ratio.
+    pub fn with_job(&self, cluster: Cluster, global_batch: u64) -> Result<Compiler, CompileError> {
+        Compiler::new(
+            self.source.clone(),
+            cluster,
+            self.seq,
+            global_batch,
+            self.memory_ratio,
+        )
     }
 
     /// Number of blocks the pipeline can cut between.
@@ -336,7 +361,7 @@ impl Compiler {
     /// The per-device training graph with recomputation (symbolic in `b` and `s`).
     fn graph(&self, tp: u32, sp: bool, rc: Recompute) -> Arc<Result<Recomputed, CompileError>> {
         cached(&self.caches.graphs, (tp, sp, rc), || {
-            let fwd = per_device_forward(&self.forward, tp, sp)?;
+            let fwd = per_device_forward(&self.forward, tp, sp, &self.cost)?;
             let train = training_graph(&fwd, &TrainOptions::default())
                 .map_err(|e| Self::fail("training graph")(&e))?;
             let r =
@@ -571,14 +596,31 @@ impl Compiler {
     }
 }
 
-/// The forward graph one device runs at tensor-parallel degree `tp`.
-pub fn per_device_forward(fwd: &Graph, tp: u32, sp: bool) -> Result<Graph, CompileError> {
+/// The forward graph one device runs at tensor-parallel degree `tp`: the e-graph
+/// sharding of [`crate::shard`], extraction priced by `cost` on the tp group.
+pub fn per_device_forward(
+    fwd: &Graph,
+    tp: u32,
+    sp: bool,
+    cost: &CostModel,
+) -> Result<Graph, CompileError> {
     if tp <= 1 {
         return Ok(fwd.clone());
     }
-    let _ = sp;
-    Err(CompileError::Failed {
-        stage: "shard",
-        why: "tensor parallelism is not available yet".into(),
-    })
+    let price = crate::shard::cost::ModelCost {
+        model: cost,
+        group: Group {
+            size: tp,
+            per_node: tp,
+        },
+    };
+    let mut sharder =
+        crate::shard::Sharder::with_cost(crate::shard::ShardOptions::new(tp, sp), &price);
+    sharder
+        .shard_model(fwd)
+        .map(|m| m.graph)
+        .map_err(|e| CompileError::Failed {
+            stage: "shard",
+            why: e.to_string(),
+        })
 }

@@ -162,6 +162,12 @@ pub struct Suggestion {
     /// The configuration after the change (when it is a configuration change).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config: Option<Config>,
+    /// The device count after the change (when the cluster changes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<u64>,
+    /// The global batch after the change (when the batch changes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_batch: Option<u64>,
     /// Peak bytes after the change.
     pub peak_bytes: u64,
     /// Step time after the change, seconds.

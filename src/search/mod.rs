@@ -100,6 +100,8 @@ pub fn suggestions(compiler: &Compiler, c: &Config) -> Vec<Suggestion> {
             e.fits.then_some(Suggestion {
                 change,
                 config: Some(cfg),
+                devices: None,
+                global_batch: None,
                 peak_bytes: e.peak_bytes,
                 step_time_s: e.step_time_s,
             })
@@ -324,4 +326,129 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
         },
         outcomes,
     }
+}
+
+/// Largest number of extra node counts tried one by one before doubling.
+const NODE_STEPS: u32 = 16;
+/// Largest cluster tried, in nodes.
+const MAX_NODES: u32 = 1 << 16;
+
+/// Suggestions for a search where nothing fits, each found by running the search
+/// again with the change and therefore known to fit: the smallest cluster (same node
+/// type) that fits the global batch, the largest global batch that fits this cluster,
+/// each pin or bound of `opts` that, lifted, lets a plan fit, and single changes to
+/// the closest candidate.
+pub fn plan_suggestions(
+    compiler: &Compiler,
+    opts: &SearchOptions,
+    closest: Option<&Config>,
+) -> Vec<Suggestion> {
+    let quiet = SearchOptions {
+        runners_up: 0,
+        ..opts.clone()
+    };
+    let retry = |cluster: &crate::cluster::Cluster, batch: u64, o: &SearchOptions| {
+        let c = compiler.with_job(cluster.clone(), batch).ok()?;
+        plan_with(&c, o).best
+    };
+    let found = |change: String, e: Evaluation, devices, batch| Suggestion {
+        change,
+        config: Some(e.config),
+        devices,
+        global_batch: batch,
+        peak_bytes: e.peak_bytes,
+        step_time_s: e.step_time_s,
+    };
+    let mut out = Vec::new();
+
+    // Smallest cluster: one more node at a time, then doubling.
+    let base = &compiler.cluster;
+    let mut nodes: Vec<u32> = (base.nodes + 1..=base.nodes + NODE_STEPS).collect();
+    let mut n = base.nodes.saturating_mul(2).max(base.nodes + NODE_STEPS + 1);
+    while n <= MAX_NODES {
+        nodes.push(n);
+        n = n.saturating_mul(2);
+    }
+    for n in nodes {
+        let mut cluster = base.clone();
+        cluster.nodes = n;
+        if let Some(e) = retry(&cluster, compiler.global_batch, &quiet) {
+            let devices = cluster.devices();
+            out.push(found(
+                format!(
+                    "{devices} devices ({n} nodes of {}) fit global batch {}",
+                    base.devices_per_node, compiler.global_batch
+                ),
+                e,
+                Some(devices),
+                None,
+            ));
+            break;
+        }
+    }
+
+    // Largest global batch: halve until one fits, then binary search up to the last miss.
+    let mut miss = compiler.global_batch;
+    let mut hit = None;
+    let mut b = compiler.global_batch / 2;
+    while b >= 1 {
+        if let Some(e) = retry(base, b, &quiet) {
+            hit = Some((b, e));
+            break;
+        }
+        miss = b;
+        b /= 2;
+    }
+    if let Some((mut lo, mut best)) = hit {
+        let mut hi = miss;
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match retry(base, mid, &quiet) {
+                Some(e) => {
+                    lo = mid;
+                    best = e;
+                }
+                None => hi = mid,
+            }
+        }
+        out.push(found(
+            format!("global batch {lo} fits this cluster"),
+            best,
+            None,
+            Some(lo),
+        ));
+    }
+
+    // Lifting one pin or bound at a time.
+    let k = &opts.constraints;
+    let lifts: Vec<(&str, Constraints)> = vec![
+        ("tp", Constraints { tp: None, ..k.clone() }),
+        ("pp", Constraints { pp: None, ..k.clone() }),
+        ("dp", Constraints { dp: None, ..k.clone() }),
+        ("max-stages", Constraints { max_stages: None, ..k.clone() }),
+        ("max-tp", Constraints { max_tp: None, ..k.clone() }),
+        ("micro-batch", Constraints { micro_batch: None, ..k.clone() }),
+        ("sp", Constraints { sp: None, ..k.clone() }),
+        ("recompute", Constraints { recompute: None, ..k.clone() }),
+        ("zero", Constraints { zero: None, ..k.clone() }),
+        ("low-prec-shard", Constraints { low_prec_shard: None, ..k.clone() }),
+        ("schedule", Constraints { schedule: None, ..k.clone() }),
+    ];
+    for (name, lifted) in lifts {
+        if &lifted == k {
+            continue;
+        }
+        let o = SearchOptions {
+            constraints: lifted,
+            ..quiet.clone()
+        };
+        if let Some(e) = plan_with(compiler, &o).best {
+            out.push(found(format!("drop --{name}"), e, None, None));
+        }
+    }
+
+    if let Some(c) = closest {
+        out.extend(suggestions(compiler, c));
+    }
+    out
 }

@@ -203,7 +203,7 @@ impl ShardCost for ModelCost<'_> {
         match ty.shape.numel_at(env) {
             Some(n) => Cost::from_secs(
                 n as f64 * placeholder::PARAM_BYTES_PER_ELEMENT
-                    / (dev.memory_bandwidth * crate::cost::eff::MEMORY),
+                    / (dev.memory_bandwidth * self.model.eff.memory),
             ),
             None => Cost::INFEASIBLE,
         }
