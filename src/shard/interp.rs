@@ -1,1 +1,1263 @@
-//! Reference interpreter (in progress).
+//! A reference interpreter: every op of the IR in f32 on the CPU, for tiny shapes, and
+//! `p` devices of a tensor-parallel group simulated in lockstep (the collectives and
+//! the rank-dependent ops read every device's tensors).
+//!
+//! It exists to check sharding: [`compare`] runs a forward graph's training step and
+//! the training step of its sharded per-device graph on the same random inputs and
+//! parameters, and measures how far the loss and every parameter gradient (assembled
+//! from the devices' pieces) differ. Dtypes are ignored (everything is f32); casts are
+//! identities; optimizer ops are not run.
+//!
+//! Dropout draws its keep mask from a hash of the forward op it implements and the
+//! element's position in the *logical* tensor, so a sharded dropout keeps exactly the
+//! elements the unsharded one keeps.
+
+use super::layout::{Layout, Val};
+use super::ShardedModel;
+use crate::ir::{Env, Graph, Op, OpId, Phase, TensorId};
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// A dense row-major f32 tensor (integers are stored as exact f32 values).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Elements, row-major.
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Tensor {
+        Tensor {
+            shape: shape.to_vec(),
+            data: vec![0.0; shape.iter().product()],
+        }
+    }
+
+    fn numel(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Why interpretation failed.
+#[derive(Debug, Error)]
+pub enum InterpError {
+    /// An op could not be run.
+    #[error("{op} ({name}): {why}")]
+    Op {
+        /// The op.
+        op: OpId,
+        /// Its name.
+        name: &'static str,
+        /// What went wrong.
+        why: String,
+    },
+    /// A source has no feed.
+    #[error("no value for source `{0}`")]
+    Feed(String),
+    /// A graph could not be prepared (no loss, training graph derivation failed).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How one graph is run.
+pub struct Run<'a> {
+    /// The graph (forward or training).
+    pub graph: &'a Graph,
+    /// Devices in the group (1 for an unsharded graph).
+    pub parts: u32,
+    /// Binding of `b` and `s`.
+    pub env: Env,
+    /// Per tensor: logical type and layout, for the tensors that have them (the
+    /// forward tensors of a sharded graph); none for an unsharded graph.
+    pub layouts: &'a [Val],
+    /// Per op: the unsharded op it implements (dropout draws are keyed by it).
+    pub origins: &'a [Option<OpId>],
+    /// Seed of the dropout draws.
+    pub seed: u64,
+}
+
+/// Every tensor's value on every device: `[device][tensor]` (`None` for tensors of
+/// ops that were not run).
+pub type Values = Vec<Vec<Option<Tensor>>>;
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A uniform number in `[0, 1)` from a 64-bit hash.
+fn unit(h: u64) -> f64 {
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for i in (0..shape.len()).rev() {
+        if shape[i] > 0 {
+            idx[i] = flat % shape[i];
+            flat /= shape[i];
+        }
+    }
+    idx
+}
+
+/// Device `rank`'s piece of a logical tensor under `layout`.
+pub fn piece(global: &Tensor, layout: Layout, parts: u32, rank: usize) -> Tensor {
+    match layout {
+        Layout::Replicated => global.clone(),
+        Layout::Partial => {
+            let mut t = global.clone();
+            let p = parts as f32;
+            t.data.iter_mut().for_each(|x| *x /= p);
+            t
+        }
+        Layout::Sharded { axis, groups } => {
+            let ax = axis as usize;
+            let p = parts as usize;
+            let g = groups as usize;
+            let n = global.shape[ax];
+            let group = n / g;
+            let block = group / p;
+            let mut shape = global.shape.clone();
+            shape[ax] = n / p;
+            let mut out = Tensor::zeros(&shape);
+            let gs = strides(&global.shape);
+            for (flat, v) in out.data.iter_mut().enumerate() {
+                let mut idx = unravel(flat, &shape);
+                let i = idx[ax];
+                let (k, w) = (i / block, i % block);
+                idx[ax] = k * group + rank * block + w;
+                *v = global.data[idx.iter().zip(&gs).map(|(a, b)| a * b).sum::<usize>()];
+            }
+            out
+        }
+    }
+}
+
+/// Reassembles a logical tensor from the devices' pieces (a partial layout sums them).
+pub fn assemble(pieces: &[&Tensor], layout: Layout) -> Tensor {
+    match layout {
+        Layout::Replicated => pieces[0].clone(),
+        Layout::Partial => {
+            let mut t = pieces[0].clone();
+            for q in &pieces[1..] {
+                t.data.iter_mut().zip(&q.data).for_each(|(a, b)| *a += b);
+            }
+            t
+        }
+        Layout::Sharded { axis, groups } => {
+            let ax = axis as usize;
+            let p = pieces.len();
+            let g = groups as usize;
+            let local = pieces[0].shape[ax];
+            let block = local / g;
+            let mut shape = pieces[0].shape.clone();
+            shape[ax] = local * p;
+            let group = block * p;
+            let mut out = Tensor::zeros(&shape);
+            let gs = strides(&shape);
+            for (rank, q) in pieces.iter().enumerate() {
+                for (flat, v) in q.data.iter().enumerate() {
+                    let mut idx = unravel(flat, &q.shape);
+                    let i = idx[ax];
+                    let (k, w) = (i / block, i % block);
+                    idx[ax] = k * group + rank * block + w;
+                    out.data[idx.iter().zip(&gs).map(|(a, b)| a * b).sum::<usize>()] = *v;
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Runs `run.graph` on every device. `feeds` holds the *logical* value of every input
+/// and parameter by name; each device gets its piece by the source's layout.
+pub fn execute(run: &Run, feeds: &BTreeMap<String, Tensor>) -> Result<Values, InterpError> {
+    let g = run.graph;
+    let p = run.parts.max(1) as usize;
+    let mut vals: Values = vec![vec![None; g.tensor_count()]; p];
+    for id in g.ops() {
+        let node = g.node(id);
+        if node.phase == Phase::Opt {
+            continue;
+        }
+        let err = |why: String| InterpError::Op {
+            op: id,
+            name: node.op.name(),
+            why,
+        };
+        let out_shapes: Vec<Vec<usize>> = node
+            .results
+            .iter()
+            .map(|&t| {
+                g.ty(t)
+                    .shape
+                    .dims()
+                    .iter()
+                    .map(|d| d.eval(run.env).map(|v| v as usize))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| err(format!("{} is fractional here", g.ty(t))))
+            })
+            .collect::<Result<_, _>>()?;
+        let inputs = |d: usize| -> Result<Vec<&Tensor>, InterpError> {
+            node.inputs
+                .iter()
+                .map(|&t| {
+                    vals[d][t.index()]
+                        .as_ref()
+                        .ok_or_else(|| err(format!("input {t} was not computed")))
+                })
+                .collect()
+        };
+        let results: Vec<Vec<Tensor>> = match &node.op {
+            Op::Input { name } | Op::Param { name } => {
+                let t = node.results[0];
+                let global = feeds
+                    .get(name)
+                    .ok_or_else(|| InterpError::Feed(name.clone()))?;
+                let layout = run
+                    .layouts
+                    .get(t.index())
+                    .map_or(Layout::Replicated, |v| v.layout);
+                let out: Vec<Vec<Tensor>> = (0..p)
+                    .map(|d| vec![piece(global, layout, run.parts, d)])
+                    .collect();
+                if out[0][0].shape != out_shapes[0] {
+                    return Err(err(format!(
+                        "feed `{name}` has shape {:?}, the graph wants {:?}",
+                        global.shape, out_shapes[0]
+                    )));
+                }
+                out
+            }
+            Op::Constant { value } => (0..p)
+                .map(|_| {
+                    let mut t = Tensor::zeros(&out_shapes[0]);
+                    t.data.iter_mut().for_each(|x| *x = *value as f32);
+                    vec![t]
+                })
+                .collect(),
+            Op::State { .. } => (0..p)
+                .map(|_| vec![Tensor::zeros(&out_shapes[0])])
+                .collect(),
+            op if is_group_op(op) => {
+                let all: Vec<Vec<&Tensor>> = (0..p).map(inputs).collect::<Result<_, _>>()?;
+                group_op(op, &all, &out_shapes).map_err(err)?
+            }
+            op => {
+                let mut out = Vec::with_capacity(p);
+                for d in 0..p {
+                    let ins = inputs(d)?;
+                    let ctx = Ctx {
+                        run,
+                        op: id,
+                        rank: d,
+                    };
+                    out.push(local_op(op, &ins, &out_shapes, &ctx).map_err(err)?);
+                }
+                out
+            }
+        };
+        for (d, rs) in results.into_iter().enumerate() {
+            for (&t, v) in node.results.iter().zip(rs) {
+                vals[d][t.index()] = Some(v);
+            }
+        }
+    }
+    Ok(vals)
+}
+
+fn is_group_op(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::AllReduce { .. }
+            | Op::AllGather { .. }
+            | Op::ReduceScatter { .. }
+            | Op::AllToAll { .. }
+            | Op::TpGather { .. }
+            | Op::VocabParallelCrossEntropy { .. }
+            | Op::VocabParallelCrossEntropyGrad { .. }
+    )
+}
+
+struct Ctx<'a> {
+    run: &'a Run<'a>,
+    op: OpId,
+    rank: usize,
+}
+
+type R<T> = Result<T, String>;
+
+fn concat(parts: &[&Tensor], axis: usize) -> Tensor {
+    let mut shape = parts[0].shape.clone();
+    shape[axis] = parts.iter().map(|t| t.shape[axis]).sum();
+    let outer: usize = shape[..axis].iter().product();
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for o in 0..outer {
+        for t in parts {
+            let chunk: usize = t.shape[axis..].iter().product();
+            out.extend_from_slice(&t.data[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    Tensor { shape, data: out }
+}
+
+fn slice(x: &Tensor, axis: usize, start: usize, len: usize) -> Tensor {
+    let mut shape = x.shape.clone();
+    shape[axis] = len;
+    let outer: usize = x.shape[..axis].iter().product();
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for o in 0..outer {
+        let base = o * x.shape[axis] * inner;
+        out.extend_from_slice(&x.data[base + start * inner..base + (start + len) * inner]);
+    }
+    Tensor { shape, data: out }
+}
+
+fn group_op(op: &Op, all: &[Vec<&Tensor>], outs: &[Vec<usize>]) -> R<Vec<Vec<Tensor>>> {
+    let p = all.len();
+    let first = |d: usize| all[d][0];
+    Ok(match op {
+        Op::AllReduce { .. } => {
+            let mut sum = first(0).clone();
+            for d in 1..p {
+                sum.data
+                    .iter_mut()
+                    .zip(&first(d).data)
+                    .for_each(|(a, b)| *a += b);
+            }
+            (0..p).map(|_| vec![sum.clone()]).collect()
+        }
+        Op::AllGather { axis, .. } | Op::TpGather { axis, .. } => {
+            let pieces: Vec<&Tensor> = (0..p).map(first).collect();
+            let whole = concat(&pieces, *axis as usize);
+            (0..p).map(|_| vec![whole.clone()]).collect()
+        }
+        Op::ReduceScatter { axis, .. } => {
+            let mut sum = first(0).clone();
+            for d in 1..p {
+                sum.data
+                    .iter_mut()
+                    .zip(&first(d).data)
+                    .for_each(|(a, b)| *a += b);
+            }
+            let n = sum.shape[*axis as usize] / p;
+            (0..p)
+                .map(|d| vec![slice(&sum, *axis as usize, d * n, n)])
+                .collect()
+        }
+        Op::AllToAll {
+            split, concat: c, ..
+        } => {
+            let (s, c) = (*split as usize, *c as usize);
+            let n = first(0).shape[s] / p;
+            (0..p)
+                .map(|r| {
+                    let pieces: Vec<Tensor> =
+                        (0..p).map(|d| slice(first(d), s, r * n, n)).collect();
+                    let refs: Vec<&Tensor> = pieces.iter().collect();
+                    vec![concat(&refs, c)]
+                })
+                .collect()
+        }
+        Op::VocabParallelCrossEntropy { .. } | Op::VocabParallelCrossEntropyGrad { .. } => {
+            let grad = matches!(op, Op::VocabParallelCrossEntropyGrad { .. });
+            let (li, yi) = if grad { (1, 2) } else { (0, 1) };
+            let local_v = *all[0][li].shape.last().ok_or("logits need a vocab axis")?;
+            let tokens = all[0][yi].numel();
+            // Per token: max, sum of exponentials, target logit over the whole group.
+            let mut max = vec![f32::NEG_INFINITY; tokens];
+            for d in 0..p {
+                for (t, m) in max.iter_mut().enumerate() {
+                    for j in 0..local_v {
+                        *m = m.max(all[d][li].data[t * local_v + j]);
+                    }
+                }
+            }
+            let mut sum = vec![0.0f64; tokens];
+            let mut target = vec![0.0f64; tokens];
+            for d in 0..p {
+                for t in 0..tokens {
+                    let label = all[d][yi].data[t] as usize;
+                    for j in 0..local_v {
+                        let z = all[d][li].data[t * local_v + j];
+                        sum[t] += f64::from((z - max[t]).exp());
+                        if label == d * local_v + j {
+                            target[t] = f64::from(z);
+                        }
+                    }
+                }
+            }
+            if !grad {
+                let loss: f64 = (0..tokens)
+                    .map(|t| sum[t].ln() + f64::from(max[t]) - target[t])
+                    .sum::<f64>()
+                    / tokens as f64;
+                (0..p)
+                    .map(|_| {
+                        vec![Tensor {
+                            shape: outs[0].clone(),
+                            data: vec![loss as f32],
+                        }]
+                    })
+                    .collect()
+            } else {
+                (0..p)
+                    .map(|d| {
+                        let dl = f64::from(all[d][0].data[0]);
+                        let mut out = Tensor::zeros(&outs[0]);
+                        for t in 0..tokens {
+                            let label = all[d][yi].data[t] as usize;
+                            for j in 0..local_v {
+                                let z = all[d][li].data[t * local_v + j];
+                                let sm = f64::from((z - max[t]).exp()) / sum[t];
+                                let hot = if label == d * local_v + j { 1.0 } else { 0.0 };
+                                out.data[t * local_v + j] =
+                                    (dl * (sm - hot) / tokens as f64) as f32;
+                            }
+                        }
+                        vec![out]
+                    })
+                    .collect()
+            }
+        }
+        other => return Err(format!("{} is not a group op", other.name())),
+    })
+}
+
+fn map1(x: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
+    Tensor {
+        shape: x.shape.clone(),
+        data: x.data.iter().map(|&v| f(v)).collect(),
+    }
+}
+
+fn zip2(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> R<Tensor> {
+    if a.data.len() != b.data.len() {
+        return Err(format!("shapes {:?} and {:?} differ", a.shape, b.shape));
+    }
+    Ok(Tensor {
+        shape: a.shape.clone(),
+        data: a.data.iter().zip(&b.data).map(|(&x, &y)| f(x, y)).collect(),
+    })
+}
+
+const GELU_C: f32 = 0.797_884_6; // √(2/π)
+
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + (GELU_C * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+fn gelu_grad(x: f32) -> f32 {
+    let u = GELU_C * (x + 0.044_715 * x * x * x);
+    let t = u.tanh();
+    let du = GELU_C * (1.0 + 3.0 * 0.044_715 * x * x);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Rows of the last axis: (row count, row length).
+fn rows(x: &Tensor) -> (usize, usize) {
+    let n = *x.shape.last().unwrap_or(&1);
+    (x.numel() / n.max(1), n)
+}
+
+fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<Tensor>> {
+    let x = ins.first().copied();
+    let x0 = || x.ok_or_else(|| "missing input".to_string());
+    let one = |t: Tensor| Ok(vec![t]);
+    let rank = ctx.rank;
+    let parts = ctx.run.parts.max(1) as usize;
+    match op {
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::State { .. }
+        | Op::Constant { .. }
+        | Op::Recv { .. }
+        | Op::Send { .. }
+        | Op::AdamW { .. } => Err(format!("{} is not interpreted here", op.name())),
+        Op::MatMul { ta, tb } => one(matmul(ins[0], ins[1], *ta, *tb, &outs[0])?),
+        Op::Add => one(zip2(ins[0], ins[1], |a, b| a + b)?),
+        Op::Mul => one(zip2(ins[0], ins[1], |a, b| a * b)?),
+        Op::Scale { factor } => one(map1(x0()?, |v| v * *factor as f32)),
+        Op::BiasAdd => {
+            let (a, b) = (ins[0], ins[1]);
+            let n = b.numel();
+            let mut t = a.clone();
+            t.data
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v += b.data[i % n]);
+            one(t)
+        }
+        Op::Gelu => one(map1(x0()?, gelu)),
+        Op::GeluGrad => one(zip2(ins[0], ins[1], |dy, x| dy * gelu_grad(x))?),
+        Op::Silu => one(map1(x0()?, |v| v * sigmoid(v))),
+        Op::SiluGrad => one(zip2(ins[0], ins[1], |dy, x| {
+            let s = sigmoid(x);
+            dy * s * (1.0 + x * (1.0 - s))
+        })?),
+        Op::Softmax { causal, scale } => {
+            let x = x0()?;
+            let (r, n) = rows(x);
+            let q_len = if x.shape.len() >= 2 {
+                x.shape[x.shape.len() - 2]
+            } else {
+                1
+            };
+            let mut t = x.clone();
+            for row in 0..r {
+                let qi = row % q_len;
+                let s = &mut t.data[row * n..(row + 1) * n];
+                let mut m = f32::NEG_INFINITY;
+                for (j, v) in s.iter_mut().enumerate() {
+                    *v = if *causal && j > qi {
+                        f32::NEG_INFINITY
+                    } else {
+                        *v * *scale as f32
+                    };
+                    m = m.max(*v);
+                }
+                let mut sum = 0.0f64;
+                for v in s.iter_mut() {
+                    *v = (*v - m).exp();
+                    sum += f64::from(*v);
+                }
+                s.iter_mut().for_each(|v| *v = (f64::from(*v) / sum) as f32);
+            }
+            one(t)
+        }
+        Op::SoftmaxGrad { scale } => {
+            let (dy, y) = (ins[0], ins[1]);
+            let (r, n) = rows(y);
+            let mut t = dy.clone();
+            for row in 0..r {
+                let sl = row * n..(row + 1) * n;
+                let dot: f64 = dy.data[sl.clone()]
+                    .iter()
+                    .zip(&y.data[sl.clone()])
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                for j in sl {
+                    t.data[j] = (*scale as f32) * y.data[j] * (dy.data[j] - dot as f32);
+                }
+            }
+            one(t)
+        }
+        Op::Dropout { p } => {
+            let x = x0()?;
+            let keep_p = 1.0 - p;
+            let t = ctx.run.graph.node(ctx.op).inputs[0];
+            let val = ctx.run.layouts.get(t.index());
+            let origin = ctx
+                .run
+                .origins
+                .get(ctx.op.index())
+                .copied()
+                .flatten()
+                .unwrap_or(ctx.op);
+            let logical: Vec<usize> = match val {
+                Some(v) => v
+                    .logical
+                    .shape
+                    .dims()
+                    .iter()
+                    .map(|d| d.eval(ctx.run.env).map(|n| n as usize))
+                    .collect::<Option<_>>()
+                    .ok_or("fractional logical shape")?,
+                None => x.shape.clone(),
+            };
+            let layout = val.map_or(Layout::Replicated, |v| v.layout);
+            if layout == Layout::Partial {
+                return Err("dropout of a partial sum".into());
+            }
+            let ls = strides(&logical);
+            let mut y = x.clone();
+            let mut mask = Tensor::zeros(&x.shape);
+            for flat in 0..x.numel() {
+                let mut idx = unravel(flat, &x.shape);
+                if let Layout::Sharded { axis, groups } = layout {
+                    let ax = axis as usize;
+                    let block = x.shape[ax] / groups as usize;
+                    let (k, w) = (idx[ax] / block, idx[ax] % block);
+                    idx[ax] = k * block * parts + rank * block + w;
+                }
+                let gflat: usize = idx.iter().zip(&ls).map(|(a, b)| a * b).sum();
+                let h = splitmix(
+                    ctx.run.seed ^ splitmix(origin.index() as u64) ^ splitmix(gflat as u64 + 1),
+                );
+                let keep = unit(h) < keep_p;
+                mask.data[flat] = if keep { 1.0 } else { 0.0 };
+                y.data[flat] = if keep {
+                    x.data[flat] / keep_p as f32
+                } else {
+                    0.0
+                };
+            }
+            Ok(vec![y, mask])
+        }
+        Op::DropoutGrad { p } => {
+            let keep = (1.0 - p) as f32;
+            one(zip2(ins[0], ins[1], |dy, m| dy * m / keep)?)
+        }
+        Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
+            let ln = matches!(op, Op::LayerNorm { .. });
+            let x = x0()?;
+            let (r, n) = rows(x);
+            let mut t = x.clone();
+            for row in 0..r {
+                let s = &x.data[row * n..(row + 1) * n];
+                let mean = if ln {
+                    s.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64
+                } else {
+                    0.0
+                };
+                let var = s
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / n as f64;
+                let inv = 1.0 / (var + eps).sqrt();
+                for j in 0..n {
+                    let xh = (f64::from(s[j]) - mean) * inv;
+                    let mut v = xh * f64::from(ins[1].data[j]);
+                    if ln {
+                        v += f64::from(ins[2].data[j]);
+                    }
+                    t.data[row * n + j] = v as f32;
+                }
+            }
+            one(t)
+        }
+        Op::LayerNormGrad { eps } | Op::RmsNormGrad { eps } => {
+            let ln = matches!(op, Op::LayerNormGrad { .. });
+            let (dy, x, gamma) = (ins[0], ins[1], ins[2]);
+            let (r, n) = rows(x);
+            let mut dx = x.clone();
+            let mut dg = vec![0.0f64; n];
+            let mut db = vec![0.0f64; n];
+            for row in 0..r {
+                let s = &x.data[row * n..(row + 1) * n];
+                let d = &dy.data[row * n..(row + 1) * n];
+                let mean = if ln {
+                    s.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64
+                } else {
+                    0.0
+                };
+                let var = s
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / n as f64;
+                let inv = 1.0 / (var + eps).sqrt();
+                let xh: Vec<f64> = s.iter().map(|&v| (f64::from(v) - mean) * inv).collect();
+                let dxh: Vec<f64> = (0..n)
+                    .map(|j| f64::from(d[j]) * f64::from(gamma.data[j]))
+                    .collect();
+                let m1 = if ln {
+                    dxh.iter().sum::<f64>() / n as f64
+                } else {
+                    0.0
+                };
+                let m2 = dxh.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / n as f64;
+                for j in 0..n {
+                    dx.data[row * n + j] = (inv * (dxh[j] - m1 - xh[j] * m2)) as f32;
+                    dg[j] += f64::from(d[j]) * xh[j];
+                    db[j] += f64::from(d[j]);
+                }
+            }
+            let vec_t = |v: Vec<f64>| Tensor {
+                shape: vec![n],
+                data: v.into_iter().map(|x| x as f32).collect(),
+            };
+            let mut out = vec![dx, vec_t(dg)];
+            if ln {
+                out.push(vec_t(db));
+            }
+            Ok(out)
+        }
+        Op::Rotary { dims, theta } | Op::RotaryGrad { dims, theta } => {
+            let sign = if matches!(op, Op::Rotary { .. }) {
+                1.0
+            } else {
+                -1.0
+            };
+            let x = x0()?;
+            let d = *x.shape.last().ok_or("rank")?;
+            let seq = x.shape[1];
+            let inner: usize = x.shape[2..].iter().product();
+            let half = (*dims / 2) as usize;
+            let mut t = x.clone();
+            for flat in (0..x.numel()).step_by(d) {
+                let pos = (flat / inner) % seq;
+                for i in 0..half {
+                    let freq = theta.powf(-2.0 * i as f64 / *dims as f64);
+                    let (sn, cs) = (sign * pos as f64 * freq).sin_cos();
+                    let (a, b) = (
+                        f64::from(x.data[flat + i]),
+                        f64::from(x.data[flat + i + half]),
+                    );
+                    t.data[flat + i] = (a * cs - b * sn) as f32;
+                    t.data[flat + i + half] = (a * sn + b * cs) as f32;
+                }
+            }
+            one(t)
+        }
+        Op::Embedding | Op::VocabParallelEmbedding { .. } => {
+            let (table, ids) = (ins[0], ins[1]);
+            let (v, h) = (table.shape[0], table.shape[1]);
+            let offset = if matches!(op, Op::Embedding) {
+                0
+            } else {
+                rank * v
+            };
+            let mut t = Tensor::zeros(&outs[0]);
+            for (i, &id) in ids.data.iter().enumerate() {
+                let id = id as usize;
+                if (offset..offset + v).contains(&id) {
+                    let row = id - offset;
+                    t.data[i * h..(i + 1) * h].copy_from_slice(&table.data[row * h..(row + 1) * h]);
+                }
+            }
+            one(t)
+        }
+        Op::EmbeddingGrad { .. } | Op::VocabParallelEmbeddingGrad { .. } => {
+            let (dy, ids) = (ins[0], ins[1]);
+            let (v, h) = (outs[0][0], outs[0][1]);
+            let offset = if matches!(op, Op::EmbeddingGrad { .. }) {
+                0
+            } else {
+                rank * v
+            };
+            let mut acc = vec![0.0f64; v * h];
+            for (i, &id) in ids.data.iter().enumerate() {
+                let id = id as usize;
+                if (offset..offset + v).contains(&id) {
+                    for j in 0..h {
+                        acc[(id - offset) * h + j] += f64::from(dy.data[i * h + j]);
+                    }
+                }
+            }
+            one(Tensor {
+                shape: outs[0].clone(),
+                data: acc.into_iter().map(|v| v as f32).collect(),
+            })
+        }
+        Op::Reshape { .. } | Op::Cast { .. } | Op::TpCopy { .. } => one(Tensor {
+            shape: outs[0].clone(),
+            data: x0()?.data.clone(),
+        }),
+        Op::Transpose { perm } => {
+            let x = x0()?;
+            let xs = strides(&x.shape);
+            let mut t = Tensor::zeros(&outs[0]);
+            for (flat, v) in t.data.iter_mut().enumerate() {
+                let idx = unravel(flat, &outs[0]);
+                let src: usize = perm
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &p)| idx[i] * xs[p as usize])
+                    .sum();
+                *v = x.data[src];
+            }
+            one(t)
+        }
+        Op::Slice { axis, start, len } => {
+            one(slice(x0()?, *axis as usize, *start as usize, *len as usize))
+        }
+        Op::TpSplit { axis, .. } => {
+            let x = x0()?;
+            let n = x.shape[*axis as usize] / parts;
+            one(slice(x, *axis as usize, rank * n, n))
+        }
+        Op::Concat { axis } => one(concat(ins, *axis as usize)),
+        Op::Pad { axis, before, .. } => {
+            let x = x0()?;
+            let ax = *axis as usize;
+            let mut t = Tensor::zeros(&outs[0]);
+            let ts = strides(&outs[0]);
+            for flat in 0..x.numel() {
+                let mut idx = unravel(flat, &x.shape);
+                idx[ax] += *before as usize;
+                t.data[idx.iter().zip(&ts).map(|(a, b)| a * b).sum::<usize>()] = x.data[flat];
+            }
+            one(t)
+        }
+        Op::Repeat { axis, times } => {
+            let x = x0()?;
+            let ax = *axis as usize;
+            let xs = strides(&x.shape);
+            let mut t = Tensor::zeros(&outs[0]);
+            for (flat, v) in t.data.iter_mut().enumerate() {
+                let mut idx = unravel(flat, &outs[0]);
+                idx[ax] /= *times as usize;
+                *v = x.data[idx.iter().zip(&xs).map(|(a, b)| a * b).sum::<usize>()];
+            }
+            one(t)
+        }
+        Op::Broadcast { axes, .. } => {
+            let x = x0()?;
+            let xs = strides(&x.shape);
+            let mut t = Tensor::zeros(&outs[0]);
+            for (flat, v) in t.data.iter_mut().enumerate() {
+                let idx = unravel(flat, &outs[0]);
+                let kept = idx
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !axes.contains(&(*i as u32)));
+                *v = x.data[kept.zip(&xs).map(|((_, a), b)| a * b).sum::<usize>()];
+            }
+            one(t)
+        }
+        Op::ReduceSum { axes } => {
+            let x = x0()?;
+            let os = strides(&outs[0]);
+            let mut acc = vec![0.0f64; outs[0].iter().product()];
+            for flat in 0..x.numel() {
+                let idx = unravel(flat, &x.shape);
+                let kept = idx
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !axes.contains(&(*i as u32)));
+                acc[kept.zip(&os).map(|((_, a), b)| a * b).sum::<usize>()] +=
+                    f64::from(x.data[flat]);
+            }
+            one(Tensor {
+                shape: outs[0].clone(),
+                data: acc.into_iter().map(|v| v as f32).collect(),
+            })
+        }
+        Op::CrossEntropy | Op::CrossEntropyGrad => {
+            let grad = matches!(op, Op::CrossEntropyGrad);
+            let (z, y) = if grad {
+                (ins[1], ins[2])
+            } else {
+                (ins[0], ins[1])
+            };
+            let (r, n) = rows(z);
+            let mut loss = 0.0f64;
+            let mut dz = Tensor::zeros(&z.shape);
+            let dl = if grad { f64::from(ins[0].data[0]) } else { 0.0 };
+            for row in 0..r {
+                let s = &z.data[row * n..(row + 1) * n];
+                let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let sum: f64 = s.iter().map(|&v| f64::from((v - m).exp())).sum();
+                let label = y.data[row] as usize;
+                loss += sum.ln() + f64::from(m) - f64::from(s[label.min(n - 1)]);
+                for j in 0..n {
+                    let sm = f64::from((s[j] - m).exp()) / sum;
+                    let hot = if j == label { 1.0 } else { 0.0 };
+                    dz.data[row * n + j] = (dl * (sm - hot) / r as f64) as f32;
+                }
+            }
+            if grad {
+                one(dz)
+            } else {
+                one(Tensor {
+                    shape: outs[0].clone(),
+                    data: vec![(loss / r as f64) as f32],
+                })
+            }
+        }
+        Op::FlashAttention { causal, scale } => {
+            let (o, _) = attention(ins[0], ins[1], ins[2], None, *causal, *scale)?;
+            one(o)
+        }
+        Op::FlashAttentionGrad { causal, scale } => {
+            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), *causal, *scale)?;
+            let (dq, dk, dv) = grads.ok_or("no gradients")?;
+            Ok(vec![dq, dk, dv])
+        }
+        Op::AllReduce { .. }
+        | Op::AllGather { .. }
+        | Op::ReduceScatter { .. }
+        | Op::AllToAll { .. }
+        | Op::TpGather { .. }
+        | Op::VocabParallelCrossEntropy { .. }
+        | Op::VocabParallelCrossEntropyGrad { .. } => Err("a group op run on one device".into()),
+    }
+}
+
+fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, out: &[usize]) -> R<Tensor> {
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    let (m, k) = if ta {
+        (a.shape[ra - 1], a.shape[ra - 2])
+    } else {
+        (a.shape[ra - 2], a.shape[ra - 1])
+    };
+    let n = if tb { b.shape[rb - 2] } else { b.shape[rb - 1] };
+    let batch: usize = a.shape[..ra - 2].iter().product();
+    let b_batched = rb > 2;
+    let mut t = Tensor::zeros(out);
+    for bi in 0..batch {
+        let ab = bi * m * k;
+        let bb = if b_batched { bi * k * n } else { 0 };
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f64;
+                for l in 0..k {
+                    let av = if ta {
+                        a.data[ab + l * m + i]
+                    } else {
+                        a.data[ab + i * k + l]
+                    };
+                    let bv = if tb {
+                        b.data[bb + j * k + l]
+                    } else {
+                        b.data[bb + l * n + j]
+                    };
+                    acc += f64::from(av) * f64::from(bv);
+                }
+                t.data[bi * m * n + i * n + j] = acc as f32;
+            }
+        }
+    }
+    Ok(t)
+}
+
+type Grads = Option<(Tensor, Tensor, Tensor)>;
+
+/// Attention on `q[b,s,a,d]`, `k, v[b,t,kv,d]`; with `d_o`, also the gradients.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_o: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+) -> R<(Tensor, Grads)> {
+    let (b, s, a, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (t, kv) = (k.shape[1], k.shape[2]);
+    if kv == 0 || a % kv != 0 {
+        return Err("query heads must be a multiple of kv heads".into());
+    }
+    let group = a / kv;
+    let qi = |bi: usize, i: usize, h: usize, c: usize| ((bi * s + i) * a + h) * d + c;
+    let ki = |bi: usize, j: usize, h: usize, c: usize| ((bi * t + j) * kv + h) * d + c;
+    let mut o = Tensor::zeros(&q.shape);
+    let mut dq = Tensor::zeros(&q.shape);
+    let mut dk = Tensor::zeros(&k.shape);
+    let mut dv = Tensor::zeros(&v.shape);
+    for bi in 0..b {
+        for h in 0..a {
+            let hk = h / group;
+            for i in 0..s {
+                let mut p = vec![0.0f64; t];
+                let mut m = f64::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate() {
+                    if causal && j > i {
+                        *pj = f64::NEG_INFINITY;
+                        continue;
+                    }
+                    let dot: f64 = (0..d)
+                        .map(|c| {
+                            f64::from(q.data[qi(bi, i, h, c)]) * f64::from(k.data[ki(bi, j, hk, c)])
+                        })
+                        .sum();
+                    *pj = dot * scale;
+                    m = m.max(*pj);
+                }
+                let sum: f64 = p.iter().map(|&x| (x - m).exp()).sum();
+                p.iter_mut().for_each(|x| *x = (*x - m).exp() / sum);
+                for c in 0..d {
+                    let val: f64 = (0..t)
+                        .map(|j| p[j] * f64::from(v.data[ki(bi, j, hk, c)]))
+                        .sum();
+                    o.data[qi(bi, i, h, c)] = val as f32;
+                }
+                if let Some(g) = d_o {
+                    // dP_j = do · v_j; dS = P ⊙ (dP − Σ P dP).
+                    let dp: Vec<f64> = (0..t)
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| {
+                                    f64::from(g.data[qi(bi, i, h, c)])
+                                        * f64::from(v.data[ki(bi, j, hk, c)])
+                                })
+                                .sum()
+                        })
+                        .collect();
+                    let dot: f64 = (0..t).map(|j| p[j] * dp[j]).sum();
+                    for j in 0..t {
+                        let ds = p[j] * (dp[j] - dot) * scale;
+                        for c in 0..d {
+                            dq.data[qi(bi, i, h, c)] +=
+                                (ds * f64::from(k.data[ki(bi, j, hk, c)])) as f32;
+                            dk.data[ki(bi, j, hk, c)] +=
+                                (ds * f64::from(q.data[qi(bi, i, h, c)])) as f32;
+                            dv.data[ki(bi, j, hk, c)] +=
+                                (p[j] * f64::from(g.data[qi(bi, i, h, c)])) as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok((o, d_o.map(|_| (dq, dk, dv))))
+}
+
+/// How far a sharded training step is from the unsharded one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Comparison {
+    /// The unsharded loss.
+    pub loss: f32,
+    /// `|sharded − unsharded|` of the loss, relative to `max(1, |loss|)`.
+    pub loss_error: f32,
+    /// Largest gradient error over all parameters, relative to `max(1, max |grad|)`.
+    pub grad_error: f32,
+    /// The parameter with the largest gradient error.
+    pub worst_param: String,
+    /// Parameters compared.
+    pub params: usize,
+    /// Largest difference between devices' copies of a replicated gradient.
+    pub replica_error: f32,
+}
+
+/// Deterministic random feeds for `fwd`: parameters uniform in `[-scale, scale)`,
+/// integer inputs uniform below the vocabulary of the op that reads them (embedding
+/// rows, cross-entropy classes), float inputs uniform in `[-1, 1)`.
+pub fn random_feeds(
+    fwd: &Graph,
+    env: Env,
+    seed: u64,
+) -> Result<BTreeMap<String, Tensor>, InterpError> {
+    let mut feeds = BTreeMap::new();
+    let mut k = seed;
+    for id in fwd.ops() {
+        let node = fwd.node(id);
+        let (Op::Param { name } | Op::Input { name }) = &node.op else {
+            continue;
+        };
+        let t = node.results[0];
+        let ty = fwd.ty(t);
+        let shape: Vec<usize> = ty
+            .shape
+            .dims()
+            .iter()
+            .map(|d| d.eval(env).map(|v| v as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| InterpError::Setup(format!("`{name}` is fractional at this size")))?;
+        let n: usize = shape.iter().product();
+        let bound = if ty.dtype.is_float() {
+            None
+        } else {
+            let mut b = 2u64;
+            for &u in fwd.uses(t) {
+                let un = fwd.node(u);
+                match un.op {
+                    Op::Embedding => {
+                        b = fwd.ty(un.inputs[0]).shape.dims()[0].eval(env).unwrap_or(2);
+                    }
+                    Op::CrossEntropy => {
+                        b = fwd
+                            .ty(un.inputs[0])
+                            .shape
+                            .last()
+                            .and_then(|d| d.eval(env))
+                            .unwrap_or(2);
+                    }
+                    _ => {}
+                }
+            }
+            Some(b)
+        };
+        let scale = if matches!(node.op, Op::Param { .. }) {
+            0.5
+        } else {
+            1.0
+        };
+        let data = (0..n)
+            .map(|_| {
+                k = splitmix(k);
+                match bound {
+                    Some(b) => (k % b) as f32,
+                    None => ((unit(k) * 2.0 - 1.0) * scale) as f32,
+                }
+            })
+            .collect();
+        feeds.insert(name.clone(), Tensor { shape, data });
+    }
+    Ok(feeds)
+}
+
+/// The loss of a forward or training graph: the one scalar float result nothing reads.
+fn loss_of(g: &Graph) -> Option<TensorId> {
+    g.tensor_ids().find(|&t| {
+        let ty = g.ty(t);
+        let node = g.node(g.tensor(t).producer);
+        ty.shape.rank() == 0
+            && ty.dtype.is_float()
+            && node.phase == Phase::Fwd
+            && !node.op.is_source()
+            && g.uses(t).iter().all(|&u| g.node(u).phase != Phase::Fwd)
+    })
+}
+
+/// Parameter name → its gradient in a training graph (the `adamw` op's input 1).
+fn grads_of(g: &Graph) -> BTreeMap<String, TensorId> {
+    let mut out = BTreeMap::new();
+    for id in g.ops() {
+        let node = g.node(id);
+        if !matches!(node.op, Op::AdamW { .. }) {
+            continue;
+        }
+        if let Op::Param { name } = g.op(g.tensor(node.inputs[0]).producer) {
+            let name = name.strip_suffix(".master").unwrap_or(name).to_string();
+            out.insert(name, node.inputs[1]);
+        }
+    }
+    out
+}
+
+/// Runs the training step of `fwd` and of its sharding `sharded` on the same random
+/// feeds and compares the loss and every parameter gradient.
+pub fn compare(
+    fwd: &Graph,
+    sharded: &ShardedModel,
+    env: Env,
+    seed: u64,
+) -> Result<Comparison, InterpError> {
+    let opts = crate::train::TrainOptions::default();
+    let setup = |e: String| InterpError::Setup(e);
+    let train = crate::train::training_graph(fwd, &opts).map_err(|e| setup(e.to_string()))?;
+    let strain = sharded
+        .training_graph(&opts)
+        .map_err(|e| setup(e.to_string()))?;
+    let feeds = random_feeds(fwd, env, seed)?;
+    let ids: Vec<Option<OpId>> = (0..train.op_count())
+        .map(|i| Some(OpId::from_index(i)))
+        .collect();
+    let base = execute(
+        &Run {
+            graph: &train,
+            parts: 1,
+            env,
+            layouts: &[],
+            origins: &ids,
+            seed,
+        },
+        &feeds,
+    )?;
+    let p = sharded.tp.max(1);
+    let shard = execute(
+        &Run {
+            graph: &strain,
+            parts: p,
+            env,
+            layouts: &sharded.layouts,
+            origins: &sharded.origins,
+            seed,
+        },
+        &feeds,
+    )?;
+    let get = |vals: &Values, d: usize, t: TensorId| -> Result<Tensor, InterpError> {
+        vals[d][t.index()]
+            .clone()
+            .ok_or_else(|| setup(format!("{t} was not computed")))
+    };
+    let (l0, l1) = (
+        loss_of(&train).ok_or_else(|| setup("no loss".into()))?,
+        loss_of(&strain).ok_or_else(|| setup("no sharded loss".into()))?,
+    );
+    let loss = get(&base, 0, l0)?.data[0];
+    let mut loss_error = 0.0f32;
+    for d in 0..p as usize {
+        let l = get(&shard, d, l1)?.data[0];
+        loss_error = loss_error.max((l - loss).abs() / loss.abs().max(1.0));
+    }
+    let g0 = grads_of(&train);
+    let g1 = grads_of(&strain);
+    let mut grad_error = 0.0f32;
+    let mut replica_error = 0.0f32;
+    let mut worst = String::new();
+    for (name, &t0) in &g0 {
+        let &t1 = g1
+            .get(name)
+            .ok_or_else(|| setup(format!("no sharded gradient for `{name}`")))?;
+        let param = strain
+            .find_source(name)
+            .ok_or_else(|| setup(format!("no sharded parameter `{name}`")))?;
+        let layout = sharded.layouts[strain.node(param).results[0].index()].layout;
+        let pieces: Vec<Tensor> = (0..p as usize)
+            .map(|d| get(&shard, d, t1))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&Tensor> = pieces.iter().collect();
+        if layout == Layout::Replicated {
+            for q in &refs[1..] {
+                let e = max_diff(q, refs[0]);
+                replica_error = replica_error.max(e);
+            }
+        }
+        let whole = assemble(&refs, layout);
+        let want = get(&base, 0, t0)?;
+        if whole.shape != want.shape {
+            return Err(setup(format!(
+                "`{name}`: gradient shapes {:?} vs {:?}",
+                whole.shape, want.shape
+            )));
+        }
+        let scale = want.data.iter().fold(1.0f32, |a, b| a.max(b.abs()));
+        let e = max_diff(&whole, &want) / scale;
+        if e >= grad_error {
+            grad_error = e;
+            worst = name.clone();
+        }
+    }
+    Ok(Comparison {
+        loss,
+        loss_error,
+        grad_error,
+        worst_param: worst,
+        params: g0.len(),
+        replica_error,
+    })
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    a.data
+        .iter()
+        .zip(&b.data)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_and_assembly_invert() {
+        let t = Tensor {
+            shape: vec![2, 12],
+            data: (0..24).map(|v| v as f32).collect(),
+        };
+        for layout in [
+            Layout::split(0),
+            Layout::split(1),
+            Layout::Sharded { axis: 1, groups: 3 },
+        ] {
+            let pieces: Vec<Tensor> = (0..2).map(|r| piece(&t, layout, 2, r)).collect();
+            let refs: Vec<&Tensor> = pieces.iter().collect();
+            assert_eq!(assemble(&refs, layout), t, "{layout}");
+        }
+        // Grouped: device 0 holds the first half of each of the 3 groups.
+        let p0 = piece(&t, Layout::Sharded { axis: 1, groups: 3 }, 2, 0);
+        assert_eq!(&p0.data[..6], &[0.0, 1.0, 4.0, 5.0, 8.0, 9.0]);
+    }
+}

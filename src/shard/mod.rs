@@ -236,6 +236,16 @@ pub enum ShardError {
     },
 }
 
+/// The binding shapes are priced at: `opts.env` with the sequence length rounded up to
+/// a multiple of `tp` (so that sequence shards are whole whatever the degree).
+fn pricing_env(opts: &ShardOptions) -> Env {
+    let tp = u64::from(opts.tp.max(1));
+    Env {
+        batch: opts.env.batch,
+        seq: opts.env.seq.div_ceil(tp).saturating_mul(tp),
+    }
+}
+
 /// Shards models with one cost model and options, caching template runs across calls.
 pub struct Sharder<'c> {
     opts: ShardOptions,

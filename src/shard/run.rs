@@ -240,7 +240,7 @@ impl<'a> Extractor<'a> {
             eg,
             t,
             cost,
-            env: opts.env,
+            env: super::pricing_env(opts),
             cands: Vec::with_capacity(ids.len()),
             choice: vec![None; ids.len()],
             best: BTreeMap::new(),
