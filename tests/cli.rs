@@ -15,7 +15,14 @@ fn apar(args: &[&str]) -> (i32, String, String) {
 }
 
 const REF: [&str; 8] = [
-    "--model", "llama2-13b", "--cluster", "moai-4xlarge", "--global-batch", "64", "--seq", "1024",
+    "--model",
+    "llama2-13b",
+    "--cluster",
+    "moai-4xlarge",
+    "--global-batch",
+    "64",
+    "--seq",
+    "1024",
 ];
 
 fn eval(extra: &[&str]) -> (i32, String, String) {
@@ -58,15 +65,35 @@ fn bad_input_exits_2_with_a_message() {
         assert!(!err.contains("panicked"), "{err}");
     }
     let (code, _, err) = apar(&[
-        "eval", "--model", "tiny-gpt", "--cluster", &bad_cluster, "--global-batch", "8", "--seq",
-        "64", "--dp", "8",
+        "eval",
+        "--model",
+        "tiny-gpt",
+        "--cluster",
+        &bad_cluster,
+        "--global-batch",
+        "8",
+        "--seq",
+        "64",
+        "--dp",
+        "8",
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("cluster.json"), "{err}");
     // 8 pipeline stages, but tiny-gpt has 4 blocks (embedding, 2 layers, head).
     let (code, _, err) = apar(&[
-        "eval", "--model", "tiny-gpt", "--cluster", "dgx-a100-80g:1", "--global-batch", "8",
-        "--seq", "64", "--dp", "1", "--pp", "8",
+        "eval",
+        "--model",
+        "tiny-gpt",
+        "--cluster",
+        "dgx-a100-80g:1",
+        "--global-batch",
+        "8",
+        "--seq",
+        "64",
+        "--dp",
+        "1",
+        "--pp",
+        "8",
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("blocks"), "{err}");

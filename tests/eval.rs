@@ -26,7 +26,14 @@ fn config(dp: u32, tp: u32, pp: u32, b: u32, m: u32, zero: u8) -> Config {
 fn compiler(model: &str, cluster: &str, seq: u64, batch: u64) -> Compiler {
     let cfg = zoo::lookup(model).unwrap();
     let cluster = Cluster::resolve(cluster).unwrap();
-    Compiler::new(ModelSource::Config(cfg), cluster, seq, batch, DEFAULT_MEMORY_RATIO).unwrap()
+    Compiler::new(
+        ModelSource::Config(cfg),
+        cluster,
+        seq,
+        batch,
+        DEFAULT_MEMORY_RATIO,
+    )
+    .unwrap()
 }
 
 /// The reference platform's documented scenario: Llama-2-13B, global batch 64, seq
@@ -39,7 +46,11 @@ fn reference_scenario() {
     let plain = c.evaluate(&config(32, 1, 1, 2, 1, 0)).unwrap();
     assert!(!plain.fits, "plain DP peak {}", plain.peak_bytes);
     let chosen = c.evaluate(&config(16, 1, 2, 1, 4, 1)).unwrap();
-    assert!(chosen.fits, "chosen peak {} > {}", chosen.peak_bytes, chosen.budget_bytes);
+    assert!(
+        chosen.fits,
+        "chosen peak {} > {}",
+        chosen.peak_bytes, chosen.budget_bytes
+    );
 }
 
 /// Rajbhandari et al. 2020 (ZeRO), Table 1: model states per device with Ψ parameters
@@ -58,7 +69,10 @@ fn zero_table_on_megatron_7_5b() {
         let e = c.evaluate(&config(64, 1, 1, 1, 1, zero)).unwrap();
         let m = &e.sim.memory[0];
         let got = (m.params + m.grads + m.optimizer) as f64;
-        assert!((got - expected).abs() / expected < 0.01, "zero {zero}: {got:e} vs {expected:e}");
+        assert!(
+            (got - expected).abs() / expected < 0.01,
+            "zero {zero}: {got:e} vs {expected:e}"
+        );
         assert!(e.fits, "zero {zero}");
     }
     let e = c.evaluate(&config(64, 1, 1, 1, 1, 0)).unwrap();
@@ -108,11 +122,19 @@ fn trace_has_one_track_per_stage_and_svg_renders() {
         .map(|e| e["args"]["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["stage 0", "stage 1", "stage 2", "stage 3"]);
-    let work = events.iter().filter(|e| e["ph"] == "X" && e["tid"] == 0).count();
+    let work = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["tid"] == 0)
+        .count();
     assert_eq!(work, 4 * 8 * 2, "one F and one B per micro-batch per stage");
-    assert!(events.iter().any(|e| e["ph"] == "C" && e["name"] == "memory"));
+    assert!(events
+        .iter()
+        .any(|e| e["ph"] == "C" && e["name"] == "memory"));
     assert!(e.sim.events.iter().all(|x| x.end >= x.start));
-    assert_eq!(e.sim.events.iter().filter(|x| x.pass == Pass::B).count(), 32);
+    assert_eq!(
+        e.sim.events.iter().filter(|x| x.pass == Pass::B).count(),
+        32
+    );
     let svg = trace::memory_svg(&e);
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline").count(), 4);
@@ -122,11 +144,11 @@ fn trace_has_one_track_per_stage_and_svg_renders() {
 fn invalid_configurations_are_rejected() {
     let c = compiler("tiny-gpt", "dgx-a100-80g:1", 128, 16);
     let bad = [
-        config(3, 1, 2, 1, 1, 0),  // degrees do not multiply to 8 devices
-        config(8, 1, 1, 1, 1, 0),  // 8 × 1 × 1 ≠ 16 sequences
-        config(1, 1, 8, 2, 8, 0),  // 8 stages > 4 blocks
-        config(8, 1, 1, 2, 1, 4),  // no ZeRO-4
-        config(4, 3, 1, 1, 4, 0),  // tp 3 does not divide the node (and 12 ≠ 8)
+        config(3, 1, 2, 1, 1, 0), // degrees do not multiply to 8 devices
+        config(8, 1, 1, 1, 1, 0), // 8 × 1 × 1 ≠ 16 sequences
+        config(1, 1, 8, 2, 8, 0), // 8 stages > 4 blocks
+        config(8, 1, 1, 2, 1, 4), // no ZeRO-4
+        config(4, 3, 1, 1, 4, 0), // tp 3 does not divide the node (and 12 ≠ 8)
     ];
     for cfg in bad {
         assert!(c.evaluate(&cfg).is_err(), "{cfg}");

@@ -364,7 +364,10 @@ pub fn plan_suggestions(
     // Smallest cluster: one more node at a time, then doubling.
     let base = &compiler.cluster;
     let mut nodes: Vec<u32> = (base.nodes + 1..=base.nodes + NODE_STEPS).collect();
-    let mut n = base.nodes.saturating_mul(2).max(base.nodes + NODE_STEPS + 1);
+    let mut n = base
+        .nodes
+        .saturating_mul(2)
+        .max(base.nodes + NODE_STEPS + 1);
     while n <= MAX_NODES {
         nodes.push(n);
         n = n.saturating_mul(2);
@@ -422,17 +425,83 @@ pub fn plan_suggestions(
     // Lifting one pin or bound at a time.
     let k = &opts.constraints;
     let lifts: Vec<(&str, Constraints)> = vec![
-        ("tp", Constraints { tp: None, ..k.clone() }),
-        ("pp", Constraints { pp: None, ..k.clone() }),
-        ("dp", Constraints { dp: None, ..k.clone() }),
-        ("max-stages", Constraints { max_stages: None, ..k.clone() }),
-        ("max-tp", Constraints { max_tp: None, ..k.clone() }),
-        ("micro-batch", Constraints { micro_batch: None, ..k.clone() }),
-        ("sp", Constraints { sp: None, ..k.clone() }),
-        ("recompute", Constraints { recompute: None, ..k.clone() }),
-        ("zero", Constraints { zero: None, ..k.clone() }),
-        ("low-prec-shard", Constraints { low_prec_shard: None, ..k.clone() }),
-        ("schedule", Constraints { schedule: None, ..k.clone() }),
+        (
+            "tp",
+            Constraints {
+                tp: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "pp",
+            Constraints {
+                pp: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "dp",
+            Constraints {
+                dp: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "max-stages",
+            Constraints {
+                max_stages: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "max-tp",
+            Constraints {
+                max_tp: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "micro-batch",
+            Constraints {
+                micro_batch: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "sp",
+            Constraints {
+                sp: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "recompute",
+            Constraints {
+                recompute: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "zero",
+            Constraints {
+                zero: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "low-prec-shard",
+            Constraints {
+                low_prec_shard: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "schedule",
+            Constraints {
+                schedule: None,
+                ..k.clone()
+            },
+        ),
     ];
     for (name, lifted) in lifts {
         if &lifted == k {
