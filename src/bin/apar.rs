@@ -108,7 +108,33 @@ enum Command {
         /// Micro-batch size (sequences).
         #[arg(long, default_value_t = 1)]
         micro_batch: u64,
+        /// Tensor-parallel degree: report per-device numbers of the sharded model.
+        #[arg(long, default_value_t = 1)]
+        tp: u32,
+        /// Sequence parallelism (with --tp > 1).
+        #[arg(long)]
+        sp: bool,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one block of the tensor-parallel (per-device) model, with its collectives.
+    Shard {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Tensor-parallel degree.
+        #[arg(long)]
+        tp: u32,
+        /// Sequence parallelism.
+        #[arg(long)]
+        sp: bool,
+        /// Block index in model order: 0 the embedding, 1..=L the layers, L+1 the head.
+        #[arg(long, default_value_t = 1)]
+        block: u32,
+        /// Print the block of the training graph (forward, backward, optimizer).
+        #[arg(long)]
+        train: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -589,6 +615,54 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Shard {
+            model,
+            tp,
+            sp,
+            block,
+            train,
+            json,
+        } => {
+            if tp == 0 {
+                return Err(bad("--tp must be positive"));
+            }
+            let m = load_model(&model)?;
+            if m.is_training {
+                return Err(bad("shard a forward model, not a training graph"));
+            }
+            let blocks: std::collections::BTreeSet<ir::Block> =
+                m.graph.ops().map(|o| m.graph.node(o).block).collect();
+            let Some(&b) = blocks.iter().nth(block as usize) else {
+                return Err(bad(format!(
+                    "--block {block}: the model has blocks 0..={}",
+                    blocks.len().saturating_sub(1)
+                )));
+            };
+            let sharded =
+                apar::shard::shard_model(&m.graph, &apar::shard::ShardOptions::new(tp, sp))
+                    .map_err(bad)?;
+            let g = if train {
+                sharded.training_block(b, &TrainOptions::default())
+            } else {
+                sharded.block_graph(b)
+            }
+            .map_err(bad)?;
+            if json {
+                println!("{}", ir::json::to_json(&g));
+            } else {
+                if let Some(r) = sharded.report(b) {
+                    println!(
+                        "# {b} at tp {tp}{}: {} iterations, {} e-nodes, {} e-classes, stop: {:?}",
+                        if sp { " with sp" } else { "" },
+                        r.iterations,
+                        r.enodes,
+                        r.eclasses,
+                        r.stop
+                    );
+                }
+                print!("{}", ir::text::print(&g));
+            }
+        }
         Command::Clusters => {
             println!("{:<16}  about", "cluster");
             for (name, about) in cluster::presets() {
@@ -698,23 +772,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
             model,
             seq,
             micro_batch,
+            tp,
+            sp,
             json,
         } => {
-            if seq == 0 || micro_batch == 0 {
-                return Err(bad("--seq and --micro-batch must be positive"));
+            if seq == 0 || micro_batch == 0 || tp == 0 {
+                return Err(bad("--seq, --micro-batch and --tp must be positive"));
+            }
+            if sp && tp == 1 {
+                return Err(bad("--sp needs --tp > 1"));
             }
             let m = load_model(&model)?;
-            let g = if m.is_training {
-                m.graph
-            } else {
-                training(&m.graph)?
-            };
             let env = Env::new(micro_batch, seq);
-            let stats = Stats::of_training_graph(&g, env).map_err(bad)?;
+            let stats = if tp > 1 {
+                if m.is_training {
+                    return Err(bad("--tp needs a forward model, not a training graph"));
+                }
+                let opts = apar::shard::ShardOptions::new(tp, sp);
+                apar::shard::per_device_stats(&m.graph, &opts, &TrainOptions::default(), env)
+                    .map_err(bad)?
+            } else {
+                let g = if m.is_training {
+                    m.graph
+                } else {
+                    training(&m.graph)?
+                };
+                Stats::of_training_graph(&g, env).map_err(bad)?
+            };
             if json {
                 println!("{}", pretty(&stats)?);
             } else {
-                print_stats(g.name(), &stats, env);
+                print_stats(&model.model, &stats, env);
             }
         }
     }
