@@ -60,7 +60,34 @@ struct ProfileKey {
     dp: u32,
 }
 
-type Profiles = Arc<Result<Vec<BlockProfile>, CompileError>>;
+/// The block profiles of one configuration, with range tables for the pipeline cut.
+#[derive(Clone, Debug)]
+pub struct ProfileSet {
+    /// Per block, in model order.
+    pub blocks: Vec<BlockProfile>,
+    /// Model-state bytes (summed) and peak transient bytes (maximized) per block.
+    states: pipeline::RangeStats,
+    /// Saved activation bytes per block.
+    saved: pipeline::RangeStats,
+}
+
+impl ProfileSet {
+    fn new(blocks: Vec<BlockProfile>) -> ProfileSet {
+        let states = pipeline::RangeStats::new(
+            blocks
+                .iter()
+                .map(|b| (b.states.total(), b.fwd_extra.max(b.bwd_extra))),
+        );
+        let saved = pipeline::RangeStats::new(blocks.iter().map(|b| (b.saved, 0)));
+        ProfileSet {
+            blocks,
+            states,
+            saved,
+        }
+    }
+}
+
+type Profiles = Arc<Result<ProfileSet, CompileError>>;
 type BlockMap = BTreeMap<Block, BlockProfile>;
 
 /// A cache from keys to shared, possibly failed, results.
@@ -71,17 +98,17 @@ type BaseKey = (u32, bool, Recompute, u32);
 
 #[derive(Default)]
 struct Caches {
+    /// Per-device forward graphs, by (tp, sp).
+    sharded: Cache<(u32, bool), Compiled<Graph>>,
     /// Training graphs with recomputation, by (tp, sp, recompute).
     graphs: Cache<(u32, bool, Recompute), Compiled<Recomputed>>,
     /// Undistributed profiles, by (tp, sp, recompute, b).
     base: Cache<BaseKey, Compiled<BlockMap>>,
     /// Distribution profiles, by (tp, zero, low-precision sharding, dp).
     dist: Cache<(u32, u8, bool, u32), Compiled<BlockMap>>,
-    profiles: Cache<ProfileKey, Compiled<Vec<BlockProfile>>>,
+    profiles: Cache<ProfileKey, Compiled<ProfileSet>>,
     /// Time-balanced cuts without memory limits, by (tp, sp, recompute, b, stages).
     cuts: Cache<(BaseKey, usize), Option<Vec<StageSpan>>>,
-    /// Per-device schedules by (schedule, pp, m).
-    orders: Cache<(Schedule, u32, u32), Vec<Vec<super::schedule::Step>>>,
 }
 
 /// Looks `key` up in `map`, computing and inserting it on a miss. The lock is not held
@@ -348,7 +375,9 @@ impl Compiler {
             low_prec_shard: c.dp > 1 && c.shards_low_prec(),
             dp: c.dp,
         };
-        cached(&self.caches.profiles, key, || self.compute_profiles(c))
+        cached(&self.caches.profiles, key, || {
+            self.compute_profiles(c).map(ProfileSet::new)
+        })
     }
 
     fn fail(stage: &'static str) -> impl Fn(&dyn std::fmt::Display) -> CompileError {
@@ -361,8 +390,11 @@ impl Compiler {
     /// The per-device training graph with recomputation (symbolic in `b` and `s`).
     fn graph(&self, tp: u32, sp: bool, rc: Recompute) -> Arc<Result<Recomputed, CompileError>> {
         cached(&self.caches.graphs, (tp, sp, rc), || {
-            let fwd = per_device_forward(&self.forward, tp, sp, &self.cost)?;
-            let train = training_graph(&fwd, &TrainOptions::default())
+            let fwd = cached(&self.caches.sharded, (tp, sp), || {
+                per_device_forward(&self.forward, tp, sp, &self.cost)
+            });
+            let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
+            let train = training_graph(fwd, &TrainOptions::default())
                 .map_err(|e| Self::fail("training graph")(&e))?;
             let r =
                 recompute::apply(&train, rc, |_| true).map_err(|e| Self::fail("recompute")(&e))?;
@@ -483,27 +515,44 @@ impl Compiler {
         self.evaluate_with(c, true)
     }
 
+    /// The pipeline cut of `c` and a lower bound on its step time: the busiest
+    /// pipeline device's forward and backward work over all micro-batches plus its
+    /// optimizer step, with no bubble, no waiting and every data-parallel transfer
+    /// hidden. Cheaper than [`Compiler::evaluate`] (no simulation); pass the cut on to
+    /// [`Compiler::evaluate_cut`].
+    pub fn lower_bound(&self, c: &Config) -> Result<(f64, Vec<StageSpan>), CompileError> {
+        self.check(c)?;
+        let profiles = self.profiles(c);
+        let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
+        let blocks = &set.blocks;
+        let stages = self.cut(set, c)?;
+        let pp = c.pp.max(1) as usize;
+        let m = f64::from(c.num_micro_batches);
+        let mut busy = vec![0.0f64; pp];
+        for (i, span) in stages.iter().enumerate() {
+            for b in &blocks[span.first..=span.last] {
+                busy[i % pp] += m * (b.fwd_s.max(b.dp_fwd_s) + b.bwd_s.max(b.dp_bwd_s)) + b.opt_s;
+            }
+        }
+        Ok((busy.into_iter().fold(0.0, f64::max), stages))
+    }
+
     /// Compiles and simulates one configuration; `detail` records every event and the
     /// memory timeline (needed for traces and plots, not for ranking).
     pub fn evaluate_with(&self, c: &Config, detail: bool) -> Result<Evaluation, CompileError> {
-        self.check(c)?;
+        let (_, stages) = self.lower_bound(c)?;
+        self.evaluate_cut(c, stages, detail)
+    }
+
+    /// [`Compiler::evaluate_with`] on the cut [`Compiler::lower_bound`] returned.
+    pub fn evaluate_cut(
+        &self,
+        c: &Config,
+        stages: Vec<StageSpan>,
+        detail: bool,
+    ) -> Result<Evaluation, CompileError> {
         let profiles = self.profiles(c);
-        let blocks = match profiles.as_ref() {
-            Ok(b) => b,
-            Err(e) => return Err(e.clone()),
-        };
-        let stages = self.cut(blocks, c)?;
-        let orders = cached(
-            &self.caches.orders,
-            (c.schedule, c.pp, c.num_micro_batches),
-            || {
-                (0..c.pp)
-                    .map(|s| {
-                        super::schedule::device_order(c.schedule, s, c.pp, c.num_micro_batches)
-                    })
-                    .collect()
-            },
-        );
+        let blocks = &profiles.as_ref().as_ref().map_err(Clone::clone)?.blocks;
         let stage_devices = u64::from(c.tp) * u64::from(c.dp);
         let pp_cross_node = stage_devices >= u64::from(self.cluster.devices_per_node);
         let sim = simulate(
@@ -514,7 +563,6 @@ impl Compiler {
                 cost: &self.cost,
                 pp_cross_node,
                 detail,
-                orders: &orders,
             },
         );
         let peak_bytes = sim.memory.iter().map(|m| m.peak_bytes).max().unwrap_or(0);
@@ -538,7 +586,8 @@ impl Compiler {
         })
     }
 
-    fn cut(&self, blocks: &[BlockProfile], c: &Config) -> Result<Vec<StageSpan>, CompileError> {
+    fn cut(&self, set: &ProfileSet, c: &Config) -> Result<Vec<StageSpan>, CompileError> {
+        let blocks = &set.blocks;
         let pp = c.pp as usize;
         let parts = pp * c.schedule.chunks() as usize;
         let times: Vec<f64> = blocks.iter().map(|b| b.fwd_s + b.bwd_s).collect();
@@ -553,12 +602,7 @@ impl Compiler {
         };
         let v = u64::from(c.schedule.chunks());
         let budget = self.budget_bytes;
-        let states = pipeline::RangeStats::new(
-            blocks
-                .iter()
-                .map(|b| (b.states.total(), b.fwd_extra.max(b.bwd_extra))),
-        );
-        let saved = pipeline::RangeStats::new(blocks.iter().map(|b| (b.saved, 0)));
+        let (states, saved) = (&set.states, &set.saved);
         let fits = |stage: usize, first: usize, last: usize| {
             let (extra, states, saved) = (
                 states.max(first, last),

@@ -137,8 +137,6 @@ pub struct SimInput<'a> {
     pub pp_cross_node: bool,
     /// Record every event and the memory timeline (for traces); off during search.
     pub detail: bool,
-    /// The order of work on each pipeline device ([`schedule::device_order`]).
-    pub orders: &'a [Vec<schedule::Step>],
 }
 
 struct Vs {
@@ -203,6 +201,10 @@ fn summarize(blocks: &[BlockProfile], span: StageSpan, input: &SimInput) -> Vs {
     v
 }
 
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Simulates one step. `blocks` are the per-device block profiles in model order.
 pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
     let cfg = input.config;
@@ -233,15 +235,22 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
         }
     }
 
-    let orders = input.orders;
-    let mut f_end = vec![f64::NAN; nvs * m as usize];
-    let mut b_end = vec![f64::NAN; nvs * m as usize];
+    let orders: Vec<schedule::DeviceOrder> = (0..pp)
+        .map(|s| schedule::DeviceOrder::new(cfg.schedule, s, pp, m))
+        .collect();
+    // End times per (virtual stage, micro-batch), in reused per-thread buffers: large
+    // pipelines have hundreds of thousands of entries, and fresh zeroed pages per
+    // candidate cost more than the simulation.
+    let mut ends = SCRATCH.with(|c| c.take());
+    ends.clear();
+    ends.resize(2 * nvs * m as usize, f64::NAN);
+    let (f_end, b_end) = ends.split_at_mut(nvs * m as usize);
     let mut pos = vec![0usize; pp as usize];
     let mut free_at = vec![0.0f64; pp as usize];
     let mut busy = vec![0.0f64; pp as usize];
     let mut p2p_wait = vec![0.0f64; pp as usize];
     let mut events = Vec::with_capacity(if input.detail {
-        orders.iter().map(Vec::len).sum()
+        orders.iter().map(schedule::DeviceOrder::len).sum()
     } else {
         0
     });
@@ -266,7 +275,8 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
         let mut done = true;
         for s in 0..pp {
             let d = s as usize;
-            while let Some(step) = orders[d].get(pos[d]) {
+            while pos[d] < orders[d].len() {
+                let step = orders[d].step(pos[d]);
                 let k = vstage(s, step.chunk);
                 let i = idx(k as u32, step.micro_batch);
                 let dep = match step.pass {
@@ -424,6 +434,7 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
             peak[d] = (opt_peak, 0, opt_extra[d]);
         }
     }
+    SCRATCH.with(|c| c.replace(ends));
     let step_time_s = finish.iter().copied().fold(0.0, f64::max);
     let critical = finish
         .iter()

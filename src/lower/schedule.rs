@@ -33,59 +33,87 @@ pub struct Step {
 /// * Interleaved with `v` chunks: micro-batches advance in groups of `pp` through the
 ///   chunks; warm-up is `2(pp - stage - 1) + (v - 1)·pp` forwards (Fig. 4 bottom).
 pub fn device_order(schedule: Schedule, stage: u32, pp: u32, m: u32) -> Vec<Step> {
-    let f = |chunk, micro_batch| Step {
-        pass: Pass::F,
-        chunk,
-        micro_batch,
-    };
-    let b = |chunk, micro_batch| Step {
-        pass: Pass::B,
-        chunk,
-        micro_batch,
-    };
-    match schedule {
-        Schedule::Gpipe => (0..m)
-            .map(|i| f(0, i))
-            .chain((0..m).map(|i| b(0, i)))
-            .collect(),
-        Schedule::OneFOneB => {
-            let warm = (pp - stage - 1).min(m);
-            let mut out: Vec<Step> = (0..warm).map(|i| f(0, i)).collect();
-            for i in 0..m - warm {
-                out.push(f(0, warm + i));
-                out.push(b(0, i));
-            }
-            out.extend((m - warm..m).map(|i| b(0, i)));
-            out
+    let order = DeviceOrder::new(schedule, stage, pp, m);
+    (0..order.len()).map(|p| order.step(p)).collect()
+}
+
+/// [`device_order`] without materializing it: the `p`-th step in closed form.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOrder {
+    schedule: Schedule,
+    pp: u32,
+    /// Micro-steps per pass: `m · v`.
+    total: u32,
+    /// Warm-up forwards.
+    warm: u32,
+    v: u32,
+}
+
+impl DeviceOrder {
+    /// The order of device `stage` of `pp` with `m` micro-batches.
+    pub fn new(schedule: Schedule, stage: u32, pp: u32, m: u32) -> DeviceOrder {
+        let v = schedule.chunks();
+        let total = m * v;
+        let warm = match schedule {
+            Schedule::Gpipe => total,
+            Schedule::OneFOneB => (pp - stage - 1).min(m),
+            Schedule::Interleaved(_) => ((pp - stage - 1) * 2 + (v - 1) * pp).min(total),
+        };
+        DeviceOrder {
+            schedule,
+            pp,
+            total,
+            warm,
+            v,
         }
-        Schedule::Interleaved(v) => {
-            let v = v.max(1);
-            let total = m * v;
-            // Micro-step k → (chunk, micro-batch); micro-batches advance in groups of pp.
-            let at = |k: u32, backward: bool| {
+    }
+
+    /// Number of steps (`2 · m · v`).
+    pub fn len(&self) -> usize {
+        2 * self.total as usize
+    }
+
+    /// Whether there is no step.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Micro-step `k` of a pass → (chunk, micro-batch). Micro-batches advance through
+    /// the chunks in groups of `pp`; backward visits the chunks in reverse.
+    fn at(&self, k: u32, backward: bool) -> (u32, u32) {
+        match self.schedule {
+            Schedule::Interleaved(_) => {
+                let (pp, v) = (self.pp, self.v);
                 let group = k / pp;
                 let chunk = group % v;
                 let chunk = if backward { v - 1 - chunk } else { chunk };
-                let mb = (group / v) * pp + k % pp;
-                (chunk, mb)
-            };
-            let warm = ((pp - stage - 1) * 2 + (v - 1) * pp).min(total);
-            let mut out = Vec::with_capacity(2 * total as usize);
-            for k in 0..warm {
-                let (c, i) = at(k, false);
-                out.push(f(c, i));
+                (chunk, (group / v) * pp + k % pp)
             }
-            for k in 0..total - warm {
-                let (c, i) = at(warm + k, false);
-                out.push(f(c, i));
-                let (c, i) = at(k, true);
-                out.push(b(c, i));
+            _ => (0, k),
+        }
+    }
+
+    /// The `p`-th step: `warm` forwards, then alternating forward/backward, then the
+    /// remaining backwards.
+    pub fn step(&self, p: usize) -> Step {
+        let (w, total) = (self.warm as usize, self.total as usize);
+        let (pass, k) = if p < w {
+            (Pass::F, p)
+        } else if p < w + 2 * (total - w) {
+            let q = p - w;
+            if q % 2 == 0 {
+                (Pass::F, w + q / 2)
+            } else {
+                (Pass::B, q / 2)
             }
-            for k in total - warm..total {
-                let (c, i) = at(k, true);
-                out.push(b(c, i));
-            }
-            out
+        } else {
+            (Pass::B, total - w + (p - w - 2 * (total - w)))
+        };
+        let (chunk, micro_batch) = self.at(k as u32, pass == Pass::B);
+        Step {
+            pass,
+            chunk,
+            micro_batch,
         }
     }
 }

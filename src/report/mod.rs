@@ -309,6 +309,13 @@ pub fn plan_log(r: &crate::search::SearchResult) -> String {
         "[info] The number of possible candidates is {}.",
         st.feasible
     );
+    if st.pruned > 0 {
+        let _ = writeln!(
+            s,
+            "[info] {} more were not simulated: their compute alone exceeds the best step time (--exhaustive simulates them).",
+            st.pruned
+        );
+    }
     let _ = writeln!(s, "[info] SelectBestGraphFromCandidates start...");
     let _ = writeln!(
         s,

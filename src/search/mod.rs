@@ -2,6 +2,7 @@
 //! checked), and (in `plan`) the whole candidate space.
 
 use crate::lower::compile::{Compiler, Evaluation};
+use crate::lower::StageSpan;
 use crate::passes::candidates::{enumerate, Constraints};
 use crate::passes::{Config, Recompute};
 use crate::report::Suggestion;
@@ -111,6 +112,10 @@ pub fn suggestions(compiler: &Compiler, c: &Config) -> Vec<Suggestion> {
     fits
 }
 
+/// Candidates simulated per round of [`plan_with`] (a fixed number, so that pruning
+/// does not depend on the thread count).
+pub const SIMULATION_ROUND: usize = 256;
+
 /// Options of [`plan_with`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SearchOptions {
@@ -143,6 +148,11 @@ pub enum Outcome {
         /// The bound, bytes.
         lower_bound_bytes: u64,
     },
+    /// Not simulated: its step-time lower bound exceeds a fitting plan's step time.
+    Slower {
+        /// The bound, seconds.
+        lower_bound_s: f64,
+    },
     /// Could not be compiled (e.g. a split the model does not allow).
     Rejected {
         /// Why.
@@ -166,6 +176,9 @@ pub struct SearchStats {
     pub candidates: usize,
     /// Candidates that fit.
     pub feasible: usize,
+    /// Candidates not simulated because their step-time bound exceeds a fitting plan's.
+    #[serde(default)]
+    pub pruned: usize,
     /// Wall time of the parallel compile phase, milliseconds.
     pub compile_ms: f64,
     /// Wall time of the selection phase, milliseconds.
@@ -231,96 +244,145 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
     );
     let params = compiler.param_count();
     let t0 = Instant::now();
-    let results: Vec<(Config, Result<Evaluation, Outcome>)> = candidates
+    // 1. Cheap screening, in parallel: the model-state memory bound and the step-time
+    //    lower bound of every candidate.
+    let screened: Vec<Result<(f64, Vec<StageSpan>), Outcome>> = candidates
         .par_iter()
         .map(|c| {
             let bound = state_lower_bound(params, c);
             if !opts.exhaustive && bound > compiler.budget_bytes {
-                return (
-                    *c,
-                    Err(Outcome::Skipped {
-                        lower_bound_bytes: bound,
-                    }),
-                );
+                return Err(Outcome::Skipped {
+                    lower_bound_bytes: bound,
+                });
             }
-            match compiler.evaluate_with(c, false) {
-                Ok(e) => (*c, Ok(e)),
-                Err(err) => (
-                    *c,
-                    Err(Outcome::Rejected {
-                        reason: err.to_string(),
-                    }),
-                ),
+            compiler
+                .lower_bound(c)
+                .map_err(|err| Outcome::Rejected {
+                    reason: err.to_string(),
+                })
+        })
+        .collect();
+    // 2. Simulation in order of the time bound, in fixed-size rounds so that the result
+    //    does not depend on the thread count: a candidate whose bound exceeds the best
+    //    step time found in earlier rounds cannot win and is not simulated.
+    let mut order: Vec<usize> = (0..candidates.len())
+        .filter(|&i| screened[i].is_ok())
+        .collect();
+    let bound_of = |i: usize| screened[i].as_ref().map_or(f64::INFINITY, |b| b.0);
+    order.sort_by(|&a, &b| {
+        bound_of(a)
+            .total_cmp(&bound_of(b))
+            .then_with(|| simplicity(&candidates[a]).cmp(&simplicity(&candidates[b])))
+    });
+    let mut outcome: Vec<Option<Outcome>> = screened
+        .iter()
+        .map(|r| r.as_ref().err().cloned())
+        .collect();
+    let mut best_time = f64::INFINITY;
+    for round in order.chunks(SIMULATION_ROUND) {
+        let results: Vec<(usize, Outcome)> = round
+            .par_iter()
+            .map(|&i| {
+                let c = &candidates[i];
+                let o = if !opts.exhaustive && bound_of(i) > best_time {
+                    Outcome::Slower {
+                        lower_bound_s: bound_of(i),
+                    }
+                } else {
+                    let stages = screened[i].as_ref().map(|b| b.1.clone()).unwrap_or_default();
+                    match compiler.evaluate_cut(c, stages, false) {
+                        Ok(e) if e.fits => Outcome::Fits {
+                            step_time_s: e.step_time_s,
+                            peak_bytes: e.peak_bytes,
+                        },
+                        Ok(e) => Outcome::OutOfMemory {
+                            peak_bytes: e.peak_bytes,
+                        },
+                        Err(err) => Outcome::Rejected {
+                            reason: err.to_string(),
+                        },
+                    }
+                };
+                (i, o)
+            })
+            .collect();
+        for (i, o) in results {
+            if let Outcome::Fits { step_time_s, .. } = o {
+                best_time = best_time.min(step_time_s);
             }
+            outcome[i] = Some(o);
+        }
+    }
+    let outcomes: Vec<CandidateOutcome> = candidates
+        .iter()
+        .zip(outcome)
+        .map(|(c, o)| CandidateOutcome {
+            config: *c,
+            outcome: o.unwrap_or(Outcome::Rejected {
+                reason: "not screened".into(),
+            }),
         })
         .collect();
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let t1 = Instant::now();
-    let mut outcomes = Vec::with_capacity(results.len());
-    let mut fitting: Vec<&Evaluation> = Vec::new();
-    let mut closest: Option<&Evaluation> = None;
-    for (c, r) in &results {
-        let outcome = match r {
-            Ok(e) if e.fits => {
-                fitting.push(e);
-                Outcome::Fits {
-                    step_time_s: e.step_time_s,
-                    peak_bytes: e.peak_bytes,
+    let mut fitting: Vec<(f64, &Config)> = Vec::new();
+    let mut closest: Option<(u64, &Config)> = None;
+    let mut smallest_bound: Option<(u64, &Config)> = None;
+    for o in &outcomes {
+        let c = &o.config;
+        match o.outcome {
+            Outcome::Fits {
+                step_time_s,
+                peak_bytes,
+            } => {
+                fitting.push((step_time_s, c));
+                if closest.is_none_or(|b| peak_bytes < b.0) {
+                    closest = Some((peak_bytes, c));
                 }
             }
-            Ok(e) => Outcome::OutOfMemory {
-                peak_bytes: e.peak_bytes,
-            },
-            Err(o) => o.clone(),
-        };
-        if let Ok(e) = r {
-            if closest.is_none_or(|b| e.peak_bytes < b.peak_bytes) {
-                closest = Some(e);
+            Outcome::OutOfMemory { peak_bytes } => {
+                if closest.is_none_or(|b| peak_bytes < b.0) {
+                    closest = Some((peak_bytes, c));
+                }
             }
+            Outcome::Skipped { lower_bound_bytes } => {
+                let key = (lower_bound_bytes, simplicity(c));
+                if smallest_bound.is_none_or(|(b, s)| key < (b, simplicity(s))) {
+                    smallest_bound = Some((lower_bound_bytes, c));
+                }
+            }
+            Outcome::Rejected { .. } | Outcome::Slower { .. } => {}
         }
-        outcomes.push(CandidateOutcome {
-            config: *c,
-            outcome,
-        });
     }
-    // Everything skipped by the bound: compile the candidate with the smallest bound so
-    // that an out-of-memory report describes a real compiled configuration.
-    let fallback = if closest.is_none() {
-        results
-            .iter()
-            .filter_map(|(c, r)| match r {
-                Err(Outcome::Skipped { lower_bound_bytes }) => Some((*lower_bound_bytes, *c)),
-                _ => None,
-            })
-            .min_by_key(|(b, c)| (*b, simplicity(c)))
-            .and_then(|(_, c)| compiler.evaluate(&c).ok())
-    } else {
-        None
-    };
-    let closest = closest.or(fallback.as_ref());
     fitting.sort_by(|a, b| {
-        a.step_time_s
-            .total_cmp(&b.step_time_s)
-            .then_with(|| simplicity(&a.config).cmp(&simplicity(&b.config)))
+        a.0.total_cmp(&b.0)
+            .then_with(|| simplicity(a.1).cmp(&simplicity(b.1)))
     });
     // Re-run the few reported plans with their events and memory timelines.
-    let detailed = |e: &Evaluation| compiler.evaluate(&e.config).unwrap_or_else(|_| e.clone());
-    let best = fitting.first().map(|e| detailed(e));
+    let detailed = |c: &Config| compiler.evaluate(c).ok();
+    let best = fitting.first().and_then(|(_, c)| detailed(c));
     let runners_up = fitting
         .iter()
         .skip(1)
         .take(opts.runners_up)
-        .map(|e| detailed(e))
+        .filter_map(|(_, c)| detailed(c))
         .collect();
+    // When every candidate was skipped by the bound, the one with the smallest bound is
+    // compiled so that an out-of-memory report describes a real configuration.
+    let closest = closest.or(smallest_bound).and_then(|(_, c)| detailed(c));
     let cost_ms = t1.elapsed().as_secs_f64() * 1e3;
     SearchResult {
         best,
         runners_up,
-        closest: closest.map(detailed),
+        closest,
         stats: SearchStats {
             candidates: candidates.len(),
             feasible: fitting.len(),
+            pruned: outcomes
+                .iter()
+                .filter(|o| matches!(o.outcome, Outcome::Slower { .. }))
+                .count(),
             compile_ms,
             cost_ms,
         },
