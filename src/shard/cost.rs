@@ -239,6 +239,6 @@ mod tests {
             &[&half],
             env,
         );
-        assert_eq!(ar.picos(), 2 * rs.picos());
+        assert!(ar.picos().abs_diff(2 * rs.picos()) <= 2, "{ar:?} vs {rs:?}");
     }
 }
