@@ -100,6 +100,13 @@ fn printed_blocks_pass_check() {
         let qkv = parsed.find_source("layers.1.attn.qkv.weight").expect("qkv");
         let ty = parsed.ty(parsed.node(qkv).results[0]);
         assert_eq!(ty.to_string(), "bf16[12288,4608]");
+        // `--train`: the block of the per-device training graph.
+        let train = m
+            .training_block(Block::Layer(1), &TrainOptions::default())
+            .expect("training block");
+        let parsed = text::parse(&text::print(&train)).expect("parses");
+        verify(&parsed).expect("verifies");
+        assert!(parsed.ops().any(|o| parsed.node(o).phase == Phase::Opt));
     }
 }
 
