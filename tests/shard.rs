@@ -79,6 +79,31 @@ fn transformer_layers_get_megatrons_collectives() {
     }
 }
 
+/// The calibrated cost model plugs in through the same trait and finds the same
+/// layouts on a DGX A100 node.
+#[test]
+fn the_calibrated_cost_model_finds_the_same_layouts() {
+    use apar::cost::{CostModel, Group};
+    let cluster = apar::cluster::Cluster::resolve("dgx-a100-80g:1").expect("preset");
+    let model = CostModel::new(cluster);
+    let cost = apar::shard::ModelCost {
+        model: &model,
+        group: Group {
+            size: 8,
+            per_node: 8,
+        },
+    };
+    let fwd = forward(&with_layers("gpt3-175b", 3));
+    for sp in [false, true] {
+        let m = Sharder::with_cost(ShardOptions::new(8, sp), &cost)
+            .shard_model(&fwd)
+            .expect("shards");
+        let b = Block::Layer(1);
+        let reduce = if sp { "reduce_scatter" } else { "all_reduce" };
+        assert_eq!(count(&m, b, reduce), 2, "sp {sp}: {:?}", m.collectives(b));
+    }
+}
+
 /// `apar shard --model gpt3-175b --tp 8 --block 1` on the full model: the block as
 /// printed parses back and verifies (what `apar check` does), with and without sp.
 #[test]
@@ -100,6 +125,13 @@ fn printed_blocks_pass_check() {
         let qkv = parsed.find_source("layers.1.attn.qkv.weight").expect("qkv");
         let ty = parsed.ty(parsed.node(qkv).results[0]);
         assert_eq!(ty.to_string(), "bf16[12288,4608]");
+        // `--train`: the block of the per-device training graph.
+        let train = m
+            .training_block(Block::Layer(1), &TrainOptions::default())
+            .expect("training block");
+        let parsed = text::parse(&text::print(&train)).expect("parses");
+        verify(&parsed).expect("verifies");
+        assert!(parsed.ops().any(|o| parsed.node(o).phase == Phase::Opt));
     }
 }
 

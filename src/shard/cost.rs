@@ -3,7 +3,7 @@
 //!
 //! [`PlaceholderCost`] is a plain roofline with named constants (A100-class numbers,
 //! sources below); [`ModelCost`] plugs in the crate's calibrated
-//! [`CostModel`](crate::cost::CostModel). Both price one device: a replicated op costs
+//! [`CostModel`]. Both price one device: a replicated op costs
 //! its full time on every device, a split op its share.
 
 use crate::cost::{CostModel, Group};
@@ -239,6 +239,6 @@ mod tests {
             &[&half],
             env,
         );
-        assert_eq!(ar.picos(), 2 * rs.picos());
+        assert!(ar.picos().abs_diff(2 * rs.picos()) <= 2, "{ar:?} vs {rs:?}");
     }
 }

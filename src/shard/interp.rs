@@ -1,12 +1,18 @@
-//! A reference interpreter: every op of the IR in f32 on the CPU, for tiny shapes, and
-//! `p` devices of a tensor-parallel group simulated in lockstep (the collectives and
-//! the rank-dependent ops read every device's tensors).
+//! A reference interpreter: every op of the IR on the CPU, for tiny shapes, and `p`
+//! devices of a tensor-parallel group simulated in lockstep (the collectives and the
+//! rank-dependent ops read every device's tensors).
 //!
 //! It exists to check sharding: [`compare`] runs a forward graph's training step and
 //! the training step of its sharded per-device graph on the same random inputs and
 //! parameters, and measures how far the loss and every parameter gradient (assembled
-//! from the devices' pieces) differ. Dtypes are ignored (everything is f32); casts are
-//! identities; optimizer ops are not run.
+//! from the devices' pieces) differ. Dtypes are ignored: every tensor holds [`F`]
+//! values; casts are identities; optimizer ops are not run.
+//!
+//! Elements are stored as `f64`, not in the graphs' f32/bf16: the sharded program sums
+//! in a different order (partial products, then an all-reduce), and in f32 the rounding
+//! of that reordering alone, amplified by ill-conditioned random graphs (layer norms
+//! with ε = 10⁻¹²), exceeds a 10⁻⁴ tolerance. In f64 the two runs agree to ~10⁻¹², so
+//! any difference the checks see is a semantic one.
 //!
 //! Dropout draws its keep mask from a hash of the forward op it implements and the
 //! element's position in the *logical* tensor, so a sharded dropout keeps exactly the
@@ -18,13 +24,16 @@ use crate::ir::{Env, Graph, Op, OpId, Phase, TensorId};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
-/// A dense row-major f32 tensor (integers are stored as exact f32 values).
+/// The interpreter's element type.
+pub type F = f64;
+
+/// A dense row-major tensor (integers are stored as exact values).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     /// Dimensions.
     pub shape: Vec<usize>,
     /// Elements, row-major.
-    pub data: Vec<f32>,
+    pub data: Vec<F>,
 }
 
 impl Tensor {
@@ -120,7 +129,7 @@ pub fn piece(global: &Tensor, layout: Layout, parts: u32, rank: usize) -> Tensor
         Layout::Replicated => global.clone(),
         Layout::Partial => {
             let mut t = global.clone();
-            let p = parts as f32;
+            let p = parts as F;
             t.data.iter_mut().for_each(|x| *x /= p);
             t
         }
@@ -246,7 +255,7 @@ pub fn execute(run: &Run, feeds: &BTreeMap<String, Tensor>) -> Result<Values, In
             Op::Constant { value } => (0..p)
                 .map(|_| {
                     let mut t = Tensor::zeros(&out_shapes[0]);
-                    t.data.iter_mut().for_each(|x| *x = *value as f32);
+                    t.data.iter_mut().for_each(|x| *x = *value as F);
                     vec![t]
                 })
                 .collect(),
@@ -380,54 +389,52 @@ fn group_op(op: &Op, all: &[Vec<&Tensor>], outs: &[Vec<usize>]) -> R<Vec<Vec<Ten
             let local_v = *all[0][li].shape.last().ok_or("logits need a vocab axis")?;
             let tokens = all[0][yi].numel();
             // Per token: max, sum of exponentials, target logit over the whole group.
-            let mut max = vec![f32::NEG_INFINITY; tokens];
-            for d in 0..p {
+            let mut max = vec![F::NEG_INFINITY; tokens];
+            for ins in all {
                 for (t, m) in max.iter_mut().enumerate() {
-                    for j in 0..local_v {
-                        *m = m.max(all[d][li].data[t * local_v + j]);
-                    }
+                    let row = &ins[li].data[t * local_v..(t + 1) * local_v];
+                    *m = row.iter().fold(*m, |a, &b| a.max(b));
                 }
             }
             let mut sum = vec![0.0f64; tokens];
             let mut target = vec![0.0f64; tokens];
-            for d in 0..p {
+            for (d, ins) in all.iter().enumerate() {
                 for t in 0..tokens {
-                    let label = all[d][yi].data[t] as usize;
+                    let label = ins[yi].data[t] as usize;
                     for j in 0..local_v {
-                        let z = all[d][li].data[t * local_v + j];
-                        sum[t] += f64::from((z - max[t]).exp());
+                        let z = ins[li].data[t * local_v + j];
+                        sum[t] += (z - max[t]).exp();
                         if label == d * local_v + j {
-                            target[t] = f64::from(z);
+                            target[t] = z;
                         }
                     }
                 }
             }
             if !grad {
                 let loss: f64 = (0..tokens)
-                    .map(|t| sum[t].ln() + f64::from(max[t]) - target[t])
+                    .map(|t| sum[t].ln() + max[t] - target[t])
                     .sum::<f64>()
                     / tokens as f64;
                 (0..p)
                     .map(|_| {
                         vec![Tensor {
                             shape: outs[0].clone(),
-                            data: vec![loss as f32],
+                            data: vec![loss as F],
                         }]
                     })
                     .collect()
             } else {
                 (0..p)
                     .map(|d| {
-                        let dl = f64::from(all[d][0].data[0]);
+                        let dl = all[d][0].data[0];
                         let mut out = Tensor::zeros(&outs[0]);
                         for t in 0..tokens {
                             let label = all[d][yi].data[t] as usize;
                             for j in 0..local_v {
                                 let z = all[d][li].data[t * local_v + j];
-                                let sm = f64::from((z - max[t]).exp()) / sum[t];
+                                let sm = ((z - max[t]).exp()) / sum[t];
                                 let hot = if label == d * local_v + j { 1.0 } else { 0.0 };
-                                out.data[t * local_v + j] =
-                                    (dl * (sm - hot) / tokens as f64) as f32;
+                                out.data[t * local_v + j] = (dl * (sm - hot) / tokens as f64) as F;
                             }
                         }
                         vec![out]
@@ -439,14 +446,14 @@ fn group_op(op: &Op, all: &[Vec<&Tensor>], outs: &[Vec<usize>]) -> R<Vec<Vec<Ten
     })
 }
 
-fn map1(x: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
+fn map1(x: &Tensor, f: impl Fn(F) -> F) -> Tensor {
     Tensor {
         shape: x.shape.clone(),
         data: x.data.iter().map(|&v| f(v)).collect(),
     }
 }
 
-fn zip2(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> R<Tensor> {
+fn zip2(a: &Tensor, b: &Tensor, f: impl Fn(F, F) -> F) -> R<Tensor> {
     if a.data.len() != b.data.len() {
         return Err(format!("shapes {:?} and {:?} differ", a.shape, b.shape));
     }
@@ -456,20 +463,20 @@ fn zip2(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> R<Tensor> {
     })
 }
 
-const GELU_C: f32 = 0.797_884_6; // √(2/π)
+const GELU_C: F = 0.797_884_6; // √(2/π)
 
-fn gelu(x: f32) -> f32 {
+fn gelu(x: F) -> F {
     0.5 * x * (1.0 + (GELU_C * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-fn gelu_grad(x: f32) -> f32 {
+fn gelu_grad(x: F) -> F {
     let u = GELU_C * (x + 0.044_715 * x * x * x);
     let t = u.tanh();
     let du = GELU_C * (1.0 + 3.0 * 0.044_715 * x * x);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 }
 
-fn sigmoid(x: f32) -> f32 {
+fn sigmoid(x: F) -> F {
     1.0 / (1.0 + (-x).exp())
 }
 
@@ -496,7 +503,7 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
         Op::MatMul { ta, tb } => one(matmul(ins[0], ins[1], *ta, *tb, &outs[0])?),
         Op::Add => one(zip2(ins[0], ins[1], |a, b| a + b)?),
         Op::Mul => one(zip2(ins[0], ins[1], |a, b| a * b)?),
-        Op::Scale { factor } => one(map1(x0()?, |v| v * *factor as f32)),
+        Op::Scale { factor } => one(map1(x0()?, |v| v * *factor as F)),
         Op::BiasAdd => {
             let (a, b) = (ins[0], ins[1]);
             let n = b.numel();
@@ -526,21 +533,21 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             for row in 0..r {
                 let qi = row % q_len;
                 let s = &mut t.data[row * n..(row + 1) * n];
-                let mut m = f32::NEG_INFINITY;
+                let mut m = F::NEG_INFINITY;
                 for (j, v) in s.iter_mut().enumerate() {
                     *v = if *causal && j > qi {
-                        f32::NEG_INFINITY
+                        F::NEG_INFINITY
                     } else {
-                        *v * *scale as f32
+                        *v * *scale as F
                     };
                     m = m.max(*v);
                 }
                 let mut sum = 0.0f64;
                 for v in s.iter_mut() {
                     *v = (*v - m).exp();
-                    sum += f64::from(*v);
+                    sum += *v;
                 }
-                s.iter_mut().for_each(|v| *v = (f64::from(*v) / sum) as f32);
+                s.iter_mut().for_each(|v| *v = ((*v) / sum) as F);
             }
             one(t)
         }
@@ -553,10 +560,10 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
                 let dot: f64 = dy.data[sl.clone()]
                     .iter()
                     .zip(&y.data[sl.clone()])
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .map(|(a, b)| (*a) * (*b))
                     .sum();
                 for j in sl {
-                    t.data[j] = (*scale as f32) * y.data[j] * (dy.data[j] - dot as f32);
+                    t.data[j] = (*scale as F) * y.data[j] * (dy.data[j] - dot as F);
                 }
             }
             one(t)
@@ -606,7 +613,7 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
                 let keep = unit(h) < keep_p;
                 mask.data[flat] = if keep { 1.0 } else { 0.0 };
                 y.data[flat] = if keep {
-                    x.data[flat] / keep_p as f32
+                    x.data[flat] / keep_p as F
                 } else {
                     0.0
                 };
@@ -614,7 +621,7 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             Ok(vec![y, mask])
         }
         Op::DropoutGrad { p } => {
-            let keep = (1.0 - p) as f32;
+            let keep = (1.0 - p) as F;
             one(zip2(ins[0], ins[1], |dy, m| dy * m / keep)?)
         }
         Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
@@ -625,23 +632,19 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             for row in 0..r {
                 let s = &x.data[row * n..(row + 1) * n];
                 let mean = if ln {
-                    s.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64
+                    s.iter().sum::<f64>() / n as f64
                 } else {
                     0.0
                 };
-                let var = s
-                    .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
-                    .sum::<f64>()
-                    / n as f64;
+                let var = s.iter().map(|&v| (v - mean).powi(2)).sum::<f64>() / n as f64;
                 let inv = 1.0 / (var + eps).sqrt();
-                for j in 0..n {
-                    let xh = (f64::from(s[j]) - mean) * inv;
-                    let mut v = xh * f64::from(ins[1].data[j]);
+                for (j, &sj) in s.iter().enumerate() {
+                    let xh = (sj - mean) * inv;
+                    let mut v = xh * ins[1].data[j];
                     if ln {
-                        v += f64::from(ins[2].data[j]);
+                        v += ins[2].data[j];
                     }
-                    t.data[row * n + j] = v as f32;
+                    t.data[row * n + j] = v as F;
                 }
             }
             one(t)
@@ -657,20 +660,14 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
                 let s = &x.data[row * n..(row + 1) * n];
                 let d = &dy.data[row * n..(row + 1) * n];
                 let mean = if ln {
-                    s.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64
+                    s.iter().sum::<f64>() / n as f64
                 } else {
                     0.0
                 };
-                let var = s
-                    .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
-                    .sum::<f64>()
-                    / n as f64;
+                let var = s.iter().map(|&v| (v - mean).powi(2)).sum::<f64>() / n as f64;
                 let inv = 1.0 / (var + eps).sqrt();
-                let xh: Vec<f64> = s.iter().map(|&v| (f64::from(v) - mean) * inv).collect();
-                let dxh: Vec<f64> = (0..n)
-                    .map(|j| f64::from(d[j]) * f64::from(gamma.data[j]))
-                    .collect();
+                let xh: Vec<f64> = s.iter().map(|&v| (v - mean) * inv).collect();
+                let dxh: Vec<f64> = (0..n).map(|j| d[j] * gamma.data[j]).collect();
                 let m1 = if ln {
                     dxh.iter().sum::<f64>() / n as f64
                 } else {
@@ -678,14 +675,14 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
                 };
                 let m2 = dxh.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / n as f64;
                 for j in 0..n {
-                    dx.data[row * n + j] = (inv * (dxh[j] - m1 - xh[j] * m2)) as f32;
-                    dg[j] += f64::from(d[j]) * xh[j];
-                    db[j] += f64::from(d[j]);
+                    dx.data[row * n + j] = (inv * (dxh[j] - m1 - xh[j] * m2)) as F;
+                    dg[j] += d[j] * xh[j];
+                    db[j] += d[j];
                 }
             }
             let vec_t = |v: Vec<f64>| Tensor {
                 shape: vec![n],
-                data: v.into_iter().map(|x| x as f32).collect(),
+                data: v.into_iter().map(|x| x as F).collect(),
             };
             let mut out = vec![dx, vec_t(dg)];
             if ln {
@@ -710,12 +707,9 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
                 for i in 0..half {
                     let freq = theta.powf(-2.0 * i as f64 / *dims as f64);
                     let (sn, cs) = (sign * pos as f64 * freq).sin_cos();
-                    let (a, b) = (
-                        f64::from(x.data[flat + i]),
-                        f64::from(x.data[flat + i + half]),
-                    );
-                    t.data[flat + i] = (a * cs - b * sn) as f32;
-                    t.data[flat + i + half] = (a * sn + b * cs) as f32;
+                    let (a, b) = ((x.data[flat + i]), (x.data[flat + i + half]));
+                    t.data[flat + i] = (a * cs - b * sn) as F;
+                    t.data[flat + i + half] = (a * sn + b * cs) as F;
                 }
             }
             one(t)
@@ -751,13 +745,13 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
                 let id = id as usize;
                 if (offset..offset + v).contains(&id) {
                     for j in 0..h {
-                        acc[(id - offset) * h + j] += f64::from(dy.data[i * h + j]);
+                        acc[(id - offset) * h + j] += dy.data[i * h + j];
                     }
                 }
             }
             one(Tensor {
                 shape: outs[0].clone(),
-                data: acc.into_iter().map(|v| v as f32).collect(),
+                data: acc.into_iter().map(|v| v as F).collect(),
             })
         }
         Op::Reshape { .. } | Op::Cast { .. } | Op::TpCopy { .. } => one(Tensor {
@@ -836,12 +830,11 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| !axes.contains(&(*i as u32)));
-                acc[kept.zip(&os).map(|((_, a), b)| a * b).sum::<usize>()] +=
-                    f64::from(x.data[flat]);
+                acc[kept.zip(&os).map(|((_, a), b)| a * b).sum::<usize>()] += x.data[flat];
             }
             one(Tensor {
                 shape: outs[0].clone(),
-                data: acc.into_iter().map(|v| v as f32).collect(),
+                data: acc.into_iter().map(|v| v as F).collect(),
             })
         }
         Op::CrossEntropy | Op::CrossEntropyGrad => {
@@ -854,17 +847,17 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             let (r, n) = rows(z);
             let mut loss = 0.0f64;
             let mut dz = Tensor::zeros(&z.shape);
-            let dl = if grad { f64::from(ins[0].data[0]) } else { 0.0 };
+            let dl = if grad { ins[0].data[0] } else { 0.0 };
             for row in 0..r {
                 let s = &z.data[row * n..(row + 1) * n];
-                let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let sum: f64 = s.iter().map(|&v| f64::from((v - m).exp())).sum();
+                let m = s.iter().fold(F::NEG_INFINITY, |a, &b| a.max(b));
+                let sum: f64 = s.iter().map(|&v| (v - m).exp()).sum();
                 let label = y.data[row] as usize;
-                loss += sum.ln() + f64::from(m) - f64::from(s[label.min(n - 1)]);
-                for j in 0..n {
-                    let sm = f64::from((s[j] - m).exp()) / sum;
+                loss += sum.ln() + m - (s[label.min(n - 1)]);
+                for (j, &sj) in s.iter().enumerate() {
+                    let sm = (sj - m).exp() / sum;
                     let hot = if j == label { 1.0 } else { 0.0 };
-                    dz.data[row * n + j] = (dl * (sm - hot) / r as f64) as f32;
+                    dz.data[row * n + j] = (dl * (sm - hot) / r as f64) as F;
                 }
             }
             if grad {
@@ -872,7 +865,7 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             } else {
                 one(Tensor {
                     shape: outs[0].clone(),
-                    data: vec![(loss / r as f64) as f32],
+                    data: vec![(loss / r as f64) as F],
                 })
             }
         }
@@ -923,9 +916,9 @@ fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, out: &[usize]) -> R<Tensor
                     } else {
                         b.data[bb + l * n + j]
                     };
-                    acc += f64::from(av) * f64::from(bv);
+                    acc += av * bv;
                 }
-                t.data[bi * m * n + i * n + j] = acc as f32;
+                t.data[bi * m * n + i * n + j] = acc as F;
             }
         }
     }
@@ -967,9 +960,7 @@ fn attention(
                         continue;
                     }
                     let dot: f64 = (0..d)
-                        .map(|c| {
-                            f64::from(q.data[qi(bi, i, h, c)]) * f64::from(k.data[ki(bi, j, hk, c)])
-                        })
+                        .map(|c| (q.data[qi(bi, i, h, c)]) * (k.data[ki(bi, j, hk, c)]))
                         .sum();
                     *pj = dot * scale;
                     m = m.max(*pj);
@@ -977,20 +968,15 @@ fn attention(
                 let sum: f64 = p.iter().map(|&x| (x - m).exp()).sum();
                 p.iter_mut().for_each(|x| *x = (*x - m).exp() / sum);
                 for c in 0..d {
-                    let val: f64 = (0..t)
-                        .map(|j| p[j] * f64::from(v.data[ki(bi, j, hk, c)]))
-                        .sum();
-                    o.data[qi(bi, i, h, c)] = val as f32;
+                    let val: f64 = (0..t).map(|j| p[j] * (v.data[ki(bi, j, hk, c)])).sum();
+                    o.data[qi(bi, i, h, c)] = val as F;
                 }
                 if let Some(g) = d_o {
                     // dP_j = do · v_j; dS = P ⊙ (dP − Σ P dP).
                     let dp: Vec<f64> = (0..t)
                         .map(|j| {
                             (0..d)
-                                .map(|c| {
-                                    f64::from(g.data[qi(bi, i, h, c)])
-                                        * f64::from(v.data[ki(bi, j, hk, c)])
-                                })
+                                .map(|c| (g.data[qi(bi, i, h, c)]) * (v.data[ki(bi, j, hk, c)]))
                                 .sum()
                         })
                         .collect();
@@ -998,12 +984,9 @@ fn attention(
                     for j in 0..t {
                         let ds = p[j] * (dp[j] - dot) * scale;
                         for c in 0..d {
-                            dq.data[qi(bi, i, h, c)] +=
-                                (ds * f64::from(k.data[ki(bi, j, hk, c)])) as f32;
-                            dk.data[ki(bi, j, hk, c)] +=
-                                (ds * f64::from(q.data[qi(bi, i, h, c)])) as f32;
-                            dv.data[ki(bi, j, hk, c)] +=
-                                (p[j] * f64::from(g.data[qi(bi, i, h, c)])) as f32;
+                            dq.data[qi(bi, i, h, c)] += (ds * (k.data[ki(bi, j, hk, c)])) as F;
+                            dk.data[ki(bi, j, hk, c)] += (ds * (q.data[qi(bi, i, h, c)])) as F;
+                            dv.data[ki(bi, j, hk, c)] += (p[j] * (g.data[qi(bi, i, h, c)])) as F;
                         }
                     }
                 }
@@ -1017,17 +1000,17 @@ fn attention(
 #[derive(Clone, Debug, PartialEq)]
 pub struct Comparison {
     /// The unsharded loss.
-    pub loss: f32,
+    pub loss: F,
     /// `|sharded − unsharded|` of the loss, relative to `max(1, |loss|)`.
-    pub loss_error: f32,
+    pub loss_error: F,
     /// Largest gradient error over all parameters, relative to `max(1, max |grad|)`.
-    pub grad_error: f32,
+    pub grad_error: F,
     /// The parameter with the largest gradient error.
     pub worst_param: String,
     /// Parameters compared.
     pub params: usize,
     /// Largest difference between devices' copies of a replicated gradient.
-    pub replica_error: f32,
+    pub replica_error: F,
 }
 
 /// Deterministic random feeds for `fwd`: parameters uniform in `[-scale, scale)`,
@@ -1087,8 +1070,8 @@ pub fn random_feeds(
             .map(|_| {
                 k = splitmix(k);
                 match bound {
-                    Some(b) => (k % b) as f32,
-                    None => ((unit(k) * 2.0 - 1.0) * scale) as f32,
+                    Some(b) => (k % b) as F,
+                    None => ((unit(k) * 2.0 - 1.0) * scale) as F,
                 }
             })
             .collect();
@@ -1177,15 +1160,15 @@ pub fn compare(
         loss_of(&strain).ok_or_else(|| setup("no sharded loss".into()))?,
     );
     let loss = get(&base, 0, l0)?.data[0];
-    let mut loss_error = 0.0f32;
+    let mut loss_error: F = 0.0;
     for d in 0..p as usize {
         let l = get(&shard, d, l1)?.data[0];
         loss_error = loss_error.max((l - loss).abs() / loss.abs().max(1.0));
     }
     let g0 = grads_of(&train);
     let g1 = grads_of(&strain);
-    let mut grad_error = 0.0f32;
-    let mut replica_error = 0.0f32;
+    let mut grad_error: F = 0.0;
+    let mut replica_error: F = 0.0;
     let mut worst = String::new();
     for (name, &t0) in &g0 {
         let &t1 = g1
@@ -1213,7 +1196,7 @@ pub fn compare(
                 whole.shape, want.shape
             )));
         }
-        let scale = want.data.iter().fold(1.0f32, |a, b| a.max(b.abs()));
+        let scale = want.data.iter().fold(1.0 as F, |a, b| a.max(b.abs()));
         let e = max_diff(&whole, &want) / scale;
         if e >= grad_error {
             grad_error = e;
@@ -1230,11 +1213,11 @@ pub fn compare(
     })
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+fn max_diff(a: &Tensor, b: &Tensor) -> F {
     a.data
         .iter()
         .zip(&b.data)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        .fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
 #[cfg(test)]
@@ -1245,7 +1228,7 @@ mod tests {
     fn pieces_and_assembly_invert() {
         let t = Tensor {
             shape: vec![2, 12],
-            data: (0..24).map(|v| v as f32).collect(),
+            data: (0..24).map(|v| v as F).collect(),
         };
         for layout in [
             Layout::split(0),

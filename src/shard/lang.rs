@@ -628,19 +628,6 @@ impl Build<'_> {
         })
     }
 
-    /// An op node like `like` (same op and tag) on new operands.
-    pub fn reapply(&mut self, like: &ShardNode, args: &[Id]) -> Option<Id> {
-        match like {
-            ShardNode::Op { kind, op, tag, .. } => self.add(ShardNode::Op {
-                kind: *kind,
-                op: *op,
-                tag: *tag,
-                args: args.into(),
-            }),
-            _ => None,
-        }
-    }
-
     /// `proj(index, t)`.
     pub fn proj(&mut self, index: u32, t: Id) -> Option<Id> {
         self.add(ShardNode::Proj { index, args: [t] })
@@ -655,11 +642,6 @@ impl Build<'_> {
             groups,
             args: [x],
         })
-    }
-
-    /// `shard(axis, p, x)`.
-    pub fn shard(&mut self, x: Id, axis: u32) -> Option<Id> {
-        self.shard_groups(x, axis, 1)
     }
 
     /// `shard` to an arbitrary split layout, or `x` itself when replicated is asked.

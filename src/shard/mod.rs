@@ -62,10 +62,9 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use thiserror::Error;
 
-/// Default bound on rewrite iterations per run (the deepest push of a shard through a
-/// transformer layer takes about 20).
+/// Default bound on rewrite iterations per run (a GPT-3 layer saturates in 11).
 pub const DEFAULT_ITERATION_LIMIT: usize = 64;
-/// Default bound on e-nodes per run (a Llama layer saturates below 2,000).
+/// Default bound on e-nodes per run (a GPT-3 layer with sp saturates at about 420).
 pub const DEFAULT_NODE_LIMIT: usize = 50_000;
 /// Default binding of `b` and `s` for pricing: one sequence of 2,048 tokens.
 pub const DEFAULT_COST_ENV: Env = Env {

@@ -8,7 +8,7 @@
 //! Every rule states a law `lhs = rhs` and applies it left to right. Shape guards
 //! (divisibility of heads, kv-heads, ffn, vocabulary and sequence by `p`; ranks; axes)
 //! are not repeated in each rule: every term a rule builds goes through
-//! [`Build`](super::lang::Build), which asks the layout table
+//! [`Build`], which asks the layout table
 //! ([`layout::infer`](super::layout::infer)) and refuses any operand layout the op
 //! does not support, so a rule only fires where its law holds. There is no general
 //! commutativity or associativity: the one reassociation (`partial-residual`) is

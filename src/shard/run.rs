@@ -607,32 +607,9 @@ impl Lower<'_, '_> {
             ShardNode::Shard {
                 axis, groups, args, ..
             } if *groups > 1 => {
-                // Each group's block: slice the group, keep this device's part, concat.
                 let src = self.value(args[0])?;
-                let whole = self.instrs[src.0].vals[src.1 as usize].clone();
-                let n = whole.local.shape.dims()[*axis as usize]
-                    .as_lit()
-                    .ok_or_else(|| internal("grouped split of a symbolic axis"))?;
-                let g = u64::from(*groups);
                 let p = self.x.eg.analysis.parts;
-                let mut pieces = Vec::new();
-                for k in 0..g {
-                    let slice = Op::Slice {
-                        axis: *axis,
-                        start: k * (n / g),
-                        len: n / g,
-                    };
-                    let sv = simple_val(&slice, &whole, p)?;
-                    let s = self.push(op_kind(slice), vec![src], vec![sv.clone()]);
-                    let split = Op::TpSplit {
-                        axis: *axis,
-                        parts: p,
-                    };
-                    let pv = Val::new(sv.logical.clone(), Layout::split(*axis), p)
-                        .ok_or_else(|| internal("bad group split"))?;
-                    pieces.push((self.push(op_kind(split), vec![(s, 0)], vec![pv]), 0));
-                }
-                self.push(op_kind(Op::Concat { axis: *axis }), pieces, vals)
+                split_into(&mut self.instrs, src, *axis, *groups, p)?.0
             }
             ShardNode::Proj { .. } => return Err(internal("projection as a tensor")),
             ShardNode::Root { .. } => return Err(internal("root as a tensor")),
@@ -660,6 +637,52 @@ impl Lower<'_, '_> {
 
 fn op_kind(op: Op) -> PKind {
     PKind::Op { op, origin: None }
+}
+
+/// Appends the instructions that take replicated value `src` to its split along `axis`
+/// in `groups` groups: a `tp_split`, or for several groups a slice per group, a
+/// `tp_split` of each and their concatenation.
+fn split_into(
+    instrs: &mut Vec<PInstr>,
+    src: PRef,
+    axis: u32,
+    groups: u32,
+    p: u32,
+) -> Result<PRef, ShardError> {
+    let internal = |why: &str| ShardError::Internal { why: why.into() };
+    let whole = instrs[src.0].vals[src.1 as usize].clone();
+    let layout = Layout::Sharded { axis, groups };
+    let out = Val::new(whole.logical.clone(), layout, p).ok_or_else(|| internal("bad split"))?;
+    let mut push = |kind: PKind, args: Vec<PRef>, val: Val| {
+        instrs.push(PInstr {
+            kind,
+            args,
+            vals: vec![val],
+        });
+        (instrs.len() - 1, 0)
+    };
+    let split = Op::TpSplit { axis, parts: p };
+    if groups == 1 {
+        return Ok(push(op_kind(split), vec![src], out));
+    }
+    let n = whole.local.shape.dims()[axis as usize]
+        .as_lit()
+        .ok_or_else(|| internal("grouped split of a symbolic axis"))?;
+    let g = u64::from(groups);
+    let mut pieces = Vec::new();
+    for k in 0..g {
+        let slice = Op::Slice {
+            axis,
+            start: k * (n / g),
+            len: n / g,
+        };
+        let sv = simple_val(&slice, &whole, p)?;
+        let s = push(op_kind(slice), vec![src], sv.clone());
+        let pv = Val::new(sv.logical.clone(), Layout::split(axis), p)
+            .ok_or_else(|| internal("bad group split"))?;
+        pieces.push(push(op_kind(split.clone()), vec![s], pv));
+    }
+    Ok(push(op_kind(Op::Concat { axis }), pieces, out))
 }
 
 /// The value of a single-input op on a replicated value (used for group slices).
@@ -699,12 +722,17 @@ fn declare_leaves(
             continue;
         }
         let used = layouts.get(&i);
+        // Later blocks receive a shared source whole or plainly split, never grouped.
+        let fits = |l: &Layout| {
+            !leaf.shared || !matches!(l, Layout::Sharded { groups, .. } if *groups > 1)
+        };
         let val = match used.map(Vec::as_slice) {
             Some([only])
-                if matches!(
-                    leaf.kind,
-                    LeafKind::Param | LeafKind::Input | LeafKind::Constant
-                ) =>
+                if fits(only)
+                    && matches!(
+                        leaf.kind,
+                        LeafKind::Param | LeafKind::Input | LeafKind::Constant
+                    ) =>
             {
                 Val::new(leaf.val.logical.clone(), *only, parts).ok_or(ShardError::Internal {
                     why: "bad leaf layout".into(),
@@ -736,20 +764,13 @@ fn declare_leaves(
                     map[k] = Some(d);
                 } else {
                     // Replicated declaration, split for this use.
-                    let Layout::Sharded { axis, groups: 1 } = want else {
+                    let Layout::Sharded { axis, groups } = want else {
                         return Err(ShardError::Internal {
                             why: format!("source used as {want} besides {have}"),
                         });
                     };
-                    map[k] = Some(out.len());
-                    out.push(PInstr {
-                        kind: PKind::Op {
-                            op: Op::TpSplit { axis, parts },
-                            origin: None,
-                        },
-                        args: vec![(d, 0)],
-                        vals: ins.vals,
-                    });
+                    let r = split_into(&mut out, (d, 0), axis, groups, parts)?;
+                    map[k] = Some(r.0);
                 }
             }
             PKind::Op { .. } => {

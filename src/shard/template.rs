@@ -34,6 +34,8 @@ pub(crate) struct Leaf {
     pub tensor: TensorId,
     /// Logical type and the layout the block receives it in.
     pub val: Val,
+    /// A source of this block that later blocks read too (its layout must suit them).
+    pub shared: bool,
 }
 
 /// One block of a forward graph, ready to shard.
@@ -50,7 +52,7 @@ pub(crate) struct Template {
 /// Canonical identity of a template for the cache.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct TemplateKey {
-    leaves: Vec<(LeafKind, TensorType, Layout, Option<OpKey>)>,
+    leaves: Vec<(LeafKind, TensorType, Layout, Option<OpKey>, bool)>,
     ops: Vec<(OpKey, Vec<u32>, usize)>,
     outputs: Vec<(u32, Layout)>,
     parts: u32,
@@ -98,12 +100,14 @@ pub(crate) fn build(
         for &t in &node.results {
             let ty = fwd.ty(t).clone();
             let op_key = (kind == LeafKind::Constant).then(|| OpKey::of(&node.op, true));
-            key_leaves.push((kind, ty.clone(), Layout::Replicated, op_key));
+            let shared = fwd.uses(t).iter().any(|&u| fwd.node(u).block != block);
+            key_leaves.push((kind, ty.clone(), Layout::Replicated, op_key, shared));
             index.insert(t, leaves.len() as u32);
             leaves.push(Leaf {
                 kind,
                 tensor: t,
                 val: Val::replicated(ty),
+                shared,
             });
         }
     }
@@ -118,12 +122,13 @@ pub(crate) fn build(
                 .get(&t)
                 .cloned()
                 .ok_or(ShardError::Order { block, tensor: t })?;
-            key_leaves.push((LeafKind::Ext, val.logical.clone(), val.layout, None));
+            key_leaves.push((LeafKind::Ext, val.logical.clone(), val.layout, None, false));
             index.insert(t, leaves.len() as u32);
             leaves.push(Leaf {
                 kind: LeafKind::Ext,
                 tensor: t,
                 val,
+                shared: false,
             });
         }
     }
