@@ -255,11 +255,9 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
                     lower_bound_bytes: bound,
                 });
             }
-            compiler
-                .lower_bound(c)
-                .map_err(|err| Outcome::Rejected {
-                    reason: err.to_string(),
-                })
+            compiler.lower_bound(c).map_err(|err| Outcome::Rejected {
+                reason: err.to_string(),
+            })
         })
         .collect();
     // 2. Simulation in order of the time bound, in fixed-size rounds so that the result
@@ -274,10 +272,8 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
             .total_cmp(&bound_of(b))
             .then_with(|| simplicity(&candidates[a]).cmp(&simplicity(&candidates[b])))
     });
-    let mut outcome: Vec<Option<Outcome>> = screened
-        .iter()
-        .map(|r| r.as_ref().err().cloned())
-        .collect();
+    let mut outcome: Vec<Option<Outcome>> =
+        screened.iter().map(|r| r.as_ref().err().cloned()).collect();
     let mut best_time = f64::INFINITY;
     for round in order.chunks(SIMULATION_ROUND) {
         let results: Vec<(usize, Outcome)> = round
@@ -289,7 +285,10 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
                         lower_bound_s: bound_of(i),
                     }
                 } else {
-                    let stages = screened[i].as_ref().map(|b| b.1.clone()).unwrap_or_default();
+                    let stages = screened[i]
+                        .as_ref()
+                        .map(|b| b.1.clone())
+                        .unwrap_or_default();
                     match compiler.evaluate_cut(c, stages, false) {
                         Ok(e) if e.fits => Outcome::Fits {
                             step_time_s: e.step_time_s,
