@@ -122,3 +122,81 @@ fn ir_output_of_every_zoo_model_checks() {
         }
     }
 }
+
+/// Every malformed input of the table is rejected by `apar check` with exit 2 and a
+/// message, never a panic.
+#[test]
+fn check_rejects_every_malformed_file_with_exit_2() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/malformed");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (code, _, err) = apar(&["check", path.to_str().unwrap()]);
+        assert_eq!(code, 2, "{}: {err}", path.display());
+        assert!(err.starts_with("error: "), "{}: {err}", path.display());
+        assert!(!err.contains("panicked"), "{err}");
+        n += 1;
+    }
+    assert!(n >= 15, "only {n} malformed inputs");
+}
+
+fn without_timings(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(s) = v.get_mut("search").and_then(|s| s.as_object_mut()) {
+        s.remove("compile_ms");
+        s.remove("cost_ms");
+    }
+    v
+}
+
+/// `RAYON_NUM_THREADS=1` and `=2` give the same plan JSON apart from timings.
+#[test]
+fn plan_json_does_not_depend_on_the_thread_count() {
+    let run = |threads: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_apar"))
+            .args(["plan", "--json"])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        without_timings(serde_json::from_slice(&out.stdout).unwrap())
+    };
+    assert_eq!(run("1"), run("2"));
+}
+
+/// When nothing fits, every suggestion in the report fits when followed.
+#[test]
+fn oom_suggestions_fit_when_followed() {
+    let (model, cluster, batch, seq) = ("llama2-13b", "dgx-a100-40g:1", "64", "4096");
+    let (code, out, _) = apar(&[
+        "plan", "--model", model, "--cluster", cluster, "--global-batch", batch, "--seq", seq,
+        "--tp", "1", "--pp", "1", "--zero", "0", "--json",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let suggestions = report["suggestions"].as_array().unwrap();
+    assert!(!suggestions.is_empty());
+    for s in suggestions {
+        let cfg = &s["config"];
+        let nodes = s["devices"].as_u64().map_or(1, |d| d / 8).to_string();
+        let gb = s["global_batch"].as_u64().map_or(batch.to_string(), |b| b.to_string());
+        let cluster = format!("dgx-a100-40g:{nodes}");
+        let num = |k: &str| cfg[k].as_u64().unwrap().to_string();
+        let mut args = vec![
+            "eval".to_string(), "--model".into(), model.into(), "--cluster".into(), cluster,
+            "--global-batch".into(), gb, "--seq".into(), seq.into(),
+            "--dp".into(), num("dp"), "--tp".into(), num("tp"), "--pp".into(), num("pp"),
+            "--micro-batch".into(), num("micro_batch"), "--zero".into(), num("zero"),
+            "--recompute".into(), cfg["recompute"].as_str().unwrap().into(),
+            "--schedule".into(), cfg["schedule"].as_str().unwrap().into(),
+        ];
+        if cfg["sp"] == true {
+            args.push("--sp".into());
+        }
+        if cfg["low_prec_shard"] == true {
+            args.push("--low-prec-shard".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = apar(&args);
+        assert_eq!(code, 0, "suggestion {} does not fit: {out}{err}", s["change"]);
+    }
+}

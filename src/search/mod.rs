@@ -346,8 +346,11 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
                 }
             }
             Outcome::Skipped { lower_bound_bytes } => {
-                let key = (lower_bound_bytes, simplicity(c));
-                if smallest_bound.is_none_or(|(b, s)| key < (b, simplicity(s))) {
+                // Among equal bounds, the one with the least activation memory.
+                let key = |b: u64, c: &Config| {
+                    (b, c.micro_batch, std::cmp::Reverse(c.recompute), simplicity(c))
+                };
+                if smallest_bound.is_none_or(|(b, s)| key(lower_bound_bytes, c) < key(b, s)) {
                     smallest_bound = Some((lower_bound_bytes, c));
                 }
             }
