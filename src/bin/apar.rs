@@ -437,6 +437,19 @@ fn print_evaluation(
     Ok(())
 }
 
+/// Draws a progress bar on standard error (only on a terminal), every 1/64 of the work.
+fn progress_bar(done: usize, total: usize) {
+    let step = (total / 64).max(1);
+    if done % step == 0 || done == total {
+        let filled = 40 * done / total.max(1);
+        eprint!(
+            "\r[{}{}] {done}/{total} compile steps",
+            "#".repeat(filled),
+            " ".repeat(40 - filled)
+        );
+    }
+}
+
 fn training(fwd: &Graph) -> Result<Graph, Failure> {
     train::training_graph(fwd, &TrainOptions::default()).map_err(bad)
 }
@@ -541,7 +554,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 exhaustive,
                 runners_up: 3,
             };
-            let r = apar::search::plan_with(&c, &opts);
+            let r = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                let r = apar::search::plan_with_progress(&c, &opts, &progress_bar);
+                eprint!("\r{:60}\r", "");
+                r
+            } else {
+                apar::search::plan_with(&c, &opts)
+            };
             if let Some(path) = &detailed_log {
                 let mut text = String::new();
                 for o in &r.outcomes {

@@ -235,6 +235,16 @@ pub fn state_lower_bound(params: u64, c: &Config) -> u64 {
 /// fastest (ties: the simpler configuration). The result does not depend on the
 /// number of threads.
 pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
+    plan_with_progress(compiler, opts, &|_, _| {})
+}
+
+/// [`plan_with`], calling `progress(done, total)` as candidates are screened and
+/// simulated (from worker threads; for progress bars, it does not change results).
+pub fn plan_with_progress(
+    compiler: &Compiler,
+    opts: &SearchOptions,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> SearchResult {
     let candidates = enumerate(
         compiler.cluster.devices(),
         compiler.cluster.devices_per_node,
@@ -246,18 +256,33 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
     let t0 = Instant::now();
     // 1. Cheap screening, in parallel: the model-state memory bound and the step-time
     //    lower bound of every candidate.
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let total = 2 * candidates.len();
+    let tick = || {
+        progress(
+            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+            total,
+        )
+    };
     let screened: Vec<Result<(f64, Vec<StageSpan>), Outcome>> = candidates
         .par_iter()
         .map(|c| {
+            tick();
             let bound = state_lower_bound(params, c);
-            if !opts.exhaustive && bound > compiler.budget_bytes {
-                return Err(Outcome::Skipped {
+            let r = if !opts.exhaustive && bound > compiler.budget_bytes {
+                Err(Outcome::Skipped {
                     lower_bound_bytes: bound,
-                });
+                })
+            } else {
+                compiler.lower_bound(c).map_err(|err| Outcome::Rejected {
+                    reason: err.to_string(),
+                })
+            };
+            if r.is_err() {
+                // No simulation step will follow.
+                tick();
             }
-            compiler.lower_bound(c).map_err(|err| Outcome::Rejected {
-                reason: err.to_string(),
-            })
+            r
         })
         .collect();
     // 2. Simulation in order of the time bound, in fixed-size rounds so that the result
@@ -279,6 +304,7 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
         let results: Vec<(usize, Outcome)> = round
             .par_iter()
             .map(|&i| {
+                tick();
                 let c = &candidates[i];
                 let o = if !opts.exhaustive && bound_of(i) > best_time {
                     Outcome::Slower {
@@ -348,7 +374,12 @@ pub fn plan_with(compiler: &Compiler, opts: &SearchOptions) -> SearchResult {
             Outcome::Skipped { lower_bound_bytes } => {
                 // Among equal bounds, the one with the least activation memory.
                 let key = |b: u64, c: &Config| {
-                    (b, c.micro_batch, std::cmp::Reverse(c.recompute), simplicity(c))
+                    (
+                        b,
+                        c.micro_batch,
+                        std::cmp::Reverse(c.recompute),
+                        simplicity(c),
+                    )
                 };
                 if smallest_bound.is_none_or(|(b, s)| key(lower_bound_bytes, c) < key(b, s)) {
                     smallest_bound = Some((lower_bound_bytes, c));
