@@ -168,8 +168,22 @@ fn plan_json_does_not_depend_on_the_thread_count() {
 fn oom_suggestions_fit_when_followed() {
     let (model, cluster, batch, seq) = ("llama2-13b", "dgx-a100-40g:1", "64", "4096");
     let (code, out, _) = apar(&[
-        "plan", "--model", model, "--cluster", cluster, "--global-batch", batch, "--seq", seq,
-        "--tp", "1", "--pp", "1", "--zero", "0", "--json",
+        "plan",
+        "--model",
+        model,
+        "--cluster",
+        cluster,
+        "--global-batch",
+        batch,
+        "--seq",
+        seq,
+        "--tp",
+        "1",
+        "--pp",
+        "1",
+        "--zero",
+        "0",
+        "--json",
     ]);
     assert_eq!(code, 1, "{out}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -178,16 +192,35 @@ fn oom_suggestions_fit_when_followed() {
     for s in suggestions {
         let cfg = &s["config"];
         let nodes = s["devices"].as_u64().map_or(1, |d| d / 8).to_string();
-        let gb = s["global_batch"].as_u64().map_or(batch.to_string(), |b| b.to_string());
+        let gb = s["global_batch"]
+            .as_u64()
+            .map_or(batch.to_string(), |b| b.to_string());
         let cluster = format!("dgx-a100-40g:{nodes}");
         let num = |k: &str| cfg[k].as_u64().unwrap().to_string();
         let mut args = vec![
-            "eval".to_string(), "--model".into(), model.into(), "--cluster".into(), cluster,
-            "--global-batch".into(), gb, "--seq".into(), seq.into(),
-            "--dp".into(), num("dp"), "--tp".into(), num("tp"), "--pp".into(), num("pp"),
-            "--micro-batch".into(), num("micro_batch"), "--zero".into(), num("zero"),
-            "--recompute".into(), cfg["recompute"].as_str().unwrap().into(),
-            "--schedule".into(), cfg["schedule"].as_str().unwrap().into(),
+            "eval".to_string(),
+            "--model".into(),
+            model.into(),
+            "--cluster".into(),
+            cluster,
+            "--global-batch".into(),
+            gb,
+            "--seq".into(),
+            seq.into(),
+            "--dp".into(),
+            num("dp"),
+            "--tp".into(),
+            num("tp"),
+            "--pp".into(),
+            num("pp"),
+            "--micro-batch".into(),
+            num("micro_batch"),
+            "--zero".into(),
+            num("zero"),
+            "--recompute".into(),
+            cfg["recompute"].as_str().unwrap().into(),
+            "--schedule".into(),
+            cfg["schedule"].as_str().unwrap().into(),
         ];
         if cfg["sp"] == true {
             args.push("--sp".into());
@@ -197,6 +230,10 @@ fn oom_suggestions_fit_when_followed() {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, out, err) = apar(&args);
-        assert_eq!(code, 0, "suggestion {} does not fit: {out}{err}", s["change"]);
+        assert_eq!(
+            code, 0,
+            "suggestion {} does not fit: {out}{err}",
+            s["change"]
+        );
     }
 }

@@ -68,6 +68,9 @@ fn chosen_plans() {
             ..opts
         };
         let q = plan_model(&cfg, &c, &exhaustive).unwrap();
-        assert_eq!(p.config, q.config, "{model} on {cluster}: --exhaustive chose differently");
+        assert_eq!(
+            p.config, q.config,
+            "{model} on {cluster}: --exhaustive chose differently"
+        );
     }
 }

@@ -605,6 +605,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             .map_err(|e| bad(e.to_string()))?;
                         v["search"] =
                             serde_json::to_value(r.stats).map_err(|e| bad(e.to_string()))?;
+                        let runners: Vec<EvalJson> =
+                            r.runners_up.iter().map(EvalJson::new).collect();
+                        v["runners_up"] =
+                            serde_json::to_value(runners).map_err(|e| bad(e.to_string()))?;
                         println!("{}", pretty(&v)?);
                     } else {
                         print!("{}", report::plan_log(&r));

@@ -522,6 +522,14 @@ impl Compiler {
     /// [`Compiler::evaluate_cut`].
     pub fn lower_bound(&self, c: &Config) -> Result<(f64, Vec<StageSpan>), CompileError> {
         self.check(c)?;
+        if c.recompute == Recompute::Selective {
+            let g = self.graph(c.tp, c.sp, c.recompute);
+            if g.as_ref().as_ref().is_ok_and(|g| g.clones.is_empty()) {
+                return Err(CompileError::Invalid(
+                    "selective recomputation recomputes nothing in this model (no s×s attention tensors); it is the same program as --recompute none".into(),
+                ));
+            }
+        }
         let profiles = self.profiles(c);
         let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
         let blocks = &set.blocks;

@@ -4,7 +4,8 @@
 //! `pp` dividing `N/tp` with `pp · v ≤ blocks`, `dp = N/(tp·pp)`, every micro-batch
 //! size `b` dividing `B/dp` (`m = B/(dp·b)`), sequence parallelism on/off when
 //! `tp > 1`, recomputation none/selective/full, ZeRO 0–3 (only 0 when `dp = 1`) with
-//! or without sharding the low-precision copy (implied by ZeRO-3), and schedule GPipe,
+//! or without sharding the low-precision copy for stages 0 and 1 (stage 2 with it is
+//! stage 3, which implies it), and schedule GPipe,
 //! 1F1B or interleaved 1F1B with `v ≥ 2` chunks (needs `pp ≥ 2` and `pp | m`); with
 //! one stage the schedules coincide and only 1F1B is listed. Users pin or bound any
 //! dimension through [`Constraints`].
@@ -126,7 +127,8 @@ pub fn enumerate(
                                 if k.zero.is_some_and(|z| z != zero) {
                                     continue;
                                 }
-                                let lps: &[bool] = if dp == 1 || zero == 3 {
+                                // ZeRO-2 with a sharded low-precision copy is ZeRO-3.
+                                let lps: &[bool] = if dp == 1 || zero >= 2 {
                                     &[false]
                                 } else {
                                     &[false, true]

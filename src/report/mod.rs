@@ -339,6 +339,19 @@ pub fn plan_log(r: &crate::search::SearchResult) -> String {
                     e.config,
                     why_slower(best, e)
                 );
+                let b = &e.sim.breakdown;
+                let _ = writeln!(
+                    s,
+                    "             compute {:.3} s, TP {:.3} s, DP {:.3} s, PP {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s; peak {}",
+                    b.compute_s,
+                    b.tp_comm_s,
+                    b.dp_comm_s,
+                    b.pp_comm_s,
+                    b.bubble_s,
+                    b.recompute_s,
+                    b.optimizer_s,
+                    gib(e.peak_bytes)
+                );
             }
         }
     }
