@@ -142,3 +142,30 @@ fn nothing_fits_is_a_typed_error() {
         other => panic!("expected out of memory, got {other:?}"),
     }
 }
+
+/// A plan survives JSON and the binary codec, and re-costing the saved configuration
+/// gives the same step time.
+#[test]
+fn plans_serialize_and_recost() {
+    let model = zoo::lookup("tiny-gpt").unwrap();
+    let c = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let p = plan_model(&model, &c, &PlanOptions::new(128, 16)).unwrap();
+    let json = serde_json::to_string(&p).unwrap();
+    let back: apar::Plan = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.config, p.config);
+    let bytes = apar::ir::codec::encode(*b"PLAN", &p).unwrap();
+    let back: apar::Plan = apar::ir::codec::decode(*b"PLAN", &bytes).unwrap();
+    assert_eq!(back.config, p.config);
+    assert_eq!(back.cluster, p.cluster);
+    assert!(apar::ir::codec::decode::<apar::Plan>(*b"APIR", &bytes).is_err());
+    let compiler = Compiler::new(
+        ModelSource::Config(model),
+        back.cluster,
+        back.seq,
+        back.global_batch,
+        back.memory_ratio,
+    )
+    .unwrap();
+    let e = compiler.evaluate(&back.config).unwrap();
+    assert_eq!(e.step_time_s, p.evaluation.step_time_s);
+}

@@ -393,6 +393,37 @@ fn saved_plan(
     }
 }
 
+/// Writes the trace/SVG and the saved plan of a fitting evaluation, and prints the
+/// engine configuration if `--emit` asked for one (returning true: nothing else to print).
+fn save_and_emit(
+    c: &Compiler,
+    e: &Evaluation,
+    out: &OutputArgs,
+    model: &str,
+    config: Option<&models::ModelConfig>,
+    search: apar::search::SearchStats,
+) -> Result<bool, Failure> {
+    write_outputs(e, out)?;
+    if let Some(path) = &out.save {
+        let plan = saved_plan(c, e, model, search);
+        std::fs::write(path, pretty(&plan)?)
+            .map_err(|err| bad(format!("{}: {err}", path.display())))?;
+    }
+    let Some(engine) = out.emit else {
+        return Ok(false);
+    };
+    let engine = match engine {
+        EmitArg::Megatron => report::engines::Engine::Megatron,
+        EmitArg::Deepspeed => report::engines::Engine::DeepSpeed,
+        EmitArg::Torchtitan => report::engines::Engine::Torchtitan,
+    };
+    print!(
+        "{}",
+        report::engines::emit(engine, &e.config, config, c.seq, c.global_batch)
+    );
+    Ok(true)
+}
+
 /// Prints an evaluation; an out-of-memory one becomes exit 1 with its report.
 fn print_evaluation(
     c: &Compiler,
@@ -401,24 +432,10 @@ fn print_evaluation(
     model: &str,
     config: Option<&models::ModelConfig>,
 ) -> Result<(), Failure> {
-    write_outputs(e, out)?;
-    if let Some(path) = &out.save {
-        let plan = saved_plan(c, e, model, apar::search::SearchStats::default());
-        std::fs::write(path, pretty(&plan)?)
-            .map_err(|err| bad(format!("{}: {err}", path.display())))?;
-    }
-    if let (Some(engine), true) = (out.emit, e.fits) {
-        let engine = match engine {
-            EmitArg::Megatron => report::engines::Engine::Megatron,
-            EmitArg::Deepspeed => report::engines::Engine::DeepSpeed,
-            EmitArg::Torchtitan => report::engines::Engine::Torchtitan,
-        };
-        print!(
-            "{}",
-            report::engines::emit(engine, &e.config, config, c.seq, c.global_batch)
-        );
+    if e.fits && save_and_emit(c, e, out, model, config, Default::default())? {
         return Ok(());
     }
+    write_outputs(e, out)?;
     if !e.fits {
         let oom = OomReport::new(e, apar::search::suggestions(c, &e.config));
         let message = if out.json { pretty(&oom)? } else { oom.text() };
@@ -578,28 +595,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let model_name = model_spec.clone();
             match &r.best {
                 Some(best) => {
-                    write_outputs(best, &out)?;
-                    if let Some(path) = &out.save {
-                        let plan = saved_plan(&c, best, &model_name, r.stats);
-                        std::fs::write(path, pretty(&plan)?)
-                            .map_err(|err| bad(format!("{}: {err}", path.display())))?;
-                    }
-                    if let Some(engine) = out.emit {
-                        let engine = match engine {
-                            EmitArg::Megatron => report::engines::Engine::Megatron,
-                            EmitArg::Deepspeed => report::engines::Engine::DeepSpeed,
-                            EmitArg::Torchtitan => report::engines::Engine::Torchtitan,
-                        };
-                        print!(
-                            "{}",
-                            report::engines::emit(
-                                engine,
-                                &best.config,
-                                m.config.as_ref(),
-                                c.seq,
-                                c.global_batch
-                            )
-                        );
+                    let emitted =
+                        save_and_emit(&c, best, &out, &model_name, m.config.as_ref(), r.stats)?;
+                    if emitted {
+                        // The engine configuration was the output.
                     } else if out.json {
                         let mut v = serde_json::to_value(EvalJson::new(best))
                             .map_err(|e| bad(e.to_string()))?;

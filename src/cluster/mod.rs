@@ -52,7 +52,9 @@ pub struct Cluster {
     pub inter_node: Link,
     /// Bytes a job may use per device, when the platform reserves part of the memory
     /// (`None`: all of `device.memory_bytes`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (Always serialized, so that non-self-describing encodings such as the binary
+    /// codec can read it back; JSON files may omit it.)
+    #[serde(default)]
     pub usable_memory_bytes: Option<u64>,
 }
 
