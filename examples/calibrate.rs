@@ -71,6 +71,7 @@ fn main() {
                 zero: 0,
                 low_prec_shard: false,
                 schedule: sched,
+                recompute_layers: None,
             };
             let e = c.evaluate(&cfg).unwrap();
             worst = worst.max((e.step_time_s / want - 1.0).abs());
@@ -97,6 +98,7 @@ fn main() {
                     zero: 0,
                     low_prec_shard: false,
                     schedule: Schedule::OneFOneB,
+                    recompute_layers: None,
                 };
                 let p = c.profiles(&cfg);
                 let l = &p.as_ref().as_ref().unwrap().blocks[1];

@@ -32,6 +32,7 @@ fn config(pp: u32, b: u32, m: u32, schedule: Schedule, recompute: Recompute, sp:
         zero: 0,
         low_prec_shard: false,
         schedule,
+        recompute_layers: None,
     }
 }
 

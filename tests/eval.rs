@@ -20,6 +20,7 @@ fn config(dp: u32, tp: u32, pp: u32, b: u32, m: u32, zero: u8) -> Config {
         zero,
         low_prec_shard: false,
         schedule: Schedule::OneFOneB,
+        recompute_layers: None,
     }
 }
 
@@ -153,4 +154,28 @@ fn invalid_configurations_are_rejected() {
     for cfg in bad {
         assert!(c.evaluate(&cfg).is_err(), "{cfg}");
     }
+}
+
+/// Recomputing only some layers per stage lands between no and full recomputation in
+/// both memory and time (Korthikanti et al. 2022, Sec. 5: recomputing fewer layers
+/// trades memory for speed).
+#[test]
+fn partial_recomputation_is_between_none_and_full() {
+    let c = compiler("megatron-1.7b", "dgx-a100-80g:1", 2048, 16);
+    let run = |recompute, recompute_layers| {
+        c.evaluate(&Config {
+            recompute,
+            recompute_layers,
+            ..config(2, 1, 4, 1, 8, 1)
+        })
+        .unwrap()
+    };
+    let none = run(Recompute::None, None);
+    let full = run(Recompute::Full, None);
+    let some = run(Recompute::Full, Some(2));
+    assert!(full.peak_bytes < some.peak_bytes && some.peak_bytes < none.peak_bytes);
+    assert!(none.step_time_s < some.step_time_s && some.step_time_s < full.step_time_s);
+    // Recomputing at least as many layers as a stage has is full recomputation.
+    let all = run(Recompute::Full, Some(1000));
+    assert_eq!(all.peak_bytes, full.peak_bytes);
 }

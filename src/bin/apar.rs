@@ -185,6 +185,9 @@ enum Command {
         /// Pin the recomputation policy.
         #[arg(long, value_enum)]
         recompute: Option<RecomputeArg>,
+        /// Recompute only the first K layers of each pipeline stage (with a policy).
+        #[arg(long)]
+        recompute_layers: Option<u32>,
         /// Pin the ZeRO stage.
         #[arg(long)]
         zero: Option<u8>,
@@ -230,6 +233,9 @@ enum Command {
         /// Activation recomputation.
         #[arg(long, value_enum, default_value = "none")]
         recompute: RecomputeArg,
+        /// Recompute only the first K layers of each pipeline stage.
+        #[arg(long)]
+        recompute_layers: Option<u32>,
         /// ZeRO stage (0–3).
         #[arg(long, default_value_t = 0)]
         zero: u8,
@@ -533,6 +539,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             micro_batch,
             sp,
             recompute,
+            recompute_layers,
             zero,
             low_prec_shard,
             schedule,
@@ -563,6 +570,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     micro_batch,
                     sp,
                     recompute: recompute.map(Into::into),
+                    recompute_layers,
                     zero,
                     low_prec_shard,
                     schedule,
@@ -702,6 +710,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             micro_batch,
             sp,
             recompute,
+            recompute_layers,
             zero,
             low_prec_shard,
             schedule,
@@ -760,6 +769,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 num_micro_batches,
                 sp,
                 recompute: recompute.into(),
+                recompute_layers,
                 zero,
                 low_prec_shard,
                 schedule,

@@ -532,8 +532,9 @@ impl Compiler {
         }
         let profiles = self.profiles(c);
         let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
-        let blocks = &set.blocks;
         let stages = self.cut(set, c)?;
+        let composed = self.compose(c, &set.blocks, &stages)?;
+        let blocks = composed.as_ref();
         let pp = c.pp.max(1) as usize;
         let m = f64::from(c.num_micro_batches);
         let mut busy = vec![0.0f64; pp];
@@ -560,7 +561,9 @@ impl Compiler {
         detail: bool,
     ) -> Result<Evaluation, CompileError> {
         let profiles = self.profiles(c);
-        let blocks = &profiles.as_ref().as_ref().map_err(Clone::clone)?.blocks;
+        let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
+        let composed = self.compose(c, &set.blocks, &stages)?;
+        let blocks = composed.as_ref();
         let stage_devices = u64::from(c.tp) * u64::from(c.dp);
         let pp_cross_node = stage_devices >= u64::from(self.cluster.devices_per_node);
         let sim = simulate(
@@ -592,6 +595,48 @@ impl Compiler {
             blocks: blocks.len(),
             sim,
         })
+    }
+
+    /// With `recompute_layers = Some(k)`, the blocks of each stage with recomputation on
+    /// its first `k` layers only (the rest from the profile without recomputation); the
+    /// cut is the one for recomputation on every layer, which needs the least memory.
+    fn compose<'b>(
+        &self,
+        c: &Config,
+        blocks: &'b [BlockProfile],
+        stages: &[StageSpan],
+    ) -> Result<std::borrow::Cow<'b, [BlockProfile]>, CompileError> {
+        let Some(k) = c
+            .recompute_layers
+            .filter(|_| c.recompute != Recompute::None)
+        else {
+            return Ok(std::borrow::Cow::Borrowed(blocks));
+        };
+        let plain = Config {
+            recompute: Recompute::None,
+            recompute_layers: None,
+            ..*c
+        };
+        let plain = self.profiles(&plain);
+        let plain = &plain.as_ref().as_ref().map_err(Clone::clone)?.blocks;
+        let mut out = blocks.to_vec();
+        for span in stages {
+            let mut layers = 0;
+            for (i, b) in out
+                .iter_mut()
+                .enumerate()
+                .take(span.last + 1)
+                .skip(span.first)
+            {
+                if matches!(b.block, Some(Block::Layer(_))) {
+                    if layers >= k {
+                        *b = plain[i].clone();
+                    }
+                    layers += 1;
+                }
+            }
+        }
+        Ok(std::borrow::Cow::Owned(out))
     }
 
     fn cut(&self, set: &ProfileSet, c: &Config) -> Result<Vec<StageSpan>, CompileError> {

@@ -32,6 +32,9 @@ pub struct Constraints {
     pub sp: Option<bool>,
     /// Recomputation policy.
     pub recompute: Option<Recompute>,
+    /// Recompute only the first `k` layers of each stage (applies to candidates that
+    /// recompute; not enumerated otherwise).
+    pub recompute_layers: Option<u32>,
     /// ZeRO stage.
     pub zero: Option<u8>,
     /// Low-precision parameter sharding.
@@ -145,6 +148,9 @@ pub fn enumerate(
                                         num_micro_batches: m,
                                         sp,
                                         recompute,
+                                        recompute_layers: k
+                                            .recompute_layers
+                                            .filter(|_| recompute != Recompute::None),
                                         zero,
                                         low_prec_shard,
                                         schedule,

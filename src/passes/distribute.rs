@@ -303,6 +303,7 @@ mod tests {
             zero,
             low_prec_shard: false,
             schedule: Schedule::OneFOneB,
+            recompute_layers: None,
         }
     }
 

@@ -119,6 +119,10 @@ pub struct Config {
     pub sp: bool,
     /// Recomputation policy.
     pub recompute: Recompute,
+    /// Apply the policy to only the first `k` layers of each pipeline stage (Megatron's
+    /// `--recompute-method block --recompute-num-layers k`); `None`: every layer.
+    #[serde(default)]
+    pub recompute_layers: Option<u32>,
     /// ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters.
     pub zero: u8,
     /// Shard the low-precision parameter copy over data parallel ranks (implied by ZeRO-3).
@@ -148,7 +152,7 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dp {} tp {} pp {} b {} m {}{} recompute {} zero {}{} {}",
+            "dp {} tp {} pp {} b {} m {}{} recompute {}{} zero {}{} {}",
             self.dp,
             self.tp,
             self.pp,
@@ -156,6 +160,10 @@ impl fmt::Display for Config {
             self.num_micro_batches,
             if self.sp { " sp" } else { "" },
             self.recompute,
+            match self.recompute_layers {
+                Some(k) if self.recompute != Recompute::None => format!(" ({k} layers/stage)"),
+                _ => String::new(),
+            },
             self.zero,
             if self.low_prec_shard { " lps" } else { "" },
             self.schedule

@@ -58,8 +58,16 @@ fn megatron(c: &Config, model: Option<&ModelConfig>, seq: u64, global_batch: u64
         }
         Recompute::Full => {
             a.push("--recompute-granularity full".into());
-            a.push("--recompute-method uniform".into());
-            a.push("--recompute-num-layers 1".into());
+            match c.recompute_layers {
+                Some(k) => {
+                    a.push("--recompute-method block".into());
+                    a.push(format!("--recompute-num-layers {k}"));
+                }
+                None => {
+                    a.push("--recompute-method uniform".into());
+                    a.push("--recompute-num-layers 1".into());
+                }
+            }
         }
     }
     if c.zero >= 1 {
@@ -247,6 +255,7 @@ mod tests {
             zero: 1,
             low_prec_shard: false,
             schedule: Schedule::Interleaved(2),
+            recompute_layers: None,
         }
     }
 

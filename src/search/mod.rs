@@ -577,6 +577,13 @@ pub fn plan_suggestions(
             },
         ),
         (
+            "recompute-layers",
+            Constraints {
+                recompute_layers: None,
+                ..k.clone()
+            },
+        ),
+        (
             "zero",
             Constraints {
                 zero: None,
