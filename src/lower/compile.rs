@@ -380,6 +380,44 @@ impl Compiler {
         })
     }
 
+    /// Computes, in parallel and each once, the cached pieces `configs` will need
+    /// (sharded and training graphs, micro-batch and distribution profiles), so that
+    /// concurrent evaluations do not race to compute the same entry.
+    pub fn warm(&self, configs: &[Config]) {
+        use rayon::prelude::*;
+        let graphs: BTreeSet<(u32, bool)> = configs.iter().map(|c| (c.tp, c.sp)).collect();
+        graphs.par_iter().for_each(|&(tp, sp)| {
+            cached(&self.caches.sharded, (tp, sp), || {
+                per_device_forward(&self.forward, tp, sp, &self.cost)
+            });
+        });
+        let trains: BTreeSet<(u32, bool, Recompute)> = configs
+            .iter()
+            .map(|c| (c.tp, c.sp, c.recompute))
+            .chain(configs.iter().map(|c| (c.tp, false, Recompute::None)))
+            .collect();
+        trains.par_iter().for_each(|&(tp, sp, rc)| {
+            self.graph(tp, sp, rc);
+        });
+        let bases: BTreeSet<BaseKey> = configs
+            .iter()
+            .map(|c| (c.tp, c.sp, c.recompute, c.micro_batch))
+            .chain(configs.iter().map(|c| (c.tp, false, Recompute::None, 1)))
+            .collect();
+        bases.par_iter().for_each(|&(tp, sp, rc, b)| {
+            self.base(tp, sp, rc, b);
+        });
+        let mut dists: BTreeMap<(u32, u8, bool, u32), Config> = BTreeMap::new();
+        for c in configs.iter().filter(|c| c.dp > 1) {
+            dists
+                .entry((c.tp, c.zero, c.shards_low_prec(), c.dp))
+                .or_insert(*c);
+        }
+        dists.par_iter().for_each(|(_, c)| {
+            self.distribution(c);
+        });
+    }
+
     fn fail(stage: &'static str) -> impl Fn(&dyn std::fmt::Display) -> CompileError {
         move |e| CompileError::Failed {
             stage,

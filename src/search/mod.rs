@@ -256,6 +256,12 @@ pub fn plan_with_progress(
     let t0 = Instant::now();
     // 1. Cheap screening, in parallel: the model-state memory bound and the step-time
     //    lower bound of every candidate.
+    let to_compile: Vec<Config> = candidates
+        .iter()
+        .filter(|c| opts.exhaustive || state_lower_bound(params, c) <= compiler.budget_bytes)
+        .copied()
+        .collect();
+    compiler.warm(&to_compile);
     let done = std::sync::atomic::AtomicUsize::new(0);
     let total = 2 * candidates.len();
     let tick = || {
