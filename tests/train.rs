@@ -5,6 +5,13 @@ use apar::models::{build_forward, zoo};
 use apar::train::memory::{model_state_bytes, param_count, saved_activation_bytes};
 use apar::train::{training_graph, TrainOptions};
 
+/// GPT-3 175B in Megatron form (Korthikanti et al. 2022, Table 3): 96 layers, h 12288,
+/// 96 heads, vocabulary 51200, decomposed attention with dropout.
+fn gpt3_training_graph() -> apar::ir::Graph {
+    let cfg = zoo::lookup("gpt3-175b").unwrap();
+    training_graph(&build_forward(&cfg).unwrap(), &TrainOptions::default()).unwrap()
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b
 }
@@ -14,17 +21,7 @@ fn rel(a: f64, b: f64) -> f64 {
 /// bytes (16-bit activations, 1-byte dropout masks).
 #[test]
 fn gpt3_activation_bytes_per_layer_match_korthikanti_eq1() {
-    let cfg = zoo::gpt(
-        "gpt3-175b",
-        96,
-        12288,
-        96,
-        51200,
-        2048,
-        0.1,
-        apar::models::Attention::Eager,
-    );
-    let g = training_graph(&build_forward(&cfg).unwrap(), &TrainOptions::default()).unwrap();
+    let g = gpt3_training_graph();
     let (s, b, h, a) = (2048.0, 1.0, 12288.0, 96.0);
     let expected = s * b * h * (34.0 + 5.0 * a * s / h);
     let saved = saved_activation_bytes(&g, Env::new(1, 2048)).unwrap();
@@ -58,17 +55,7 @@ fn model_states_are_sixteen_bytes_per_parameter() {
 /// a forward and backward pass of b sequences costs 72·b·s·l·h²·(1 + s/(6h) + V/(12lh)).
 #[test]
 fn gpt3_flops_match_megatron_eq3() {
-    let cfg = zoo::gpt(
-        "gpt3-175b",
-        96,
-        12288,
-        96,
-        51200,
-        2048,
-        0.1,
-        apar::models::Attention::Eager,
-    );
-    let g = training_graph(&build_forward(&cfg).unwrap(), &TrainOptions::default()).unwrap();
+    let g = gpt3_training_graph();
     let (b, s, l, h, v) = (1.0, 2048.0, 96.0, 12288.0, 51200.0);
     let expected = 72.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * l * h));
     let got = g.total_flops(Env::new(1, 2048)).unwrap() as f64;

@@ -200,6 +200,11 @@ impl Dim {
         self.batch != 0 || self.seq != 0
     }
 
+    /// Whether the dimension mentions the sequence length `s`.
+    pub fn has_seq(self) -> bool {
+        self.seq != 0
+    }
+
     /// Whether the dimension is the literal zero.
     pub fn is_zero(self) -> bool {
         self.coef == 0

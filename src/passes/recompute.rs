@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 /// Whether a tensor type is `s×s`-shaped (two dimensions mention the sequence length).
 fn is_quadratic(g: &Graph, t: TensorId) -> bool {
     let dims = g.ty(t).shape.dims();
-    dims.iter().filter(|d| d.to_string().contains('s')).count() >= 2
+    dims.iter().filter(|d| d.has_seq()).count() >= 2
 }
 
 /// A graph with recomputation and the clone ops it added.
@@ -65,7 +65,7 @@ pub fn apply(
     }
     // Where each layer's clones go: before its first backward op that reads a cloned
     // tensor (selective) or before its first backward op (full).
-    let mut insert_at: Vec<Option<OpId>> = vec![None; g.op_count()];
+    let mut insert_before = vec![false; g.op_count()];
     let mut placed = BTreeSet::new();
     for id in g.ops() {
         let node = g.node(id);
@@ -84,7 +84,7 @@ pub fn apply(
             _ => reads_clone,
         };
         if trigger {
-            insert_at[id.index()] = Some(id);
+            insert_before[id.index()] = true;
             placed.insert(i);
         }
     }
@@ -95,7 +95,7 @@ pub fn apply(
     let get = |map: &[Option<TensorId>], t: TensorId| map[t.index()].expect("defined earlier");
     for id in g.ops() {
         let node = g.node(id);
-        if insert_at[id.index()].is_some() {
+        if insert_before[id.index()] {
             b.set_block(node.block);
             b.set_phase(Phase::Bwd);
             for &src in by_block.get(&node.block).map_or(&[][..], Vec::as_slice) {
@@ -137,23 +137,6 @@ pub fn apply(
         graph: b.finish(),
         clones,
     })
-}
-
-/// Forward ops of `g` that `apply` would clone for `policy` (for reports and tests).
-pub fn recomputed_ops(g: &Graph, policy: Recompute) -> Vec<OpId> {
-    g.ops()
-        .filter(|&id| {
-            let node = g.node(id);
-            matches!(node.block, Block::Layer(_))
-                && node.phase == Phase::Fwd
-                && !node.op.is_source()
-                && match policy {
-                    Recompute::None => false,
-                    Recompute::Full => true,
-                    Recompute::Selective => node.results.iter().any(|&r| is_quadratic(g, r)),
-                }
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -256,10 +256,14 @@ pub fn plan_with_progress(
     let t0 = Instant::now();
     // 1. Cheap screening, in parallel: the model-state memory bound and the step-time
     //    lower bound of every candidate.
-    let to_compile: Vec<Config> = candidates
+    let bounds: Vec<u64> = candidates
         .iter()
-        .filter(|c| opts.exhaustive || state_lower_bound(params, c) <= compiler.budget_bytes)
-        .copied()
+        .map(|c| state_lower_bound(params, c))
+        .collect();
+    let skipped = |i: usize| !opts.exhaustive && bounds[i] > compiler.budget_bytes;
+    let to_compile: Vec<Config> = (0..candidates.len())
+        .filter(|&i| !skipped(i))
+        .map(|i| candidates[i])
         .collect();
     compiler.warm(&to_compile);
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -272,12 +276,12 @@ pub fn plan_with_progress(
     };
     let screened: Vec<Result<(f64, Vec<StageSpan>), Outcome>> = candidates
         .par_iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(i, c)| {
             tick();
-            let bound = state_lower_bound(params, c);
-            let r = if !opts.exhaustive && bound > compiler.budget_bytes {
+            let r = if skipped(i) {
                 Err(Outcome::Skipped {
-                    lower_bound_bytes: bound,
+                    lower_bound_bytes: bounds[i],
                 })
             } else {
                 compiler.lower_bound(c).map_err(|err| Outcome::Rejected {
