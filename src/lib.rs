@@ -17,7 +17,7 @@
 //! let cluster = Cluster::resolve("dgx-a100-80g:1")?;
 //! let plan = apar::plan(&graph, &cluster, &apar::PlanOptions::new(128, 16))?;
 //! assert_eq!(plan.config.dp * plan.config.tp * plan.config.pp, 8);
-//! assert!(plan.evaluation.memory.peak_bytes <= plan.evaluation.memory.budget_bytes);
+//! assert!(plan.memory.peak_bytes <= plan.memory.budget_bytes);
 //! println!("{}", plan.config);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -44,4 +44,7 @@ pub mod train;
 
 mod api;
 
-pub use api::{plan, plan_model, Plan, PlanError, PlanOptions};
+pub use api::{
+    plan, plan_model, Axis, BlockProgram, Coordinates, EmptySpace, Mesh, ModelOrigin, ModelSpec,
+    OpStep, Plan, PlanError, PlanOptions, Session, TensorKind, TensorPlacement, TpLayout, Warning,
+};

@@ -113,7 +113,7 @@ fn schedules_behave_as_theory_says() {
 fn trace_has_one_track_per_stage_and_svg_renders() {
     let c = compiler("megatron-1.7b", "dgx-a100-80g:1", 2048, 16);
     let e = c.evaluate(&config(2, 1, 4, 1, 8, 1)).unwrap();
-    let t = trace::chrome_trace(&e);
+    let t = trace::chrome_trace(&e.sim.trace(), e.config.pp);
     let text = serde_json::to_string(&t).unwrap();
     let back: serde_json::Value = serde_json::from_str(&text).unwrap();
     let events = back["traceEvents"].as_array().unwrap();
@@ -136,7 +136,11 @@ fn trace_has_one_track_per_stage_and_svg_renders() {
         e.sim.events.iter().filter(|x| x.pass == Pass::B).count(),
         32
     );
-    let svg = trace::memory_svg(&e);
+    let svg = trace::memory_svg(
+        &e.sim.trace(),
+        &apar::report::EvalJson::new(&e).memory,
+        e.step_time_s,
+    );
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline").count(), 4);
 }

@@ -2,12 +2,15 @@
 
 use apar::cluster::{self, Cluster};
 use apar::ir::{self, Env, Graph};
-use apar::lower::compile::{Compiler, Evaluation, ModelSource, DEFAULT_MEMORY_RATIO};
+use apar::lower::compile::DEFAULT_MEMORY_RATIO;
 use apar::models::{self, Attention};
 use apar::passes::{Config, Recompute, Schedule};
-use apar::report::{self, EvalJson, OomReport};
+use apar::report::{self, OomReport};
 use apar::train::{self, Stats, TrainOptions};
+use apar::{ModelSpec, Plan, PlanError, PlanOptions, Session};
 use clap::{Parser, Subcommand, ValueEnum};
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -311,153 +314,148 @@ struct OutputArgs {
     /// Write an SVG plot of the memory timeline.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Leave wall-clock timings out of the output and the saved plan (stable snapshots).
+    #[arg(long)]
+    no_timings: bool,
 }
 
-/// A failure with its exit code: 1 infeasible, 2 bad input.
+/// A failure with its exit code (1 infeasible, 2 bad input), its message for standard
+/// error, and what standard output still gets (the out-of-memory report).
 struct Failure {
     code: u8,
     message: String,
+    stdout: String,
 }
 
 fn bad(message: impl ToString) -> Failure {
     Failure {
         code: 2,
         message: message.to_string(),
+        stdout: String::new(),
+    }
+}
+
+/// Writes `text` to standard output. A closed pipe (`| head`) ends quietly; any other
+/// write error (`> /dev/full`) is exit 2 with its message.
+fn emit_stdout(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(bad(format!("cannot write the output: {e}"))),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let (code, stdout, message) = match run(cli) {
+        Ok(text) => (0, text, String::new()),
+        Err(f) => (f.code, f.stdout, f.message),
+    };
+    let code = match emit_stdout(&stdout) {
+        Ok(()) => code,
         Err(f) => {
-            if !f.message.is_empty() {
-                eprintln!("error: {}", f.message);
-            }
-            ExitCode::from(f.code)
+            let _ = writeln!(std::io::stderr(), "error: {}", f.message);
+            return ExitCode::from(2);
         }
+    };
+    if !message.is_empty() {
+        let _ = writeln!(std::io::stderr(), "error: {message}");
     }
+    ExitCode::from(code)
+}
+
+fn spec(model: &str, attention: Option<AttentionArg>, layers: Option<u32>) -> ModelSpec {
+    let mut spec = ModelSpec::parse(model);
+    spec.attention = attention.map(|a| match a {
+        AttentionArg::Eager => Attention::Eager,
+        AttentionArg::Flash => Attention::Flash,
+    });
+    spec.layers = layers;
+    spec
 }
 
 fn load_model(args: &ModelArgs) -> Result<models::LoadedModel, Failure> {
-    let overrides = models::Overrides {
-        attention: args.attention.map(|a| match a {
-            AttentionArg::Eager => Attention::Eager,
-            AttentionArg::Flash => Attention::Flash,
-        }),
-        layers: args.layers,
-    };
-    models::load(&args.model, &overrides).map_err(bad)
+    spec(&args.model, args.attention, args.layers)
+        .load()
+        .map_err(bad)
 }
 
-fn model_source(model: &models::LoadedModel) -> Result<ModelSource, Failure> {
-    if model.is_training {
-        return Err(bad(
-            "planning needs a forward graph; this IR file already has backward ops",
-        ));
+/// The failure of a library call: the out-of-memory report on standard output with
+/// exit 1 (its trace and plot written if asked), anything else exit 2.
+fn failure(e: PlanError, out: &OutputArgs) -> Failure {
+    match e {
+        PlanError::OutOfMemory(oom) => match oom_output(&oom, out) {
+            Ok(stdout) => Failure {
+                code: 1,
+                message: String::new(),
+                stdout,
+            },
+            Err(f) => f,
+        },
+        other => bad(other),
     }
-    Ok(match &model.config {
-        Some(cfg) => ModelSource::Config(cfg.clone()),
-        None => ModelSource::Graph(model.graph.clone()),
-    })
 }
 
-fn compiler(model: &models::LoadedModel, job: &JobArgs) -> Result<Compiler, Failure> {
-    let source = model_source(model)?;
-    let cluster = Cluster::resolve(&job.cluster).map_err(bad)?;
-    Compiler::new(source, cluster, job.seq, job.global_batch, job.memory_ratio).map_err(bad)
+fn oom_output(oom: &OomReport, out: &OutputArgs) -> Result<String, Failure> {
+    if let Some(memory) = &oom.memory {
+        write_files(
+            out,
+            || report::trace::chrome_trace(&oom.trace, oom.config.pp),
+            || report::trace::memory_svg(&oom.trace, memory, oom.step_time_s),
+        )?;
+    }
+    let text = if out.json { pretty(oom)? } else { oom.text() };
+    Ok(format!("{}\n", text.trim_end()))
 }
 
-fn write_outputs(e: &Evaluation, out: &OutputArgs) -> Result<(), Failure> {
-    let write = |path: &PathBuf, text: String| {
-        std::fs::write(path, text).map_err(|err| bad(format!("{}: {err}", path.display())))
-    };
+fn write_file(path: &PathBuf, text: &str) -> Result<(), Failure> {
+    std::fs::write(path, text).map_err(|err| bad(format!("{}: {err}", path.display())))
+}
+
+fn write_files(
+    out: &OutputArgs,
+    trace: impl FnOnce() -> serde_json::Value,
+    svg: impl FnOnce() -> String,
+) -> Result<(), Failure> {
     if let Some(p) = &out.trace {
-        write(p, pretty(&report::trace::chrome_trace(e))?)?;
+        write_file(p, &pretty(&trace())?)?;
     }
     if let Some(p) = &out.svg {
-        write(p, report::trace::memory_svg(e))?;
+        write_file(p, &svg())?;
     }
     Ok(())
 }
 
-fn saved_plan(
-    c: &Compiler,
-    e: &Evaluation,
-    model: &str,
-    search: apar::search::SearchStats,
-) -> apar::Plan {
-    apar::Plan {
-        model: model.to_string(),
-        cluster: c.cluster.clone(),
-        seq: c.seq,
-        global_batch: c.global_batch,
-        memory_ratio: c.memory_ratio,
-        config: e.config,
-        evaluation: EvalJson::new(e),
-        search,
-    }
-}
-
-/// Writes the trace/SVG and the saved plan of a fitting evaluation, and prints the
-/// engine configuration if `--emit` asked for one (returning true: nothing else to print).
-fn save_and_emit(
-    c: &Compiler,
-    e: &Evaluation,
-    out: &OutputArgs,
-    model: &str,
-    config: Option<&models::ModelConfig>,
-    search: apar::search::SearchStats,
-) -> Result<bool, Failure> {
-    write_outputs(e, out)?;
+/// Everything a fitting plan prints and writes: trace, plot, saved plan, then the
+/// engine configuration, the JSON document or the log.
+fn plan_output(plan: Plan, out: &OutputArgs) -> Result<String, Failure> {
+    let plan = if out.no_timings {
+        plan.without_timings()
+    } else {
+        plan
+    };
+    write_files(out, || plan.chrome_trace(), || plan.memory_svg())?;
     if let Some(path) = &out.save {
-        let plan = saved_plan(c, e, model, search);
-        std::fs::write(path, pretty(&plan)?)
-            .map_err(|err| bad(format!("{}: {err}", path.display())))?;
+        write_file(path, &pretty(&plan)?)?;
     }
-    let Some(engine) = out.emit else {
-        return Ok(false);
-    };
-    let engine = match engine {
-        EmitArg::Megatron => report::engines::Engine::Megatron,
-        EmitArg::Deepspeed => report::engines::Engine::DeepSpeed,
-        EmitArg::Torchtitan => report::engines::Engine::Torchtitan,
-    };
-    print!(
-        "{}",
-        report::engines::emit(engine, &e.config, config, c.seq, c.global_batch)
-    );
-    Ok(true)
-}
-
-/// Prints an evaluation; an out-of-memory one becomes exit 1 with its report.
-fn print_evaluation(
-    c: &Compiler,
-    e: &Evaluation,
-    out: &OutputArgs,
-    model: &str,
-    config: Option<&models::ModelConfig>,
-) -> Result<(), Failure> {
-    if e.fits && save_and_emit(c, e, out, model, config, Default::default())? {
-        return Ok(());
-    }
-    write_outputs(e, out)?;
-    if !e.fits {
-        let oom = OomReport::new(e, apar::search::suggestions(c, &e.config));
-        let message = if out.json { pretty(&oom)? } else { oom.text() };
-        println!("{}", message.trim_end());
-        // The report is the message; exit 1 says infeasible.
-        return Err(Failure {
-            code: 1,
-            message: String::new(),
-        });
+    if let Some(engine) = out.emit {
+        return Ok(plan.export(match engine {
+            EmitArg::Megatron => report::engines::Engine::Megatron,
+            EmitArg::Deepspeed => report::engines::Engine::DeepSpeed,
+            EmitArg::Torchtitan => report::engines::Engine::Torchtitan,
+        }));
     }
     if out.json {
-        println!("{}", pretty(&EvalJson::new(e))?);
-    } else {
-        print!("{}", report::eval_text(e));
+        let text =
+            serde_json::to_string(&plan).map_err(|e| bad(format!("cannot write JSON: {e}")))?;
+        return Ok(text + "\n");
     }
-    Ok(())
+    let mut text = plan.log();
+    for w in &plan.warnings {
+        let _ = writeln!(text, "warning: {w}");
+    }
+    Ok(text)
 }
 
 /// Draws a progress bar on standard error (only on a terminal), every 1/64 of the work.
@@ -465,7 +463,8 @@ fn progress_bar(done: usize, total: usize) {
     let step = (total / 64).max(1);
     if done % step == 0 || done == total {
         let filled = 40 * done / total.max(1);
-        eprint!(
+        let _ = write!(
+            std::io::stderr(),
             "\r[{}{}] {done}/{total} compile steps",
             "#".repeat(filled),
             " ".repeat(40 - filled)
@@ -477,7 +476,8 @@ fn training(fwd: &Graph) -> Result<Graph, Failure> {
     train::training_graph(fwd, &TrainOptions::default()).map_err(bad)
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
+fn run(cli: Cli) -> Result<String, Failure> {
+    let mut o = String::new();
     match cli.command {
         Command::Models { json } => {
             let rows = models::zoo::ZOO
@@ -498,9 +498,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         })
                     })
                     .collect();
-                println!("{}", pretty(&list)?);
+                let _ = writeln!(o, "{}", pretty(&list)?);
             } else {
-                println!(
+                let _ = writeln!(
+                    o,
                     "{:<18} {:>17} {:>6} {:>6} {:>5} {:>4} {:>7}  about",
                     "model", "params", "layers", "hidden", "heads", "kv", "attn"
                 );
@@ -509,7 +510,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         Attention::Eager => "eager",
                         Attention::Flash => "flash",
                     };
-                    println!(
+                    let _ = writeln!(
+                        o,
                         "{:<18} {:>17} {:>6} {:>6} {:>5} {:>4} {:>7}  {}",
                         e.name,
                         group(params),
@@ -547,102 +549,53 @@ fn run(cli: Cli) -> Result<(), Failure> {
             detailed_log,
             out,
         } => {
-            let model_spec = model.clone();
-            let m = load_model(&ModelArgs {
-                model,
-                attention,
-                layers,
-            })?;
-            let job = JobArgs {
-                cluster,
-                global_batch,
+            let options = PlanOptions {
                 seq,
+                global_batch,
                 memory_ratio,
-            };
-            let c = compiler(&m, &job)?;
-            let opts = apar::search::SearchOptions {
-                constraints: apar::passes::candidates::Constraints {
-                    tp,
-                    pp,
-                    dp,
-                    max_stages,
-                    max_tp,
-                    micro_batch,
-                    sp,
-                    recompute: recompute.map(Into::into),
-                    recompute_layers,
-                    zero,
-                    low_prec_shard,
-                    schedule,
-                    max_chunks: None,
+                search: apar::search::SearchOptions {
+                    constraints: apar::passes::candidates::Constraints {
+                        tp,
+                        pp,
+                        dp,
+                        max_stages,
+                        max_tp,
+                        micro_batch,
+                        sp,
+                        recompute: recompute.map(Into::into),
+                        recompute_layers,
+                        zero,
+                        low_prec_shard,
+                        schedule,
+                        max_chunks: None,
+                    },
+                    exhaustive,
+                    runners_up: 3,
                 },
-                exhaustive,
-                runners_up: 3,
             };
+            let cluster = Cluster::resolve(&cluster).map_err(bad)?;
+            let session = Session::for_spec(&spec(&model, attention, layers), &cluster, &options)
+                .map_err(bad)?;
             let r = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                let r = apar::search::plan_with_progress(&c, &opts, &progress_bar);
-                eprint!("\r{:60}\r", "");
+                let r = session.search(&progress_bar);
+                let _ = write!(std::io::stderr(), "\r{:60}\r", "");
                 r
             } else {
-                apar::search::plan_with(&c, &opts)
+                session.search(&|_, _| {})
             };
             if let Some(path) = &detailed_log {
-                let mut text = String::new();
-                for o in &r.outcomes {
-                    text.push_str(&format!(
-                        "{}\t{}\n",
-                        o.config,
-                        serde_json::to_string(&o.outcome).unwrap_or_default()
-                    ));
-                }
-                std::fs::write(path, text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+                write_file(path, &report::detailed_log(&r.outcomes))?;
             }
-            if r.stats.candidates == 0 {
-                return Err(bad("no configuration satisfies the pins and bounds"));
-            }
-            let model_name = model_spec.clone();
-            match &r.best {
-                Some(best) => {
-                    let emitted =
-                        save_and_emit(&c, best, &out, &model_name, m.config.as_ref(), r.stats)?;
-                    if emitted {
-                        // The engine configuration was the output.
-                    } else if out.json {
-                        let mut v = serde_json::to_value(EvalJson::new(best))
-                            .map_err(|e| bad(e.to_string()))?;
-                        v["search"] =
-                            serde_json::to_value(r.stats).map_err(|e| bad(e.to_string()))?;
-                        let runners: Vec<EvalJson> =
-                            r.runners_up.iter().map(EvalJson::new).collect();
-                        v["runners_up"] =
-                            serde_json::to_value(runners).map_err(|e| bad(e.to_string()))?;
-                        println!("{}", pretty(&v)?);
-                    } else {
-                        print!("{}", report::plan_log(&r));
-                    }
-                }
-                None => {
+            match session.conclude(&r) {
+                Ok(plan) => o.push_str(&plan_output(plan, &out)?),
+                Err(e @ PlanError::OutOfMemory(_)) => {
+                    let mut f = failure(e, &out);
                     if !out.json {
-                        print!("{}", report::plan_log(&r));
+                        f.stdout = report::search_log(&r.stats) + &f.stdout;
                     }
-                    match &r.closest {
-                        Some(closest) => {
-                            let suggestions =
-                                apar::search::plan_suggestions(&c, &opts, Some(&closest.config));
-                            let oom = OomReport::new(closest, suggestions);
-                            write_outputs(closest, &out)?;
-                            let text = if out.json { pretty(&oom)? } else { oom.text() };
-                            println!("{}", text.trim_end());
-                            return Err(Failure {
-                                code: 1,
-                                message: String::new(),
-                            });
-                        }
-                        None => {
-                            return Err(bad("no candidate could be compiled; see --detailed-log"))
-                        }
-                    }
+                    return Err(f);
                 }
+                Err(e) => return Err(failure(e, &out)),
             }
         }
         Command::Shard {
@@ -678,10 +631,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             .map_err(bad)?;
             if json {
-                println!("{}", ir::json::to_json(&g));
+                let _ = writeln!(o, "{}", ir::json::to_json(&g));
             } else {
                 if let Some(r) = sharded.report(b) {
-                    println!(
+                    let _ =
+                        writeln!(o,
                         "# {b} at tp {tp}{}: {} iterations, {} e-nodes, {} e-classes, stop: {:?}",
                         if sp { " with sp" } else { "" },
                         r.iterations,
@@ -690,15 +644,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         r.stop
                     );
                 }
-                print!("{}", ir::text::print(&g));
+                o.push_str(&ir::text::print(&g));
             }
         }
         Command::Clusters => {
-            println!("{:<16}  about", "cluster");
+            let _ = writeln!(o, "{:<16}  about", "cluster");
             for (name, about) in cluster::presets() {
-                println!("{name:<16}  {about}");
+                let _ = writeln!(o, "{name:<16}  {about}");
             }
-            println!("\nor a JSON file with the fields of `apar::cluster::Cluster`");
+            let _ = writeln!(
+                o,
+                "\nor a JSON file with the fields of `apar::cluster::Cluster`"
+            );
         }
         Command::Eval {
             plan,
@@ -717,65 +674,45 @@ fn run(cli: Cli) -> Result<(), Failure> {
             out,
         } => {
             if let Some(path) = plan {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| bad(format!("{}: {e}", path.display())))?;
-                let saved: apar::Plan = serde_json::from_str(&text)
-                    .map_err(|e| bad(format!("{}: not a saved plan: {e}", path.display())))?;
-                let m = load_model(&ModelArgs {
-                    model: saved.model.clone(),
-                    attention: None,
-                    layers: None,
-                })?;
-                let c = Compiler::new(
-                    model_source(&m)?,
-                    saved.cluster.clone(),
-                    saved.seq,
-                    saved.global_batch,
-                    saved.memory_ratio,
-                )
-                .map_err(bad)?;
-                let e = c.evaluate(&saved.config).map_err(bad)?;
-                return print_evaluation(&c, &e, &out, &saved.model, m.config.as_ref());
+                let saved = Session::read_plan(&path).map_err(bad)?;
+                let plan = Session::recost(&saved).map_err(|e| failure(e, &out))?;
+                o.push_str(&plan_output(plan, &out)?);
+                return Ok(o);
             }
             let need = |what: &str| bad(format!("eval needs --{what} (or --plan FILE)"));
-            let model = ModelArgs {
-                model: model.model.ok_or_else(|| need("model"))?,
-                attention: model.attention,
-                layers: model.layers,
-            };
-            let job = JobArgs {
-                cluster: job.cluster.ok_or_else(|| need("cluster"))?,
-                global_batch: job.global_batch.ok_or_else(|| need("global-batch"))?,
-                seq: job.seq.ok_or_else(|| need("seq"))?,
+            let options = PlanOptions {
                 memory_ratio: job.memory_ratio.unwrap_or(DEFAULT_MEMORY_RATIO),
+                ..PlanOptions::new(
+                    job.seq.ok_or_else(|| need("seq"))?,
+                    job.global_batch.ok_or_else(|| need("global-batch"))?,
+                )
             };
+            let spec = spec(
+                &model.model.ok_or_else(|| need("model"))?,
+                model.attention,
+                model.layers,
+            );
+            let cluster =
+                Cluster::resolve(&job.cluster.ok_or_else(|| need("cluster"))?).map_err(bad)?;
             let dp = dp.ok_or_else(|| need("dp"))?;
-            let m = load_model(&model)?;
-            let c = compiler(&m, &job)?;
-            let per_step = u64::from(dp) * u64::from(micro_batch);
-            if per_step == 0 || job.global_batch % per_step != 0 {
-                return Err(bad(format!(
-                    "global batch {} is not divisible by dp {dp} × micro-batch {micro_batch}",
-                    job.global_batch
-                )));
-            }
-            let num_micro_batches = u32::try_from(job.global_batch / per_step)
-                .map_err(|_| bad("too many micro-batches"))?;
-            let config = Config {
-                dp,
-                tp,
-                pp,
-                micro_batch,
-                num_micro_batches,
-                sp,
-                recompute: recompute.into(),
-                recompute_layers,
-                zero,
-                low_prec_shard,
-                schedule,
-            };
-            let e = c.evaluate(&config).map_err(bad)?;
-            print_evaluation(&c, &e, &out, &model.model, m.config.as_ref())?;
+            let session = Session::for_spec(&spec, &cluster, &options).map_err(bad)?;
+            let config = session
+                .with_micro_batches(Config {
+                    dp,
+                    tp,
+                    pp,
+                    micro_batch,
+                    num_micro_batches: 0,
+                    sp,
+                    recompute: recompute.into(),
+                    recompute_layers,
+                    zero,
+                    low_prec_shard,
+                    schedule,
+                })
+                .map_err(bad)?;
+            let plan = session.evaluate(&config).map_err(|e| failure(e, &out))?;
+            o.push_str(&plan_output(plan, &out)?);
         }
         Command::Ir { model, train, json } => {
             let m = load_model(&model)?;
@@ -785,15 +722,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 m.graph
             };
             if json {
-                println!("{}", ir::json::to_json(&g));
+                let _ = writeln!(o, "{}", ir::json::to_json(&g));
             } else {
-                print!("{}", ir::text::print(&g));
+                o.push_str(&ir::text::print(&g));
             }
         }
         Command::Check { file } => {
             let g = models::load_ir_file(&file).map_err(bad)?;
             ir::verify(&g).map_err(|e| bad(format!("{}: {e}", file.display())))?;
-            println!(
+            let _ = writeln!(
+                o,
                 "{}: ok ({} ops, {} tensors)",
                 file.display(),
                 g.op_count(),
@@ -832,20 +770,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Stats::of_training_graph(&g, env).map_err(bad)?
             };
             if json {
-                println!("{}", pretty(&stats)?);
+                let _ = writeln!(o, "{}", pretty(&stats)?);
             } else {
-                print_stats(&model.model, &stats, env);
+                o.push_str(&stats_text(&model.model, &stats, env));
             }
         }
     }
-    Ok(())
+    Ok(o)
 }
 
 fn pretty<T: serde::Serialize>(v: &T) -> Result<String, Failure> {
-    serde_json::to_string_pretty(v).map_err(|e| Failure {
-        code: 2,
-        message: format!("cannot write JSON: {e}"),
-    })
+    serde_json::to_string_pretty(v).map_err(|e| bad(format!("cannot write JSON: {e}")))
 }
 
 fn group(n: u64) -> String {
@@ -864,27 +799,33 @@ fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-fn print_stats(name: &str, s: &Stats, env: Env) {
+fn stats_text(name: &str, s: &Stats, env: Env) -> String {
+    let mut o = String::new();
     let m = &s.model_state_bytes;
-    println!(
+    let _ = writeln!(
+        o,
         "model {name}: {} layers, {} parameters",
         s.layers,
         group(s.params)
     );
-    println!(
+    let _ = writeln!(
+        o,
         "one micro-batch of {} sequences of {} tokens:",
         env.batch, env.seq
     );
-    println!(
+    let _ = writeln!(
+        o,
         "  FLOPs per step (forward + backward + optimizer): {:.4e}",
         s.flops_per_step as f64
     );
-    println!(
+    let _ = writeln!(
+        o,
         "  activations saved per layer: {} ({} bytes)",
         gib(s.activation_bytes_per_layer),
         group(s.activation_bytes_per_layer)
     );
-    println!(
+    let _ =
+        writeln!(o,
         "  model states: {} = low-precision params {} + fp32 params {} + grads {} + optimizer {}",
         gib(m.total()),
         gib(m.low_prec_params),
@@ -892,4 +833,5 @@ fn print_stats(name: &str, s: &Stats, env: Env) {
         gib(m.grads),
         gib(m.optimizer)
     );
+    o
 }

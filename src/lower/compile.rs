@@ -677,6 +677,54 @@ impl Compiler {
         Ok(std::borrow::Cow::Owned(out))
     }
 
+    /// The model this compiler plans for.
+    pub fn source(&self) -> &ModelSource {
+        &self.source
+    }
+
+    /// The forward graph compiled per configuration: the whole graph of an IR model,
+    /// or the two-layer template (`embed`, `layer.0`, `layer.1`, `head`) of a
+    /// configuration, whose `layer.0` stands for every layer but the last.
+    pub fn forward(&self) -> &Graph {
+        &self.forward
+    }
+
+    /// The per-device program of configuration `c`, op by op (for the chosen plan, not
+    /// the search): the tensor-parallel sharding with every tensor's layout, and the
+    /// training graph one device runs after recomputation and distribution, with its
+    /// data-parallel collectives marked.
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::evaluate`]: the configuration is invalid or a pass fails.
+    pub fn device_program(&self, c: &Config) -> Result<DeviceProgram, CompileError> {
+        self.check(c)?;
+        let sharded = if c.tp > 1 {
+            let price = crate::shard::cost::ModelCost {
+                model: &self.cost,
+                group: Group {
+                    size: c.tp,
+                    per_node: c.tp,
+                },
+            };
+            crate::shard::Sharder::with_cost(crate::shard::ShardOptions::new(c.tp, c.sp), &price)
+                .shard_model(&self.forward)
+                .map(Some)
+                .map_err(|e| Self::fail("shard")(&e))?
+        } else {
+            None
+        };
+        let g = self.graph(c.tp, c.sp, c.recompute);
+        let g = g.as_ref().as_ref().map_err(Clone::clone)?;
+        let d = distribute::apply(&g.graph, c).map_err(|e| Self::fail("distribute")(&e))?;
+        Ok(DeviceProgram {
+            sharded,
+            graph: d.graph,
+            dp_ops: d.dp_ops,
+            recomputed: g.clones.clone(),
+        })
+    }
+
     fn cut(&self, set: &ProfileSet, c: &Config) -> Result<Vec<StageSpan>, CompileError> {
         let blocks = &set.blocks;
         let pp = c.pp as usize;
@@ -729,6 +777,23 @@ impl Compiler {
                 ))
             })
     }
+}
+
+/// What one device of a configuration runs, op by op ([`Compiler::device_program`]).
+#[derive(Clone, Debug)]
+pub struct DeviceProgram {
+    /// The tensor-parallel sharding of the forward graph (every tensor's logical type
+    /// and layout); `None` when `tp = 1` (every tensor whole on every device, the
+    /// forward graph as [`Compiler::forward`]).
+    pub sharded: Option<crate::shard::ShardedModel>,
+    /// The training graph one device runs: forward, backward (with recomputation
+    /// clones) and optimizer, with ZeRO's collectives.
+    pub graph: Graph,
+    /// Collectives of `graph` over the data-parallel group (the others run on the
+    /// tensor-parallel group).
+    pub dp_ops: BTreeSet<crate::ir::OpId>,
+    /// Backward-phase clones of forward ops (recomputation).
+    pub recomputed: BTreeSet<crate::ir::OpId>,
 }
 
 /// The forward graph one device runs at tensor-parallel degree `tp`: the e-graph

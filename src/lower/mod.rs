@@ -14,10 +14,10 @@ use crate::cost::CostModel;
 use crate::passes::Config;
 use profile::{BlockProfile, StateBytes};
 use schedule::Pass;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One sample of a device's memory timeline.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemSample {
     /// Time, seconds from the step start.
     pub t: f64,
@@ -26,7 +26,7 @@ pub struct MemSample {
 }
 
 /// One simulated unit of work, for traces.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Pipeline device (stage).
     pub stage: u32,
@@ -42,13 +42,41 @@ pub struct Event {
     pub end: f64,
 }
 
+/// What a [`CommEvent`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommKind {
+    /// Pipeline point-to-point send of a stage's boundary tensors (forward
+    /// activations, or their gradients in the backward).
+    Send,
+    /// The part of the data-parallel gradient reduction (all-reduce, or ZeRO's
+    /// reduce-scatter) that outlasts the last backward.
+    DpReduce,
+    /// The optimizer step.
+    Optimizer,
+    /// ZeRO's all-gather of the updated parameters after the optimizer step.
+    ParamGather,
+}
+
+impl CommKind {
+    /// The name traces show.
+    pub fn name(self) -> &'static str {
+        match self {
+            CommKind::Send => "send",
+            CommKind::DpReduce => "dp-reduce",
+            CommKind::Optimizer => "optimizer",
+            CommKind::ParamGather => "param-gather",
+        }
+    }
+}
+
 /// A communication or optimizer interval, for traces.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CommEvent {
     /// Pipeline device (stage).
     pub stage: u32,
-    /// What it is (`send`, `dp-reduce`, `optimizer`, `param-gather`).
-    pub what: &'static str,
+    /// What it is.
+    pub what: CommKind,
     /// Start, seconds.
     pub start: f64,
     /// End, seconds.
@@ -56,7 +84,7 @@ pub struct CommEvent {
 }
 
 /// Memory of one pipeline device at its peak.
-#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageMemory {
     /// Pipeline stage (device index in the pipeline).
     pub stage: u32,
@@ -93,13 +121,19 @@ pub struct TimeBreakdown {
     pub optimizer_s: f64,
 }
 
-/// A virtual pipeline stage: a contiguous range of blocks (indices into the block list).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct StageSpan {
-    /// First block index.
-    pub first: usize,
-    /// Last block index (inclusive).
-    pub last: usize,
+pub use crate::passes::pipeline::StageSpan;
+
+/// The simulated step of every pipeline device: the work units in the order they ran,
+/// the communication and optimizer intervals, and the memory timelines.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTrace {
+    /// Forward and backward work units, per device in execution order.
+    pub events: Vec<Event>,
+    /// Point-to-point sends, exposed data-parallel reduction, optimizer step and ZeRO
+    /// parameter gathers.
+    pub comm: Vec<CommEvent>,
+    /// Memory in use over the step, per pipeline device.
+    pub timeline: Vec<Vec<MemSample>>,
 }
 
 /// Result of simulating one configuration.
@@ -121,6 +155,17 @@ pub struct Simulation {
     pub comm: Vec<CommEvent>,
     /// Memory timeline per pipeline device.
     pub timeline: Vec<Vec<MemSample>>,
+}
+
+impl Simulation {
+    /// The recorded events and timelines (empty unless simulated with `detail`).
+    pub fn trace(&self) -> StepTrace {
+        StepTrace {
+            events: self.events.clone(),
+            comm: self.comm.clone(),
+            timeline: self.timeline.clone(),
+        }
+    }
 }
 
 /// Inputs of the simulation besides the block profiles.
@@ -348,7 +393,7 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
                 if input.detail && sends && p2p > 0.0 {
                     comm_events.push(CommEvent {
                         stage: s,
-                        what: "send",
+                        what: CommKind::Send,
                         start: end,
                         end: end + p2p,
                     });
@@ -409,10 +454,10 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
                 });
             }
         };
-        push("dp-reduce", compute_end, end);
-        push("optimizer", end, end + opt_s[d]);
+        push(CommKind::DpReduce, compute_end, end);
+        push(CommKind::Optimizer, end, end + opt_s[d]);
         push(
-            "param-gather",
+            CommKind::ParamGather,
             end + opt_s[d],
             end + opt_s[d] + param_gather_s[d],
         );

@@ -79,7 +79,9 @@ pub struct BlockProfile {
     pub bwd_extra: u64,
     /// Peak transient bytes of the optimizer step.
     pub opt_extra: u64,
-    /// Bytes the block's forward hands to the next block.
+    /// Forward bytes that cross the cut right after this block: tensors produced in it
+    /// or an earlier block and read by a later block's forward (what a pipeline cut
+    /// here sends per micro-batch, skip connections included).
     pub boundary: u64,
     /// Persistent bytes.
     pub states: StateBytes,
@@ -241,21 +243,41 @@ pub fn profile(
         out.entry(b).or_default().saved = s;
     }
 
-    // Boundary: forward tensors a block hands to a later block's forward.
+    // Boundary: forward bytes alive across the cut after each block — every tensor
+    // produced at or before the block and read by a forward op after it (the next
+    // block's input, and skip connections from any earlier block).
+    let order: Vec<Block> = out.keys().copied().collect();
+    let ordinal = |b: Block| order.binary_search(&b).unwrap_or(0);
+    let mut delta = vec![0i128; order.len() + 1];
     for id in g.ops() {
         let node = g.node(id);
         if node.phase != Phase::Fwd {
             continue;
         }
+        let from = ordinal(node.block);
         for &r in &node.results {
-            let crosses = g.uses(r).iter().any(|&u| {
-                let un = g.node(u);
-                un.phase == Phase::Fwd && un.block != node.block
-            });
-            if crosses && !persistent(g.tensor(r).role) {
-                out.entry(node.block).or_default().boundary += g.ty(r).bytes_at(env)?;
+            if persistent(g.tensor(r).role) {
+                continue;
+            }
+            let to = g
+                .uses(r)
+                .iter()
+                .map(|&u| g.node(u))
+                .filter(|un| un.phase == Phase::Fwd)
+                .map(|un| ordinal(un.block))
+                .max()
+                .unwrap_or(from);
+            if to > from {
+                let b = i128::from(g.ty(r).bytes_at(env)?);
+                delta[from] += b;
+                delta[to] -= b;
             }
         }
+    }
+    let mut crossing = 0i128;
+    for (i, b) in order.iter().enumerate() {
+        crossing += delta[i];
+        out.entry(*b).or_default().boundary = u64::try_from(crossing.max(0)).ok()?;
     }
     Some(out)
 }

@@ -2,10 +2,10 @@
 //! backward passes of its model chunks over the micro-batches.
 
 use crate::passes::Schedule;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Forward or backward pass of one micro-batch through one model chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pass {
     /// Forward.

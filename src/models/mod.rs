@@ -27,9 +27,10 @@ pub enum Norm {
     RmsNorm,
 }
 
-/// Position encoding.
+/// Position encoding. (Externally tagged in serde, so that plans holding a model
+/// configuration go through the binary codec, which has no self-describing tags.)
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case")]
 pub enum Position {
     /// A learned table of `max_positions` rows added to the token embedding.
     Learned {

@@ -45,6 +45,43 @@ pub struct Constraints {
     pub max_chunks: Option<u32>,
 }
 
+impl Constraints {
+    /// Every pin or bound that is set: its option name, its value, and the
+    /// constraints with only it set.
+    pub fn pins(&self) -> Vec<(&'static str, String, Constraints)> {
+        let none = Constraints::default();
+        let mut out = Vec::new();
+        macro_rules! pin {
+            ($field:ident, $name:literal) => {
+                if let Some(v) = &self.$field {
+                    out.push((
+                        $name,
+                        v.to_string(),
+                        Constraints {
+                            $field: Some(*v),
+                            ..none.clone()
+                        },
+                    ));
+                }
+            };
+        }
+        pin!(tp, "tp");
+        pin!(pp, "pp");
+        pin!(dp, "dp");
+        pin!(max_stages, "max-stages");
+        pin!(max_tp, "max-tp");
+        pin!(micro_batch, "micro-batch");
+        pin!(sp, "sp");
+        pin!(recompute, "recompute");
+        pin!(recompute_layers, "recompute-layers");
+        pin!(zero, "zero");
+        pin!(low_prec_shard, "low-prec-shard");
+        pin!(schedule, "schedule");
+        pin!(max_chunks, "max-chunks");
+        out
+    }
+}
+
 fn divisors(n: u64) -> Vec<u64> {
     let mut small = Vec::new();
     let mut large = Vec::new();

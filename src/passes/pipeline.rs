@@ -9,7 +9,16 @@
 //! finds the smallest bound to within floating-point resolution. Embedding and head
 //! blocks are ordinary blocks with their own (different) costs.
 
-use crate::lower::StageSpan;
+use serde::{Deserialize, Serialize};
+
+/// A virtual pipeline stage: a contiguous range of blocks (indices into the block list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageSpan {
+    /// First block index.
+    pub first: usize,
+    /// Last block index (inclusive).
+    pub last: usize,
+}
 
 /// Most bisection steps of the search for the smallest slowest-stage time.
 const BISECTION_STEPS: u32 = 60;

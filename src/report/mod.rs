@@ -5,13 +5,15 @@ pub mod engines;
 pub mod trace;
 
 use crate::lower::compile::Evaluation;
-use crate::lower::{StageMemory, TimeBreakdown};
+use crate::lower::{StageMemory, StepTrace, TimeBreakdown};
 use crate::passes::Config;
+use crate::search::SearchStats;
+pub use crate::search::Suggestion;
 use serde::Serialize;
 use std::fmt::Write;
 
 /// `{"stage", "blocks": [first, last], "time_s"}` of the JSON contract.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct StageJson {
     /// Virtual stage index (model order).
     pub stage: usize,
@@ -24,7 +26,7 @@ pub struct StageJson {
 }
 
 /// `memory` of the JSON contract.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct MemoryJson {
     /// Budget per device.
     pub budget_bytes: u64,
@@ -35,7 +37,7 @@ pub struct MemoryJson {
 }
 
 /// The evaluation as the JSON contract spells it.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct EvalJson {
     /// The configuration.
     pub config: Config,
@@ -105,6 +107,13 @@ pub fn dominant(m: &StageMemory) -> &'static str {
 
 /// Human-readable evaluation.
 pub fn eval_text(e: &Evaluation) -> String {
+    let j = EvalJson::new(e);
+    summary_text(&j, &j.stages)
+}
+
+/// Human-readable evaluation of a summary: configuration, step time and its
+/// breakdown, memory per pipeline stage with the blocks it runs.
+pub fn summary_text(e: &EvalJson, stages: &[StageJson]) -> String {
     let mut s = String::new();
     let c = &e.config;
     let _ = writeln!(s, "configuration: {c}");
@@ -116,27 +125,29 @@ pub fn eval_text(e: &Evaluation) -> String {
         e.tflops_per_device,
         100.0 * e.mfu
     );
-    let b = &e.sim.breakdown;
+    let b = &e.breakdown;
     let _ = writeln!(
         s,
         "  slowest device: compute {:.3} s, TP comm {:.3} s, DP comm (exposed) {:.3} s, PP comm {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s",
         b.compute_s, b.tp_comm_s, b.dp_comm_s, b.pp_comm_s, b.bubble_s, b.recompute_s, b.optimizer_s
     );
+    let m = &e.memory;
     let _ = writeln!(
         s,
         "memory budget {} per device, peak {}{}",
-        gib(e.budget_bytes),
-        gib(e.peak_bytes),
-        if e.fits { "" } else { "  (OUT OF MEMORY)" }
+        gib(m.budget_bytes),
+        gib(m.peak_bytes),
+        if m.peak_bytes <= m.budget_bytes {
+            ""
+        } else {
+            "  (OUT OF MEMORY)"
+        }
     );
-    let pp = c.pp.max(1) as usize;
-    for m in &e.sim.memory {
-        let spans: Vec<String> = e
-            .stages
+    for m in &m.per_stage {
+        let spans: Vec<String> = stages
             .iter()
-            .enumerate()
-            .filter(|(i, _)| i % pp == m.stage as usize)
-            .map(|(_, sp)| format!("blocks {}..={}", sp.first, sp.last))
+            .filter(|sp| sp.device_stage == m.stage)
+            .map(|sp| format!("blocks {}..={}", sp.blocks[0], sp.blocks[1]))
             .collect();
         let _ = writeln!(
             s,
@@ -152,26 +163,6 @@ pub fn eval_text(e: &Evaluation) -> String {
         );
     }
     s
-}
-
-/// A concrete change and what it would give.
-#[derive(Clone, Debug, Serialize)]
-pub struct Suggestion {
-    /// What to change, in words.
-    pub change: String,
-    /// The configuration after the change (when it is a configuration change).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub config: Option<Config>,
-    /// The device count after the change (when the cluster changes).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub devices: Option<u64>,
-    /// The global batch after the change (when the batch changes).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub global_batch: Option<u64>,
-    /// Peak bytes after the change.
-    pub peak_bytes: u64,
-    /// Step time after the change, seconds.
-    pub step_time_s: f64,
 }
 
 /// The out-of-memory report (exit code 1).
@@ -193,6 +184,15 @@ pub struct OomReport {
     pub config: Config,
     /// Changes that fit, each checked by compiling it.
     pub suggestions: Vec<Suggestion>,
+    /// The candidate's step time, seconds (not in the JSON report).
+    #[serde(skip)]
+    pub step_time_s: f64,
+    /// The candidate's memory by stage (not in the JSON report).
+    #[serde(skip)]
+    pub memory: Option<MemoryJson>,
+    /// The candidate's simulated step, for a trace or plot (not in the JSON report).
+    #[serde(skip)]
+    pub trace: StepTrace,
 }
 
 impl OomReport {
@@ -222,6 +222,9 @@ impl OomReport {
             breakdown: worst,
             config: e.config,
             suggestions,
+            step_time_s: e.step_time_s,
+            memory: Some(EvalJson::new(e).memory),
+            trace: e.sim.trace(),
         }
     }
 
@@ -292,10 +295,50 @@ pub fn selected_line(c: &Config) -> String {
     )
 }
 
-/// The search log: the reference platform's story with apar's numbers, then the plan.
-pub fn plan_log(r: &crate::search::SearchResult) -> String {
+/// The search log: the reference platform's story with apar's numbers (when a search
+/// ran), then the plan and its runners-up with why each lost.
+pub fn plan_log(best: &EvalJson, search: Option<&SearchStats>, runners_up: &[EvalJson]) -> String {
     let mut s = String::new();
-    let st = &r.stats;
+    if let Some(st) = search {
+        s.push_str(&search_log(st));
+        let _ = writeln!(s, "[info] Configuration for parallelism is selected.");
+        let _ = writeln!(s, "[info] {}", selected_line(&best.config));
+        s.push('\n');
+    }
+    s.push_str(&summary_text(best, &best.stages));
+    if !runners_up.is_empty() {
+        let _ = writeln!(s, "runners-up (why they lost):");
+        for e in runners_up {
+            let _ = writeln!(
+                s,
+                "  {:>8.3} s (+{:.1}%)  {}  — {}",
+                e.step_time_s,
+                100.0 * (e.step_time_s / best.step_time_s - 1.0),
+                e.config,
+                why_slower(&best.breakdown, &e.breakdown)
+            );
+            let b = &e.breakdown;
+            let _ = writeln!(
+                s,
+                "             compute {:.3} s, TP {:.3} s, DP {:.3} s, PP {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s; peak {}",
+                b.compute_s,
+                b.tp_comm_s,
+                b.dp_comm_s,
+                b.pp_comm_s,
+                b.bubble_s,
+                b.recompute_s,
+                b.optimizer_s,
+                gib(e.memory.peak_bytes)
+            );
+        }
+    }
+    s
+}
+
+/// The reference platform's search lines: candidates, compile time, feasible count,
+/// selection time.
+pub fn search_log(st: &SearchStats) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "[info] The number of candidates is {}.", st.candidates);
     let _ = writeln!(s, "[info] Parallel Graph Compile start...");
     let _ = writeln!(
@@ -312,7 +355,7 @@ pub fn plan_log(r: &crate::search::SearchResult) -> String {
     if st.pruned > 0 {
         let _ = writeln!(
             s,
-            "[info] {} more were not simulated: their compute alone exceeds the best step time (--exhaustive simulates them).",
+            "[info] {} more were not simulated: their compute alone exceeds the step time of the plans kept (--exhaustive simulates them).",
             st.pruned
         );
     }
@@ -323,44 +366,11 @@ pub fn plan_log(r: &crate::search::SearchResult) -> String {
         st.cost_ms
     );
     let _ = writeln!(s, "[info] SelectBestGraphFromCandidates finished.");
-    if let Some(best) = &r.best {
-        let _ = writeln!(s, "[info] Configuration for parallelism is selected.");
-        let _ = writeln!(s, "[info] {}", selected_line(&best.config));
-        s.push('\n');
-        s.push_str(&eval_text(best));
-        if !r.runners_up.is_empty() {
-            let _ = writeln!(s, "runners-up (why they lost):");
-            for e in &r.runners_up {
-                let _ = writeln!(
-                    s,
-                    "  {:>8.3} s (+{:.1}%)  {}  — {}",
-                    e.step_time_s,
-                    100.0 * (e.step_time_s / best.step_time_s - 1.0),
-                    e.config,
-                    why_slower(best, e)
-                );
-                let b = &e.sim.breakdown;
-                let _ = writeln!(
-                    s,
-                    "             compute {:.3} s, TP {:.3} s, DP {:.3} s, PP {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s; peak {}",
-                    b.compute_s,
-                    b.tp_comm_s,
-                    b.dp_comm_s,
-                    b.pp_comm_s,
-                    b.bubble_s,
-                    b.recompute_s,
-                    b.optimizer_s,
-                    gib(e.peak_bytes)
-                );
-            }
-        }
-    }
     s
 }
 
 /// The largest difference in the step-time breakdown between a runner-up and the winner.
-pub fn why_slower(best: &Evaluation, other: &Evaluation) -> String {
-    let (a, b) = (&best.sim.breakdown, &other.sim.breakdown);
+pub fn why_slower(a: &TimeBreakdown, b: &TimeBreakdown) -> String {
     let parts = [
         ("compute", b.compute_s - a.compute_s),
         ("TP communication", b.tp_comm_s - a.tp_comm_s),
@@ -381,4 +391,15 @@ pub fn why_slower(best: &Evaluation, other: &Evaluation) -> String {
             }
         });
     format!("{name} +{d:.3} s")
+}
+
+/// The `--detailed-log` file: every candidate with its outcome (peak memory, step
+/// time or the reason it was rejected or skipped), one per line, in enumeration order.
+pub fn detailed_log(outcomes: &[crate::search::CandidateOutcome]) -> String {
+    let mut text = String::new();
+    for o in outcomes {
+        let outcome = serde_json::to_string(&o.outcome).unwrap_or_default();
+        let _ = writeln!(text, "{}\t{outcome}", o.config);
+    }
+    text
 }

@@ -1,7 +1,8 @@
 //! Chrome/Perfetto trace and SVG memory-timeline output.
 
-use crate::lower::compile::Evaluation;
+use super::MemoryJson;
 use crate::lower::schedule::Pass;
+use crate::lower::StepTrace;
 use serde_json::{json, Value};
 use std::fmt::Write;
 
@@ -11,14 +12,14 @@ fn us(seconds: f64) -> f64 {
 
 /// A Chrome trace (`chrome://tracing`, Perfetto): one process per pipeline stage with
 /// a compute lane and a communication lane, and a memory counter.
-pub fn chrome_trace(e: &Evaluation) -> Value {
+pub fn chrome_trace(trace: &StepTrace, pp: u32) -> Value {
     let mut ev = Vec::new();
-    for s in 0..e.config.pp.max(1) {
+    for s in 0..pp.max(1) {
         ev.push(json!({"name": "process_name", "ph": "M", "pid": s, "args": {"name": format!("stage {s}")}}));
         ev.push(json!({"name": "thread_name", "ph": "M", "pid": s, "tid": 0, "args": {"name": "compute"}}));
         ev.push(json!({"name": "thread_name", "ph": "M", "pid": s, "tid": 1, "args": {"name": "communication"}}));
     }
-    for x in &e.sim.events {
+    for x in &trace.events {
         let pass = match x.pass {
             Pass::F => "F",
             Pass::B => "B",
@@ -29,13 +30,13 @@ pub fn chrome_trace(e: &Evaluation) -> Value {
             "args": {"micro_batch": x.micro_batch, "chunk": x.chunk},
         }));
     }
-    for c in &e.sim.comm {
+    for c in &trace.comm {
         ev.push(json!({
-            "name": c.what, "cat": "comm", "ph": "X", "ts": us(c.start),
+            "name": c.what.name(), "cat": "comm", "ph": "X", "ts": us(c.start),
             "dur": us(c.end - c.start), "pid": c.stage, "tid": 1,
         }));
     }
-    for (s, samples) in e.sim.timeline.iter().enumerate() {
+    for (s, samples) in trace.timeline.iter().enumerate() {
         for m in samples {
             ev.push(json!({
                 "name": "memory", "ph": "C", "ts": us(m.t), "pid": s,
@@ -47,12 +48,12 @@ pub fn chrome_trace(e: &Evaluation) -> Value {
 }
 
 /// An SVG plot of each stage's memory over the step, with the budget line.
-pub fn memory_svg(e: &Evaluation) -> String {
-    let stages = e.sim.timeline.len().max(1);
+pub fn memory_svg(trace: &StepTrace, memory: &MemoryJson, step_time_s: f64) -> String {
+    let stages = trace.timeline.len().max(1);
     let (w, panel, left, top) = (900.0, 140.0, 80.0, 30.0);
     let height = top + panel * stages as f64 + 30.0;
-    let t_max = e.step_time_s.max(1e-12);
-    let y_max = e.peak_bytes.max(e.budget_bytes).max(1) as f64 * 1.05;
+    let t_max = step_time_s.max(1e-12);
+    let y_max = memory.peak_bytes.max(memory.budget_bytes).max(1) as f64 * 1.05;
     let plot_w = w - left - 20.0;
     let mut s = String::new();
     let _ = writeln!(
@@ -62,10 +63,10 @@ pub fn memory_svg(e: &Evaluation) -> String {
     let _ = writeln!(
         s,
         r#"<text x="{left}" y="18" font-size="13">memory per stage over one step ({:.3} s); dashed: budget {:.2} GiB</text>"#,
-        e.step_time_s,
-        e.budget_bytes as f64 / (1u64 << 30) as f64
+        step_time_s,
+        memory.budget_bytes as f64 / (1u64 << 30) as f64
     );
-    for (i, samples) in e.sim.timeline.iter().enumerate() {
+    for (i, samples) in trace.timeline.iter().enumerate() {
         let y0 = top + panel * i as f64;
         let h = panel - 20.0;
         let x = |t: f64| left + plot_w * t / t_max;
@@ -75,7 +76,7 @@ pub fn memory_svg(e: &Evaluation) -> String {
             r##"<rect x="{left}" y="{y0}" width="{plot_w}" height="{h}" fill="none" stroke="#999"/>"##
         );
         let _ = writeln!(s, r#"<text x="4" y="{:.1}">stage {i}</text>"#, y0 + h / 2.0);
-        let by = y(e.budget_bytes as f64);
+        let by = y(memory.budget_bytes as f64);
         let _ = writeln!(
             s,
             r##"<line x1="{left}" y1="{by:.1}" x2="{:.1}" y2="{by:.1}" stroke="#c00" stroke-dasharray="4 3"/>"##,
@@ -96,7 +97,7 @@ pub fn memory_svg(e: &Evaluation) -> String {
             r##"<polyline points="{}" fill="none" stroke="#1f77b4" stroke-width="1.2"/>"##,
             pts.trim_end()
         );
-        let peak = e.sim.memory.get(i).map_or(0, |m| m.peak_bytes);
+        let peak = memory.per_stage.get(i).map_or(0, |m| m.peak_bytes);
         let _ = writeln!(
             s,
             r#"<text x="{:.1}" y="{:.1}">peak {:.2} GiB</text>"#,

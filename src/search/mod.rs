@@ -1,14 +1,33 @@
 //! Search over configurations: out-of-memory suggestions (each one compiled and
 //! checked), and (in `plan`) the whole candidate space.
 
-use crate::lower::compile::{Compiler, Evaluation};
+use crate::lower::compile::{CompileError, Compiler, Evaluation};
 use crate::lower::StageSpan;
 use crate::passes::candidates::{enumerate, Constraints};
 use crate::passes::{Config, Recompute};
-use crate::report::Suggestion;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
+
+/// A concrete change and what it would give.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Suggestion {
+    /// What to change, in words.
+    pub change: String,
+    /// The configuration after the change (when it is a configuration change).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<Config>,
+    /// The device count after the change (when the cluster changes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<u64>,
+    /// The global batch after the change (when the batch changes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_batch: Option<u64>,
+    /// Peak bytes after the change.
+    pub peak_bytes: u64,
+    /// Step time after the change, seconds.
+    pub step_time_s: f64,
+}
 
 /// Single changes to `c` that an out-of-memory user could make, in a fixed order.
 fn neighbours(c: &Config) -> Vec<(String, Config)> {
@@ -155,9 +174,14 @@ pub enum Outcome {
     },
     /// Could not be compiled (e.g. a split the model does not allow).
     Rejected {
-        /// Why.
-        reason: String,
+        /// Why (serialized as its message).
+        #[serde(serialize_with = "as_message")]
+        reason: CompileError,
     },
+}
+
+fn as_message<S: serde::Serializer>(e: &CompileError, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(e)
 }
 
 /// One candidate and its outcome.
@@ -284,9 +308,9 @@ pub fn plan_with_progress(
                     lower_bound_bytes: bounds[i],
                 })
             } else {
-                compiler.lower_bound(c).map_err(|err| Outcome::Rejected {
-                    reason: err.to_string(),
-                })
+                compiler
+                    .lower_bound(c)
+                    .map_err(|reason| Outcome::Rejected { reason })
             };
             if r.is_err() {
                 // No simulation step will follow.
@@ -309,6 +333,11 @@ pub fn plan_with_progress(
     });
     let mut outcome: Vec<Option<Outcome>> =
         screened.iter().map(|r| r.as_ref().err().cloned()).collect();
+    // A candidate is pruned only when its bound exceeds the step time of the
+    // (1 + runners_up)-th fastest fitting plan found so far, so that the reported
+    // runners-up are the true ones, not the survivors of the shortcut.
+    let keep = 1 + opts.runners_up;
+    let mut fastest: Vec<f64> = Vec::with_capacity(keep + 1);
     let mut best_time = f64::INFINITY;
     for round in order.chunks(SIMULATION_ROUND) {
         let results: Vec<(usize, Outcome)> = round
@@ -333,9 +362,7 @@ pub fn plan_with_progress(
                         Ok(e) => Outcome::OutOfMemory {
                             peak_bytes: e.peak_bytes,
                         },
-                        Err(err) => Outcome::Rejected {
-                            reason: err.to_string(),
-                        },
+                        Err(reason) => Outcome::Rejected { reason },
                     }
                 };
                 (i, o)
@@ -343,9 +370,62 @@ pub fn plan_with_progress(
             .collect();
         for (i, o) in results {
             if let Outcome::Fits { step_time_s, .. } = o {
-                best_time = best_time.min(step_time_s);
+                let at = fastest.partition_point(|&t| t <= step_time_s);
+                fastest.insert(at, step_time_s);
+                fastest.truncate(keep);
+                if fastest.len() == keep {
+                    best_time = fastest[keep - 1];
+                }
             }
             outcome[i] = Some(o);
+        }
+    }
+    // Nothing fits: the closest candidate must be the true one. A candidate skipped by
+    // the model-state bound may still have a smaller peak than every compiled one (its
+    // peak is only known to be at least its bound), so those whose bound does not
+    // exceed the smallest peak found are compiled too, in fixed rounds in bound order.
+    if fastest.is_empty() && !opts.exhaustive {
+        let mut smallest = outcome
+            .iter()
+            .filter_map(|o| match o {
+                Some(Outcome::OutOfMemory { peak_bytes }) => Some(*peak_bytes),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut skipped_order: Vec<usize> = (0..candidates.len()).filter(|&i| skipped(i)).collect();
+        skipped_order.sort_by_key(|&i| (bounds[i], simplicity(&candidates[i])));
+        for round in skipped_order.chunks(SIMULATION_ROUND) {
+            if bounds[round[0]] > smallest {
+                break;
+            }
+            let results: Vec<(usize, Outcome)> = round
+                .par_iter()
+                .filter(|&&i| bounds[i] <= smallest)
+                .map(|&i| {
+                    let c = &candidates[i];
+                    let o = match compiler
+                        .lower_bound(c)
+                        .and_then(|(_, stages)| compiler.evaluate_cut(c, stages, false))
+                    {
+                        Ok(e) if e.fits => Outcome::Fits {
+                            step_time_s: e.step_time_s,
+                            peak_bytes: e.peak_bytes,
+                        },
+                        Ok(e) => Outcome::OutOfMemory {
+                            peak_bytes: e.peak_bytes,
+                        },
+                        Err(reason) => Outcome::Rejected { reason },
+                    };
+                    (i, o)
+                })
+                .collect();
+            for (i, o) in results {
+                if let Outcome::OutOfMemory { peak_bytes } = o {
+                    smallest = smallest.min(peak_bytes);
+                }
+                outcome[i] = Some(o);
+            }
         }
     }
     let outcomes: Vec<CandidateOutcome> = candidates
@@ -353,9 +433,9 @@ pub fn plan_with_progress(
         .zip(outcome)
         .map(|(c, o)| CandidateOutcome {
             config: *c,
-            outcome: o.unwrap_or(Outcome::Rejected {
-                reason: "not screened".into(),
-            }),
+            // Screening gives every candidate an outcome or a bound, and every
+            // bounded one is simulated or pruned.
+            outcome: o.expect("every candidate has an outcome"),
         })
         .collect();
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -1,0 +1,214 @@
+//! Warnings: what apar assumed or could not do for a model, a job or a plan. They are
+//! carried in the plan (`warnings` in the JSON) and printed by the CLI; they never
+//! change a result.
+
+use crate::ir::{Block, Graph, Op};
+use crate::lower::compile::{Compiler, DeviceProgram, Evaluation, ModelSource};
+use crate::models::ModelConfig;
+use crate::shard::Stop;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Megatron-LM pads the vocabulary to a multiple of `--make-vocab-size-divisible-by`
+/// (default 128) times the tensor-parallel degree (`megatron/training/tokenizer`,
+/// `_vocab_size_with_padding`).
+pub const MEGATRON_VOCAB_DIVISOR: u64 = 128;
+
+/// Share of the step time spent in the pipeline bubble above which a plan is
+/// reported as using more devices than its batch can feed.
+pub const BUBBLE_WARNING_FRACTION: f64 = 0.5;
+
+/// Fewest blocks a graph needs for pipeline parallelism to have a choice of cuts:
+/// an embedding, a layer and a head.
+pub const PIPELINE_MIN_BLOCKS: usize = 3;
+
+/// Something apar assumed or could not do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Warning {
+    /// The sharder left a block whole on every tensor-parallel rank.
+    BlockReplicated {
+        /// The block (`layer.0`).
+        block: String,
+        /// Tensor-parallel degree.
+        tp: u32,
+        /// Why: no split the rules know is valid for its shapes (e.g. heads not
+        /// divisible by tp), or none was cheaper than replication.
+        reason: String,
+    },
+    /// A sharding run stopped at its node or iteration limit, so its result may not be
+    /// the best split.
+    ShardingStopped {
+        /// The block.
+        block: String,
+        /// Tensor-parallel degree.
+        tp: u32,
+        /// The limit that stopped it.
+        stop: String,
+    },
+    /// The graph has too few blocks for pipeline cuts (no `embed` / `layer.N` / `head`
+    /// labels): every plan has one pipeline stage.
+    FewBlocks {
+        /// Blocks in the graph.
+        blocks: usize,
+    },
+    /// Megatron-LM pads the vocabulary; the padded rows' memory and FLOPs are not in
+    /// the plan.
+    VocabPadded {
+        /// The model's vocabulary.
+        vocab: u64,
+        /// What Megatron-LM allocates at the plan's tensor-parallel degree.
+        padded: u64,
+    },
+    /// Most of the step is pipeline bubble: the batch cannot feed this many devices.
+    BubbleDominates {
+        /// Bubble share of the step time.
+        fraction: f64,
+        /// Micro-batches per step.
+        num_micro_batches: u32,
+        /// Pipeline stages.
+        pp: u32,
+    },
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Warning::BlockReplicated { block, tp, reason } => write!(
+                f,
+                "{block} is not split at tp {tp}: {reason}; every tensor-parallel rank runs all of it"
+            ),
+            Warning::ShardingStopped { block, tp, stop } => write!(
+                f,
+                "sharding {block} at tp {tp} stopped at its {stop}; the split found may not be the cheapest"
+            ),
+            Warning::FewBlocks { blocks } => write!(
+                f,
+                "the graph has {blocks} block(s); label ops `embed`, `layer.N` and `head` (see ir-spec) to allow pipeline cuts"
+            ),
+            Warning::VocabPadded { vocab, padded } => write!(
+                f,
+                "Megatron-LM pads the vocabulary from {vocab} to {padded} rows (--make-vocab-size-divisible-by {MEGATRON_VOCAB_DIVISOR} × tp); the padding is not planned"
+            ),
+            Warning::BubbleDominates {
+                fraction,
+                num_micro_batches,
+                pp,
+            } => write!(
+                f,
+                "{:.0}% of the step is pipeline bubble ({num_micro_batches} micro-batches over {pp} stages): the global batch cannot keep this many devices busy",
+                100.0 * fraction
+            ),
+        }
+    }
+}
+
+/// Warnings about the model and job, before any plan.
+pub(super) fn of_model(compiler: &Compiler, _config: Option<&ModelConfig>) -> Vec<Warning> {
+    let mut out = Vec::new();
+    if let ModelSource::Graph(g) = compiler.source() {
+        let blocks = block_count(g);
+        if blocks < PIPELINE_MIN_BLOCKS {
+            out.push(Warning::FewBlocks { blocks });
+        }
+    }
+    out
+}
+
+fn block_count(g: &Graph) -> usize {
+    let mut blocks: Vec<Block> = g.ops().map(|o| g.node(o).block).collect();
+    blocks.sort();
+    blocks.dedup();
+    blocks.len()
+}
+
+/// Warnings about a chosen plan.
+pub(super) fn of_plan(
+    _compiler: &Compiler,
+    e: &Evaluation,
+    program: &DeviceProgram,
+    config: Option<&ModelConfig>,
+) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let c = &e.config;
+    if let Some(s) = &program.sharded {
+        // A block with parameters none of which is split is replicated.
+        let mut split: BTreeMap<Block, (bool, bool)> = BTreeMap::new();
+        for id in s.graph.ops() {
+            if let Op::Param { .. } = s.graph.op(id) {
+                let node = s.graph.node(id);
+                let entry = split.entry(node.block).or_default();
+                entry.0 = true;
+                for r in &node.results {
+                    if s.layouts
+                        .get(r.index())
+                        .is_some_and(|v| !v.layout.is_replicated())
+                    {
+                        entry.1 = true;
+                    }
+                }
+            }
+        }
+        for (i, t) in s.templates.iter().enumerate() {
+            let users: Vec<Block> = s
+                .blocks
+                .iter()
+                .filter(|b| b.template == i)
+                .map(|b| b.block)
+                .collect();
+            let block = match users.len() {
+                0 | 1 => t.first_block.to_string(),
+                n => format!("{} (and {} more blocks like it)", t.first_block, n - 1),
+            };
+            let report = &t.report;
+            if users
+                .iter()
+                .any(|b| matches!(split.get(b), Some((true, false))))
+            {
+                let reason = if report.cost_ps >= report.replicated_cost_ps {
+                    "no valid split was cheaper than replication (are its heads, kv heads and widths divisible by tp?)"
+                } else {
+                    "no parameter split is valid for its shapes"
+                };
+                out.push(Warning::BlockReplicated {
+                    block: block.clone(),
+                    tp: c.tp,
+                    reason: reason.to_string(),
+                });
+            }
+            match &report.stop {
+                Stop::NodeLimit { enodes } => out.push(Warning::ShardingStopped {
+                    block,
+                    tp: c.tp,
+                    stop: format!("e-node limit ({enodes} e-nodes)"),
+                }),
+                Stop::IterationLimit { iterations } => out.push(Warning::ShardingStopped {
+                    block,
+                    tp: c.tp,
+                    stop: format!("iteration limit ({iterations} iterations)"),
+                }),
+                Stop::Saturated | Stop::Other { .. } => {}
+            }
+        }
+    }
+    if let Some(cfg) = config {
+        let multiple = MEGATRON_VOCAB_DIVISOR * u64::from(c.tp);
+        let padded = cfg.vocab.div_ceil(multiple) * multiple;
+        if padded != cfg.vocab {
+            out.push(Warning::VocabPadded {
+                vocab: cfg.vocab,
+                padded,
+            });
+        }
+    }
+    let bubble = e.sim.breakdown.bubble_s / e.step_time_s.max(f64::MIN_POSITIVE);
+    if c.pp > 1 && bubble > BUBBLE_WARNING_FRACTION {
+        out.push(Warning::BubbleDominates {
+            fraction: bubble,
+            num_micro_batches: c.num_micro_batches,
+            pp: c.pp,
+        });
+    }
+    out
+}

@@ -1,0 +1,795 @@
+//! The library's one flow: load a model, plan or evaluate it on a cluster, and get a
+//! [`Plan`] (or a typed [`PlanError`]: bad input, an empty candidate space, out of
+//! memory with checked suggestions). The CLI only parses arguments into these calls
+//! and prints what they return; `apar plan --json` is `serde_json::to_string(&plan)`.
+//!
+//! ```
+//! use apar::cluster::Cluster;
+//! use apar::{ModelSpec, PlanOptions, Session};
+//!
+//! let session = Session::for_spec(
+//!     &ModelSpec::parse("tiny-gpt"),
+//!     &Cluster::resolve("dgx-a100-80g:1")?,
+//!     &PlanOptions::new(128, 16),
+//! )?;
+//! let plan = session.plan()?;
+//! // One rank's point of view: its coordinates, the stage it runs, and its share of
+//! // every parameter.
+//! let me = plan.mesh.coordinates(3).expect("rank 3 exists");
+//! let stage = me.pp;
+//! for t in plan.tensors.iter().filter(|t| t.kind == apar::TensorKind::Param) {
+//!     assert!(t.local_shape.iter().product::<u64>() <= t.global_shape.iter().product::<u64>());
+//!     let _mine = t.tp_slices(me.tp, plan.mesh.tp);
+//! }
+//! assert!(plan.stages.iter().any(|s| s.device_stage == stage));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod detail;
+mod diagnostics;
+
+pub use detail::{
+    Axis, BlockProgram, Coordinates, Mesh, OpStep, TensorKind, TensorPlacement, TpLayout,
+};
+pub use diagnostics::Warning;
+
+use crate::cluster::{Cluster, ClusterError};
+use crate::ir::{Graph, Phase};
+use crate::lower::compile::{
+    CompileError, Compiler, Evaluation, ModelSource, DEFAULT_MEMORY_RATIO,
+};
+use crate::lower::{StepTrace, TimeBreakdown};
+use crate::models::{self, Attention, ModelConfig, ModelError};
+use crate::passes::candidates::{enumerate, Constraints};
+use crate::passes::Config;
+use crate::report::{EvalJson, MemoryJson, OomReport, StageJson};
+use crate::search::{self, SearchOptions, SearchResult, SearchStats};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// What to plan for besides the model and the cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanOptions {
+    /// Sequence length, tokens.
+    pub seq: u64,
+    /// Sequences per step.
+    pub global_batch: u64,
+    /// Fraction of device memory a plan may use (the reference platform's 0.8 by
+    /// default).
+    pub memory_ratio: f64,
+    /// Pins, bounds and search switches.
+    pub search: SearchOptions,
+}
+
+impl PlanOptions {
+    /// Defaults for a sequence length and global batch: 0.8 of device memory, the
+    /// whole candidate space, three runners-up.
+    pub fn new(seq: u64, global_batch: u64) -> PlanOptions {
+        PlanOptions {
+            seq,
+            global_batch,
+            memory_ratio: DEFAULT_MEMORY_RATIO,
+            search: SearchOptions {
+                runners_up: 3,
+                ..SearchOptions::default()
+            },
+        }
+    }
+}
+
+/// Where a model came from, recorded in a plan so that it can be loaded again and
+/// the plan re-costed ([`Session::recost`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// The model as the user named it: a zoo name, a file path, or the name of an
+    /// in-memory graph.
+    pub name: String,
+    /// What `name` is.
+    pub origin: ModelOrigin,
+    /// The number of layers, when it overrides the zoo's or the file's.
+    pub layers: Option<u32>,
+    /// The attention form, when it overrides the zoo's or the file's.
+    pub attention: Option<Attention>,
+}
+
+/// What a [`ModelSpec`] names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelOrigin {
+    /// A built-in model (`apar models`).
+    Zoo,
+    /// A Hugging Face `config.json` or an IR file, by its absolute path.
+    File(PathBuf),
+    /// A graph handed to [`Session::for_graph`]; a plan of it can only be re-costed
+    /// with the graph.
+    Graph,
+}
+
+impl ModelSpec {
+    /// A zoo name or a file path as typed by a user: a zoo name when the zoo has it,
+    /// otherwise a path (made absolute when the file exists, so that a saved plan
+    /// still finds it from another directory).
+    pub fn parse(spec: &str) -> ModelSpec {
+        let origin = if models::zoo::lookup(spec).is_ok() {
+            ModelOrigin::Zoo
+        } else {
+            let path = Path::new(spec);
+            ModelOrigin::File(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
+        };
+        ModelSpec {
+            name: spec.to_string(),
+            origin,
+            layers: None,
+            attention: None,
+        }
+    }
+
+    /// Loads the model.
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::Model`] for an unknown name, a missing or malformed file (the
+    /// message names the file), or overrides an IR file cannot take;
+    /// [`PlanError::GraphOnly`] for a spec of an in-memory graph.
+    pub fn load(&self) -> Result<models::LoadedModel, PlanError> {
+        let overrides = models::Overrides {
+            attention: self.attention,
+            layers: self.layers,
+        };
+        match &self.origin {
+            ModelOrigin::Zoo => Ok(models::load(&self.name, &overrides)?),
+            ModelOrigin::File(path) => {
+                let looks_like_file = self.name.contains(std::path::MAIN_SEPARATOR)
+                    || self.name.contains('/')
+                    || Path::new(&self.name).extension().is_some();
+                if !path.exists() && !looks_like_file {
+                    return Err(PlanError::Model(ModelError::Unknown(self.name.clone())));
+                }
+                if !path.exists() {
+                    return Err(PlanError::Model(ModelError::File {
+                        file: path.display().to_string(),
+                        why: "no such file".into(),
+                    }));
+                }
+                Ok(models::load(&path.to_string_lossy(), &overrides)?)
+            }
+            ModelOrigin::Graph => Err(PlanError::GraphOnly(self.name.clone())),
+        }
+    }
+}
+
+/// A plan: the job, the chosen configuration with its evaluation, and what each
+/// device runs. `apar plan --json` and `apar eval --json` print this document; it
+/// round-trips through JSON and the binary codec, and `apar eval --plan FILE`
+/// re-costs it.
+///
+/// Times are seconds, memory is bytes per device, throughput is tokens per second
+/// over the whole cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The model and how to load it again.
+    pub model: ModelSpec,
+    /// The model's configuration, when it came from the zoo or a `config.json` (what
+    /// engine exports need: layers, hidden size, heads, vocabulary).
+    pub model_config: Option<ModelConfig>,
+    /// The cluster.
+    pub cluster: Cluster,
+    /// Sequence length, tokens.
+    pub seq: u64,
+    /// Sequences per step.
+    pub global_batch: u64,
+    /// Fraction of device memory used as the budget.
+    pub memory_ratio: f64,
+    /// The configuration.
+    pub config: Config,
+    /// Seconds per training step.
+    pub step_time_s: f64,
+    /// Tokens per second over the cluster.
+    pub tokens_per_s: f64,
+    /// Achieved TFLOP/s per device (recomputation not counted).
+    pub tflops_per_device: f64,
+    /// Model FLOPs utilization: `tflops_per_device` over the device's bf16 peak.
+    pub mfu: f64,
+    /// Budget, peak and per-stage breakdown.
+    pub memory: MemoryJson,
+    /// Virtual pipeline stages in model order with their blocks and times.
+    pub stages: Vec<StageJson>,
+    /// Where the slowest device's step time goes.
+    pub breakdown: TimeBreakdown,
+    /// The search that chose it (`None` for an evaluation of a given configuration).
+    pub search: Option<SearchStats>,
+    /// The next fastest fitting configurations (a search keeps the true ones: the
+    /// step-time shortcut never prunes a candidate that could be among them).
+    pub runners_up: Vec<EvalJson>,
+    /// What apar assumed or could not do for this plan.
+    pub warnings: Vec<Warning>,
+    /// Ranks and their (tensor, data, pipeline) coordinates.
+    pub mesh: Mesh,
+    /// Every parameter and every tensor that crosses a block boundary: global and
+    /// per-device shapes, and how it is split.
+    pub tensors: Vec<TensorPlacement>,
+    /// Per distinct block, the ops one device runs in order (forward, backward with
+    /// recomputation, optimizer), collectives marked with their group.
+    pub programs: Vec<BlockProgram>,
+    /// The simulated step: every forward/backward unit per pipeline device in order,
+    /// sends, gradient reduction, optimizer and parameter gathers, and the memory
+    /// timeline of each pipeline device.
+    pub trace: StepTrace,
+}
+
+impl Plan {
+    /// The same plan without wall-clock timings (`search.compile_ms`, `cost_ms`), so
+    /// that a snapshot of it is stable across runs and machines.
+    pub fn without_timings(mut self) -> Plan {
+        if let Some(s) = &mut self.search {
+            s.compile_ms = 0.0;
+            s.cost_ms = 0.0;
+        }
+        self
+    }
+
+    /// The pipeline device that runs block `block` (0 = embedding), if any.
+    pub fn stage_of_block(&self, block: usize) -> Option<u32> {
+        self.stages
+            .iter()
+            .find(|s| s.blocks[0] <= block && block <= s.blocks[1])
+            .map(|s| s.device_stage)
+    }
+
+    /// The human-readable evaluation (configuration, step time, memory by stage).
+    pub fn text(&self) -> String {
+        crate::report::summary_text(&self.summary(), &self.stages)
+    }
+
+    /// The evaluation part of the plan, as runners-up are reported.
+    pub fn summary(&self) -> EvalJson {
+        EvalJson {
+            config: self.config,
+            step_time_s: self.step_time_s,
+            tokens_per_s: self.tokens_per_s,
+            tflops_per_device: self.tflops_per_device,
+            mfu: self.mfu,
+            memory: self.memory.clone(),
+            stages: self.stages.clone(),
+            breakdown: self.breakdown,
+        }
+    }
+
+    /// A Chrome/Perfetto trace of the simulated step.
+    pub fn chrome_trace(&self) -> serde_json::Value {
+        crate::report::trace::chrome_trace(&self.trace, self.config.pp)
+    }
+
+    /// An SVG plot of each pipeline device's memory over the step.
+    pub fn memory_svg(&self) -> String {
+        crate::report::trace::memory_svg(&self.trace, &self.memory, self.step_time_s)
+    }
+
+    /// The configuration file or arguments of `engine` for this plan.
+    pub fn export(&self, engine: crate::report::engines::Engine) -> String {
+        crate::report::engines::emit(
+            engine,
+            &self.config,
+            self.model_config.as_ref(),
+            self.seq,
+            self.global_batch,
+        )
+    }
+
+    /// The search log in the reference platform's words, then the plan, its runners-up
+    /// and the warnings.
+    pub fn log(&self) -> String {
+        crate::report::plan_log(&self.summary(), self.search.as_ref(), &self.runners_up)
+    }
+}
+
+/// Why a plan's candidate space is empty.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum EmptySpace {
+    /// This pin or bound alone leaves no configuration.
+    #[error("no configuration has --{pin} {value} (tp divides the {devices_per_node} devices of a node, dp × tp × pp = {devices}, pp at most the model's {blocks} blocks, dp divides the global batch {global_batch})")]
+    Pin {
+        /// The option.
+        pin: &'static str,
+        /// Its value.
+        value: String,
+        /// Devices in the cluster.
+        devices: u64,
+        /// Devices per node.
+        devices_per_node: u32,
+        /// Blocks the pipeline can cut between.
+        blocks: usize,
+        /// Sequences per step.
+        global_batch: u64,
+    },
+    /// Each pin allows configurations, but not together.
+    #[error("the pins and bounds {} allow no configuration together (each alone does)", .pins.iter().map(|p| format!("--{p}")).collect::<Vec<_>>().join(", "))]
+    Pins {
+        /// The options set.
+        pins: Vec<&'static str>,
+    },
+    /// Without any pin there is no configuration.
+    #[error("no dp × tp × pp layout of {devices} devices ({devices_per_node} per node, at most {blocks} pipeline stages) has a data-parallel degree that divides the global batch {global_batch}")]
+    NoLayout {
+        /// Devices in the cluster.
+        devices: u64,
+        /// Devices per node.
+        devices_per_node: u32,
+        /// Blocks the pipeline can cut between.
+        blocks: usize,
+        /// Sequences per step.
+        global_batch: u64,
+    },
+}
+
+/// Why no plan was returned.
+#[derive(Debug, Error)]
+pub enum PlanError {
+    /// The model could not be loaded or is invalid.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The cluster could not be resolved or is invalid.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// The job or a given configuration is invalid.
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// The IR file is a training graph; planning derives the training step itself.
+    #[error("`{0}` already has backward ops; planning needs a forward graph")]
+    TrainingGraph(String),
+    /// No configuration is left to try.
+    #[error(transparent)]
+    EmptySpace(#[from] EmptySpace),
+    /// Nothing fits; the report of the closest candidate, with checked suggestions.
+    #[error("out of memory: {} bytes requested, {} available", .0.requested_bytes, .0.available_bytes)]
+    OutOfMemory(Box<OomReport>),
+    /// No candidate compiled: the most common reason, and how many it rejected.
+    #[error("no candidate could be compiled: {reason} ({count} of {candidates} candidates rejected for this reason)")]
+    NothingCompiled {
+        /// The reason of the most candidates (first in enumeration order on ties).
+        reason: CompileError,
+        /// Candidates rejected for it.
+        count: usize,
+        /// Candidates enumerated.
+        candidates: usize,
+    },
+    /// The global batch does not split into the given data-parallel degree and
+    /// micro-batch size.
+    #[error("global batch {global_batch} is not divisible by dp {dp} × micro-batch {micro_batch}")]
+    BatchNotDivisible {
+        /// Sequences per step.
+        global_batch: u64,
+        /// Data-parallel degree.
+        dp: u32,
+        /// Sequences per micro-batch.
+        micro_batch: u32,
+    },
+    /// The plan names an in-memory graph, which cannot be loaded again.
+    #[error("the plan was made from the in-memory graph `{0}`; re-cost it with `Session::for_graph` and `Session::evaluate`")]
+    GraphOnly(String),
+    /// A saved plan could not be read.
+    #[error("{path}: {source}")]
+    ReadPlan {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A saved plan is not a plan.
+    #[error("{path}: not a saved plan: {source}")]
+    ParsePlan {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A model on a cluster for one job (sequence length, global batch, memory ratio):
+/// plans it, evaluates configurations of it, and turns results into [`Plan`]s.
+pub struct Session {
+    compiler: Compiler,
+    model: ModelSpec,
+    config: Option<ModelConfig>,
+    search: SearchOptions,
+    warnings: Vec<Warning>,
+}
+
+impl Session {
+    /// A session for a forward graph (compiled whole).
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::Compile`] for an invalid job or a graph that fails verification,
+    /// [`PlanError::TrainingGraph`] for a graph with backward ops.
+    pub fn for_graph(
+        graph: &Graph,
+        cluster: &Cluster,
+        options: &PlanOptions,
+    ) -> Result<Session, PlanError> {
+        let spec = ModelSpec {
+            name: graph.name().to_string(),
+            origin: ModelOrigin::Graph,
+            layers: None,
+            attention: None,
+        };
+        let loaded = models::LoadedModel {
+            config: None,
+            is_training: graph.ops().any(|o| graph.node(o).phase != Phase::Fwd),
+            graph: graph.clone(),
+        };
+        Session::new(spec, &loaded, cluster, options)
+    }
+
+    /// A session for a model configuration, compiled from its two-layer template
+    /// (much faster than the built graph for deep models, and the same plan).
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::Model`] for an invalid configuration, [`PlanError::Compile`] for
+    /// an invalid job.
+    pub fn for_config(
+        model: &ModelConfig,
+        cluster: &Cluster,
+        options: &PlanOptions,
+    ) -> Result<Session, PlanError> {
+        let spec = ModelSpec {
+            origin: if models::zoo::lookup(&model.name).is_ok_and(|z| &z == model) {
+                ModelOrigin::Zoo
+            } else {
+                ModelOrigin::Graph
+            },
+            name: model.name.clone(),
+            layers: None,
+            attention: None,
+        };
+        let loaded = models::LoadedModel {
+            graph: models::build_forward(model)?,
+            config: Some(model.clone()),
+            is_training: false,
+        };
+        Session::new(spec, &loaded, cluster, options)
+    }
+
+    /// A session for a model named by a zoo name or a file ([`ModelSpec`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`ModelSpec::load`], and as [`Session::for_graph`].
+    pub fn for_spec(
+        spec: &ModelSpec,
+        cluster: &Cluster,
+        options: &PlanOptions,
+    ) -> Result<Session, PlanError> {
+        let loaded = spec.load()?;
+        Session::new(spec.clone(), &loaded, cluster, options)
+    }
+
+    fn new(
+        model: ModelSpec,
+        loaded: &models::LoadedModel,
+        cluster: &Cluster,
+        options: &PlanOptions,
+    ) -> Result<Session, PlanError> {
+        if loaded.is_training {
+            return Err(PlanError::TrainingGraph(model.name));
+        }
+        crate::ir::verify(&loaded.graph).map_err(|e| CompileError::Failed {
+            stage: "verify",
+            why: e.to_string(),
+        })?;
+        let source = match &loaded.config {
+            Some(cfg) => ModelSource::Config(cfg.clone()),
+            None => ModelSource::Graph(loaded.graph.clone()),
+        };
+        let compiler = Compiler::new(
+            source,
+            cluster.clone(),
+            options.seq,
+            options.global_batch,
+            options.memory_ratio,
+        )?;
+        let warnings = diagnostics::of_model(&compiler, loaded.config.as_ref());
+        Ok(Session {
+            compiler,
+            model,
+            config: loaded.config.clone(),
+            search: options.search.clone(),
+            warnings,
+        })
+    }
+
+    /// The compiler (caches shared by every call of this session).
+    pub fn compiler(&self) -> &Compiler {
+        &self.compiler
+    }
+
+    /// The model's configuration, when it came from the zoo or a `config.json`.
+    pub fn model_config(&self) -> Option<&ModelConfig> {
+        self.config.as_ref()
+    }
+
+    /// Warnings about the model and the job (more come with each plan).
+    pub fn warnings(&self) -> &[Warning] {
+        &self.warnings
+    }
+
+    /// Plans: the fastest configuration that fits.
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::EmptySpace`] when no configuration is left to try (naming the pin
+    /// that empties the space), [`PlanError::OutOfMemory`] when nothing fits (with
+    /// the closest candidate and suggestions, each checked to fit),
+    /// [`PlanError::NothingCompiled`] when every candidate was rejected.
+    pub fn plan(&self) -> Result<Plan, PlanError> {
+        self.plan_with_progress(&|_, _| {})
+    }
+
+    /// [`Session::plan`], calling `progress(done, total)` from worker threads as
+    /// candidates are screened and simulated (for progress bars; results do not
+    /// depend on it).
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::plan`].
+    pub fn plan_with_progress(
+        &self,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<Plan, PlanError> {
+        let r = self.search(progress);
+        self.conclude(&r)
+    }
+
+    /// Runs the search alone: every candidate's outcome, the best, the runners-up and
+    /// the closest out-of-memory candidate. [`Session::conclude`] turns it into a plan.
+    pub fn search(&self, progress: &(dyn Fn(usize, usize) + Sync)) -> SearchResult {
+        search::plan_with_progress(&self.compiler, &self.search, progress)
+    }
+
+    /// The plan (or the reason there is none) of a finished search.
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::plan`].
+    pub fn conclude(&self, r: &SearchResult) -> Result<Plan, PlanError> {
+        if r.stats.candidates == 0 {
+            return Err(self.empty_space().into());
+        }
+        match (&r.best, &r.closest) {
+            (Some(best), _) => {
+                let runners = r.runners_up.iter().map(EvalJson::new).collect();
+                self.plan_of(best, Some(r.stats), runners)
+            }
+            (None, Some(closest)) => {
+                let suggestions =
+                    search::plan_suggestions(&self.compiler, &self.search, Some(&closest.config));
+                Err(PlanError::OutOfMemory(Box::new(OomReport::new(
+                    closest,
+                    suggestions,
+                ))))
+            }
+            (None, None) => {
+                // The most common rejection (first in enumeration order on ties).
+                let mut counts: Vec<(&CompileError, usize)> = Vec::new();
+                for o in &r.outcomes {
+                    if let search::Outcome::Rejected { reason } = &o.outcome {
+                        match counts.iter_mut().find(|(e, _)| *e == reason) {
+                            Some(entry) => entry.1 += 1,
+                            None => counts.push((reason, 1)),
+                        }
+                    }
+                }
+                let (reason, count) = counts
+                    .iter()
+                    .fold(None::<(&CompileError, usize)>, |best, &(e, n)| match best {
+                        Some((_, m)) if m >= n => best,
+                        _ => Some((e, n)),
+                    })
+                    .ok_or(PlanError::Compile(CompileError::Invalid(
+                        "every candidate was skipped".into(),
+                    )))?;
+                Err(PlanError::NothingCompiled {
+                    reason: reason.clone(),
+                    count,
+                    candidates: r.stats.candidates,
+                })
+            }
+        }
+    }
+
+    /// Why the candidate space is empty: the single pin or bound that empties it, the
+    /// pins together, or the job itself.
+    fn empty_space(&self) -> EmptySpace {
+        let c = &self.compiler;
+        let k = &self.search.constraints;
+        let count = |k: &Constraints| {
+            enumerate(
+                c.cluster.devices(),
+                c.cluster.devices_per_node,
+                c.global_batch,
+                c.block_count(),
+                k,
+            )
+            .len()
+        };
+        let free = Constraints::default();
+        if count(&free) == 0 {
+            return EmptySpace::NoLayout {
+                devices: c.cluster.devices(),
+                devices_per_node: c.cluster.devices_per_node,
+                blocks: c.block_count(),
+                global_batch: c.global_batch,
+            };
+        }
+        let pins = k.pins();
+        for (pin, value, only) in &pins {
+            if count(only) == 0 {
+                return EmptySpace::Pin {
+                    pin,
+                    value: value.clone(),
+                    devices: c.cluster.devices(),
+                    devices_per_node: c.cluster.devices_per_node,
+                    blocks: c.block_count(),
+                    global_batch: c.global_batch,
+                };
+            }
+        }
+        EmptySpace::Pins {
+            pins: pins.iter().map(|p| p.0).collect(),
+        }
+    }
+
+    /// Completes a configuration given without its micro-batch count: `m = B / (dp ·
+    /// b)` for the session's global batch `B`.
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::BatchNotDivisible`] when `dp · b` does not divide `B`;
+    /// [`PlanError::Compile`] when `m` does not fit a `u32`.
+    pub fn with_micro_batches(&self, c: Config) -> Result<Config, PlanError> {
+        let per_step = u64::from(c.dp) * u64::from(c.micro_batch);
+        let global_batch = self.compiler.global_batch;
+        if per_step == 0 || global_batch % per_step != 0 {
+            return Err(PlanError::BatchNotDivisible {
+                global_batch,
+                dp: c.dp,
+                micro_batch: c.micro_batch,
+            });
+        }
+        let num_micro_batches = u32::try_from(global_batch / per_step).map_err(|_| {
+            CompileError::Invalid(format!(
+                "{} micro-batches do not fit the simulation's 32-bit counter",
+                global_batch / per_step
+            ))
+        })?;
+        Ok(Config {
+            num_micro_batches,
+            ..c
+        })
+    }
+
+    /// Compiles and simulates one configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::Compile`] for a configuration that does not fit the cluster,
+    /// batch or model; [`PlanError::OutOfMemory`] when it does not fit in memory (with
+    /// single changes that fit).
+    pub fn evaluate(&self, c: &Config) -> Result<Plan, PlanError> {
+        let e = self.compiler.evaluate(c)?;
+        if !e.fits {
+            let suggestions = search::suggestions(&self.compiler, &e.config);
+            return Err(PlanError::OutOfMemory(Box::new(OomReport::new(
+                &e,
+                suggestions,
+            ))));
+        }
+        self.plan_of(&e, None, Vec::new())
+    }
+
+    /// The evaluation of `c` whether or not it fits (for traces of an out-of-memory
+    /// configuration).
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::Compile`] for an invalid configuration.
+    pub fn simulate(&self, c: &Config) -> Result<Evaluation, PlanError> {
+        Ok(self.compiler.evaluate(c)?)
+    }
+
+    /// Re-costs a saved plan: loads its model, rebuilds the session and evaluates its
+    /// configuration (the plan's own numbers are not trusted).
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::for_spec`] and [`Session::evaluate`].
+    pub fn recost(plan: &Plan) -> Result<Plan, PlanError> {
+        let mut options = PlanOptions::new(plan.seq, plan.global_batch);
+        options.memory_ratio = plan.memory_ratio;
+        let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
+        session.evaluate(&plan.config)
+    }
+
+    /// Reads a plan saved as JSON (`--save`).
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError::ReadPlan`] / [`PlanError::ParsePlan`], naming the file.
+    pub fn read_plan(path: &Path) -> Result<Plan, PlanError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PlanError::ReadPlan {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| PlanError::ParsePlan {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    fn plan_of(
+        &self,
+        e: &Evaluation,
+        search: Option<SearchStats>,
+        runners_up: Vec<EvalJson>,
+    ) -> Result<Plan, PlanError> {
+        let program = self.compiler.device_program(&e.config)?;
+        let summary = EvalJson::new(e);
+        let detail = detail::Detail::new(&self.compiler, e, &program, self.config.as_ref());
+        let mut warnings = self.warnings.clone();
+        warnings.extend(diagnostics::of_plan(
+            &self.compiler,
+            e,
+            &program,
+            self.config.as_ref(),
+        ));
+        Ok(Plan {
+            model: self.model.clone(),
+            model_config: self.config.clone(),
+            cluster: self.compiler.cluster.clone(),
+            seq: self.compiler.seq,
+            global_batch: self.compiler.global_batch,
+            memory_ratio: self.compiler.memory_ratio,
+            config: e.config,
+            step_time_s: summary.step_time_s,
+            tokens_per_s: summary.tokens_per_s,
+            tflops_per_device: summary.tflops_per_device,
+            mfu: summary.mfu,
+            memory: summary.memory,
+            stages: summary.stages,
+            breakdown: summary.breakdown,
+            search,
+            runners_up,
+            warnings,
+            mesh: detail.mesh,
+            tensors: detail.tensors,
+            programs: detail.programs,
+            trace: e.sim.trace(),
+        })
+    }
+}
+
+/// Plans `graph` (a forward graph) on `cluster`: the fastest configuration that fits.
+///
+/// # Errors
+///
+/// As [`Session::for_graph`] and [`Session::plan`].
+pub fn plan(graph: &Graph, cluster: &Cluster, options: &PlanOptions) -> Result<Plan, PlanError> {
+    Session::for_graph(graph, cluster, options)?.plan()
+}
+
+/// Plans a model configuration; compiles a two-layer template for all layers, which
+/// is much faster than [`plan`] on the built graph and gives the same result.
+///
+/// # Errors
+///
+/// As [`Session::for_config`] and [`Session::plan`].
+pub fn plan_model(
+    model: &ModelConfig,
+    cluster: &Cluster,
+    options: &PlanOptions,
+) -> Result<Plan, PlanError> {
+    Session::for_config(model, cluster, options)?.plan()
+}

@@ -1,0 +1,330 @@
+//! The library owns the flow: the CLI's JSON is the library's `Plan`, errors are typed
+//! and name their cause, runners-up and the closest out-of-memory candidate are the
+//! true ones, and warnings reach the plan.
+
+use apar::cluster::Cluster;
+use apar::ir::{Block, DType, Dim, GraphBuilder, Op, Phase, TensorType};
+use apar::models::zoo;
+use apar::search::SearchOptions;
+use apar::{EmptySpace, ModelSpec, PlanError, PlanOptions, Session, Warning};
+use std::process::Command;
+
+fn apar(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_apar"))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn options(seq: u64, batch: u64, f: impl FnOnce(&mut SearchOptions)) -> PlanOptions {
+    let mut o = PlanOptions::new(seq, batch);
+    f(&mut o.search);
+    o
+}
+
+#[test]
+fn plan_json_is_the_library_plan() {
+    let (code, out, err) = apar(&[
+        "plan",
+        "--model",
+        "tiny-llama",
+        "--cluster",
+        "dgx-a100-40g:2",
+        "--global-batch",
+        "32",
+        "--seq",
+        "256",
+        "--json",
+        "--no-timings",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let cluster = Cluster::resolve("dgx-a100-40g:2").unwrap();
+    let plan = Session::for_spec(
+        &ModelSpec::parse("tiny-llama"),
+        &cluster,
+        &PlanOptions::new(256, 32),
+    )
+    .unwrap()
+    .plan()
+    .unwrap()
+    .without_timings();
+    assert_eq!(out.trim_end(), serde_json::to_string(&plan).unwrap());
+    // The document round-trips into the same plan.
+    let back: apar::Plan = serde_json::from_str(&out).unwrap();
+    assert_eq!(back, plan);
+}
+
+#[test]
+fn a_saved_plan_records_its_model_and_recosts() {
+    let dir = std::env::temp_dir().join(format!("apar-flow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let saved = dir.join("plan.json");
+    let (code, _, err) = apar(&[
+        "plan",
+        "--model",
+        "tiny-gpt",
+        "--layers",
+        "3",
+        "--attention",
+        "eager",
+        "--cluster",
+        "dgx-a100-80g:1",
+        "--global-batch",
+        "16",
+        "--seq",
+        "128",
+        "--save",
+        saved.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let plan = Session::read_plan(&saved).unwrap();
+    assert_eq!(plan.model.layers, Some(3));
+    assert_eq!(plan.model.attention, Some(apar::models::Attention::Eager));
+    assert_eq!(plan.model_config.as_ref().unwrap().layers, 3);
+    let again = Session::recost(&plan).unwrap();
+    assert_eq!(again.step_time_s, plan.step_time_s);
+    // A plan whose model file is gone names the file.
+    let mut moved = plan.clone();
+    moved.model = ModelSpec::parse(dir.join("gone/config.json").to_str().unwrap());
+    let err = Session::recost(&moved).unwrap_err();
+    assert!(matches!(err, PlanError::Model(_)), "{err:?}");
+    assert!(err.to_string().contains("gone"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn an_empty_space_names_its_cause() {
+    let model = zoo::lookup("tiny-gpt").unwrap();
+    let node = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    // tp must divide the node's 8 devices.
+    let e = Session::for_config(
+        &model,
+        &node,
+        &options(128, 16, |s| s.constraints.tp = Some(3)),
+    )
+    .unwrap()
+    .plan()
+    .unwrap_err();
+    match &e {
+        PlanError::EmptySpace(EmptySpace::Pin { pin, value, .. }) => {
+            assert_eq!((*pin, value.as_str()), ("tp", "3"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // tp 8 and pp 4 each exist on 8 devices, but not together.
+    let e = Session::for_config(
+        &model,
+        &node,
+        &options(128, 16, |s| {
+            s.constraints.tp = Some(8);
+            s.constraints.pp = Some(4);
+        }),
+    )
+    .unwrap()
+    .plan()
+    .unwrap_err();
+    assert!(
+        matches!(&e, PlanError::EmptySpace(EmptySpace::Pins { pins }) if pins == &["tp", "pp"]),
+        "{e:?}"
+    );
+    // Without pins: 64 devices, at most 8-way tp and 4 stages (tiny-gpt has 4 blocks),
+    // so dp ≥ 2, and no even dp divides a global batch of 3.
+    let big = Cluster::resolve("dgx-a100-80g:8").unwrap();
+    let e = Session::for_config(&model, &big, &PlanOptions::new(128, 3))
+        .unwrap()
+        .plan()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PlanError::EmptySpace(EmptySpace::NoLayout { devices: 64, .. })
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_graph_without_a_loss_is_refused_with_the_reason() {
+    let mut b = GraphBuilder::new("no-loss");
+    b.set_phase(Phase::Fwd);
+    b.set_block(Block::Embed);
+    let x = b.input(
+        "x",
+        TensorType::new(DType::Bf16, [Dim::batch(), Dim::seq(), Dim::lit(64)]),
+    );
+    let w = b.param(
+        "w",
+        TensorType::new(DType::Bf16, [Dim::lit(64), Dim::lit(64)]),
+    );
+    b.add1(
+        Op::MatMul {
+            ta: false,
+            tb: false,
+        },
+        &[x, w],
+    )
+    .unwrap();
+    let g = b.finish();
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let e = apar::plan(&g, &cluster, &PlanOptions::new(64, 8)).unwrap_err();
+    match &e {
+        PlanError::NothingCompiled {
+            count, candidates, ..
+        } => assert_eq!(count, candidates),
+        other => panic!("{other:?}"),
+    }
+    assert!(e.to_string().contains("loss"), "{e}");
+}
+
+/// The step-time shortcut must not change the runners-up, and the memory shortcut
+/// must not change the closest out-of-memory candidate.
+#[test]
+fn runners_up_and_closest_are_the_true_ones() {
+    let model = zoo::lookup("llama2-13b").unwrap();
+    let cluster = Cluster::resolve("moai-4xlarge").unwrap();
+    let run = |exhaustive| {
+        Session::for_config(
+            &model,
+            &cluster,
+            &options(1024, 64, |s| s.exhaustive = exhaustive),
+        )
+        .unwrap()
+        .plan()
+        .unwrap()
+    };
+    let (fast, full) = (run(false), run(true));
+    assert!(
+        fast.search.unwrap().pruned > 0,
+        "the shortcut pruned nothing"
+    );
+    assert_eq!(fast.config, full.config);
+    let configs = |p: &apar::Plan| p.runners_up.iter().map(|r| r.config).collect::<Vec<_>>();
+    assert_eq!(configs(&fast), configs(&full));
+
+    // Nothing fits in 24 GiB per device; the closest candidate is the same either way.
+    let mut small = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    small.device.memory_bytes = 24 << 30;
+    small.usable_memory_bytes = None;
+    let oom = |exhaustive| match Session::for_config(
+        &model,
+        &small,
+        &options(4096, 64, |s| s.exhaustive = exhaustive),
+    )
+    .unwrap()
+    .plan()
+    {
+        Err(PlanError::OutOfMemory(r)) => r,
+        other => panic!("{other:?}"),
+    };
+    let (fast, full) = (oom(false), oom(true));
+    assert_eq!(fast.requested_bytes, full.requested_bytes);
+    assert_eq!(fast.config, full.config);
+}
+
+#[test]
+fn warnings_reach_the_plan() {
+    // GPT-2's 50,257-token vocabulary is padded by Megatron-LM to 50,304 rows (a
+    // multiple of 128), the padded size quoted by Megatron-LM's and nanoGPT's GPT-2
+    // recipes.
+    let gpt2 = zoo::lookup("gpt2").unwrap();
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let plan = Session::for_config(
+        &gpt2,
+        &cluster,
+        &options(1024, 32, |s| s.constraints.tp = Some(1)),
+    )
+    .unwrap()
+    .plan()
+    .unwrap();
+    assert!(
+        plan.warnings.contains(&Warning::VocabPadded {
+            vocab: 50257,
+            padded: 50304
+        }),
+        "{:?}",
+        plan.warnings
+    );
+    // A graph whose ops all sit in one block cannot be cut into pipeline stages.
+    let mut b = GraphBuilder::new("one-block");
+    b.set_phase(Phase::Fwd);
+    b.set_block(Block::Embed);
+    let ids = b.input(
+        "ids",
+        TensorType::new(DType::I64, [Dim::batch(), Dim::seq()]),
+    );
+    let table = b.param(
+        "table",
+        TensorType::new(DType::Bf16, [Dim::lit(128), Dim::lit(64)]),
+    );
+    let x = b.add1(Op::Embedding, &[table, ids]).unwrap();
+    let out = b.param(
+        "out",
+        TensorType::new(DType::Bf16, [Dim::lit(64), Dim::lit(128)]),
+    );
+    let logits = b
+        .add1(
+            Op::MatMul {
+                ta: false,
+                tb: false,
+            },
+            &[x, out],
+        )
+        .unwrap();
+    b.add1(Op::CrossEntropy, &[logits, ids]).unwrap();
+    let g = b.finish();
+    let session = Session::for_graph(&g, &cluster, &PlanOptions::new(64, 8)).unwrap();
+    assert!(session
+        .warnings()
+        .contains(&Warning::FewBlocks { blocks: 1 }));
+    let plan = session.plan().unwrap();
+    assert_eq!(plan.config.pp, 1);
+    assert!(plan.warnings.contains(&Warning::FewBlocks { blocks: 1 }));
+    // The CLI prints them.
+    let (code, out, _) = apar(&[
+        "plan",
+        "--model",
+        "gpt2",
+        "--cluster",
+        "dgx-a100-80g:1",
+        "--global-batch",
+        "32",
+        "--seq",
+        "1024",
+        "--tp",
+        "1",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("warning: Megatron-LM pads the vocabulary from 50257 to 50304"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let bin = env!("CARGO_BIN_EXE_apar");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{bin}' ir --model llama2-7b --train | head -c 10 >/dev/null"
+        ))
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    if std::path::Path::new("/dev/full").exists() {
+        let out = Command::new(bin)
+            .args(["models"])
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot write the output"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
