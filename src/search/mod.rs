@@ -180,6 +180,22 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The outcome of a simulated candidate.
+    fn of(r: Result<Evaluation, CompileError>) -> Outcome {
+        match r {
+            Ok(e) if e.fits => Outcome::Fits {
+                step_time_s: e.step_time_s,
+                peak_bytes: e.peak_bytes,
+            },
+            Ok(e) => Outcome::OutOfMemory {
+                peak_bytes: e.peak_bytes,
+            },
+            Err(reason) => Outcome::Rejected { reason },
+        }
+    }
+}
+
 fn as_message<S: serde::Serializer>(e: &CompileError, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(e)
 }
@@ -354,16 +370,7 @@ pub fn plan_with_progress(
                         .as_ref()
                         .map(|b| b.1.clone())
                         .unwrap_or_default();
-                    match compiler.evaluate_cut(c, stages, false) {
-                        Ok(e) if e.fits => Outcome::Fits {
-                            step_time_s: e.step_time_s,
-                            peak_bytes: e.peak_bytes,
-                        },
-                        Ok(e) => Outcome::OutOfMemory {
-                            peak_bytes: e.peak_bytes,
-                        },
-                        Err(reason) => Outcome::Rejected { reason },
-                    }
+                    Outcome::of(compiler.evaluate_cut(c, stages, false))
                 };
                 (i, o)
             })
@@ -404,19 +411,11 @@ pub fn plan_with_progress(
                 .filter(|&&i| bounds[i] <= smallest)
                 .map(|&i| {
                     let c = &candidates[i];
-                    let o = match compiler
-                        .lower_bound(c)
-                        .and_then(|(_, stages)| compiler.evaluate_cut(c, stages, false))
-                    {
-                        Ok(e) if e.fits => Outcome::Fits {
-                            step_time_s: e.step_time_s,
-                            peak_bytes: e.peak_bytes,
-                        },
-                        Ok(e) => Outcome::OutOfMemory {
-                            peak_bytes: e.peak_bytes,
-                        },
-                        Err(reason) => Outcome::Rejected { reason },
-                    };
+                    let o = Outcome::of(
+                        compiler
+                            .lower_bound(c)
+                            .and_then(|(_, stages)| compiler.evaluate_cut(c, stages, false)),
+                    );
                     (i, o)
                 })
                 .collect();
