@@ -290,16 +290,11 @@ pub fn execute(run: &Run, feeds: &BTreeMap<String, Tensor>) -> Result<Values, In
 }
 
 fn is_group_op(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::AllReduce { .. }
-            | Op::AllGather { .. }
-            | Op::ReduceScatter { .. }
-            | Op::AllToAll { .. }
-            | Op::TpGather { .. }
-            | Op::VocabParallelCrossEntropy { .. }
-            | Op::VocabParallelCrossEntropyGrad { .. }
-    )
+    op.is_collective()
+        || matches!(
+            op,
+            Op::VocabParallelCrossEntropy { .. } | Op::VocabParallelCrossEntropyGrad { .. }
+        )
 }
 
 struct Ctx<'a> {

@@ -371,8 +371,10 @@ impl ShardedModel {
     }
 }
 
+/// The collectives [`ShardedModel::collectives`] lists: the op table's, and `tp_copy`
+/// (identity forward, all-reduce backward).
 fn is_collective(op: &Op) -> bool {
-    op.info().class == crate::ir::OpClass::Collective || op.kind() == OpKind::TpCopy
+    op.is_collective() || op.kind() == OpKind::TpCopy
 }
 
 /// Block `block` of `g` as a graph of its own: its ops in order (all phases), with every

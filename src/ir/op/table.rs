@@ -462,6 +462,13 @@ impl OpKind {
     pub fn from_name(name: &str) -> Option<OpKind> {
         OpKind::ALL.iter().copied().find(|k| k.name() == name)
     }
+
+    /// Whether the op is a collective over a device group: its table class is
+    /// [`OpClass::Collective`] (`all_reduce`, `all_gather`, `reduce_scatter`,
+    /// `all_to_all`, `tp_gather`). The one predicate every layer uses.
+    pub const fn is_collective(self) -> bool {
+        matches!(self.info().class, OpClass::Collective)
+    }
 }
 
 impl Op {
@@ -545,6 +552,11 @@ impl Op {
         )
     }
 
+    /// Whether the op is a collective (see [`OpKind::is_collective`]).
+    pub fn is_collective(&self) -> bool {
+        self.kind().is_collective()
+    }
+
     /// Whether a runtime implements the op as a view of its input (no copy, no kernel).
     pub fn is_view(&self) -> bool {
         matches!(
@@ -574,5 +586,24 @@ mod tests {
                 info.name
             );
         }
+    }
+
+    #[test]
+    fn collectives_are_the_collective_class() {
+        let names: Vec<&str> = OpKind::ALL
+            .iter()
+            .filter(|k| k.is_collective())
+            .map(|k| k.name())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "all_reduce",
+                "all_gather",
+                "reduce_scatter",
+                "all_to_all",
+                "tp_gather"
+            ]
+        );
     }
 }
