@@ -53,7 +53,7 @@ pub mod rules;
 mod run;
 mod template;
 
-pub use cost::{Cost, ModelCost, PlaceholderCost, ShardCost};
+pub use cost::{Cost, ModelCost, ShardCost};
 pub use layout::{Layout, Val};
 
 use crate::ir::{Block, Env, Graph, GraphBuilder, Op, OpId, OpKind, Phase, TensorId, VerifyErrors};
@@ -248,23 +248,30 @@ fn pricing_env(opts: &ShardOptions) -> Env {
 /// Shards models with one cost model and options, caching template runs across calls.
 pub struct Sharder<'c> {
     opts: ShardOptions,
-    cost: &'c dyn ShardCost,
+    cost: Pricing<'c>,
     cache: model::Cache,
 }
 
-/// The placeholder cost model [`Sharder::new`] uses.
-static PLACEHOLDER: PlaceholderCost = PlaceholderCost {
-    peak_flops: cost::placeholder::PEAK_FLOPS,
-    memory_bandwidth: cost::placeholder::MEMORY_BANDWIDTH,
-    link_bandwidth: cost::placeholder::LINK_BANDWIDTH,
-    link_latency_s: cost::placeholder::LINK_LATENCY_S,
-    param_bytes_per_element: cost::placeholder::PARAM_BYTES_PER_ELEMENT,
-};
+/// The cost a [`Sharder`] prices with.
+enum Pricing<'c> {
+    /// The calibrated cost model on [`cost::DEFAULT_CLUSTER`].
+    Default(ModelCost<'static>),
+    /// A caller's.
+    Given(&'c dyn ShardCost),
+}
 
 impl Sharder<'static> {
-    /// A sharder pricing with [`PlaceholderCost`].
+    /// A sharder pricing with the calibrated cost model on [`cost::DEFAULT_CLUSTER`]
+    /// (tensor-parallel group inside one node).
     pub fn new(opts: ShardOptions) -> Sharder<'static> {
-        Sharder::with_cost(opts, &PLACEHOLDER)
+        Sharder {
+            opts,
+            cost: Pricing::Default(ModelCost::tensor_parallel(
+                cost::default_cost_model(),
+                opts.tp,
+            )),
+            cache: model::Cache::default(),
+        }
     }
 }
 
@@ -273,7 +280,7 @@ impl<'c> Sharder<'c> {
     pub fn with_cost(opts: ShardOptions, cost: &'c dyn ShardCost) -> Sharder<'c> {
         Sharder {
             opts,
-            cost,
+            cost: Pricing::Given(cost),
             cache: model::Cache::default(),
         }
     }
@@ -285,11 +292,15 @@ impl<'c> Sharder<'c> {
 
     /// Shards every block of a forward graph (see the module docs).
     pub fn shard_model(&mut self, fwd: &Graph) -> Result<ShardedModel, ShardError> {
-        model::shard(fwd, &self.opts, self.cost, &mut self.cache)
+        let cost: &dyn ShardCost = match &self.cost {
+            Pricing::Default(c) => c,
+            Pricing::Given(c) => *c,
+        };
+        model::shard(fwd, &self.opts, cost, &mut self.cache)
     }
 }
 
-/// Shards every block of `fwd` with the placeholder cost model.
+/// Shards every block of `fwd` with the default cost model (see [`Sharder::new`]).
 pub fn shard_model(fwd: &Graph, opts: &ShardOptions) -> Result<ShardedModel, ShardError> {
     Sharder::new(*opts).shard_model(fwd)
 }
