@@ -15,6 +15,7 @@
 //! representable, and blocks/phases ordered.
 
 pub mod codec;
+#[cfg(feature = "testing")]
 pub mod gen;
 mod graph;
 pub mod json;

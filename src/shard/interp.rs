@@ -8,6 +8,8 @@
 //! from the devices' pieces) differ. Dtypes are ignored: every tensor holds [`F`]
 //! values; casts are identities; optimizer ops are not run.
 //!
+//! Test support: built only with the `testing` cargo feature (the tests enable it).
+//!
 //! Elements are stored as `f64`, not in the graphs' f32/bf16: the sharded program sums
 //! in a different order (partial products, then an all-reduce), and in f32 the rounding
 //! of that reordering alone, amplified by ill-conditioned random graphs (layer norms

@@ -28,7 +28,8 @@
 //! which every device holds the same tensor, and every term a rule builds is checked
 //! against the per-op layout table ([`layout::infer`]). The extracted program is
 //! therefore equal to the unsharded block on every input; the reference interpreter
-//! ([`interp`]) checks this on random inputs, gradients included.
+//! (`interp`, built with the `testing` feature) checks this on random inputs, gradients
+//! included.
 //!
 //! # Search
 //!
@@ -45,6 +46,7 @@
 //! constructors, so shape guards come from the layout table.
 
 pub mod cost;
+#[cfg(feature = "testing")]
 pub mod interp;
 pub mod lang;
 pub mod layout;
