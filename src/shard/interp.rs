@@ -196,6 +196,11 @@ pub fn assemble(pieces: &[&Tensor], layout: Layout) -> Tensor {
 
 /// Runs `run.graph` on every device. `feeds` holds the *logical* value of every input
 /// and parameter by name; each device gets its piece by the source's layout.
+///
+/// # Errors
+/// [`InterpError::Feed`] when an input or parameter has no feed, and
+/// [`InterpError::Op`] when an op cannot run on its values (shapes the interpreter does not
+/// support, a fractional size).
 pub fn execute(run: &Run, feeds: &BTreeMap<String, Tensor>) -> Result<Values, InterpError> {
     let g = run.graph;
     let p = run.parts.max(1) as usize;
@@ -1013,6 +1018,9 @@ pub struct Comparison {
 /// Deterministic random feeds for `fwd`: parameters uniform in `[-scale, scale)`,
 /// integer inputs uniform below the vocabulary of the op that reads them (embedding
 /// rows, cross-entropy classes), float inputs uniform in `[-1, 1)`.
+///
+/// # Errors
+/// [`InterpError::Setup`] when a size of `fwd` is fractional at `env`.
 pub fn random_feeds(
     fwd: &Graph,
     env: Env,
@@ -1108,6 +1116,10 @@ fn grads_of(g: &Graph) -> BTreeMap<String, TensorId> {
 
 /// Runs the training step of `fwd` and of its sharding `sharded` on the same random
 /// feeds and compares the loss and every parameter gradient.
+///
+/// # Errors
+/// [`InterpError::Setup`] when a training graph cannot be derived or the two runs cannot
+/// be matched up, and the errors of [`random_feeds`] and [`execute`].
 pub fn compare(
     fwd: &Graph,
     sharded: &ShardedModel,

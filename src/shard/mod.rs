@@ -293,6 +293,12 @@ impl<'c> Sharder<'c> {
     }
 
     /// Shards every block of a forward graph (see the module docs).
+    ///
+    /// # Errors
+    /// [`ShardError::ZeroTp`] when the degree is zero, [`ShardError::Invalid`] when `fwd`
+    /// does not verify, [`ShardError::NotForward`] when it has backward or optimizer ops,
+    /// [`ShardError::Order`] when a block reads a tensor of a later block, and
+    /// [`ShardError::Internal`] for a bug in a rule or the lowering.
     pub fn shard_model(&mut self, fwd: &Graph) -> Result<ShardedModel, ShardError> {
         let cost: &dyn ShardCost = match &self.cost {
             Pricing::Default(c) => c,
@@ -303,6 +309,9 @@ impl<'c> Sharder<'c> {
 }
 
 /// Shards every block of `fwd` with the default cost model (see [`Sharder::new`]).
+///
+/// # Errors
+/// As [`Sharder::shard_model`].
 pub fn shard_model(fwd: &Graph, opts: &ShardOptions) -> Result<ShardedModel, ShardError> {
     Sharder::new(*opts).shard_model(fwd)
 }
@@ -319,6 +328,9 @@ pub struct ShardedBlock {
 /// Shards `fwd` and returns block `block` standalone with its run's report. (The whole
 /// model is sharded so that parameters shared across blocks, such as tied embeddings,
 /// get one layout.)
+///
+/// # Errors
+/// As [`shard_model`], and [`ShardError::NoBlock`] when `fwd` has no block `block`.
 pub fn shard_block(
     fwd: &Graph,
     block: Block,
@@ -334,6 +346,10 @@ pub fn shard_block(
 
 /// Per-device figures of `fwd`'s training step at tensor-parallel degree `opts.tp`
 /// (with sequence parallelism if `opts.sp`): what `apar stats --tp T [--sp]` reports.
+///
+/// # Errors
+/// As [`shard_model`], and [`ShardError::Train`] or [`ShardError::Stats`] when the
+/// training graph or its stats cannot be computed.
 pub fn per_device_stats(
     fwd: &Graph,
     opts: &ShardOptions,
@@ -351,22 +367,35 @@ impl ShardedModel {
     }
 
     /// Block `block` of the per-device forward graph, standalone.
+    ///
+    /// # Errors
+    /// As [`block_subgraph`].
     pub fn block_graph(&self, block: Block) -> Result<Graph, ShardError> {
         block_subgraph(&self.graph, block)
     }
 
     /// The per-device training graph (forward, backward with the conjugate collectives,
     /// optimizer).
+    ///
+    /// # Errors
+    /// [`ShardError::Train`] when autodiff fails on the per-device graph.
     pub fn training_graph(&self, opts: &TrainOptions) -> Result<Graph, ShardError> {
         Ok(crate::train::training_graph(&self.graph, opts)?)
     }
 
     /// Block `block` of the per-device training graph, standalone.
+    ///
+    /// # Errors
+    /// As [`training_graph`](Self::training_graph) and [`block_subgraph`].
     pub fn training_block(&self, block: Block, opts: &TrainOptions) -> Result<Graph, ShardError> {
         block_subgraph(&self.training_graph(opts)?, block)
     }
 
     /// Per-device stats of the training step.
+    ///
+    /// # Errors
+    /// [`ShardError::Train`] when the training graph cannot be derived, and
+    /// [`ShardError::Stats`] when a size overflows or is fractional at `env`.
     pub fn stats(&self, train: &TrainOptions, env: Env) -> Result<Stats, ShardError> {
         Ok(Stats::of_training_graph(&self.training_graph(train)?, env)?)
     }
@@ -393,6 +422,10 @@ fn is_collective(op: &Op) -> bool {
 /// Block `block` of `g` as a graph of its own: its ops in order (all phases), with every
 /// tensor of another block replaced by an `input` named `in.N` (`N` the tensor's number
 /// in `g`) of the same type and role.
+///
+/// # Errors
+/// [`ShardError::NoBlock`] when `g` has no op in `block`, and [`ShardError::Internal`]
+/// when the standalone graph cannot be built.
 pub fn block_subgraph(g: &Graph, block: Block) -> Result<Graph, ShardError> {
     let ops: Vec<OpId> = g.ops().filter(|&o| g.node(o).block == block).collect();
     if ops.is_empty() {

@@ -269,6 +269,11 @@ impl Op {
 
     /// Builds an op from its kind and named attributes; rejects unknown, missing and
     /// ill-typed attributes.
+    ///
+    /// # Errors
+    /// [`AttrError::Unknown`] for an attribute the op does not have,
+    /// [`AttrError::Missing`] for one it needs that is absent, and [`AttrError::Type`] for a
+    /// value of the wrong kind.
     pub fn from_attrs(kind: OpKind, attrs: &BTreeMap<String, AttrValue>) -> Result<Op, AttrError> {
         let info = kind.info();
         if let Some(extra) = attrs.keys().find(|k| !info.attrs.contains(&k.as_str())) {

@@ -35,6 +35,11 @@ impl Op {
     /// Result types from input types, checking every shape and dtype rule.
     ///
     /// Returns `Ok(None)` for sources, whose result type is declared by the graph.
+    ///
+    /// # Errors
+    /// A [`ShapeError`] naming the op, its input types and the broken rule: a wrong number
+    /// of inputs, mismatched ranks, dims or dtypes, an axis out of range, or a dim a group
+    /// size does not divide.
     pub fn infer(&self, inputs: &[&TensorType]) -> Result<Option<Vec<TensorType>>, ShapeError> {
         let err = |reason: String| ShapeError {
             op: self.name(),
@@ -504,6 +509,9 @@ impl Op {
 
 /// `dim / parts`, requiring exact division of literal dims (symbolic dims may carry a
 /// divisor such as `s/8`; the environment must make it whole).
+///
+/// # Errors
+/// A message when `parts` is zero or does not divide a literal `dim`.
 pub fn split_dim(dim: Dim, parts: u32) -> Result<Dim, String> {
     if parts == 0 {
         return Err("group size must be positive".into());
