@@ -5,8 +5,7 @@
 use apar::ir::{text, verify, Block, Env, Graph, Op, OpKind, Phase};
 use apar::models::{build_forward, zoo, Attention, ModelConfig, Position};
 use apar::shard::{
-    interp, shard_model, Layout, PlaceholderCost, ShardError, ShardOptions, ShardedModel, Sharder,
-    Stop,
+    interp, shard_model, Layout, ModelCost, ShardError, ShardOptions, ShardedModel, Sharder, Stop,
 };
 use apar::train::TrainOptions;
 
@@ -321,22 +320,24 @@ fn training_graphs_use_the_conjugate_collectives() {
     assert_eq!(bwd("all_reduce"), copies);
 }
 
-/// A compute-bound cost: with tiny shapes the placeholder's link latency would keep
-/// everything replicated; this makes the tiny models shard like the large ones.
-fn compute_bound() -> PlaceholderCost {
-    PlaceholderCost {
-        peak_flops: 1e9,
-        memory_bandwidth: 1e9,
-        link_bandwidth: 1e12,
-        link_latency_s: 1e-6,
-        param_bytes_per_element: 16.0,
-    }
+/// A compute-bound cost model: with tiny shapes a real device's link latency would keep
+/// everything replicated; a slow device on a fast link makes the tiny models shard like
+/// the large ones.
+fn compute_bound() -> apar::cost::CostModel {
+    let mut cluster = apar::cluster::Cluster::resolve("dgx-a100-80g:1").expect("preset");
+    cluster.device.peak_bf16_flops = 1e9;
+    cluster.device.peak_fp32_flops = 1e9;
+    cluster.device.memory_bandwidth = 1e9;
+    cluster.intra_node.bandwidth = 1e12;
+    cluster.intra_node.latency_s = 1e-6;
+    apar::cost::CostModel::new(cluster)
 }
 
 /// Runs the interpreter on the unsharded and sharded training steps of `cfg`.
 fn equivalent(cfg: &ModelConfig, tp: u32, sp: bool) -> ShardedModel {
     let fwd = forward(cfg);
-    let cost = compute_bound();
+    let model = compute_bound();
+    let cost = ModelCost::tensor_parallel(&model, tp);
     let env = Env::new(2, 8);
     let opts = ShardOptions {
         env,

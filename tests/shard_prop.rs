@@ -2,22 +2,30 @@
 //! replicated one) that the reference interpreter cannot tell from the original, loss
 //! and gradients included; no graph makes the sharder panic.
 
+use apar::cost::CostModel;
 use apar::ir::gen::{generate, ByteEntropy, GenOptions};
 use apar::ir::{verify, Env, Graph};
-use apar::shard::{interp, PlaceholderCost, ShardError, ShardOptions, Sharder};
+use apar::shard::{interp, ModelCost, ShardError, ShardOptions, Sharder};
 use proptest::prelude::*;
+use std::sync::OnceLock;
 
 /// Interpreter-sized shapes: `b = 2`, `s = 8` (divisible by every tested degree).
 const ENV: Env = Env { batch: 2, seq: 8 };
 
-/// Makes compute dear and communication cheap, so that tiny graphs shard.
-const COMPUTE_BOUND: PlaceholderCost = PlaceholderCost {
-    peak_flops: 1e9,
-    memory_bandwidth: 1e9,
-    link_bandwidth: 1e12,
-    link_latency_s: 1e-7,
-    param_bytes_per_element: 16.0,
-};
+/// Makes compute dear and communication cheap (a slow device on a fast link), so that
+/// tiny graphs shard.
+fn compute_bound() -> &'static CostModel {
+    static MODEL: OnceLock<CostModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let mut cluster = apar::cluster::Cluster::resolve("dgx-a100-80g:1").expect("preset");
+        cluster.device.peak_bf16_flops = 1e9;
+        cluster.device.peak_fp32_flops = 1e9;
+        cluster.device.memory_bandwidth = 1e9;
+        cluster.intra_node.bandwidth = 1e12;
+        cluster.intra_node.latency_s = 1e-7;
+        CostModel::new(cluster)
+    })
+}
 
 fn forward(bytes: &[u8], communication: bool) -> Graph {
     let opts = GenOptions {
@@ -39,7 +47,8 @@ fn options(tp: u32, sp: bool) -> ShardOptions {
 
 /// Shards `g` and checks the result with the interpreter.
 fn check(g: &Graph, tp: u32, sp: bool, seed: u64) -> Result<(), TestCaseError> {
-    let m = Sharder::with_cost(options(tp, sp), &COMPUTE_BOUND)
+    let cost = ModelCost::tensor_parallel(compute_bound(), tp);
+    let m = Sharder::with_cost(options(tp, sp), &cost)
         .shard_model(g)
         .map_err(|e| TestCaseError::fail(format!("tp {tp} sp {sp}: {e}")))?;
     prop_assert!(verify(&m.graph).is_ok());

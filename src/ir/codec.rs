@@ -87,6 +87,10 @@ pub enum CodecError {
 }
 
 /// Encodes a document: `magic`, [`FORMAT_VERSION`], then bincode of `value`.
+///
+/// # Errors
+/// [`CodecError::Encode`] when bincode cannot encode `value` (a failing `Serialize`
+/// impl or a sequence of unknown length).
 pub fn encode<T: Serialize>(magic: [u8; 4], value: &T) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&magic);
@@ -97,6 +101,13 @@ pub fn encode<T: Serialize>(magic: [u8; 4], value: &T) -> Result<Vec<u8>, CodecE
 }
 
 /// Decodes a document written by [`encode`] with the same `magic`.
+///
+/// # Errors
+/// [`CodecError::TruncatedHeader`] when `bytes` are shorter than the header,
+/// [`CodecError::BadMagic`] for another magic, [`CodecError::UnsupportedVersion`] for
+/// another format version, [`CodecError::Truncated`] or [`CodecError::Corrupt`] when the
+/// payload is not an encoding of `T`, and [`CodecError::TrailingBytes`] when bytes follow
+/// the document.
 pub fn decode<T: DeserializeOwned>(magic: [u8; 4], bytes: &[u8]) -> Result<T, CodecError> {
     let (header, payload) = match (bytes.get(..HEADER_LEN), bytes.get(HEADER_LEN..)) {
         (Some(h), Some(p)) => (h, p),
@@ -138,6 +149,10 @@ pub fn encode_graph(g: &Graph) -> Vec<u8> {
 }
 
 /// Decodes a graph written by [`encode_graph`]. Does not verify.
+///
+/// # Errors
+/// The errors of [`decode`], and [`CodecError::Doc`] when the document does not describe
+/// a graph (an input names no tensor, or more ops or tensors than ids can number).
 pub fn decode_graph(bytes: &[u8]) -> Result<Graph, CodecError> {
     let doc: GraphDoc = decode(GRAPH_MAGIC, bytes)?;
     Ok(doc.into_graph()?)

@@ -15,6 +15,9 @@
 //! input means simpler graphs (exhausted input reads as zeros, the simplest choice),
 //! which makes it a good fit for fuzzers and for shrinking property tests.
 //!
+//! Test support: built only with the `testing` cargo feature (the tests and the fuzz
+//! crate enable it).
+//!
 //! ```
 //! use apar::ir::{gen, verify};
 //! let g = gen::from_seed(7);

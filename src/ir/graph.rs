@@ -280,6 +280,9 @@ impl Graph {
     }
 
     /// Ops in a topological order, or the id of an op on a cycle.
+    ///
+    /// # Errors
+    /// The id of an op on a cycle, when the graph has one.
     pub fn topo_order(&self) -> Result<Vec<OpId>, OpId> {
         petgraph::algo::toposort(&self.dag, None)
             .map(|v| v.into_iter().map(|n| OpId::from_index(n.index())).collect())
@@ -322,6 +325,10 @@ impl Graph {
 
     /// Rebuilds the use lists and the petgraph edges from the ops' inputs. Returns the
     /// first input that names no tensor, if any (that op keeps no edge for it).
+    ///
+    /// # Errors
+    /// The first `(op, input)` whose input names no tensor of the graph; the other inputs'
+    /// links are rebuilt all the same.
     pub fn link(&mut self) -> Result<(), (OpId, TensorId)> {
         self.dag.clear_edges();
         for u in &mut self.uses {
@@ -469,6 +476,10 @@ impl GraphBuilder {
     ///
     /// # Panics
     /// If an input is not a tensor of this graph (a builder bug, not an input error).
+    ///
+    /// # Errors
+    /// A [`ShapeError`] when `op` rejects the input types (see [`Op::infer`]); nothing is
+    /// added then.
     pub fn add_with_role(
         &mut self,
         op: Op,
@@ -493,6 +504,9 @@ impl GraphBuilder {
     }
 
     /// Adds an op whose results are activations (forward) or temporaries (backward).
+    ///
+    /// # Errors
+    /// As [`add_with_role`](Self::add_with_role).
     pub fn add(&mut self, op: Op, inputs: &[TensorId]) -> Result<Vec<TensorId>, ShapeError> {
         let role = match self.phase {
             Phase::Fwd => Role::Activation,
@@ -502,6 +516,10 @@ impl GraphBuilder {
     }
 
     /// Adds a single-result op and returns its result.
+    ///
+    /// # Errors
+    /// As [`add`](Self::add), and a [`ShapeError`] when the op has no result (the op stays
+    /// in the graph).
     pub fn add1(&mut self, op: Op, inputs: &[TensorId]) -> Result<TensorId, ShapeError> {
         let name = op.name();
         let r = self.add(op, inputs)?;
@@ -520,6 +538,9 @@ impl GraphBuilder {
     /// Copies op `id` of `src` with new `inputs` (tensors of this builder), keeping its
     /// result types and roles, under the builder's current block and phase tags.
     /// Sources keep their declared types; other ops re-infer theirs.
+    ///
+    /// # Errors
+    /// A [`ShapeError`] when a non-source op rejects the types of `inputs`.
     pub fn copy_op(
         &mut self,
         src: &Graph,

@@ -137,6 +137,10 @@ impl GraphDoc {
 
     /// Builds the graph, numbering results in definition order and linking uses.
     /// Inputs may name tensors of later ops; inputs naming no tensor are an error.
+    ///
+    /// # Errors
+    /// [`DocError::Dangling`] when an input names a tensor that no op defines, and
+    /// [`DocError::TooLarge`] when the ops or tensors outnumber the ids.
     pub fn into_graph(self) -> Result<Graph, DocError> {
         let limit = u32::MAX as usize;
         let count = self
@@ -196,6 +200,10 @@ pub fn to_json(g: &Graph) -> String {
 }
 
 /// Reads a graph from JSON. Does not verify.
+///
+/// # Errors
+/// [`JsonError::Syntax`] when `src` is not JSON of the document's shape, and
+/// [`JsonError::Doc`] when it does not describe a graph (see [`GraphDoc::into_graph`]).
 pub fn from_json(src: &str) -> Result<Graph, JsonError> {
     let doc: GraphDoc = serde_json::from_str(src)?;
     Ok(doc.into_graph()?)

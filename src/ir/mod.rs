@@ -9,12 +9,13 @@
 //! parameter and moments. Shapes may mention the symbols `b` (micro-batch size) and
 //! `s` (sequence length); an [`Env`] binds them to compute sizes, FLOPs and bytes.
 //!
-//! A graph is **valid** when the [`verify`] invariants hold: acyclic, every input
+//! A graph is **valid** when the [`verify`](mod@verify) invariants hold: acyclic, every input
 //! defined, arities and attributes as in the op table, every result type equal to the
 //! type inferred from its inputs, no zero-sized dimension, every tensor's byte size
 //! representable, and blocks/phases ordered.
 
 pub mod codec;
+#[cfg(feature = "testing")]
 pub mod gen;
 mod graph;
 pub mod json;

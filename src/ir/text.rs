@@ -529,12 +529,18 @@ impl<'a> Lexer<'a> {
 // ---------------------------------------------------------------------------------
 
 /// Parses a graph from the text format (see the module docs). Does not verify.
+///
+/// # Errors
+/// A [`ParseError`] with the line and column of the first syntax or name error.
 pub fn parse(src: &str) -> Result<Graph, ParseError> {
     parse_with_positions(src).map(|(g, _)| g)
 }
 
 /// Like [`parse`], and also returns the source position of each op (indexed by
 /// [`OpId::index`]), so that verifier errors can point at lines.
+///
+/// # Errors
+/// As [`parse`].
 pub fn parse_with_positions(src: &str) -> Result<(Graph, Vec<Pos>), ParseError> {
     let mut p = Parser {
         lex: Lexer::new(src),

@@ -214,11 +214,18 @@ impl Default for VerifyOptions {
 }
 
 /// Checks every invariant of the module docs with default options.
+///
+/// # Errors
+/// As [`verify_with`].
 pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     verify_with(g, VerifyOptions::default())
 }
 
 /// Checks every invariant of the module docs.
+///
+/// # Errors
+/// [`VerifyErrors`] listing every broken invariant, each with the op or tensor it is
+/// about.
 pub fn verify_with(g: &Graph, opts: VerifyOptions) -> Result<(), VerifyErrors> {
     let mut errs = Vec::new();
     let mut dangling = false;

@@ -10,7 +10,7 @@
 //! optimizer states) are summed per block by role.
 
 use crate::cost::{CostModel, Group};
-use crate::ir::{Block, Env, Graph, OpClass, OpId, Phase, Role};
+use crate::ir::{Block, Env, Graph, OpId, Phase, Role};
 use crate::train::memory::buffer_root;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -124,7 +124,7 @@ pub fn profile(
         let group = if is_dp { groups.dp } else { groups.tp };
         let t = cost.op_time(&node.op, &ins, &res, env, group);
         let flops = node.op.cost(&ins, &res, env)?.flops;
-        let collective = node.op.info().class == OpClass::Collective;
+        let collective = node.op.is_collective();
         match node.phase {
             Phase::Fwd if is_dp => p.dp_fwd_s += t,
             Phase::Bwd if is_dp => p.dp_bwd_s += t,

@@ -1,17 +1,19 @@
 //! What extraction minimizes: per-device compute time plus collective time on the link
 //! the tensor-parallel group spans, behind the [`ShardCost`] trait.
 //!
-//! [`PlaceholderCost`] is a plain roofline with named constants (A100-class numbers,
-//! sources below); [`ModelCost`] plugs in the crate's calibrated
-//! [`CostModel`]. Both price one device: a replicated op costs
-//! its full time on every device, a split op its share.
+//! [`ModelCost`] plugs in the crate's calibrated [`CostModel`], the one cost model of
+//! the crate; where no model is given, sharding is priced on [`DEFAULT_CLUSTER`]. It
+//! prices one device: a replicated op costs its full time on every device, a split op
+//! its share.
 
+use crate::cluster::Cluster;
 use crate::cost::{CostModel, Group};
 use crate::ir::{Env, Op, TensorType};
 use serde::Serialize;
 use std::fmt;
 use std::iter::Sum;
 use std::ops::Add;
+use std::sync::OnceLock;
 
 /// A time in picoseconds with saturating arithmetic; [`Cost::INFEASIBLE`] is the value
 /// of what cannot run (an overflowing size, a fractional dimension).
@@ -94,94 +96,24 @@ pub trait ShardCost {
     fn param_cost(&self, ty: &TensorType, env: Env) -> Cost;
 }
 
-/// Constants of [`PlaceholderCost`]: placeholders until the sharder is wired to the
-/// calibrated cost model ([`ModelCost`]), chosen so that extraction has the right
-/// orders of magnitude.
-pub mod placeholder {
-    /// Dense bf16 FLOP/s of an A100 (NVIDIA A100 datasheet: 312 TFLOP/s).
-    pub const PEAK_FLOPS: f64 = 312e12;
-    /// HBM bandwidth of an A100-80GB, bytes/s (NVIDIA A100 datasheet: 2,039 GB/s).
-    pub const MEMORY_BANDWIDTH: f64 = 2.039e12;
-    /// NVLink 3 bandwidth per direction, bytes/s (A100 datasheet: 600 GB/s total).
-    pub const LINK_BANDWIDTH: f64 = 300e9;
-    /// Latency of one ring step, seconds (order of NCCL's intra-node step latency).
-    pub const LINK_LATENCY_S: f64 = 5e-6;
-    /// Bytes an optimizer step touches per parameter element: the `2 + 2 + 12` bytes of
-    /// mixed-precision Adam's model states (Rajbhandari et al. 2020, Sec. 3.1).
-    pub const PARAM_BYTES_PER_ELEMENT: f64 = 16.0;
-}
+/// Bytes an optimizer step touches per parameter element: the `2 + 2 + 12` bytes of
+/// mixed-precision Adam's model states (Rajbhandari et al. 2020, Sec. 3.1).
+pub const OPTIMIZER_BYTES_PER_PARAM: f64 = 16.0;
 
-/// A roofline for compute (`max(flops / peak, bytes / bandwidth)`, views free) and
-/// ring alpha-beta times for collectives (Thakur et al. 2005).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct PlaceholderCost {
-    /// Peak FLOP/s.
-    pub peak_flops: f64,
-    /// Memory bandwidth, bytes/s.
-    pub memory_bandwidth: f64,
-    /// Link bandwidth per direction, bytes/s.
-    pub link_bandwidth: f64,
-    /// Latency per ring step, seconds.
-    pub link_latency_s: f64,
-    /// Optimizer-step bytes per parameter element.
-    pub param_bytes_per_element: f64,
-}
+/// The cluster preset whose calibrated [`CostModel`] prices sharding when no cost model
+/// is given ([`Sharder::new`](super::Sharder::new), [`shard_model`](super::shard_model)):
+/// one DGX A100 80GB node, the platform the cost model's efficiencies were fitted on
+/// (Korthikanti et al. 2022, Tables 4 and 5).
+pub const DEFAULT_CLUSTER: &str = "dgx-a100-80g:1";
 
-impl Default for PlaceholderCost {
-    fn default() -> PlaceholderCost {
-        PlaceholderCost {
-            peak_flops: placeholder::PEAK_FLOPS,
-            memory_bandwidth: placeholder::MEMORY_BANDWIDTH,
-            link_bandwidth: placeholder::LINK_BANDWIDTH,
-            link_latency_s: placeholder::LINK_LATENCY_S,
-            param_bytes_per_element: placeholder::PARAM_BYTES_PER_ELEMENT,
-        }
-    }
-}
-
-impl PlaceholderCost {
-    /// Ring time for `steps` steps moving `bytes` per device in total.
-    fn ring(&self, bytes: f64, steps: f64) -> f64 {
-        bytes / self.link_bandwidth + steps * self.link_latency_s
-    }
-}
-
-impl ShardCost for PlaceholderCost {
-    fn op_cost(&self, op: &Op, inputs: &[&TensorType], results: &[&TensorType], env: Env) -> Cost {
-        let Some(c) = op.cost(inputs, results, env) else {
-            return Cost::INFEASIBLE;
-        };
-        let bytes = |ts: &[&TensorType]| -> f64 {
-            ts.first()
-                .and_then(|t| t.bytes_at(env))
-                .map_or(0.0, |b| b as f64)
-        };
-        let steps = |parts: u32| f64::from(parts.saturating_sub(1));
-        let frac = |parts: u32| steps(parts) / f64::from(parts.max(1));
-        let secs = match op {
-            Op::AllReduce { parts } => {
-                self.ring(2.0 * frac(*parts) * bytes(inputs), 2.0 * steps(*parts))
-            }
-            Op::AllGather { parts, .. } | Op::TpGather { parts, .. } => {
-                self.ring(frac(*parts) * bytes(results), steps(*parts))
-            }
-            Op::ReduceScatter { parts, .. } | Op::AllToAll { parts, .. } => {
-                self.ring(frac(*parts) * bytes(inputs), steps(*parts))
-            }
-            _ if op.is_view() => 0.0,
-            _ => (c.flops as f64 / self.peak_flops).max(c.bytes as f64 / self.memory_bandwidth),
-        };
-        Cost::from_secs(secs)
-    }
-
-    fn param_cost(&self, ty: &TensorType, env: Env) -> Cost {
-        match ty.shape.numel_at(env) {
-            Some(n) => {
-                Cost::from_secs(n as f64 * self.param_bytes_per_element / self.memory_bandwidth)
-            }
-            None => Cost::INFEASIBLE,
-        }
-    }
+/// The calibrated [`CostModel`] on [`DEFAULT_CLUSTER`], built once.
+pub fn default_cost_model() -> &'static CostModel {
+    static MODEL: OnceLock<CostModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        // A built-in preset name always resolves (a unit test checks it).
+        let cluster = Cluster::resolve(DEFAULT_CLUSTER).expect("DEFAULT_CLUSTER is a preset");
+        CostModel::new(cluster)
+    })
 }
 
 /// The calibrated [`CostModel`] on the group the tensor-parallel devices span.
@@ -193,6 +125,20 @@ pub struct ModelCost<'a> {
     pub group: Group,
 }
 
+impl<'a> ModelCost<'a> {
+    /// `model` on a tensor-parallel group of `tp` devices inside one node (what the
+    /// planner prices sharding with).
+    pub fn tensor_parallel(model: &'a CostModel, tp: u32) -> ModelCost<'a> {
+        ModelCost {
+            model,
+            group: Group {
+                size: tp,
+                per_node: tp,
+            },
+        }
+    }
+}
+
 impl ShardCost for ModelCost<'_> {
     fn op_cost(&self, op: &Op, inputs: &[&TensorType], results: &[&TensorType], env: Env) -> Cost {
         Cost::from_secs(self.model.op_time(op, inputs, results, env, self.group))
@@ -202,7 +148,7 @@ impl ShardCost for ModelCost<'_> {
         let dev = &self.model.cluster.device;
         match ty.shape.numel_at(env) {
             Some(n) => Cost::from_secs(
-                n as f64 * placeholder::PARAM_BYTES_PER_ELEMENT
+                n as f64 * OPTIMIZER_BYTES_PER_PARAM
                     / (dev.memory_bandwidth * self.model.eff.memory),
             ),
             None => Cost::INFEASIBLE,
@@ -224,11 +170,17 @@ mod tests {
     }
 
     #[test]
+    fn the_default_cluster_is_a_preset() {
+        let m = default_cost_model();
+        assert_eq!(m.cluster.devices(), 8);
+    }
+
+    #[test]
     fn ring_all_reduce_is_twice_a_reduce_scatter() {
-        let c = PlaceholderCost {
-            link_latency_s: 0.0,
-            ..PlaceholderCost::default()
-        };
+        let mut cluster = default_cost_model().cluster.clone();
+        cluster.intra_node.latency_s = 0.0;
+        let model = CostModel::new(cluster);
+        let c = ModelCost::tensor_parallel(&model, 8);
         let t = TensorType::new(DType::Bf16, [Dim::lit(8), Dim::lit(1 << 20)]);
         let env = Env::new(1, 1);
         let ar = c.op_cost(&Op::AllReduce { parts: 8 }, &[&t], &[&t], env);

@@ -8,6 +8,8 @@
 //! from the devices' pieces) differ. Dtypes are ignored: every tensor holds [`F`]
 //! values; casts are identities; optimizer ops are not run.
 //!
+//! Test support: built only with the `testing` cargo feature (the tests enable it).
+//!
 //! Elements are stored as `f64`, not in the graphs' f32/bf16: the sharded program sums
 //! in a different order (partial products, then an all-reduce), and in f32 the rounding
 //! of that reordering alone, amplified by ill-conditioned random graphs (layer norms
@@ -194,6 +196,11 @@ pub fn assemble(pieces: &[&Tensor], layout: Layout) -> Tensor {
 
 /// Runs `run.graph` on every device. `feeds` holds the *logical* value of every input
 /// and parameter by name; each device gets its piece by the source's layout.
+///
+/// # Errors
+/// [`InterpError::Feed`] when an input or parameter has no feed, and
+/// [`InterpError::Op`] when an op cannot run on its values (shapes the interpreter does not
+/// support, a fractional size).
 pub fn execute(run: &Run, feeds: &BTreeMap<String, Tensor>) -> Result<Values, InterpError> {
     let g = run.graph;
     let p = run.parts.max(1) as usize;
@@ -290,16 +297,11 @@ pub fn execute(run: &Run, feeds: &BTreeMap<String, Tensor>) -> Result<Values, In
 }
 
 fn is_group_op(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::AllReduce { .. }
-            | Op::AllGather { .. }
-            | Op::ReduceScatter { .. }
-            | Op::AllToAll { .. }
-            | Op::TpGather { .. }
-            | Op::VocabParallelCrossEntropy { .. }
-            | Op::VocabParallelCrossEntropyGrad { .. }
-    )
+    op.is_collective()
+        || matches!(
+            op,
+            Op::VocabParallelCrossEntropy { .. } | Op::VocabParallelCrossEntropyGrad { .. }
+        )
 }
 
 struct Ctx<'a> {
@@ -1016,6 +1018,9 @@ pub struct Comparison {
 /// Deterministic random feeds for `fwd`: parameters uniform in `[-scale, scale)`,
 /// integer inputs uniform below the vocabulary of the op that reads them (embedding
 /// rows, cross-entropy classes), float inputs uniform in `[-1, 1)`.
+///
+/// # Errors
+/// [`InterpError::Setup`] when a size of `fwd` is fractional at `env`.
 pub fn random_feeds(
     fwd: &Graph,
     env: Env,
@@ -1111,6 +1116,10 @@ fn grads_of(g: &Graph) -> BTreeMap<String, TensorId> {
 
 /// Runs the training step of `fwd` and of its sharding `sharded` on the same random
 /// feeds and compares the loss and every parameter gradient.
+///
+/// # Errors
+/// [`InterpError::Setup`] when a training graph cannot be derived or the two runs cannot
+/// be matched up, and the errors of [`random_feeds`] and [`execute`].
 pub fn compare(
     fwd: &Graph,
     sharded: &ShardedModel,

@@ -139,6 +139,24 @@ pub enum NodeKind {
 }
 
 impl ShardNode {
+    /// The op a collective node lowers to; `None` for every other node.
+    pub fn collective_op(&self) -> Option<OpKind> {
+        match self {
+            ShardNode::AllReduce { .. } => Some(OpKind::AllReduce),
+            ShardNode::AllGather { .. } => Some(OpKind::AllGather),
+            ShardNode::ReduceScatter { .. } => Some(OpKind::ReduceScatter),
+            ShardNode::AllToAll { .. } => Some(OpKind::AllToAll),
+            _ => None,
+        }
+    }
+
+    /// Whether the rewrites inserted this node as a collective (a node that lowers to
+    /// an op for which [`OpKind::is_collective`] holds). Ops of the input block are not
+    /// counted, even collective ones: every extraction carries them alike.
+    pub fn is_collective(&self) -> bool {
+        self.collective_op().is_some_and(OpKind::is_collective)
+    }
+
     /// The node's kind.
     pub fn kind(&self) -> NodeKind {
         match self {

@@ -28,7 +28,8 @@
 //! which every device holds the same tensor, and every term a rule builds is checked
 //! against the per-op layout table ([`layout::infer`]). The extracted program is
 //! therefore equal to the unsharded block on every input; the reference interpreter
-//! ([`interp`]) checks this on random inputs, gradients included.
+//! (`interp`, built with the `testing` feature) checks this on random inputs, gradients
+//! included.
 //!
 //! # Search
 //!
@@ -45,6 +46,7 @@
 //! constructors, so shape guards come from the layout table.
 
 pub mod cost;
+#[cfg(feature = "testing")]
 pub mod interp;
 pub mod lang;
 pub mod layout;
@@ -53,7 +55,7 @@ pub mod rules;
 mod run;
 mod template;
 
-pub use cost::{Cost, ModelCost, PlaceholderCost, ShardCost};
+pub use cost::{Cost, ModelCost, ShardCost};
 pub use layout::{Layout, Val};
 
 use crate::ir::{Block, Env, Graph, GraphBuilder, Op, OpId, OpKind, Phase, TensorId, VerifyErrors};
@@ -248,23 +250,30 @@ fn pricing_env(opts: &ShardOptions) -> Env {
 /// Shards models with one cost model and options, caching template runs across calls.
 pub struct Sharder<'c> {
     opts: ShardOptions,
-    cost: &'c dyn ShardCost,
+    cost: Pricing<'c>,
     cache: model::Cache,
 }
 
-/// The placeholder cost model [`Sharder::new`] uses.
-static PLACEHOLDER: PlaceholderCost = PlaceholderCost {
-    peak_flops: cost::placeholder::PEAK_FLOPS,
-    memory_bandwidth: cost::placeholder::MEMORY_BANDWIDTH,
-    link_bandwidth: cost::placeholder::LINK_BANDWIDTH,
-    link_latency_s: cost::placeholder::LINK_LATENCY_S,
-    param_bytes_per_element: cost::placeholder::PARAM_BYTES_PER_ELEMENT,
-};
+/// The cost a [`Sharder`] prices with.
+enum Pricing<'c> {
+    /// The calibrated cost model on [`cost::DEFAULT_CLUSTER`].
+    Default(ModelCost<'static>),
+    /// A caller's.
+    Given(&'c dyn ShardCost),
+}
 
 impl Sharder<'static> {
-    /// A sharder pricing with [`PlaceholderCost`].
+    /// A sharder pricing with the calibrated cost model on [`cost::DEFAULT_CLUSTER`]
+    /// (tensor-parallel group inside one node).
     pub fn new(opts: ShardOptions) -> Sharder<'static> {
-        Sharder::with_cost(opts, &PLACEHOLDER)
+        Sharder {
+            opts,
+            cost: Pricing::Default(ModelCost::tensor_parallel(
+                cost::default_cost_model(),
+                opts.tp,
+            )),
+            cache: model::Cache::default(),
+        }
     }
 }
 
@@ -273,7 +282,7 @@ impl<'c> Sharder<'c> {
     pub fn with_cost(opts: ShardOptions, cost: &'c dyn ShardCost) -> Sharder<'c> {
         Sharder {
             opts,
-            cost,
+            cost: Pricing::Given(cost),
             cache: model::Cache::default(),
         }
     }
@@ -284,12 +293,25 @@ impl<'c> Sharder<'c> {
     }
 
     /// Shards every block of a forward graph (see the module docs).
+    ///
+    /// # Errors
+    /// [`ShardError::ZeroTp`] when the degree is zero, [`ShardError::Invalid`] when `fwd`
+    /// does not verify, [`ShardError::NotForward`] when it has backward or optimizer ops,
+    /// [`ShardError::Order`] when a block reads a tensor of a later block, and
+    /// [`ShardError::Internal`] for a bug in a rule or the lowering.
     pub fn shard_model(&mut self, fwd: &Graph) -> Result<ShardedModel, ShardError> {
-        model::shard(fwd, &self.opts, self.cost, &mut self.cache)
+        let cost: &dyn ShardCost = match &self.cost {
+            Pricing::Default(c) => c,
+            Pricing::Given(c) => *c,
+        };
+        model::shard(fwd, &self.opts, cost, &mut self.cache)
     }
 }
 
-/// Shards every block of `fwd` with the placeholder cost model.
+/// Shards every block of `fwd` with the default cost model (see [`Sharder::new`]).
+///
+/// # Errors
+/// As [`Sharder::shard_model`].
 pub fn shard_model(fwd: &Graph, opts: &ShardOptions) -> Result<ShardedModel, ShardError> {
     Sharder::new(*opts).shard_model(fwd)
 }
@@ -306,6 +328,9 @@ pub struct ShardedBlock {
 /// Shards `fwd` and returns block `block` standalone with its run's report. (The whole
 /// model is sharded so that parameters shared across blocks, such as tied embeddings,
 /// get one layout.)
+///
+/// # Errors
+/// As [`shard_model`], and [`ShardError::NoBlock`] when `fwd` has no block `block`.
 pub fn shard_block(
     fwd: &Graph,
     block: Block,
@@ -321,6 +346,10 @@ pub fn shard_block(
 
 /// Per-device figures of `fwd`'s training step at tensor-parallel degree `opts.tp`
 /// (with sequence parallelism if `opts.sp`): what `apar stats --tp T [--sp]` reports.
+///
+/// # Errors
+/// As [`shard_model`], and [`ShardError::Train`] or [`ShardError::Stats`] when the
+/// training graph or its stats cannot be computed.
 pub fn per_device_stats(
     fwd: &Graph,
     opts: &ShardOptions,
@@ -338,22 +367,35 @@ impl ShardedModel {
     }
 
     /// Block `block` of the per-device forward graph, standalone.
+    ///
+    /// # Errors
+    /// As [`block_subgraph`].
     pub fn block_graph(&self, block: Block) -> Result<Graph, ShardError> {
         block_subgraph(&self.graph, block)
     }
 
     /// The per-device training graph (forward, backward with the conjugate collectives,
     /// optimizer).
+    ///
+    /// # Errors
+    /// [`ShardError::Train`] when autodiff fails on the per-device graph.
     pub fn training_graph(&self, opts: &TrainOptions) -> Result<Graph, ShardError> {
         Ok(crate::train::training_graph(&self.graph, opts)?)
     }
 
     /// Block `block` of the per-device training graph, standalone.
+    ///
+    /// # Errors
+    /// As [`training_graph`](Self::training_graph) and [`block_subgraph`].
     pub fn training_block(&self, block: Block, opts: &TrainOptions) -> Result<Graph, ShardError> {
         block_subgraph(&self.training_graph(opts)?, block)
     }
 
     /// Per-device stats of the training step.
+    ///
+    /// # Errors
+    /// [`ShardError::Train`] when the training graph cannot be derived, and
+    /// [`ShardError::Stats`] when a size overflows or is fractional at `env`.
     pub fn stats(&self, train: &TrainOptions, env: Env) -> Result<Stats, ShardError> {
         Ok(Stats::of_training_graph(&self.training_graph(train)?, env)?)
     }
@@ -371,13 +413,19 @@ impl ShardedModel {
     }
 }
 
+/// The collectives [`ShardedModel::collectives`] lists: the op table's, and `tp_copy`
+/// (identity forward, all-reduce backward).
 fn is_collective(op: &Op) -> bool {
-    op.info().class == crate::ir::OpClass::Collective || op.kind() == OpKind::TpCopy
+    op.is_collective() || op.kind() == OpKind::TpCopy
 }
 
 /// Block `block` of `g` as a graph of its own: its ops in order (all phases), with every
 /// tensor of another block replaced by an `input` named `in.N` (`N` the tensor's number
 /// in `g`) of the same type and role.
+///
+/// # Errors
+/// [`ShardError::NoBlock`] when `g` has no op in `block`, and [`ShardError::Internal`]
+/// when the standalone graph cannot be built.
 pub fn block_subgraph(g: &Graph, block: Block) -> Result<Graph, ShardError> {
     let ops: Vec<OpId> = g.ops().filter(|&o| g.node(o).block == block).collect();
     if ops.is_empty() {

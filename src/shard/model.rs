@@ -195,16 +195,7 @@ struct Regions {
 }
 
 fn is_region_op(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::AllReduce { .. }
-            | Op::AllGather { .. }
-            | Op::ReduceScatter { .. }
-            | Op::AllToAll { .. }
-            | Op::TpCopy { .. }
-            | Op::TpSplit { .. }
-            | Op::TpGather { .. }
-    )
+    op.is_collective() || matches!(op, Op::TpCopy { .. } | Op::TpSplit { .. })
 }
 
 fn gradient_regions(prog: &[MInstr], parts: u32) -> Regions {

@@ -259,13 +259,7 @@ impl<'a> Extractor<'a> {
                 } else {
                     n.children().iter().map(|&ch| dense[&eg.find(ch)]).collect()
                 };
-                let collective = matches!(
-                    n,
-                    ShardNode::AllReduce { .. }
-                        | ShardNode::AllGather { .. }
-                        | ShardNode::ReduceScatter { .. }
-                        | ShardNode::AllToAll { .. }
-                );
+                let collective = n.is_collective();
                 cands.push(Cand {
                     node: n.clone(),
                     own,

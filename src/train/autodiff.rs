@@ -7,6 +7,9 @@ use crate::ir::{
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Derives the training graph; see the [module docs](super).
+///
+/// # Errors
+/// As [`derive_with_report`].
 pub fn derive(fwd: &Graph, opts: &TrainOptions) -> Result<Graph, TrainError> {
     Ok(derive_with_report(fwd, opts)?.0)
 }
@@ -14,7 +17,14 @@ pub fn derive(fwd: &Graph, opts: &TrainOptions) -> Result<Graph, TrainError> {
 /// Which forward tensors each derivative rule read (keyed by forward op id).
 pub type SavedReport = BTreeMap<OpId, BTreeSet<Saved>>;
 
-/// [`derive`], also returning which forward tensors each rule read.
+/// [`derive()`], also returning which forward tensors each rule read.
+///
+/// # Errors
+/// [`TrainError::NotForward`] when `fwd` already has backward or optimizer ops,
+/// [`TrainError::NoLoss`] when it has no single scalar float result without uses,
+/// [`TrainError::NoRule`] or [`TrainError::Unsupported`] when an op on a gradient path has
+/// no derivative rule for its configuration, and [`TrainError::Shape`] when a derived op
+/// fails shape inference (an internal inconsistency).
 pub fn derive_with_report(
     fwd: &Graph,
     opts: &TrainOptions,

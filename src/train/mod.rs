@@ -1,5 +1,5 @@
 //! Training-graph derivation: reverse-mode autodiff by per-op derivative rules, mixed
-//! precision and the AdamW step, with every tensor tagged by its [`Role`].
+//! precision and the AdamW step, with every tensor tagged by its [`Role`](crate::ir::Role).
 //!
 //! Given a forward graph whose parameters are in the compute dtype (bf16), the
 //! training graph is:
@@ -95,6 +95,9 @@ pub enum TrainError {
 }
 
 /// Derives the training graph of a forward graph (see the module docs).
+///
+/// # Errors
+/// As [`autodiff::derive_with_report`].
 pub fn training_graph(fwd: &Graph, opts: &TrainOptions) -> Result<Graph, TrainError> {
     derive(fwd, opts)
 }
@@ -128,6 +131,10 @@ pub enum StatsError {
 
 impl Stats {
     /// Computes the stats of a training graph under `env`.
+    ///
+    /// # Errors
+    /// [`StatsError::Size`] when a size overflows 64 bits or a dimension is fractional at
+    /// `env`.
     pub fn of_training_graph(g: &Graph, env: crate::ir::Env) -> Result<Stats, StatsError> {
         use crate::ir::Block;
         let size = || StatsError::Size(env);

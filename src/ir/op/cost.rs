@@ -1,0 +1,185 @@
+//! Work and traffic of an op: FLOPs and bytes moved under an environment.
+
+use super::Op;
+use crate::ir::types::{Env, TensorType};
+
+/// Per-element FLOP counts of the non-matmul kernels. They are conventions for the
+/// roofline model (transcendentals count as one FLOP), not measurements; the matmul
+/// counts (`2mnk`) are exact.
+pub mod flops_per_element {
+    /// `a + b`, `a · b`, `c · x`, bias add, dropout apply, cast-free elementwise.
+    pub const SIMPLE: u64 = 1;
+    /// GeLU tanh approximation: cube, 2 mul, add, tanh, add, 2 mul.
+    pub const GELU: u64 = 8;
+    /// GeLU backward: the forward terms plus the tanh derivative.
+    pub const GELU_GRAD: u64 = 13;
+    /// SiLU: exp, add, divide, multiply.
+    pub const SILU: u64 = 4;
+    /// SiLU backward.
+    pub const SILU_GRAD: u64 = 7;
+    /// Scale, mask, max, subtract, exp, sum, divide.
+    pub const SOFTMAX: u64 = 7;
+    /// `y · (dy - Σ dy·y) · scale`.
+    pub const SOFTMAX_GRAD: u64 = 4;
+    /// Dropout: compare a random number, select, scale.
+    pub const DROPOUT: u64 = 3;
+    /// LayerNorm: mean, variance, normalize, affine.
+    pub const LAYERNORM: u64 = 8;
+    /// LayerNorm backward (statistics recomputed).
+    pub const LAYERNORM_GRAD: u64 = 14;
+    /// RMSNorm: square, mean, rsqrt, scale, affine.
+    pub const RMSNORM: u64 = 5;
+    /// RMSNorm backward.
+    pub const RMSNORM_GRAD: u64 = 10;
+    /// Rotary: two multiplies and an add per rotated channel.
+    pub const ROTARY: u64 = 3;
+    /// Cross-entropy: max, subtract, exp, sum, log, select.
+    pub const CROSS_ENTROPY: u64 = 5;
+    /// Cross-entropy backward: softmax minus one-hot, scaled.
+    pub const CROSS_ENTROPY_GRAD: u64 = 6;
+    /// AdamW: two moment updates, bias corrections, sqrt, divide, decay, update.
+    pub const ADAMW: u64 = 12;
+}
+
+/// Work and traffic of one op under an environment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpCost {
+    /// Floating-point operations.
+    pub flops: u64,
+    /// Bytes read and written by the kernel (0 for views and sources).
+    pub bytes: u64,
+}
+
+impl Op {
+    /// FLOPs and bytes moved for given input and result types; `None` on overflow or a
+    /// dimension that `env` does not make whole.
+    pub fn cost(
+        &self,
+        inputs: &[&TensorType],
+        results: &[&TensorType],
+        env: Env,
+    ) -> Option<OpCost> {
+        use flops_per_element as fpe;
+        let numel = |t: &TensorType| t.shape.numel_at(env);
+        let out = || numel(results.first()?);
+        let io_bytes = || -> Option<u64> {
+            inputs
+                .iter()
+                .chain(results.iter())
+                .try_fold(0u64, |acc, t| acc.checked_add(t.bytes_at(env)?))
+        };
+        let per_elem = |k: u64| -> Option<OpCost> {
+            Some(OpCost {
+                flops: out()?.checked_mul(k)?,
+                bytes: io_bytes()?,
+            })
+        };
+        match self {
+            Op::Input { .. } | Op::Param { .. } | Op::State { .. } | Op::Constant { .. } => {
+                Some(OpCost::default())
+            }
+            Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } => Some(OpCost::default()),
+            Op::MatMul { ta, .. } => {
+                let a = inputs.first()?;
+                let r = a.shape.rank();
+                let k = a.shape.0.get(if *ta {
+                    r.checked_sub(2)?
+                } else {
+                    r.checked_sub(1)?
+                })?;
+                Some(OpCost {
+                    flops: out()?.checked_mul(k.eval(env)?)?.checked_mul(2)?,
+                    bytes: io_bytes()?,
+                })
+            }
+            Op::Add | Op::Mul | Op::Scale { .. } | Op::BiasAdd | Op::DropoutGrad { .. } => {
+                per_elem(fpe::SIMPLE)
+            }
+            Op::Gelu => per_elem(fpe::GELU),
+            Op::GeluGrad => per_elem(fpe::GELU_GRAD),
+            Op::Silu => per_elem(fpe::SILU),
+            Op::SiluGrad => per_elem(fpe::SILU_GRAD),
+            Op::Softmax { .. } => per_elem(fpe::SOFTMAX),
+            Op::SoftmaxGrad { .. } => per_elem(fpe::SOFTMAX_GRAD),
+            Op::Dropout { .. } => per_elem(fpe::DROPOUT),
+            Op::LayerNorm { .. } => per_elem(fpe::LAYERNORM),
+            Op::LayerNormGrad { .. } => per_elem(fpe::LAYERNORM_GRAD),
+            Op::RmsNorm { .. } => per_elem(fpe::RMSNORM),
+            Op::RmsNormGrad { .. } => per_elem(fpe::RMSNORM_GRAD),
+            Op::Rotary { .. } | Op::RotaryGrad { .. } => per_elem(fpe::ROTARY),
+            Op::Cast { .. } | Op::Embedding | Op::Concat { .. } | Op::Pad { .. } => per_elem(0),
+            Op::VocabParallelEmbedding { .. }
+            | Op::VocabParallelEmbeddingGrad { .. }
+            | Op::TpSplit { .. } => per_elem(0),
+            Op::TpCopy { .. } => Some(OpCost::default()),
+            Op::Repeat { .. } | Op::Broadcast { .. } | Op::EmbeddingGrad { .. } => per_elem(0),
+            Op::ReduceSum { .. } => Some(OpCost {
+                flops: numel(inputs.first()?)?,
+                bytes: io_bytes()?,
+            }),
+            Op::CrossEntropy | Op::VocabParallelCrossEntropy { .. } => Some(OpCost {
+                flops: numel(inputs.first()?)?.checked_mul(fpe::CROSS_ENTROPY)?,
+                bytes: io_bytes()?,
+            }),
+            Op::CrossEntropyGrad | Op::VocabParallelCrossEntropyGrad { .. } => {
+                per_elem(fpe::CROSS_ENTROPY_GRAD)
+            }
+            Op::FlashAttention { .. } | Op::FlashAttentionGrad { .. } => {
+                // q[b,s,a,d] against k[b,t,kv,d]: QKᵀ and PV are 2·b·a·s·t·d each.
+                let q = inputs.get(usize::from(matches!(self, Op::FlashAttentionGrad { .. })))?;
+                let k =
+                    inputs.get(usize::from(matches!(self, Op::FlashAttentionGrad { .. })) + 1)?;
+                let t = k.shape.0.get(1)?.eval(env)?;
+                let pair = numel(q)?.checked_mul(t)?.checked_mul(4)?;
+                // Backward recomputes QKᵀ and runs dV, dP, dQ, dK: five products.
+                let matmuls = if matches!(self, Op::FlashAttention { .. }) {
+                    2
+                } else {
+                    5
+                };
+                Some(OpCost {
+                    flops: pair.checked_mul(matmuls)? / 2,
+                    bytes: io_bytes()?,
+                })
+            }
+            Op::AdamW { .. } => per_elem(fpe::ADAMW),
+            Op::AllReduce { .. }
+            | Op::AllGather { .. }
+            | Op::ReduceScatter { .. }
+            | Op::AllToAll { .. }
+            | Op::TpGather { .. }
+            | Op::Send { .. }
+            | Op::Recv { .. } => Some(OpCost {
+                flops: 0,
+                bytes: io_bytes()?,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::types::{DType, Dim};
+
+    fn t(dtype: DType, dims: &[&str]) -> TensorType {
+        TensorType::new(dtype, dims.iter().map(|d| Dim::parse(d).unwrap()))
+    }
+
+    #[test]
+    fn matmul_shapes_and_flops() {
+        let x = t(DType::Bf16, &["b", "s", "64"]);
+        let w = t(DType::Bf16, &["64", "256"]);
+        let op = Op::MatMul {
+            ta: false,
+            tb: false,
+        };
+        let out = op.infer(&[&x, &w]).unwrap().unwrap();
+        assert_eq!(out[0], t(DType::Bf16, &["b", "s", "256"]));
+        let cost = op.cost(&[&x, &w], &[&out[0]], Env::new(2, 8)).unwrap();
+        // 2·m·n·k with m = b·s = 16, n = 256, k = 64.
+        assert_eq!(cost.flops, 2 * 16 * 256 * 64);
+        let bad = t(DType::Bf16, &["65", "256"]);
+        assert!(op.infer(&[&x, &bad]).is_err());
+    }
+}

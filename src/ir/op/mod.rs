@@ -1,0 +1,337 @@
+//! The closed set of operators, their attributes and the op table.
+//!
+//! Every consumer of ops (verifier, printer, parser, cost model, autodiff, the
+//! sharding language) matches [`Op`] exhaustively. [`OpKind::info`] is the op
+//! table: name, arity, result count, attribute names, class and the tensors the
+//! op's derivative rule saves for backward. `ir-spec/README.md` mirrors it and a
+//! test keeps the two in agreement.
+//!
+//! The module is split by concern: `table` (kinds, names, arity, classes and the
+//! predicates derived from them), `attrs` (typed attributes by name), `shape`
+//! (shape and dtype inference) and `cost` (FLOPs and bytes).
+
+mod attrs;
+mod cost;
+mod shape;
+mod table;
+
+pub use attrs::{AttrError, AttrValue};
+pub use cost::{flops_per_element, OpCost};
+pub use shape::{split_dim, ShapeError};
+pub use table::{Arity, OpClass, OpInfo, OpKind, Saved};
+
+use super::types::{DType, Shape};
+use serde::{Deserialize, Serialize};
+
+/// An operator with its typed attributes.
+///
+/// Layouts follow Megatron-LM: activations are `[b, s, h]` (or `[b*s, h]`), attention
+/// heads are split as `[b, s, heads, d]`, the decomposed attention core works on
+/// `[b, heads, s, d]`. All ops have value semantics; [`Op::is_view`] marks the ones a
+/// runtime implements without a copy (the memory model lets their result share the
+/// input's storage).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    // ---- sources (result type declared, not inferred) ----
+    /// A data input of the step (token ids, labels).
+    Input {
+        /// Name of the input.
+        name: String,
+    },
+    /// A trainable parameter.
+    Param {
+        /// Dotted parameter name (`layers.3.attn.qkv.weight`).
+        name: String,
+    },
+    /// An optimizer state tensor (Adam moments).
+    State {
+        /// State name (`exp_avg.layers.3.attn.qkv.weight`).
+        name: String,
+    },
+    /// A tensor filled with one value (the loss seed `dL/dL = 1`).
+    Constant {
+        /// The fill value.
+        value: f64,
+    },
+    /// Receives a tensor from pipeline stage `peer`.
+    Recv {
+        /// Sending stage.
+        peer: u32,
+    },
+
+    // ---- compute ----
+    /// Batched matrix product `a[.., m, k] · b[.., k, n]`; `b` may be a rank-2 weight
+    /// broadcast over `a`'s leading dims. `ta`/`tb` transpose the last two dims first.
+    MatMul {
+        /// Transpose `a`'s last two dims.
+        ta: bool,
+        /// Transpose `b`'s last two dims.
+        tb: bool,
+    },
+    /// Elementwise `a + b` (same type).
+    Add,
+    /// Elementwise `a · b` (same type).
+    Mul,
+    /// `factor · x`.
+    Scale {
+        /// The multiplier.
+        factor: f64,
+    },
+    /// `x[.., n] + bias[n]`.
+    BiasAdd,
+    /// GeLU (tanh approximation).
+    Gelu,
+    /// SiLU `x · σ(x)`.
+    Silu,
+    /// Fused scale, optional causal mask and softmax over the last axis.
+    Softmax {
+        /// Mask key positions after the query position (last two axes are query, key).
+        causal: bool,
+        /// Scale applied to the input before the mask.
+        scale: f64,
+    },
+    /// Dropout with keep probability `1 - p`; results: output and the 1-byte mask.
+    Dropout {
+        /// Drop probability.
+        p: f64,
+    },
+    /// LayerNorm over the last axis: `(x, gamma, beta)`.
+    LayerNorm {
+        /// Epsilon.
+        eps: f64,
+    },
+    /// RMSNorm over the last axis: `(x, gamma)`.
+    RmsNorm {
+        /// Epsilon.
+        eps: f64,
+    },
+    /// Rotary position embedding on `x[b, s, heads, d]` (positions along axis 1),
+    /// rotating the first `dims` channels of `d`.
+    Rotary {
+        /// Rotated channels (even, ≤ d).
+        dims: u64,
+        /// Frequency base.
+        theta: f64,
+    },
+    /// Row lookup `table[ids]`: `(table[V, h], ids[..]) → [.., h]`.
+    Embedding,
+    /// Reinterprets the element order under a new shape (same element count).
+    Reshape {
+        /// The result shape.
+        shape: Shape,
+    },
+    /// Permutes axes: result axis `i` is input axis `perm[i]`.
+    Transpose {
+        /// The permutation.
+        perm: Vec<u32>,
+    },
+    /// `x[.., start..start+len, ..]` along `axis` (a literal dimension).
+    Slice {
+        /// Axis.
+        axis: u32,
+        /// First index.
+        start: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Concatenation of one or more tensors along `axis`.
+    Concat {
+        /// Axis.
+        axis: u32,
+    },
+    /// Zero padding along `axis` (the derivative of [`Op::Slice`]).
+    Pad {
+        /// Axis.
+        axis: u32,
+        /// Zeros before.
+        before: u64,
+        /// Zeros after.
+        after: u64,
+    },
+    /// Repeats every index of `axis` `times` times (`repeat_interleave`, GQA key/value heads).
+    Repeat {
+        /// Axis.
+        axis: u32,
+        /// Repetitions.
+        times: u64,
+    },
+    /// Broadcasts to `shape` by inserting the axes listed in `axes`.
+    Broadcast {
+        /// Result axes that the input does not have.
+        axes: Vec<u32>,
+        /// Result shape.
+        shape: Shape,
+    },
+    /// Sum over `axes` (removed from the shape).
+    ReduceSum {
+        /// Axes to reduce, ascending.
+        axes: Vec<u32>,
+    },
+    /// Element type conversion.
+    Cast {
+        /// Target dtype.
+        to: DType,
+    },
+    /// Mean token cross-entropy: `(logits[.., V], labels[..]) → f32[]`.
+    CrossEntropy,
+    /// Fused attention (no `s×s` tensor): `(q[b,s,a,d], k[b,s,kv,d], v[b,s,kv,d]) → [b,s,a,d]`.
+    FlashAttention {
+        /// Causal mask.
+        causal: bool,
+        /// Softmax scale.
+        scale: f64,
+    },
+
+    // ---- backward ----
+    /// `(dy, x) → dx` of GeLU.
+    GeluGrad,
+    /// `(dy, x) → dx` of SiLU.
+    SiluGrad,
+    /// `(dy, y) → dx` of the fused scale-mask-softmax.
+    SoftmaxGrad {
+        /// The forward scale.
+        scale: f64,
+    },
+    /// `(dy, mask) → dx` of dropout.
+    DropoutGrad {
+        /// Drop probability.
+        p: f64,
+    },
+    /// `(dy, x, gamma) → (dx, dgamma, dbeta)` of LayerNorm (statistics recomputed).
+    LayerNormGrad {
+        /// Epsilon.
+        eps: f64,
+    },
+    /// `(dy, x, gamma) → (dx, dgamma)` of RMSNorm.
+    RmsNormGrad {
+        /// Epsilon.
+        eps: f64,
+    },
+    /// `dy → dx` of rotary embedding (the inverse rotation).
+    RotaryGrad {
+        /// Rotated channels.
+        dims: u64,
+        /// Frequency base.
+        theta: f64,
+    },
+    /// `(dy[.., h], ids[..]) → dtable[vocab, h]` (scatter-add).
+    EmbeddingGrad {
+        /// Table rows.
+        vocab: u64,
+    },
+    /// `(dloss, logits, labels) → dlogits`.
+    CrossEntropyGrad,
+    /// `(do, q, k, v, o) → (dq, dk, dv)`; recomputes the attention scores.
+    FlashAttentionGrad {
+        /// Causal mask.
+        causal: bool,
+        /// Softmax scale.
+        scale: f64,
+    },
+
+    // ---- optimizer ----
+    /// AdamW step: `(param, grad, m, v) → (param', m', v')`, updated in place.
+    AdamW {
+        /// Learning rate.
+        lr: f64,
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Denominator epsilon.
+        eps: f64,
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+
+    // ---- communication (per-device view, `parts` devices in the group) ----
+    /// Sum over the group; every device gets the sum.
+    AllReduce {
+        /// Group size.
+        parts: u32,
+    },
+    /// Concatenates the group's pieces along `axis`.
+    AllGather {
+        /// Axis.
+        axis: u32,
+        /// Group size.
+        parts: u32,
+    },
+    /// Sums over the group and keeps this device's `1/parts` slice of `axis`.
+    ReduceScatter {
+        /// Axis.
+        axis: u32,
+        /// Group size.
+        parts: u32,
+    },
+    /// Splits `split` into `parts` pieces, exchanges them, concatenates along `concat`.
+    AllToAll {
+        /// Axis split and sent.
+        split: u32,
+        /// Axis received pieces are concatenated on.
+        concat: u32,
+        /// Group size.
+        parts: u32,
+    },
+    /// Sends a tensor to pipeline stage `peer` (no result).
+    Send {
+        /// Receiving stage.
+        peer: u32,
+    },
+
+    // ---- tensor-parallel regions (per-device view; `rank` is the device's index in
+    // its tensor-parallel group of `parts` devices) ----
+    /// Identity forward; its derivative all-reduces over the group (Megatron-LM's
+    /// "copy to tensor-parallel region"): marks a replicated tensor whose uses produce
+    /// partial gradients.
+    TpCopy {
+        /// Group size.
+        parts: u32,
+    },
+    /// Keeps this device's `1/parts` slice of `axis` (slice `rank`) of a replicated
+    /// tensor; its derivative all-gathers (Megatron-LM's "scatter to region").
+    TpSplit {
+        /// Axis.
+        axis: u32,
+        /// Group size.
+        parts: u32,
+    },
+    /// All-gather along `axis` whose derivative keeps this device's slice of the
+    /// (replicated) gradient instead of reduce-scattering it (Megatron-LM's "gather
+    /// from tensor-parallel region").
+    TpGather {
+        /// Axis.
+        axis: u32,
+        /// Group size.
+        parts: u32,
+    },
+    /// Vocabulary-parallel lookup `(table[V/parts, h], ids[..]) → [.., h]`: this device
+    /// holds rows `rank·V/parts ..` of the table; ids outside that range give zero
+    /// rows, so the group's results sum to the full lookup.
+    VocabParallelEmbedding {
+        /// Group size.
+        parts: u32,
+    },
+    /// `(dy[.., h], ids[..]) → dtable[vocab, h]` of [`Op::VocabParallelEmbedding`]:
+    /// scatter-add of the rows whose ids fall in this device's range.
+    VocabParallelEmbeddingGrad {
+        /// Rows of this device's table shard.
+        vocab: u64,
+        /// Group size.
+        parts: u32,
+    },
+    /// Mean token cross-entropy over logits split by vocabulary:
+    /// `(logits[.., V/parts], labels[..]) → f32[]`, every device getting the full
+    /// loss (the row maxima, exponential sums and target logits are all-reduced).
+    VocabParallelCrossEntropy {
+        /// Group size.
+        parts: u32,
+    },
+    /// `(dloss, logits[.., V/parts], labels) → dlogits[.., V/parts]` of
+    /// [`Op::VocabParallelCrossEntropy`] (recomputes the all-reduced statistics).
+    VocabParallelCrossEntropyGrad {
+        /// Group size.
+        parts: u32,
+    },
+}
