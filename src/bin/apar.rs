@@ -639,7 +639,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             });
                         }
                         None => {
-                            return Err(bad("no candidate could be compiled; see --detailed-log"))
+                            // Name the first candidate's reason (often shared by all,
+                            // such as a pinned tp that does not divide the heads).
+                            let first = r.outcomes.iter().find_map(|o| match &o.outcome {
+                                apar::search::Outcome::Rejected { reason } => {
+                                    Some(format!(" (first: {}: {reason})", o.config))
+                                }
+                                _ => None,
+                            });
+                            return Err(bad(format!(
+                                "no candidate could be compiled{}; see --detailed-log",
+                                first.unwrap_or_default()
+                            )));
                         }
                     }
                 }
