@@ -177,16 +177,11 @@ fn json_op_names_match_the_op_table() {
         let doc = format!(
             r#"{{"name": "g", "ops": [{{"op": {{"op": "{name}"}}, "inputs": [], "results": [], "block": "embed", "phase": "fwd"}}]}}"#
         );
-        let e = json::from_json(&doc).map(|_| ()).unwrap_err().to_string();
-        // The op is found; only its attributes are missing.
-        assert!(
-            !e.contains("unknown op") && !e.contains("unknown variant"),
-            "{name}: {e}"
-        );
-        assert!(
-            e.contains("missing field") || e.contains("input"),
-            "{name}: {e}"
-        );
+        // The op is found (an op without attributes loads; others miss a field).
+        if let Err(e) = json::from_json(&doc) {
+            let e = e.to_string();
+            assert!(e.contains("missing field"), "{name}: {e}");
+        }
     }
     for bad in ["mat_mul", "layer_norm", "frobnicate"] {
         let doc = format!(
