@@ -7,7 +7,7 @@
 //! the last, the second for the last; an IR file is compiled whole. Profiles are cached per (tp, sp, recompute, micro-batch,
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
-use super::profile::{profile, BlockProfile, Groups};
+use super::profile::{profile, BlockProfile, Blocks, Groups};
 use super::{simulate, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{CostModel, Group};
@@ -285,8 +285,9 @@ struct ProfileKey {
 /// The block profiles of one configuration, with range tables for the pipeline cut.
 #[derive(Clone, Debug)]
 pub struct ProfileSet {
-    /// Per block, in model order.
-    pub blocks: Vec<BlockProfile>,
+    /// Per block, in model order (run-length encoded: memory does not grow with the
+    /// layer count of a template-compiled model).
+    pub blocks: Blocks,
     /// Model-state bytes (summed) and peak transient bytes (maximized) per block.
     states: pipeline::RangeStats,
     /// Saved activation bytes per block.
@@ -294,13 +295,13 @@ pub struct ProfileSet {
 }
 
 impl ProfileSet {
-    fn new(blocks: Vec<BlockProfile>) -> ProfileSet {
-        let states = pipeline::RangeStats::new(
+    fn new(blocks: Blocks) -> ProfileSet {
+        let states = pipeline::RangeStats::from_runs(
             blocks
-                .iter()
-                .map(|b| (b.states.total(), b.fwd_extra.max(b.bwd_extra))),
+                .runs()
+                .map(|(n, b)| (n, b.states.total(), b.fwd_extra.max(b.bwd_extra))),
         );
-        let saved = pipeline::RangeStats::new(blocks.iter().map(|b| (b.saved, 0)));
+        let saved = pipeline::RangeStats::from_runs(blocks.runs().map(|(n, b)| (n, b.saved, 0)));
         ProfileSet {
             blocks,
             states,
@@ -787,7 +788,7 @@ impl Compiler {
         })
     }
 
-    fn compute_profiles(&self, c: &Config) -> Result<Vec<BlockProfile>, CompileError> {
+    fn compute_profiles(&self, c: &Config) -> Result<Blocks, CompileError> {
         let base = self.base(c.tp, c.sp, c.recompute, c.micro_batch);
         let mut by_block = base.as_ref().as_ref().map_err(Clone::clone)?.clone();
         if c.dp > 1 {
@@ -813,21 +814,19 @@ impl Compiler {
                     get(Block::Layer(0)),
                     get(Block::Layer(cfg.layers.min(2) - 1)),
                 );
-                let mut out = Vec::with_capacity(cfg.layers as usize + 2);
-                out.push(get(Block::Embed));
-                for i in 0..cfg.layers {
-                    let mut l = if i + 1 == cfg.layers {
-                        last.clone()
-                    } else {
-                        inner.clone()
-                    };
-                    l.block = Some(Block::Layer(i));
-                    out.push(l);
-                }
-                out.push(get(Block::Head));
+                // Embedding, layers 0..L-2 (one run), the last layer, the head.
+                let mut out = Blocks::default();
+                out.push(get(Block::Embed), 1);
+                let mut inner = inner;
+                inner.block = Some(Block::Layer(0));
+                out.push(inner, cfg.layers as usize - 1);
+                let mut last = last;
+                last.block = Some(Block::Layer(cfg.layers - 1));
+                out.push(last, 1);
+                out.push(get(Block::Head), 1);
                 out
             }
-            ModelSource::Graph(_) => by_block.into_values().collect(),
+            ModelSource::Graph(_) => Blocks::from_vec(by_block.into_values().collect()),
         })
     }
 
@@ -855,9 +854,8 @@ impl Compiler {
         let stages = self.cut(set, c)?;
         if let Some(k) = c.recompute_layers {
             let layers = |span: &StageSpan| {
-                set.blocks[span.first..=span.last]
-                    .iter()
-                    .filter(|b| matches!(b.block, Some(Block::Layer(_))))
+                (span.first..=span.last)
+                    .filter(|&i| matches!(set.blocks.block(i), Some(Block::Layer(_))))
                     .count()
             };
             // The stage holding the most layers: recomputing more than it holds means
@@ -885,7 +883,7 @@ impl Compiler {
         let m = f64::from(c.num_micro_batches);
         let mut busy = vec![0.0f64; pp];
         for (i, span) in stages.iter().enumerate() {
-            for b in &blocks[span.first..=span.last] {
+            for b in blocks.refs(span.first, span.last) {
                 busy[i % pp] += m * (b.fwd_s.max(b.dp_fwd_s) + b.bwd_s.max(b.dp_bwd_s)) + b.opt_s;
             }
         }
@@ -949,9 +947,9 @@ impl Compiler {
     fn compose<'b>(
         &self,
         c: &Config,
-        blocks: &'b [BlockProfile],
+        blocks: &'b Blocks,
         stages: &[StageSpan],
-    ) -> Result<std::borrow::Cow<'b, [BlockProfile]>, CompileError> {
+    ) -> Result<std::borrow::Cow<'b, Blocks>, CompileError> {
         let Some(k) = c
             .recompute_layers
             .filter(|_| c.recompute != Recompute::None)
@@ -965,22 +963,51 @@ impl Compiler {
         };
         let plain = self.profiles(&plain);
         let plain = &plain.as_ref().as_ref().map_err(Clone::clone)?.blocks;
-        let mut out = blocks.to_vec();
+        // Blocks are in model order (embedding, layers, head), so a stage's layers are
+        // contiguous: the first `k` of them from `blocks`, the rest from `plain`.
+        let mut out = Blocks::default();
+        let mut next = 0;
         for span in stages {
-            let mut layers = 0;
-            for (i, b) in out
-                .iter_mut()
-                .enumerate()
-                .take(span.last + 1)
-                .skip(span.first)
-            {
-                if matches!(b.block, Some(Block::Layer(_))) {
-                    if layers >= k {
-                        *b = plain[i].clone();
-                    }
-                    layers += 1;
-                }
+            if span.first > next {
+                out.extend_from(blocks, next, span.first - 1);
             }
+            let mut layers = 0u32;
+            let mut i = span.first;
+            while i <= span.last {
+                let is_layer = matches!(blocks.block(i), Some(Block::Layer(_)));
+                if is_layer && layers >= k {
+                    // The remaining layers of the stage (a contiguous stretch).
+                    let mut j = i;
+                    while j < span.last && matches!(blocks.block(j + 1), Some(Block::Layer(_))) {
+                        j += 1;
+                    }
+                    out.extend_from(plain, i, j);
+                    i = j + 1;
+                    continue;
+                }
+                if is_layer {
+                    // Up to `k` recomputed layers in one stretch.
+                    let mut j = i;
+                    let mut n = 1;
+                    while j < span.last
+                        && layers + n < k
+                        && matches!(blocks.block(j + 1), Some(Block::Layer(_)))
+                    {
+                        j += 1;
+                        n += 1;
+                    }
+                    out.extend_from(blocks, i, j);
+                    layers += n;
+                    i = j + 1;
+                    continue;
+                }
+                out.extend_from(blocks, i, i);
+                i += 1;
+            }
+            next = span.last + 1;
+        }
+        if next < blocks.len() {
+            out.extend_from(blocks, next, blocks.len() - 1);
         }
         Ok(std::borrow::Cow::Owned(out))
     }
@@ -989,7 +1016,10 @@ impl Compiler {
         let blocks = &set.blocks;
         let pp = c.pp as usize;
         let parts = pp * c.schedule.chunks() as usize;
-        let times: Vec<f64> = blocks.iter().map(|b| b.fwd_s + b.bwd_s).collect();
+        let times: Vec<f64> = blocks
+            .runs()
+            .flat_map(|(n, b)| std::iter::repeat_n(b.fwd_s + b.bwd_s, n))
+            .collect();
         // In-flight micro-batches per device: all of them for GPipe, pp - s for 1F1B.
         let inflight = |stage: usize| -> u64 {
             let s = stage % pp;
