@@ -832,6 +832,10 @@ impl Compiler {
 
     /// Compiles and simulates one configuration, recording its events and memory
     /// timeline.
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::lower_bound`].
     pub fn evaluate(&self, c: &Config) -> Result<Evaluation, CompileError> {
         self.evaluate_with(c, true)
     }
@@ -841,6 +845,14 @@ impl Compiler {
     /// optimizer step, with no bubble, no waiting and every data-parallel transfer
     /// hidden. Cheaper than [`Compiler::evaluate`] (no simulation); pass the cut on to
     /// [`Compiler::evaluate_cut`].
+    ///
+    /// # Errors
+    ///
+    /// Any [`Compiler::check`] error; [`CompileError::SelectiveRecomputesNothing`];
+    /// [`CompileError::RecomputeLayersTooMany`]; a failure to shard, derive the
+    /// training graph, recompute or distribute ([`CompileError::Shard`],
+    /// [`CompileError::Train`], [`CompileError::Pass`]); [`CompileError::SizeOverflow`]
+    /// when a size does not fit at this micro-batch and sequence; [`CompileError::NoCut`].
     pub fn lower_bound(&self, c: &Config) -> Result<(f64, Vec<StageSpan>), CompileError> {
         self.check(c)?;
         if c.recompute == Recompute::Selective {
@@ -892,12 +904,20 @@ impl Compiler {
 
     /// Compiles and simulates one configuration; `detail` records every event and the
     /// memory timeline (needed for traces and plots, not for ranking).
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::lower_bound`].
     pub fn evaluate_with(&self, c: &Config, detail: bool) -> Result<Evaluation, CompileError> {
         let (_, stages) = self.lower_bound(c)?;
         self.evaluate_cut(c, stages, detail)
     }
 
     /// [`Compiler::evaluate_with`] on the cut [`Compiler::lower_bound`] returned.
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::lower_bound`] (profiles are cached, so normally none).
     pub fn evaluate_cut(
         &self,
         c: &Config,
@@ -925,11 +945,14 @@ impl Compiler {
         let step = sim.step_time_s;
         let avg_flops = sim.flops_per_device.iter().sum::<u64>() as f64
             / sim.flops_per_device.len().max(1) as f64;
-        let tflops = avg_flops / step / 1e12;
+        // A positive, finite step (bounded cluster numbers and sizes make it so); the
+        // guard keeps NaN and infinity out of reports should a graph have no work.
+        let per_s = |x: f64| if step > 0.0 { x / step } else { 0.0 };
+        let tflops = per_s(avg_flops) / 1e12;
         Ok(Evaluation {
             config: *c,
             step_time_s: step,
-            tokens_per_s: tokens / step,
+            tokens_per_s: per_s(tokens),
             tflops_per_device: tflops,
             mfu: tflops * 1e12 / self.cluster.device.peak_bf16_flops,
             budget_bytes: self.budget_bytes,
