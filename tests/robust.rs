@@ -422,3 +422,126 @@ fn ir_json_with_an_unknown_field_is_refused() {
     let file = write("bad-opname.json", &v.to_string());
     refused(&["check", &file], &["no_such_op"]);
 }
+
+#[test]
+fn hf_gpt2_sequence_beyond_n_positions_is_refused() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/hf/gpt2.json");
+    refused(
+        &[
+            "eval",
+            "--model",
+            file,
+            "--cluster",
+            "dgx-a100-80g:1",
+            "--global-batch",
+            "8",
+            "--seq",
+            "4096",
+            "--dp",
+            "8",
+        ],
+        &["4096", "1024 positions"],
+    );
+    // At the limit it plans.
+    let (code, _, err) = apar(&[
+        "eval",
+        "--model",
+        file,
+        "--cluster",
+        "dgx-a100-80g:1",
+        "--global-batch",
+        "8",
+        "--seq",
+        "1024",
+        "--dp",
+        "8",
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
+// ---- 6. layer count ----
+
+/// A template-compiled model keeps one profile per distinct block, not one per layer:
+/// memory of the profiles does not grow with the layer count.
+#[test]
+fn profiles_of_the_deepest_model_are_run_length_encoded() {
+    let mut cfg = apar::models::zoo::lookup("llama2-7b").unwrap();
+    cfg.layers = apar::models::MAX_LAYERS;
+    let c = Compiler::new(
+        ModelSource::Config(cfg),
+        Cluster::resolve("dgx-h100:1").unwrap(),
+        1024,
+        8,
+        0.8,
+    )
+    .unwrap();
+    let config = Config {
+        dp: 1,
+        tp: 8,
+        pp: 1,
+        micro_batch: 1,
+        num_micro_batches: 8,
+        sp: false,
+        recompute: Recompute::Full,
+        recompute_layers: None,
+        zero: 0,
+        low_prec_shard: false,
+        schedule: Schedule::OneFOneB,
+    };
+    let p = c.profiles(&config);
+    let blocks = &p.as_ref().as_ref().unwrap().blocks;
+    assert_eq!(blocks.len(), apar::models::MAX_LAYERS as usize + 2);
+    // Embedding, layers 0..L-2, the last layer, the head.
+    assert_eq!(blocks.runs().count(), 4);
+    // Each block still reads back with its own tag.
+    use apar::ir::Block;
+    assert_eq!(blocks.get(0).block, Some(Block::Embed));
+    assert_eq!(blocks.get(1000).block, Some(Block::Layer(999)));
+    assert_eq!(
+        blocks.block(blocks.len() - 2),
+        Some(Block::Layer(apar::models::MAX_LAYERS - 1))
+    );
+    assert_eq!(blocks.get(blocks.len() - 1).block, Some(Block::Head));
+    // Partial recomputation composes by runs too (pp 8: about 8,192 layers a stage).
+    let partial = Config {
+        pp: 8,
+        tp: 1,
+        recompute_layers: Some(100),
+        ..config
+    };
+    let e = c.evaluate_with(&partial, false).unwrap();
+    assert_eq!(e.blocks, blocks.len());
+}
+
+/// Partial recomputation composed by runs (template) equals the block-by-block
+/// composition of the whole graph.
+#[test]
+fn partial_recomputation_agrees_between_graph_and_template() {
+    let mut cfg = apar::models::zoo::lookup("tiny-gpt").unwrap();
+    cfg.layers = 7;
+    let graph = apar::models::build_forward(&cfg).unwrap();
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let template = Compiler::new(ModelSource::Config(cfg), cluster.clone(), 128, 16, 0.8).unwrap();
+    let whole = Compiler::new(ModelSource::Graph(graph), cluster, 128, 16, 0.8).unwrap();
+    for (pp, k) in [(2, 1), (2, 3), (4, 1), (8, 1)] {
+        let config = Config {
+            dp: 8 / pp,
+            tp: 1,
+            pp,
+            micro_batch: 1,
+            num_micro_batches: 16 / (8 / pp),
+            sp: false,
+            recompute: Recompute::Full,
+            recompute_layers: Some(k),
+            zero: 0,
+            low_prec_shard: false,
+            schedule: Schedule::OneFOneB,
+        };
+        let a = template.evaluate(&config).unwrap();
+        let b = whole.evaluate(&config).unwrap();
+        assert_eq!(a.stages, b.stages, "pp {pp} k {k}");
+        assert_eq!(a.peak_bytes, b.peak_bytes, "pp {pp} k {k}");
+        let (ta, tb) = (a.step_time_s, b.step_time_s);
+        assert!((ta - tb).abs() <= 1e-9 * tb, "pp {pp} k {k}: {ta} vs {tb}");
+    }
+}
