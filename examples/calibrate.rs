@@ -101,7 +101,7 @@ fn main() {
                     recompute_layers: None,
                 };
                 let p = c.profiles(&cfg);
-                let l = &p.as_ref().as_ref().unwrap().blocks[1];
+                let l = &p.as_ref().as_ref().unwrap().blocks.get(1);
                 let (f, bw) = (l.fwd_s * 1e3, l.bwd_s * 1e3);
                 worst = worst.max((f / fwd - 1.0).abs()).max((bw / bwd - 1.0).abs());
                 println!(

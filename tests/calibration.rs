@@ -94,7 +94,7 @@ fn table4_layer_times_of_the_22b_model() {
     ] {
         let cfg = config(1, 4, 1, Schedule::OneFOneB, recompute, false);
         let p = c.profiles(&cfg);
-        let layer = &p.as_ref().as_ref().unwrap().blocks[1];
+        let layer = &p.as_ref().as_ref().unwrap().blocks.get(1);
         within(layer.fwd_s * 1e3, fwd_ms, &format!("{recompute} forward"));
         within(layer.bwd_s * 1e3, bwd_ms, &format!("{recompute} backward"));
     }

@@ -179,7 +179,27 @@ fn partial_recomputation_is_between_none_and_full() {
     let some = run(Recompute::Full, Some(2));
     assert!(full.peak_bytes < some.peak_bytes && some.peak_bytes < none.peak_bytes);
     assert!(none.step_time_s < some.step_time_s && some.step_time_s < full.step_time_s);
-    // Recomputing at least as many layers as a stage has is full recomputation.
-    let all = run(Recompute::Full, Some(1000));
+    // Recomputing as many layers as the largest stage has is full recomputation.
+    let most = full
+        .stages
+        .iter()
+        .map(|s| s.last + 1 - s.first)
+        .max()
+        .unwrap();
+    let layers = u32::try_from(most).unwrap() - 1; // the largest stage holds a non-layer block
+    let all = run(Recompute::Full, Some(layers));
     assert_eq!(all.peak_bytes, full.peak_bytes);
+    // More is an error, not a silent full recomputation.
+    let more = c.evaluate(&Config {
+        recompute: Recompute::Full,
+        recompute_layers: Some(1000),
+        ..config(2, 1, 4, 1, 8, 1)
+    });
+    assert!(
+        matches!(
+            more,
+            Err(apar::lower::compile::CompileError::RecomputeLayersTooMany { k: 1000, .. })
+        ),
+        "{more:?}"
+    );
 }

@@ -89,7 +89,7 @@ const JSON_CASES: &[(&str, &str)] = &[
         "op1 (gelu): input 0 is %7, but the graph defines only 2 tensors",
     ),
     ("truncated.json", "EOF while parsing"),
-    ("unknown_op.json", "unknown variant `frobnicate`"),
+    ("unknown_op.json", "unknown op `frobnicate`"),
     ("use_before_def.json", "input %1 is defined later, by op1"),
 ];
 

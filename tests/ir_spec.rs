@@ -166,3 +166,37 @@ fn readme_snippets_parse_and_verify() {
     }
     assert!(count >= 1, "the README shows at least one apir snippet");
 }
+
+/// JSON names ops by the op table too (`{"op": "matmul"}`, as the README says), not by
+/// the `Op` derive's own tags (`mat_mul`): every table name is read as that op, every
+/// written op carries its table name, and names outside the table are refused.
+#[test]
+fn json_op_names_match_the_op_table() {
+    let code: BTreeSet<&str> = OpKind::ALL.iter().map(|k| k.name()).collect();
+    for name in &code {
+        let doc = format!(
+            r#"{{"name": "g", "ops": [{{"op": {{"op": "{name}"}}, "inputs": [], "results": [], "block": "embed", "phase": "fwd"}}]}}"#
+        );
+        // The op is found (an op without attributes loads; others miss a field).
+        if let Err(e) = json::from_json(&doc) {
+            let e = e.to_string();
+            assert!(e.contains("missing field"), "{name}: {e}");
+        }
+    }
+    for bad in ["mat_mul", "layer_norm", "frobnicate"] {
+        let doc = format!(
+            r#"{{"name": "g", "ops": [{{"op": {{"op": "{bad}"}}, "inputs": [], "results": [], "block": "embed", "phase": "fwd"}}]}}"#
+        );
+        let e = json::from_json(&doc).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains(&format!("unknown op `{bad}`")), "{bad}: {e}");
+    }
+    // Every op of the examples is written with its table name.
+    for entry in fs::read_dir("ir-spec/examples").unwrap() {
+        let path = entry.unwrap().path();
+        let g = text::parse(&fs::read_to_string(&path).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json::to_json(&g)).unwrap();
+        for (op, id) in v["ops"].as_array().unwrap().iter().zip(g.ops()) {
+            assert_eq!(op["op"]["op"], g.node(id).op.name(), "{}", path.display());
+        }
+    }
+}

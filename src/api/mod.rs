@@ -476,10 +476,7 @@ impl Session {
         if loaded.is_training {
             return Err(PlanError::TrainingGraph(model.name));
         }
-        crate::ir::verify(&loaded.graph).map_err(|e| CompileError::Failed {
-            stage: "verify",
-            why: e.to_string(),
-        })?;
+        crate::ir::verify(&loaded.graph).map_err(CompileError::Verify)?;
         let source = match &loaded.config {
             Some(cfg) => ModelSource::Config(cfg.clone()),
             None => ModelSource::Graph(loaded.graph.clone()),
@@ -572,27 +569,40 @@ impl Session {
                 ))))
             }
             (None, None) => {
-                // The most common rejection (first in enumeration order on ties).
-                let mut counts: Vec<(&CompileError, usize)> = Vec::new();
+                // The most common rejection by message (first in enumeration order on
+                // ties).
+                let mut counts: Vec<(&CompileError, String, usize)> = Vec::new();
                 for o in &r.outcomes {
                     if let search::Outcome::Rejected { reason } = &o.outcome {
-                        match counts.iter_mut().find(|(e, _)| *e == reason) {
-                            Some(entry) => entry.1 += 1,
-                            None => counts.push((reason, 1)),
+                        let message = reason.to_string();
+                        match counts.iter_mut().find(|(_, m, _)| *m == message) {
+                            Some(entry) => entry.2 += 1,
+                            None => counts.push((reason, message, 1)),
                         }
                     }
                 }
-                let (reason, count) = counts
-                    .iter()
-                    .fold(None::<(&CompileError, usize)>, |best, &(e, n)| match best {
-                        Some((_, m)) if m >= n => best,
-                        _ => Some((e, n)),
-                    })
-                    .ok_or(PlanError::Compile(CompileError::Invalid(
-                        "every candidate was skipped".into(),
-                    )))?;
+                let most =
+                    counts.iter().fold(
+                        None::<(CompileError, usize)>,
+                        |best, (e, _, n)| match best {
+                            Some((_, m)) if m >= *n => best,
+                            _ => Some(((*e).clone(), *n)),
+                        },
+                    );
+                // Without a rejection, every candidate was skipped by the memory bound
+                // and the closest of them failed to compile: its own error is the reason.
+                let (reason, count) = match most {
+                    Some(found) => found,
+                    None => {
+                        let first = r.outcomes.first().map(|o| o.config);
+                        match first.map(|c| self.compiler.evaluate(&c)) {
+                            Some(Err(e)) => (e, 1),
+                            _ => return Err(self.empty_space().into()),
+                        }
+                    }
+                };
                 Err(PlanError::NothingCompiled {
-                    reason: reason.clone(),
+                    reason,
                     count,
                     candidates: r.stats.candidates,
                 })
@@ -660,10 +670,10 @@ impl Session {
             });
         }
         let num_micro_batches = u32::try_from(global_batch / per_step).map_err(|_| {
-            CompileError::Invalid(format!(
-                "{} micro-batches do not fit the simulation's 32-bit counter",
-                global_batch / per_step
-            ))
+            CompileError::TooManyMicroBatches {
+                units: global_batch / per_step,
+                max: u64::from(u32::MAX),
+            }
         })?;
         Ok(Config {
             num_micro_batches,

@@ -11,6 +11,7 @@ use thiserror::Error;
 
 /// One accelerator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceSpec {
     /// Marketing name.
     pub name: String,
@@ -26,6 +27,7 @@ pub struct DeviceSpec {
 
 /// A link class: per-device unidirectional bandwidth and per-message latency.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Link {
     /// Name (`nvlink4`, `ib-ndr`).
     pub name: String,
@@ -37,6 +39,7 @@ pub struct Link {
 
 /// A homogeneous cluster.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Cluster {
     /// Name, for reports.
     pub name: String,
@@ -69,7 +72,14 @@ impl Cluster {
         self.usable_memory_bytes.unwrap_or(self.device.memory_bytes)
     }
 
-    /// Checks that every number is usable.
+    /// Checks that every number is usable: counts, throughputs, bandwidths,
+    /// latencies and memory inside the accepted ranges ([`FLOPS_RANGE`],
+    /// [`BANDWIDTH_RANGE`], [`LATENCY_RANGE_S`], [`MAX_MEMORY_BYTES`],
+    /// [`MAX_DEVICES_PER_NODE`], [`MAX_NODES`]); NaN and infinities are never inside.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Invalid`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), ClusterError> {
         let bad = |field: &str, why: &str| {
             Err(ClusterError::Invalid {
@@ -78,34 +88,61 @@ impl Cluster {
                 why: why.to_string(),
             })
         };
-        let positive = |x: f64| x.is_finite() && x > 0.0;
-        if self.devices_per_node == 0 {
-            return bad("devices_per_node", "must be positive");
+        let range = |f: &str, v: f64, (lo, hi): (f64, f64), unit: &str| {
+            // `!(..)` so that NaN fails too.
+            if !(v >= lo && v <= hi) {
+                return bad(
+                    f,
+                    &format!("{v} is outside the accepted range [{lo:e}, {hi:e}] {unit}"),
+                );
+            }
+            Ok(())
+        };
+        if !(1..=MAX_DEVICES_PER_NODE).contains(&self.devices_per_node) {
+            return bad(
+                "devices_per_node",
+                &format!(
+                    "{} is outside the accepted range [1, {MAX_DEVICES_PER_NODE}]",
+                    self.devices_per_node
+                ),
+            );
         }
-        if self.nodes == 0 {
-            return bad("nodes", "must be positive");
+        if !(1..=MAX_NODES).contains(&self.nodes) {
+            return bad(
+                "nodes",
+                &format!(
+                    "{} is outside the accepted range [1, {MAX_NODES}]",
+                    self.nodes
+                ),
+            );
         }
         for (f, v) in [
             ("device.peak_bf16_flops", self.device.peak_bf16_flops),
             ("device.peak_fp32_flops", self.device.peak_fp32_flops),
+        ] {
+            range(f, v, FLOPS_RANGE, "FLOP/s")?;
+        }
+        for (f, v) in [
             ("device.memory_bandwidth", self.device.memory_bandwidth),
             ("intra_node.bandwidth", self.intra_node.bandwidth),
             ("inter_node.bandwidth", self.inter_node.bandwidth),
         ] {
-            if !positive(v) {
-                return bad(f, "must be a positive finite number");
-            }
+            range(f, v, BANDWIDTH_RANGE, "bytes/s")?;
         }
         for (f, v) in [
             ("intra_node.latency_s", self.intra_node.latency_s),
             ("inter_node.latency_s", self.inter_node.latency_s),
         ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(f, "must be a non-negative finite number");
-            }
+            range(f, v, LATENCY_RANGE_S, "s")?;
         }
-        if self.device.memory_bytes == 0 {
-            return bad("device.memory_bytes", "must be positive");
+        if !(1..=MAX_MEMORY_BYTES).contains(&self.device.memory_bytes) {
+            return bad(
+                "device.memory_bytes",
+                &format!(
+                    "{} is outside the accepted range [1, {MAX_MEMORY_BYTES}] bytes",
+                    self.device.memory_bytes
+                ),
+            );
         }
         if let Some(u) = self.usable_memory_bytes {
             if u == 0 || u > self.device.memory_bytes {
@@ -115,7 +152,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// Reads and validates a JSON cluster file.
+    /// Reads and validates a JSON cluster file. Unknown fields are errors (a misspelt
+    /// field would otherwise silently keep its default).
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::File`] when the file cannot be read or is not a cluster (bad
+    /// JSON, missing or unknown field), [`ClusterError::Invalid`] when a value is out
+    /// of range (see [`Cluster::validate`]).
     pub fn from_json_file(path: &Path) -> Result<Cluster, ClusterError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ClusterError::File {
@@ -196,6 +240,30 @@ pub enum ClusterError {
 
 const GB: f64 = 1e9;
 const GIB: u64 = 1 << 30;
+
+/// Accepted peak throughput of a device, FLOP/s: 1 GFLOP/s (below any CPU core's
+/// vector unit) to 1 EFLOP/s (about 750× the fastest device listed here, MI300X's
+/// 1.3 PFLOP/s dense bf16). Outside it, step times are meaningless or overflow.
+pub const FLOPS_RANGE: (f64, f64) = (1e9, 1e18);
+
+/// Accepted bandwidth of device memory and of links, bytes/s: 1 MB/s (slower than any
+/// network card made this century) to 1 PB/s (about 200× H200's 4.8 TB/s HBM3e).
+pub const BANDWIDTH_RANGE: (f64, f64) = (1e6, 1e15);
+
+/// Accepted per-message link latency, seconds: 0 to 1 s (NCCL steps take microseconds;
+/// a second per message is no interconnect).
+pub const LATENCY_RANGE_S: (f64, f64) = (0.0, 1.0);
+
+/// Largest accepted device memory, bytes: 1 PiB (about 5,000× MI300X's 192 GB).
+pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
+
+/// Largest accepted devices per node: 1,024 (above NVIDIA's largest announced NVLink
+/// domain, 576 GPUs); keeps the candidate enumeration's divisor loops short.
+pub const MAX_DEVICES_PER_NODE: u32 = 1 << 10;
+
+/// Largest accepted node count: 65,536 (several times today's largest training
+/// clusters), the same bound the search's cluster-size suggestions go up to.
+pub const MAX_NODES: u32 = 1 << 16;
 
 /// Device specs.
 pub mod devices {

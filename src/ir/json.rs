@@ -21,6 +21,10 @@
 //! all is a [`DocError`]. Round trip law: `from_json(&to_json(&g)) == Ok(g)` for every
 //! graph whose float attributes are finite.
 //!
+//! Reading is strict: an op is named as in the op table (`matmul`, never the derive's
+//! `mat_mul`), and a field the document's types do not have (in the graph, an op, its
+//! attributes, a result or a tensor type) is an error, not silently dropped.
+//!
 //! In the binary codec ([`super::codec`]) the same document is written compactly: an
 //! op as its name and `(attribute, value)` pairs, a type as its dtype and dimension
 //! spellings.
@@ -283,15 +287,77 @@ impl BinOp {
     }
 }
 
-/// `Op` as its own serde form in human-readable formats, as [`BinOp`] otherwise.
-mod op_repr {
-    use super::{BinOp, Op};
+/// The first key of `input` (a path such as `shape.dims`) that `canonical`, the same
+/// value read and written back, lacks: a field the reader ignored. Keys are compared
+/// in objects at every depth; arrays element by element.
+fn unknown_key(input: &serde_json::Value, canonical: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match (input, canonical) {
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| match b.get(k) {
+            None => Some(k.clone()),
+            Some(w) => unknown_key(v, w).map(|inner| format!("{k}.{inner}")),
+        }),
+        (Value::Array(a), Value::Array(b)) => a.iter().zip(b).find_map(|(v, w)| unknown_key(v, w)),
+        _ => None,
+    }
+}
+
+/// Reads a `T` from a human-readable deserializer and refuses fields `T` would
+/// silently ignore (its derive does not deny unknown fields).
+fn strict<'de, T, D>(d: D, what: &str) -> Result<T, D::Error>
+where
+    T: Serialize + serde::de::DeserializeOwned,
+    D: serde::Deserializer<'de>,
+{
     use serde::de::Error as _;
+    let input = serde_json::Value::deserialize(d)?;
+    let value = T::deserialize(&input).map_err(D::Error::custom)?;
+    let canonical = serde_json::to_value(&value).map_err(D::Error::custom)?;
+    match unknown_key(&input, &canonical) {
+        Some(k) => Err(D::Error::custom(format!("unknown field `{k}` in {what}"))),
+        None => Ok(value),
+    }
+}
+
+/// The tag the `Op` derive gives each kind: serde's `snake_case` of the variant name
+/// (`MatMul` → `mat_mul`), which differs from the op table's name for a few ops
+/// (`matmul`). JSON is written and read with the table's names, as `ir-spec/` says;
+/// the `ir_spec` test checks this map against the derive.
+fn serde_tag(kind: OpKind) -> &'static str {
+    static TAGS: std::sync::OnceLock<BTreeMap<OpKind, String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        OpKind::ALL
+            .iter()
+            .map(|&k| {
+                let mut tag = String::new();
+                for (i, c) in format!("{k:?}").chars().enumerate() {
+                    if c.is_ascii_uppercase() && i > 0 {
+                        tag.push('_');
+                    }
+                    tag.push(c.to_ascii_lowercase());
+                }
+                (k, tag)
+            })
+            .collect()
+    });
+    tags.get(&kind).map_or("", String::as_str)
+}
+
+/// `Op` in human-readable formats: its serde form with the op table's name as the
+/// `op` tag and unknown fields refused; [`BinOp`] otherwise.
+mod op_repr {
+    use super::{serde_tag, strict, BinOp, Op, OpKind};
+    use serde::de::Error as _;
+    use serde::ser::Error as _;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     pub fn serialize<S: Serializer>(op: &Op, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
-            op.serialize(s)
+            let mut v = serde_json::to_value(op).map_err(S::Error::custom)?;
+            if let Some(tag) = v.get_mut("op") {
+                *tag = op.name().into();
+            }
+            v.serialize(s)
         } else {
             BinOp::from_op(op).serialize(s)
         }
@@ -299,7 +365,17 @@ mod op_repr {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Op, D::Error> {
         if d.is_human_readable() {
-            Op::deserialize(d)
+            let mut v = serde_json::Value::deserialize(d)?;
+            match v.get_mut("op") {
+                Some(tag @ serde_json::Value::String(_)) => {
+                    let name = tag.as_str().unwrap_or_default();
+                    let kind = OpKind::from_name(name)
+                        .ok_or_else(|| D::Error::custom(format!("unknown op `{name}`")))?;
+                    *tag = serde_tag(kind).into();
+                }
+                _ => return Err(D::Error::custom("an op needs an `op` name")),
+            }
+            strict(v, "an op").map_err(D::Error::custom)
         } else {
             BinOp::deserialize(d)?.into_op().map_err(D::Error::custom)
         }
@@ -309,7 +385,7 @@ mod op_repr {
 /// `TensorType` as its own serde form in human-readable formats, as a dtype and
 /// dimension spellings otherwise.
 mod type_repr {
-    use super::{dims_from_text, dims_to_text, DType, TensorType};
+    use super::{dims_from_text, dims_to_text, strict, DType, TensorType};
     use serde::de::Error as _;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -333,7 +409,7 @@ mod type_repr {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TensorType, D::Error> {
         if d.is_human_readable() {
-            TensorType::deserialize(d)
+            strict(d, "a tensor type")
         } else {
             let b = BinType::deserialize(d)?;
             let dims = dims_from_text(&b.dims).map_err(D::Error::custom)?;

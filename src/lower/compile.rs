@@ -7,14 +7,16 @@
 //! the last, the second for the last; an IR file is compiled whole. Profiles are cached per (tp, sp, recompute, micro-batch,
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
-use super::profile::{profile, BlockProfile, Groups};
+use super::profile::{profile, BlockProfile, Blocks, Groups};
 use super::{simulate, SimInput, Simulation, StageSpan};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{CostModel, Group};
-use crate::ir::{Block, Env, Graph};
-use crate::models::{build_forward, ModelConfig};
+use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
+use crate::models::{build_forward, ModelConfig, ModelError, Position};
 use crate::passes::recompute::Recomputed;
 use crate::passes::{distribute, pipeline, recompute, Config, Recompute, Schedule};
+use crate::shard::ShardError;
+use crate::train::TrainError;
 use crate::train::{training_graph, TrainOptions};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,20 +26,240 @@ use thiserror::Error;
 /// Default fraction of device memory a plan may use (the reference platform's headroom).
 pub const DEFAULT_MEMORY_RATIO: f64 = 0.8;
 
+/// Largest number of pipeline work units `pp · v · m` (virtual stages times
+/// micro-batches) a configuration may have: 2^20. The event simulation keeps two end
+/// times per unit (16 bytes) and, for traces, two events and four memory samples per
+/// unit (about 130 bytes), so this bounds a simulation to 16 MiB of scratch and a
+/// detailed one to about 150 MiB, whatever the global batch. Published runs are far
+/// below it (Megatron-LM's 1T run: 64 stages × 8 chunks × 1,536 micro-batches / 64
+/// data-parallel replicas ≈ 12,300 units per replica).
+pub const MAX_PIPELINE_UNITS: u64 = 1 << 20;
+
+/// Largest accepted number of tokens per step (global batch × sequence length): 2^40,
+/// about 65,000× the largest published batch (Llama 3 405B: 16M tokens per step).
+/// Keeps every per-step token and byte count far inside `u64`.
+pub const MAX_TOKENS_PER_STEP: u64 = 1 << 40;
+
 /// Why a configuration cannot be compiled (bad input, not out-of-memory).
+///
+/// Every variant is typed so that an embedder can match on it; `Display` gives the
+/// message the CLI prints.
 #[derive(Clone, Debug, PartialEq, Error)]
 pub enum CompileError {
-    /// The configuration does not fit the cluster, batch or model.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
-    /// A stage of compilation failed.
-    #[error("{stage}: {why}")]
-    Failed {
-        /// Which stage.
-        stage: &'static str,
-        /// What happened.
-        why: String,
+    /// The memory ratio is outside `(0, 1]`.
+    #[error("memory ratio {ratio} must be in (0, 1]")]
+    MemoryRatio {
+        /// The ratio given.
+        ratio: f64,
     },
+    /// The sequence length or the global batch is zero.
+    #[error("sequence length ({seq}) and global batch ({global_batch}) must be positive")]
+    EmptyJob {
+        /// Sequence length.
+        seq: u64,
+        /// Global batch.
+        global_batch: u64,
+    },
+    /// Global batch × sequence length exceeds [`MAX_TOKENS_PER_STEP`].
+    #[error("global batch {global_batch} × sequence length {seq} exceeds the limit of {max} tokens per step")]
+    TooManyTokens {
+        /// Global batch.
+        global_batch: u64,
+        /// Sequence length.
+        seq: u64,
+        /// [`MAX_TOKENS_PER_STEP`].
+        max: u64,
+    },
+    /// The cluster description is invalid.
+    #[error("{0}")]
+    Cluster(#[source] Shared<ClusterError>),
+    /// The model configuration is invalid or cannot be built.
+    #[error("{0}")]
+    Model(#[source] Shared<ModelError>),
+    /// The sequence is longer than the model's learned position table.
+    #[error("sequence length {seq} exceeds the {max_positions} positions of model `{model}`'s learned position table")]
+    SequenceTooLong {
+        /// Model name.
+        model: String,
+        /// Sequence length asked for.
+        seq: u64,
+        /// Rows of the position table.
+        max_positions: u64,
+    },
+    /// A degree, the micro-batch size or the micro-batch count is zero.
+    #[error("degrees, micro-batch size and count must be positive")]
+    ZeroDegree,
+    /// `dp · tp · pp` is not the cluster's device count.
+    #[error("dp {dp} × tp {tp} × pp {pp} = {} devices, but the cluster has {devices}", u64::from(*.dp) * u64::from(*.tp) * u64::from(*.pp))]
+    DeviceCountMismatch {
+        /// Data-parallel degree.
+        dp: u32,
+        /// Tensor-parallel degree.
+        tp: u32,
+        /// Pipeline stages.
+        pp: u32,
+        /// Devices of the cluster.
+        devices: u64,
+    },
+    /// The tensor-parallel group would span nodes.
+    #[error("tp {tp} must divide the {devices_per_node} devices of a node")]
+    TpNotDividingNode {
+        /// Tensor-parallel degree.
+        tp: u32,
+        /// Devices per node.
+        devices_per_node: u32,
+    },
+    /// `dp · m · b` is not the global batch.
+    #[error("global batch {global_batch} is not dp {dp} × micro-batches {num_micro_batches} × micro-batch size {micro_batch} = {product}")]
+    BatchNotDivisible {
+        /// The global batch of the job.
+        global_batch: u64,
+        /// Data-parallel degree.
+        dp: u32,
+        /// Micro-batches per step.
+        num_micro_batches: u32,
+        /// Micro-batch size.
+        micro_batch: u32,
+        /// Their product.
+        product: u64,
+    },
+    /// The tensor-parallel degree does not divide a dimension the sharding splits
+    /// (Megatron-LM requires `heads % tp == 0` and `kv_heads % tp == 0`).
+    #[error("tp {tp} does not divide the {count} {what} of model `{model}`")]
+    TpNotDividingHeads {
+        /// Model name.
+        model: String,
+        /// Tensor-parallel degree.
+        tp: u32,
+        /// What is split (`attention heads`, `key/value heads`, `ffn channels`).
+        what: &'static str,
+        /// Its size.
+        count: u64,
+    },
+    /// The ZeRO stage does not exist.
+    #[error("ZeRO stage {0} does not exist (0–3)")]
+    NoSuchZeroStage(u8),
+    /// Sequence parallelism was asked for without tensor parallelism.
+    #[error("sequence parallelism needs tp > 1")]
+    SequenceParallelNeedsTp,
+    /// More pipeline stages than blocks.
+    #[error("{stages} pipeline stages but the model has only {blocks} blocks")]
+    TooManyStages {
+        /// Virtual stages `pp · v`.
+        stages: u64,
+        /// Blocks of the model.
+        blocks: usize,
+    },
+    /// The interleaved schedule's requirements are not met.
+    #[error("the interleaved schedule needs pp ≥ 2 and micro-batches ({num_micro_batches}) divisible by pp ({pp})")]
+    InterleavedNeeds {
+        /// Pipeline stages.
+        pp: u32,
+        /// Micro-batches per step.
+        num_micro_batches: u32,
+    },
+    /// `pp · v · m` exceeds [`MAX_PIPELINE_UNITS`].
+    #[error("{units} pipeline work units (pp × chunks × micro-batches) exceed the simulation limit of {max}; use a larger micro-batch or fewer micro-batches")]
+    TooManyMicroBatches {
+        /// `pp · v · m`.
+        units: u64,
+        /// [`MAX_PIPELINE_UNITS`].
+        max: u64,
+    },
+    /// `--recompute-layers` is zero.
+    #[error("recompute-layers must be at least 1")]
+    RecomputeLayersZero,
+    /// `--recompute-layers` without a recomputation policy.
+    #[error("recompute-layers {0} needs a recomputation policy (selective or full), not none")]
+    RecomputeLayersWithoutPolicy(u32),
+    /// `--recompute-layers` above the layers of every pipeline stage.
+    #[error("recompute-layers {k} exceeds the {layers} layers of the largest pipeline stage (virtual stage {stage})")]
+    RecomputeLayersTooMany {
+        /// Layers to recompute per stage.
+        k: u32,
+        /// Layers of the largest stage.
+        layers: u32,
+        /// That (virtual) stage.
+        stage: usize,
+    },
+    /// Selective recomputation on a model with no `s×s` attention tensors.
+    #[error("selective recomputation recomputes nothing in this model (no s×s attention tensors); it is the same program as --recompute none")]
+    SelectiveRecomputesNothing,
+    /// A size overflows 64 bits, or the sequence length is not divisible as the
+    /// sharding needs.
+    #[error("sizes overflow or the sequence length {seq} is not divisible as the sharding needs")]
+    SizeOverflow {
+        /// Sequence length.
+        seq: u64,
+    },
+    /// The blocks cannot be cut into the stages (no contiguous cut exists).
+    #[error("cannot cut {blocks} blocks into {stages} stages")]
+    NoCut {
+        /// Blocks of the model.
+        blocks: usize,
+        /// Virtual stages.
+        stages: usize,
+    },
+    /// Tensor-parallel sharding failed.
+    #[error("shard: {0}")]
+    Shard(#[source] Shared<ShardError>),
+    /// The training graph could not be derived.
+    #[error("training graph: {0}")]
+    Train(#[source] Shared<TrainError>),
+    /// Recomputation or distribution produced an op with a shape error.
+    #[error("{pass}: {source}")]
+    Pass {
+        /// `recompute` or `distribute`.
+        pass: &'static str,
+        /// The shape error.
+        #[source]
+        source: ShapeError,
+    },
+    /// A pass produced a graph that does not verify (an internal bug).
+    #[error("verify: {0}")]
+    Verify(#[source] VerifyErrors),
+}
+
+/// A lower-level error shared between cached results: cloning shares it, and two are
+/// equal when they are the same instance (the wrapped errors are not comparable).
+#[derive(Debug)]
+pub struct Shared<E>(pub Arc<E>);
+
+impl<E> Clone for Shared<E> {
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<E> PartialEq for Shared<E> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for Shared<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<E: std::error::Error> std::error::Error for Shared<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl<E> Shared<E> {
+    /// The wrapped error.
+    pub fn get(&self) -> &E {
+        &self.0
+    }
+}
+
+impl<E> From<E> for Shared<E> {
+    fn from(e: E) -> Self {
+        Shared(Arc::new(e))
+    }
 }
 
 /// The model a compiler plans for.
@@ -63,8 +285,9 @@ struct ProfileKey {
 /// The block profiles of one configuration, with range tables for the pipeline cut.
 #[derive(Clone, Debug)]
 pub struct ProfileSet {
-    /// Per block, in model order.
-    pub blocks: Vec<BlockProfile>,
+    /// Per block, in model order (run-length encoded: memory does not grow with the
+    /// layer count of a template-compiled model).
+    pub blocks: Blocks,
     /// Model-state bytes (summed) and peak transient bytes (maximized) per block.
     states: pipeline::RangeStats,
     /// Saved activation bytes per block.
@@ -72,13 +295,13 @@ pub struct ProfileSet {
 }
 
 impl ProfileSet {
-    fn new(blocks: Vec<BlockProfile>) -> ProfileSet {
-        let states = pipeline::RangeStats::new(
+    fn new(blocks: Blocks) -> ProfileSet {
+        let states = pipeline::RangeStats::from_runs(
             blocks
-                .iter()
-                .map(|b| (b.states.total(), b.fwd_extra.max(b.bwd_extra))),
+                .runs()
+                .map(|(n, b)| (n, b.states.total(), b.fwd_extra.max(b.bwd_extra))),
         );
-        let saved = pipeline::RangeStats::new(blocks.iter().map(|b| (b.saved, 0)));
+        let saved = pipeline::RangeStats::from_runs(blocks.runs().map(|(n, b)| (n, b.saved, 0)));
         ProfileSet {
             blocks,
             states,
@@ -177,6 +400,15 @@ pub struct Evaluation {
 
 impl Compiler {
     /// Prepares a compiler. `memory_ratio` is the fraction of device memory usable.
+    ///
+    /// # Errors
+    ///
+    /// [`CompileError::MemoryRatio`] outside `(0, 1]`, [`CompileError::EmptyJob`] for a
+    /// zero sequence length or batch, [`CompileError::TooManyTokens`] above
+    /// [`MAX_TOKENS_PER_STEP`], [`CompileError::Cluster`] for an invalid cluster,
+    /// [`CompileError::Model`] for a model that cannot be built, and
+    /// [`CompileError::SequenceTooLong`] for a sequence longer than a learned position
+    /// table.
     pub fn new(
         source: ModelSource,
         cluster: Cluster,
@@ -185,28 +417,42 @@ impl Compiler {
         memory_ratio: f64,
     ) -> Result<Compiler, CompileError> {
         if !(memory_ratio > 0.0 && memory_ratio <= 1.0) {
-            return Err(CompileError::Invalid(format!(
-                "memory ratio {memory_ratio} must be in (0, 1]"
-            )));
+            return Err(CompileError::MemoryRatio {
+                ratio: memory_ratio,
+            });
         }
         if seq == 0 || global_batch == 0 {
-            return Err(CompileError::Invalid(
-                "sequence length and global batch must be positive".into(),
-            ));
+            return Err(CompileError::EmptyJob { seq, global_batch });
+        }
+        if global_batch
+            .checked_mul(seq)
+            .is_none_or(|t| t > MAX_TOKENS_PER_STEP)
+        {
+            return Err(CompileError::TooManyTokens {
+                global_batch,
+                seq,
+                max: MAX_TOKENS_PER_STEP,
+            });
         }
         cluster
             .validate()
-            .map_err(|e| CompileError::Invalid(e.to_string()))?;
+            .map_err(|e| CompileError::Cluster(e.into()))?;
         let (forward, layers) = match &source {
             ModelSource::Config(cfg) => {
                 // Two layers: `layer.0` stands for every layer but the last (its output
                 // gradient sums two uses), `layer.1` for the last.
                 let mut t = cfg.clone();
                 t.layers = cfg.layers.min(2);
-                let g = build_forward(&t).map_err(|e| CompileError::Failed {
-                    stage: "model",
-                    why: e.to_string(),
-                })?;
+                let g = build_forward(&t).map_err(|e| CompileError::Model(e.into()))?;
+                if let Position::Learned { max_positions } = cfg.position {
+                    if seq > max_positions {
+                        return Err(CompileError::SequenceTooLong {
+                            model: cfg.name.clone(),
+                            seq,
+                            max_positions,
+                        });
+                    }
+                }
                 (g, cfg.layers)
             }
             ModelSource::Graph(g) => {
@@ -248,6 +494,10 @@ impl Compiler {
 
     /// A compiler for the same model and sequence length on another cluster or global
     /// batch, with the same memory ratio.
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::new`].
     pub fn with_job(&self, cluster: Cluster, global_batch: u64) -> Result<Compiler, CompileError> {
         Compiler::new(
             self.source.clone(),
@@ -284,58 +534,97 @@ impl Compiler {
     }
 
     /// Checks a configuration against the cluster, the batch and the model.
+    ///
+    /// # Errors
+    ///
+    /// The first rule `c` breaks: a zero degree, a device count or global batch that
+    /// does not match, a tensor-parallel degree that spans nodes or does not divide the
+    /// model's heads, key/value heads or feed-forward channels, a ZeRO stage above 3,
+    /// sequence parallelism without tensor parallelism, more stages than blocks, an
+    /// interleaved schedule without its divisibility, more than
+    /// [`MAX_PIPELINE_UNITS`] work units, or `recompute_layers` that is zero or has
+    /// no recomputation policy.
     pub fn check(&self, c: &Config) -> Result<(), CompileError> {
-        let bad = |s: String| Err(CompileError::Invalid(s));
         let devices = self.cluster.devices();
         if c.dp == 0 || c.tp == 0 || c.pp == 0 || c.micro_batch == 0 || c.num_micro_batches == 0 {
-            return bad("degrees, micro-batch size and count must be positive".into());
+            return Err(CompileError::ZeroDegree);
         }
         if c.devices() != devices {
-            return bad(format!(
-                "dp {} × tp {} × pp {} = {} devices, but the cluster has {devices}",
-                c.dp,
-                c.tp,
-                c.pp,
-                c.devices()
-            ));
+            return Err(CompileError::DeviceCountMismatch {
+                dp: c.dp,
+                tp: c.tp,
+                pp: c.pp,
+                devices,
+            });
         }
         if self.cluster.devices_per_node % c.tp != 0 {
-            return bad(format!(
-                "tp {} must divide the {} devices of a node",
-                c.tp, self.cluster.devices_per_node
-            ));
+            return Err(CompileError::TpNotDividingNode {
+                tp: c.tp,
+                devices_per_node: self.cluster.devices_per_node,
+            });
         }
         if c.global_batch() != self.global_batch {
-            return bad(format!(
-                "global batch {} is not dp {} × micro-batches {} × micro-batch size {} = {}",
-                self.global_batch,
-                c.dp,
-                c.num_micro_batches,
-                c.micro_batch,
-                c.global_batch()
-            ));
+            return Err(CompileError::BatchNotDivisible {
+                global_batch: self.global_batch,
+                dp: c.dp,
+                num_micro_batches: c.num_micro_batches,
+                micro_batch: c.micro_batch,
+                product: c.global_batch(),
+            });
+        }
+        if let ModelSource::Config(cfg) = &self.source {
+            // Megatron-LM splits heads, key/value groups and the feed-forward channels
+            // evenly over the tensor-parallel ranks and asserts each divides.
+            for (what, count) in [
+                ("attention heads", cfg.heads),
+                ("key/value heads", cfg.kv_heads),
+                ("feed-forward channels", cfg.ffn),
+            ] {
+                if count % u64::from(c.tp) != 0 {
+                    return Err(CompileError::TpNotDividingHeads {
+                        model: cfg.name.clone(),
+                        tp: c.tp,
+                        what,
+                        count,
+                    });
+                }
+            }
         }
         if c.zero > 3 {
-            return bad(format!("ZeRO stage {} does not exist (0–3)", c.zero));
+            return Err(CompileError::NoSuchZeroStage(c.zero));
         }
         if c.sp && c.tp == 1 {
-            return bad("sequence parallelism needs tp > 1".into());
+            return Err(CompileError::SequenceParallelNeedsTp);
         }
         let v = c.schedule.chunks();
-        let stages = c.pp as usize * v as usize;
-        if stages > self.block_count() {
-            return bad(format!(
-                "{stages} pipeline stages but the model has only {} blocks",
-                self.block_count()
-            ));
+        let stages = u64::from(c.pp) * u64::from(v);
+        if stages > self.block_count() as u64 {
+            return Err(CompileError::TooManyStages {
+                stages,
+                blocks: self.block_count(),
+            });
         }
         if let Schedule::Interleaved(_) = c.schedule {
             if c.pp < 2 || c.num_micro_batches % c.pp != 0 {
-                return bad(format!(
-                    "the interleaved schedule needs pp ≥ 2 and micro-batches ({}) divisible by pp ({})",
-                    c.num_micro_batches, c.pp
-                ));
+                return Err(CompileError::InterleavedNeeds {
+                    pp: c.pp,
+                    num_micro_batches: c.num_micro_batches,
+                });
             }
+        }
+        let units = stages.saturating_mul(u64::from(c.num_micro_batches));
+        if units > MAX_PIPELINE_UNITS {
+            return Err(CompileError::TooManyMicroBatches {
+                units,
+                max: MAX_PIPELINE_UNITS,
+            });
+        }
+        match (c.recompute_layers, c.recompute) {
+            (Some(0), _) => return Err(CompileError::RecomputeLayersZero),
+            (Some(k), Recompute::None) => {
+                return Err(CompileError::RecomputeLayersWithoutPolicy(k))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -418,13 +707,6 @@ impl Compiler {
         });
     }
 
-    fn fail(stage: &'static str) -> impl Fn(&dyn std::fmt::Display) -> CompileError {
-        move |e| CompileError::Failed {
-            stage,
-            why: e.to_string(),
-        }
-    }
-
     /// The per-device training graph with recomputation (symbolic in `b` and `s`).
     fn graph(&self, tp: u32, sp: bool, rc: Recompute) -> Arc<Result<Recomputed, CompileError>> {
         cached(&self.caches.graphs, (tp, sp, rc), || {
@@ -433,20 +715,20 @@ impl Compiler {
             });
             let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
             let train = training_graph(fwd, &TrainOptions::default())
-                .map_err(|e| Self::fail("training graph")(&e))?;
+                .map_err(|e| CompileError::Train(e.into()))?;
             let r =
-                recompute::apply(&train, rc, |_| true).map_err(|e| Self::fail("recompute")(&e))?;
+                recompute::apply(&train, rc, |_| true).map_err(|source| CompileError::Pass {
+                    pass: "recompute",
+                    source,
+                })?;
             #[cfg(debug_assertions)]
-            crate::ir::verify(&r.graph).map_err(|e| Self::fail("verify")(&e))?;
+            crate::ir::verify(&r.graph).map_err(CompileError::Verify)?;
             Ok(r)
         })
     }
 
     fn size_error(&self) -> CompileError {
-        CompileError::Invalid(format!(
-            "sizes overflow or the sequence length {} is not divisible as the sharding needs",
-            self.seq
-        ))
+        CompileError::SizeOverflow { seq: self.seq }
     }
 
     /// Profiles of the undistributed training graph at micro-batch `b`.
@@ -480,9 +762,12 @@ impl Compiler {
         cached(&self.caches.dist, key, || {
             let g = self.graph(c.tp, false, Recompute::None);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-            let d = distribute::apply(&g.graph, c).map_err(|e| Self::fail("distribute")(&e))?;
+            let d = distribute::apply(&g.graph, c).map_err(|source| CompileError::Pass {
+                pass: "distribute",
+                source,
+            })?;
             #[cfg(debug_assertions)]
-            crate::ir::verify(&d.graph).map_err(|e| Self::fail("verify")(&e))?;
+            crate::ir::verify(&d.graph).map_err(CompileError::Verify)?;
             let env = Env::new(1, self.seq);
             let (tp, dp) = self.groups(c);
             let groups = Groups {
@@ -503,7 +788,7 @@ impl Compiler {
         })
     }
 
-    fn compute_profiles(&self, c: &Config) -> Result<Vec<BlockProfile>, CompileError> {
+    fn compute_profiles(&self, c: &Config) -> Result<Blocks, CompileError> {
         let base = self.base(c.tp, c.sp, c.recompute, c.micro_batch);
         let mut by_block = base.as_ref().as_ref().map_err(Clone::clone)?.clone();
         if c.dp > 1 {
@@ -529,26 +814,28 @@ impl Compiler {
                     get(Block::Layer(0)),
                     get(Block::Layer(cfg.layers.min(2) - 1)),
                 );
-                let mut out = Vec::with_capacity(cfg.layers as usize + 2);
-                out.push(get(Block::Embed));
-                for i in 0..cfg.layers {
-                    let mut l = if i + 1 == cfg.layers {
-                        last.clone()
-                    } else {
-                        inner.clone()
-                    };
-                    l.block = Some(Block::Layer(i));
-                    out.push(l);
-                }
-                out.push(get(Block::Head));
+                // Embedding, layers 0..L-2 (one run), the last layer, the head.
+                let mut out = Blocks::default();
+                out.push(get(Block::Embed), 1);
+                let mut inner = inner;
+                inner.block = Some(Block::Layer(0));
+                out.push(inner, cfg.layers as usize - 1);
+                let mut last = last;
+                last.block = Some(Block::Layer(cfg.layers - 1));
+                out.push(last, 1);
+                out.push(get(Block::Head), 1);
                 out
             }
-            ModelSource::Graph(_) => by_block.into_values().collect(),
+            ModelSource::Graph(_) => Blocks::from_vec(by_block.into_values().collect()),
         })
     }
 
     /// Compiles and simulates one configuration, recording its events and memory
     /// timeline.
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::lower_bound`].
     pub fn evaluate(&self, c: &Config) -> Result<Evaluation, CompileError> {
         self.evaluate_with(c, true)
     }
@@ -558,26 +845,57 @@ impl Compiler {
     /// optimizer step, with no bubble, no waiting and every data-parallel transfer
     /// hidden. Cheaper than [`Compiler::evaluate`] (no simulation); pass the cut on to
     /// [`Compiler::evaluate_cut`].
+    ///
+    /// # Errors
+    ///
+    /// Any [`Compiler::check`] error; [`CompileError::SelectiveRecomputesNothing`];
+    /// [`CompileError::RecomputeLayersTooMany`]; a failure to shard, derive the
+    /// training graph, recompute or distribute ([`CompileError::Shard`],
+    /// [`CompileError::Train`], [`CompileError::Pass`]); [`CompileError::SizeOverflow`]
+    /// when a size does not fit at this micro-batch and sequence; [`CompileError::NoCut`].
     pub fn lower_bound(&self, c: &Config) -> Result<(f64, Vec<StageSpan>), CompileError> {
         self.check(c)?;
         if c.recompute == Recompute::Selective {
             let g = self.graph(c.tp, c.sp, c.recompute);
             if g.as_ref().as_ref().is_ok_and(|g| g.clones.is_empty()) {
-                return Err(CompileError::Invalid(
-                    "selective recomputation recomputes nothing in this model (no s×s attention tensors); it is the same program as --recompute none".into(),
-                ));
+                return Err(CompileError::SelectiveRecomputesNothing);
             }
         }
         let profiles = self.profiles(c);
         let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
         let stages = self.cut(set, c)?;
+        if let Some(k) = c.recompute_layers {
+            let layers = |span: &StageSpan| {
+                (span.first..=span.last)
+                    .filter(|&i| matches!(set.blocks.block(i), Some(Block::Layer(_))))
+                    .count()
+            };
+            // The stage holding the most layers: recomputing more than it holds means
+            // nothing (and Megatron-LM's block method would recompute them all).
+            let (stage, most) =
+                stages
+                    .iter()
+                    .map(layers)
+                    .enumerate()
+                    .fold(
+                        (0, 0),
+                        |best, (i, n)| if n > best.1 { (i, n) } else { best },
+                    );
+            if k as usize > most {
+                return Err(CompileError::RecomputeLayersTooMany {
+                    k,
+                    layers: u32::try_from(most).unwrap_or(u32::MAX),
+                    stage,
+                });
+            }
+        }
         let composed = self.compose(c, &set.blocks, &stages)?;
         let blocks = composed.as_ref();
         let pp = c.pp.max(1) as usize;
         let m = f64::from(c.num_micro_batches);
         let mut busy = vec![0.0f64; pp];
         for (i, span) in stages.iter().enumerate() {
-            for b in &blocks[span.first..=span.last] {
+            for b in blocks.refs(span.first, span.last) {
                 busy[i % pp] += m * (b.fwd_s.max(b.dp_fwd_s) + b.bwd_s.max(b.dp_bwd_s)) + b.opt_s;
             }
         }
@@ -586,12 +904,20 @@ impl Compiler {
 
     /// Compiles and simulates one configuration; `detail` records every event and the
     /// memory timeline (needed for traces and plots, not for ranking).
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::lower_bound`].
     pub fn evaluate_with(&self, c: &Config, detail: bool) -> Result<Evaluation, CompileError> {
         let (_, stages) = self.lower_bound(c)?;
         self.evaluate_cut(c, stages, detail)
     }
 
     /// [`Compiler::evaluate_with`] on the cut [`Compiler::lower_bound`] returned.
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::lower_bound`] (profiles are cached, so normally none).
     pub fn evaluate_cut(
         &self,
         c: &Config,
@@ -619,11 +945,14 @@ impl Compiler {
         let step = sim.step_time_s;
         let avg_flops = sim.flops_per_device.iter().sum::<u64>() as f64
             / sim.flops_per_device.len().max(1) as f64;
-        let tflops = avg_flops / step / 1e12;
+        // A positive, finite step (bounded cluster numbers and sizes make it so); the
+        // guard keeps NaN and infinity out of reports should a graph have no work.
+        let per_s = |x: f64| if step > 0.0 { x / step } else { 0.0 };
+        let tflops = per_s(avg_flops) / 1e12;
         Ok(Evaluation {
             config: *c,
             step_time_s: step,
-            tokens_per_s: tokens / step,
+            tokens_per_s: per_s(tokens),
             tflops_per_device: tflops,
             mfu: tflops * 1e12 / self.cluster.device.peak_bf16_flops,
             budget_bytes: self.budget_bytes,
@@ -641,9 +970,9 @@ impl Compiler {
     fn compose<'b>(
         &self,
         c: &Config,
-        blocks: &'b [BlockProfile],
+        blocks: &'b Blocks,
         stages: &[StageSpan],
-    ) -> Result<std::borrow::Cow<'b, [BlockProfile]>, CompileError> {
+    ) -> Result<std::borrow::Cow<'b, Blocks>, CompileError> {
         let Some(k) = c
             .recompute_layers
             .filter(|_| c.recompute != Recompute::None)
@@ -657,22 +986,51 @@ impl Compiler {
         };
         let plain = self.profiles(&plain);
         let plain = &plain.as_ref().as_ref().map_err(Clone::clone)?.blocks;
-        let mut out = blocks.to_vec();
+        // Blocks are in model order (embedding, layers, head), so a stage's layers are
+        // contiguous: the first `k` of them from `blocks`, the rest from `plain`.
+        let mut out = Blocks::default();
+        let mut next = 0;
         for span in stages {
-            let mut layers = 0;
-            for (i, b) in out
-                .iter_mut()
-                .enumerate()
-                .take(span.last + 1)
-                .skip(span.first)
-            {
-                if matches!(b.block, Some(Block::Layer(_))) {
-                    if layers >= k {
-                        *b = plain[i].clone();
-                    }
-                    layers += 1;
-                }
+            if span.first > next {
+                out.extend_from(blocks, next, span.first - 1);
             }
+            let mut layers = 0u32;
+            let mut i = span.first;
+            while i <= span.last {
+                let is_layer = matches!(blocks.block(i), Some(Block::Layer(_)));
+                if is_layer && layers >= k {
+                    // The remaining layers of the stage (a contiguous stretch).
+                    let mut j = i;
+                    while j < span.last && matches!(blocks.block(j + 1), Some(Block::Layer(_))) {
+                        j += 1;
+                    }
+                    out.extend_from(plain, i, j);
+                    i = j + 1;
+                    continue;
+                }
+                if is_layer {
+                    // Up to `k` recomputed layers in one stretch.
+                    let mut j = i;
+                    let mut n = 1;
+                    while j < span.last
+                        && layers + n < k
+                        && matches!(blocks.block(j + 1), Some(Block::Layer(_)))
+                    {
+                        j += 1;
+                        n += 1;
+                    }
+                    out.extend_from(blocks, i, j);
+                    layers += n;
+                    i = j + 1;
+                    continue;
+                }
+                out.extend_from(blocks, i, i);
+                i += 1;
+            }
+            next = span.last + 1;
+        }
+        if next < blocks.len() {
+            out.extend_from(blocks, next, blocks.len() - 1);
         }
         Ok(std::borrow::Cow::Owned(out))
     }
@@ -710,13 +1068,16 @@ impl Compiler {
             crate::shard::Sharder::with_cost(crate::shard::ShardOptions::new(c.tp, c.sp), &price)
                 .shard_model(&self.forward)
                 .map(Some)
-                .map_err(|e| Self::fail("shard")(&e))?
+                .map_err(|e| CompileError::Shard(Shared(Arc::new(e))))?
         } else {
             None
         };
         let g = self.graph(c.tp, c.sp, c.recompute);
         let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-        let d = distribute::apply(&g.graph, c).map_err(|e| Self::fail("distribute")(&e))?;
+        let d = distribute::apply(&g.graph, c).map_err(|source| CompileError::Pass {
+            pass: "distribute",
+            source,
+        })?;
         Ok(DeviceProgram {
             sharded,
             graph: d.graph,
@@ -729,7 +1090,10 @@ impl Compiler {
         let blocks = &set.blocks;
         let pp = c.pp as usize;
         let parts = pp * c.schedule.chunks() as usize;
-        let times: Vec<f64> = blocks.iter().map(|b| b.fwd_s + b.bwd_s).collect();
+        let times: Vec<f64> = blocks
+            .runs()
+            .flat_map(|(n, b)| std::iter::repeat_n(b.fwd_s + b.bwd_s, n))
+            .collect();
         // In-flight micro-batches per device: all of them for GPipe, pp - s for 1F1B.
         let inflight = |stage: usize| -> u64 {
             let s = stage % pp;
@@ -770,11 +1134,9 @@ impl Compiler {
         }
         pipeline::cut(&times, parts, fits)
             .or_else(|| free.as_ref().clone())
-            .ok_or_else(|| {
-                CompileError::Invalid(format!(
-                    "cannot cut {} blocks into {parts} stages",
-                    blocks.len()
-                ))
+            .ok_or(CompileError::NoCut {
+                blocks: blocks.len(),
+                stages: parts,
             })
     }
 }
@@ -819,8 +1181,5 @@ pub fn per_device_forward(
     sharder
         .shard_model(fwd)
         .map(|m| m.graph)
-        .map_err(|e| CompileError::Failed {
-            stage: "shard",
-            why: e.to_string(),
-        })
+        .map_err(|e| CompileError::Shard(e.into()))
 }

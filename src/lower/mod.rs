@@ -12,7 +12,7 @@ pub mod schedule;
 
 use crate::cost::CostModel;
 use crate::passes::Config;
-use profile::{BlockProfile, StateBytes};
+use profile::{Blocks, StateBytes};
 use schedule::Pass;
 use serde::{Deserialize, Serialize};
 
@@ -201,7 +201,7 @@ struct Vs {
     flops: u64,
 }
 
-fn summarize(blocks: &[BlockProfile], span: StageSpan, input: &SimInput) -> Vs {
+fn summarize(blocks: &Blocks, span: StageSpan, input: &SimInput) -> Vs {
     let mut v = Vs {
         fwd: 0.0,
         bwd: 0.0,
@@ -216,7 +216,7 @@ fn summarize(blocks: &[BlockProfile], span: StageSpan, input: &SimInput) -> Vs {
         flops: 0,
     };
     let mut held = 0u64;
-    for b in &blocks[span.first..=span.last] {
+    for b in blocks.refs(span.first, span.last) {
         // Data-parallel gathers/reductions per micro-batch overlap with the pass.
         v.fwd += b.fwd_s.max(b.dp_fwd_s);
         v.bwd += b.bwd_s.max(b.dp_bwd_s);
@@ -234,7 +234,10 @@ fn summarize(blocks: &[BlockProfile], span: StageSpan, input: &SimInput) -> Vs {
         v.flops += b.flops;
     }
     v.saved = held;
-    let boundary = blocks[span.last].boundary as f64;
+    let boundary = blocks
+        .refs(span.last, span.last)
+        .next()
+        .map_or(0, |b| b.boundary) as f64;
     let tp = f64::from(input.config.tp.max(1));
     // Megatron's scatter/gather optimization sends 1/t of a replicated boundary tensor.
     let bytes = if input.config.sp {
@@ -251,7 +254,7 @@ thread_local! {
 }
 
 /// Simulates one step. `blocks` are the per-device block profiles in model order.
-pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
+pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
     let cfg = input.config;
     let pp = cfg.pp.max(1);
     let v = cfg.schedule.chunks();
@@ -272,7 +275,7 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
     let mut opt_extra = vec![0u64; pp as usize];
     for (i, span) in input.stages.iter().enumerate() {
         let dev = i % pp as usize;
-        for b in &blocks[span.first..=span.last] {
+        for b in blocks.refs(span.first, span.last) {
             states[dev].add(&b.states);
             opt_s[dev] += b.opt_s;
             param_gather_s[dev] += b.dp_param_s;
@@ -437,7 +440,7 @@ pub fn simulate(blocks: &[BlockProfile], input: &SimInput) -> Simulation {
                 .map(|mb| b_end[idx(k as u32, mb)])
                 .fold(0.0f64, f64::max);
             let mut t = end_of_chunk - vs[k].bwd;
-            for b in blocks[span.first..=span.last].iter().rev() {
+            for b in blocks.refs(span.first, span.last).rev() {
                 t += b.bwd_s.max(b.dp_bwd_s);
                 comm = comm.max(t) + b.dp_grad_s;
             }

@@ -43,6 +43,150 @@ impl StateBytes {
     }
 }
 
+/// A run of consecutive blocks with the same profile. For a run of layers, `profile`
+/// is tagged with the run's first layer; the `k`-th block of the run is layer
+/// `first + k`.
+#[derive(Clone, Debug, PartialEq)]
+struct Run {
+    /// Index of the run's first block.
+    start: usize,
+    /// Blocks in the run.
+    len: usize,
+    profile: BlockProfile,
+}
+
+/// Block profiles in model order, run-length encoded: a template-compiled model's
+/// `L - 1` identical inner layers are stored once, so that memory does not grow with
+/// the layer count. Indexing gives each block's profile with its own block tag.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Blocks {
+    runs: Vec<Run>,
+    len: usize,
+}
+
+impl Blocks {
+    /// One run per profile (a graph compiled whole).
+    pub fn from_vec(blocks: Vec<BlockProfile>) -> Blocks {
+        let mut out = Blocks::default();
+        for b in blocks {
+            out.push(b, 1);
+        }
+        out
+    }
+
+    /// Appends `count` copies of `profile`; a layer profile stands for the layers
+    /// numbered from its tag on.
+    pub fn push(&mut self, profile: BlockProfile, count: usize) {
+        if count == 0 {
+            return;
+        }
+        self.runs.push(Run {
+            start: self.len,
+            len: count,
+            profile,
+        });
+        self.len += count;
+    }
+
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is no block.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The runs as (length, profile of their first block).
+    pub fn runs(&self) -> impl Iterator<Item = (usize, &BlockProfile)> + '_ {
+        self.runs.iter().map(|r| (r.len, &r.profile))
+    }
+
+    fn run_of(&self, i: usize) -> usize {
+        self.runs.partition_point(|r| r.start <= i) - 1
+    }
+
+    fn tagged(run: &Run, i: usize) -> BlockProfile {
+        let mut p = run.profile.clone();
+        if let Some(Block::Layer(first)) = p.block {
+            let offset = u32::try_from(i - run.start).unwrap_or(u32::MAX);
+            p.block = Some(Block::Layer(first.saturating_add(offset)));
+        }
+        p
+    }
+
+    /// The profile of block `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= self.len()` (an internal bug: stage spans index existing blocks).
+    pub fn get(&self, i: usize) -> BlockProfile {
+        assert!(i < self.len, "block {i} of {}", self.len);
+        Blocks::tagged(&self.runs[self.run_of(i)], i)
+    }
+
+    /// The block tag of block `i` (see [`Blocks::get`]).
+    pub fn block(&self, i: usize) -> Option<Block> {
+        let run = self.runs.get(self.run_of(i))?;
+        match run.profile.block {
+            Some(Block::Layer(first)) => Some(Block::Layer(
+                first.saturating_add(u32::try_from(i - run.start).unwrap_or(u32::MAX)),
+            )),
+            b => b,
+        }
+    }
+
+    /// Profiles of blocks `first..=last`, in order.
+    pub fn range(&self, first: usize, last: usize) -> impl Iterator<Item = BlockProfile> + '_ {
+        let r0 = if first < self.len {
+            self.run_of(first)
+        } else {
+            self.runs.len()
+        };
+        self.runs[r0..]
+            .iter()
+            .take_while(move |r| r.start <= last)
+            .flat_map(move |r| {
+                let lo = r.start.max(first);
+                let hi = (r.start + r.len - 1).min(last);
+                (lo..=hi).map(move |i| Blocks::tagged(r, i))
+            })
+    }
+
+    /// Profiles of blocks `first..=last` by reference, without their own block tags
+    /// (a run's blocks share one profile); `O(log runs)` per block.
+    pub fn refs(
+        &self,
+        first: usize,
+        last: usize,
+    ) -> impl DoubleEndedIterator<Item = &BlockProfile> + '_ {
+        (first..=last.min(self.len.wrapping_sub(1)))
+            .filter(move |_| self.len > 0)
+            .map(move |i| &self.runs[self.run_of(i)].profile)
+    }
+
+    /// Appends blocks `first..=last` of `src`, as runs.
+    pub fn extend_from(&mut self, src: &Blocks, first: usize, last: usize) {
+        if first > last || last >= src.len {
+            return;
+        }
+        for r in &src.runs[src.run_of(first)..] {
+            if r.start > last {
+                break;
+            }
+            let lo = r.start.max(first);
+            let hi = (r.start + r.len - 1).min(last);
+            self.push(Blocks::tagged(r, lo), hi + 1 - lo);
+        }
+    }
+
+    /// Every profile, in order.
+    pub fn iter(&self) -> impl Iterator<Item = BlockProfile> + '_ {
+        self.range(0, self.len.saturating_sub(1)).take(self.len)
+    }
+}
+
 /// What one block costs on one device for one micro-batch (and per step for the
 /// optimizer part).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

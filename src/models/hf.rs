@@ -48,6 +48,84 @@ const GELU_NAMES: &[&str] = &[
     "quick_gelu",
 ];
 
+/// A JSON value read with duplicate object keys refused, at every depth: serde_json
+/// silently keeps the last of two equal keys, and a config whose `num_attention_heads`
+/// appears twice is ambiguous (Python's `json` also keeps the last; the file's author
+/// may have meant the first).
+struct NoDuplicates(Value);
+
+impl<'de> serde::Deserialize<'de> for NoDuplicates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicatesVisitor)
+    }
+}
+
+struct NoDuplicatesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicatesVisitor {
+    type Value = NoDuplicates;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates(Value::Bool(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates(Value::from(v)))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates(Value::from(v)))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates(Value::from(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates(Value::from(v)))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates(Value::String(v)))
+    }
+
+    fn visit_unit<E>(self) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates(Value::Null))
+    }
+
+    fn visit_none<E>(self) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates(Value::Null))
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<NoDuplicates, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<NoDuplicates, A::Error> {
+        let mut out = Vec::new();
+        while let Some(NoDuplicates(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(NoDuplicates(Value::Array(out)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NoDuplicates, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            let NoDuplicates(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(NoDuplicates(Value::Object(out)))
+    }
+}
+
 /// Reads a Hugging Face `config.json`; the model is named after the path.
 pub fn load(path: &Path) -> Result<ModelConfig, ModelError> {
     let file = path.display().to_string();
@@ -60,8 +138,15 @@ pub fn load(path: &Path) -> Result<ModelConfig, ModelError> {
 
 /// Parses the text of a Hugging Face `config.json`; `name` names the model and, in
 /// errors, the file.
+///
+/// # Errors
+///
+/// [`ModelError::File`] when the text is not JSON, repeats a key in any object, or is
+/// not an object; [`ModelError::MissingField`], [`ModelError::Unsupported`] or
+/// [`ModelError::Invalid`] when a field is missing, the architecture unknown or a
+/// value unusable.
 pub fn from_json_str(name: &str, text: &str) -> Result<ModelConfig, ModelError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| ModelError::File {
+    let NoDuplicates(value) = serde_json::from_str(text).map_err(|e| ModelError::File {
         file: name.to_string(),
         why: format!("not a JSON config: {e}"),
     })?;

@@ -2,7 +2,8 @@
 //!
 //! For `N` devices (`g` per node) and global batch `B`: every `tp` dividing `g`, every
 //! `pp` dividing `N/tp` with `pp · v ≤ blocks`, `dp = N/(tp·pp)`, every micro-batch
-//! size `b` dividing `B/dp` (`m = B/(dp·b)`), sequence parallelism on/off when
+//! size `b` dividing `B/dp` (`m = B/(dp·b)`, at most
+//! [`MAX_PIPELINE_UNITS`](crate::lower::compile::MAX_PIPELINE_UNITS)` / pp`), sequence parallelism on/off when
 //! `tp > 1`, recomputation none/selective/full, ZeRO 0–3 (only 0 when `dp = 1`) with
 //! or without sharding the low-precision copy for stages 0 and 1 (stage 2 with it is
 //! stage 3, which implies it), and schedule GPipe,
@@ -11,6 +12,7 @@
 //! dimension through [`Constraints`].
 
 use super::{Config, Recompute, Schedule};
+use crate::lower::compile::MAX_PIPELINE_UNITS;
 use serde::{Deserialize, Serialize};
 
 /// Pins and bounds on the candidate space (all optional).
@@ -32,8 +34,10 @@ pub struct Constraints {
     pub sp: Option<bool>,
     /// Recomputation policy.
     pub recompute: Option<Recompute>,
-    /// Recompute only the first `k` layers of each stage (applies to candidates that
-    /// recompute; not enumerated otherwise).
+    /// Recompute only the first `k` layers of each stage. Implies a recomputation
+    /// policy: candidates without one are not enumerated, unless the policy is pinned
+    /// to none (then they carry `k` and the compiler rejects them, naming the
+    /// conflict).
     pub recompute_layers: Option<u32>,
     /// ZeRO stage.
     pub zero: Option<u8>,
@@ -82,11 +86,13 @@ impl Constraints {
     }
 }
 
+/// The divisors of `n` in increasing order, by trial division up to `√n` (without
+/// overflow: `i ≤ n / i`). Only called on device counts, which a valid cluster bounds.
 fn divisors(n: u64) -> Vec<u64> {
     let mut small = Vec::new();
     let mut large = Vec::new();
     let mut i = 1;
-    while i * i <= n {
+    while i <= n / i {
         if n % i == 0 {
             small.push(i);
             if i * i != n {
@@ -97,6 +103,19 @@ fn divisors(n: u64) -> Vec<u64> {
     }
     small.extend(large.into_iter().rev());
     small
+}
+
+/// The ways to split `per_replica` sequences into `m` micro-batches of `b` with both
+/// fitting `u32` and `m ≤ max_m`, by increasing `b`. Costs `O(min(per_replica, max_m))`
+/// whatever the size or factorization of `per_replica` (trial division to its square
+/// root would take minutes on a 64-bit prime).
+fn micro_batchings(per_replica: u64, max_m: u64) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = (1..=per_replica.min(max_m))
+        .filter(|m| per_replica % m == 0)
+        .filter_map(|m| Some((u32::try_from(per_replica / m).ok()?, u32::try_from(m).ok()?)))
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 /// Default bound on interleaved chunks per device.
@@ -129,13 +148,9 @@ pub fn enumerate(
             if !ok(k.dp, dp) || global_batch % u64::from(dp) != 0 {
                 continue;
             }
-            for b in divisors(global_batch / u64::from(dp)) {
-                let (Ok(b), Ok(m)) = (
-                    u32::try_from(b),
-                    u32::try_from(global_batch / u64::from(dp) / b),
-                ) else {
-                    continue;
-                };
+            // More micro-batches than the simulation accepts would only be rejected.
+            let max_m = MAX_PIPELINE_UNITS / u64::from(pp);
+            for (b, m) in micro_batchings(global_batch / u64::from(dp), max_m) {
                 if !ok(k.micro_batch, b) {
                     continue;
                 }
@@ -162,6 +177,14 @@ pub fn enumerate(
                             if k.recompute.is_some_and(|r| r != recompute) {
                                 continue;
                             }
+                            // `recompute_layers` implies a policy; pinned to none, the
+                            // candidates keep it so that the check names the conflict.
+                            if k.recompute.is_none()
+                                && k.recompute_layers.is_some()
+                                && recompute == Recompute::None
+                            {
+                                continue;
+                            }
                             let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
                             for &zero in zeros {
                                 if k.zero.is_some_and(|z| z != zero) {
@@ -185,9 +208,7 @@ pub fn enumerate(
                                         num_micro_batches: m,
                                         sp,
                                         recompute,
-                                        recompute_layers: k
-                                            .recompute_layers
-                                            .filter(|_| recompute != Recompute::None),
+                                        recompute_layers: k.recompute_layers,
                                         zero,
                                         low_prec_shard,
                                         schedule,

@@ -52,6 +52,17 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
     let mut params: BTreeMap<OpId, ParamInfo> = BTreeMap::new();
     let mut sharded_sources: BTreeSet<TensorId> = BTreeSet::new();
     let mut refresh: BTreeMap<OpId, OpId> = BTreeMap::new();
+    // The AdamW op reading each master, moment and gradient tensor (the first, as a
+    // scan in op order would find).
+    let mut adam_of_input: BTreeMap<TensorId, OpId> = BTreeMap::new();
+    // Parameter sources by name (the first of a name, as `Graph::find_source`); one
+    // pass, so that finding every parameter's copy is not quadratic in the graph.
+    let mut source_by_name: BTreeMap<&str, OpId> = BTreeMap::new();
+    for id in g.ops() {
+        if let Op::Param { name } | Op::Input { name } | Op::State { name } = g.op(id) {
+            source_by_name.entry(name.as_str()).or_insert(id);
+        }
+    }
     for id in g.ops() {
         let node = g.node(id);
         if !matches!(node.op, Op::AdamW { .. }) {
@@ -62,9 +73,9 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
             continue;
         };
         let lowp_name = name.strip_suffix(".master").unwrap_or(name);
-        let lowp = g
-            .find_source(lowp_name)
-            .map(|o| g.node(o).results[0])
+        let lowp = source_by_name
+            .get(lowp_name)
+            .map(|&o| g.node(o).results[0])
             .unwrap_or(master);
         let shape = g.ty(lowp).shape.clone();
         let numel = shape.numel_at(crate::ir::Env::new(1, 1)).unwrap_or(0);
@@ -78,6 +89,9 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
             },
         );
         adam_of_grad.insert(node.inputs[1], id);
+        for &t in &node.inputs {
+            adam_of_input.entry(t).or_insert(id);
+        }
         if zero >= 1 {
             sharded_sources.extend([master, node.inputs[2], node.inputs[3]]);
         }
@@ -159,12 +173,10 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
             let t = node.results[0];
             let sharded_lowp = shard_lowp && lowp_of.contains_key(&t);
             let new = if sharded_sources.contains(&t) || sharded_lowp {
-                let adam = lowp_of.get(&t).copied().or_else(|| {
-                    params
-                        .keys()
-                        .copied()
-                        .find(|&a| g.node(a).inputs.contains(&t))
-                });
+                let adam = lowp_of
+                    .get(&t)
+                    .copied()
+                    .or_else(|| adam_of_input.get(&t).copied());
                 let p = &params[&adam.expect("sharded sources belong to an AdamW op")];
                 let ty = TensorType {
                     dtype: g.ty(t).dtype,

@@ -107,21 +107,41 @@ pub fn cut(
     Some(best)
 }
 
-/// Prefix sums and range maxima over per-block values, for O(1) range queries.
+/// Prefix sums and range maxima over per-block values given as runs of equal values,
+/// for range queries in `O(log runs)` time and `O(runs · log runs)` memory (a
+/// template-compiled model has four runs whatever its layer count).
 #[derive(Clone, Debug)]
 pub struct RangeStats {
+    /// First block of each run.
+    starts: Vec<usize>,
+    /// Summed value of one block of each run.
+    each: Vec<u64>,
+    /// `prefix[r]`: sum over the runs before `r` (saturating).
     prefix: Vec<u64>,
-    /// `max[k][i]` is the maximum of `2^k` values starting at `i`.
+    /// `max[k][r]` is the maximum of `2^k` runs starting at run `r`.
     max: Vec<Vec<u64>>,
 }
 
 impl RangeStats {
-    /// Builds from values given as (summed, maximized) pairs.
+    /// Builds from per-block values given as (summed, maximized) pairs.
     pub fn new(values: impl IntoIterator<Item = (u64, u64)>) -> RangeStats {
-        let (sums, maxes): (Vec<u64>, Vec<u64>) = values.into_iter().unzip();
-        let mut prefix = vec![0u64; sums.len() + 1];
-        for (i, v) in sums.iter().enumerate() {
-            prefix[i + 1] = prefix[i].saturating_add(*v);
+        RangeStats::from_runs(values.into_iter().map(|(s, m)| (1, s, m)))
+    }
+
+    /// Builds from runs of (blocks, summed value of each, maximized value).
+    pub fn from_runs(runs: impl IntoIterator<Item = (usize, u64, u64)>) -> RangeStats {
+        let mut starts = Vec::new();
+        let mut each = Vec::new();
+        let mut prefix = vec![0u64];
+        let mut maxes = Vec::new();
+        let mut next = 0usize;
+        for (len, s, m) in runs.into_iter().filter(|r| r.0 > 0) {
+            starts.push(next);
+            next += len;
+            each.push(s);
+            let total = s.saturating_mul(len as u64);
+            prefix.push(prefix[prefix.len() - 1].saturating_add(total));
+            maxes.push(m);
         }
         let n = maxes.len();
         let mut max = vec![maxes];
@@ -134,20 +154,37 @@ impl RangeStats {
             max.push(next);
             width *= 2;
         }
-        RangeStats { prefix, max }
+        RangeStats {
+            starts,
+            each,
+            prefix,
+            max,
+        }
     }
 
-    /// Sum of the summed values over `first..=last`.
+    fn run_of(&self, i: usize) -> usize {
+        self.starts.partition_point(|&s| s <= i).saturating_sub(1)
+    }
+
+    /// Sum of the summed values over blocks `first..=last`.
     pub fn sum(&self, first: usize, last: usize) -> u64 {
-        self.prefix[last + 1] - self.prefix[first]
+        let (a, b) = (self.run_of(first), self.run_of(last));
+        let part = |r: usize, n: usize| self.each[r].saturating_mul(n as u64);
+        if a == b {
+            return part(a, last + 1 - first);
+        }
+        part(a, self.starts[a + 1] - first)
+            .saturating_add(self.prefix[b] - self.prefix[a + 1])
+            .saturating_add(part(b, last + 1 - self.starts[b]))
     }
 
-    /// Maximum of the maximized values over `first..=last`.
+    /// Maximum of the maximized values over blocks `first..=last`.
     pub fn max(&self, first: usize, last: usize) -> u64 {
-        let len = last + 1 - first;
+        let (a, b) = (self.run_of(first), self.run_of(last));
+        let len = b + 1 - a;
         let k = usize::BITS as usize - 1 - len.leading_zeros() as usize;
         let w = 1 << k;
-        self.max[k][first].max(self.max[k][last + 1 - w])
+        self.max[k][a].max(self.max[k][b + 1 - w])
     }
 }
 
@@ -197,6 +234,28 @@ mod tests {
     fn range_stats_match_direct_computation() {
         let v: Vec<(u64, u64)> = (0..13u64).map(|i| (i * 3 % 7, (i * 5) % 11)).collect();
         let r = RangeStats::new(v.iter().copied());
+        for a in 0..v.len() {
+            for b in a..v.len() {
+                assert_eq!(r.sum(a, b), v[a..=b].iter().map(|x| x.0).sum::<u64>());
+                assert_eq!(r.max(a, b), v[a..=b].iter().map(|x| x.1).max().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn run_range_stats_match_the_expanded_values() {
+        let runs = [
+            (1usize, 5u64, 9u64),
+            (7, 2, 3),
+            (1, 4, 4),
+            (3, 1, 12),
+            (1, 6, 1),
+        ];
+        let r = RangeStats::from_runs(runs);
+        let v: Vec<(u64, u64)> = runs
+            .iter()
+            .flat_map(|&(n, s, m)| std::iter::repeat_n((s, m), n))
+            .collect();
         for a in 0..v.len() {
             for b in a..v.len() {
                 assert_eq!(r.sum(a, b), v[a..=b].iter().map(|x| x.0).sum::<u64>());
