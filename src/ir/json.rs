@@ -206,8 +206,10 @@ pub fn to_json(g: &Graph) -> String {
 /// Reads a graph from JSON. Does not verify.
 ///
 /// # Errors
-/// [`JsonError::Syntax`] when `src` is not JSON of the document's shape, and
-/// [`JsonError::Doc`] when it does not describe a graph (see [`GraphDoc::into_graph`]).
+///
+/// [`JsonError::Syntax`] for text that is not JSON or not the document's shape,
+/// including an unknown op name and any field the document's types do not have;
+/// [`JsonError::Doc`] for a document that does not describe a graph.
 pub fn from_json(src: &str) -> Result<Graph, JsonError> {
     let doc: GraphDoc = serde_json::from_str(src)?;
     Ok(doc.into_graph()?)

@@ -127,6 +127,11 @@ impl<'de> serde::de::Visitor<'de> for NoDuplicatesVisitor {
 }
 
 /// Reads a Hugging Face `config.json`; the model is named after the path.
+///
+/// # Errors
+///
+/// [`ModelError::File`] when the file cannot be read, otherwise as
+/// [`from_json_str`].
 pub fn load(path: &Path) -> Result<ModelConfig, ModelError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::File {

@@ -3,7 +3,7 @@
 //! For `N` devices (`g` per node) and global batch `B`: every `tp` dividing `g`, every
 //! `pp` dividing `N/tp` with `pp · v ≤ blocks`, `dp = N/(tp·pp)`, every micro-batch
 //! size `b` dividing `B/dp` (`m = B/(dp·b)`, at most
-//! [`MAX_PIPELINE_UNITS`](crate::lower::compile::MAX_PIPELINE_UNITS)` / pp`), sequence parallelism on/off when
+//! [`MAX_PIPELINE_UNITS`]` / pp`), sequence parallelism on/off when
 //! `tp > 1`, recomputation none/selective/full, ZeRO 0–3 (only 0 when `dp = 1`) with
 //! or without sharding the low-precision copy for stages 0 and 1 (stage 2 with it is
 //! stage 3, which implies it), and schedule GPipe,
