@@ -103,8 +103,11 @@ impl Blocks {
         self.runs.iter().map(|r| (r.len, &r.profile))
     }
 
+    /// The run holding block `i` (0 when there is none; callers check `i < len`).
     fn run_of(&self, i: usize) -> usize {
-        self.runs.partition_point(|r| r.start <= i) - 1
+        self.runs
+            .partition_point(|r| r.start <= i)
+            .saturating_sub(1)
     }
 
     fn tagged(run: &Run, i: usize) -> BlockProfile {
@@ -128,6 +131,9 @@ impl Blocks {
 
     /// The block tag of block `i` (see [`Blocks::get`]).
     pub fn block(&self, i: usize) -> Option<Block> {
+        if i >= self.len {
+            return None;
+        }
         let run = self.runs.get(self.run_of(i))?;
         match run.profile.block {
             Some(Block::Layer(first)) => Some(Block::Layer(
@@ -424,4 +430,57 @@ pub fn profile(
         out.entry(*b).or_default().boundary = u64::try_from(crossing.max(0)).ok()?;
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(i: u32, saved: u64) -> BlockProfile {
+        BlockProfile {
+            block: Some(Block::Layer(i)),
+            saved,
+            ..BlockProfile::default()
+        }
+    }
+
+    #[test]
+    fn runs_read_back_as_the_expanded_blocks() {
+        let embed = BlockProfile {
+            block: Some(Block::Embed),
+            ..BlockProfile::default()
+        };
+        let mut b = Blocks::default();
+        assert_eq!(b.block(0), None);
+        assert_eq!(b.refs(0, 3).count(), 0);
+        assert_eq!(b.range(0, 3).count(), 0);
+        b.push(embed.clone(), 1);
+        b.push(layer(0, 5), 4);
+        b.push(layer(4, 7), 1);
+        let expanded: Vec<BlockProfile> = std::iter::once(embed)
+            .chain((0..4).map(|i| layer(i, 5)))
+            .chain([layer(4, 7)])
+            .collect();
+        assert_eq!(b.len(), expanded.len());
+        assert_eq!(b.iter().collect::<Vec<_>>(), expanded);
+        for first in 0..b.len() {
+            for last in first..b.len() {
+                let r: Vec<_> = b.range(first, last).collect();
+                assert_eq!(r, expanded[first..=last]);
+                let saved: Vec<u64> = b.refs(first, last).rev().map(|p| p.saved).collect();
+                let want: Vec<u64> = expanded[first..=last]
+                    .iter()
+                    .rev()
+                    .map(|p| p.saved)
+                    .collect();
+                assert_eq!(saved, want);
+                let mut part = Blocks::default();
+                part.extend_from(&b, first, last);
+                assert_eq!(part.iter().collect::<Vec<_>>(), expanded[first..=last]);
+            }
+            assert_eq!(b.get(first), expanded[first]);
+            assert_eq!(b.block(first), expanded[first].block);
+        }
+        assert_eq!(b.block(b.len()), None);
+    }
 }

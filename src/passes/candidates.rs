@@ -34,10 +34,9 @@ pub struct Constraints {
     pub sp: Option<bool>,
     /// Recomputation policy.
     pub recompute: Option<Recompute>,
-    /// Recompute only the first `k` layers of each stage. Implies a recomputation
-    /// policy: candidates without one are not enumerated, unless the policy is pinned
-    /// to none (then they carry `k` and the compiler rejects them, naming the
-    /// conflict).
+    /// Recompute only the first `k` layers of each stage (applies to the candidates
+    /// that recompute; with the policy pinned to none, every candidate carries `k` and
+    /// the compiler rejects it, naming the conflict).
     pub recompute_layers: Option<u32>,
     /// ZeRO stage.
     pub zero: Option<u8>,
@@ -177,14 +176,6 @@ pub fn enumerate(
                             if k.recompute.is_some_and(|r| r != recompute) {
                                 continue;
                             }
-                            // `recompute_layers` implies a policy; pinned to none, the
-                            // candidates keep it so that the check names the conflict.
-                            if k.recompute.is_none()
-                                && k.recompute_layers.is_some()
-                                && recompute == Recompute::None
-                            {
-                                continue;
-                            }
                             let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
                             for &zero in zeros {
                                 if k.zero.is_some_and(|z| z != zero) {
@@ -208,7 +199,13 @@ pub fn enumerate(
                                         num_micro_batches: m,
                                         sp,
                                         recompute,
-                                        recompute_layers: k.recompute_layers,
+                                        // Applies to the candidates that recompute;
+                                        // with the policy pinned to none, they keep it
+                                        // so that the compiler names the conflict.
+                                        recompute_layers: k.recompute_layers.filter(|_| {
+                                            recompute != Recompute::None
+                                                || k.recompute == Some(Recompute::None)
+                                        }),
                                         zero,
                                         low_prec_shard,
                                         schedule,
