@@ -27,12 +27,13 @@
 //! precision, AdamW), [`shard`] (tensor/sequence parallelism by e-graph rewriting),
 //! [`passes`] (configurations, recomputation, ZeRO distribution, pipeline cut),
 //! [`cluster`] and [`cost`] (hardware and prices), [`lower`] (schedules, simulation,
-//! memory timelines), [`search`] (the candidate search) and [`report`] (logs, JSON,
-//! traces, engine configurations).
+//! memory timelines), [`search`] (the candidate search), [`report`] (logs, JSON,
+//! traces) and [`engine`] (what each training engine runs, allocates and accepts).
 #![deny(missing_docs)]
 
 pub mod cluster;
 pub mod cost;
+pub mod engine;
 pub mod ir;
 pub mod lower;
 pub mod models;

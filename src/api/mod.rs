@@ -266,8 +266,8 @@ impl Plan {
     }
 
     /// The configuration file or arguments of `engine` for this plan.
-    pub fn export(&self, engine: crate::report::engines::Engine) -> String {
-        crate::report::engines::emit(
+    pub fn export(&self, engine: crate::engine::Engine) -> String {
+        crate::engine::export::emit(
             engine,
             &self.config,
             self.model_config.as_ref(),

@@ -441,9 +441,9 @@ fn plan_output(plan: Plan, out: &OutputArgs) -> Result<String, Failure> {
     }
     if let Some(engine) = out.emit {
         return Ok(plan.export(match engine {
-            EmitArg::Megatron => report::engines::Engine::Megatron,
-            EmitArg::Deepspeed => report::engines::Engine::DeepSpeed,
-            EmitArg::Torchtitan => report::engines::Engine::Torchtitan,
+            EmitArg::Megatron => apar::engine::Engine::Megatron,
+            EmitArg::Deepspeed => apar::engine::Engine::DeepSpeed,
+            EmitArg::Torchtitan => apar::engine::Engine::Torchtitan,
         }));
     }
     if out.json {

@@ -1,7 +1,6 @@
 //! Reports: the JSON plan/evaluation, human-readable text, the out-of-memory report,
 //! a Chrome/Perfetto trace and an SVG memory timeline. Nothing here computes plans.
 
-pub mod engines;
 pub mod trace;
 
 use crate::lower::compile::Evaluation;

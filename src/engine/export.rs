@@ -8,16 +8,7 @@ use crate::passes::{Config, Recompute, Schedule};
 use serde_json::json;
 use std::fmt::Write;
 
-/// Which engine to emit for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    /// Megatron-LM `pretrain_gpt.py` arguments.
-    Megatron,
-    /// DeepSpeed `ds_config.json`.
-    DeepSpeed,
-    /// torchtitan job TOML.
-    Torchtitan,
-}
+use super::Engine;
 
 /// Renders `c` for `engine`. `model` adds the model dimensions where the engine takes
 /// them on the command line (Megatron-LM).
@@ -32,6 +23,7 @@ pub fn emit(
         Engine::Megatron => megatron(c, model, seq, global_batch),
         Engine::DeepSpeed => deepspeed(c, global_batch),
         Engine::Torchtitan => torchtitan(c, seq, global_batch),
+        Engine::Hf => String::from("# Hugging Face + FSDP export: not written yet\n"),
     }
 }
 
