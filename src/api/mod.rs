@@ -34,6 +34,7 @@ pub use detail::{
 pub use diagnostics::Warning;
 
 use crate::cluster::{Cluster, ClusterError};
+use crate::engine::Engine;
 use crate::ir::{Graph, Phase};
 use crate::lower::compile::{
     CompileError, Compiler, Evaluation, ModelSource, DEFAULT_MEMORY_RATIO,
@@ -58,6 +59,9 @@ pub struct PlanOptions {
     /// Fraction of device memory a plan may use (the reference platform's 0.8 by
     /// default).
     pub memory_ratio: f64,
+    /// The engine that will run the plan (Megatron-LM by default).
+    #[serde(default)]
+    pub engine: Engine,
     /// Pins, bounds and search switches.
     pub search: SearchOptions,
 }
@@ -70,6 +74,7 @@ impl PlanOptions {
             seq,
             global_batch,
             memory_ratio: DEFAULT_MEMORY_RATIO,
+            engine: Engine::default(),
             search: SearchOptions {
                 runners_up: 3,
                 ..SearchOptions::default()
@@ -180,6 +185,10 @@ pub struct Plan {
     pub global_batch: u64,
     /// Fraction of device memory used as the budget.
     pub memory_ratio: f64,
+    /// The engine the plan is for (plans saved before engines existed read as
+    /// Megatron-LM).
+    #[serde(default)]
+    pub engine: Engine,
     /// The configuration.
     pub config: Config,
     /// Seconds per training step.
@@ -266,7 +275,7 @@ impl Plan {
     }
 
     /// The configuration file or arguments of `engine` for this plan.
-    pub fn export(&self, engine: crate::engine::Engine) -> String {
+    pub fn export(&self, engine: Engine) -> String {
         crate::engine::export::emit(
             engine,
             &self.config,
@@ -487,7 +496,8 @@ impl Session {
             options.seq,
             options.global_batch,
             options.memory_ratio,
-        )?;
+        )?
+        .with_engine(options.engine);
         let warnings = diagnostics::of_model(&compiler, loaded.config.as_ref());
         Ok(Session {
             compiler,
@@ -719,6 +729,7 @@ impl Session {
     pub fn recost(plan: &Plan) -> Result<Plan, PlanError> {
         let mut options = PlanOptions::new(plan.seq, plan.global_batch);
         options.memory_ratio = plan.memory_ratio;
+        options.engine = plan.engine;
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
         session.evaluate(&plan.config)
     }
@@ -762,6 +773,7 @@ impl Session {
             seq: self.compiler.seq,
             global_batch: self.compiler.global_batch,
             memory_ratio: self.compiler.memory_ratio,
+            engine: self.compiler.engine,
             config: e.config,
             step_time_s: summary.step_time_s,
             tokens_per_s: summary.tokens_per_s,

@@ -1,6 +1,7 @@
 //! The `apar` command line. Parsing and printing only; the work is in the library.
 
 use apar::cluster::{self, Cluster};
+use apar::engine::Engine;
 use apar::ir::{self, Env, Graph};
 use apar::lower::compile::DEFAULT_MEMORY_RATIO;
 use apar::models::{self, Attention};
@@ -73,6 +74,10 @@ struct OptJobArgs {
     /// Fraction of device memory a plan may use.
     #[arg(long)]
     memory_ratio: Option<f64>,
+    /// The engine that will run the configuration: megatron (default), deepspeed,
+    /// torchtitan, hf.
+    #[arg(long)]
+    engine: Option<Engine>,
 }
 
 #[derive(Subcommand)]
@@ -164,6 +169,9 @@ enum Command {
         /// Fraction of device memory a plan may use.
         #[arg(long, default_value_t = DEFAULT_MEMORY_RATIO)]
         memory_ratio: f64,
+        /// The engine that will run the plan: megatron, deepspeed, torchtitan, hf.
+        #[arg(long, default_value = "megatron")]
+        engine: Engine,
         /// Pin the tensor-parallel degree.
         #[arg(long)]
         tp: Option<u32>,
@@ -290,18 +298,12 @@ struct JobArgs {
     memory_ratio: f64,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum EmitArg {
-    Megatron,
-    Deepspeed,
-    Torchtitan,
-}
-
 #[derive(clap::Args)]
 struct OutputArgs {
-    /// Print the configuration for an engine instead of the report.
-    #[arg(long, value_enum)]
-    emit: Option<EmitArg>,
+    /// Print the plan's engine configuration instead of the report (`--emit`, or
+    /// `--emit ENGINE` naming the plan's engine).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    emit: Option<String>,
     /// Save the plan (JSON, re-costable with `apar eval --plan FILE`).
     #[arg(long)]
     save: Option<PathBuf>,
@@ -439,12 +441,19 @@ fn plan_output(plan: Plan, out: &OutputArgs) -> Result<String, Failure> {
     if let Some(path) = &out.save {
         write_file(path, &pretty(&plan)?)?;
     }
-    if let Some(engine) = out.emit {
-        return Ok(plan.export(match engine {
-            EmitArg::Megatron => apar::engine::Engine::Megatron,
-            EmitArg::Deepspeed => apar::engine::Engine::DeepSpeed,
-            EmitArg::Torchtitan => apar::engine::Engine::Torchtitan,
-        }));
+    if let Some(name) = &out.emit {
+        let engine = if name.is_empty() {
+            plan.engine
+        } else {
+            name.parse::<Engine>().map_err(bad)?
+        };
+        if engine != plan.engine {
+            return Err(bad(format!(
+                "the plan is for {}; plan with --engine {engine} to export for {engine}",
+                plan.engine
+            )));
+        }
+        return Ok(plan.export(engine));
     }
     if out.json {
         let text =
@@ -533,6 +542,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             global_batch,
             seq,
             memory_ratio,
+            engine,
             tp,
             pp,
             dp,
@@ -553,6 +563,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 seq,
                 global_batch,
                 memory_ratio,
+                engine,
                 search: apar::search::SearchOptions {
                     constraints: apar::passes::candidates::Constraints {
                         tp,
@@ -682,6 +693,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             let need = |what: &str| bad(format!("eval needs --{what} (or --plan FILE)"));
             let options = PlanOptions {
                 memory_ratio: job.memory_ratio.unwrap_or(DEFAULT_MEMORY_RATIO),
+                engine: job.engine.unwrap_or_default(),
                 ..PlanOptions::new(
                     job.seq.ok_or_else(|| need("seq"))?,
                     job.global_batch.ok_or_else(|| need("global-batch"))?,

@@ -11,6 +11,7 @@ use super::profile::{profile, BlockProfile, Blocks, Groups};
 use super::{simulate, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{CostModel, Group};
+use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
 use crate::models::{build_forward, ModelConfig, ModelError, Position};
 use crate::passes::recompute::Recomputed;
@@ -368,6 +369,8 @@ pub struct Compiler {
     pub budget_bytes: u64,
     /// Fraction of device memory the budget is.
     pub memory_ratio: f64,
+    /// The engine the configurations are compiled for.
+    pub engine: Engine,
     caches: Caches,
 }
 
@@ -478,8 +481,16 @@ impl Compiler {
             global_batch,
             budget_bytes,
             memory_ratio,
+            engine: Engine::default(),
             caches: Caches::default(),
         })
+    }
+
+    /// The same compiler for another engine; caches start empty.
+    pub fn with_engine(mut self, engine: Engine) -> Compiler {
+        self.engine = engine;
+        self.caches = Caches::default();
+        self
     }
 
     /// The same compiler with other cost-model efficiencies (for calibration); caches
@@ -499,13 +510,14 @@ impl Compiler {
     ///
     /// As [`Compiler::new`].
     pub fn with_job(&self, cluster: Cluster, global_batch: u64) -> Result<Compiler, CompileError> {
-        Compiler::new(
+        Ok(Compiler::new(
             self.source.clone(),
             cluster,
             self.seq,
             global_batch,
             self.memory_ratio,
-        )
+        )?
+        .with_engine(self.engine))
     }
 
     /// Number of blocks the pipeline can cut between.
