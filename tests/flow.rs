@@ -4,6 +4,7 @@
 
 use apar::cluster::Cluster;
 use apar::ir::{Block, DType, Dim, GraphBuilder, Op, Phase, TensorType};
+use apar::models::hf::IgnoredKind;
 use apar::models::zoo;
 use apar::search::SearchOptions;
 use apar::{EmptySpace, ModelSpec, PlanError, PlanOptions, Session, Warning};
@@ -327,4 +328,65 @@ fn a_closed_stdout_is_not_a_panic() {
         assert!(err.contains("cannot write the output"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// Plans `config.json` text (written to a temporary file) at `seq` on one DGX A100 and
+/// returns the session's model warnings.
+fn config_warnings(name: &str, text: &str, seq: u64) -> Vec<Warning> {
+    let dir = std::env::temp_dir().join(format!("apar-flow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, text).unwrap();
+    let spec = ModelSpec::parse(path.to_str().unwrap());
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    Session::for_spec(&spec, &cluster, &PlanOptions::new(seq, 8))
+        .unwrap()
+        .warnings()
+        .to_vec()
+}
+
+#[test]
+fn ignored_config_keys_and_positions_are_reported() {
+    // Mistral-7B-v0.1's config.json (Hugging Face hub): a 4,096-token sliding window
+    // and 32,768 positions.
+    let mistral = include_str!("data/hf/mistral-7b.json");
+    let window = Warning::SlidingWindowIgnored {
+        window: 4096,
+        seq: 8192,
+    };
+    assert!(config_warnings("mistral", mistral, 8192).contains(&window));
+    // Within the window nothing is lost.
+    assert!(config_warnings("mistral", mistral, 4096).is_empty());
+    // Qwen2-7B ships `sliding_window` with `use_sliding_window: false`: off.
+    let qwen = include_str!("data/hf/qwen2-7b.json");
+    assert!(config_warnings("qwen2", qwen, 8192).is_empty());
+    // Llama-2-7B was trained for 4,096 positions (its config.json); rotary positions
+    // run beyond them, with a warning.
+    let llama = include_str!("data/hf/llama-2-7b.json");
+    assert_eq!(
+        config_warnings("llama", llama, 8192),
+        vec![Warning::SequenceBeyondTrained {
+            seq: 8192,
+            trained_positions: 4096
+        }]
+    );
+    // Expert keys on a dense architecture, and a key nobody reads.
+    let mut v: serde_json::Value = serde_json::from_str(llama).unwrap();
+    v["num_local_experts"] = 8.into();
+    v["num_experts_per_tok"] = 2.into();
+    v["attn_logit_softcapping"] = 50.0.into();
+    let w = config_warnings("llama-moe", &v.to_string(), 2048);
+    assert_eq!(
+        w,
+        vec![
+            Warning::ConfigKeysIgnored {
+                kind: IgnoredKind::MoeOnDense,
+                keys: vec!["num_experts_per_tok".into(), "num_local_experts".into()],
+            },
+            Warning::ConfigKeysIgnored {
+                kind: IgnoredKind::Unknown,
+                keys: vec!["attn_logit_softcapping".into()],
+            },
+        ]
+    );
 }

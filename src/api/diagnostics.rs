@@ -2,9 +2,11 @@
 //! carried in the plan (`warnings` in the JSON) and printed by the CLI; they never
 //! change a result.
 
+use crate::engine::Engine;
 use crate::ir::{Block, Graph, Op};
 use crate::lower::compile::{Compiler, DeviceProgram, Evaluation, ModelSource};
-use crate::models::ModelConfig;
+use crate::models::hf::{ConfigNotes, IgnoredKind};
+use crate::models::{ModelConfig, Position};
 use crate::shard::Stop;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -61,6 +63,29 @@ pub enum Warning {
         /// What Megatron-LM allocates at the plan's tensor-parallel degree.
         padded: u64,
     },
+    /// Keys of the model's `config.json` that the plan does not use.
+    ConfigKeysIgnored {
+        /// Why they were ignored.
+        kind: IgnoredKind,
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// Sliding-window attention is not modeled: attention over the whole sequence is
+    /// planned, more FLOPs (and for eager attention more memory) than the window needs.
+    SlidingWindowIgnored {
+        /// The model's window, tokens.
+        window: u64,
+        /// The job's sequence length.
+        seq: u64,
+    },
+    /// The sequence is longer than the rotary-position model was trained for (it runs,
+    /// but the checkpoint has not seen these positions).
+    SequenceBeyondTrained {
+        /// The job's sequence length.
+        seq: u64,
+        /// `max_position_embeddings` of the configuration.
+        trained_positions: u64,
+    },
     /// Most of the step is pipeline bubble: the batch cannot feed this many devices.
     BubbleDominates {
         /// Bubble share of the step time.
@@ -91,6 +116,27 @@ impl fmt::Display for Warning {
                 f,
                 "Megatron-LM pads the vocabulary from {vocab} to {padded} rows (--make-vocab-size-divisible-by {MEGATRON_VOCAB_DIVISOR} × tp); the padding is not planned"
             ),
+            Warning::ConfigKeysIgnored { kind, keys } => {
+                let keys = keys.join(", ");
+                match kind {
+                    IgnoredKind::MoeOnDense => write!(
+                        f,
+                        "mixture-of-experts keys ({keys}) on a dense architecture are ignored: the model is planned dense"
+                    ),
+                    IgnoredKind::Unknown => write!(f, "unknown config.json keys ignored: {keys}"),
+                }
+            }
+            Warning::SlidingWindowIgnored { window, seq } => write!(
+                f,
+                "the model attends within a {window}-token window; apar plans attention over the whole {seq}-token sequence (an upper bound on attention time and memory)"
+            ),
+            Warning::SequenceBeyondTrained {
+                seq,
+                trained_positions,
+            } => write!(
+                f,
+                "sequence {seq} is longer than the {trained_positions} positions the model was trained for"
+            ),
             Warning::BubbleDominates {
                 fraction,
                 num_micro_batches,
@@ -105,8 +151,35 @@ impl fmt::Display for Warning {
 }
 
 /// Warnings about the model and job, before any plan.
-pub(super) fn of_model(compiler: &Compiler, _config: Option<&ModelConfig>) -> Vec<Warning> {
-    let mut out = Vec::new();
+pub(super) fn of_model(
+    compiler: &Compiler,
+    config: Option<&ModelConfig>,
+    notes: &ConfigNotes,
+) -> Vec<Warning> {
+    let mut out: Vec<Warning> = notes
+        .ignored
+        .iter()
+        .map(|(kind, keys)| Warning::ConfigKeysIgnored {
+            kind: *kind,
+            keys: keys.clone(),
+        })
+        .collect();
+    if let Some(window) = notes.sliding_window.filter(|&w| compiler.seq > w) {
+        out.push(Warning::SlidingWindowIgnored {
+            window,
+            seq: compiler.seq,
+        });
+    }
+    let rotary = config.is_some_and(|c| matches!(c.position, Position::Rotary { .. }));
+    if let Some(trained) = notes
+        .trained_positions
+        .filter(|&p| rotary && compiler.seq > p)
+    {
+        out.push(Warning::SequenceBeyondTrained {
+            seq: compiler.seq,
+            trained_positions: trained,
+        });
+    }
     if let ModelSource::Graph(g) = compiler.source() {
         let blocks = block_count(g);
         if blocks < PIPELINE_MIN_BLOCKS {
@@ -125,7 +198,7 @@ fn block_count(g: &Graph) -> usize {
 
 /// Warnings about a chosen plan.
 pub(super) fn of_plan(
-    _compiler: &Compiler,
+    compiler: &Compiler,
     e: &Evaluation,
     program: &DeviceProgram,
     config: Option<&ModelConfig>,
@@ -192,7 +265,7 @@ pub(super) fn of_plan(
             }
         }
     }
-    if let Some(cfg) = config {
+    if let Some(cfg) = config.filter(|_| compiler.engine == Engine::Megatron) {
         let multiple = MEGATRON_VOCAB_DIVISOR * u64::from(c.tp);
         let padded = cfg.vocab.div_ceil(multiple) * multiple;
         if padded != cfg.vocab {

@@ -428,6 +428,7 @@ impl Session {
             config: None,
             is_training: graph.ops().any(|o| graph.node(o).phase != Phase::Fwd),
             graph: graph.clone(),
+            notes: models::hf::ConfigNotes::default(),
         };
         Session::new(spec, &loaded, cluster, options)
     }
@@ -458,6 +459,7 @@ impl Session {
             graph: models::build_forward(model)?,
             config: Some(model.clone()),
             is_training: false,
+            notes: models::hf::ConfigNotes::default(),
         };
         Session::new(spec, &loaded, cluster, options)
     }
@@ -498,7 +500,7 @@ impl Session {
             options.memory_ratio,
         )?
         .with_engine(options.engine);
-        let warnings = diagnostics::of_model(&compiler, loaded.config.as_ref());
+        let warnings = diagnostics::of_model(&compiler, loaded.config.as_ref(), &loaded.notes);
         Ok(Session {
             compiler,
             model,

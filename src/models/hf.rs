@@ -22,14 +22,20 @@
 //! has one dropout probability, so the largest of an architecture's dropout fields is
 //! used.
 //!
-//! Not modeled, and ignored when present: sliding windows (mistral, qwen2), RoPE
-//! scaling, tensor-parallel pretraining hints. Falcon checkpoints whose attention and
+//! Not modeled, and reported in [`ConfigNotes`] (plans carry them as warnings): a
+//! sliding window shorter than the sequence (mistral, qwen2), the trained positions of a
+//! rotary model the sequence exceeds, mixture-of-experts keys on a dense architecture,
+//! and keys the loader does not know. Read past silently: [`INERT_KEYS`] (RoPE scaling,
+//! tensor-parallel pretraining hints, token ids and other keys that change no size). Falcon checkpoints whose attention and
 //! MLP share one layernorm (falcon-7b's `parallel_attn` without
 //! `new_decoder_architecture`, or `num_ln_in_parallel_attn: 1`) and ALiBi checkpoints
 //! do not fit [`ModelConfig`] and are refused as unsupported.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
@@ -133,12 +139,105 @@ impl<'de> serde::de::Visitor<'de> for NoDuplicatesVisitor {
 /// [`ModelError::File`] when the file cannot be read, otherwise as
 /// [`from_json_str`].
 pub fn load(path: &Path) -> Result<ModelConfig, ModelError> {
+    load_with_notes(path).map(|(cfg, _)| cfg)
+}
+
+/// As [`load`], with what the loader ignored or could not use ([`ConfigNotes`]).
+///
+/// # Errors
+///
+/// As [`load`].
+pub fn load_with_notes(path: &Path) -> Result<(ModelConfig, ConfigNotes), ModelError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::File {
         file: file.clone(),
         why: e.to_string(),
     })?;
-    from_json_str(&file, &text)
+    from_json_str_with_notes(&file, &text)
+}
+
+/// Keys of a `config.json` that change nothing a plan depends on (token ids,
+/// initialization, serialization and inference switches, heads for other tasks, RoPE
+/// scaling — which changes position values, not sizes or FLOPs — and Llama's
+/// `pretraining_tp`, which slices the same matmuls). They are read past silently.
+pub const INERT_KEYS: &[&str] = &[
+    "_name_or_path",
+    "architectures",
+    "auto_map",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "initializer_range",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "task_specific_params",
+    "summary_activation",
+    "summary_first_dropout",
+    "summary_proj_to_labels",
+    "summary_type",
+    "summary_use_proj",
+    "tokenizer_class",
+    "n_ctx",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "id2label",
+    "label2id",
+    "classifier_dropout",
+    "pretraining_tp",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "n_positions",
+];
+
+/// Mixture-of-experts keys: on the dense architectures this loader reads they describe
+/// experts the model code does not build.
+pub const MOE_KEYS: &[&str] = &[
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "n_routed_experts",
+    "n_shared_experts",
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "router_jitter_noise",
+    "decoder_sparse_step",
+    "norm_topk_prob",
+];
+
+/// Sliding-window attention keys (mistral, qwen2).
+pub const SLIDING_WINDOW_KEYS: &[&str] =
+    &["sliding_window", "use_sliding_window", "max_window_layers"];
+
+/// Why a `config.json` key was ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IgnoredKind {
+    /// Mixture-of-experts keys on a dense architecture: planned as dense.
+    MoeOnDense,
+    /// A key the loader does not know.
+    Unknown,
+}
+
+/// What loading a `config.json` could not use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigNotes {
+    /// Ignored keys, by why (keys sorted).
+    pub ignored: Vec<(IgnoredKind, Vec<String>)>,
+    /// The attention window, when sliding-window attention is on (apar plans attention
+    /// over the whole sequence: an upper bound on its FLOPs and, for eager attention,
+    /// its memory, once the sequence is longer than the window).
+    pub sliding_window: Option<u64>,
+    /// Positions the checkpoint was trained for (`max_position_embeddings` /
+    /// `n_positions`), when the file gives them.
+    pub trained_positions: Option<u64>,
 }
 
 /// Parses the text of a Hugging Face `config.json`; `name` names the model and, in
@@ -151,6 +250,18 @@ pub fn load(path: &Path) -> Result<ModelConfig, ModelError> {
 /// [`ModelError::Invalid`] when a field is missing, the architecture unknown or a
 /// value unusable.
 pub fn from_json_str(name: &str, text: &str) -> Result<ModelConfig, ModelError> {
+    from_json_str_with_notes(name, text).map(|(cfg, _)| cfg)
+}
+
+/// As [`from_json_str`], with what the loader ignored or could not use.
+///
+/// # Errors
+///
+/// As [`from_json_str`].
+pub fn from_json_str_with_notes(
+    name: &str,
+    text: &str,
+) -> Result<(ModelConfig, ConfigNotes), ModelError> {
     let NoDuplicates(value) = serde_json::from_str(text).map_err(|e| ModelError::File {
         file: name.to_string(),
         why: format!("not a JSON config: {e}"),
@@ -164,7 +275,11 @@ pub fn from_json_str(name: &str, text: &str) -> Result<ModelConfig, ModelError> 
             ),
         });
     };
-    let f = Fields { name, map: &map };
+    let f = Fields {
+        name,
+        map: &map,
+        read: RefCell::default(),
+    };
     let model_type = f.req_str("model_type")?;
     let cfg = match model_type {
         "llama" => llama_like(&f, Family::Llama)?,
@@ -176,7 +291,8 @@ pub fn from_json_str(name: &str, text: &str) -> Result<ModelConfig, ModelError> 
         other => return Err(f.unsupported(other.to_string())),
     };
     cfg.validate()?;
-    Ok(cfg)
+    let notes = f.notes()?;
+    Ok((cfg, notes))
 }
 
 /// The Llama-layout architectures.
@@ -394,12 +510,54 @@ fn rotary_dims(fraction: f64, head_dim: u64) -> u64 {
 struct Fields<'a> {
     name: &'a str,
     map: &'a Map<String, Value>,
+    /// Keys the architecture's reader asked for.
+    read: RefCell<BTreeSet<String>>,
 }
 
 impl Fields<'_> {
     /// The value of `key`, with `null` counted as absent.
     fn get(&self, key: &str) -> Option<&Value> {
+        self.read.borrow_mut().insert(key.to_string());
         self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    /// The keys no reader asked for, by why they do not matter or were ignored, and
+    /// the trained positions.
+    fn notes(&self) -> Result<ConfigNotes, ModelError> {
+        let read = self.read.borrow().clone();
+        let trained_positions = match self.u64("max_position_embeddings")? {
+            Some(p) => Some(p),
+            None => self.u64("n_positions")?,
+        };
+        // Qwen2 turns the window on with `use_sliding_window`; Mistral has no switch
+        // and uses `sliding_window` when it is set.
+        let sliding_window = match self.bool("use_sliding_window")? {
+            Some(false) => None,
+            _ => self.u64("sliding_window")?,
+        };
+        let mut by_kind: std::collections::BTreeMap<IgnoredKind, Vec<String>> =
+            std::collections::BTreeMap::new();
+        for (key, value) in self.map {
+            if read.contains(key) || INERT_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            let kind = if SLIDING_WINDOW_KEYS.contains(&key.as_str()) {
+                continue;
+            } else if MOE_KEYS.contains(&key.as_str()) {
+                if value.is_null() || *value == Value::Bool(false) {
+                    continue;
+                }
+                IgnoredKind::MoeOnDense
+            } else {
+                IgnoredKind::Unknown
+            };
+            by_kind.entry(kind).or_default().push(key.clone());
+        }
+        Ok(ConfigNotes {
+            ignored: by_kind.into_iter().collect(),
+            sliding_window,
+            trained_positions,
+        })
     }
 
     fn missing(&self, key: &str) -> ModelError {
@@ -558,6 +716,7 @@ impl Fields<'_> {
                 let nested = Fields {
                     name: self.name,
                     map,
+                    read: RefCell::default(),
                 };
                 theta = nested.f64("rope_theta")?.map(|x| ("rope_theta", x));
             }

@@ -23,11 +23,14 @@ pub struct LoadedModel {
     pub graph: Graph,
     /// Whether `graph` already has backward and optimizer ops.
     pub is_training: bool,
+    /// What a `config.json` loader ignored (empty for zoo models and IR files).
+    pub notes: hf::ConfigNotes,
 }
 
 /// Loads a model from a zoo name, a `config.json` path or an IR file path.
 pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError> {
     let path = Path::new(spec);
+    let mut notes = hf::ConfigNotes::default();
     let mut cfg = match zoo::lookup(spec) {
         Ok(cfg) => cfg,
         Err(unknown) => {
@@ -35,7 +38,9 @@ pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError
                 return Err(unknown);
             }
             if is_hf_config(path)? {
-                hf::load(path)?
+                let (cfg, n) = hf::load_with_notes(path)?;
+                notes = n;
+                cfg
             } else {
                 if overrides.attention.is_some() || overrides.layers.is_some() {
                     return Err(ModelError::Invalid {
@@ -54,6 +59,7 @@ pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError
                     config: None,
                     graph,
                     is_training,
+                    notes,
                 });
             }
         }
@@ -69,6 +75,7 @@ pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError
         config: Some(cfg),
         graph,
         is_training: false,
+        notes,
     })
 }
 
