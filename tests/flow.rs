@@ -10,17 +10,8 @@ use apar::search::SearchOptions;
 use apar::{EmptySpace, ModelSpec, PlanError, PlanOptions, Session, Warning};
 use std::process::Command;
 
-fn apar(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_apar"))
-        .args(args)
-        .output()
-        .expect("runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::apar;
 
 fn options(seq: u64, batch: u64, f: impl FnOnce(&mut SearchOptions)) -> PlanOptions {
     let mut o = PlanOptions::new(seq, batch);

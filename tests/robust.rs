@@ -5,36 +5,10 @@ use apar::cluster::Cluster;
 use apar::lower::compile::{CompileError, Compiler, ModelSource, MAX_PIPELINE_UNITS};
 use apar::passes::candidates::{enumerate, Constraints};
 use apar::passes::{Config, Recompute, Schedule};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Longest any bad-input case may take before it counts as a hang. Generous (the
-/// machine is shared); the fixed cases answer in milliseconds.
-const HANG: Duration = Duration::from_secs(60);
-
-/// Runs the CLI, killing it after [`HANG`]; returns (exit code, stdout, stderr).
-fn apar(args: &[&str]) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_apar"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("runs");
-    let start = Instant::now();
-    while child.try_wait().expect("waits").is_none() {
-        if start.elapsed() > HANG {
-            child.kill().expect("kills");
-            panic!("apar {args:?} hung for more than {HANG:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::apar;
 
 /// Asserts exit 2, no panic, and a message containing every needle.
 fn refused(args: &[&str], needles: &[&str]) {
