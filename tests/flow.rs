@@ -381,3 +381,41 @@ fn ignored_config_keys_and_positions_are_reported() {
         ]
     );
 }
+
+#[test]
+fn sharding_is_priced_at_the_jobs_sequence() {
+    // The tensor-parallel split is chosen by its price at the job's sequence length, so
+    // the priced cost of a layer grows with the sequence (a fixed pricing binding
+    // would price both jobs the same).
+    use apar::lower::compile::{Compiler, ModelSource};
+    use apar::passes::{Config, Recompute, Schedule};
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let price = |seq: u64| {
+        let c = Compiler::new(
+            ModelSource::Config(zoo::lookup("tiny-llama").unwrap()),
+            cluster.clone(),
+            seq,
+            8,
+            1.0,
+        )
+        .unwrap();
+        let config = Config {
+            dp: 4,
+            tp: 2,
+            pp: 1,
+            micro_batch: 1,
+            num_micro_batches: 2,
+            sp: false,
+            recompute: Recompute::None,
+            recompute_layers: None,
+            zero: 0,
+            low_prec_shard: false,
+            schedule: Schedule::OneFOneB,
+        };
+        let program = c.device_program(&config).unwrap();
+        let sharded = program.sharded.expect("tp 2 shards");
+        sharded.templates[0].report.cost_ps
+    };
+    let (short, long) = (price(128), price(1024));
+    assert!(long > short, "{short} ps at 128 tokens, {long} ps at 1024");
+}

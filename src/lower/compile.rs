@@ -689,7 +689,7 @@ impl Compiler {
         let graphs: BTreeSet<(u32, bool)> = configs.iter().map(|c| (c.tp, c.sp)).collect();
         graphs.par_iter().for_each(|&(tp, sp)| {
             cached(&self.caches.sharded, (tp, sp), || {
-                per_device_forward(&self.forward, tp, sp, &self.cost)
+                self.per_device_forward(tp, sp)
             });
         });
         let trains: BTreeSet<(u32, bool, Recompute)> = configs
@@ -719,11 +719,24 @@ impl Compiler {
         });
     }
 
+    /// Where tensor-parallel sharding is priced: the job's sequence, one sequence.
+    fn shard_env(&self) -> Env {
+        Env::new(1, self.seq)
+    }
+
+    /// The forward graph one device runs at tensor-parallel degree `tp`.
+    fn per_device_forward(&self, tp: u32, sp: bool) -> Result<Graph, CompileError> {
+        if tp <= 1 {
+            return Ok(self.forward.clone());
+        }
+        shard_forward(&self.forward, tp, sp, &self.cost, self.shard_env()).map(|m| m.graph)
+    }
+
     /// The per-device training graph with recomputation (symbolic in `b` and `s`).
     fn graph(&self, tp: u32, sp: bool, rc: Recompute) -> Arc<Result<Recomputed, CompileError>> {
         cached(&self.caches.graphs, (tp, sp, rc), || {
             let fwd = cached(&self.caches.sharded, (tp, sp), || {
-                per_device_forward(&self.forward, tp, sp, &self.cost)
+                self.per_device_forward(tp, sp)
             });
             let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
             let train = training_graph(fwd, &TrainOptions::default())
@@ -1070,17 +1083,13 @@ impl Compiler {
     pub fn device_program(&self, c: &Config) -> Result<DeviceProgram, CompileError> {
         self.check(c)?;
         let sharded = if c.tp > 1 {
-            let price = crate::shard::cost::ModelCost {
-                model: &self.cost,
-                group: Group {
-                    size: c.tp,
-                    per_node: c.tp,
-                },
-            };
-            crate::shard::Sharder::with_cost(crate::shard::ShardOptions::new(c.tp, c.sp), &price)
-                .shard_model(&self.forward)
-                .map(Some)
-                .map_err(|e| CompileError::Shard(Shared(Arc::new(e))))?
+            Some(shard_forward(
+                &self.forward,
+                c.tp,
+                c.sp,
+                &self.cost,
+                self.shard_env(),
+            )?)
         } else {
             None
         };
@@ -1170,17 +1179,21 @@ pub struct DeviceProgram {
     pub recomputed: BTreeSet<crate::ir::OpId>,
 }
 
-/// The forward graph one device runs at tensor-parallel degree `tp`: the e-graph
-/// sharding of [`crate::shard`], extraction priced by `cost` on the tp group.
-pub fn per_device_forward(
+/// The tensor-parallel sharding of `fwd` at degree `tp` (> 1): the e-graph sharding
+/// of [`crate::shard`], extraction priced by `cost` on the tp group at `env` (the
+/// job's sequence length, one sequence: the split choice trades compute against
+/// collective time, both linear in the micro-batch but for the collectives' latency).
+///
+/// # Errors
+///
+/// [`CompileError::Shard`] when the sharder fails.
+pub fn shard_forward(
     fwd: &Graph,
     tp: u32,
     sp: bool,
     cost: &CostModel,
-) -> Result<Graph, CompileError> {
-    if tp <= 1 {
-        return Ok(fwd.clone());
-    }
+    env: Env,
+) -> Result<crate::shard::ShardedModel, CompileError> {
     let price = crate::shard::cost::ModelCost {
         model: cost,
         group: Group {
@@ -1188,10 +1201,9 @@ pub fn per_device_forward(
             per_node: tp,
         },
     };
-    let mut sharder =
-        crate::shard::Sharder::with_cost(crate::shard::ShardOptions::new(tp, sp), &price);
-    sharder
+    let mut opts = crate::shard::ShardOptions::new(tp, sp);
+    opts.env = env;
+    crate::shard::Sharder::with_cost(opts, &price)
         .shard_model(fwd)
-        .map(|m| m.graph)
         .map_err(|e| CompileError::Shard(e.into()))
 }
