@@ -14,11 +14,14 @@ use crate::cost::{CostModel, Group};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
 use crate::models::{build_forward, ModelConfig, ModelError, Position};
+use crate::passes::manager::{
+    Autodiff, Distribute, PassError, PassManager, RecomputeLayers, TensorParallel,
+};
 use crate::passes::recompute::Recomputed;
-use crate::passes::{distribute, pipeline, recompute, Config, Recompute, Schedule};
+use crate::passes::{pipeline, Config, Recompute, Schedule};
 use crate::shard::ShardError;
 use crate::train::TrainError;
-use crate::train::{training_graph, TrainOptions};
+use crate::train::TrainOptions;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -221,6 +224,33 @@ pub enum CompileError {
     Verify(#[source] VerifyErrors),
 }
 
+impl From<PassError<TrainError>> for CompileError {
+    fn from(e: PassError<TrainError>) -> CompileError {
+        match e {
+            PassError::Failed { source, .. } => CompileError::Train(source.into()),
+            PassError::Verify { errors, .. } => CompileError::Verify(errors),
+        }
+    }
+}
+
+impl From<PassError<ShardError>> for CompileError {
+    fn from(e: PassError<ShardError>) -> CompileError {
+        match e {
+            PassError::Failed { source, .. } => CompileError::Shard(source.into()),
+            PassError::Verify { errors, .. } => CompileError::Verify(errors),
+        }
+    }
+}
+
+impl From<PassError<ShapeError>> for CompileError {
+    fn from(e: PassError<ShapeError>) -> CompileError {
+        match e {
+            PassError::Failed { pass, source } => CompileError::Pass { pass, source },
+            PassError::Verify { errors, .. } => CompileError::Verify(errors),
+        }
+    }
+}
+
 /// A lower-level error shared between cached results: cloning shares it, and two are
 /// equal when they are the same instance (the wrapped errors are not comparable).
 #[derive(Debug)]
@@ -371,6 +401,8 @@ pub struct Compiler {
     pub memory_ratio: f64,
     /// The engine the configurations are compiled for.
     pub engine: Engine,
+    /// Runs the passes (verifying their graphs in debug builds).
+    passes: PassManager,
     caches: Caches,
 }
 
@@ -482,6 +514,7 @@ impl Compiler {
             budget_bytes,
             memory_ratio,
             engine: Engine::default(),
+            passes: PassManager::debug_verifying(),
             caches: Caches::default(),
         })
     }
@@ -719,9 +752,16 @@ impl Compiler {
         });
     }
 
-    /// Where tensor-parallel sharding is priced: the job's sequence, one sequence.
-    fn shard_env(&self) -> Env {
-        Env::new(1, self.seq)
+    /// The sharding pass at degree `tp`, priced at the job's sequence and one
+    /// sequence per micro-batch (the split trades compute against collective time,
+    /// both linear in the micro-batch but for the collectives' latency).
+    fn tensor_parallel(&self, tp: u32, sp: bool) -> TensorParallel<'_> {
+        TensorParallel {
+            tp,
+            sp,
+            cost: &self.cost,
+            env: Env::new(1, self.seq),
+        }
     }
 
     /// The forward graph one device runs at tensor-parallel degree `tp`.
@@ -729,7 +769,10 @@ impl Compiler {
         if tp <= 1 {
             return Ok(self.forward.clone());
         }
-        shard_forward(&self.forward, tp, sp, &self.cost, self.shard_env()).map(|m| m.graph)
+        Ok(self
+            .passes
+            .run(&self.tensor_parallel(tp, sp), &self.forward)?
+            .graph)
     }
 
     /// The per-device training graph with recomputation (symbolic in `b` and `s`).
@@ -739,15 +782,8 @@ impl Compiler {
                 self.per_device_forward(tp, sp)
             });
             let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
-            let train = training_graph(fwd, &TrainOptions::default())
-                .map_err(|e| CompileError::Train(e.into()))?;
-            let r =
-                recompute::apply(&train, rc, |_| true).map_err(|source| CompileError::Pass {
-                    pass: "recompute",
-                    source,
-                })?;
-            #[cfg(debug_assertions)]
-            crate::ir::verify(&r.graph).map_err(CompileError::Verify)?;
+            let train = self.passes.run(&Autodiff(TrainOptions::default()), fwd)?;
+            let r = self.passes.run(&RecomputeLayers(rc), &train)?;
             Ok(r)
         })
     }
@@ -787,12 +823,7 @@ impl Compiler {
         cached(&self.caches.dist, key, || {
             let g = self.graph(c.tp, false, Recompute::None);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-            let d = distribute::apply(&g.graph, c).map_err(|source| CompileError::Pass {
-                pass: "distribute",
-                source,
-            })?;
-            #[cfg(debug_assertions)]
-            crate::ir::verify(&d.graph).map_err(CompileError::Verify)?;
+            let d = self.passes.run(&Distribute(*c), &g.graph)?;
             let env = Env::new(1, self.seq);
             let (tp, dp) = self.groups(c);
             let groups = Groups {
@@ -1083,22 +1114,16 @@ impl Compiler {
     pub fn device_program(&self, c: &Config) -> Result<DeviceProgram, CompileError> {
         self.check(c)?;
         let sharded = if c.tp > 1 {
-            Some(shard_forward(
-                &self.forward,
-                c.tp,
-                c.sp,
-                &self.cost,
-                self.shard_env(),
-            )?)
+            Some(
+                self.passes
+                    .run(&self.tensor_parallel(c.tp, c.sp), &self.forward)?,
+            )
         } else {
             None
         };
         let g = self.graph(c.tp, c.sp, c.recompute);
         let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-        let d = distribute::apply(&g.graph, c).map_err(|source| CompileError::Pass {
-            pass: "distribute",
-            source,
-        })?;
+        let d = self.passes.run(&Distribute(*c), &g.graph)?;
         Ok(DeviceProgram {
             sharded,
             graph: d.graph,
@@ -1177,33 +1202,4 @@ pub struct DeviceProgram {
     pub dp_ops: BTreeSet<crate::ir::OpId>,
     /// Backward-phase clones of forward ops (recomputation).
     pub recomputed: BTreeSet<crate::ir::OpId>,
-}
-
-/// The tensor-parallel sharding of `fwd` at degree `tp` (> 1): the e-graph sharding
-/// of [`crate::shard`], extraction priced by `cost` on the tp group at `env` (the
-/// job's sequence length, one sequence: the split choice trades compute against
-/// collective time, both linear in the micro-batch but for the collectives' latency).
-///
-/// # Errors
-///
-/// [`CompileError::Shard`] when the sharder fails.
-pub fn shard_forward(
-    fwd: &Graph,
-    tp: u32,
-    sp: bool,
-    cost: &CostModel,
-    env: Env,
-) -> Result<crate::shard::ShardedModel, CompileError> {
-    let price = crate::shard::cost::ModelCost {
-        model: cost,
-        group: Group {
-            size: tp,
-            per_node: tp,
-        },
-    };
-    let mut opts = crate::shard::ShardOptions::new(tp, sp);
-    opts.env = env;
-    crate::shard::Sharder::with_cost(opts, &price)
-        .shard_model(fwd)
-        .map_err(|e| CompileError::Shard(e.into()))
 }

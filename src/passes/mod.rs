@@ -2,11 +2,15 @@
 //! insertion, ZeRO-style distribution, and the pipeline cut.
 //!
 //! Passes read a graph and return a new one (or a side table); they never mutate
-//! their input. Every graph a pass returns passes the verifier (checked in debug and
-//! test builds).
+//! their input. They implement [`manager::Pass`], and the compiler runs them through a
+//! [`manager::PassManager`], which verifies every graph a pass returns (in debug and
+//! test builds), times the passes and names the pass in failures. The compiler's
+//! pipeline reads as the list: `shard` → `autodiff` → `recompute` → `distribute`,
+//! then the [`pipeline`] cut over the block profiles.
 
 pub mod candidates;
 pub mod distribute;
+pub mod manager;
 pub mod pipeline;
 pub mod recompute;
 
