@@ -129,20 +129,38 @@ impl ModelSpec {
         }
     }
 
-    /// Loads the model.
+    /// Loads the model, building a configuration's whole forward graph (for `apar ir`
+    /// and the like; planning uses [`ModelSpec::resolve`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`ModelSpec::resolve`], and the builder's error.
+    pub fn load(&self) -> Result<models::LoadedModel, PlanError> {
+        Ok(models::load(&self.path()?, &self.overrides())?)
+    }
+
+    /// Resolves the model without building a configuration's graph.
     ///
     /// # Errors
     ///
     /// [`PlanError::Model`] for an unknown name, a missing or malformed file (the
     /// message names the file), or overrides an IR file cannot take;
     /// [`PlanError::GraphOnly`] for a spec of an in-memory graph.
-    pub fn load(&self) -> Result<models::LoadedModel, PlanError> {
-        let overrides = models::Overrides {
+    pub fn resolve(&self) -> Result<models::ModelDef, PlanError> {
+        Ok(models::resolve(&self.path()?, &self.overrides())?)
+    }
+
+    fn overrides(&self) -> models::Overrides {
+        models::Overrides {
             attention: self.attention,
             layers: self.layers,
-        };
+        }
+    }
+
+    /// The name the model loader takes: the zoo name, or the file's path.
+    fn path(&self) -> Result<String, PlanError> {
         match &self.origin {
-            ModelOrigin::Zoo => Ok(models::load(&self.name, &overrides)?),
+            ModelOrigin::Zoo => Ok(self.name.clone()),
             ModelOrigin::File(path) => {
                 let looks_like_file = self.name.contains(std::path::MAIN_SEPARATOR)
                     || self.name.contains('/')
@@ -156,7 +174,7 @@ impl ModelSpec {
                         why: "no such file".into(),
                     }));
                 }
-                Ok(models::load(&path.to_string_lossy(), &overrides)?)
+                Ok(path.to_string_lossy().into_owned())
             }
             ModelOrigin::Graph => Err(PlanError::GraphOnly(self.name.clone())),
         }
@@ -424,13 +442,11 @@ impl Session {
             layers: None,
             attention: None,
         };
-        let loaded = models::LoadedModel {
-            config: None,
+        let def = models::ModelDef::Graph {
             is_training: graph.ops().any(|o| graph.node(o).phase != Phase::Fwd),
             graph: graph.clone(),
-            notes: models::hf::ConfigNotes::default(),
         };
-        Session::new(spec, &loaded, cluster, options)
+        Session::new(spec, def, cluster, options)
     }
 
     /// A session for a model configuration, compiled from its two-layer template
@@ -455,13 +471,12 @@ impl Session {
             layers: None,
             attention: None,
         };
-        let loaded = models::LoadedModel {
-            graph: models::build_forward(model)?,
-            config: Some(model.clone()),
-            is_training: false,
+        model.validate()?;
+        let def = models::ModelDef::Config {
+            config: model.clone(),
             notes: models::hf::ConfigNotes::default(),
         };
-        Session::new(spec, &loaded, cluster, options)
+        Session::new(spec, def, cluster, options)
     }
 
     /// A session for a model named by a zoo name or a file ([`ModelSpec`]).
@@ -474,23 +489,27 @@ impl Session {
         cluster: &Cluster,
         options: &PlanOptions,
     ) -> Result<Session, PlanError> {
-        let loaded = spec.load()?;
-        Session::new(spec.clone(), &loaded, cluster, options)
+        let def = spec.resolve()?;
+        Session::new(spec.clone(), def, cluster, options)
     }
 
     fn new(
         model: ModelSpec,
-        loaded: &models::LoadedModel,
+        def: models::ModelDef,
         cluster: &Cluster,
         options: &PlanOptions,
     ) -> Result<Session, PlanError> {
-        if loaded.is_training {
-            return Err(PlanError::TrainingGraph(model.name));
-        }
-        crate::ir::verify(&loaded.graph).map_err(CompileError::Verify)?;
-        let source = match &loaded.config {
-            Some(cfg) => ModelSource::Config(cfg.clone()),
-            None => ModelSource::Graph(loaded.graph.clone()),
+        let (source, config, notes) = match def {
+            models::ModelDef::Graph { is_training, .. } if is_training => {
+                return Err(PlanError::TrainingGraph(model.name));
+            }
+            models::ModelDef::Graph { graph, .. } => {
+                crate::ir::verify(&graph).map_err(CompileError::Verify)?;
+                (ModelSource::Graph(graph), None, Default::default())
+            }
+            models::ModelDef::Config { config, notes } => {
+                (ModelSource::Config(config.clone()), Some(config), notes)
+            }
         };
         let compiler = Compiler::new(
             source,
@@ -500,11 +519,11 @@ impl Session {
             options.memory_ratio,
         )?
         .with_engine(options.engine);
-        let warnings = diagnostics::of_model(&compiler, loaded.config.as_ref(), &loaded.notes);
+        let warnings = diagnostics::of_model(&compiler, config.as_ref(), &notes);
         Ok(Session {
             compiler,
             model,
-            config: loaded.config.clone(),
+            config,
             search: options.search.clone(),
             warnings,
         })

@@ -27,8 +27,35 @@ pub struct LoadedModel {
     pub notes: hf::ConfigNotes,
 }
 
-/// Loads a model from a zoo name, a `config.json` path or an IR file path.
-pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError> {
+/// A model as named, before a configuration's graph is built: planning compiles a
+/// configuration from a two-layer template, so its whole graph is never needed.
+#[derive(Clone, Debug)]
+pub enum ModelDef {
+    /// A zoo model or a `config.json`, with what the loader ignored.
+    Config {
+        /// The configuration (overrides applied).
+        config: ModelConfig,
+        /// What a `config.json` loader ignored (empty for zoo models).
+        notes: hf::ConfigNotes,
+    },
+    /// An IR file (verified).
+    Graph {
+        /// The graph.
+        graph: Graph,
+        /// Whether it already has backward and optimizer ops.
+        is_training: bool,
+    },
+}
+
+/// Resolves a zoo name, a `config.json` path or an IR file path without building a
+/// configuration's graph.
+///
+/// # Errors
+///
+/// [`ModelError::Unknown`] for a name that is neither in the zoo nor a file; the
+/// loader's error for a malformed `config.json` or IR file (naming the file);
+/// [`ModelError::Invalid`] for overrides on an IR file.
+pub fn resolve(spec: &str, overrides: &Overrides) -> Result<ModelDef, ModelError> {
     let path = Path::new(spec);
     let mut notes = hf::ConfigNotes::default();
     let mut cfg = match zoo::lookup(spec) {
@@ -55,12 +82,7 @@ pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError
                     why: e.to_string(),
                 })?;
                 let is_training = graph.ops().any(|o| graph.node(o).phase != Phase::Fwd);
-                return Ok(LoadedModel {
-                    config: None,
-                    graph,
-                    is_training,
-                    notes,
-                });
+                return Ok(ModelDef::Graph { graph, is_training });
             }
         }
     };
@@ -70,12 +92,30 @@ pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError
     if let Some(l) = overrides.layers {
         cfg.layers = l;
     }
-    let graph = build_forward(&cfg)?;
-    Ok(LoadedModel {
-        config: Some(cfg),
-        graph,
-        is_training: false,
-        notes,
+    cfg.validate()?;
+    Ok(ModelDef::Config { config: cfg, notes })
+}
+
+/// Loads a model from a zoo name, a `config.json` path or an IR file path, building
+/// a configuration's whole forward graph.
+///
+/// # Errors
+///
+/// As [`resolve`], and the builder's error for a configuration it cannot build.
+pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError> {
+    Ok(match resolve(spec, overrides)? {
+        ModelDef::Config { config, notes } => LoadedModel {
+            graph: build_forward(&config)?,
+            config: Some(config),
+            is_training: false,
+            notes,
+        },
+        ModelDef::Graph { graph, is_training } => LoadedModel {
+            config: None,
+            graph,
+            is_training,
+            notes: hf::ConfigNotes::default(),
+        },
     })
 }
 

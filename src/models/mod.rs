@@ -12,7 +12,7 @@ mod load;
 pub mod zoo;
 
 pub use build::build_forward;
-pub use load::{load, load_ir_file, LoadedModel, Overrides};
+pub use load::{load, load_ir_file, resolve, LoadedModel, ModelDef, Overrides};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
