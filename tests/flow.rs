@@ -388,7 +388,6 @@ fn sharding_is_priced_at_the_jobs_sequence() {
     // the priced cost of a layer grows with the sequence (a fixed pricing binding
     // would price both jobs the same).
     use apar::lower::compile::{Compiler, ModelSource};
-    use apar::passes::{Config, Recompute, Schedule};
     let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
     let price = |seq: u64| {
         let c = Compiler::new(
@@ -399,19 +398,7 @@ fn sharding_is_priced_at_the_jobs_sequence() {
             1.0,
         )
         .unwrap();
-        let config = Config {
-            dp: 4,
-            tp: 2,
-            pp: 1,
-            micro_batch: 1,
-            num_micro_batches: 2,
-            sp: false,
-            recompute: Recompute::None,
-            recompute_layers: None,
-            zero: 0,
-            low_prec_shard: false,
-            schedule: Schedule::OneFOneB,
-        };
+        let config = common::config(4, 2, 1, 1, 2);
         let program = c.device_program(&config).unwrap();
         let sharded = program.sharded.expect("tp 2 shards");
         sharded.templates[0].report.cost_ps

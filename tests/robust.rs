@@ -252,19 +252,7 @@ fn tp_check_is_typed() {
         0.8,
     )
     .unwrap();
-    let config = Config {
-        dp: 1,
-        tp: 8,
-        pp: 1,
-        micro_batch: 1,
-        num_micro_batches: 8,
-        sp: false,
-        recompute: Recompute::None,
-        recompute_layers: None,
-        zero: 0,
-        low_prec_shard: false,
-        schedule: Schedule::OneFOneB,
-    };
+    let config = common::config(1, 8, 1, 1, 8);
     match c.check(&config) {
         Err(CompileError::TpNotDividingHeads {
             tp: 8, count: 12, ..
