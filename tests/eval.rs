@@ -125,12 +125,19 @@ fn trace_has_one_track_per_stage_and_svg_renders() {
     assert_eq!(names, ["stage 0", "stage 1", "stage 2", "stage 3"]);
     let work = events
         .iter()
-        .filter(|e| e["ph"] == "X" && e["tid"] == 0)
+        .filter(|e| e["ph"] == "X" && (e["cat"] == "F" || e["cat"] == "B"))
         .count();
     assert_eq!(work, 4 * 8 * 2, "one F and one B per micro-batch per stage");
+    // Every unit is split into its blocks: megatron-1.7b has 24 layers, an embedding
+    // and a head, each run forward and backward for each of the 8 micro-batches.
+    let blocks = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["cat"] == "block")
+        .count();
+    assert_eq!(blocks, 26 * 8 * 2);
     assert!(events
         .iter()
-        .any(|e| e["ph"] == "C" && e["name"] == "memory"));
+        .any(|e| e["ph"] == "C" && e["name"] == "memory (bytes)"));
     assert!(e.sim.events.iter().all(|x| x.end >= x.start));
     assert_eq!(
         e.sim.events.iter().filter(|x| x.pass == Pass::B).count(),
@@ -142,7 +149,58 @@ fn trace_has_one_track_per_stage_and_svg_renders() {
         e.step_time_s,
     );
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 4);
+    // Three role bands per stage, with axes and a legend.
+    assert_eq!(svg.matches("<polygon").count(), 4 * 3);
+    assert_eq!(svg.matches("time (s)").count(), 4);
+    for role in ["model states", "activations", "temporary", "budget"] {
+        assert!(svg.contains(role), "{role}");
+    }
+}
+
+/// The trace shows the collectives a configuration runs: tensor-parallel collectives
+/// inside each block, ZeRO-3's gathers and reduce-scatters per micro-batch, and each
+/// block's gradient reduction; a single-stage plot shows memory by role over the step.
+#[test]
+fn trace_shows_collectives_and_memory_by_role() {
+    let c = compiler("megatron-1.7b", "dgx-a100-80g:1", 2048, 16);
+    let cats = |cfg: Config| -> Vec<String> {
+        let e = c.evaluate(&cfg).unwrap();
+        let t = trace::chrome_trace(&e.sim.trace(), e.config.pp);
+        t["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["cat"].as_str().map(str::to_string))
+            .collect()
+    };
+    let tp = cats(config(4, 2, 1, 1, 4, 1));
+    assert!(tp.iter().any(|c| c == "tp"));
+    assert!(tp.iter().any(|c| c == "grad-reduce"));
+    assert!(
+        !tp.iter().any(|c| c == "dp"),
+        "ZeRO-1 reduces once per step"
+    );
+    let zero3 = cats(config(8, 1, 1, 1, 2, 3));
+    assert!(zero3.iter().any(|c| c == "dp"));
+    assert!(!zero3.iter().any(|c| c == "tp"));
+
+    let e = c.evaluate(&config(8, 1, 1, 1, 2, 1)).unwrap();
+    let trace = e.sim.trace();
+    assert_eq!(trace.timeline.len(), 1);
+    // Activations rise during the forwards and are freed by the backwards; the
+    // optimizer step holds only temporary buffers above the model states.
+    assert!(trace.timeline[0].iter().any(|m| m.activations > 0));
+    assert!(trace.timeline[0]
+        .iter()
+        .any(|m| m.temporary > 0 && m.activations == 0));
+    let last = trace.timeline[0].last().unwrap();
+    assert_eq!((last.activations, last.temporary), (0, 0));
+    let svg = trace::memory_svg(
+        &trace,
+        &apar::report::EvalJson::new(&e).memory,
+        e.step_time_s,
+    );
+    assert_eq!(svg.matches("<polygon").count(), 3);
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod profile;
 pub mod schedule;
 
 use crate::cost::CostModel;
+use crate::ir::Block;
 use crate::passes::Config;
 use profile::{Blocks, StateBytes};
 use schedule::Pass;
@@ -23,6 +24,12 @@ pub struct MemSample {
     pub t: f64,
     /// Bytes in use.
     pub bytes: u64,
+    /// Of which saved activations of in-flight micro-batches.
+    #[serde(default)]
+    pub activations: u64,
+    /// Of which transient bytes of the running pass or optimizer step.
+    #[serde(default)]
+    pub temporary: u64,
 }
 
 /// One simulated unit of work, for traces.
@@ -52,6 +59,10 @@ pub enum CommKind {
     /// The part of the data-parallel gradient reduction (all-reduce, or ZeRO's
     /// reduce-scatter) that outlasts the last backward.
     DpReduce,
+    /// One block's data-parallel gradient reduction (all-reduce, or ZeRO's
+    /// reduce-scatter) on the communication stream, once per step after the block's
+    /// last backward (overlapped with the backward of earlier blocks where it fits).
+    GradReduce,
     /// The optimizer step.
     Optimizer,
     /// ZeRO's all-gather of the updated parameters after the optimizer step.
@@ -64,6 +75,7 @@ impl CommKind {
         match self {
             CommKind::Send => "send",
             CommKind::DpReduce => "dp-reduce",
+            CommKind::GradReduce => "grad-reduce",
             CommKind::Optimizer => "optimizer",
             CommKind::ParamGather => "param-gather",
         }
@@ -77,6 +89,10 @@ pub struct CommEvent {
     pub stage: u32,
     /// What it is.
     pub what: CommKind,
+    /// The block it serves, for per-block collectives (a block's gradient
+    /// reduction).
+    #[serde(default)]
+    pub block: Option<Block>,
     /// Start, seconds.
     pub start: f64,
     /// End, seconds.
@@ -123,10 +139,37 @@ pub struct TimeBreakdown {
 
 pub use crate::passes::pipeline::StageSpan;
 
+/// One block's share of a virtual stage's work unit (one micro-batch), for traces:
+/// a forward unit runs its blocks in order, a backward unit in reverse.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlockTiming {
+    /// The block (`embed`, `layer.N`, `head`).
+    pub block: Option<Block>,
+    /// Forward time, seconds: compute with its tensor-parallel collectives, or the
+    /// ZeRO parameter gathers it overlaps when they take longer.
+    pub fwd_s: f64,
+    /// Backward time, seconds (recomputation included), or the per-micro-batch ZeRO
+    /// collectives it overlaps when they take longer.
+    pub bwd_s: f64,
+    /// Tensor-parallel collectives inside the forward, seconds.
+    pub tp_fwd_s: f64,
+    /// Tensor-parallel collectives inside the backward, seconds.
+    pub tp_bwd_s: f64,
+    /// Recomputation inside the backward, seconds.
+    pub recompute_s: f64,
+    /// ZeRO-3 parameter gathers overlapping the forward, seconds.
+    pub dp_fwd_s: f64,
+    /// ZeRO-2/3 gathers and reduce-scatters overlapping the backward, seconds.
+    pub dp_bwd_s: f64,
+}
+
 /// The simulated step of every pipeline device: the work units in the order they ran,
 /// the communication and optimizer intervals, and the memory timelines.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepTrace {
+    /// Per virtual stage (model order), its blocks' shares of one work unit.
+    #[serde(default)]
+    pub blocks: Vec<Vec<BlockTiming>>,
     /// Forward and backward work units, per device in execution order.
     pub events: Vec<Event>,
     /// Point-to-point sends, exposed data-parallel reduction, optimizer step and ZeRO
@@ -155,12 +198,15 @@ pub struct Simulation {
     pub comm: Vec<CommEvent>,
     /// Memory timeline per pipeline device.
     pub timeline: Vec<Vec<MemSample>>,
+    /// Per virtual stage, its blocks' shares of a work unit (for traces).
+    pub blocks: Vec<Vec<BlockTiming>>,
 }
 
 impl Simulation {
     /// The recorded events and timelines (empty unless simulated with `detail`).
     pub fn trace(&self) -> StepTrace {
         StepTrace {
+            blocks: self.blocks.clone(),
             events: self.events.clone(),
             comm: self.comm.clone(),
             timeline: self.timeline.clone(),
@@ -311,6 +357,8 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                 vec![MemSample {
                     t: 0.0,
                     bytes: states[d].total(),
+                    activations: 0,
+                    temporary: 0,
                 }]
             } else {
                 Vec::new()
@@ -374,11 +422,15 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                 timeline[d].push(MemSample {
                     t: start,
                     bytes: during,
+                    activations: inflight[d] + extra.1,
+                    temporary: extra.0 - extra.1,
                 });
                 inflight[d] = after;
                 timeline[d].push(MemSample {
                     t: end,
                     bytes: base + inflight[d],
+                    activations: inflight[d],
+                    temporary: 0,
                 });
                 match step.pass {
                     Pass::F => f_end[i] = end,
@@ -396,6 +448,7 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                 if input.detail && sends && p2p > 0.0 {
                     comm_events.push(CommEvent {
                         stage: s,
+                        block: None,
                         what: CommKind::Send,
                         start: end,
                         end: end + p2p,
@@ -440,9 +493,20 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                 .map(|mb| b_end[idx(k as u32, mb)])
                 .fold(0.0f64, f64::max);
             let mut t = end_of_chunk - vs[k].bwd;
-            for b in blocks.refs(span.first, span.last).rev() {
+            for (back, b) in blocks.refs(span.first, span.last).rev().enumerate() {
+                let i = span.last - back;
                 t += b.bwd_s.max(b.dp_bwd_s);
-                comm = comm.max(t) + b.dp_grad_s;
+                let start = comm.max(t);
+                comm = start + b.dp_grad_s;
+                if input.detail && b.dp_grad_s > 0.0 {
+                    comm_events.push(CommEvent {
+                        stage: s,
+                        block: blocks.block(i),
+                        what: CommKind::GradReduce,
+                        start,
+                        end: comm,
+                    });
+                }
             }
         }
         let compute_end = free_at[d];
@@ -451,6 +515,7 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
             if input.detail && stop > start {
                 comm_events.push(CommEvent {
                     stage: s,
+                    block: None,
                     what,
                     start,
                     end: stop,
@@ -471,10 +536,14 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
             timeline[d].push(MemSample {
                 t: end,
                 bytes: states[d].total() + opt_extra[d],
+                activations: 0,
+                temporary: opt_extra[d],
             });
             timeline[d].push(MemSample {
                 t: finish[d],
                 bytes: states[d].total(),
+                activations: 0,
+                temporary: 0,
             });
         }
         let opt_peak = states[d].total() + opt_extra[d];
@@ -524,7 +593,31 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
     let flops_per_device = (0..pp)
         .map(|s| (0..v).map(|c| vs[vstage(s, c)].flops * u64::from(m)).sum())
         .collect();
+    let block_timings = if input.detail {
+        input
+            .stages
+            .iter()
+            .map(|span| {
+                (span.first..=span.last)
+                    .zip(blocks.refs(span.first, span.last))
+                    .map(|(i, b)| BlockTiming {
+                        block: blocks.block(i),
+                        fwd_s: b.fwd_s.max(b.dp_fwd_s),
+                        bwd_s: b.bwd_s.max(b.dp_bwd_s),
+                        tp_fwd_s: b.tp_fwd_s,
+                        tp_bwd_s: b.tp_comm_s - b.tp_fwd_s,
+                        recompute_s: b.recompute_s,
+                        dp_fwd_s: b.dp_fwd_s,
+                        dp_bwd_s: b.dp_bwd_s,
+                    })
+                    .collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     Simulation {
+        blocks: block_timings,
         step_time_s,
         memory,
         stage_time_s: vs.iter().map(|x| x.fwd + x.bwd).collect(),

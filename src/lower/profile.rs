@@ -207,6 +207,8 @@ pub struct BlockProfile {
     pub recompute_s: f64,
     /// Tensor-parallel collective share of `fwd_s + bwd_s`.
     pub tp_comm_s: f64,
+    /// Tensor-parallel collective share of `fwd_s`.
+    pub tp_fwd_s: f64,
     /// Data-parallel collectives issued every micro-batch (ZeRO-2/3), forward.
     pub dp_fwd_s: f64,
     /// Data-parallel collectives issued every micro-batch (ZeRO-2/3), backward.
@@ -299,6 +301,9 @@ pub fn profile(
         }
         if collective && !is_dp && node.phase != Phase::Opt {
             p.tp_comm_s += t;
+            if node.phase == Phase::Fwd {
+                p.tp_fwd_s += t;
+            }
         }
     }
 
