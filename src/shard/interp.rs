@@ -517,6 +517,11 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             one(t)
         }
         Op::Gelu => one(map1(x0()?, gelu)),
+        Op::Pow { exponent } => one(map1(x0()?, |v| v.powf(*exponent))),
+        Op::Tanh => one(map1(x0()?, F::tanh)),
+        Op::Rsqrt => one(map1(x0()?, |v| 1.0 / v.sqrt())),
+        Op::Shift { value } => one(map1(x0()?, |v| v + value)),
+        Op::Contiguous => one(x0()?.clone()),
         Op::GeluGrad => one(zip2(ins[0], ins[1], |dy, x| dy * gelu_grad(x))?),
         Op::Silu => one(map1(x0()?, |v| v * sigmoid(v))),
         Op::SiluGrad => one(zip2(ins[0], ins[1], |dy, x| {
@@ -879,6 +884,9 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), *causal, *scale)?;
             let (dq, dk, dv) = grads.ok_or("no gradients")?;
             Ok(vec![dq, dk, dv])
+        }
+        Op::Sdpa { .. } | Op::SdpaGrad { .. } => {
+            Err("the interpreter does not run sdpa (Hugging Face model code only)".into())
         }
         Op::AllReduce { .. }
         | Op::AllGather { .. }
