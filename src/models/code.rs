@@ -37,6 +37,11 @@
 //!   computes once for all layers; the rotated `q`, `k` are new tensors, as with the fused
 //!   op.
 //!
+//! Dropout (probability above zero) is the IR's dropout op, which keeps a 1-byte mask as
+//! CUDA's `native_dropout` does; the measurements run without dropout (PyTorch skips it
+//! at probability zero), so this part is not checked against them. The head's loss is the
+//! fused cross-entropy op under every model code.
+//!
 //! Not modeled: `nn.LayerNorm`'s per-row mean and reciprocal deviation (PyTorch keeps
 //! them, 2 elements per token per norm in the input dtype, 0.03–0.06% of a layer at the
 //! measured sizes); Falcon's two 8-byte index tensors (multi-query key/value split).

@@ -384,8 +384,8 @@ impl Op {
                 if let Some(mask) = inputs.get(3) {
                     sdpa_mask(q, k, mask).map_err(err)?;
                 }
-                let (qd, b, s, a) = (&q.shape.0, q.shape.0[0], q.shape.0[1], q.shape.0[2]);
-                debug_assert_eq!(qd.len(), 4);
+                // attention_shapes checked the rank: q is [b, s, a, d].
+                let (b, s, a) = (q.shape.0[0], q.shape.0[1], q.shape.0[2]);
                 Ok(Some(vec![
                     q.clone(),
                     TensorType::new(DType::F32, [b, s, a]),
