@@ -192,6 +192,15 @@ enum Record {
         /// Group size of a vocabulary-parallel lookup.
         parts: Option<u32>,
     },
+    Sdpa {
+        q: TensorId,
+        k: TensorId,
+        v: TensorId,
+        o: TensorId,
+        lse: TensorId,
+        causal: bool,
+        scale: f64,
+    },
     Flash {
         q: TensorId,
         k: TensorId,
@@ -513,7 +522,20 @@ impl<'r> Gen<'r> {
         }
         let scale = [0.125, 0.25, 0.5][self.pick(3) as usize];
         let causal = self.pick(4) != 0;
-        let ctx = if flash {
+        let ctx = if flash && self.pick(3) == 0 {
+            // PyTorch's sdpa: the output and the log-sum-exp.
+            let r = ok(self.b.add(Op::Sdpa { causal, scale }, &[q, k, v]));
+            self.record(Record::Sdpa {
+                q,
+                k,
+                v,
+                o: r[0],
+                lse: r[1],
+                causal,
+                scale,
+            });
+            r[0]
+        } else if flash {
             let o = self.add1(Op::FlashAttention { causal, scale }, &[q, k, v]);
             self.record(Record::Flash {
                 q,
@@ -582,6 +604,16 @@ impl<'r> Gen<'r> {
         let h = self.h;
         let choices = if self.opts.communication { 11 } else { 6 };
         match self.pick(choices) {
+            0 if self.coin() => {
+                // Hugging Face-style elementwise pieces: a copy, then
+                // `x · rsqrt(1 + tanh(x)²)` (a positive argument for the root).
+                let c = self.add1(Op::Contiguous, &[x]);
+                let t = self.add1(Op::Tanh, &[c]);
+                let sq = self.add1(Op::Pow { exponent: 2.0 }, &[t]);
+                let one = self.add1(Op::Shift { value: 1.0 }, &[sq]);
+                let r = self.add1(Op::Rsqrt, &[one]);
+                self.add1(Op::Mul, &[c, r])
+            }
             0 => {
                 let factor = self.scale_factor();
                 self.add1(Op::Scale { factor }, &[x])
@@ -916,6 +948,19 @@ impl<'r> Gen<'r> {
                 };
                 let g = self.add1(op, &[y, ids]);
                 self.set_grad(param, g);
+            }
+            Record::Sdpa {
+                q,
+                k,
+                v,
+                o,
+                lse,
+                causal,
+                scale,
+            } => {
+                ok(self
+                    .b
+                    .add(Op::SdpaGrad { causal, scale }, &[o, q, k, v, o, lse]));
             }
             Record::Flash {
                 q,

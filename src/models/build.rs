@@ -1,5 +1,6 @@
 //! Builds the forward graph of a decoder-only transformer from a [`ModelConfig`].
 
+use super::code::{AttnImpl, HfArch, ModelCode};
 use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
 use crate::ir::{
     Block, DType, Dim, Graph, GraphBuilder, Op, Shape, ShapeError, TensorId, TensorType,
@@ -11,6 +12,9 @@ pub const COMPUTE_DTYPE: DType = DType::Bf16;
 struct Ctx<'a> {
     cfg: &'a ModelConfig,
     b: GraphBuilder,
+    code: ModelCode,
+    /// The causal mask the model materializes once (Hugging Face Falcon with SDPA).
+    mask: Option<TensorId>,
 }
 
 type R<T> = Result<T, ShapeError>;
@@ -53,11 +57,51 @@ impl Ctx<'_> {
         let g = self.param(&format!("{name}.weight"), &[h]);
         match self.cfg.norm {
             Norm::LayerNorm => {
+                // `nn.LayerNorm` is one kernel in Hugging Face's code too.
                 let beta = self.param(&format!("{name}.bias"), &[h]);
                 self.op(Op::LayerNorm { eps }, &[x, g, beta])
             }
-            Norm::RmsNorm => self.op(Op::RmsNorm { eps }, &[x, g]),
+            Norm::RmsNorm if self.code == ModelCode::Fused => self.op(Op::RmsNorm { eps }, &[x, g]),
+            Norm::RmsNorm => self.hf_rms_norm(x, g),
         }
+    }
+
+    /// `LlamaRMSNorm.forward`: `x.to(f32)`, `pow(2).mean(-1, keepdim)`, `+ eps`, `rsqrt`,
+    /// `x · r`, `.to(bf16)`, `weight · y`. Broadcasts are views (`expand`).
+    fn hf_rms_norm(&mut self, x: TensorId, g: TensorId) -> R<TensorId> {
+        let ty = self.b.ty(x).clone();
+        let rank = ty.shape.rank() as u32;
+        let last = rank - 1;
+        let h = self.cfg.hidden;
+        let x32 = self.op(Op::Cast { to: DType::F32 }, &[x])?;
+        let sq = self.op(Op::Pow { exponent: 2.0 }, &[x32])?;
+        let sum = self.op(Op::ReduceSum { axes: vec![last] }, &[sq])?;
+        let mean = self.op(
+            Op::Scale {
+                factor: 1.0 / h as f64,
+            },
+            &[sum],
+        )?;
+        let var = self.op(
+            Op::Shift {
+                value: self.cfg.norm_eps,
+            },
+            &[mean],
+        )?;
+        let r = self.op(Op::Rsqrt, &[var])?;
+        let rows = Op::Broadcast {
+            axes: vec![last],
+            shape: ty.shape.clone(),
+        };
+        let r = self.op(rows, &[r])?;
+        let y32 = self.op(Op::Mul, &[x32, r])?;
+        let y = self.op(Op::Cast { to: ty.dtype }, &[y32])?;
+        let cols = Op::Broadcast {
+            axes: (0..last).collect(),
+            shape: ty.shape,
+        };
+        let g = self.op(cols, &[g])?;
+        self.op(Op::Mul, &[g, y])
     }
 
     fn dropout(&mut self, x: TensorId) -> R<TensorId> {
@@ -81,6 +125,9 @@ impl Ctx<'_> {
     }
 
     fn attention(&mut self, x: TensorId, p: &str) -> R<TensorId> {
+        if let ModelCode::Transformers { arch, attn } = self.code {
+            return self.hf_attention(x, p, arch, attn);
+        }
         let cfg = self.cfg;
         let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);
         let (q, k, v) = if a == kv {
@@ -169,13 +216,155 @@ impl Ctx<'_> {
         self.linear(ctx, &format!("{p}.out"), a * d, h, cfg.out_bias)
     }
 
+    /// The attention block as Hugging Face's modules run it (see [`ModelCode`]).
+    fn hf_attention(&mut self, x: TensorId, p: &str, arch: HfArch, attn: AttnImpl) -> R<TensorId> {
+        let cfg = self.cfg;
+        let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let (q, k, v) = if a == kv && !arch.separate_qkv() {
+            // One fused projection (`c_attn`, `query_key_value`), split into views.
+            let qkv = self.linear(x, &format!("{p}.qkv"), h, 3 * a * d, cfg.qkv_bias)?;
+            let part = |c: &mut Self, i: u64| {
+                c.op(
+                    Op::Slice {
+                        axis: 2,
+                        start: i * a * d,
+                        len: a * d,
+                    },
+                    &[qkv],
+                )
+            };
+            (part(self, 0)?, part(self, 1)?, part(self, 2)?)
+        } else {
+            let q = self.linear(x, &format!("{p}.q"), h, a * d, cfg.qkv_bias)?;
+            let k = self.linear(x, &format!("{p}.k"), h, kv * d, cfg.qkv_bias)?;
+            let v = self.linear(x, &format!("{p}.v"), h, kv * d, cfg.qkv_bias)?;
+            (q, k, v)
+        };
+        let mut q = self.split_heads(q, a)?;
+        let mut k = self.split_heads(k, kv)?;
+        let mut v = self.split_heads(v, kv)?;
+        // Whether q, k, v are still views of a projection (no op has copied them yet).
+        let (mut q_view, mut k_view, mut v_view) = (true, true, true);
+        if let Position::Rotary { dims, theta } = cfg.position {
+            // `q·cos + rotate_half(q)·sin`: a new tensor; it keeps only cos and sin.
+            q = self.op(Op::Rotary { dims, theta }, &[q])?;
+            k = self.op(Op::Rotary { dims, theta }, &[k])?;
+            (q_view, k_view) = (false, false);
+        }
+        // `repeat_kv` (eager) and Falcon's new decoder broadcast key/value heads to all
+        // query heads with a copy; SDPA otherwise takes them unrepeated (`enable_gqa`).
+        let repeat = a != kv && (attn == AttnImpl::Eager || arch == HfArch::Falcon);
+        if repeat {
+            let times = a / kv;
+            k = self.op(Op::Repeat { axis: 2, times }, &[k])?;
+            v = self.op(Op::Repeat { axis: 2, times }, &[v])?;
+            (k_view, v_view) = (false, false);
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        let ctx = match attn {
+            AttnImpl::Sdpa => {
+                let mut ins = vec![q, k, v];
+                if let Some(mask) = self.mask {
+                    // PyTorch turns the boolean mask into an additive one of the compute
+                    // dtype on every call.
+                    let dtype = self.b.ty(q).dtype;
+                    ins.push(self.op(Op::Cast { to: dtype }, &[mask])?);
+                }
+                let causal = self.mask.is_none();
+                let o = self.b.add(Op::Sdpa { causal, scale }, &ins)?[0];
+                // The flash kernel lays its output out like `q`: `[b, s, heads, d]`,
+                // where the model's `transpose(1, 2).contiguous()` copies nothing, unless
+                // a concatenation laid `q` out heads-first.
+                if arch.rotary_by_concat() {
+                    self.op(Op::Contiguous, &[o])?
+                } else {
+                    o
+                }
+            }
+            AttnImpl::Eager => {
+                let heads_first = Op::Transpose {
+                    perm: vec![0, 2, 1, 3],
+                };
+                let mut q = self.op(heads_first.clone(), &[q])?;
+                let mut k = self.op(heads_first.clone(), &[k])?;
+                let mut v = self.op(heads_first.clone(), &[v])?;
+                // `torch.matmul` folds heads into the batch; a head-split view of a
+                // projection cannot fold without a copy, which backward then reads.
+                for (t, view) in [(&mut q, q_view), (&mut k, k_view), (&mut v, v_view)] {
+                    if view {
+                        *t = self.op(Op::Contiguous, &[*t])?;
+                    }
+                }
+                let scores = self.op(
+                    Op::MatMul {
+                        ta: false,
+                        tb: true,
+                    },
+                    &[q, k],
+                )?;
+                let scores = self.op(Op::Scale { factor: scale }, &[scores])?;
+                // The additive causal mask, then the softmax: one op (the mask add keeps
+                // nothing for backward).
+                let softmax = Op::Softmax {
+                    causal: true,
+                    scale: 1.0,
+                };
+                let probs = if arch.eager_softmax_fp32() {
+                    let dtype = self.b.ty(scores).dtype;
+                    let s32 = self.op(Op::Cast { to: DType::F32 }, &[scores])?;
+                    let p32 = self.op(softmax, &[s32])?;
+                    self.op(Op::Cast { to: dtype }, &[p32])?
+                } else {
+                    self.op(softmax, &[scores])?
+                };
+                let probs = self.dropout(probs)?;
+                let ctx = self.op(
+                    Op::MatMul {
+                        ta: false,
+                        tb: false,
+                    },
+                    &[probs, v],
+                )?;
+                let ctx = self.op(heads_first, &[ctx])?;
+                self.op(Op::Contiguous, &[ctx])?
+            }
+        };
+        let ctx = self.op(
+            Op::Reshape {
+                shape: Shape::new(bsd(a * d)),
+            },
+            &[ctx],
+        )?;
+        self.linear(ctx, &format!("{p}.out"), a * d, h, cfg.out_bias)
+    }
+
+    /// `NewGELUActivation`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, op by op.
+    fn gelu_new(&mut self, x: TensorId) -> R<TensorId> {
+        let half = self.op(Op::Scale { factor: 0.5 }, &[x])?;
+        let cube = self.op(Op::Pow { exponent: 3.0 }, &[x])?;
+        let cube = self.op(Op::Scale { factor: 0.044715 }, &[cube])?;
+        let inner = self.op(Op::Add, &[x, cube])?;
+        let inner = self.op(
+            Op::Scale {
+                factor: (2.0 / std::f64::consts::PI).sqrt(),
+            },
+            &[inner],
+        )?;
+        let t = self.op(Op::Tanh, &[inner])?;
+        let t = self.op(Op::Shift { value: 1.0 }, &[t])?;
+        self.op(Op::Mul, &[half, t])
+    }
+
     fn mlp(&mut self, x: TensorId, p: &str) -> R<TensorId> {
         let cfg = self.cfg;
         let (h, f) = (cfg.hidden, cfg.ffn);
         match cfg.mlp {
             Mlp::Gelu => {
                 let y = self.linear(x, &format!("{p}.fc1"), h, f, cfg.mlp_bias)?;
-                let y = self.op(Op::Gelu, &[y])?;
+                let y = match self.code {
+                    ModelCode::Transformers { arch, .. } if arch.gelu_new() => self.gelu_new(y)?,
+                    _ => self.op(Op::Gelu, &[y])?,
+                };
                 self.linear(y, &format!("{p}.fc2"), f, h, cfg.mlp_bias)
             }
             Mlp::SwiGlu => {
@@ -212,7 +401,21 @@ impl Ctx<'_> {
 /// Builds the forward graph: `embed`, `layer.0` … `layer.{l-1}`, `head` (final norm,
 /// logits, mean cross-entropy). Inputs `tokens` and `labels` (and `positions` with
 /// learned positions) are `i64[b,s]`; parameters are bf16 with role `param`.
+///
+/// This is the fused (Megatron-LM) model code: `build_forward_with(cfg, ModelCode::Fused)`.
 pub fn build_forward(cfg: &ModelConfig) -> Result<Graph, ModelError> {
+    build_forward_with(cfg, ModelCode::Fused)
+}
+
+/// [`build_forward`] for the op sequence of `code`: the fused kernels, or Hugging Face
+/// Transformers' modules with their attention implementation (see [`ModelCode`] for what
+/// differs and why). The parameters are the same; with Hugging Face code whose model
+/// materializes the causal mask and hands it to SDPA (Falcon), the embedding block also
+/// has the input `attention_mask`, `u8[b,s,s]` (a boolean mask).
+///
+/// With [`ModelCode::Transformers`], [`ModelConfig::attention`] is ignored (the
+/// attention implementation decides), and the head's loss is the fused cross-entropy op.
+pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, ModelError> {
     cfg.validate()?;
     let shape_err = |source| ModelError::Shape {
         model: cfg.name.clone(),
@@ -221,6 +424,8 @@ pub fn build_forward(cfg: &ModelConfig) -> Result<Graph, ModelError> {
     let mut c = Ctx {
         cfg,
         b: GraphBuilder::new(cfg.name.clone()),
+        code,
+        mask: None,
     };
     let ids = TensorType::new(DType::I64, [Dim::batch(), Dim::seq()]);
     let (h, v) = (cfg.hidden, cfg.vocab);
@@ -236,6 +441,16 @@ pub fn build_forward(cfg: &ModelConfig) -> Result<Graph, ModelError> {
         x = c.op(Op::Add, &[x, pe]).map_err(shape_err)?;
     }
     x = c.dropout(x).map_err(shape_err)?;
+    if let ModelCode::Transformers {
+        arch,
+        attn: AttnImpl::Sdpa,
+    } = code
+    {
+        if arch.sdpa_mask() {
+            let mask = TensorType::new(DType::U8, [Dim::batch(), Dim::seq(), Dim::seq()]);
+            c.mask = Some(c.b.input("attention_mask", mask));
+        }
+    }
 
     for i in 0..cfg.layers {
         c.b.set_block(Block::Layer(i));

@@ -2,16 +2,20 @@
 //! builder that turns a [`ModelConfig`] into a forward [`Graph`](crate::ir::Graph)
 //! with block tags.
 //!
-//! Graphs use Megatron-LM granularity: separate layernorm, bias add, GeLU, fused
-//! scale-mask-softmax and dropout ops (dropout with a 1-byte mask), so that the
+//! [`build_forward`] uses Megatron-LM granularity: separate layernorm, bias add, GeLU,
+//! fused scale-mask-softmax and dropout ops (dropout with a 1-byte mask), so that the
 //! training graph's saved tensors reproduce Korthikanti et al.'s activation counts.
+//! [`build_forward_with`] also builds the op sequence Hugging Face Transformers' modules
+//! run (see [`ModelCode`]), whose saved tensors are those PyTorch keeps for them.
 
 mod build;
+pub mod code;
 pub mod hf;
 mod load;
 pub mod zoo;
 
-pub use build::build_forward;
+pub use build::{build_forward, build_forward_with};
+pub use code::{AttnImpl, HfArch, ModelCode};
 pub use load::{load, load_ir_file, resolve, LoadedModel, ModelDef, Overrides};
 
 use serde::{Deserialize, Serialize};

@@ -517,6 +517,11 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             one(t)
         }
         Op::Gelu => one(map1(x0()?, gelu)),
+        Op::Pow { exponent } => one(map1(x0()?, |v| v.powf(*exponent))),
+        Op::Tanh => one(map1(x0()?, F::tanh)),
+        Op::Rsqrt => one(map1(x0()?, |v| 1.0 / v.sqrt())),
+        Op::Shift { value } => one(map1(x0()?, |v| v + value)),
+        Op::Contiguous => one(x0()?.clone()),
         Op::GeluGrad => one(zip2(ins[0], ins[1], |dy, x| dy * gelu_grad(x))?),
         Op::Silu => one(map1(x0()?, |v| v * sigmoid(v))),
         Op::SiluGrad => one(zip2(ins[0], ins[1], |dy, x| {
@@ -880,6 +885,21 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             let (dq, dk, dv) = grads.ok_or("no gradients")?;
             Ok(vec![dq, dk, dv])
         }
+        Op::Sdpa { causal, scale } => {
+            if ins.len() > 3 {
+                return Err("the interpreter runs sdpa without a mask tensor".into());
+            }
+            let (o, _) = attention(ins[0], ins[1], ins[2], None, *causal, *scale)?;
+            Ok(vec![o, log_sum_exp(ins[0], ins[1], *causal, *scale)])
+        }
+        Op::SdpaGrad { causal, scale } => {
+            if ins.len() > 6 {
+                return Err("the interpreter runs sdpa without a mask tensor".into());
+            }
+            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), *causal, *scale)?;
+            let (dq, dk, dv) = grads.ok_or("no gradients")?;
+            Ok(vec![dq, dk, dv])
+        }
         Op::AllReduce { .. }
         | Op::AllGather { .. }
         | Op::ReduceScatter { .. }
@@ -930,6 +950,38 @@ fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, out: &[usize]) -> R<Tensor
 type Grads = Option<(Tensor, Tensor, Tensor)>;
 
 /// Attention on `q[b,s,a,d]`, `k, v[b,t,kv,d]`; with `d_o`, also the gradients.
+/// The row log-sum-exp `[b, s, a]` of the scaled (and causally masked) scores, as
+/// [`Op::Sdpa`] returns it.
+fn log_sum_exp(q: &Tensor, k: &Tensor, causal: bool, scale: f64) -> Tensor {
+    let (b, s, a, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (t, kv) = (k.shape[1], k.shape[2]);
+    let group = (a / kv.max(1)).max(1);
+    let mut out = Tensor::zeros(&[b, s, a]);
+    for bi in 0..b {
+        for i in 0..s {
+            for h in 0..a {
+                let hk = h / group;
+                let dots: Vec<f64> = (0..t)
+                    .filter(|&j| !causal || j <= i)
+                    .map(|j| {
+                        let dot: f64 = (0..d)
+                            .map(|c| {
+                                q.data[((bi * s + i) * a + h) * d + c]
+                                    * k.data[((bi * t + j) * kv + hk) * d + c]
+                            })
+                            .sum();
+                        dot * scale
+                    })
+                    .collect();
+                let m = dots.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = dots.iter().map(|&x| (x - m).exp()).sum();
+                out.data[(bi * s + i) * a + h] = (m + sum.ln()) as F;
+            }
+        }
+    }
+    out
+}
+
 fn attention(
     q: &Tensor,
     k: &Tensor,

@@ -516,6 +516,49 @@ impl Diff<'_> {
                 let to = self.in_ty(0).dtype;
                 out.push((0, self.b.add1(Op::Cast { to }, &[dy])?));
             }
+            Op::Pow { exponent } => {
+                // d(x^p) = p·x^(p-1)·dy.
+                let x = self.input(0);
+                let xp = self.b.add1(
+                    Op::Pow {
+                        exponent: exponent - 1.0,
+                    },
+                    &[x],
+                )?;
+                let dx = self.b.add1(Op::Mul, &[dy, xp])?;
+                out.push((0, self.b.add1(Op::Scale { factor: exponent }, &[dx])?));
+            }
+            Op::Tanh => {
+                // d tanh = (1 - t²)·dy = dy - dy·t·t.
+                let t = self.result(0);
+                let dyt = self.b.add1(Op::Mul, &[dy, t])?;
+                let dytt = self.b.add1(Op::Mul, &[dyt, t])?;
+                let neg = self.b.add1(Op::Scale { factor: -1.0 }, &[dytt])?;
+                out.push((0, self.b.add1(Op::Add, &[dy, neg])?));
+            }
+            Op::Rsqrt => {
+                // d x^(-1/2) = -½·r³·dy.
+                let r = self.result(0);
+                let mut g = dy;
+                for _ in 0..3 {
+                    g = self.b.add1(Op::Mul, &[g, r])?;
+                }
+                out.push((0, self.b.add1(Op::Scale { factor: -0.5 }, &[g])?));
+            }
+            Op::Shift { .. } | Op::Contiguous => out.push((0, dy)),
+            Op::Sdpa { causal, scale } => {
+                let mut ins = vec![dy, self.input(0), self.input(1), self.input(2)];
+                ins.push(self.result(0));
+                ins.push(self.result(1));
+                if fwd.node(id).inputs.len() > 3 {
+                    if self.wants(3) {
+                        return Err(self.unsupported("gradient of an attention mask".into()));
+                    }
+                    ins.push(self.input(3));
+                }
+                let r = self.b.add(Op::SdpaGrad { causal, scale }, &ins)?;
+                out.extend([(0, r[0]), (1, r[1]), (2, r[2])]);
+            }
             Op::CrossEntropy => {
                 let logits = self.input(0);
                 let labels = self.input(1);
@@ -585,6 +628,7 @@ impl Diff<'_> {
             | Op::EmbeddingGrad { .. }
             | Op::CrossEntropyGrad
             | Op::FlashAttentionGrad { .. }
+            | Op::SdpaGrad { .. }
             | Op::AdamW { .. }
             | Op::VocabParallelEmbeddingGrad { .. }
             | Op::VocabParallelCrossEntropyGrad { .. }

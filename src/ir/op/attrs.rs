@@ -179,11 +179,18 @@ impl Op {
             | Op::CrossEntropy
             | Op::GeluGrad
             | Op::SiluGrad
-            | Op::CrossEntropyGrad => vec![],
+            | Op::CrossEntropyGrad
+            | Op::Tanh
+            | Op::Rsqrt
+            | Op::Contiguous => vec![],
+            Op::Pow { exponent } => vec![("exponent", V::Float(*exponent))],
+            Op::Shift { value } => vec![("value", V::Float(*value))],
             Op::Scale { factor } => vec![("factor", V::Float(*factor))],
             Op::Softmax { causal, scale }
             | Op::FlashAttention { causal, scale }
-            | Op::FlashAttentionGrad { causal, scale } => {
+            | Op::FlashAttentionGrad { causal, scale }
+            | Op::Sdpa { causal, scale }
+            | Op::SdpaGrad { causal, scale } => {
                 vec![("causal", V::Bool(*causal)), ("scale", V::Float(*scale))]
             }
             Op::Dropout { p } | Op::DropoutGrad { p } => vec![("p", V::Float(*p))],
@@ -357,7 +364,24 @@ impl Op {
                 axes: r.u32s("axes")?,
             },
             OpKind::Cast => Op::Cast { to: r.dtype("to")? },
+            OpKind::Pow => Op::Pow {
+                exponent: r.f64("exponent")?,
+            },
+            OpKind::Tanh => Op::Tanh,
+            OpKind::Rsqrt => Op::Rsqrt,
+            OpKind::Shift => Op::Shift {
+                value: r.f64("value")?,
+            },
+            OpKind::Contiguous => Op::Contiguous,
             OpKind::CrossEntropy => Op::CrossEntropy,
+            OpKind::Sdpa => Op::Sdpa {
+                causal: r.bool("causal")?,
+                scale: r.f64("scale")?,
+            },
+            OpKind::SdpaGrad => Op::SdpaGrad {
+                causal: r.bool("causal")?,
+                scale: r.f64("scale")?,
+            },
             OpKind::FlashAttention => Op::FlashAttention {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,

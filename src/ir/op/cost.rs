@@ -78,7 +78,9 @@ impl Op {
             Op::Input { .. } | Op::Param { .. } | Op::State { .. } | Op::Constant { .. } => {
                 Some(OpCost::default())
             }
-            Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } => Some(OpCost::default()),
+            Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::Broadcast { .. } => {
+                Some(OpCost::default())
+            }
             Op::MatMul { ta, .. } => {
                 let a = inputs.first()?;
                 let r = a.shape.rank();
@@ -92,9 +94,16 @@ impl Op {
                     bytes: io_bytes()?,
                 })
             }
-            Op::Add | Op::Mul | Op::Scale { .. } | Op::BiasAdd | Op::DropoutGrad { .. } => {
-                per_elem(fpe::SIMPLE)
-            }
+            Op::Add
+            | Op::Mul
+            | Op::Scale { .. }
+            | Op::BiasAdd
+            | Op::DropoutGrad { .. }
+            | Op::Pow { .. }
+            | Op::Tanh
+            | Op::Rsqrt
+            | Op::Shift { .. } => per_elem(fpe::SIMPLE),
+            Op::Contiguous => per_elem(0),
             Op::Gelu => per_elem(fpe::GELU),
             Op::GeluGrad => per_elem(fpe::GELU_GRAD),
             Op::Silu => per_elem(fpe::SILU),
@@ -112,7 +121,7 @@ impl Op {
             | Op::VocabParallelEmbeddingGrad { .. }
             | Op::TpSplit { .. } => per_elem(0),
             Op::TpCopy { .. } => Some(OpCost::default()),
-            Op::Repeat { .. } | Op::Broadcast { .. } | Op::EmbeddingGrad { .. } => per_elem(0),
+            Op::Repeat { .. } | Op::EmbeddingGrad { .. } => per_elem(0),
             Op::ReduceSum { .. } => Some(OpCost {
                 flops: numel(inputs.first()?)?,
                 bytes: io_bytes()?,
@@ -124,19 +133,18 @@ impl Op {
             Op::CrossEntropyGrad | Op::VocabParallelCrossEntropyGrad { .. } => {
                 per_elem(fpe::CROSS_ENTROPY_GRAD)
             }
-            Op::FlashAttention { .. } | Op::FlashAttentionGrad { .. } => {
+            Op::FlashAttention { .. }
+            | Op::FlashAttentionGrad { .. }
+            | Op::Sdpa { .. }
+            | Op::SdpaGrad { .. } => {
                 // q[b,s,a,d] against k[b,t,kv,d]: QKᵀ and PV are 2·b·a·s·t·d each.
-                let q = inputs.get(usize::from(matches!(self, Op::FlashAttentionGrad { .. })))?;
-                let k =
-                    inputs.get(usize::from(matches!(self, Op::FlashAttentionGrad { .. })) + 1)?;
+                let grad = matches!(self, Op::FlashAttentionGrad { .. } | Op::SdpaGrad { .. });
+                let q = inputs.get(usize::from(grad))?;
+                let k = inputs.get(usize::from(grad) + 1)?;
                 let t = k.shape.0.get(1)?.eval(env)?;
                 let pair = numel(q)?.checked_mul(t)?.checked_mul(4)?;
                 // Backward recomputes QKᵀ and runs dV, dP, dQ, dK: five products.
-                let matmuls = if matches!(self, Op::FlashAttention { .. }) {
-                    2
-                } else {
-                    5
-                };
+                let matmuls = if grad { 5 } else { 2 };
                 Some(OpCost {
                     flops: pair.checked_mul(matmuls)? / 2,
                     bytes: io_bytes()?,

@@ -173,8 +173,37 @@ pub enum Op {
         /// Target dtype.
         to: DType,
     },
+    /// Elementwise power `x^exponent` (PyTorch's `pow` with a scalar exponent; its
+    /// derivative reads `x`).
+    Pow {
+        /// The exponent.
+        exponent: f64,
+    },
+    /// Elementwise hyperbolic tangent (its derivative reads the result).
+    Tanh,
+    /// Elementwise reciprocal square root `1/√x` (its derivative reads the result).
+    Rsqrt,
+    /// `x + value` (PyTorch's addition of a Python scalar).
+    Shift {
+        /// The added constant.
+        value: f64,
+    },
+    /// A copy of `x` into a fresh buffer (the copy PyTorch makes when it reshapes a
+    /// strided view that no view can express, and `.contiguous()`). Unlike the views,
+    /// its result does not share the input's storage.
+    Contiguous,
     /// Mean token cross-entropy: `(logits[.., V], labels[..]) → f32[]`.
     CrossEntropy,
+    /// PyTorch's `scaled_dot_product_attention` on its flash kernel:
+    /// `(q[b,s,a,d], k[b,t,kv,d], v[b,t,kv,d][, mask[b,s,t]]) → (o[b,s,a,d], lse f32[b,s,a])`.
+    /// Besides the output it returns the row log-sum-exp of the scores, which its
+    /// derivative reads with `q`, `k`, `v`, `o` and the additive mask when one is given.
+    Sdpa {
+        /// Causal mask (applied in the kernel, without a mask tensor).
+        causal: bool,
+        /// Softmax scale.
+        scale: f64,
+    },
     /// Fused attention (no `s×s` tensor): `(q[b,s,a,d], k[b,s,kv,d], v[b,s,kv,d]) → [b,s,a,d]`.
     FlashAttention {
         /// Causal mask.
@@ -224,6 +253,14 @@ pub enum Op {
     CrossEntropyGrad,
     /// `(do, q, k, v, o) → (dq, dk, dv)`; recomputes the attention scores.
     FlashAttentionGrad {
+        /// Causal mask.
+        causal: bool,
+        /// Softmax scale.
+        scale: f64,
+    },
+
+    /// `(do, q, k, v, o, lse[, mask]) → (dq, dk, dv)` of [`Op::Sdpa`].
+    SdpaGrad {
         /// Causal mask.
         causal: bool,
         /// Softmax scale.

@@ -134,7 +134,13 @@ impl Op {
                 same(0, 1)?;
                 one(inputs[0].clone())
             }
-            Op::Scale { .. } | Op::Gelu | Op::Silu => {
+            Op::Scale { .. }
+            | Op::Gelu
+            | Op::Silu
+            | Op::Pow { .. }
+            | Op::Tanh
+            | Op::Rsqrt
+            | Op::Shift { .. } => {
                 float(0)?;
                 one(inputs[0].clone())
             }
@@ -337,6 +343,7 @@ impl Op {
                 one(TensorType::new(inputs[0].dtype, dims))
             }
             Op::Cast { to } => one(inputs[0].with_dtype(*to)),
+            Op::Contiguous => one(inputs[0].clone()),
             Op::CrossEntropy | Op::VocabParallelCrossEntropy { .. } => {
                 if let Op::VocabParallelCrossEntropy { parts: 0 } = self {
                     return Err(err("group size must be positive".into()));
@@ -362,6 +369,52 @@ impl Op {
                     return Err(err("q, k, v must share a dtype".into()));
                 }
                 one(q.clone())
+            }
+            Op::Sdpa { .. } => {
+                let (q, k) = (inputs[0], inputs[1]);
+                float(0)?;
+                same(1, 2)?;
+                attention_shapes(q, k).map_err(err)?;
+                if q.dtype != k.dtype {
+                    return Err(err("q, k, v must share a dtype".into()));
+                }
+                if inputs.len() > 4 {
+                    return Err(err(format!("takes 3 or 4 inputs, got {}", inputs.len())));
+                }
+                if let Some(mask) = inputs.get(3) {
+                    sdpa_mask(q, k, mask).map_err(err)?;
+                }
+                // attention_shapes checked the rank: q is [b, s, a, d].
+                let (b, s, a) = (q.shape.0[0], q.shape.0[1], q.shape.0[2]);
+                Ok(Some(vec![
+                    q.clone(),
+                    TensorType::new(DType::F32, [b, s, a]),
+                ]))
+            }
+            Op::SdpaGrad { .. } => {
+                let (dout, q, k, v, o, lse) = (
+                    inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5],
+                );
+                float(0)?;
+                if dout.shape != q.shape || o.shape != q.shape || k != v {
+                    return Err(err("do, q, o must share a shape and k, v a type".into()));
+                }
+                attention_shapes(q, k).map_err(err)?;
+                let lse_shape = [q.shape.0[0], q.shape.0[1], q.shape.0[2]];
+                if lse.dtype != DType::F32 || lse.shape.0[..] != lse_shape[..] {
+                    return Err(err("lse must be f32[b, s, heads] of q".into()));
+                }
+                if inputs.len() > 7 {
+                    return Err(err(format!("takes 6 or 7 inputs, got {}", inputs.len())));
+                }
+                if let Some(mask) = inputs.get(6) {
+                    sdpa_mask(q, k, mask).map_err(err)?;
+                }
+                Ok(Some(vec![
+                    q.with_dtype(dout.dtype),
+                    k.with_dtype(dout.dtype),
+                    v.with_dtype(dout.dtype),
+                ]))
             }
             Op::GeluGrad | Op::SiluGrad | Op::SoftmaxGrad { .. } => {
                 float(0)?;
@@ -521,6 +574,15 @@ pub fn split_dim(dim: Dim, parts: u32) -> Result<Dim, String> {
     }
     dim.checked_div(u64::from(parts))
         .ok_or_else(|| "bad group size".into())
+}
+
+/// The additive mask of [`Op::Sdpa`]: `[b, s, t]` for `q[b,s,..]`, `k[b,t,..]`, in `q`'s dtype.
+fn sdpa_mask(q: &TensorType, k: &TensorType, mask: &TensorType) -> Result<(), String> {
+    let want = [q.shape.0[0], q.shape.0[1], k.shape.0[1]];
+    if mask.dtype != q.dtype || mask.shape.0[..] != want[..] {
+        return Err("the mask must be [b, s, t] in q's dtype".into());
+    }
+    Ok(())
 }
 
 fn attention_shapes(q: &TensorType, k: &TensorType) -> Result<(), String> {

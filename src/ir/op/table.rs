@@ -138,7 +138,13 @@ op_kinds!(
     Broadcast,
     ReduceSum,
     Cast,
+    Pow,
+    Tanh,
+    Rsqrt,
+    Shift,
+    Contiguous,
     CrossEntropy,
+    Sdpa,
     FlashAttention,
     GeluGrad,
     SiluGrad,
@@ -150,6 +156,7 @@ op_kinds!(
     EmbeddingGrad,
     CrossEntropyGrad,
     FlashAttentionGrad,
+    SdpaGrad,
     AdamW,
     AllReduce,
     AllGather,
@@ -283,6 +290,11 @@ impl OpKind {
             ),
             OpKind::ReduceSum => info("reduce_sum", C::Reduction, N(1), 1, &["axes"], true, &[]),
             OpKind::Cast => info("cast", C::Elementwise, N(1), 1, &["to"], true, &[]),
+            OpKind::Pow => info("pow", C::Elementwise, N(1), 1, &["exponent"], true, &[I(0)]),
+            OpKind::Tanh => info("tanh", C::Elementwise, N(1), 1, &[], true, &[R(0)]),
+            OpKind::Rsqrt => info("rsqrt", C::Elementwise, N(1), 1, &[], true, &[R(0)]),
+            OpKind::Shift => info("shift", C::Elementwise, N(1), 1, &["value"], true, &[]),
+            OpKind::Contiguous => info("contiguous", C::Layout, N(1), 1, &[], true, &[]),
             OpKind::CrossEntropy => info(
                 "cross_entropy",
                 C::Reduction,
@@ -291,6 +303,15 @@ impl OpKind {
                 &[],
                 true,
                 &[I(0), I(1)],
+            ),
+            OpKind::Sdpa => info(
+                "sdpa",
+                C::Attention,
+                AtLeast(3),
+                2,
+                &["causal", "scale"],
+                true,
+                &[I(0), I(1), I(2), I(3), R(0), R(1)],
             ),
             OpKind::FlashAttention => info(
                 "flash_attention",
@@ -352,6 +373,15 @@ impl OpKind {
                 "flash_attention_grad",
                 C::Attention,
                 N(5),
+                3,
+                &["causal", "scale"],
+                false,
+                &[],
+            ),
+            OpKind::SdpaGrad => info(
+                "sdpa_grad",
+                C::Attention,
+                AtLeast(6),
                 3,
                 &["causal", "scale"],
                 false,
@@ -502,6 +532,13 @@ impl Op {
             Op::Broadcast { .. } => OpKind::Broadcast,
             Op::ReduceSum { .. } => OpKind::ReduceSum,
             Op::Cast { .. } => OpKind::Cast,
+            Op::Pow { .. } => OpKind::Pow,
+            Op::Tanh => OpKind::Tanh,
+            Op::Rsqrt => OpKind::Rsqrt,
+            Op::Shift { .. } => OpKind::Shift,
+            Op::Contiguous => OpKind::Contiguous,
+            Op::Sdpa { .. } => OpKind::Sdpa,
+            Op::SdpaGrad { .. } => OpKind::SdpaGrad,
             Op::CrossEntropy => OpKind::CrossEntropy,
             Op::FlashAttention { .. } => OpKind::FlashAttention,
             Op::GeluGrad => OpKind::GeluGrad,
@@ -557,11 +594,16 @@ impl Op {
         self.kind().is_collective()
     }
 
-    /// Whether a runtime implements the op as a view of its input (no copy, no kernel).
+    /// Whether a runtime implements the op as a view of its input (no copy, no kernel):
+    /// reshape, transpose, slice, broadcast (PyTorch's `expand`) and `tp_copy`.
     pub fn is_view(&self) -> bool {
         matches!(
             self,
-            Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::TpCopy { .. }
+            Op::Reshape { .. }
+                | Op::Transpose { .. }
+                | Op::Slice { .. }
+                | Op::Broadcast { .. }
+                | Op::TpCopy { .. }
         )
     }
 
