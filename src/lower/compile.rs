@@ -931,17 +931,19 @@ impl Compiler {
         self.evaluate_cut(c, stages, detail)
     }
 
-    /// [`Compiler::evaluate_with`] on the cut [`Compiler::lower_bound`] returned.
+    /// [`Compiler::evaluate_with`] on the cut [`Compiler::lower_bound`] returned (or
+    /// another cut of `c`'s `pp · v` virtual stages covering every block in order).
     ///
     /// # Errors
     ///
-    /// As [`Compiler::lower_bound`] (profiles are cached, so normally none).
+    /// As [`Compiler::lower_bound`] ([`Compiler::check`] first; profiles are cached).
     pub fn evaluate_cut(
         &self,
         c: &Config,
         stages: Vec<StageSpan>,
         detail: bool,
     ) -> Result<Evaluation, CompileError> {
+        self.check(c)?;
         let profiles = self.profiles(c);
         let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
         let composed = self.compose(c, &set.blocks, &stages)?;
@@ -983,8 +985,9 @@ impl Compiler {
     }
 
     /// With `recompute_layers = Some(k)`, the blocks of each stage with recomputation on
-    /// its first `k` layers only (the rest from the profile without recomputation); the
-    /// cut is the one for recomputation on every layer, which needs the least memory.
+    /// its first `k` layers only (the rest from the profile without recomputation), as
+    /// Megatron-LM's `--recompute-method block` does per model chunk. The cut is chosen
+    /// on these composed stages ([`Compiler::chunk_summary`]).
     fn compose<'b>(
         &self,
         c: &Config,
