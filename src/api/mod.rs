@@ -327,8 +327,8 @@ pub enum EmptySpace {
         /// The pins and bounds (option, value) that, with the engine's rules, empty
         /// the space; empty when the job alone does.
         pins: Vec<(&'static str, String)>,
-        /// The engine's most common reason among the configurations it refuses
-        /// (first in enumeration order on ties).
+        /// The rule the refused configurations break most often (first in
+        /// enumeration order on ties).
         reason: Unsupported,
     },
     /// Without any pin there is no configuration.
@@ -649,17 +649,21 @@ impl Session {
             )
         };
         let layout = c.block_layout();
-        // The engine's most common reason to refuse what `k` allows, if `k` allows
-        // something and the engine runs none of it.
+        // The engine's most common reason to refuse what `k` allows (counting every
+        // rule each configuration breaks), if `k` allows something and the engine
+        // runs none of it.
         let refusal = |k: &Constraints| -> Option<Unsupported> {
             let mut counts: Vec<(Unsupported, usize)> = Vec::new();
             for x in all(k) {
-                match c.engine.allows(&x, layout) {
-                    Ok(()) => return None,
-                    Err(e) => match counts.iter_mut().find(|(r, _)| *r == e) {
+                let reasons = c.engine.refusals(&x, layout);
+                if reasons.is_empty() {
+                    return None;
+                }
+                for e in reasons {
+                    match counts.iter_mut().find(|(r, _)| *r == e) {
                         Some(entry) => entry.1 += 1,
                         None => counts.push((e, 1)),
-                    },
+                    }
                 }
             }
             counts

@@ -272,13 +272,23 @@ impl Engine {
     /// The first rule of the engine that `c` breaks, as an [`Unsupported`] (the module
     /// documentation names each rule's source).
     pub fn allows(self, c: &Config, model: &BlockLayout) -> Result<(), Unsupported> {
+        match self.refusals(c, model).into_iter().next() {
+            Some(first) => Err(first),
+            None => Ok(()),
+        }
+    }
+
+    /// Every rule of this engine that `c` breaks, in the order [`Engine::allows`]
+    /// checks them (empty when the engine runs `c`).
+    pub fn refusals(self, c: &Config, model: &BlockLayout) -> Vec<Unsupported> {
         let engine = self;
+        let mut out = Vec::new();
         let pipelined = c.pp > 1;
         // Shared by all four: no engine shards the bf16 weights while keeping full
         // gradients (DeepSpeed ZeRO-1/2, Megatron's distributed optimizer, FSDP's
         // SHARD_GRAD_OP and FSDP2 all keep or gather them with the gradients).
         if c.low_prec_shard && c.zero < 3 {
-            return Err(Unsupported::LowPrecShard {
+            out.push(Unsupported::LowPrecShard {
                 engine,
                 zero: c.zero,
             });
@@ -286,21 +296,21 @@ impl Engine {
         match self {
             Engine::Megatron => {
                 if c.schedule == Schedule::Gpipe && pipelined {
-                    return Err(Unsupported::Schedule {
+                    out.push(Unsupported::Schedule {
                         engine,
                         schedule: "gpipe",
                         offers: "1F1B or interleaved 1F1B",
                     });
                 }
                 if c.zero >= 2 && pipelined {
-                    return Err(Unsupported::Zero {
+                    out.push(Unsupported::Zero {
                         engine,
                         zero: c.zero,
                         pp: c.pp,
                     });
                 }
                 if let (Some(k), Recompute::Selective) = (c.recompute_layers, c.recompute) {
-                    return Err(Unsupported::RecomputeLayers {
+                    out.push(Unsupported::RecomputeLayers {
                         engine,
                         k,
                         recompute: c.recompute,
@@ -309,47 +319,43 @@ impl Engine {
             }
             Engine::DeepSpeed => {
                 match c.schedule {
-                    Schedule::Gpipe if pipelined => {
-                        return Err(Unsupported::Schedule {
-                            engine,
-                            schedule: "gpipe",
-                            offers: "TrainSchedule, a 1F1B schedule",
-                        })
-                    }
-                    Schedule::Interleaved(_) => {
-                        return Err(Unsupported::Schedule {
-                            engine,
-                            schedule: "interleaved",
-                            offers: "TrainSchedule, a 1F1B schedule without model chunks",
-                        })
-                    }
+                    Schedule::Gpipe if pipelined => out.push(Unsupported::Schedule {
+                        engine,
+                        schedule: "gpipe",
+                        offers: "TrainSchedule, a 1F1B schedule",
+                    }),
+                    Schedule::Interleaved(_) => out.push(Unsupported::Schedule {
+                        engine,
+                        schedule: "interleaved",
+                        offers: "TrainSchedule, a 1F1B schedule without model chunks",
+                    }),
                     _ => {}
                 }
                 if c.zero >= 2 && pipelined {
-                    return Err(Unsupported::Zero {
+                    out.push(Unsupported::Zero {
                         engine,
                         zero: c.zero,
                         pp: c.pp,
                     });
                 }
                 if c.tp > 1 && pipelined {
-                    return Err(Unsupported::TensorParallel {
+                    out.push(Unsupported::TensorParallel {
                         engine,
                         tp: c.tp,
                         context: "with pipeline parallelism (AutoTP shards a model, not a PipelineModule)",
                     });
                 }
                 if c.sp {
-                    return Err(Unsupported::SequenceParallel { engine });
+                    out.push(Unsupported::SequenceParallel { engine });
                 }
                 if c.recompute == Recompute::Selective {
-                    return Err(Unsupported::Recompute {
+                    out.push(Unsupported::Recompute {
                         engine,
                         recompute: c.recompute,
                     });
                 }
                 if let Some(k) = c.recompute_layers {
-                    return Err(Unsupported::RecomputeLayers {
+                    out.push(Unsupported::RecomputeLayers {
                         engine,
                         k,
                         recompute: c.recompute,
@@ -358,21 +364,21 @@ impl Engine {
             }
             Engine::Torchtitan => {
                 if c.zero == 1 {
-                    return Err(Unsupported::Zero {
+                    out.push(Unsupported::Zero {
                         engine,
                         zero: c.zero,
                         pp: 1,
                     });
                 }
                 if c.schedule == Schedule::OneFOneB && pipelined && c.num_micro_batches < c.pp {
-                    return Err(Unsupported::MicroBatches {
+                    out.push(Unsupported::MicroBatches {
                         engine,
                         m: c.num_micro_batches,
                         pp: c.pp,
                     });
                 }
                 if let Some(k) = c.recompute_layers {
-                    return Err(Unsupported::RecomputeLayers {
+                    out.push(Unsupported::RecomputeLayers {
                         engine,
                         k,
                         recompute: c.recompute,
@@ -381,30 +387,30 @@ impl Engine {
             }
             Engine::Hf => {
                 if pipelined {
-                    return Err(Unsupported::Pipeline { engine, pp: c.pp });
+                    out.push(Unsupported::Pipeline { engine, pp: c.pp });
                 }
                 if c.tp > 1 {
-                    return Err(Unsupported::TensorParallel {
+                    out.push(Unsupported::TensorParallel {
                         engine,
                         tp: c.tp,
                         context: "at all (apar plans data parallelism with FSDP for it)",
                     });
                 }
                 if c.zero == 1 {
-                    return Err(Unsupported::Zero {
+                    out.push(Unsupported::Zero {
                         engine,
                         zero: c.zero,
                         pp: c.pp,
                     });
                 }
                 if c.recompute == Recompute::Selective {
-                    return Err(Unsupported::Recompute {
+                    out.push(Unsupported::Recompute {
                         engine,
                         recompute: c.recompute,
                     });
                 }
                 if let Some(k) = c.recompute_layers {
-                    return Err(Unsupported::RecomputeLayers {
+                    out.push(Unsupported::RecomputeLayers {
                         engine,
                         k,
                         recompute: c.recompute,
@@ -413,14 +419,14 @@ impl Engine {
             }
         }
         if (pipelined || c.schedule.chunks() > 1) && !self.can_split(c, model) {
-            return Err(Unsupported::LayerSplit {
+            out.push(Unsupported::LayerSplit {
                 engine,
                 layers: model.layers.len(),
                 pp: c.pp,
                 chunks: c.schedule.chunks(),
             });
         }
-        Ok(())
+        out
     }
 
     /// Whether [`Engine::cuts`] is non-empty, in `O(1)`.
