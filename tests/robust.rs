@@ -532,7 +532,9 @@ fn partial_recomputation_agrees_between_graph_and_template() {
     let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
     let template = Compiler::new(ModelSource::Config(cfg), cluster.clone(), 128, 16, 0.8).unwrap();
     let whole = Compiler::new(ModelSource::Graph(graph), cluster, 128, 16, 0.8).unwrap();
-    for (pp, k) in [(2, 1), (2, 3), (4, 1), (8, 1)] {
+    // (Megatron-LM, the only engine with `--recompute-num-layers`, cannot place 7
+    // layers on 8 stages, so 4 stages are the most here.)
+    for (pp, k) in [(2, 1), (2, 3), (4, 1), (4, 2)] {
         let config = Config {
             dp: 8 / pp,
             tp: 1,
