@@ -28,11 +28,14 @@
 //!   ZeRO-3 are incompatible with pipeline parallelism"); `deepspeed/runtime/pipe/schedule.py`
 //!   (`TrainSchedule`, the only training schedule: 1F1B, no model chunks);
 //!   `deepspeed/runtime/pipe/module.py` (`_partition_layers`, method `uniform` with
-//!   `deepspeed/runtime/utils.py::partition_uniform`); `deepspeed/runtime/engine.py`
-//!   (AutoTP tensor parallelism of a Hugging Face-style model, with ZeRO 0–3). apar
-//!   models DeepSpeed's own features: AutoTP without a `PipelineModule`, no
-//!   Megatron-style sequence parallelism (DeepSpeed's is Ulysses), activation
-//!   checkpointing of whole layers.
+//!   `deepspeed/runtime/utils.py::partition_uniform`; `activation_checkpoint_interval`,
+//!   whole layers); `deepspeed/runtime/engine.py` (`_configure_tensor_parallel_states`:
+//!   "AutoTP + ZeRO stage 3 is supported for both inference and training");
+//!   `docs/_tutorials/autotp-training.md` (AutoTP combines TP with data parallelism and
+//!   ZeRO, no pipeline); `deepspeed/sequence/layer.py` (`DistributedAttention`: its
+//!   sequence parallelism is Ulysses all-to-all, not Megatron's). apar models
+//!   DeepSpeed's own features, not the Megatron-DeepSpeed fork: AutoTP without
+//!   pipelining, no Megatron-style sequence parallelism, checkpointing of whole layers.
 //! * **torchtitan** `main` at commit `b5bcd76` (2026-08-21; PyPI 0.3.0) and PyTorch 2.15
 //!   `torch/distributed/pipelining/schedules.py`: `torchtitan/config/configs.py`
 //!   (`ParallelismConfig`: `data_parallel_replicate_degree` × `data_parallel_shard_degree`,
@@ -342,7 +345,7 @@ impl Engine {
                     out.push(Unsupported::TensorParallel {
                         engine,
                         tp: c.tp,
-                        context: "with pipeline parallelism (AutoTP shards a model, not a PipelineModule)",
+                        context: "with pipeline parallelism (AutoTP combines TP with data parallelism and ZeRO only)",
                     });
                 }
                 if c.sp {
