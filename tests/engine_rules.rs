@@ -227,6 +227,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         gb in 1u64..80,
         more in 0u64..80,
+        recompute_layers in 0u32..3,
     ) {
         let (name, layers, cluster, seq, batch, engine) = job;
         let mut model = zoo::lookup(name).unwrap();
@@ -250,7 +251,11 @@ proptest! {
             &Constraints::default(),
         );
         prop_assume!(!all.is_empty());
-        let cfg = all[pick.index(all.len())];
+        let mut cfg = all[pick.index(all.len())];
+        // Megatron-LM's `--recompute-method block --recompute-num-layers k` (full only).
+        if engine == Engine::Megatron && cfg.recompute == Recompute::Full && recompute_layers > 0 {
+            cfg.recompute_layers = Some(recompute_layers);
+        }
         if let (Ok(a), Ok(b)) = (small.evaluate(&cfg), large.evaluate(&cfg)) {
             prop_assert!(a.peak_bytes <= b.peak_bytes, "{} > {}", a.peak_bytes, b.peak_bytes);
             if a.fits {
