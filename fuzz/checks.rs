@@ -4,6 +4,7 @@
 //! when the input shows a bug.
 
 use apar::cluster::Cluster;
+use apar::engine::Engine;
 use apar::ir::gen::{self, ByteEntropy, Entropy, GenOptions};
 use apar::ir::{codec, json, text, verify, Graph};
 use apar::passes::candidates::Constraints;
@@ -111,6 +112,8 @@ pub fn plan_case(data: &[u8]) -> PlanCase {
             [e.below(3) as usize],
         ..Constraints::default()
     };
+    // Last, so that inputs written before engines existed keep their other choices.
+    options.engine = Engine::ALL[e.below(4) as usize];
     PlanCase {
         graph,
         cluster,

@@ -2,8 +2,10 @@
 //! lowering). Reference numbers come from the cited papers, not from apar's output.
 
 use apar::cluster::Cluster;
+use apar::engine::Engine;
 use apar::lower::compile::{Compiler, ModelSource, DEFAULT_MEMORY_RATIO};
 use apar::lower::schedule::Pass;
+use apar::lower::StageSpan;
 use apar::models::zoo;
 use apar::passes::{Config, Recompute, Schedule};
 use apar::report::trace;
@@ -86,19 +88,35 @@ fn zero_table_on_megatron_7_5b() {
 #[test]
 fn schedules_behave_as_theory_says() {
     // pp 4, 8 micro-batches per pipeline (dp 2 × 8 × 1 = 16 sequences).
-    let c = compiler("megatron-1.7b", "dgx-a100-80g:1", 2048, 16);
+    // torchtitan runs all three schedules (Megatron-LM has no GPipe); its
+    // data-parallel layouts have no ZeRO-1, so ZeRO-0.
+    let c = compiler("megatron-1.7b", "dgx-a100-80g:1", 2048, 16).with_engine(Engine::Torchtitan);
     let run = |schedule| {
         c.evaluate(&Config {
             schedule,
-            ..config(2, 1, 4, 1, 8, 1)
+            ..config(2, 1, 4, 1, 8, 0)
         })
         .unwrap()
     };
-    let (gpipe, f1b1, inter) = (
-        run(Schedule::Gpipe),
-        run(Schedule::OneFOneB),
-        run(Schedule::Interleaved(2)),
-    );
+    let inter = run(Schedule::Interleaved(2));
+    // GPipe and 1F1B on one cut, the even split of the 24 layers (6 per stage; the
+    // cut apar picks depends on the schedule's memory).
+    let even: Vec<StageSpan> = [(0, 6), (7, 12), (13, 18), (19, 25)]
+        .into_iter()
+        .map(|(first, last)| StageSpan { first, last })
+        .collect();
+    let on_even = |schedule| {
+        c.evaluate_cut(
+            &Config {
+                schedule,
+                ..config(2, 1, 4, 1, 8, 0)
+            },
+            even.clone(),
+            true,
+        )
+        .unwrap()
+    };
+    let (gpipe, f1b1) = (on_even(Schedule::Gpipe), on_even(Schedule::OneFOneB));
     // GPipe holds all 8 micro-batches on stage 0, 1F1B holds pp = 4: ratio 2.
     let ratio = gpipe.sim.memory[0].activations as f64 / f1b1.sim.memory[0].activations as f64;
     assert!((ratio - 2.0).abs() < 0.05, "activation ratio {ratio}");
@@ -237,7 +255,9 @@ fn partial_recomputation_is_between_none_and_full() {
     let some = run(Recompute::Full, Some(2));
     assert!(full.peak_bytes < some.peak_bytes && some.peak_bytes < none.peak_bytes);
     assert!(none.step_time_s < some.step_time_s && some.step_time_s < full.step_time_s);
-    // Recomputing as many layers as the largest stage has is full recomputation.
+    // On the same cut, recomputing as many layers as its largest stage has is full
+    // recomputation (with that many, the cut apar picks may differ: it may leave a
+    // layer of a larger stage unrecomputed).
     let most = full
         .stages
         .iter()
@@ -245,7 +265,17 @@ fn partial_recomputation_is_between_none_and_full() {
         .max()
         .unwrap();
     let layers = u32::try_from(most).unwrap() - 1; // the largest stage holds a non-layer block
-    let all = run(Recompute::Full, Some(layers));
+    let all = c
+        .evaluate_cut(
+            &Config {
+                recompute: Recompute::Full,
+                recompute_layers: Some(layers),
+                ..config(2, 1, 4, 1, 8, 1)
+            },
+            full.stages.clone(),
+            false,
+        )
+        .unwrap();
     assert_eq!(all.peak_bytes, full.peak_bytes);
     // More is an error, not a silent full recomputation.
     let more = c.evaluate(&Config {

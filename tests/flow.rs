@@ -3,6 +3,8 @@
 //! true ones, and warnings reach the plan.
 
 use apar::cluster::Cluster;
+use apar::engine::rules::Unsupported;
+use apar::engine::Engine;
 use apar::ir::{Block, DType, Dim, GraphBuilder, Op, Phase, TensorType};
 use apar::models::hf::IgnoredKind;
 use apar::models::zoo;
@@ -108,20 +110,37 @@ fn an_empty_space_names_its_cause() {
         }
         other => panic!("{other:?}"),
     }
-    // tp 8 and pp 4 each exist on 8 devices, but not together.
-    let e = Session::for_config(
-        &model,
-        &node,
-        &options(128, 16, |s| {
-            s.constraints.tp = Some(8);
-            s.constraints.pp = Some(4);
-        }),
-    )
-    .unwrap()
-    .plan()
-    .unwrap_err();
+    // tp 8 and pp 4 each exist on 8 devices, but not together (torchtitan can place
+    // tiny-gpt's 2 layers on 4 stages).
+    let mut both = options(128, 16, |s| {
+        s.constraints.tp = Some(8);
+        s.constraints.pp = Some(4);
+    });
+    both.engine = Engine::Torchtitan;
+    let e = Session::for_config(&model, &node, &both)
+        .unwrap()
+        .plan()
+        .unwrap_err();
     assert!(
         matches!(&e, PlanError::EmptySpace(EmptySpace::Pins { pins }) if pins == &["tp", "pp"]),
+        "{e:?}"
+    );
+    // Megatron-LM cannot: each pipeline rank needs a layer (get_num_layers_to_build),
+    // so pp 4 alone empties its space, and the error says so.
+    both.engine = Engine::Megatron;
+    let e = Session::for_config(&model, &node, &both)
+        .unwrap()
+        .plan()
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            PlanError::EmptySpace(EmptySpace::Engine {
+                engine: Engine::Megatron,
+                pins,
+                reason: Unsupported::LayerSplit { pp: 4, .. },
+            }) if pins == &[("pp", "4".to_string())]
+        ),
         "{e:?}"
     );
     // Without pins: 64 devices, at most 8-way tp and 4 stages (tiny-gpt has 4 blocks),

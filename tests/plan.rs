@@ -1,6 +1,7 @@
 //! Properties of `apar::plan` on random small graphs and clusters.
 
 use apar::cluster::{Cluster, DeviceSpec, Link};
+use apar::engine::Engine;
 use apar::ir::{gen, Env, Phase};
 use apar::lower::compile::{Compiler, ModelSource};
 use apar::lower::schedule::Pass;
@@ -111,16 +112,30 @@ fn plans_do_not_depend_on_the_thread_count() {
 
 /// Planning the built graph and planning the configuration (one-layer template)
 /// choose the same configuration with the same step time.
+///
+/// Not for Megatron-LM and DeepSpeed here: their rules (layer placement, no
+/// GPipe, no TP with pipelining) leave as fastest a tp 8 configuration that splits
+/// tiny models' 4 attention heads, which only the configuration knows to refuse (an IR
+/// graph carries no head count).
 #[test]
 fn graph_and_template_plans_agree() {
-    for name in ["tiny-gpt", "tiny-llama"] {
+    for engine in [Engine::Torchtitan, Engine::Hf] {
+        for name in ["tiny-gpt", "tiny-llama"] {
+            graph_and_template_agree(name, engine);
+        }
+    }
+}
+
+fn graph_and_template_agree(name: &str, engine: Engine) {
+    {
         let model = zoo::lookup(name).unwrap();
         let graph = build_forward(&model).unwrap();
         let c = Cluster::resolve("dgx-a100-80g:1").unwrap();
-        let opts = PlanOptions::new(128, 16);
+        let mut opts = PlanOptions::new(128, 16);
+        opts.engine = engine;
         let a = plan(&graph, &c, &opts).unwrap();
         let b = plan_model(&model, &c, &opts).unwrap();
-        assert_eq!(a.config, b.config, "{name}");
+        assert_eq!(a.config, b.config, "{name} {engine}");
         let (ta, tb) = (a.step_time_s, b.step_time_s);
         assert!((ta - tb).abs() <= 1e-9 * tb, "{name}: {ta} vs {tb}");
         assert_eq!(a.memory.peak_bytes, b.memory.peak_bytes, "{name}");

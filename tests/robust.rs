@@ -195,8 +195,10 @@ fn saved_plans_hold_only_finite_numbers() {
     let mut found = Vec::new();
     nulls(&serde_json::from_str(&text).unwrap(), "", &mut found);
     // Options that may be absent: the cluster's usable memory, recompute layers, the
-    // model's overrides (`layers`, `attention`), and a compute op's collective `group`.
+    // model's overrides (`layers`, `attention`), a compute op's collective `group`, and
+    // the block of a communication event that serves no single block.
     let absent = [
+        "block",
         "usable_memory_bytes",
         "recompute_layers",
         "layers",
@@ -494,7 +496,9 @@ fn partial_recomputation_agrees_between_graph_and_template() {
     let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
     let template = Compiler::new(ModelSource::Config(cfg), cluster.clone(), 128, 16, 0.8).unwrap();
     let whole = Compiler::new(ModelSource::Graph(graph), cluster, 128, 16, 0.8).unwrap();
-    for (pp, k) in [(2, 1), (2, 3), (4, 1), (8, 1)] {
+    // (Megatron-LM, the only engine with `--recompute-num-layers`, cannot place 7
+    // layers on 8 stages, so 4 stages are the most here.)
+    for (pp, k) in [(2, 1), (2, 3), (4, 1), (4, 2)] {
         let config = Config {
             dp: 8 / pp,
             tp: 1,

@@ -34,6 +34,7 @@ pub use detail::{
 pub use diagnostics::Warning;
 
 use crate::cluster::{Cluster, ClusterError};
+use crate::engine::rules::Unsupported;
 use crate::engine::Engine;
 use crate::ir::{Graph, Phase};
 use crate::lower::compile::{
@@ -334,6 +335,19 @@ pub enum EmptySpace {
     Pins {
         /// The options set.
         pins: Vec<&'static str>,
+    },
+    /// Configurations exist, but the engine runs none of them (with these pins, or
+    /// for this job when `pins` is empty).
+    #[error("{engine} runs no configuration {}: {reason}", if .pins.is_empty() { "of this job".to_string() } else { format!("with {}", .pins.iter().map(|(p, v)| format!("--{p} {v}")).collect::<Vec<_>>().join(" ")) })]
+    Engine {
+        /// The engine.
+        engine: Engine,
+        /// The pins and bounds (option, value) that, with the engine's rules, empty
+        /// the space; empty when the job alone does.
+        pins: Vec<(&'static str, String)>,
+        /// The rule the refused configurations break most often (first in
+        /// enumeration order on ties).
+        reason: Unsupported,
     },
     /// Without any pin there is no configuration.
     #[error("no dp × tp × pp layout of {devices} devices ({devices_per_node} per node, at most {blocks} pipeline stages) has a data-parallel degree that divides the global batch {global_batch}")]
@@ -642,11 +656,11 @@ impl Session {
     }
 
     /// Why the candidate space is empty: the single pin or bound that empties it, the
-    /// pins together, or the job itself.
+    /// pins together, the engine's rules (alone or with pins), or the job itself.
     fn empty_space(&self) -> EmptySpace {
         let c = &self.compiler;
         let k = &self.search.constraints;
-        let count = |k: &Constraints| {
+        let all = |k: &Constraints| {
             enumerate(
                 c.cluster.devices(),
                 c.cluster.devices_per_node,
@@ -654,10 +668,35 @@ impl Session {
                 c.block_count(),
                 k,
             )
-            .len()
+        };
+        let layout = c.block_layout();
+        // The engine's most common reason to refuse what `k` allows (counting every
+        // rule each configuration breaks), if `k` allows something and the engine
+        // runs none of it.
+        let refusal = |k: &Constraints| -> Option<Unsupported> {
+            let mut counts: Vec<(Unsupported, usize)> = Vec::new();
+            for x in all(k) {
+                let reasons = c.engine.refusals(&x, layout);
+                if reasons.is_empty() {
+                    return None;
+                }
+                for e in reasons {
+                    match counts.iter_mut().find(|(r, _)| *r == e) {
+                        Some(entry) => entry.1 += 1,
+                        None => counts.push((e, 1)),
+                    }
+                }
+            }
+            counts
+                .into_iter()
+                .fold(None::<(Unsupported, usize)>, |best, (e, n)| match best {
+                    Some((_, m)) if m >= n => best,
+                    _ => Some((e, n)),
+                })
+                .map(|(e, _)| e)
         };
         let free = Constraints::default();
-        if count(&free) == 0 {
+        if all(&free).is_empty() {
             return EmptySpace::NoLayout {
                 devices: c.cluster.devices(),
                 devices_per_node: c.cluster.devices_per_node,
@@ -665,9 +704,16 @@ impl Session {
                 global_batch: c.global_batch,
             };
         }
+        if let Some(reason) = refusal(&free) {
+            return EmptySpace::Engine {
+                engine: c.engine,
+                pins: Vec::new(),
+                reason,
+            };
+        }
         let pins = k.pins();
         for (pin, value, only) in &pins {
-            if count(only) == 0 {
+            if all(only).is_empty() {
                 return EmptySpace::Pin {
                     pin,
                     value: value.clone(),
@@ -677,6 +723,22 @@ impl Session {
                     global_batch: c.global_batch,
                 };
             }
+        }
+        for (pin, value, only) in &pins {
+            if let Some(reason) = refusal(only) {
+                return EmptySpace::Engine {
+                    engine: c.engine,
+                    pins: vec![(pin, value.clone())],
+                    reason,
+                };
+            }
+        }
+        if let Some(reason) = refusal(k) {
+            return EmptySpace::Engine {
+                engine: c.engine,
+                pins: pins.iter().map(|(p, v, _)| (*p, v.clone())).collect(),
+                reason,
+            };
         }
         EmptySpace::Pins {
             pins: pins.iter().map(|p| p.0).collect(),

@@ -7,10 +7,12 @@
 //! the last, the second for the last; an IR file is compiled whole. Profiles are cached per (tp, sp, recompute, micro-batch,
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
+use super::peak::{device_peaks, ChunkSummary, InFlight};
 use super::profile::{profile, BlockProfile, Blocks, Groups};
 use super::{simulate, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{CostModel, Group};
+use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
 use crate::models::{build_forward, ModelConfig, ModelError, Position};
@@ -196,6 +198,9 @@ pub enum CompileError {
         /// Sequence length.
         seq: u64,
     },
+    /// The engine cannot run the configuration.
+    #[error("{0}")]
+    Unsupported(#[from] Unsupported),
     /// The blocks cannot be cut into the stages (no contiguous cut exists).
     #[error("cannot cut {blocks} blocks into {stages} stages")]
     NoCut {
@@ -313,31 +318,17 @@ struct ProfileKey {
     dp: u32,
 }
 
-/// The block profiles of one configuration, with range tables for the pipeline cut.
+/// The block profiles of one configuration.
 #[derive(Clone, Debug)]
 pub struct ProfileSet {
     /// Per block, in model order (run-length encoded: memory does not grow with the
     /// layer count of a template-compiled model).
     pub blocks: Blocks,
-    /// Model-state bytes (summed) and peak transient bytes (maximized) per block.
-    states: pipeline::RangeStats,
-    /// Saved activation bytes per block.
-    saved: pipeline::RangeStats,
 }
 
 impl ProfileSet {
     fn new(blocks: Blocks) -> ProfileSet {
-        let states = pipeline::RangeStats::from_runs(
-            blocks
-                .runs()
-                .map(|(n, b)| (n, b.states.total(), b.fwd_extra.max(b.bwd_extra))),
-        );
-        let saved = pipeline::RangeStats::from_runs(blocks.runs().map(|(n, b)| (n, b.saved, 0)));
-        ProfileSet {
-            blocks,
-            states,
-            saved,
-        }
+        ProfileSet { blocks }
     }
 }
 
@@ -361,8 +352,8 @@ struct Caches {
     /// Distribution profiles, by (tp, zero, low-precision sharding, dp).
     dist: Cache<(u32, u8, bool, u32), Compiled<BlockMap>>,
     profiles: Cache<ProfileKey, Compiled<ProfileSet>>,
-    /// Time-balanced cuts without memory limits, by (tp, sp, recompute, b, stages).
-    cuts: Cache<(BaseKey, usize), Option<Vec<StageSpan>>>,
+    /// In-flight micro-batch patterns of each device, by (schedule, pp, m).
+    inflight: Cache<(Schedule, u32, u32), InFlight>,
 }
 
 /// Looks `key` up in `map`, computing and inserting it on a miss. The lock is not held
@@ -387,6 +378,8 @@ pub struct Compiler {
     /// Forward graph compiled per configuration (the template for zoo models).
     forward: Graph,
     layers: u32,
+    /// The blocks the pipeline cuts between, and which are layers.
+    layout: BlockLayout,
     /// The cluster.
     pub cluster: Cluster,
     /// The cost model.
@@ -472,7 +465,7 @@ impl Compiler {
         cluster
             .validate()
             .map_err(|e| CompileError::Cluster(e.into()))?;
-        let (forward, layers) = match &source {
+        let (forward, layers, layout) = match &source {
             ModelSource::Config(cfg) => {
                 // Two layers: `layer.0` stands for every layer but the last (its output
                 // gradient sums two uses), `layer.1` for the last.
@@ -488,7 +481,8 @@ impl Compiler {
                         });
                     }
                 }
-                (g, cfg.layers)
+                let layout = BlockLayout::transformer(cfg.layers as usize);
+                (g, cfg.layers, layout)
             }
             ModelSource::Graph(g) => {
                 let layers = g
@@ -499,7 +493,17 @@ impl Compiler {
                     })
                     .max()
                     .unwrap_or(0);
-                (g.clone(), layers)
+                let blocks: BTreeSet<Block> = g.ops().map(|o| g.node(o).block).collect();
+                let layout = BlockLayout {
+                    blocks: blocks.len(),
+                    layers: blocks
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, b)| matches!(b, Block::Layer(_)))
+                        .map(|(i, _)| i)
+                        .collect(),
+                };
+                (g.clone(), layers, layout)
             }
         };
         let budget_bytes = (cluster.device_memory() as f64 * memory_ratio) as u64;
@@ -507,6 +511,7 @@ impl Compiler {
             source,
             forward,
             layers,
+            layout,
             cost: CostModel::new(cluster.clone()),
             cluster,
             seq,
@@ -555,14 +560,13 @@ impl Compiler {
 
     /// Number of blocks the pipeline can cut between.
     pub fn block_count(&self) -> usize {
-        match &self.source {
-            ModelSource::Config(cfg) => cfg.layers as usize + 2,
-            ModelSource::Graph(g) => {
-                let blocks: std::collections::BTreeSet<Block> =
-                    g.ops().map(|o| g.node(o).block).collect();
-                blocks.len()
-            }
-        }
+        self.layout.blocks
+    }
+
+    /// The blocks the pipeline can cut between, and which of them are layers (what
+    /// the engine's layer placement rules see).
+    pub fn block_layout(&self) -> &BlockLayout {
+        &self.layout
     }
 
     /// Trainable parameters of the model.
@@ -587,8 +591,9 @@ impl Compiler {
     /// model's heads, key/value heads or feed-forward channels, a ZeRO stage above 3,
     /// sequence parallelism without tensor parallelism, more stages than blocks, an
     /// interleaved schedule without its divisibility, more than
-    /// [`MAX_PIPELINE_UNITS`] work units, or `recompute_layers` that is zero or has
-    /// no recomputation policy.
+    /// [`MAX_PIPELINE_UNITS`] work units, `recompute_layers` that is zero or has
+    /// no recomputation policy, or [`CompileError::Unsupported`]: something the
+    /// compiler's engine cannot run ([`Engine::allows`]).
     pub fn check(&self, c: &Config) -> Result<(), CompileError> {
         let devices = self.cluster.devices();
         if c.dp == 0 || c.tp == 0 || c.pp == 0 || c.micro_batch == 0 || c.num_micro_batches == 0 {
@@ -671,6 +676,7 @@ impl Compiler {
             }
             _ => {}
         }
+        self.engine.allows(c, &self.layout)?;
         Ok(())
     }
 
@@ -969,17 +975,19 @@ impl Compiler {
         self.evaluate_cut(c, stages, detail)
     }
 
-    /// [`Compiler::evaluate_with`] on the cut [`Compiler::lower_bound`] returned.
+    /// [`Compiler::evaluate_with`] on the cut [`Compiler::lower_bound`] returned (or
+    /// another cut of `c`'s `pp · v` virtual stages covering every block in order).
     ///
     /// # Errors
     ///
-    /// As [`Compiler::lower_bound`] (profiles are cached, so normally none).
+    /// As [`Compiler::lower_bound`] ([`Compiler::check`] first; profiles are cached).
     pub fn evaluate_cut(
         &self,
         c: &Config,
         stages: Vec<StageSpan>,
         detail: bool,
     ) -> Result<Evaluation, CompileError> {
+        self.check(c)?;
         let profiles = self.profiles(c);
         let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
         let composed = self.compose(c, &set.blocks, &stages)?;
@@ -1021,8 +1029,9 @@ impl Compiler {
     }
 
     /// With `recompute_layers = Some(k)`, the blocks of each stage with recomputation on
-    /// its first `k` layers only (the rest from the profile without recomputation); the
-    /// cut is the one for recomputation on every layer, which needs the least memory.
+    /// its first `k` layers only (the rest from the profile without recomputation), as
+    /// Megatron-LM's `--recompute-method block` does per model chunk. The cut is chosen
+    /// on these composed stages ([`Compiler::chunk_summary`]).
     fn compose<'b>(
         &self,
         c: &Config,
@@ -1132,58 +1141,102 @@ impl Compiler {
         })
     }
 
+    /// The cut of `c`: among the cuts the engine can express ([`Engine::cuts`]), the
+    /// fastest whose exact peak fits the budget, else the one with the smallest peak
+    /// ([`pipeline::select`], monotone in the budget). Peaks are those the simulation
+    /// reports, with `recompute_layers` applied per stage as [`Compiler::evaluate`]
+    /// composes it.
     fn cut(&self, set: &ProfileSet, c: &Config) -> Result<Vec<StageSpan>, CompileError> {
         let blocks = &set.blocks;
-        let pp = c.pp as usize;
-        let parts = pp * c.schedule.chunks() as usize;
-        let times: Vec<f64> = blocks
-            .runs()
-            .flat_map(|(n, b)| std::iter::repeat_n(b.fwd_s + b.bwd_s, n))
-            .collect();
-        // In-flight micro-batches per device: all of them for GPipe, pp - s for 1F1B.
-        let inflight = |stage: usize| -> u64 {
-            let s = stage % pp;
-            let m = u64::from(c.num_micro_batches);
-            match c.schedule {
-                Schedule::Gpipe => m,
-                _ => ((pp - s) as u64).min(m),
-            }
+        let parts = c.pp as usize * c.schedule.chunks() as usize;
+        let no_cut = CompileError::NoCut {
+            blocks: blocks.len(),
+            stages: parts,
         };
-        let v = u64::from(c.schedule.chunks());
-        let budget = self.budget_bytes;
-        let (states, saved) = (&set.states, &set.saved);
-        let fits = |stage: usize, first: usize, last: usize| {
-            let (extra, states, saved) = (
-                states.max(first, last),
-                states.sum(first, last),
-                saved.sum(first, last),
-            );
-            // A device holds v chunks; charge each chunk a 1/v share of the budget.
-            (states + saved * inflight(stage) + extra) * v <= budget
-        };
-        // Block times do not depend on distribution, so the time-optimal cut is shared
-        // by every candidate with the same (tp, sp, recompute, b); if it meets the
-        // memory limits it is also the constrained optimum.
-        let free = cached(
-            &self.caches.cuts,
-            ((c.tp, c.sp, c.recompute, c.micro_batch), parts),
-            || pipeline::cut(&times, parts, |_, _, _| true),
-        );
-        if let Some(spans) = free.as_ref() {
-            if spans
-                .iter()
-                .enumerate()
-                .all(|(i, sp)| fits(i, sp.first, sp.last))
-            {
-                return Ok(spans.clone());
-            }
+        let mut family = self.engine.cuts(c, &self.layout);
+        if family.len() == 1 {
+            return family.pop().ok_or(no_cut);
         }
-        pipeline::cut(&times, parts, fits)
-            .or_else(|| free.as_ref().clone())
-            .ok_or(CompileError::NoCut {
-                blocks: blocks.len(),
-                stages: parts,
+        let plain = match c.recompute_layers {
+            Some(k) if c.recompute != Recompute::None => {
+                let plain = Config {
+                    recompute: Recompute::None,
+                    recompute_layers: None,
+                    ..*c
+                };
+                Some((k, self.profiles(&plain)))
+            }
+            _ => None,
+        };
+        let plain = match &plain {
+            Some((k, p)) => Some((*k, &p.as_ref().as_ref().map_err(Clone::clone)?.blocks)),
+            None => None,
+        };
+        let inflight = cached(
+            &self.caches.inflight,
+            (c.schedule, c.pp, c.num_micro_batches),
+            || InFlight::new(c.schedule, c.pp, c.num_micro_batches),
+        );
+        let scores: Vec<pipeline::CutScore> = family
+            .iter()
+            .map(|spans| {
+                let chunks: Vec<ChunkSummary> = spans
+                    .iter()
+                    .map(|s| self.chunk_summary(blocks, plain, *s))
+                    .collect();
+                pipeline::CutScore {
+                    time_s: chunks.iter().map(|x| x.time_s).fold(0.0, f64::max),
+                    peak_bytes: device_peaks(&chunks, c.pp, &inflight)
+                        .into_iter()
+                        .max()
+                        .unwrap_or(0),
+                }
             })
+            .collect();
+        let best = pipeline::select(&scores, self.budget_bytes).ok_or(no_cut)?;
+        Ok(family.swap_remove(best))
+    }
+
+    /// The summary of one stage as [`Compiler::compose`] builds it: with `plain =
+    /// Some((k, plain))`, the stage's layers after its first `k` come from `plain`.
+    fn chunk_summary(
+        &self,
+        blocks: &Blocks,
+        plain: Option<(u32, &Blocks)>,
+        span: StageSpan,
+    ) -> ChunkSummary {
+        let mut sum = ChunkSummary::default();
+        let Some((k, plain)) = plain else {
+            sum.push_range(blocks, span.first, span.last);
+            return sum;
+        };
+        let layers = &self.layout.layers;
+        let from = layers.partition_point(|&b| b < span.first);
+        let to = layers.partition_point(|&b| b <= span.last);
+        let Some(&switch) = layers[from..to].get(k as usize) else {
+            sum.push_range(blocks, span.first, span.last);
+            return sum;
+        };
+        sum.push_range(blocks, span.first, switch - 1);
+        // The remaining layers from `plain`, the other blocks between them from
+        // `blocks`, in stretches of consecutive layers.
+        let rest = &layers[from + k as usize..to];
+        let mut at = switch;
+        let mut i = 0;
+        while i < rest.len() {
+            let mut j = i;
+            while j + 1 < rest.len() && rest[j + 1] == rest[j] + 1 {
+                j += 1;
+            }
+            if rest[i] > at {
+                sum.push_range(blocks, at, rest[i] - 1);
+            }
+            sum.push_range(plain, rest[i], rest[j]);
+            at = rest[j] + 1;
+            i = j + 1;
+        }
+        sum.push_range(blocks, at, span.last);
+        sum
     }
 }
 

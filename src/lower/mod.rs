@@ -7,6 +7,7 @@
 //! the per-device training graph's ops and tensor liveness.
 
 pub mod compile;
+pub mod peak;
 pub mod profile;
 pub mod schedule;
 

@@ -9,9 +9,13 @@
 //! stage 3, which implies it), and schedule GPipe,
 //! 1F1B or interleaved 1F1B with `v ≥ 2` chunks (needs `pp ≥ 2` and `pp | m`); with
 //! one stage the schedules coincide and only 1F1B is listed. Users pin or bound any
-//! dimension through [`Constraints`].
+//! dimension through [`Constraints`]. [`enumerate_for`] keeps the configurations an
+//! engine can run ([`Engine::allows`]): its schedules, ZeRO stages, virtual-stage
+//! counts that place whole layers, and so on.
 
 use super::{Config, Recompute, Schedule};
+use crate::engine::rules::BlockLayout;
+use crate::engine::Engine;
 use crate::lower::compile::MAX_PIPELINE_UNITS;
 use serde::{Deserialize, Serialize};
 
@@ -221,6 +225,21 @@ pub fn enumerate(
     out
 }
 
+/// [`enumerate`] for a model whose pipeline sees `model`, keeping only the
+/// configurations `engine` can run ([`Engine::allows`]), in the same order.
+pub fn enumerate_for(
+    engine: Engine,
+    model: &BlockLayout,
+    devices: u64,
+    devices_per_node: u32,
+    global_batch: u64,
+    k: &Constraints,
+) -> Vec<Config> {
+    let mut all = enumerate(devices, devices_per_node, global_batch, model.blocks, k);
+    all.retain(|c| engine.allows(c, model).is_ok());
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +267,33 @@ mod tests {
         );
         assert!(pinned.iter().all(|c| c.pp == 2 && c.tp == 1 && c.dp == 16));
         assert!(pinned.len() < all.len());
+    }
+
+    /// 80 layers on 4 pipeline ranks: Megatron-LM places a multiple of the virtual-stage
+    /// count on each rank (`get_num_layers_to_build`; uneven first/last ranks in
+    /// `transformer_config.py`), so only counts dividing 80 (with 80 ≥ 4v) are listed
+    /// for it (8: ranks of 24, 16, 16, 24 layers); torchtitan's
+    /// `module_fqns_per_model_part` places any; DeepSpeed has no model chunks; HF no
+    /// pipeline.
+    #[test]
+    fn virtual_stage_counts_follow_the_engine() {
+        let model = BlockLayout::transformer(80);
+        let k = Constraints {
+            pp: Some(4),
+            max_chunks: Some(10),
+            ..Constraints::default()
+        };
+        let chunks = |engine| {
+            enumerate_for(engine, &model, 32, 8, 32, &k)
+                .iter()
+                .map(|c| c.schedule.chunks())
+                .collect::<std::collections::BTreeSet<u32>>()
+                .into_iter()
+                .collect::<Vec<u32>>()
+        };
+        assert_eq!(chunks(Engine::Megatron), vec![1, 2, 4, 5, 8, 10]);
+        assert_eq!(chunks(Engine::Torchtitan), (1..=10).collect::<Vec<_>>());
+        assert_eq!(chunks(Engine::DeepSpeed), vec![1]);
+        assert!(enumerate_for(Engine::Hf, &model, 32, 8, 32, &k).is_empty());
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::lower::compile::{CompileError, Compiler, Evaluation};
 use crate::lower::StageSpan;
-use crate::passes::candidates::{enumerate, Constraints};
+use crate::passes::candidates::{enumerate_for, Constraints};
 use crate::passes::{Config, Recompute};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -285,11 +285,12 @@ pub fn plan_with_progress(
     opts: &SearchOptions,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> SearchResult {
-    let candidates = enumerate(
+    let candidates = enumerate_for(
+        compiler.engine,
+        compiler.block_layout(),
         compiler.cluster.devices(),
         compiler.cluster.devices_per_node,
         compiler.global_batch,
-        compiler.block_count(),
         &opts.constraints,
     );
     let params = compiler.param_count();

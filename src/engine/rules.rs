@@ -1,0 +1,674 @@
+//! What each engine can run: [`Engine::allows`] says whether an engine runs a
+//! configuration (and why not, as a typed [`Unsupported`]); [`Engine::cuts`] lists the
+//! layer placements on pipeline stages the engine can express.
+//!
+//! Every rule below was read from the engine's own source at the version named here
+//! (read, not copied):
+//!
+//! * **Megatron-LM**, `main` at commit `d98e8a6` (2026-08-22, after `core_v0.19.0`):
+//!   `megatron/core/pipeline_parallel/schedules.py` (`get_forward_backward_func`: no
+//!   pipelining, 1F1B "without interleaving", or 1F1B "with interleaving"; the
+//!   interleaved schedule checks `microbatch_group_size_per_vp_stage`, which defaults
+//!   to `pp` in `model_parallel_config.py`, so `m` must be a multiple of `pp`);
+//!   `megatron/training/arguments.py` (`validate_args`: with
+//!   `--overlap-p2p-communication`, on by default, interleaving needs `pp > 1`;
+//!   Megatron-FSDP `--data-parallel-sharding-strategy optim_grads | optim_grads_params`;
+//!   sequence parallelism is switched off when `tp = 1`);
+//!   `megatron/core/transformer/transformer_block.py` (`get_num_layers_to_build`: layers
+//!   split evenly over pipeline ranks, or `--decoder-first/last-pipeline-num-layers`
+//!   with the rest even; each rank's layers split evenly over its virtual stages);
+//!   `megatron/core/transformer/transformer_config.py` (uneven first/last stages must be
+//!   positive multiples of the virtual-stage count, middle ranks too;
+//!   `recompute_num_layers` must be `None` with selective granularity);
+//!   `megatron/core/distributed/fsdp/mcore_fsdp_adapter.py` (Megatron-FSDP v2 refuses
+//!   `pipeline_model_parallel_size != 1`; the repository's Megatron-FSDP test cases run
+//!   it with TP, e.g. `gpt3_mcore_te_tp2_zp_z3_resume_fsdp_dtensor`, never with PP).
+//! * **DeepSpeed** 0.19.6 (`version.txt`, commit `edaa722`):
+//!   `deepspeed/runtime/pipe/engine.py` (`PipelineEngine.__init__` asserts "ZeRO-2 and
+//!   ZeRO-3 are incompatible with pipeline parallelism"); `deepspeed/runtime/pipe/schedule.py`
+//!   (`TrainSchedule`, the only training schedule: 1F1B, no model chunks);
+//!   `deepspeed/runtime/pipe/module.py` (`_partition_layers`, method `uniform` with
+//!   `deepspeed/runtime/utils.py::partition_uniform`; `activation_checkpoint_interval`,
+//!   whole layers); `deepspeed/runtime/engine.py` (`_configure_tensor_parallel_states`:
+//!   "AutoTP + ZeRO stage 3 is supported for both inference and training");
+//!   `docs/_tutorials/autotp-training.md` (AutoTP combines TP with data parallelism and
+//!   ZeRO, no pipeline); `deepspeed/sequence/layer.py` (`DistributedAttention`: its
+//!   sequence parallelism is Ulysses all-to-all, not Megatron's). apar models
+//!   DeepSpeed's own features, not the Megatron-DeepSpeed fork: AutoTP without
+//!   pipelining, no Megatron-style sequence parallelism, checkpointing of whole layers.
+//! * **torchtitan** `main` at commit `b5bcd76` (2026-08-21; PyPI 0.3.0) and PyTorch 2.15
+//!   `torch/distributed/pipelining/schedules.py`: `torchtitan/config/configs.py`
+//!   (`ParallelismConfig`: `data_parallel_replicate_degree` × `data_parallel_shard_degree`,
+//!   `fsdp_reshard_after_forward` always/never, `enable_sequence_parallel` (optional
+//!   with TP), `module_fqns_per_model_part` (any contiguous modules per stage),
+//!   `pipeline_parallel_schedule` GPipe, 1F1B, Interleaved1F1B, ...);
+//!   `torchtitan/models/llama3/parallelize.py` (FSDP2 `fully_shard` on every data-parallel
+//!   layout; no optimizer-only sharding); `torchtitan/distributed/activation_checkpoint.py`
+//!   (`none`, `selective`, `full`; per-layer selective checkpoints every N-th layer, not
+//!   the first `k`); `Schedule1F1B.__init__` raises when `n_microbatches < num_stages`.
+//! * **Hugging Face Transformers** 5.23 `Trainer` with PyTorch FSDP
+//!   (`transformers/trainer_utils.py::FSDPOption`: `full_shard`, `shard_grad_op`,
+//!   `no_shard`; `gradient_checkpointing` wraps whole decoder layers). No pipeline
+//!   parallelism; apar does not model tensor parallelism for this engine (Transformers'
+//!   `tp_plan` through Accelerate's `ParallelismConfig` is a separate path).
+
+use super::Engine;
+use crate::lower::StageSpan;
+use crate::passes::{Config, Recompute, Schedule};
+use thiserror::Error;
+
+/// Why an engine cannot run a configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum Unsupported {
+    /// The engine has no such pipeline schedule.
+    #[error("{engine} has no {schedule} pipeline schedule ({offers})")]
+    Schedule {
+        /// The engine.
+        engine: Engine,
+        /// The schedule asked for (`gpipe`, `interleaved`).
+        schedule: &'static str,
+        /// What the engine offers instead.
+        offers: &'static str,
+    },
+    /// The engine has no pipeline parallelism.
+    #[error("{engine} has no pipeline parallelism (pp {pp}); it runs pp 1 only")]
+    Pipeline {
+        /// The engine.
+        engine: Engine,
+        /// Pipeline stages asked for.
+        pp: u32,
+    },
+    /// The engine has no tensor parallelism in this combination.
+    #[error("{engine} runs no tensor parallelism (tp {tp}) {context}")]
+    TensorParallel {
+        /// The engine.
+        engine: Engine,
+        /// Tensor-parallel degree asked for.
+        tp: u32,
+        /// When (`at all`, `with pipeline parallelism`).
+        context: &'static str,
+    },
+    /// The engine has no Megatron-style sequence parallelism.
+    #[error("{engine} has no Megatron-style sequence parallelism on the tensor-parallel group")]
+    SequenceParallel {
+        /// The engine.
+        engine: Engine,
+    },
+    /// The engine has no such ZeRO stage, or not with pipelining.
+    #[error("{engine} runs no ZeRO stage {zero}{}", if *.pp > 1 { format!(" with pipeline parallelism (pp {pp})", pp = .pp) } else { String::new() })]
+    Zero {
+        /// The engine.
+        engine: Engine,
+        /// The ZeRO stage asked for.
+        zero: u8,
+        /// Pipeline stages.
+        pp: u32,
+    },
+    /// No engine shards the low-precision parameters without also sharding gradients
+    /// (that is ZeRO-3).
+    #[error("{engine} cannot shard the low-precision parameters alone (ZeRO {zero}); ZeRO-3 shards them with the gradients")]
+    LowPrecShard {
+        /// The engine.
+        engine: Engine,
+        /// The ZeRO stage asked for.
+        zero: u8,
+    },
+    /// The engine has no such recomputation policy.
+    #[error("{engine} has no {recompute} recomputation")]
+    Recompute {
+        /// The engine.
+        engine: Engine,
+        /// The policy asked for.
+        recompute: Recompute,
+    },
+    /// The engine cannot recompute only the first `k` layers of each stage with this
+    /// policy.
+    #[error("{engine} cannot recompute only the first {k} layers of each stage with {recompute} recomputation")]
+    RecomputeLayers {
+        /// The engine.
+        engine: Engine,
+        /// Layers asked for.
+        k: u32,
+        /// The policy.
+        recompute: Recompute,
+    },
+    /// The engine cannot place the model's layers on these stages.
+    #[error("{engine} cannot place {layers} layers on {pp} pipeline stages × {chunks} virtual stages{}", placement_hint(*.engine))]
+    LayerSplit {
+        /// The engine.
+        engine: Engine,
+        /// Transformer layers (the units the engine places).
+        layers: usize,
+        /// Pipeline stages.
+        pp: u32,
+        /// Virtual stages per pipeline stage.
+        chunks: u32,
+    },
+    /// The schedule needs at least as many micro-batches as stages.
+    #[error("{engine}'s 1F1B schedule needs at least as many micro-batches ({m}) as pipeline stages ({pp})")]
+    MicroBatches {
+        /// The engine.
+        engine: Engine,
+        /// Micro-batches per step.
+        m: u32,
+        /// Pipeline stages.
+        pp: u32,
+    },
+}
+
+fn placement_hint(engine: Engine) -> &'static str {
+    match engine {
+        Engine::Megatron => " (each pipeline rank holds a positive multiple of the virtual-stage count: even split, or uneven first/last stages)",
+        Engine::Torchtitan => " (every middle stage needs a layer)",
+        Engine::DeepSpeed | Engine::Hf => "",
+    }
+}
+
+/// The blocks of a model as a pipeline cut sees them: how many there are and which
+/// of them are transformer layers (the units engines place on stages). Blocks before
+/// the first layer go with the first stage; a non-layer block after a layer goes with
+/// that layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockLayout {
+    /// Blocks in model order.
+    pub blocks: usize,
+    /// Block index of each layer, increasing.
+    pub layers: Vec<usize>,
+}
+
+impl BlockLayout {
+    /// The usual transformer: an embedding block, `layers` layer blocks, a head block.
+    pub fn transformer(layers: usize) -> BlockLayout {
+        BlockLayout {
+            blocks: layers + 2,
+            layers: (1..=layers).collect(),
+        }
+    }
+
+    /// Spans of the virtual stages holding `counts[k]` layers each, in order. Stage 0
+    /// also takes the blocks before the first layer, the last stage the blocks after
+    /// the last layer. `None` when the counts do not add up to the layers or a stage
+    /// would be empty.
+    pub fn spans(&self, counts: &[usize]) -> Option<Vec<StageSpan>> {
+        if counts.iter().sum::<usize>() != self.layers.len() || counts.is_empty() {
+            return None;
+        }
+        let last_stage = counts.len() - 1;
+        let mut spans = Vec::with_capacity(counts.len());
+        let mut next_layer = 0;
+        let mut first = 0;
+        for (k, &n) in counts.iter().enumerate() {
+            next_layer += n;
+            let last = if k == last_stage {
+                self.blocks.checked_sub(1)?
+            } else {
+                // Up to the block before the next layer (the last stage takes the
+                // blocks after the last layer).
+                match self.layers.get(next_layer) {
+                    Some(b) => b.checked_sub(1)?,
+                    None => *self.layers.last()?,
+                }
+            };
+            if last < first {
+                return None;
+            }
+            spans.push(StageSpan { first, last });
+            first = last + 1;
+        }
+        Some(spans)
+    }
+}
+
+/// DeepSpeed's `partition_uniform(num_items, num_parts)`: part boundaries, the first
+/// `num_items mod num_parts` parts one item larger (or one item each while items last).
+fn partition_uniform(items: usize, parts: usize) -> Vec<usize> {
+    if items <= parts {
+        return (0..=parts).map(|p| p.min(items)).collect();
+    }
+    let (size, extra) = (items / parts, items % parts);
+    (0..=parts).map(|p| p * size + p.min(extra)).collect()
+}
+
+/// Per-rank layer counts `(f, k, …, k, l)` (`pp ≥ 2` ranks) that add up to `units`,
+/// with the middle count `k` within one step of the even split and every count a
+/// multiple of `step` of at least `min_end` (ends) or `step` (middle).
+fn first_last_splits(units: usize, ranks: usize, step: usize, min_end: usize) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    if ranks < 2 || step == 0 || units % step != 0 {
+        return out;
+    }
+    let u = units / step;
+    let middle = ranks - 2;
+    let even = u / ranks;
+    let ks: Vec<usize> = if middle == 0 {
+        vec![0]
+    } else {
+        (even.saturating_sub(1).max(1)..=even + 1).collect()
+    };
+    let min_end = min_end.div_ceil(step);
+    for k in ks {
+        let Some(ends) = u.checked_sub(middle * k) else {
+            continue;
+        };
+        if ends < 2 * min_end {
+            continue;
+        }
+        for f in min_end..=ends - min_end {
+            let mut counts = Vec::with_capacity(ranks);
+            counts.push(f * step);
+            counts.extend(std::iter::repeat_n(k * step, middle));
+            counts.push((ends - f) * step);
+            out.push(counts);
+        }
+    }
+    out
+}
+
+impl Engine {
+    /// Whether this engine runs `c` on a model whose pipeline sees `model`.
+    ///
+    /// Checks only what depends on the engine; [`crate::lower::compile::Compiler::check`]
+    /// checks the rest (degrees, batch, divisibility of heads) first.
+    ///
+    /// # Errors
+    ///
+    /// The first rule of the engine that `c` breaks, as an [`Unsupported`] (the module
+    /// documentation names each rule's source).
+    pub fn allows(self, c: &Config, model: &BlockLayout) -> Result<(), Unsupported> {
+        match self.refusals(c, model).into_iter().next() {
+            Some(first) => Err(first),
+            None => Ok(()),
+        }
+    }
+
+    /// Every rule of this engine that `c` breaks, in the order [`Engine::allows`]
+    /// checks them (empty when the engine runs `c`).
+    pub fn refusals(self, c: &Config, model: &BlockLayout) -> Vec<Unsupported> {
+        let engine = self;
+        let mut out = Vec::new();
+        let pipelined = c.pp > 1;
+        // Shared by all four: no engine shards the bf16 weights while keeping full
+        // gradients (DeepSpeed ZeRO-1/2, Megatron's distributed optimizer, FSDP's
+        // SHARD_GRAD_OP and FSDP2 all keep or gather them with the gradients).
+        if c.low_prec_shard && c.zero < 3 {
+            out.push(Unsupported::LowPrecShard {
+                engine,
+                zero: c.zero,
+            });
+        }
+        match self {
+            Engine::Megatron => {
+                if c.schedule == Schedule::Gpipe && pipelined {
+                    out.push(Unsupported::Schedule {
+                        engine,
+                        schedule: "gpipe",
+                        offers: "1F1B or interleaved 1F1B",
+                    });
+                }
+                if c.zero >= 2 && pipelined {
+                    out.push(Unsupported::Zero {
+                        engine,
+                        zero: c.zero,
+                        pp: c.pp,
+                    });
+                }
+                if let (Some(k), Recompute::Selective) = (c.recompute_layers, c.recompute) {
+                    out.push(Unsupported::RecomputeLayers {
+                        engine,
+                        k,
+                        recompute: c.recompute,
+                    });
+                }
+            }
+            Engine::DeepSpeed => {
+                match c.schedule {
+                    Schedule::Gpipe if pipelined => out.push(Unsupported::Schedule {
+                        engine,
+                        schedule: "gpipe",
+                        offers: "TrainSchedule, a 1F1B schedule",
+                    }),
+                    Schedule::Interleaved(_) => out.push(Unsupported::Schedule {
+                        engine,
+                        schedule: "interleaved",
+                        offers: "TrainSchedule, a 1F1B schedule without model chunks",
+                    }),
+                    _ => {}
+                }
+                if c.zero >= 2 && pipelined {
+                    out.push(Unsupported::Zero {
+                        engine,
+                        zero: c.zero,
+                        pp: c.pp,
+                    });
+                }
+                if c.tp > 1 && pipelined {
+                    out.push(Unsupported::TensorParallel {
+                        engine,
+                        tp: c.tp,
+                        context: "with pipeline parallelism (AutoTP combines TP with data parallelism and ZeRO only)",
+                    });
+                }
+                if c.sp {
+                    out.push(Unsupported::SequenceParallel { engine });
+                }
+                if c.recompute == Recompute::Selective {
+                    out.push(Unsupported::Recompute {
+                        engine,
+                        recompute: c.recompute,
+                    });
+                }
+                if let Some(k) = c.recompute_layers {
+                    out.push(Unsupported::RecomputeLayers {
+                        engine,
+                        k,
+                        recompute: c.recompute,
+                    });
+                }
+            }
+            Engine::Torchtitan => {
+                if c.zero == 1 {
+                    out.push(Unsupported::Zero {
+                        engine,
+                        zero: c.zero,
+                        pp: 1,
+                    });
+                }
+                if c.schedule == Schedule::OneFOneB && pipelined && c.num_micro_batches < c.pp {
+                    out.push(Unsupported::MicroBatches {
+                        engine,
+                        m: c.num_micro_batches,
+                        pp: c.pp,
+                    });
+                }
+                if let Some(k) = c.recompute_layers {
+                    out.push(Unsupported::RecomputeLayers {
+                        engine,
+                        k,
+                        recompute: c.recompute,
+                    });
+                }
+            }
+            Engine::Hf => {
+                if pipelined {
+                    out.push(Unsupported::Pipeline { engine, pp: c.pp });
+                }
+                if c.tp > 1 {
+                    out.push(Unsupported::TensorParallel {
+                        engine,
+                        tp: c.tp,
+                        context: "at all (apar plans data parallelism with FSDP for it)",
+                    });
+                }
+                if c.zero == 1 {
+                    out.push(Unsupported::Zero {
+                        engine,
+                        zero: c.zero,
+                        pp: c.pp,
+                    });
+                }
+                if c.recompute == Recompute::Selective {
+                    out.push(Unsupported::Recompute {
+                        engine,
+                        recompute: c.recompute,
+                    });
+                }
+                if let Some(k) = c.recompute_layers {
+                    out.push(Unsupported::RecomputeLayers {
+                        engine,
+                        k,
+                        recompute: c.recompute,
+                    });
+                }
+            }
+        }
+        if (pipelined || c.schedule.chunks() > 1) && !self.can_split(c, model) {
+            out.push(Unsupported::LayerSplit {
+                engine,
+                layers: model.layers.len(),
+                pp: c.pp,
+                chunks: c.schedule.chunks(),
+            });
+        }
+        out
+    }
+
+    /// Whether [`Engine::cuts`] is non-empty, in `O(1)`.
+    fn can_split(self, c: &Config, model: &BlockLayout) -> bool {
+        let (units, pp, v) = (
+            model.layers.len(),
+            c.pp as usize,
+            c.schedule.chunks() as usize,
+        );
+        if pp <= 1 {
+            // No engine interleaves chunks without pipeline parallelism.
+            return v <= 1;
+        }
+        match self {
+            // Positive multiples of v on every rank.
+            Engine::Megatron => units % v == 0 && units >= pp * v,
+            // Middle virtual stages need a layer; the ends may hold only the embedding
+            // or the head.
+            Engine::Torchtitan => units + 2 >= pp * v,
+            // One item per stage at least (the items are the blocks).
+            Engine::DeepSpeed => v == 1 && model.blocks >= pp,
+            Engine::Hf => false,
+        }
+    }
+
+    /// The cuts of `model` into `c`'s `pp · v` virtual stages that this engine can
+    /// express, in a fixed order (virtual stage `k` is chunk `k / pp` of pipeline rank
+    /// `k mod pp`). Empty when it can express none.
+    ///
+    /// * Megatron-LM: per-rank layer counts `(f, k, …, k, l)`, the even split
+    ///   (`f = k = l`) or `--decoder-first/last-pipeline-num-layers` `f` and `l`, each a
+    ///   positive multiple of `v` and split evenly over the rank's `v` virtual stages.
+    ///   apar lists the middle count `k` within one step of the even split.
+    /// * torchtitan (`module_fqns_per_model_part`, any contiguous modules per stage):
+    ///   per-virtual-stage counts `(f, k, …, k, l)` with `f, l ≥ 0` (the first and last
+    ///   stages also hold the embedding and the head), `k` as above.
+    /// * DeepSpeed: `partition_method="uniform"` over the blocks (one `LayerSpec` each).
+    /// * Hugging Face: no pipeline, the single whole-model stage.
+    pub fn cuts(self, c: &Config, model: &BlockLayout) -> Vec<Vec<StageSpan>> {
+        let (pp, v) = (c.pp.max(1) as usize, c.schedule.chunks() as usize);
+        let parts = pp * v;
+        let whole = || {
+            (model.blocks > 0).then(|| {
+                vec![StageSpan {
+                    first: 0,
+                    last: model.blocks - 1,
+                }]
+            })
+        };
+        if parts == 1 {
+            return whole().into_iter().collect();
+        }
+        if !self.can_split(c, model) {
+            return Vec::new();
+        }
+        let units = model.layers.len();
+        match self {
+            Engine::Megatron => first_last_splits(units, pp, v, v)
+                .into_iter()
+                .filter_map(|per_rank| {
+                    let per_stage: Vec<usize> = (0..parts).map(|k| per_rank[k % pp] / v).collect();
+                    model.spans(&per_stage)
+                })
+                .collect(),
+            Engine::Torchtitan => first_last_splits(units, parts, 1, 0)
+                .into_iter()
+                .filter_map(|per_stage| model.spans(&per_stage))
+                .collect(),
+            Engine::DeepSpeed => {
+                let bounds = partition_uniform(model.blocks, pp);
+                let spans: Vec<StageSpan> = bounds
+                    .windows(2)
+                    .map(|w| StageSpan {
+                        first: w[0],
+                        last: w[1].saturating_sub(1),
+                    })
+                    .collect();
+                if spans.iter().all(|s| s.last >= s.first) && bounds[0] == 0 {
+                    vec![spans]
+                } else {
+                    Vec::new()
+                }
+            }
+            Engine::Hf => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pp: u32, schedule: Schedule, m: u32) -> Config {
+        Config {
+            dp: 1,
+            tp: 1,
+            pp,
+            micro_batch: 1,
+            num_micro_batches: m,
+            sp: false,
+            recompute: Recompute::None,
+            recompute_layers: None,
+            zero: 0,
+            low_prec_shard: false,
+            schedule,
+        }
+    }
+
+    /// Megatron-LM `get_num_layers_to_build`: 80 layers on 4 ranks is 20 layers per
+    /// rank; with `--num-layers-per-virtual-pipeline-stage` the per-rank count must be
+    /// divisible by it, so 7 virtual stages per rank (80 is not a multiple of 7) cannot
+    /// be expressed, 10 (2 layers each) and 5 (4 each) can.
+    #[test]
+    fn megatron_virtual_stages_need_whole_layer_counts() {
+        let llama = BlockLayout::transformer(80);
+        let c = |v| config(4, Schedule::Interleaved(v), 8);
+        assert!(matches!(
+            Engine::Megatron.allows(&c(7), &llama),
+            Err(Unsupported::LayerSplit { chunks: 7, .. })
+        ));
+        for v in [2, 4, 5, 10] {
+            assert_eq!(Engine::Megatron.allows(&c(v), &llama), Ok(()));
+            let cuts = Engine::Megatron.cuts(&c(v), &llama);
+            let per_layer = 80 / (4 * v as usize);
+            let layers_of = |s: &StageSpan| {
+                llama
+                    .layers
+                    .iter()
+                    .filter(|&&b| b >= s.first && b <= s.last)
+                    .count()
+            };
+            assert!(
+                cuts.iter()
+                    .any(|spans| spans.iter().all(|s| layers_of(s) == per_layer)),
+                "the even split of {v} virtual stages is listed"
+            );
+        }
+    }
+
+    /// Every cut an engine lists covers the blocks in order, one span per virtual
+    /// stage, and (Megatron) gives every rank a multiple of v layers split evenly.
+    #[test]
+    fn cuts_are_contiguous_and_follow_the_rules() {
+        for layers in [1usize, 2, 5, 12, 24, 30] {
+            let model = BlockLayout::transformer(layers);
+            for pp in 1..=6u32 {
+                for schedule in [
+                    Schedule::OneFOneB,
+                    Schedule::Gpipe,
+                    Schedule::Interleaved(2),
+                    Schedule::Interleaved(3),
+                ] {
+                    let c = config(pp, schedule, 2 * pp);
+                    for engine in Engine::ALL {
+                        let cuts = engine.cuts(&c, &model);
+                        let allowed = engine.allows(&c, &model).is_ok();
+                        if allowed {
+                            assert!(!cuts.is_empty(), "{engine} {c}");
+                        }
+                        for spans in &cuts {
+                            assert_eq!(spans.len(), (pp * schedule.chunks()) as usize);
+                            assert_eq!(spans[0].first, 0);
+                            assert_eq!(spans.last().unwrap().last, model.blocks - 1);
+                            for w in spans.windows(2) {
+                                assert_eq!(w[1].first, w[0].last + 1);
+                            }
+                            assert!(spans.iter().all(|s| s.last >= s.first));
+                            if engine == Engine::Megatron && pp > 1 {
+                                let v = schedule.chunks() as usize;
+                                let layers_of = |s: &StageSpan| {
+                                    model
+                                        .layers
+                                        .iter()
+                                        .filter(|&&b| b >= s.first && b <= s.last)
+                                        .count()
+                                };
+                                for r in 0..pp as usize {
+                                    let counts: Vec<usize> = (0..v)
+                                        .map(|ch| layers_of(&spans[ch * pp as usize + r]))
+                                        .collect();
+                                    assert!(counts.iter().all(|&n| n == counts[0] && n > 0));
+                                }
+                                let middle: Vec<usize> =
+                                    (1..pp as usize - 1).map(|r| layers_of(&spans[r])).collect();
+                                assert!(middle.windows(2).all(|w| w[0] == w[1]));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// DeepSpeed `partition_uniform(10, 4)` puts 3, 3, 2, 2 items on the parts (the
+    /// residual goes to the first parts).
+    #[test]
+    fn deepspeed_uniform_partition() {
+        assert_eq!(partition_uniform(10, 4), vec![0, 3, 6, 8, 10]);
+        assert_eq!(partition_uniform(3, 4), vec![0, 1, 2, 3, 3]);
+        let c = config(4, Schedule::OneFOneB, 8);
+        let cuts = Engine::DeepSpeed.cuts(&c, &BlockLayout::transformer(8));
+        assert_eq!(cuts.len(), 1);
+        let sizes: Vec<usize> = cuts[0].iter().map(|s| s.last - s.first + 1).collect();
+        assert_eq!(sizes, vec![3, 3, 2, 2]);
+    }
+
+    /// DeepSpeed `PipelineEngine` asserts ZeRO < 2; Megatron's interleaved and 1F1B
+    /// schedules are its only pipelined ones; HF Trainer has no pipeline.
+    #[test]
+    fn engine_specific_refusals() {
+        let model = BlockLayout::transformer(8);
+        let mut c = config(2, Schedule::OneFOneB, 4);
+        c.dp = 2;
+        c.zero = 2;
+        assert!(matches!(
+            Engine::DeepSpeed.allows(&c, &model),
+            Err(Unsupported::Zero { zero: 2, .. })
+        ));
+        assert_eq!(Engine::Torchtitan.allows(&c, &model), Ok(()));
+        c.zero = 1;
+        assert_eq!(Engine::DeepSpeed.allows(&c, &model), Ok(()));
+        assert!(Engine::Torchtitan.allows(&c, &model).is_err());
+        c.schedule = Schedule::Gpipe;
+        assert!(matches!(
+            Engine::Megatron.allows(&c, &model),
+            Err(Unsupported::Schedule { .. })
+        ));
+        assert!(matches!(
+            Engine::Hf.allows(&c, &model),
+            Err(Unsupported::Pipeline { .. })
+        ));
+        c.schedule = Schedule::OneFOneB;
+        c.recompute = Recompute::Selective;
+        c.recompute_layers = Some(1);
+        assert!(matches!(
+            Engine::Megatron.allows(&c, &model),
+            Err(Unsupported::RecomputeLayers { .. })
+        ));
+        c.recompute = Recompute::Full;
+        assert_eq!(Engine::Megatron.allows(&c, &model), Ok(()));
+    }
+}
