@@ -11,6 +11,7 @@ use super::profile::{profile, BlockProfile, Blocks, Groups};
 use super::{simulate, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{CostModel, Group};
+use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, States};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
 use crate::models::{build_forward, ModelConfig, ModelError, Position};
@@ -216,6 +217,9 @@ pub enum CompileError {
         #[source]
         source: ShapeError,
     },
+    /// The precision options cannot be planned.
+    #[error("{0}")]
+    Precision(#[source] PrecisionError),
     /// A pass produced a graph that does not verify (an internal bug).
     #[error("verify: {0}")]
     Verify(#[source] VerifyErrors),
@@ -371,6 +375,10 @@ pub struct Compiler {
     pub memory_ratio: f64,
     /// The engine the configurations are compiled for.
     pub engine: Engine,
+    /// Compute, gradient and optimizer precision (engine defaults where unset).
+    pub precision: PrecisionOptions,
+    /// Context, communication and allocator memory beside the tensors.
+    pub runtime: RuntimeOverhead,
     caches: Caches,
 }
 
@@ -482,6 +490,8 @@ impl Compiler {
             budget_bytes,
             memory_ratio,
             engine: Engine::default(),
+            precision: PrecisionOptions::default(),
+            runtime: RuntimeOverhead::default(),
             caches: Caches::default(),
         })
     }
@@ -491,6 +501,63 @@ impl Compiler {
         self.engine = engine;
         self.caches = Caches::default();
         self
+    }
+
+    /// The same compiler at another precision; caches start empty.
+    ///
+    /// # Errors
+    ///
+    /// [`CompileError::Precision`] when the engine cannot train at `precision`
+    /// (see [`Engine::states`]).
+    pub fn with_precision(mut self, precision: PrecisionOptions) -> Result<Compiler, CompileError> {
+        self.engine
+            .states(&precision)
+            .map_err(CompileError::Precision)?;
+        self.precision = precision;
+        self.caches = Caches::default();
+        Ok(self)
+    }
+
+    /// The same compiler with another runtime overhead (peaks change, profiles do not).
+    pub fn with_runtime(mut self, runtime: RuntimeOverhead) -> Compiler {
+        self.runtime = runtime;
+        self
+    }
+
+    /// The dtypes the engine trains with at this compiler's precision.
+    pub fn states(&self) -> States {
+        // `with_precision` checked the precision; the errors of `Engine::states` do
+        // not depend on the engine, so the fallback is never taken.
+        self.engine
+            .states(&self.precision)
+            .or_else(|_| self.engine.states(&PrecisionOptions::default()))
+            .expect("the default precision is valid for every engine")
+    }
+
+    /// Bytes beside the training graph's tensors on one device of configuration `c`:
+    /// the engine's named buffers, and the runtime overhead of a device whose tensors
+    /// and buffers peak at `allocated` bytes.
+    pub fn overhead_bytes(&self, c: &Config, allocated: u64) -> (u64, u64) {
+        let states = self.states();
+        let buffers: u64 = self
+            .engine
+            .buffers(c.zero, c.dp, states.grad)
+            .iter()
+            .map(|b| b.bytes)
+            .sum();
+        let runtime = self
+            .runtime
+            .bytes(allocated.saturating_add(buffers), communicators(c));
+        (buffers, runtime)
+    }
+
+    /// The bytes the training graph's tensors of one device of `c` may peak at within
+    /// the budget, once the engine's buffers and the runtime overhead are counted.
+    pub fn tensor_budget(&self, c: &Config) -> u64 {
+        let (buffers, _) = self.overhead_bytes(c, 0);
+        self.runtime
+            .allocatable(self.budget_bytes, communicators(c))
+            .saturating_sub(buffers)
     }
 
     /// The same compiler with other cost-model efficiencies (for calibration); caches
@@ -517,7 +584,9 @@ impl Compiler {
             global_batch,
             self.memory_ratio,
         )?
-        .with_engine(self.engine))
+        .with_engine(self.engine)
+        .with_precision(self.precision)?
+        .with_runtime(self.runtime))
     }
 
     /// Number of blocks the pipeline can cut between.
@@ -726,13 +795,27 @@ impl Compiler {
                 per_device_forward(&self.forward, tp, sp, &self.cost)
             });
             let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
-            let train = training_graph(fwd, &TrainOptions::default())
-                .map_err(|e| CompileError::Train(e.into()))?;
-            let r =
-                recompute::apply(&train, rc, |_| true).map_err(|source| CompileError::Pass {
+            let states = self.states();
+            let fwd = crate::train::precision::apply(fwd, states.compute, states.logits).map_err(
+                |source| CompileError::Pass {
+                    pass: "precision",
+                    source,
+                },
+            )?;
+            let opts = TrainOptions {
+                grad_dtype: states.grad,
+                main_grad_dtype: states.main_grad,
+                master_dtype: states.master,
+                ..TrainOptions::default()
+            };
+            let train = training_graph(&fwd, &opts).map_err(|e| CompileError::Train(e.into()))?;
+            let selective = self.engine.selective_recompute();
+            let r = recompute::apply_with(&train, rc, selective, |_| true).map_err(|source| {
+                CompileError::Pass {
                     pass: "recompute",
                     source,
-                })?;
+                }
+            })?;
             #[cfg(debug_assertions)]
             crate::ir::verify(&r.graph).map_err(CompileError::Verify)?;
             Ok(r)
@@ -774,10 +857,12 @@ impl Compiler {
         cached(&self.caches.dist, key, || {
             let g = self.graph(c.tp, false, Recompute::None);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-            let d = distribute::apply(&g.graph, c).map_err(|source| CompileError::Pass {
-                pass: "distribute",
-                source,
-            })?;
+            let d = distribute::apply_with(&g.graph, c, self.states().params_in_master).map_err(
+                |source| CompileError::Pass {
+                    pass: "distribute",
+                    source,
+                },
+            )?;
             #[cfg(debug_assertions)]
             crate::ir::verify(&d.graph).map_err(CompileError::Verify)?;
             let env = Env::new(1, self.seq);
@@ -952,6 +1037,19 @@ impl Compiler {
                 detail,
             },
         );
+        let mut sim = sim;
+        for (d, m) in sim.memory.iter_mut().enumerate() {
+            let (buffers, runtime) = self.overhead_bytes(c, m.peak_bytes);
+            let extra = buffers.saturating_add(runtime);
+            m.buffers = buffers;
+            m.runtime = runtime;
+            m.peak_bytes = m.peak_bytes.saturating_add(extra);
+            if let Some(t) = sim.timeline.get_mut(d) {
+                for s in t.iter_mut() {
+                    s.bytes = s.bytes.saturating_add(extra);
+                }
+            }
+        }
         let peak_bytes = sim.memory.iter().map(|m| m.peak_bytes).max().unwrap_or(0);
         let tokens = self.global_batch as f64 * self.seq as f64;
         let step = sim.step_time_s;
@@ -1086,10 +1184,12 @@ impl Compiler {
         };
         let g = self.graph(c.tp, c.sp, c.recompute);
         let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-        let d = distribute::apply(&g.graph, c).map_err(|source| CompileError::Pass {
-            pass: "distribute",
-            source,
-        })?;
+        let d = distribute::apply_with(&g.graph, c, self.states().params_in_master).map_err(
+            |source| CompileError::Pass {
+                pass: "distribute",
+                source,
+            },
+        )?;
         Ok(DeviceProgram {
             sharded,
             graph: d.graph,
@@ -1116,7 +1216,9 @@ impl Compiler {
             }
         };
         let v = u64::from(c.schedule.chunks());
-        let budget = self.budget_bytes;
+        // The budget left for the training graph's tensors once the engine's buffers
+        // and the runtime take theirs (at a peak of the whole budget).
+        let budget = self.tensor_budget(c);
         let (states, saved) = (&set.states, &set.saved);
         let fits = |stage: usize, first: usize, last: usize| {
             let (extra, states, saved) = (
@@ -1151,6 +1253,13 @@ impl Compiler {
                 stages: parts,
             })
     }
+}
+
+/// NCCL communicators a device of `c` is a member of: one per parallel dimension it
+/// communicates over (NCCL connects a communicator's buffers at its first collective,
+/// so groups a configuration never uses cost nothing).
+fn communicators(c: &Config) -> u32 {
+    u32::from(c.tp > 1) + u32::from(c.dp > 1) + u32::from(c.pp > 1)
 }
 
 /// What one device of a configuration runs, op by op ([`Compiler::device_program`]).

@@ -100,6 +100,14 @@ pub struct StageMemory {
     pub activations: u64,
     /// Transient bytes of the running pass at the peak.
     pub temporary: u64,
+    /// The engine's named buffers outside the training graph (DeepSpeed's reduce
+    /// bucket), bytes.
+    #[serde(default)]
+    pub buffers: u64,
+    /// Runtime overhead: CUDA context, NCCL buffers, allocator reserve, bytes
+    /// ([`crate::engine::memory::RuntimeOverhead`]).
+    #[serde(default)]
+    pub runtime: u64,
 }
 
 /// Where the step time of the slowest device goes.
@@ -519,6 +527,8 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
             optimizer: states[d].optimizer,
             activations: peak[d].1,
             temporary: peak[d].2,
+            buffers: 0,
+            runtime: 0,
         })
         .collect();
     let flops_per_device = (0..pp)

@@ -11,7 +11,7 @@ pub mod hf;
 mod load;
 pub mod zoo;
 
-pub use build::build_forward;
+pub use build::{build_forward, COMPUTE_DTYPE};
 pub use load::{load, load_ir_file, LoadedModel, Overrides};
 
 use serde::{Deserialize, Serialize};

@@ -623,6 +623,18 @@ impl Diff<'_> {
             };
             self.b.set_block(node.block);
             self.b.set_phase(Phase::Opt);
+            let g = if opts.main_grad_dtype != opts.grad_dtype {
+                let main = self.b.add1(
+                    Op::Cast {
+                        to: opts.main_grad_dtype,
+                    },
+                    &[g],
+                )?;
+                self.b.set_role(main, Role::Grad);
+                main
+            } else {
+                g
+            };
             let lowp_ty = self.fwd.ty(node.results[0]).clone();
             let master_ty = lowp_ty.with_dtype(opts.master_dtype);
             let has_copy = lowp_ty.dtype != opts.master_dtype;
