@@ -1220,14 +1220,35 @@ impl Compiler {
         // and the runtime take theirs (at a peak of the whole budget).
         let budget = self.tensor_budget(c);
         let (states, saved) = (&set.states, &set.saved);
+        // Boundary tensors a stage receives stay with it; those it sends leave it (as
+        // the simulation counts them, `lower::summarize`).
+        let block = |i: usize| blocks.refs(i, i).next();
+        let kept = |i: usize| block(i).map_or(0, |b| b.boundary.min(b.saved));
         let fits = |stage: usize, first: usize, last: usize| {
-            let (extra, states, saved) = (
-                states.max(first, last),
+            let received = if first > 0 { kept(first - 1) } else { 0 };
+            let sent = if last + 1 < blocks.len() {
+                kept(last)
+            } else {
+                0
+            };
+            let (states, saved) = (
                 states.sum(first, last),
-                saved.sum(first, last),
+                (saved.sum(first, last) + received).saturating_sub(sent),
             );
+            // The simulated peak: the other in-flight micro-batches' activations, and
+            // the running one's pass at its highest. Its first block peaks above the
+            // received tensors only; a later block above all but the last block's
+            // saved activations (that block's own extra holds them).
+            let first_extra = block(first).map_or(0, |b| b.fwd_extra.max(b.bwd_extra));
+            let rest_extra = if last > first {
+                let last_saved = block(last).map_or(0, |b| b.saved).min(saved);
+                set.states.max(first + 1, last) + saved - last_saved
+            } else {
+                0
+            };
+            let running = (first_extra + received).max(rest_extra);
             // A device holds v chunks; charge each chunk a 1/v share of the budget.
-            (states + saved * inflight(stage) + extra) * v <= budget
+            (states + saved * inflight(stage).saturating_sub(1) + running) * v <= budget
         };
         // Block times do not depend on distribution, so the time-optimal cut is shared
         // by every candidate with the same (tp, sp, recompute, b); if it meets the
