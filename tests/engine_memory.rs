@@ -425,3 +425,59 @@ fn runtime_overhead_is_reported_and_overridable() {
     let d = c.with_engine(Engine::DeepSpeed).evaluate(&cfg).unwrap();
     assert_eq!(d.sim.memory[0].buffers, 1_000_000_000);
 }
+
+fn apar(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_apar"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `--precision`, `--grad-dtype` and `--runtime-overhead-gib` reach the plan; FP8 is
+/// refused as bad input.
+#[test]
+fn cli_precision_and_overhead_options() {
+    let base = [
+        "eval",
+        "--model",
+        "tiny-gpt",
+        "--cluster",
+        "dgx-a100-80g:1",
+        "--global-batch",
+        "8",
+        "--seq",
+        "16",
+        "--dp",
+        "8",
+        "--zero",
+        "1",
+        "--json",
+    ];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        apar(&args)
+    };
+    let (code, text) = run(&["--precision", "fp8"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("fp8"), "{text}");
+    let json = |text: &str| -> serde_json::Value { serde_json::from_str(text).unwrap() };
+    let (code, text) = run(&["--runtime-overhead-gib", "2"]);
+    assert_eq!(code, 0, "{text}");
+    let stage = |v: &serde_json::Value, k: &str| v["memory"]["per_stage"][0][k].as_u64().unwrap();
+    assert_eq!(stage(&json(&text), "runtime"), 2 << 30);
+    // Megatron-LM's fp32 main gradients: 4 bytes per parameter. With bf16 gradients
+    // its distributed optimizer still steps on an fp32 copy of the local shard
+    // (`shard_model_grad.float()`, `distrib_optimizer.py`): 2 + 4/8 bytes on 8 ranks.
+    let (_, fp32) = run(&[]);
+    let (_, bf16) = run(&["--grad-dtype", "bf16"]);
+    assert_eq!(
+        8 * stage(&json(&bf16), "grads"),
+        5 * stage(&json(&fp32), "grads")
+    );
+}

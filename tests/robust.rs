@@ -221,13 +221,17 @@ fn saved_plans_hold_only_finite_numbers() {
     let mut found = Vec::new();
     nulls(&serde_json::from_str(&text).unwrap(), "", &mut found);
     // Options that may be absent: the cluster's usable memory, recompute layers, the
-    // model's overrides (`layers`, `attention`), and a compute op's collective `group`.
+    // model's overrides (`layers`, `attention`), a compute op's collective `group`, the
+    // gradient and optimizer dtypes (engine defaults) and a fixed runtime overhead.
     let absent = [
         "usable_memory_bytes",
         "recompute_layers",
         "layers",
         "attention",
         "group",
+        "grad",
+        "optimizer",
+        "fixed_bytes",
     ];
     found.retain(|k| !absent.contains(&k.as_str()));
     assert!(found.is_empty(), "null (non-finite?) at {found:?}");

@@ -72,7 +72,18 @@ pub fn derive_with_report(
             continue;
         }
         if let Op::Param { .. } = node.op {
-            if let Some(g) = dys[0] {
+            if let Some(mut g) = dys[0] {
+                // The gradient is complete: it goes into the gradient buffer now (an
+                // engine accumulates each weight gradient into its buffer as soon as it
+                // is computed), so that no low-precision copy outlives its layer.
+                if d.b.ty(g).dtype != opts.grad_dtype {
+                    g = d.b.add1(
+                        Op::Cast {
+                            to: opts.grad_dtype,
+                        },
+                        &[g],
+                    )?;
+                }
                 param_grads.push((id, g));
             }
             continue;
