@@ -164,7 +164,9 @@ fn zero_table_1_holds_for_deepspeed() {
 /// torchtitan's FSDP2 keeps fp32 sharded parameters, gradients reduced in fp32
 /// (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32)`) and fp32 Adam
 /// moments: 4 + 4 + 8 bytes per parameter over the N shards, with no persistent bf16
-/// copy (torchtitan `docs/fsdp.md`: "FSDP2 ... sharded parameters ... in fp32").
+/// copy (torchtitan `torchtitan/config/configs.py`: `mixed_precision_param =
+/// "bfloat16"`, `mixed_precision_reduce = "float32"`; `torchtitan/distributed/fsdp.py`
+/// builds `MixedPrecisionPolicy(param_dtype, reduce_dtype)` over fp32 parameters).
 #[test]
 fn torchtitan_fsdp2_states_are_16_over_n() {
     let c = compiler("tiny-gpt", false, a100_80g(1, 8), 16, 8).with_engine(Engine::Torchtitan);

@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | Megatron-LM | bf16 / fp32 main grad / fp32 master + moments: 18 B, `6 + 12/d` with the distributed optimizer | `docs/source/api-guide/dist_optimizer.md` |
 //! | DeepSpeed | bf16 / bf16 / fp32 master + moments: 16 B (ZeRO Table 1) | `deepspeed/runtime/zero/stage_1_and_2.py` (0.19) |
-//! | torchtitan, HF + FSDP | fp32 sharded param / fp32 grad (`reduce_dtype`) / fp32 moments: `16/d`; bf16 only when gathered | `torch.distributed.fsdp.MixedPrecisionPolicy` |
+//! | torchtitan, HF + FSDP | fp32 sharded param / fp32 grad (`reduce_dtype`) / fp32 moments: `16/d`; bf16 only when gathered | `torchtitan/config/configs.py`, `torchtitan/distributed/fsdp.py` (`MixedPrecisionPolicy`) |
 
 use super::Engine;
 use crate::ir::DType;
@@ -157,26 +157,41 @@ pub struct States {
     /// (FSDP's `MixedPrecisionPolicy(param_dtype=bf16)`: no persistent low-precision
     /// copy; sharded, the cast runs on the shard before the all-gather).
     pub params_in_master: bool,
-    /// The dtype the loss reads the logits in (every engine here upcasts to fp32).
+    /// The dtype the loss reads the logits in (every engine here upcasts to fp32,
+    /// [`LOGITS_FP32_SOURCE`]).
     pub logits: DType,
+    /// Where these facts were read.
+    pub source: &'static str,
 }
 
-/// Megatron-LM: `bf16` runs keep fp32 main gradients (`accumulate_allreduce_grads_in_fp32`
-/// is forced on for bf16, `megatron/training/arguments.py`); fp16 runs keep fp16
+/// Megatron-LM: `bf16` runs keep fp32 main gradients ("accumulate and all-reduce
+/// gradients in fp32 for bfloat16 data type" unless `--grad-reduce-in-bf16`,
+/// `megatron/training/arguments.py`); fp16 runs keep fp16
 /// gradients and the optimizer copies them into fp32 main gradients; fp32 master
 /// weights always. Table "bytes per parameter" of
 /// `docs/source/api-guide/dist_optimizer.md` (Megatron-LM core 0.13): 20 / 18 / 16
 /// without and `4 + 16/d`, `6 + 12/d`, `8 + 8/d` with the distributed optimizer.
 pub const MEGATRON_STATES_SOURCE: &str =
-    "Megatron-LM docs/source/api-guide/dist_optimizer.md (core 0.13)";
+    "Megatron-LM core 0.20 (d98e8a6), docs/source/api-guide/dist_optimizer.md";
 
-/// Megatron-LM's vocab-parallel cross-entropy runs on `logits.float()`
-/// (`megatron/core/models/common/language_module/language_module.py`,
-/// `compute_language_model_loss`), and saves its fp32 softmax for the backward.
-/// Hugging Face's `ForCausalLMLoss` (`transformers/loss/loss_utils.py`, 4.5x) and
-/// torchtitan's `cross_entropy_loss` (`torchtitan/components/loss.py`) upcast the same way.
+/// DeepSpeed ZeRO keeps gradients in the model dtype and fp32 master weights and
+/// moments (Rajbhandari et al. 2020, Table 1; `stage_1_and_2.py`, DeepSpeed 0.19.6).
+pub const DEEPSPEED_STATES_SOURCE: &str =
+    "DeepSpeed 0.19.6 deepspeed/runtime/zero/stage_1_and_2.py; ZeRO paper Table 1";
+
+/// torchtitan's FSDP2 mixed precision: fp32 parameters sharded, bf16 when gathered,
+/// gradients reduced in fp32 (torchtitan b5bcd76, `torchtitan/config/configs.py`,
+/// `torchtitan/distributed/fsdp.py`). Hugging Face + FSDP is given the same policy.
+pub const FSDP_STATES_SOURCE: &str =
+    "torchtitan b5bcd76 torchtitan/config/configs.py, torchtitan/distributed/fsdp.py";
+
+/// Megatron-LM's vocab-parallel cross-entropy runs on `vocab_parallel_logits.float()`
+/// (`megatron/core/tensor_parallel/cross_entropy.py`) and saves its fp32 softmax for
+/// the backward. Hugging Face's `ForCausalLMLoss` ("Upcast to float",
+/// `transformers/loss/loss_utils.py`) and torchtitan's loss (`pred.float()`,
+/// `torchtitan/components/loss.py`) upcast the same way.
 pub const LOGITS_FP32_SOURCE: &str =
-    "megatron/core/models/common/language_module/language_module.py; transformers/loss/loss_utils.py; torchtitan/components/loss.py";
+    "megatron/core/tensor_parallel/cross_entropy.py; transformers/loss/loss_utils.py; torchtitan/components/loss.py";
 
 impl Engine {
     /// The dtypes this engine trains with at `p` (engine defaults where `p` leaves a
@@ -198,8 +213,9 @@ impl Engine {
         let default_grad = match (self, compute) {
             // Megatron-LM: fp32 main gradients for bf16; fp16 gradients for fp16.
             (Engine::Megatron, DType::Bf16) => DType::F32,
-            // FSDP2 `reduce_dtype=torch.float32` (torchtitan's default
-            // `mixed_precision_reduce = "float32"`, torchtitan/config/job_config.py).
+            // FSDP2 `reduce_dtype=torch.float32` (torchtitan's defaults
+            // `mixed_precision_param = "bfloat16"`, `mixed_precision_reduce =
+            // "float32"`, torchtitan/config/configs.py).
             _ if fsdp => DType::F32,
             // DeepSpeed: gradients in the model dtype (ZeRO paper's 2Ψ).
             (_, c) => c,
@@ -232,6 +248,11 @@ impl Engine {
             master,
             params_in_master: fsdp && master != compute,
             logits: DType::F32,
+            source: match self {
+                Engine::Megatron => MEGATRON_STATES_SOURCE,
+                Engine::DeepSpeed => DEEPSPEED_STATES_SOURCE,
+                Engine::Torchtitan | Engine::Hf => FSDP_STATES_SOURCE,
+            },
         })
     }
 
@@ -255,8 +276,8 @@ impl Engine {
 
 impl Engine {
     /// What this engine's selective recomputation reruns: torchtitan's selective
-    /// activation checkpointing is per-op (`activation_checkpoint.mode = "selective"`,
-    /// `selective_ac_option = "op"` in its Llama configs); Megatron-LM (and
+    /// activation checkpointing is per-op (`SelectiveAC`, "Per-op selective activation
+    /// checkpointing", `torchtitan/distributed/activation_checkpoint.py`); Megatron-LM (and
     /// DeepSpeed's Megatron model code) recompute the attention core; Hugging Face +
     /// FSDP is given Megatron-LM's meaning (its own checkpointing is whole-layer).
     pub fn selective_recompute(self) -> Selective {
@@ -268,7 +289,7 @@ impl Engine {
 }
 
 /// DeepSpeed's default `reduce_bucket_size`, elements: 5·10⁸
-/// (`deepspeed/runtime/zero/config.py`, DeepSpeed 0.19.6). `allgather_bucket_size`
+/// (`deepspeed/runtime/zero/config.py`, DeepSpeed 0.19.6, edaa722). `allgather_bucket_size`
 /// (also 5·10⁸) only chunks the all-gather into the existing parameter buffer and
 /// allocates nothing of its own.
 pub const DEEPSPEED_REDUCE_BUCKET_ELEMENTS: u64 = 500_000_000;
