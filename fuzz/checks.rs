@@ -101,8 +101,10 @@ pub fn plan_case(data: &[u8]) -> PlanCase {
     let mut options = PlanOptions::new(seq, batch);
     // The runtime's fixed bytes (context, NCCL buffers) shrink with the device: a real
     // GPU's context would not fit a device made 2^k times smaller for small graphs.
-    options.runtime.context_bytes >>= shrink;
-    options.runtime.nccl_bytes_per_communicator >>= shrink;
+    let mut runtime = options.engine.runtime();
+    runtime.context_bytes >>= shrink;
+    runtime.nccl_bytes_per_communicator >>= shrink;
+    options.runtime = Some(runtime);
     if let k @ 1.. = e.below(4) {
         options.memory_ratio = [0.5, 0.8, 1.0][k as usize - 1];
     }

@@ -67,9 +67,10 @@ pub struct PlanOptions {
     #[serde(default)]
     pub precision: PrecisionOptions,
     /// Runtime memory beside the tensors (context, NCCL, allocator reserve); peaks
-    /// include it, and the memory ratio is a margin on top.
+    /// include it, and the memory ratio is a margin on top. `None`: the engine's
+    /// ([`Engine::runtime`]).
     #[serde(default)]
-    pub runtime: RuntimeOverhead,
+    pub runtime: Option<RuntimeOverhead>,
     /// Pins, bounds and search switches.
     pub search: SearchOptions,
 }
@@ -84,7 +85,7 @@ impl PlanOptions {
             memory_ratio: DEFAULT_MEMORY_RATIO,
             engine: Engine::default(),
             precision: PrecisionOptions::default(),
-            runtime: RuntimeOverhead::default(),
+            runtime: None,
             search: SearchOptions {
                 runners_up: 3,
                 ..SearchOptions::default()
@@ -515,7 +516,7 @@ impl Session {
         )?
         .with_engine(options.engine)
         .with_precision(options.precision)?
-        .with_runtime(options.runtime);
+        .with_runtime(options.runtime.unwrap_or(options.engine.runtime()));
         let warnings = diagnostics::of_model(&compiler, loaded.config.as_ref());
         Ok(Session {
             compiler,
@@ -749,7 +750,7 @@ impl Session {
         options.memory_ratio = plan.memory_ratio;
         options.engine = plan.engine;
         options.precision = plan.precision;
-        options.runtime = plan.runtime;
+        options.runtime = Some(plan.runtime);
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
         session.evaluate(&plan.config)
     }

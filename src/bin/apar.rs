@@ -298,7 +298,7 @@ impl MemoryArgs {
                     "--runtime-overhead-gib {g} must be between 0 and 1e6"
                 ));
             }
-            o.runtime = RuntimeOverhead::fixed((g * (1u64 << 30) as f64) as u64);
+            o.runtime = Some(RuntimeOverhead::fixed((g * (1u64 << 30) as f64) as u64));
         }
         Ok(())
     }

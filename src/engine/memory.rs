@@ -379,6 +379,15 @@ impl RuntimeOverhead {
     }
 }
 
+impl Engine {
+    /// The runtime overhead of this engine's processes. Every engine here runs on
+    /// PyTorch with its CUDA caching allocator and NCCL, so all share the same facts
+    /// ([`RuntimeOverhead::default`]).
+    pub fn runtime(self) -> RuntimeOverhead {
+        RuntimeOverhead::default()
+    }
+}
+
 impl RuntimeOverhead {
     /// The most bytes the tensors of a device may peak at so that they and the
     /// overhead fit in `budget` bytes (the inverse of [`RuntimeOverhead::bytes`]).

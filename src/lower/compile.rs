@@ -491,14 +491,16 @@ impl Compiler {
             memory_ratio,
             engine: Engine::default(),
             precision: PrecisionOptions::default(),
-            runtime: RuntimeOverhead::default(),
+            runtime: Engine::default().runtime(),
             caches: Caches::default(),
         })
     }
 
-    /// The same compiler for another engine; caches start empty.
+    /// The same compiler for another engine, with the engine's runtime overhead;
+    /// caches start empty.
     pub fn with_engine(mut self, engine: Engine) -> Compiler {
         self.engine = engine;
+        self.runtime = engine.runtime();
         self.caches = Caches::default();
         self
     }
