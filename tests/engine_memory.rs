@@ -161,6 +161,32 @@ fn zero_table_1_holds_for_deepspeed() {
     }
 }
 
+/// DeepSpeed steps on an fp32 copy of each parameter group's gradient partition,
+/// made at the step and freed after it (`deepspeed/runtime/zero/stage_1_and_2.py`,
+/// `step`: `single_grad_partition = flat_grad_partition.to(fp32)`, DeepSpeed 0.19.6):
+/// 4Ψ/N bytes alive together in the optimizer phase, not a model state.
+#[test]
+fn deepspeed_fp32_gradient_partition_is_transient() {
+    let c = compiler("tiny-gpt", false, a100_80g(1, 8), 16, 8).with_engine(Engine::DeepSpeed);
+    let cfg = config(8, 1, 1, 1, 1, false, Recompute::None, 1, Schedule::OneFOneB);
+    let g = c.device_program(&cfg).unwrap().graph;
+    let env = Env::new(1, 16);
+    let copies: u64 = g
+        .ops()
+        .filter(|&o| g.node(o).phase == apar::ir::Phase::Opt)
+        .filter(|&o| matches!(g.op(o), apar::ir::Op::Cast { to: DType::F32 }))
+        .map(|o| g.node(o).results[0])
+        .inspect(|&t| assert_eq!(g.tensor(t).role, apar::ir::Role::Temporary))
+        .map(|t| g.ty(t).bytes_at(env).unwrap())
+        .sum();
+    within(
+        copies as f64 / c.param_count() as f64,
+        4.0 / 8.0,
+        0.01,
+        "fp32 gradient partition",
+    );
+}
+
 /// torchtitan's FSDP2 keeps fp32 sharded parameters, gradients reduced in fp32
 /// (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32)`) and fp32 Adam
 /// moments: 4 + 4 + 8 bytes per parameter over the N shards, with no persistent bf16

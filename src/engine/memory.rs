@@ -151,6 +151,11 @@ pub struct States {
     /// step first copies each (reduced) gradient into a buffer of this dtype
     /// (Megatron-LM's fp32 main gradients of fp16 runs).
     pub main_grad: DType,
+    /// Whether that copy exists only during the optimizer step (DeepSpeed converts
+    /// each parameter group's gradient partition to fp32 at the step and frees it
+    /// after: `stage_1_and_2.py::step`, `single_grad_partition`) rather than between
+    /// steps (Megatron-LM's main-gradient buffers).
+    pub main_grad_transient: bool,
     /// Master parameters and Adam moments.
     pub master: DType,
     /// Parameters live only in the master dtype and are cast to `compute` at each use
@@ -236,7 +241,10 @@ impl Engine {
         }
         // Megatron's fp16 optimizer (`Float16OptimizerWithFloat16Params`, and the
         // distributed optimizer's shard copy) hands the optimizer fp32 main gradients.
-        let main_grad = if self == Engine::Megatron && grad != master && master == DType::F32 {
+        // DeepSpeed's ZeRO optimizer (`stage_1_and_2.py::step`, `stage3.py`) steps on an
+        // fp32 copy of each group's gradient partition, made at the step.
+        let copies = matches!(self, Engine::Megatron | Engine::DeepSpeed);
+        let main_grad = if copies && grad != master && master == DType::F32 {
             master
         } else {
             grad
@@ -245,6 +253,7 @@ impl Engine {
             compute,
             grad,
             main_grad,
+            main_grad_transient: self == Engine::DeepSpeed,
             master,
             params_in_master: fsdp && master != compute,
             logits: DType::F32,

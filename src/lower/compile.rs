@@ -807,6 +807,7 @@ impl Compiler {
             let opts = TrainOptions {
                 grad_dtype: states.grad,
                 main_grad_dtype: states.main_grad,
+                main_grad_transient: states.main_grad_transient,
                 master_dtype: states.master,
                 ..TrainOptions::default()
             };

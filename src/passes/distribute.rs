@@ -275,7 +275,8 @@ pub fn apply_with(
                     collective(&mut b, rs, f, Role::Temporary)?
                 }
             };
-            let main = b.add_with_role(node.op.clone(), &[reduced_grad], Role::Grad)?[0];
+            let role = g.tensor(node.results[0]).role;
+            let main = b.add_with_role(node.op.clone(), &[reduced_grad], role)?[0];
             map[node.results[0].index()] = Some(main);
             reduced.insert(adam, main);
             continue;

@@ -627,6 +627,23 @@ impl Diff<'_> {
             self.b.set_role(g, Role::Grad);
             finals.push((pid, g));
         }
+        // The optimizer's copies of the gradients, all made before the first update
+        // (Megatron-LM's `_copy_model_grads_to_main_grads`, DeepSpeed's fp32 partition
+        // gradient of a parameter group).
+        if opts.main_grad_dtype != opts.grad_dtype {
+            let role = if opts.main_grad_transient {
+                Role::Temporary
+            } else {
+                Role::Grad
+            };
+            for (pid, g) in finals.iter_mut() {
+                self.b.set_block(self.fwd.node(*pid).block);
+                self.b.set_phase(Phase::Opt);
+                let to = opts.main_grad_dtype;
+                *g = self.b.add1(Op::Cast { to }, &[*g])?;
+                self.b.set_role(*g, role);
+            }
+        }
         for (pid, g) in finals {
             let node = self.fwd.node(pid);
             let Op::Param { name } = &node.op else {
@@ -634,18 +651,6 @@ impl Diff<'_> {
             };
             self.b.set_block(node.block);
             self.b.set_phase(Phase::Opt);
-            let g = if opts.main_grad_dtype != opts.grad_dtype {
-                let main = self.b.add1(
-                    Op::Cast {
-                        to: opts.main_grad_dtype,
-                    },
-                    &[g],
-                )?;
-                self.b.set_role(main, Role::Grad);
-                main
-            } else {
-                g
-            };
             let lowp_ty = self.fwd.ty(node.results[0]).clone();
             let master_ty = lowp_ty.with_dtype(opts.master_dtype);
             let has_copy = lowp_ty.dtype != opts.master_dtype;

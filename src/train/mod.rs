@@ -35,6 +35,9 @@ pub struct TrainOptions {
     /// the optimizer phase first copies each gradient into a persistent buffer of this
     /// dtype (role `grad`): Megatron-LM's fp32 main gradients of fp16 runs.
     pub main_grad_dtype: DType,
+    /// Whether that copy lives only through the optimizer step (role `temporary`:
+    /// DeepSpeed's fp32 partition gradient) rather than between steps (role `grad`).
+    pub main_grad_transient: bool,
     /// Dtype of master parameters and optimizer moments.
     pub master_dtype: DType,
     /// Learning rate written into the `adamw` ops.
@@ -56,6 +59,7 @@ impl Default for TrainOptions {
         TrainOptions {
             grad_dtype: DType::Bf16,
             main_grad_dtype: DType::Bf16,
+            main_grad_transient: false,
             master_dtype: DType::F32,
             lr: 1.5e-4,
             beta1: 0.9,
