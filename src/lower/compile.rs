@@ -527,6 +527,11 @@ impl Compiler {
     }
 
     /// The dtypes the engine trains with at this compiler's precision.
+    ///
+    /// # Panics
+    ///
+    /// Never for a compiler built by this module: [`Compiler::with_precision`] checks
+    /// the precision, and the default precision is valid for every engine.
     pub fn states(&self) -> States {
         // `with_precision` checked the precision; the errors of `Engine::states` do
         // not depend on the engine, so the fallback is never taken.
