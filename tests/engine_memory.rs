@@ -384,12 +384,17 @@ fn llama2_7b_needs_four_a800() {
         .unwrap()
     };
     let two = run(1);
+    let four = run(2);
+    eprintln!(
+        "llama2-7b peak: DP 1 {:.2} GiB, DP 2 {:.2} GiB (budget 80)",
+        two.peak_bytes as f64 / GIB,
+        four.peak_bytes as f64 / GIB
+    );
     assert!(
         !two.fits,
         "DP 1 fits: {:.1} GiB",
         two.peak_bytes as f64 / GIB
     );
-    let four = run(2);
     assert!(
         four.fits,
         "DP 2 out of memory: {:.1} GiB",
@@ -429,6 +434,12 @@ fn llama2_70b_torchtitan_fsdp() {
         gib(&sel1)
     );
     let full2 = run(2, Recompute::Full);
+    eprintln!(
+        "llama2-70b peak: b 2 per-op SAC {:.2} GiB, b 1 per-op SAC {:.2} GiB, b 2 full {:.2} GiB (budget 80)",
+        gib(&sel2),
+        gib(&sel1),
+        gib(&full2)
+    );
     assert!(full2.fits, "b 2 full out of memory: {:.1} GiB", gib(&full2));
 }
 
