@@ -92,13 +92,20 @@ pub fn plan_case(data: &[u8]) -> PlanCase {
     let mut cluster = Cluster::resolve("dgx-a100-80g:1").expect("preset");
     cluster.devices_per_node = [8, 1, 2, 4][e.below(4) as usize];
     cluster.nodes = 1 + e.below(3) as u32;
-    cluster.device.memory_bytes >>= e.below(24);
+    let shrink = e.below(24);
+    cluster.device.memory_bytes >>= shrink;
     let batch = match e.below(16) {
         0 => 8,
         k => k,
     };
     let seq = [64, 8, 16, 32, 128][e.below(5) as usize];
     let mut options = PlanOptions::new(seq, batch);
+    // The runtime's fixed bytes (context, NCCL buffers) shrink with the device: a real
+    // GPU's context would not fit a device made 2^k times smaller for small graphs.
+    let mut runtime = options.engine.runtime();
+    runtime.context_bytes >>= shrink;
+    runtime.nccl_bytes_per_communicator >>= shrink;
+    options.runtime = Some(runtime);
     if let k @ 1.. = e.below(4) {
         options.memory_ratio = [0.5, 0.8, 1.0][k as usize - 1];
     }

@@ -75,10 +75,12 @@ fn llama3_70b_interleaved_more_memory_never_lowers_the_peak() {
             assert!(large.fits);
         }
     }
-    // The 96 GB device fits it; so the 80 GB report's peak is at most the 96 GB one.
+    // The report: out of memory on 80 GB but a fit with a lower peak on 96 GB.
+    // Whatever the verdicts, the 80 GB report's peak is at most the 96 GB one.
     let (at80, at96) = (&evals[2], &evals[4]);
-    assert!(at96.fits);
     assert!(at80.peak_bytes <= at96.peak_bytes);
+    // The largest device fits it (H200-sized: 141 GB).
+    assert!(evals[6].fits);
     // A cut that 96 GB runs within 80 GB is available to 80 GB as well.
     if at96.peak_bytes <= at80.budget_bytes {
         assert!(at80.fits);

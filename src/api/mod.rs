@@ -34,6 +34,7 @@ pub use detail::{
 pub use diagnostics::Warning;
 
 use crate::cluster::{Cluster, ClusterError};
+use crate::engine::memory::{PrecisionOptions, RuntimeOverhead};
 use crate::engine::rules::Unsupported;
 use crate::engine::Engine;
 use crate::ir::{Graph, Phase};
@@ -63,6 +64,14 @@ pub struct PlanOptions {
     /// The engine that will run the plan (Megatron-LM by default).
     #[serde(default)]
     pub engine: Engine,
+    /// Compute, gradient and optimizer precision (the engine's defaults where unset).
+    #[serde(default)]
+    pub precision: PrecisionOptions,
+    /// Runtime memory beside the tensors (context, NCCL, allocator reserve); peaks
+    /// include it, and the memory ratio is a margin on top. `None`: the engine's
+    /// ([`Engine::runtime`]).
+    #[serde(default)]
+    pub runtime: Option<RuntimeOverhead>,
     /// Pins, bounds and search switches.
     pub search: SearchOptions,
 }
@@ -76,6 +85,8 @@ impl PlanOptions {
             global_batch,
             memory_ratio: DEFAULT_MEMORY_RATIO,
             engine: Engine::default(),
+            precision: PrecisionOptions::default(),
+            runtime: None,
             search: SearchOptions {
                 runners_up: 3,
                 ..SearchOptions::default()
@@ -208,6 +219,12 @@ pub struct Plan {
     /// Megatron-LM).
     #[serde(default)]
     pub engine: Engine,
+    /// The precision the plan was made at.
+    #[serde(default)]
+    pub precision: PrecisionOptions,
+    /// The runtime overhead the plan was made with.
+    #[serde(default)]
+    pub runtime: RuntimeOverhead,
     /// The configuration.
     pub config: Config,
     /// Seconds per training step.
@@ -532,7 +549,9 @@ impl Session {
             options.global_batch,
             options.memory_ratio,
         )?
-        .with_engine(options.engine);
+        .with_engine(options.engine)
+        .with_precision(options.precision)?
+        .with_runtime(options.runtime.unwrap_or(options.engine.runtime()));
         let warnings = diagnostics::of_model(&compiler, config.as_ref(), &notes);
         Ok(Session {
             compiler,
@@ -813,6 +832,8 @@ impl Session {
         let mut options = PlanOptions::new(plan.seq, plan.global_batch);
         options.memory_ratio = plan.memory_ratio;
         options.engine = plan.engine;
+        options.precision = plan.precision;
+        options.runtime = Some(plan.runtime);
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
         session.evaluate(&plan.config)
     }
@@ -857,6 +878,8 @@ impl Session {
             global_batch: self.compiler.global_batch,
             memory_ratio: self.compiler.memory_ratio,
             engine: self.compiler.engine,
+            precision: self.compiler.precision,
+            runtime: self.compiler.runtime,
             config: e.config,
             step_time_s: summary.step_time_s,
             tokens_per_s: summary.tokens_per_s,

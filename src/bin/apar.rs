@@ -1,6 +1,7 @@
 //! The `apar` command line. Parsing and printing only; the work is in the library.
 
 use apar::cluster::{self, Cluster};
+use apar::engine::memory::{Precision, RuntimeOverhead};
 use apar::engine::Engine;
 use apar::ir::{self, Env, Graph};
 use apar::lower::compile::DEFAULT_MEMORY_RATIO;
@@ -215,6 +216,8 @@ enum Command {
         #[arg(long)]
         detailed_log: Option<PathBuf>,
         #[command(flatten)]
+        memory: MemoryArgs,
+        #[command(flatten)]
         out: OutputArgs,
     },
     /// Compile and simulate one parallel configuration.
@@ -257,8 +260,52 @@ enum Command {
         #[arg(long, default_value = "1f1b", value_parser = parse_schedule)]
         schedule: Schedule,
         #[command(flatten)]
+        memory: MemoryArgs,
+        #[command(flatten)]
         out: OutputArgs,
     },
+}
+
+/// Precision and runtime-memory options of `plan` and `eval`.
+#[derive(clap::Args)]
+struct MemoryArgs {
+    /// Compute precision: bf16 (default), fp16, fp32 (fp8 is refused: not modelled).
+    #[arg(long)]
+    precision: Option<Precision>,
+    /// Gradient buffer dtype: fp32, bf16, fp16 (default: the engine's; Megatron-LM
+    /// keeps fp32 main gradients for bf16).
+    #[arg(long, value_parser = parse_float_dtype)]
+    grad_dtype: Option<apar::ir::DType>,
+    /// Master-parameter and Adam-moment dtype: fp32 (default), bf16.
+    #[arg(long, value_parser = parse_float_dtype)]
+    optimizer_dtype: Option<apar::ir::DType>,
+    /// Runtime overhead per device in GiB (CUDA context, NCCL buffers, allocator
+    /// reserve), replacing apar's estimate.
+    #[arg(long)]
+    runtime_overhead_gib: Option<f64>,
+}
+
+impl MemoryArgs {
+    fn apply(&self, o: &mut PlanOptions) -> Result<(), String> {
+        if let Some(p) = self.precision {
+            o.precision.compute = p;
+        }
+        o.precision.grad = self.grad_dtype.or(o.precision.grad);
+        o.precision.optimizer = self.optimizer_dtype.or(o.precision.optimizer);
+        if let Some(g) = self.runtime_overhead_gib {
+            if !(g.is_finite() && (0.0..=1e6).contains(&g)) {
+                return Err(format!(
+                    "--runtime-overhead-gib {g} must be between 0 and 1e6"
+                ));
+            }
+            o.runtime = Some(RuntimeOverhead::fixed((g * (1u64 << 30) as f64) as u64));
+        }
+        Ok(())
+    }
+}
+
+fn parse_float_dtype(s: &str) -> Result<apar::ir::DType, String> {
+    apar::engine::memory::parse_float_dtype(s).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -557,9 +604,10 @@ fn run(cli: Cli) -> Result<String, Failure> {
             schedule,
             exhaustive,
             detailed_log,
+            memory,
             out,
         } => {
-            let options = PlanOptions {
+            let mut options = PlanOptions {
                 seq,
                 global_batch,
                 memory_ratio,
@@ -583,7 +631,9 @@ fn run(cli: Cli) -> Result<String, Failure> {
                     exhaustive,
                     runners_up: 3,
                 },
+                ..PlanOptions::new(seq, global_batch)
             };
+            memory.apply(&mut options).map_err(bad)?;
             let cluster = Cluster::resolve(&cluster).map_err(bad)?;
             let session = Session::for_spec(&spec(&model, attention, layers), &cluster, &options)
                 .map_err(bad)?;
@@ -682,6 +732,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             zero,
             low_prec_shard,
             schedule,
+            memory,
             out,
         } => {
             if let Some(path) = plan {
@@ -691,7 +742,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 return Ok(o);
             }
             let need = |what: &str| bad(format!("eval needs --{what} (or --plan FILE)"));
-            let options = PlanOptions {
+            let mut options = PlanOptions {
                 memory_ratio: job.memory_ratio.unwrap_or(DEFAULT_MEMORY_RATIO),
                 engine: job.engine.unwrap_or_default(),
                 ..PlanOptions::new(
@@ -699,6 +750,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
                     job.global_batch.ok_or_else(|| need("global-batch"))?,
                 )
             };
+            memory.apply(&mut options).map_err(bad)?;
             let spec = spec(
                 &model.model.ok_or_else(|| need("model"))?,
                 model.attention,

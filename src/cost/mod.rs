@@ -7,7 +7,7 @@
 //! (iteration times); see the README's calibration section for what was fitted to what.
 
 use crate::cluster::{Cluster, Link};
-use crate::ir::{Env, Op, OpClass, TensorType};
+use crate::ir::{DType, Env, Op, OpClass, TensorType};
 use serde::Serialize;
 
 /// Efficiency constants (fraction of a peak a kernel class reaches).
@@ -180,10 +180,19 @@ impl CostModel {
         let mem = bytes / (dev.memory_bandwidth * e.memory);
         let in_bytes = || inputs.first().and_then(|t| t.bytes_at(env)).unwrap_or(0) as f64;
         let out_bytes = || results.first().and_then(|t| t.bytes_at(env)).unwrap_or(0) as f64;
+        // fp32 matmuls run on the fp32 pipes: PyTorch disallows TF32 for matmuls by
+        // default since 1.12 (`torch.backends.cuda.matmul.allow_tf32 = False`, "CUDA
+        // semantics", TensorFloat-32 section); bf16 and fp16 ones on the tensor cores.
+        let fp32 = inputs.first().is_some_and(|t| t.dtype == DType::F32);
+        let tensor_peak = if fp32 {
+            dev.peak_fp32_flops
+        } else {
+            dev.peak_bf16_flops
+        };
         match op.info().class {
             OpClass::Source => 0.0,
-            OpClass::MatMul => (flops / (dev.peak_bf16_flops * e.matmul)).max(mem),
-            OpClass::Attention => (flops / (dev.peak_bf16_flops * e.attention)).max(mem),
+            OpClass::MatMul => (flops / (tensor_peak * e.matmul)).max(mem),
+            OpClass::Attention => (flops / (tensor_peak * e.attention)).max(mem),
             OpClass::Elementwise | OpClass::Reduction | OpClass::Optimizer => {
                 mem.max(flops / dev.peak_fp32_flops)
             }

@@ -5,6 +5,7 @@
 //! export all depend on which engine runs the job.
 
 pub mod export;
+pub mod memory;
 pub mod rules;
 
 use serde::{Deserialize, Serialize};

@@ -12,12 +12,13 @@ use super::profile::{profile, BlockProfile, Blocks, Groups};
 use super::{simulate, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{CostModel, Group};
+use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, States};
 use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
 use crate::models::{build_forward, ModelConfig, ModelError, Position};
 use crate::passes::manager::{
-    Autodiff, Distribute, PassError, PassManager, RecomputeLayers, TensorParallel,
+    Autodiff, Distribute, MixedPrecision, PassError, PassManager, RecomputeLayers, TensorParallel,
 };
 use crate::passes::recompute::Recomputed;
 use crate::passes::{pipeline, Config, Recompute, Schedule};
@@ -224,6 +225,9 @@ pub enum CompileError {
         #[source]
         source: ShapeError,
     },
+    /// The precision options cannot be planned.
+    #[error("{0}")]
+    Precision(#[source] PrecisionError),
     /// A pass produced a graph that does not verify (an internal bug).
     #[error("verify: {0}")]
     Verify(#[source] VerifyErrors),
@@ -396,6 +400,10 @@ pub struct Compiler {
     pub engine: Engine,
     /// Runs the passes (verifying their graphs in debug builds).
     passes: PassManager,
+    /// Compute, gradient and optimizer precision (engine defaults where unset).
+    pub precision: PrecisionOptions,
+    /// Context, communication and allocator memory beside the tensors.
+    pub runtime: RuntimeOverhead,
     caches: Caches,
 }
 
@@ -520,15 +528,81 @@ impl Compiler {
             memory_ratio,
             engine: Engine::default(),
             passes: PassManager::debug_verifying(),
+            precision: PrecisionOptions::default(),
+            runtime: Engine::default().runtime(),
             caches: Caches::default(),
         })
     }
 
-    /// The same compiler for another engine; caches start empty.
+    /// The same compiler for another engine, with the engine's runtime overhead;
+    /// caches start empty.
     pub fn with_engine(mut self, engine: Engine) -> Compiler {
         self.engine = engine;
+        self.runtime = engine.runtime();
         self.caches = Caches::default();
         self
+    }
+
+    /// The same compiler at another precision; caches start empty.
+    ///
+    /// # Errors
+    ///
+    /// [`CompileError::Precision`] when the engine cannot train at `precision`
+    /// (see [`Engine::states`]).
+    pub fn with_precision(mut self, precision: PrecisionOptions) -> Result<Compiler, CompileError> {
+        self.engine
+            .states(&precision)
+            .map_err(CompileError::Precision)?;
+        self.precision = precision;
+        self.caches = Caches::default();
+        Ok(self)
+    }
+
+    /// The same compiler with another runtime overhead (peaks change, profiles do not).
+    pub fn with_runtime(mut self, runtime: RuntimeOverhead) -> Compiler {
+        self.runtime = runtime;
+        self
+    }
+
+    /// The dtypes the engine trains with at this compiler's precision.
+    ///
+    /// # Panics
+    ///
+    /// Never for a compiler built by this module: [`Compiler::with_precision`] checks
+    /// the precision, and the default precision is valid for every engine.
+    pub fn states(&self) -> States {
+        // `with_precision` checked the precision; the errors of `Engine::states` do
+        // not depend on the engine, so the fallback is never taken.
+        self.engine
+            .states(&self.precision)
+            .or_else(|_| self.engine.states(&PrecisionOptions::default()))
+            .expect("the default precision is valid for every engine")
+    }
+
+    /// Bytes beside the training graph's tensors on one device of configuration `c`:
+    /// the engine's named buffers, and the runtime overhead of a device whose tensors
+    /// and buffers peak at `allocated` bytes.
+    pub fn overhead_bytes(&self, c: &Config, allocated: u64) -> (u64, u64) {
+        let states = self.states();
+        let buffers: u64 = self
+            .engine
+            .buffers(c.zero, c.dp, states.grad)
+            .iter()
+            .map(|b| b.bytes)
+            .sum();
+        let runtime = self
+            .runtime
+            .bytes(allocated.saturating_add(buffers), communicators(c));
+        (buffers, runtime)
+    }
+
+    /// The bytes the training graph's tensors of one device of `c` may peak at within
+    /// the budget, once the engine's buffers and the runtime overhead are counted.
+    pub fn tensor_budget(&self, c: &Config) -> u64 {
+        let (buffers, _) = self.overhead_bytes(c, 0);
+        self.runtime
+            .allocatable(self.budget_bytes, communicators(c))
+            .saturating_sub(buffers)
     }
 
     /// The same compiler with other cost-model efficiencies (for calibration); caches
@@ -555,7 +629,9 @@ impl Compiler {
             global_batch,
             self.memory_ratio,
         )?
-        .with_engine(self.engine))
+        .with_engine(self.engine)
+        .with_precision(self.precision)?
+        .with_runtime(self.runtime))
     }
 
     /// Number of blocks the pipeline can cut between.
@@ -788,8 +864,20 @@ impl Compiler {
                 self.per_device_forward(tp, sp)
             });
             let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
-            let train = self.passes.run(&Autodiff(TrainOptions::default()), fwd)?;
-            let r = self.passes.run(&RecomputeLayers(rc), &train)?;
+            let states = self.states();
+            let fwd = self
+                .passes
+                .run(&MixedPrecision(states.compute, states.logits), fwd)?;
+            let opts = TrainOptions {
+                grad_dtype: states.grad,
+                main_grad_dtype: states.main_grad,
+                main_grad_transient: states.main_grad_transient,
+                master_dtype: states.master,
+                ..TrainOptions::default()
+            };
+            let train = self.passes.run(&Autodiff(opts), &fwd)?;
+            let selective = self.engine.selective_recompute();
+            let r = self.passes.run(&RecomputeLayers(rc, selective), &train)?;
             Ok(r)
         })
     }
@@ -829,7 +917,9 @@ impl Compiler {
         cached(&self.caches.dist, key, || {
             let g = self.graph(c.tp, false, Recompute::None);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-            let d = self.passes.run(&Distribute(*c), &g.graph)?;
+            let d = self
+                .passes
+                .run(&Distribute(*c, self.states().params_in_master), &g.graph)?;
             let env = Env::new(1, self.seq);
             let (tp, dp) = self.groups(c);
             let groups = Groups {
@@ -1004,6 +1094,19 @@ impl Compiler {
                 detail,
             },
         );
+        let mut sim = sim;
+        for (d, m) in sim.memory.iter_mut().enumerate() {
+            let (buffers, runtime) = self.overhead_bytes(c, m.peak_bytes);
+            let extra = buffers.saturating_add(runtime);
+            m.buffers = buffers;
+            m.runtime = runtime;
+            m.peak_bytes = m.peak_bytes.saturating_add(extra);
+            if let Some(t) = sim.timeline.get_mut(d) {
+                for s in t.iter_mut() {
+                    s.bytes = s.bytes.saturating_add(extra);
+                }
+            }
+        }
         let peak_bytes = sim.memory.iter().map(|m| m.peak_bytes).max().unwrap_or(0);
         let tokens = self.global_batch as f64 * self.seq as f64;
         let step = sim.step_time_s;
@@ -1132,7 +1235,9 @@ impl Compiler {
         };
         let g = self.graph(c.tp, c.sp, c.recompute);
         let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-        let d = self.passes.run(&Distribute(*c), &g.graph)?;
+        let d = self
+            .passes
+            .run(&Distribute(*c, self.states().params_in_master), &g.graph)?;
         Ok(DeviceProgram {
             sharded,
             graph: d.graph,
@@ -1193,7 +1298,7 @@ impl Compiler {
                 }
             })
             .collect();
-        let best = pipeline::select(&scores, self.budget_bytes).ok_or(no_cut)?;
+        let best = pipeline::select(&scores, self.tensor_budget(c)).ok_or(no_cut)?;
         Ok(family.swap_remove(best))
     }
 
@@ -1238,6 +1343,13 @@ impl Compiler {
         sum.push_range(blocks, at, span.last);
         sum
     }
+}
+
+/// NCCL communicators a device of `c` is a member of: one per parallel dimension it
+/// communicates over (NCCL connects a communicator's buffers at its first collective,
+/// so groups a configuration never uses cost nothing).
+fn communicators(c: &Config) -> u32 {
+    u32::from(c.tp > 1) + u32::from(c.dp > 1) + u32::from(c.pp > 1)
 }
 
 /// What one device of a configuration runs, op by op ([`Compiler::device_program`]).

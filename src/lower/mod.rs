@@ -117,6 +117,14 @@ pub struct StageMemory {
     pub activations: u64,
     /// Transient bytes of the running pass at the peak.
     pub temporary: u64,
+    /// The engine's named buffers outside the training graph (DeepSpeed's reduce
+    /// bucket), bytes.
+    #[serde(default)]
+    pub buffers: u64,
+    /// Runtime overhead: CUDA context, NCCL buffers, allocator reserve, bytes
+    /// ([`crate::engine::memory::RuntimeOverhead`]).
+    #[serde(default)]
+    pub runtime: u64,
 }
 
 /// Where the step time of the slowest device goes.
@@ -262,7 +270,21 @@ fn summarize(blocks: &Blocks, span: StageSpan, input: &SimInput) -> Vs {
         p2p_out: 0.0,
         flops: 0,
     };
-    let mut held = 0u64;
+    // Pipeline boundaries move the tensors that cross them: a stage keeps the
+    // boundary tensors it receives (the next block's backward reads them) and frees
+    // the ones it sends once its forward is done (its own backward does not read
+    // them). Block profiles count a tensor in its producer's block, so a stage's
+    // in-flight activations are its blocks' saved bytes minus what it sends plus what
+    // it receives. The received bytes are the saved bytes that the block before the
+    // stage leaves for a later block (at most its boundary).
+    let boundary_after = |i: usize| blocks.refs(i, i).next().map_or(0, |b| b.boundary);
+    let received = if span.first > 0 {
+        let prev = blocks.refs(span.first - 1, span.first - 1).next();
+        prev.map_or(0, |b| b.boundary.min(b.saved))
+    } else {
+        0
+    };
+    let mut held = received;
     for b in blocks.refs(span.first, span.last) {
         // Data-parallel gathers/reductions per micro-batch overlap with the pass.
         v.fwd += b.fwd_s.max(b.dp_fwd_s);
@@ -280,11 +302,17 @@ fn summarize(blocks: &Blocks, span: StageSpan, input: &SimInput) -> Vs {
         held += b.saved;
         v.flops += b.flops;
     }
-    v.saved = held;
-    let boundary = blocks
+    let last_saved = blocks
         .refs(span.last, span.last)
         .next()
-        .map_or(0, |b| b.boundary) as f64;
+        .map_or(0, |b| b.saved);
+    let sent = if span.last + 1 < blocks.len() {
+        boundary_after(span.last).min(last_saved)
+    } else {
+        0
+    };
+    v.saved = held.saturating_sub(sent);
+    let boundary = boundary_after(span.last) as f64;
     let tp = f64::from(input.config.tp.max(1));
     // Megatron's scatter/gather optimization sends 1/t of a replicated boundary tensor.
     let bytes = if input.config.sp {
@@ -589,6 +617,8 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
             optimizer: states[d].optimizer,
             activations: peak[d].1,
             temporary: peak[d].2,
+            buffers: 0,
+            runtime: 0,
         })
         .collect();
     let flops_per_device = (0..pp)

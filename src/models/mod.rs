@@ -14,7 +14,7 @@ pub mod hf;
 mod load;
 pub mod zoo;
 
-pub use build::{build_forward, build_forward_with};
+pub use build::{build_forward, build_forward_with, COMPUTE_DTYPE};
 pub use code::{AttnImpl, HfArch, ModelCode};
 pub use load::{load, load_ir_file, resolve, LoadedModel, ModelDef, Overrides};
 

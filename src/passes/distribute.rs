@@ -41,8 +41,36 @@ struct ParamInfo {
     shape: Shape,
 }
 
-/// Applies `cfg`'s distribution (zero, low_prec_shard) for `cfg.dp` ranks.
+/// Applies `cfg`'s distribution (zero, low_prec_shard) for `cfg.dp` ranks, keeping a
+/// persistent low-precision parameter copy (ZeRO, Megatron-LM).
+///
+/// # Errors
+///
+/// A [`ShapeError`] when an added op rejects its inputs (an internal inconsistency).
 pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
+    apply_with(g, cfg, false)
+}
+
+/// [`apply`] for an engine's [`States`](crate::engine::memory::States): with
+/// `params_in_master` (FSDP), a sharded parameter has no low-precision copy at all —
+/// its master shard is cast to the compute dtype before each all-gather
+/// (`MixedPrecisionPolicy(param_dtype=bf16)` casts the shard, then gathers).
+///
+/// Also handled whatever the engine: an optimizer that reads gradients in another
+/// dtype than the gradient buffers (an optimizer-phase cast, Megatron-LM's fp32 main
+/// gradients) gets the reduced gradient cast, on the shard when sharded; and a
+/// parameter that is its own master (fp32 or bf16-optimizer runs) is updated through
+/// a view of its shard and all-gathered after the step, as Megatron-LM's distributed
+/// optimizer does, instead of being sharded.
+///
+/// # Errors
+///
+/// As [`apply`].
+pub fn apply_with(
+    g: &Graph,
+    cfg: &Config,
+    params_in_master: bool,
+) -> Result<Distributed, ShapeError> {
     let dp = u64::from(cfg.dp.max(1));
     let zero = if dp == 1 { 0 } else { cfg.zero };
     let shard_lowp = dp > 1 && cfg.shards_low_prec();
@@ -52,6 +80,10 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
     let mut params: BTreeMap<OpId, ParamInfo> = BTreeMap::new();
     let mut sharded_sources: BTreeSet<TensorId> = BTreeSet::new();
     let mut refresh: BTreeMap<OpId, OpId> = BTreeMap::new();
+    // Optimizer-phase casts of a gradient into the optimizer's dtype, by AdamW op.
+    let mut main_cast: BTreeMap<OpId, OpId> = BTreeMap::new();
+    // Master copy of each low-precision parameter that has one.
+    let mut master_of_lowp: BTreeMap<TensorId, TensorId> = BTreeMap::new();
     // The AdamW op reading each master, moment and gradient tensor (the first, as a
     // scan in op order would find).
     let mut adam_of_input: BTreeMap<TensorId, OpId> = BTreeMap::new();
@@ -88,12 +120,31 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
                 shape,
             },
         );
-        adam_of_grad.insert(node.inputs[1], id);
+        // The gradient buffer: the optimizer's input, or the input of the
+        // optimizer-phase cast that copies it into a main gradient.
+        let grad_in = node.inputs[1];
+        let cast = g.tensor(grad_in).producer;
+        let model_grad =
+            if g.node(cast).phase == Phase::Opt && matches!(g.op(cast), Op::Cast { .. }) {
+                main_cast.insert(cast, id);
+                g.node(cast).inputs[0]
+            } else {
+                grad_in
+            };
+        adam_of_grad.insert(model_grad, id);
         for &t in &node.inputs {
             adam_of_input.entry(t).or_insert(id);
         }
+        if lowp != master {
+            master_of_lowp.insert(lowp, master);
+        }
         if zero >= 1 {
-            sharded_sources.extend([master, node.inputs[2], node.inputs[3]]);
+            // A parameter that is its own master stays whole unless the
+            // low-precision copy is sharded (it is that copy).
+            if lowp != master || shard_lowp {
+                sharded_sources.insert(master);
+            }
+            sharded_sources.extend([node.inputs[2], node.inputs[3]]);
         }
         if let Some(&u) = g
             .uses(node.results[0])
@@ -171,6 +222,26 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
         // Sources that shrink to shards.
         if node.op.is_source() {
             let t = node.results[0];
+            let fsdp_lowp = params_in_master && shard_lowp && master_of_lowp.contains_key(&t);
+            if fsdp_lowp {
+                // No low-precision copy: the master shard, declared where the
+                // parameter was, stands for it.
+                let master = master_of_lowp[&t];
+                let p = &params[&lowp_of[&t]];
+                let ty = TensorType {
+                    dtype: g.ty(master).dtype,
+                    shape: master_shape(p),
+                };
+                let op = g.op(g.tensor(master).producer).clone();
+                let new = b.source(op, ty, Role::Param);
+                map[t.index()] = Some(new);
+                map[master.index()] = Some(new);
+                continue;
+            }
+            if map[t.index()].is_some() {
+                // A master already declared at its parameter's place.
+                continue;
+            }
             let sharded_lowp = shard_lowp && lowp_of.contains_key(&t);
             let new = if sharded_sources.contains(&t) || sharded_lowp {
                 let adam = lowp_of
@@ -187,6 +258,27 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
                 b.copy_op(g, id, &[])?[0]
             };
             map[t.index()] = Some(new);
+            continue;
+        }
+
+        // The copy of a gradient into the optimizer's dtype runs on the reduced
+        // gradient (its shard when sharded).
+        if let Some(&adam) = main_cast.get(&id) {
+            let p = &params[&adam];
+            let gr = map[node.inputs[0].index()].expect("grad defined");
+            let reduced_grad = match (reduced.get(&adam).copied(), zero) {
+                (Some(r), _) => r,
+                (None, 0) => collective(&mut b, Op::AllReduce { parts }, gr, Role::Grad)?,
+                (None, _) => {
+                    let f = flat(&mut b, gr, p)?;
+                    let rs = Op::ReduceScatter { axis: 0, parts };
+                    collective(&mut b, rs, f, Role::Temporary)?
+                }
+            };
+            let role = g.tensor(node.results[0]).role;
+            let main = b.add_with_role(node.op.clone(), &[reduced_grad], role)?[0];
+            map[node.results[0].index()] = Some(main);
+            reduced.insert(adam, main);
             continue;
         }
 
@@ -208,10 +300,29 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
                     collective(&mut b, rs, f, Role::Temporary)?
                 }
             };
-            let ins: Vec<TensorId> = [node.inputs[0], node.inputs[2], node.inputs[3]]
+            let mut ins: Vec<TensorId> = [node.inputs[0], node.inputs[2], node.inputs[3]]
                 .iter()
                 .map(|&t| map[t.index()].expect("defined"))
                 .collect();
+            // A parameter that is its own master and stays whole: the step updates
+            // this rank's shard through a view of it.
+            let whole_master = zero >= 1 && p.lowp == node.inputs[0] && !shard_lowp;
+            if whole_master {
+                let f = b.add1(
+                    Op::Reshape {
+                        shape: Shape::new([Dim::lit(p.numel)]),
+                    },
+                    &[ins[0]],
+                )?;
+                ins[0] = b.add1(
+                    Op::Slice {
+                        axis: 0,
+                        start: 0,
+                        len: p.shard,
+                    },
+                    &[f],
+                )?;
+            }
             let r = b.add_with_role(
                 node.op.clone(),
                 &[ins[0], grad, ins[1], ins[2]],
@@ -219,6 +330,11 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
             )?;
             b.set_role(r[1], Role::OptimizerState);
             b.set_role(r[2], Role::OptimizerState);
+            if whole_master {
+                // The updated shards are all-gathered back into the parameter.
+                let ag = Op::AllGather { axis: 0, parts };
+                collective(&mut b, ag, r[0], Role::Temporary)?;
+            }
             for (&old, &new) in node.results.iter().zip(&r) {
                 map[old.index()] = Some(new);
             }
@@ -228,6 +344,10 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
         // The cast that refreshes the low-precision copy after the step.
         if let Some(&adam) = refresh.get(&id) {
             let p = &params[&adam];
+            if params_in_master && shard_lowp {
+                // No low-precision copy to refresh.
+                continue;
+            }
             let x = map[node.inputs[0].index()].expect("defined");
             let cast = b.add_with_role(node.op.clone(), &[x], Role::LowPrecParam)?[0];
             let out = if zero >= 1 && !shard_lowp {
@@ -256,7 +376,13 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
                     None => {
                         let p = &params[&lowp_of[&t]];
                         let ag = Op::AllGather { axis: 0, parts };
-                        let full = collective(&mut b, ag, mapped, Role::Temporary)?;
+                        let shard = if params_in_master && b.ty(mapped).dtype != g.ty(t).dtype {
+                            let to = g.ty(t).dtype;
+                            b.add_with_role(Op::Cast { to }, &[mapped], Role::Temporary)?[0]
+                        } else {
+                            mapped
+                        };
+                        let full = collective(&mut b, ag, shard, Role::Temporary)?;
                         let x = unflat(&mut b, full, p)?;
                         b.set_role(x, Role::Temporary);
                         gathered.insert(key, x);

@@ -5,23 +5,24 @@
 //! ```
 //! use apar::models::{build_forward, zoo};
 //! use apar::passes::manager::{Autodiff, PassManager, RecomputeLayers};
+//! use apar::passes::recompute::Selective;
 //! use apar::passes::Recompute;
 //! use apar::train::TrainOptions;
 //!
 //! let fwd = build_forward(&zoo::lookup("tiny-llama")?)?;
 //! let pm = PassManager::verifying();
 //! let train = pm.run(&Autodiff(TrainOptions::default()), &fwd)?;
-//! let recomputed = pm.run(&RecomputeLayers(Recompute::Full), &train)?;
+//! let recomputed = pm.run(&RecomputeLayers(Recompute::Full, Selective::default()), &train)?;
 //! assert!(!recomputed.clones.is_empty());
 //! assert_eq!(pm.timings().len(), 2);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use super::distribute::{self, Distributed};
-use super::recompute::{self, Recomputed};
+use super::recompute::{self, Recomputed, Selective};
 use super::{Config, Recompute};
 use crate::cost::{CostModel, Group};
-use crate::ir::{Env, Graph, ShapeError, VerifyErrors};
+use crate::ir::{DType, Env, Graph, ShapeError, VerifyErrors};
 use crate::shard::{ShardError, ShardOptions, ShardedModel, Sharder};
 use crate::train::{training_graph, TrainError, TrainOptions};
 use std::sync::Mutex;
@@ -189,9 +190,10 @@ impl Pass for Autodiff {
     }
 }
 
-/// Recomputation insertion with one policy for every layer ([`recompute::apply`]).
+/// Recomputation insertion with one policy for every layer, selective recomputation
+/// as the engine defines it ([`recompute::apply_with`]).
 #[derive(Clone, Copy, Debug)]
-pub struct RecomputeLayers(pub Recompute);
+pub struct RecomputeLayers(pub Recompute, pub Selective);
 
 impl Pass for RecomputeLayers {
     type Output = Recomputed;
@@ -200,14 +202,15 @@ impl Pass for RecomputeLayers {
         "recompute"
     }
     fn run(&self, g: &Graph) -> Result<Recomputed, ShapeError> {
-        recompute::apply(g, self.0, |_| true)
+        recompute::apply_with(g, self.0, self.1, |_| true)
     }
 }
 
 /// ZeRO-style distribution of model states over the data-parallel group
-/// ([`distribute::apply`]).
+/// ([`distribute::apply_with`]); the flag says whether parameters are their own fp32
+/// masters (FSDP with fp32 sharded parameters, fp32 training).
 #[derive(Clone, Copy, Debug)]
-pub struct Distribute(pub Config);
+pub struct Distribute(pub Config, pub bool);
 
 impl Pass for Distribute {
     type Output = Distributed;
@@ -216,7 +219,23 @@ impl Pass for Distribute {
         "distribute"
     }
     fn run(&self, g: &Graph) -> Result<Distributed, ShapeError> {
-        distribute::apply(g, &self.0)
+        distribute::apply_with(g, &self.0, self.1)
+    }
+}
+
+/// The forward graph at the engine's compute dtype, with the logits in `.1` before the
+/// loss ([`crate::train::precision::apply`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MixedPrecision(pub DType, pub DType);
+
+impl Pass for MixedPrecision {
+    type Output = Graph;
+    type Error = ShapeError;
+    fn name(&self) -> &'static str {
+        "precision"
+    }
+    fn run(&self, g: &Graph) -> Result<Graph, ShapeError> {
+        crate::train::precision::apply(g, self.0, self.1)
     }
 }
 

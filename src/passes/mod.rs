@@ -5,8 +5,8 @@
 //! their input. They implement [`manager::Pass`], and the compiler runs them through a
 //! [`manager::PassManager`], which verifies every graph a pass returns (in debug and
 //! test builds), times the passes and names the pass in failures. The compiler's
-//! pipeline reads as the list: `shard` → `autodiff` → `recompute` → `distribute`,
-//! then the [`pipeline`] cut over the block profiles.
+//! pipeline reads as the list: `shard` → `precision` → `autodiff` → `recompute` →
+//! `distribute`, then the [`pipeline`] cut over the block profiles.
 
 pub mod candidates;
 pub mod distribute;

@@ -9,11 +9,33 @@
 //!   dimensions: `QKᵀ`, softmax, attention dropout) is cloned right before the first
 //!   backward op that reads it (Korthikanti et al. 2022, Sec. 4.2).
 //!
+//! What "selective" saves is the engine's choice ([`Selective`]): Megatron-LM
+//! recomputes the attention core; torchtitan's per-op selective checkpointing
+//! recomputes everything but every other linear layer and the attention kernels.
+//!
 //! Embedding and head blocks are never recomputed.
 
 use super::Recompute;
-use crate::ir::{Block, Graph, GraphBuilder, OpId, Phase, ShapeError, TensorId};
+use crate::ir::{Block, Graph, GraphBuilder, Op, OpId, Phase, ShapeError, TensorId};
+use serde::Serialize;
 use std::collections::BTreeSet;
+
+/// Which forward ops selective recomputation reruns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Selective {
+    /// The attention core (ops with an `s×s` result), cloned before the first
+    /// backward op that reads it: Megatron-LM's `--recompute-granularity selective`
+    /// (Korthikanti et al. 2022, Sec. 4.2).
+    #[default]
+    AttentionCore,
+    /// torchtitan's per-op selective checkpointing (`SelectiveAC` with the op policy,
+    /// `torchtitan/distributed/activation_checkpoint.py`): the outputs of attention
+    /// kernels, of batched matmuls, of reduce-scatters and of every odd-numbered
+    /// linear layer of a block are saved, every even-numbered linear layer and every
+    /// other op is recomputed before the layer's backward. (apar's fused QKV
+    /// projection counts as one linear layer where torchtitan's Llama has three.)
+    PerOp,
+}
 
 /// Whether a tensor type is `s×s`-shaped (two dimensions mention the sequence length).
 fn is_quadratic(g: &Graph, t: TensorId) -> bool {
@@ -30,12 +52,40 @@ pub struct Recomputed {
     pub clones: BTreeSet<OpId>,
 }
 
-/// Applies `policy` to the layers for which `select` returns true.
+/// Applies `policy` to the layers for which `select` returns true, with Megatron-LM's
+/// selective policy ([`Selective::AttentionCore`]).
+///
+/// # Errors
+///
+/// A [`ShapeError`] when a cloned op rejects its inputs (an internal inconsistency).
 pub fn apply(
     g: &Graph,
     policy: Recompute,
     select: impl Fn(u32) -> bool,
 ) -> Result<Recomputed, ShapeError> {
+    apply_with(g, policy, Selective::AttentionCore, select)
+}
+
+/// Whether op `id` reads a parameter directly (a linear layer's matmul).
+fn reads_param(g: &Graph, id: OpId) -> bool {
+    g.node(id)
+        .inputs
+        .iter()
+        .any(|&t| matches!(g.op(g.tensor(t).producer), Op::Param { .. }))
+}
+
+/// [`apply`] with the engine's meaning of selective recomputation.
+///
+/// # Errors
+///
+/// As [`apply`].
+pub fn apply_with(
+    g: &Graph,
+    policy: Recompute,
+    selective: Selective,
+    select: impl Fn(u32) -> bool,
+) -> Result<Recomputed, ShapeError> {
+    let per_op = policy == Recompute::Selective && selective == Selective::PerOp;
     if policy == Recompute::None {
         return Ok(Recomputed {
             graph: g.clone(),
@@ -45,6 +95,8 @@ pub fn apply(
     let mut clones = BTreeSet::new();
     // Forward ops to clone, per layer.
     let mut cloned = vec![false; g.op_count()];
+    // Linear layers seen so far in each layer (per-op policy).
+    let mut linears: std::collections::BTreeMap<u32, u32> = Default::default();
     for id in g.ops() {
         let node = g.node(id);
         let Block::Layer(i) = node.block else {
@@ -56,6 +108,18 @@ pub fn apply(
         cloned[id.index()] = match policy {
             Recompute::None => false,
             Recompute::Full => true,
+            Recompute::Selective if per_op => match node.op {
+                Op::MatMul { .. } if reads_param(g, id) => {
+                    let n = linears.entry(i).or_default();
+                    *n += 1;
+                    *n % 2 == 0
+                }
+                Op::MatMul { .. }
+                | Op::FlashAttention { .. }
+                | Op::ReduceScatter { .. }
+                | Op::AllToAll { .. } => false,
+                _ => true,
+            },
             Recompute::Selective => node.results.iter().any(|&r| is_quadratic(g, r)),
         };
     }
@@ -81,6 +145,7 @@ pub fn apply(
             .any(|&t| cloned[g.tensor(t).producer.index()]);
         let trigger = match policy {
             Recompute::Full => by_block.contains_key(&node.block),
+            _ if per_op => by_block.contains_key(&node.block),
             _ => reads_clone,
         };
         if trigger {

@@ -150,7 +150,7 @@ pub fn summary_text(e: &EvalJson, stages: &[StageJson]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "  stage {}: {}  peak {} = params {} + grads {} + optimizer {} + activations {} + temporaries {}",
+            "  stage {}: {}  peak {} = params {} + grads {} + optimizer {} + activations {} + temporaries {} + engine buffers {} + runtime {}",
             m.stage,
             spans.join(", "),
             gib(m.peak_bytes),
@@ -158,7 +158,9 @@ pub fn summary_text(e: &EvalJson, stages: &[StageJson]) -> String {
             gib(m.grads),
             gib(m.optimizer),
             gib(m.activations),
-            gib(m.temporary)
+            gib(m.temporary),
+            gib(m.buffers),
+            gib(m.runtime)
         );
     }
     s
@@ -211,6 +213,8 @@ impl OomReport {
                 optimizer: 0,
                 activations: 0,
                 temporary: 0,
+                buffers: 0,
+                runtime: 0,
             });
         OomReport {
             error: "out_of_memory",

@@ -297,11 +297,20 @@ pub fn plan_with_progress(
     let t0 = Instant::now();
     // 1. Cheap screening, in parallel: the model-state memory bound and the step-time
     //    lower bound of every candidate.
+    // The bound assumes fp32 master weights and moments (every engine's default);
+    // narrower optimizer states get no shortcut.
+    let fp32_optimizer = compiler.states().master == crate::ir::DType::F32;
     let bounds: Vec<u64> = candidates
         .iter()
-        .map(|c| state_lower_bound(params, c))
+        .map(|c| {
+            if fp32_optimizer {
+                state_lower_bound(params, c)
+            } else {
+                0
+            }
+        })
         .collect();
-    let skipped = |i: usize| !opts.exhaustive && bounds[i] > compiler.budget_bytes;
+    let skipped = |i: usize| !opts.exhaustive && bounds[i] > compiler.tensor_budget(&candidates[i]);
     let to_compile: Vec<Config> = (0..candidates.len())
         .filter(|&i| !skipped(i))
         .map(|i| candidates[i])

@@ -72,7 +72,18 @@ pub fn derive_with_report(
             continue;
         }
         if let Op::Param { .. } = node.op {
-            if let Some(g) = dys[0] {
+            if let Some(mut g) = dys[0] {
+                // The gradient is complete: it goes into the gradient buffer now (an
+                // engine accumulates each weight gradient into its buffer as soon as it
+                // is computed), so that no low-precision copy outlives its layer.
+                if d.b.ty(g).dtype != opts.grad_dtype {
+                    g = d.b.add1(
+                        Op::Cast {
+                            to: opts.grad_dtype,
+                        },
+                        &[g],
+                    )?;
+                }
                 param_grads.push((id, g));
             }
             continue;
@@ -659,6 +670,23 @@ impl Diff<'_> {
             };
             self.b.set_role(g, Role::Grad);
             finals.push((pid, g));
+        }
+        // The optimizer's copies of the gradients, all made before the first update
+        // (Megatron-LM's `_copy_model_grads_to_main_grads`, DeepSpeed's fp32 partition
+        // gradient of a parameter group).
+        if opts.main_grad_dtype != opts.grad_dtype {
+            let role = if opts.main_grad_transient {
+                Role::Temporary
+            } else {
+                Role::Grad
+            };
+            for (pid, g) in finals.iter_mut() {
+                self.b.set_block(self.fwd.node(*pid).block);
+                self.b.set_phase(Phase::Opt);
+                let to = opts.main_grad_dtype;
+                *g = self.b.add1(Op::Cast { to }, &[*g])?;
+                self.b.set_role(*g, role);
+            }
         }
         for (pid, g) in finals {
             let node = self.fwd.node(pid);

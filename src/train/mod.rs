@@ -19,6 +19,7 @@
 
 mod autodiff;
 pub mod memory;
+pub mod precision;
 
 use crate::ir::{DType, Graph, OpId, ShapeError};
 use thiserror::Error;
@@ -30,6 +31,13 @@ pub use autodiff::{derive, derive_with_report, SavedReport};
 pub struct TrainOptions {
     /// Dtype of parameter gradients (the gradient buffers).
     pub grad_dtype: DType,
+    /// Dtype of the gradient the optimizer reads. When it differs from `grad_dtype`,
+    /// the optimizer phase first copies each gradient into a persistent buffer of this
+    /// dtype (role `grad`): Megatron-LM's fp32 main gradients of fp16 runs.
+    pub main_grad_dtype: DType,
+    /// Whether that copy lives only through the optimizer step (role `temporary`:
+    /// DeepSpeed's fp32 partition gradient) rather than between steps (role `grad`).
+    pub main_grad_transient: bool,
     /// Dtype of master parameters and optimizer moments.
     pub master_dtype: DType,
     /// Learning rate written into the `adamw` ops.
@@ -45,11 +53,13 @@ pub struct TrainOptions {
 }
 
 impl Default for TrainOptions {
-    /// bf16 gradients, fp32 masters and moments; the AdamW hyper-parameters of
+    /// bf16 gradients (read as such by the optimizer), fp32 masters and moments; the AdamW hyper-parameters of
     /// Megatron-LM's GPT-3 recipe (lr 1.5e-4, betas 0.9/0.95, eps 1e-8, decay 0.1).
     fn default() -> TrainOptions {
         TrainOptions {
             grad_dtype: DType::Bf16,
+            main_grad_dtype: DType::Bf16,
+            main_grad_transient: false,
             master_dtype: DType::F32,
             lr: 1.5e-4,
             beta1: 0.9,
