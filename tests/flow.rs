@@ -425,3 +425,47 @@ fn sharding_is_priced_at_the_jobs_sequence() {
     let (short, long) = (price(128), price(1024));
     assert!(long > short, "{short} ps at 128 tokens, {long} ps at 1024");
 }
+
+/// The `hf` engine compiles Hugging Face Transformers' model code: the architecture
+/// from the config.json's `model_type` or from the layout, and a layout that does not
+/// say which code runs it is refused with what to give instead.
+#[test]
+fn the_hf_engine_runs_transformers_code() {
+    use apar::engine::Engine;
+    use apar::models::{AttnImpl, HfArch, ModelCode};
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let mut options = PlanOptions::new(1024, 16);
+    options.engine = Engine::Hf;
+    let llama =
+        Session::for_config(&zoo::lookup("llama2-7b").unwrap(), &cluster, &options).unwrap();
+    assert_eq!(
+        llama.compiler().model_code,
+        ModelCode::Transformers {
+            arch: HfArch::Llama,
+            attn: AttnImpl::Sdpa
+        }
+    );
+    // GPT-NeoX-20B's config.json names its code; the same configuration without the
+    // file does not (LayerNorm with rotary positions is NeoX's layout and Falcon's).
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/hf/gpt-neox-20b.json"
+    );
+    let neox = Session::for_spec(&ModelSpec::parse(path), &cluster, &options).unwrap();
+    assert!(matches!(
+        neox.compiler().model_code,
+        ModelCode::Transformers {
+            arch: HfArch::GptNeox,
+            ..
+        }
+    ));
+    let cfg = neox.model_config().unwrap().clone();
+    assert!(matches!(
+        Session::for_config(&cfg, &cluster, &options),
+        Err(PlanError::NoHfArchitecture(_))
+    ));
+    // Other engines run the fused kernels.
+    options.engine = Engine::Megatron;
+    let fused = Session::for_spec(&ModelSpec::parse(path), &cluster, &options).unwrap();
+    assert_eq!(fused.compiler().model_code, ModelCode::Fused);
+}

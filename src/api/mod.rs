@@ -386,6 +386,10 @@ pub enum PlanError {
     /// The model could not be loaded or is invalid.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The `hf` engine runs a model's Hugging Face modeling code, and this model's
+    /// layout does not say which (LayerNorm with rotary positions: GPT-NeoX or Falcon).
+    #[error("the hf engine runs Hugging Face model code, and `{0}` does not say which architecture: plan its config.json (with its model_type)")]
+    NoHfArchitecture(String),
     /// The cluster could not be resolved or is invalid.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
@@ -550,6 +554,7 @@ impl Session {
             options.memory_ratio,
         )?
         .with_engine(options.engine)
+        .with_model_code(model_code(options.engine, config.as_ref(), &notes)?)?
         .with_precision(options.precision)?
         .with_runtime(options.runtime.unwrap_or(options.engine.runtime()));
         let warnings = diagnostics::of_model(&compiler, config.as_ref(), &notes);
@@ -897,6 +902,31 @@ impl Session {
             trace: e.sim.trace(),
         })
     }
+}
+
+/// Whose model code runs a configuration under `engine`: Hugging Face Transformers'
+/// modules for the `hf` engine (the `config.json`'s `model_type`, else the layout's
+/// architecture, [`models::HfArch::infer`]; attention `sdpa` for flash attention,
+/// `eager` for eager), the fused kernels otherwise. A graph is its own code.
+fn model_code(
+    engine: Engine,
+    config: Option<&ModelConfig>,
+    notes: &models::hf::ConfigNotes,
+) -> Result<models::ModelCode, PlanError> {
+    let Some(cfg) = config.filter(|_| engine == Engine::Hf) else {
+        return Ok(models::ModelCode::Fused);
+    };
+    let arch = notes
+        .model_type
+        .as_deref()
+        .and_then(models::HfArch::from_model_type)
+        .or_else(|| models::HfArch::infer(cfg))
+        .ok_or_else(|| PlanError::NoHfArchitecture(cfg.name.clone()))?;
+    let attn = match cfg.attention {
+        Attention::Flash => models::AttnImpl::Sdpa,
+        Attention::Eager => models::AttnImpl::Eager,
+    };
+    Ok(models::ModelCode::Transformers { arch, attn })
 }
 
 /// Plans `graph` (a forward graph) on `cluster`: the fastest configuration that fits.

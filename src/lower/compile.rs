@@ -16,7 +16,9 @@ use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, S
 use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
-use crate::models::{build_forward, ModelConfig, ModelError, Position};
+use crate::models::{
+    build_forward, build_forward_with, ModelCode, ModelConfig, ModelError, Position,
+};
 use crate::passes::manager::{
     Autodiff, Distribute, MixedPrecision, PassError, PassManager, RecomputeLayers, TensorParallel,
 };
@@ -228,6 +230,9 @@ pub enum CompileError {
     /// The precision options cannot be planned.
     #[error("{0}")]
     Precision(#[source] PrecisionError),
+    /// Model code was asked of a graph: a graph's ops are its code.
+    #[error("a graph is planned as its ops are; only a model configuration can be built as another engine's model code")]
+    ModelCodeOfGraph,
     /// A pass produced a graph that does not verify (an internal bug).
     #[error("verify: {0}")]
     Verify(#[source] VerifyErrors),
@@ -400,6 +405,9 @@ pub struct Compiler {
     pub engine: Engine,
     /// Runs the passes (verifying their graphs in debug builds).
     passes: PassManager,
+    /// Whose model code the forward graph follows (a configuration's; a graph is
+    /// its own code).
+    pub model_code: ModelCode,
     /// Compute, gradient and optimizer precision (engine defaults where unset).
     pub precision: PrecisionOptions,
     /// Context, communication and allocator memory beside the tensors.
@@ -528,6 +536,7 @@ impl Compiler {
             memory_ratio,
             engine: Engine::default(),
             passes: PassManager::debug_verifying(),
+            model_code: ModelCode::Fused,
             precision: PrecisionOptions::default(),
             runtime: Engine::default().runtime(),
             caches: Caches::default(),
@@ -554,6 +563,28 @@ impl Compiler {
             .states(&precision)
             .map_err(CompileError::Precision)?;
         self.precision = precision;
+        self.caches = Caches::default();
+        Ok(self)
+    }
+
+    /// The same compiler for a configuration run by other model code (Hugging Face
+    /// Transformers' modules for the `hf` engine); caches start empty.
+    ///
+    /// # Errors
+    ///
+    /// [`CompileError::Model`] when the configuration cannot be built as that code, and
+    /// [`CompileError::ModelCodeOfGraph`] for a graph (its ops are its code).
+    pub fn with_model_code(mut self, code: ModelCode) -> Result<Compiler, CompileError> {
+        if code == self.model_code {
+            return Ok(self);
+        }
+        let ModelSource::Config(cfg) = &self.source else {
+            return Err(CompileError::ModelCodeOfGraph);
+        };
+        let mut t = cfg.clone();
+        t.layers = cfg.layers.min(2);
+        self.forward = build_forward_with(&t, code).map_err(|e| CompileError::Model(e.into()))?;
+        self.model_code = code;
         self.caches = Caches::default();
         Ok(self)
     }
@@ -630,6 +661,7 @@ impl Compiler {
             self.memory_ratio,
         )?
         .with_engine(self.engine)
+        .with_model_code(self.model_code)?
         .with_precision(self.precision)?
         .with_runtime(self.runtime))
     }

@@ -99,6 +99,26 @@ impl HfArch {
         }
     }
 
+    /// The modeling file whose code runs a configuration that names none (a zoo model),
+    /// when its layout says it unambiguously: RMSNorm with SwiGLU and rotary positions
+    /// is Llama's code (Qwen2's with q/k/v biases only); LayerNorm with learned
+    /// positions and GeLU is GPT-2's. Other layouts (LayerNorm with rotary positions:
+    /// GPT-NeoX or Falcon) need the `model_type` of a `config.json`.
+    pub fn infer(cfg: &super::ModelConfig) -> Option<HfArch> {
+        use super::{Mlp, Norm, Position};
+        match (cfg.norm, cfg.mlp, cfg.position) {
+            (Norm::RmsNorm, Mlp::SwiGlu, Position::Rotary { .. }) => {
+                Some(if cfg.qkv_bias && !cfg.out_bias {
+                    HfArch::Qwen2
+                } else {
+                    HfArch::Llama
+                })
+            }
+            (Norm::LayerNorm, Mlp::Gelu, Position::Learned { .. }) => Some(HfArch::Gpt2),
+            _ => None,
+        }
+    }
+
     /// The architecture of a `model_type`, if apar models its code.
     pub fn from_model_type(model_type: &str) -> Option<HfArch> {
         HfArch::ALL

@@ -235,6 +235,8 @@ pub struct ConfigNotes {
     /// over the whole sequence: an upper bound on its FLOPs and, for eager attention,
     /// its memory, once the sequence is longer than the window).
     pub sliding_window: Option<u64>,
+    /// The file's `model_type` (whose Hugging Face modeling code runs the model).
+    pub model_type: Option<String>,
     /// Positions the checkpoint was trained for (`max_position_embeddings` /
     /// `n_positions`), when the file gives them.
     pub trained_positions: Option<u64>,
@@ -556,6 +558,11 @@ impl Fields<'_> {
         Ok(ConfigNotes {
             ignored: by_kind.into_iter().collect(),
             sliding_window,
+            model_type: self
+                .map
+                .get("model_type")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             trained_positions,
         })
     }
