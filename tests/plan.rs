@@ -5,7 +5,7 @@ use apar::engine::Engine;
 use apar::ir::{gen, Env, Phase};
 use apar::lower::compile::{Compiler, ModelSource};
 use apar::lower::schedule::Pass;
-use apar::models::{build_forward, zoo};
+use apar::models::{build_forward_with, zoo, Attention, AttnImpl, HfArch, ModelCode};
 use apar::search::{plan_with, SearchOptions};
 use apar::train::{training_graph, TrainOptions};
 use apar::{plan, plan_model, PlanError, PlanOptions};
@@ -129,7 +129,19 @@ fn graph_and_template_plans_agree() {
 fn graph_and_template_agree(name: &str, engine: Engine) {
     {
         let model = zoo::lookup(name).unwrap();
-        let graph = build_forward(&model).unwrap();
+        // The graph is built as the engine's model code runs it: Hugging Face's
+        // modules for the hf engine, the fused kernels otherwise.
+        let code = match engine {
+            Engine::Hf => ModelCode::Transformers {
+                arch: HfArch::infer(&model).unwrap(),
+                attn: match model.attention {
+                    Attention::Flash => AttnImpl::Sdpa,
+                    Attention::Eager => AttnImpl::Eager,
+                },
+            },
+            _ => ModelCode::Fused,
+        };
+        let graph = build_forward_with(&model, code).unwrap();
         let c = Cluster::resolve("dgx-a100-80g:1").unwrap();
         let mut opts = PlanOptions::new(128, 16);
         opts.engine = engine;
