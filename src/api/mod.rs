@@ -324,7 +324,12 @@ impl Plan {
     /// The search log in the reference platform's words, then the plan, its runners-up
     /// and the warnings.
     pub fn log(&self) -> String {
-        crate::report::plan_log(&self.summary(), self.search.as_ref(), &self.runners_up)
+        crate::report::plan_log(
+            &self.summary(),
+            self.engine,
+            self.search.as_ref(),
+            &self.runners_up,
+        )
     }
 }
 

@@ -38,6 +38,16 @@ impl Engine {
         Engine::Hf,
     ];
 
+    /// The engine version its facts (rules, memory, option names) were read from.
+    pub fn version(self) -> &'static str {
+        match self {
+            Engine::Megatron => "Megatron-LM main at d98e8a6 (after core_v0.19.0)",
+            Engine::DeepSpeed => "DeepSpeed 0.19.6",
+            Engine::Torchtitan => "torchtitan 0.3.0 (main at b5bcd76) on PyTorch 2.15",
+            Engine::Hf => "Transformers 5.23 with PyTorch FSDP2",
+        }
+    }
+
     /// The spelling used on the command line and in JSON.
     pub fn name(self) -> &'static str {
         match self {

@@ -3,6 +3,7 @@
 
 pub mod trace;
 
+use crate::engine::Engine;
 use crate::lower::compile::Evaluation;
 use crate::lower::{StageMemory, StepTrace, TimeBreakdown};
 use crate::passes::Config;
@@ -300,7 +301,12 @@ pub fn selected_line(c: &Config) -> String {
 
 /// The search log: the reference platform's story with apar's numbers (when a search
 /// ran), then the plan and its runners-up with why each lost.
-pub fn plan_log(best: &EvalJson, search: Option<&SearchStats>, runners_up: &[EvalJson]) -> String {
+pub fn plan_log(
+    best: &EvalJson,
+    engine: Engine,
+    search: Option<&SearchStats>,
+    runners_up: &[EvalJson],
+) -> String {
     let mut s = String::new();
     if let Some(st) = search {
         s.push_str(&search_log(st));
@@ -308,6 +314,7 @@ pub fn plan_log(best: &EvalJson, search: Option<&SearchStats>, runners_up: &[Eva
         let _ = writeln!(s, "[info] {}", selected_line(&best.config));
         s.push('\n');
     }
+    let _ = writeln!(s, "engine: {engine} ({})", engine.version());
     s.push_str(&summary_text(best, &best.stages));
     if !runners_up.is_empty() {
         let _ = writeln!(s, "runners-up (why they lost):");
