@@ -295,11 +295,13 @@ enum EmitArg {
     Megatron,
     Deepspeed,
     Torchtitan,
+    Hf,
 }
 
 #[derive(clap::Args)]
 struct OutputArgs {
-    /// Print the configuration for an engine instead of the report.
+    /// Print the configuration for an engine instead of the report (its environment
+    /// variables and notes go to standard error; a plan the engine cannot run is exit 2).
     #[arg(long, value_enum)]
     emit: Option<EmitArg>,
     /// Save the plan (JSON, re-costable with `apar eval --plan FILE`).
@@ -440,11 +442,24 @@ fn plan_output(plan: Plan, out: &OutputArgs) -> Result<String, Failure> {
         write_file(path, &pretty(&plan)?)?;
     }
     if let Some(engine) = out.emit {
-        return Ok(plan.export(match engine {
-            EmitArg::Megatron => apar::engine::Engine::Megatron,
-            EmitArg::Deepspeed => apar::engine::Engine::DeepSpeed,
-            EmitArg::Torchtitan => apar::engine::Engine::Torchtitan,
-        }));
+        let export = plan
+            .export(match engine {
+                EmitArg::Megatron => apar::engine::Engine::Megatron,
+                EmitArg::Deepspeed => apar::engine::Engine::DeepSpeed,
+                EmitArg::Torchtitan => apar::engine::Engine::Torchtitan,
+                EmitArg::Hf => apar::engine::Engine::Hf,
+            })
+            .map_err(bad)?;
+        // The text goes to standard output as the engine reads it; the environment
+        // and the notes go to standard error.
+        let mut err = std::io::stderr().lock();
+        if !export.env.is_empty() {
+            let _ = writeln!(err, "env: {}", export.env_prefix());
+        }
+        for n in &export.notes {
+            let _ = writeln!(err, "note: {n}");
+        }
+        return Ok(export.text);
     }
     if out.json {
         let text =
