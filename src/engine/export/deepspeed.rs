@@ -221,7 +221,10 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         "num_layers": layers,
         "recompute": c.recompute.name(),
     });
-    if let Some(k) = c.recompute_layers.filter(|_| c.recompute != Recompute::None) {
+    if let Some(k) = c
+        .recompute_layers
+        .filter(|_| c.recompute != Recompute::None)
+    {
         apar["recompute_layers"] = json!(k);
     }
     if c.tp > 1 {
@@ -231,7 +234,9 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         }
     }
     v["apar"] = apar;
-    notes.push("the section \"apar\" is not read by DeepSpeed: it is for the training script".into());
+    notes.push(
+        "the section \"apar\" is not read by DeepSpeed: it is for the training script".into(),
+    );
     Ok(Export {
         engine: E,
         text: serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
@@ -270,12 +275,22 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let train = req(&v, &["train_batch_size"])?;
     let micro_batch = small(req(&v, &["train_micro_batch_size_per_gpu"])?, "micro batch")?;
     let num_micro_batches = small(req(&v, &["gradient_accumulation_steps"])?, "accumulation")?;
-    let pp = small(u64_at(&v, &["pipeline", "stages"])?.unwrap_or(1), "pipeline.stages")?;
+    let pp = small(
+        u64_at(&v, &["pipeline", "stages"])?.unwrap_or(1),
+        "pipeline.stages",
+    )?;
     let tp = match u64_at(&v, &["tensor_parallel", "autotp_size"])? {
         Some(t) => small(t, "tensor_parallel.autotp_size")?,
-        None => small(u64_at(&v, &["apar", "tensor_parallel_size"])?.unwrap_or(1), "tp")?,
+        None => small(
+            u64_at(&v, &["apar", "tensor_parallel_size"])?.unwrap_or(1),
+            "tp",
+        )?,
     };
-    let dp = exact_div(devices, u64::from(tp) * u64::from(pp), "world size over tp × pp")?;
+    let dp = exact_div(
+        devices,
+        u64::from(tp) * u64::from(pp),
+        "world size over tp × pp",
+    )?;
     if train != u64::from(dp) * u64::from(micro_batch) * u64::from(num_micro_batches) {
         return Err(ParseError::Inconsistent(format!(
             "train_batch_size {train} is not micro batch × accumulation × dp ({micro_batch} × {num_micro_batches} × {dp})"

@@ -126,7 +126,11 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         micro_batch,
         num_micro_batches,
         sp: false,
-        recompute: if full { Recompute::Full } else { Recompute::None },
+        recompute: if full {
+            Recompute::Full
+        } else {
+            Recompute::None
+        },
         recompute_layers: None,
         zero,
         low_prec_shard: zero >= 3,

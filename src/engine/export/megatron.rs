@@ -29,8 +29,7 @@
 
 use super::words::{self, Options};
 use super::{
-    even_layers, exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig,
-    StageLayers,
+    even_layers, exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig, StageLayers,
 };
 use crate::engine::Engine;
 use crate::models::{Attention, Mlp, Norm, Position};
@@ -253,9 +252,8 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             };
             arg(&mut a, "data-parallel-sharding-strategy", strategy);
             arg(&mut a, "ckpt-format", "fsdp_dtensor");
-            notes.push(
-                "Megatron-FSDP requires CUDA_DEVICE_MAX_CONNECTIONS unset or above 1".into(),
-            );
+            notes
+                .push("Megatron-FSDP requires CUDA_DEVICE_MAX_CONNECTIONS unset or above 1".into());
         }
     }
     if c.tp > 1 && c.zero < 2 {
@@ -326,7 +324,11 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let o = Options::parse(text)?;
     let tp: u32 = o.req("--tensor-model-parallel-size")?;
     let pp: u32 = o.req("--pipeline-model-parallel-size")?;
-    let dp = exact_div(devices, u64::from(tp) * u64::from(pp), "world size over tp × pp")?;
+    let dp = exact_div(
+        devices,
+        u64::from(tp) * u64::from(pp),
+        "world size over tp × pp",
+    )?;
     let micro_batch: u32 = o.req("--micro-batch-size")?;
     let global: u64 = o.req("--global-batch-size")?;
     let num_micro_batches = exact_div(
@@ -335,7 +337,9 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         "global batch over dp × micro-batch",
     )?;
     let layers: u32 = o.req("--num-layers")?;
-    let v: u32 = o.num("--num-virtual-stages-per-pipeline-rank")?.unwrap_or(1);
+    let v: u32 = o
+        .num("--num-virtual-stages-per-pipeline-rank")?
+        .unwrap_or(1);
     let stages = if pp <= 1 {
         Vec::new()
     } else if let Some(l) = o.value("--pipeline-model-parallel-layout")? {
@@ -346,15 +350,19 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         let mut rest = layers;
         let mut middle_ranks = pp;
         for n in [first, last].into_iter().flatten() {
-            rest = rest
-                .checked_sub(n)
-                .ok_or_else(|| ParseError::Inconsistent("first/last layers exceed --num-layers".into()))?;
+            rest = rest.checked_sub(n).ok_or_else(|| {
+                ParseError::Inconsistent("first/last layers exceed --num-layers".into())
+            })?;
             middle_ranks -= 1;
         }
         let middle = if middle_ranks == 0 {
             0
         } else {
-            exact_div(u64::from(rest), u64::from(middle_ranks), "middle layers over middle ranks")?
+            exact_div(
+                u64::from(rest),
+                u64::from(middle_ranks),
+                "middle layers over middle ranks",
+            )?
         };
         let per_rank: Vec<u32> = (0..pp)
             .map(|r| match (r, first, last) {

@@ -180,7 +180,11 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
 }
 
 pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError> {
-    let w = Options::parse(text)?;
+    let mut w = Options::parse(text)?;
+    // The recomputation subcommand is a bare word; the options are the rest.
+    let full = w.take("activation-checkpoint:full");
+    let selective = w.take("activation-checkpoint:selective");
+    let none = w.take("activation-checkpoint:none");
     let replicate: u32 = w.req("--parallelism.data_parallel_replicate_degree")?;
     let shard: u32 = w.req("--parallelism.data_parallel_shard_degree")?;
     let tp: u32 = w.req("--parallelism.tensor_parallel_degree")?;
@@ -201,7 +205,10 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
                 "with a pipeline, one step is one local batch".into(),
             ));
         }
-        (b, exact_div(local, u64::from(b), "local batch over micro-batch")?)
+        (
+            b,
+            exact_div(local, u64::from(b), "local batch over micro-batch")?,
+        )
     } else {
         let b = u32::try_from(local).map_err(|_| ParseError::Inconsistent("local batch".into()))?;
         (b, exact_div(global, local * u64::from(dp), "accumulation")?)
@@ -218,11 +225,11 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
             })
         }
     };
-    let recompute = if w.has("activation-checkpoint:full") {
+    let recompute = if full {
         Recompute::Full
-    } else if w.has("activation-checkpoint:selective") {
+    } else if selective {
         Recompute::Selective
-    } else if w.has("activation-checkpoint:none") {
+    } else if none {
         Recompute::None
     } else {
         return Err(ParseError::Missing("activation-checkpoint:…".into()));
@@ -230,7 +237,9 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let (schedule, stages) = if pp > 1 {
         let parts = w
             .values("--parallelism.module_fqns_per_model_part")
-            .ok_or_else(|| ParseError::Missing("--parallelism.module_fqns_per_model_part".into()))?;
+            .ok_or_else(|| {
+                ParseError::Missing("--parallelism.module_fqns_per_model_part".into())
+            })?;
         let stages: Vec<StageLayers> = parts
             .iter()
             .map(|part| {

@@ -100,6 +100,13 @@ impl Options {
         })
     }
 
+    /// The options without the word `w` (a subcommand), and whether it was there.
+    pub(super) fn take(&mut self, w: &str) -> bool {
+        let before = self.words.len();
+        self.words.retain(|x| x != w);
+        self.words.len() != before
+    }
+
     /// The words given to `name` (after it up to the next `--option`, or after `=`);
     /// `None` when `name` is absent.
     pub(super) fn values(&self, name: &str) -> Option<Vec<&str>> {
