@@ -568,7 +568,7 @@ fn matrix() -> Vec<Case> {
         case(
             "tp2-sp-selective",
             "megatron-7.5b",
-            4096,
+            2048,
             config(4, 2, 1, 1, 8, true, Selective, None, 1, OneFOneB),
             None,
         ),
