@@ -45,7 +45,7 @@ fn schedule_name(s: Schedule) -> &'static str {
 }
 
 /// The module names of each virtual stage (`tok_embeddings`, `layers.i`, `norm`,
-/// `output`: the llama3 model's).
+/// `lm_head`: the llama3 model's, `torchtitan/models/llama3`).
 fn module_fqns(stages: &[StageLayers]) -> Vec<String> {
     let mut next = 0u32;
     stages
@@ -61,7 +61,7 @@ fn module_fqns(stages: &[StageLayers]) -> Vec<String> {
             next += s.layers;
             if s.head {
                 names.push("norm".into());
-                names.push("output".into());
+                names.push("lm_head".into());
             }
             names.join(",")
         })
@@ -247,7 +247,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
                 StageLayers {
                     embedding: names.contains(&"tok_embeddings"),
                     layers: names.iter().filter(|n| n.starts_with("layers.")).count() as u32,
-                    head: names.contains(&"output"),
+                    head: names.contains(&"lm_head"),
                 }
             })
             .collect();
