@@ -762,3 +762,54 @@ fn write_check_matrix() {
     }
     std::fs::write(&out, lines).unwrap();
 }
+
+fn apar(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_apar"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--emit`: the export alone on standard output, environment and notes on standard
+/// error; a plan the engine cannot run is exit 2 with the reason.
+#[test]
+fn cli_emit_separates_text_from_notes() {
+    let job = [
+        "plan",
+        "--model",
+        "llama2-7b",
+        "--cluster",
+        "dgx-a100-80g:4",
+        "--global-batch",
+        "64",
+        "--seq",
+        "2048",
+        "--tp",
+        "8",
+        "--emit",
+    ];
+    let (code, stdout, stderr) = apar(&[&job[..], &["megatron"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("--tensor-model-parallel-size 8 \\\n"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("env: CUDA_DEVICE_MAX_CONNECTIONS=1") || stderr.contains("Megatron-FSDP"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("note: launch on"), "{stderr}");
+
+    let (code, stdout, stderr) = apar(&[&job[..], &["hf"]].concat());
+    assert_eq!(code, 2);
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("hf cannot run this plan's tensor parallel 8"),
+        "{stderr}"
+    );
+}

@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q -r "$HERE/requirements.txt"
+"$VENV/bin/pip" install -q -r "$HERE/requirements.txt" -c "$HERE/requirements-lock.txt"
 
 if [ -n "${APAR_MEGATRON_GIT_DIR:-}" ]; then
     MEGATRON_SRC="$OUT/megatron"
