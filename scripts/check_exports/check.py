@@ -332,11 +332,12 @@ def check_hf(row, _src):
     expect_equal("gradient_accumulation_steps", args.gradient_accumulation_steps, want["num_micro_batches"])
     expect_equal("bf16", args.bf16, True)
     fsdp = bool(args.fsdp)
+    fsdp_config = args.fsdp_config or {}
     zero = 0
     if fsdp:
-        zero = 3 if args.fsdp_config.get("reshard_after_forward", True) in (True, "true") else 2
+        zero = 3 if fsdp_config.get("reshard_after_forward", True) in (True, "true") else 2
     expect_equal("ZeRO stage (FSDP)", zero, want["zero"])
-    ac = bool(args.activation_checkpointing) or str(args.fsdp_config.get("activation_checkpointing", False)).lower() == "true"
+    ac = bool(args.activation_checkpointing) or str(fsdp_config.get("activation_checkpointing", False)).lower() == "true"
     expect_equal("activation checkpointing", ac, want["recompute"] == "full")
     return "HfArgumentParser(TrainingArguments)"
 

@@ -29,11 +29,14 @@ use crate::passes::{Recompute, Schedule};
 const E: Engine = Engine::Torchtitan;
 
 /// apar zoo models with a torchtitan recipe: (zoo name, `--module`, `--config`, layers,
-/// hidden size), from `torchtitan/models/llama3/__init__.py` and `config_registry.py`.
-const RECIPES: &[(&str, &str, &str, u32, u64)] = &[
-    ("llama3-8b", "llama3", "llama3_8b", 32, 4096),
-    ("llama3-70b", "llama3", "llama3_70b", 80, 8192),
-    ("llama3-405b", "llama3", "llama3_405b", 126, 16384),
+/// hidden size, the recipe trains its linear layers in float8), from
+/// `torchtitan/models/llama3/__init__.py` and `config_registry.py`.
+const RECIPES: &[(&str, &str, &str, u32, u64, bool)] = &[
+    ("llama3-8b", "llama3", "llama3_8b", 32, 4096, false),
+    ("llama3-70b", "llama3", "llama3_70b", 80, 8192, false),
+    // `llama3_405b` puts a `Float8LinearConverter` into its model spec, which the
+    // command line cannot change (`model_spec` is suppressed from tyro).
+    ("llama3-405b", "llama3", "llama3_405b", 126, 16384, true),
 ];
 
 fn schedule_name(s: Schedule) -> &'static str {
@@ -86,6 +89,16 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             model: m.name.clone(),
             known: RECIPES.iter().map(|r| r.0).collect::<Vec<_>>().join(", "),
         })?;
+    if recipe.5 {
+        return Err(ExportError::unsupported(
+            E,
+            "bf16 training",
+            format!(
+                "the {} recipe converts the linear layers to float8 (torchao) in its model spec, which no command-line option changes",
+                recipe.2
+            ),
+        ));
+    }
     if c.zero == 1 {
         return Err(ExportError::unsupported(
             E,
