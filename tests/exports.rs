@@ -580,6 +580,13 @@ fn matrix() -> Vec<Case> {
             None,
         ),
         case(
+            "tp4-zero3-full",
+            "llama3-8b",
+            4096,
+            config(2, 4, 1, 1, 8, false, Full, None, 3, OneFOneB),
+            None,
+        ),
+        case(
             "tp8-sp-full-zero3",
             "llama3-70b",
             4096,

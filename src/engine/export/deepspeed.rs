@@ -146,6 +146,13 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             "zero_optimization shards the 16-bit parameters at stage 3 only",
         ));
     }
+    if c.pp == 1 && c.tp > 1 && c.sp {
+        return Err(ExportError::unsupported(
+            E,
+            "sequence parallelism",
+            "tensor parallelism without a pipeline is AutoTP (tensor_parallel.autotp_size), which has no sequence-parallel option",
+        ));
+    }
     if c.pp > 1 && c.recompute == Recompute::Full && c.recompute_layers.is_some() {
         return Err(ExportError::unsupported(
             E,
@@ -230,7 +237,7 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     if c.tp > 1 {
         apar["sequence_parallel"] = json!(c.sp);
         if c.sp {
-            notes.push("sequence parallelism is the model code's (Megatron-DeepSpeed --sequence-parallel); DeepSpeed AutoTP has none".into());
+            notes.push("sequence parallelism is the model code's, with its tensor parallelism (as Megatron-DeepSpeed's --sequence-parallel)".into());
         }
     }
     v["apar"] = apar;
