@@ -430,6 +430,54 @@ proptest! {
     }
 }
 
+/// A real export with every number replaced by `numbers` in turn (cycling).
+fn mangled(text: &str, numbers: &[u64]) -> String {
+    let mut out = String::new();
+    let mut k = 0;
+    let mut in_number = false;
+    for ch in text.chars() {
+        if ch.is_ascii_digit() {
+            if !in_number {
+                out.push_str(&numbers[k % numbers.len()].to_string());
+                k += 1;
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(ch);
+        }
+    }
+    out
+}
+
+proptest! {
+    /// Reading any text, or an export with its numbers changed, ends in a value or a
+    /// `ParseError`, never a panic (overflow, division by zero, huge allocation).
+    #[test]
+    fn parse_never_panics(
+        junk in ".{0,200}",
+        numbers in prop::collection::vec(
+            prop_oneof![0u64..10, Just(u64::from(u32::MAX)), Just(u64::MAX), any::<u64>()],
+            1..8,
+        ),
+        devices in prop_oneof![0u64..1024, Just(u64::MAX)],
+    ) {
+        let m = zoo::lookup("llama3-8b").unwrap();
+        let c = config(2, 2, 2, 1, 8, true, Recompute::Full, None, 1, Schedule::Interleaved(2));
+        let p = ExportPlan::with_layers(c, Some(m), 4096, &[7, 9, 9, 7]);
+        for engine in Engine::ALL {
+            let _ = parse(engine, &junk, devices);
+            let c0 = config(8, 1, 1, 1, 8, false, Recompute::Full, None, 3, Schedule::OneFOneB);
+            let p0 = ExportPlan::with_layers(c0, Some(zoo::lookup("llama3-8b").unwrap()), 4096, &[32]);
+            for plan in [&p, &p0] {
+                if let Ok(e) = export(engine, plan) {
+                    let _ = parse(engine, &mangled(&e.text, &numbers), devices);
+                }
+            }
+        }
+    }
+}
+
 /// Every engine accepts some plan of the generator (the round trip is not vacuous).
 #[test]
 fn every_engine_accepts_a_plain_plan() {

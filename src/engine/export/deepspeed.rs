@@ -33,6 +33,10 @@ const E: Engine = Engine::DeepSpeed;
 /// `ParallelTransformerLayerPipe` matches it; DeepSpeed searches it case-insensitively).
 pub(super) const LAYER_TYPE: &str = "transformer";
 
+/// The most transformer layers [`partition`] is asked about (the largest published
+/// dense models have under 200).
+const MAX_LAYERS: u32 = 1024;
+
 /// DeepSpeed's `partition_uniform(num_items, num_parts)`: the first `residual` parts
 /// one item longer.
 fn partition_uniform(items: usize, parts: usize) -> Vec<usize> {
@@ -109,6 +113,10 @@ fn stages_of(bounds: &[usize], layers: u32) -> Vec<StageLayers> {
 /// The stages `PipelineModule(partition_method=method)` makes of `layers` transformer
 /// layers between an embedding and a head.
 pub(super) fn partition(method: &str, layers: u32, pp: u32) -> Option<Vec<StageLayers>> {
+    // DeepSpeed's dynamic program is cubic: bound it to models that exist.
+    if layers > MAX_LAYERS || pp == 0 || pp > layers + 2 {
+        return None;
+    }
     let items = layers as usize + 2;
     let bounds = match method {
         "uniform" => partition_uniform(items, pp as usize),
@@ -298,7 +306,8 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         u64::from(tp) * u64::from(pp),
         "world size over tp × pp",
     )?;
-    if train != u64::from(dp) * u64::from(micro_batch) * u64::from(num_micro_batches) {
+    if u128::from(train) != u128::from(dp) * u128::from(micro_batch) * u128::from(num_micro_batches)
+    {
         return Err(ParseError::Inconsistent(format!(
             "train_batch_size {train} is not micro batch × accumulation × dp ({micro_batch} × {num_micro_batches} × {dp})"
         )));

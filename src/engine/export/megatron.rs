@@ -37,6 +37,9 @@ use crate::passes::{Recompute, Schedule};
 
 const E: Engine = Engine::Megatron;
 
+/// The most virtual stages a parsed text may ask for (no model has more layers).
+const MAX_STAGES: u64 = 1 << 16;
+
 /// How the pipeline cut is spelled.
 enum Cut {
     /// Megatron's default even split (`v` chunks per rank).
@@ -340,6 +343,12 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let v: u32 = o
         .num("--num-virtual-stages-per-pipeline-rank")?
         .unwrap_or(1);
+    // Every virtual stage holds a layer, the embedding or the head.
+    if u64::from(pp) * u64::from(v) > (u64::from(layers) + 2).min(MAX_STAGES) {
+        return Err(ParseError::Inconsistent(format!(
+            "{pp} × {v} virtual stages for {layers} layers"
+        )));
+    }
     let stages = if pp <= 1 {
         Vec::new()
     } else if let Some(l) = o.value("--pipeline-model-parallel-layout")? {

@@ -202,8 +202,10 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let shard: u32 = w.req("--parallelism.data_parallel_shard_degree")?;
     let tp: u32 = w.req("--parallelism.tensor_parallel_degree")?;
     let pp: u32 = w.req("--parallelism.pipeline_parallel_degree")?;
-    let dp = replicate * shard;
-    if u64::from(dp) * u64::from(tp) * u64::from(pp) != devices {
+    let dp = replicate
+        .checked_mul(shard)
+        .ok_or_else(|| ParseError::Inconsistent("data-parallel degree overflows".into()))?;
+    if u128::from(dp) * u128::from(tp) * u128::from(pp) != u128::from(devices) {
         return Err(ParseError::Inconsistent(format!(
             "degrees {replicate} × {shard} × {tp} × {pp} do not make {devices} ranks"
         )));
@@ -212,7 +214,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let global: u64 = w.req("--training.global_batch_size")?;
     let (micro_batch, num_micro_batches) = if pp > 1 {
         let b: u32 = w.req("--parallelism.pipeline_parallel_microbatch_size")?;
-        let accumulation = exact_div(global, local * u64::from(dp), "accumulation")?;
+        let accumulation = exact_div(global, local.saturating_mul(u64::from(dp)), "accumulation")?;
         if accumulation != 1 {
             return Err(ParseError::Inconsistent(
                 "with a pipeline, one step is one local batch".into(),
@@ -224,7 +226,10 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         )
     } else {
         let b = u32::try_from(local).map_err(|_| ParseError::Inconsistent("local batch".into()))?;
-        (b, exact_div(global, local * u64::from(dp), "accumulation")?)
+        (
+            b,
+            exact_div(global, local.saturating_mul(u64::from(dp)), "accumulation")?,
+        )
     };
     let zero = match w.value("--parallelism.fsdp_reshard_after_forward")? {
         Some("never") => 2,
