@@ -132,7 +132,7 @@ def check_megatron(row, src):
                         get_num_layers_to_build(cfg, vp_stage=chunk if vp > 1 else None, pp_rank=rank)
                     )
         expect_equal("layers per virtual stage", got, [s["layers"] for s in want["stages"]])
-    return f"parse_args + validate_args + TransformerConfig (dp {args.data_parallel_size})"
+    return "parse_args + validate_args + TransformerConfig (layers per rank and virtual stage)"
 
 
 # -------------------------------------------------------------------------- DeepSpeed
