@@ -86,6 +86,13 @@ pub enum Warning {
         /// `max_position_embeddings` of the configuration.
         trained_positions: u64,
     },
+    /// The engine has no ready way to build this model (torchtitan trains the models it
+    /// has a recipe for): the plan holds for the engine's parallelism and memory, but
+    /// the model must be registered with it first, and the export is refused.
+    NoEngineRecipe {
+        /// Why, as the export says it.
+        reason: String,
+    },
     /// Most of the step is pipeline bubble: the batch cannot feed this many devices.
     BubbleDominates {
         /// Bubble share of the step time.
@@ -137,6 +144,10 @@ impl fmt::Display for Warning {
                 f,
                 "sequence {seq} is longer than the {trained_positions} positions the model was trained for"
             ),
+            Warning::NoEngineRecipe { reason } => write!(
+                f,
+                "{reason}: register the model with the engine before launching this plan"
+            ),
             Warning::BubbleDominates {
                 fraction,
                 num_micro_batches,
@@ -168,6 +179,13 @@ pub(super) fn of_model(
         out.push(Warning::SlidingWindowIgnored {
             window,
             seq: compiler.seq,
+        });
+    }
+    if let Some(Err(e)) =
+        config.map(|cfg| crate::engine::export::model_supported(compiler.engine, cfg))
+    {
+        out.push(Warning::NoEngineRecipe {
+            reason: e.to_string(),
         });
     }
     let rotary = config.is_some_and(|c| matches!(c.position, Position::Rotary { .. }));

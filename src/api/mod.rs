@@ -310,15 +310,26 @@ impl Plan {
         crate::report::trace::memory_svg(&self.trace, &self.memory, self.step_time_s)
     }
 
-    /// The configuration file or arguments of `engine` for this plan.
-    pub fn export(&self, engine: Engine) -> String {
-        crate::engine::export::emit(
-            engine,
-            &self.config,
-            self.model_config.as_ref(),
+    /// The configuration file or arguments of `engine` for this plan, with the
+    /// environment it needs and notes for the user ([`crate::engine::export`]).
+    ///
+    /// # Errors
+    ///
+    /// [`crate::engine::export::ExportError`] when the engine cannot run the plan as
+    /// decided (naming the option it lacks) or cannot build the model.
+    pub fn export(
+        &self,
+        engine: crate::engine::Engine,
+    ) -> Result<crate::engine::export::Export, crate::engine::export::ExportError> {
+        let blocks: Vec<[usize; 2]> = self.stages.iter().map(|s| s.blocks).collect();
+        let plan = crate::engine::export::ExportPlan::new(
+            self.config,
+            self.model_config.clone(),
             self.seq,
             self.global_batch,
-        )
+            &blocks,
+        );
+        crate::engine::export::export(engine, &plan)
     }
 
     /// The search log in the reference platform's words, then the plan, its runners-up

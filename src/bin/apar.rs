@@ -348,7 +348,8 @@ struct JobArgs {
 #[derive(clap::Args)]
 struct OutputArgs {
     /// Print the plan's engine configuration instead of the report (`--emit`, or
-    /// `--emit ENGINE` naming the plan's engine).
+    /// `--emit ENGINE` naming the plan's engine); its environment variables and notes
+    /// go to standard error, and a plan the engine cannot run is exit 2.
     #[arg(long, num_args = 0..=1, default_missing_value = "")]
     emit: Option<String>,
     /// Save the plan (JSON, re-costable with `apar eval --plan FILE`).
@@ -500,7 +501,17 @@ fn plan_output(plan: Plan, out: &OutputArgs) -> Result<String, Failure> {
                 plan.engine
             )));
         }
-        return Ok(plan.export(engine));
+        let export = plan.export(engine).map_err(bad)?;
+        // The text goes to standard output as the engine reads it; the environment
+        // and the notes go to standard error.
+        let mut err = std::io::stderr().lock();
+        if !export.env.is_empty() {
+            let _ = writeln!(err, "env: {}", export.env_prefix());
+        }
+        for n in &export.notes {
+            let _ = writeln!(err, "note: {n}");
+        }
+        return Ok(export.text);
     }
     if out.json {
         let text =

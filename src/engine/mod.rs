@@ -42,7 +42,9 @@ impl Engine {
     pub fn version(self) -> &'static str {
         match self {
             Engine::Megatron => "Megatron-LM main at d98e8a6 (after core_v0.19.0)",
-            Engine::DeepSpeed => "DeepSpeed 0.19.6",
+            Engine::DeepSpeed => {
+                "DeepSpeed 0.19 (rules and memory read in 0.19.6, exports checked with 0.19.8)"
+            }
             Engine::Torchtitan => "torchtitan 0.3.0 (main at b5bcd76) on PyTorch 2.15",
             Engine::Hf => "Transformers 5.23 with PyTorch FSDP2",
         }

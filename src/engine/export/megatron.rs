@@ -1,0 +1,459 @@
+//! Megatron-LM `pretrain_gpt.py` arguments.
+//!
+//! Option names and their checks are those of `megatron/training/arguments.py`
+//! (`add_megatron_arguments`, `validate_args`) and of the dataclasses it turns into
+//! options (`TransformerConfig`, `DistributedDataParallelConfig`) at
+//! [`super::MEGATRON_COMMIT`]:
+//!
+//! - the pipeline cut: an even cut needs nothing (`--num-virtual-stages-per-pipeline-rank`
+//!   adds interleaving), a cut whose first and last pipeline ranks differ from the even
+//!   middle takes `--decoder-first-pipeline-num-layers` /
+//!   `--decoder-last-pipeline-num-layers`, any other cut is spelled out by
+//!   `--pipeline-model-parallel-layout` (`E` embedding, `t` a layer, `L` the loss, `|`
+//!   between virtual stages in model order);
+//! - ZeRO-1 is `--use-distributed-optimizer`; ZeRO-2/3 are Megatron-FSDP
+//!   (`--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads` /
+//!   `optim_grads_params`, which `validate_args` requires with `--ckpt-format
+//!   fsdp_dtensor`);
+//! - tensor parallelism without FSDP requires `CUDA_DEVICE_MAX_CONNECTIONS=1`
+//!   (`validate_args`, before Blackwell); Megatron-FSDP requires it unset or above 1;
+//! - selective recomputation is `--recompute-granularity selective --recompute-modules
+//!   core_attn` (the attention core, Korthikanti et al. 2022); full recomputation of
+//!   `k` layers per stage is `--recompute-method block --recompute-num-layers k`;
+//! - attention is `--attention-backend flash` or `unfused` (`--use-flash-attn` is read
+//!   by nothing any more).
+//!
+//! The data-parallel degree is the world size over `tp × pp`, and the micro-batch count
+//! is the global batch over `dp × micro-batch`: the job must be launched on
+//! `dp × tp × pp` ranks.
+
+use super::words::{self, Options};
+use super::{
+    even_layers, exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig, StageLayers,
+};
+use crate::engine::Engine;
+use crate::models::{Attention, Mlp, Norm, Position};
+use crate::passes::{Recompute, Schedule};
+
+const E: Engine = Engine::Megatron;
+
+/// The most virtual stages a parsed text may ask for (no model has more layers).
+const MAX_STAGES: u64 = 1 << 16;
+
+/// How the pipeline cut is spelled.
+enum Cut {
+    /// Megatron's default even split (`v` chunks per rank).
+    Even { v: u32 },
+    /// First and last pipeline ranks hold these many layers, the middle ranks the rest
+    /// evenly.
+    FirstLast { v: u32, first: u32, last: u32 },
+    /// Every virtual stage spelled out.
+    Layout(String),
+}
+
+fn cut(p: &ExportPlan) -> Cut {
+    let pp = p.config.pp as usize;
+    let v = p.chunks();
+    if even_layers(&p.stages).is_some() {
+        return Cut::Even { v };
+    }
+    // Per pipeline rank r: its chunks are the virtual stages r, r + pp, r + 2pp, …
+    let rank = |r: usize| -> Option<u32> {
+        let mut it = p.stages.iter().skip(r).step_by(pp).map(|s| s.layers);
+        let first = it.next()?;
+        it.all(|l| l == first).then_some(first)
+    };
+    let per_rank: Option<Vec<u32>> = (0..pp).map(rank).collect();
+    if let Some(per_rank) = per_rank {
+        let middle = &per_rank[1..pp - 1];
+        let middle_even = middle.windows(2).all(|w| w[0] == w[1]);
+        let (first, last) = (per_rank[0], per_rank[pp - 1]);
+        if pp >= 2 && middle_even && first > 0 && last > 0 {
+            return Cut::FirstLast {
+                v,
+                first: first * v,
+                last: last * v,
+            };
+        }
+    }
+    Cut::Layout(layout(&p.stages))
+}
+
+/// `--pipeline-model-parallel-layout` of `stages`.
+fn layout(stages: &[StageLayers]) -> String {
+    stages
+        .iter()
+        .map(|s| {
+            let mut x = String::new();
+            if s.embedding {
+                x.push('E');
+            }
+            match s.layers {
+                0 => {}
+                1 => x.push('t'),
+                n => x.push_str(&format!("t*{n}")),
+            }
+            if s.head {
+                x.push('L');
+            }
+            x
+        })
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+fn parse_layout(s: &str) -> Result<Vec<StageLayers>, ParseError> {
+    let bad = || ParseError::BadValue {
+        option: "--pipeline-model-parallel-layout".into(),
+        value: s.to_string(),
+    };
+    s.split('|')
+        .map(|stage| {
+            let mut rest = stage;
+            let embedding = rest.starts_with('E');
+            if embedding {
+                rest = &rest[1..];
+            }
+            let head = rest.ends_with('L');
+            if head {
+                rest = &rest[..rest.len() - 1];
+            }
+            let layers = match rest {
+                "" => 0,
+                "t" => 1,
+                r => match r.strip_prefix("t*") {
+                    Some(n) => n.parse().map_err(|_| bad())?,
+                    None if r.chars().all(|c| c == 't') => {
+                        u32::try_from(r.len()).map_err(|_| bad())?
+                    }
+                    None => return Err(bad()),
+                },
+            };
+            Ok(StageLayers {
+                embedding,
+                layers,
+                head,
+            })
+        })
+        .collect()
+}
+
+fn arg(a: &mut Vec<Vec<String>>, k: &str, v: impl ToString) {
+    a.push(vec![format!("--{k}"), v.to_string()]);
+}
+
+fn flag(a: &mut Vec<Vec<String>>, k: &str) {
+    a.push(vec![format!("--{k}")]);
+}
+
+pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
+    let c = &p.config;
+    let m = p.model.as_ref().ok_or_else(|| ExportError::NoModelConfig {
+        engine: E,
+        model: String::from("(graph)"),
+    })?;
+    if c.pp > 1 && c.schedule == Schedule::Gpipe {
+        return Err(ExportError::unsupported(
+            E,
+            "GPipe schedule",
+            "Megatron-LM schedules a pipeline 1F1B or interleaved 1F1B only (no option selects GPipe)",
+        ));
+    }
+    if c.pp == 1 && c.schedule.chunks() > 1 {
+        return Err(ExportError::unsupported(
+            E,
+            "interleaved schedule without a pipeline",
+            "--num-virtual-stages-per-pipeline-rank needs --pipeline-model-parallel-size > 1",
+        ));
+    }
+    if c.recompute == Recompute::Selective && c.recompute_layers.is_some() {
+        return Err(ExportError::unsupported(
+            E,
+            "selective recomputation of some layers only",
+            "--recompute-num-layers must be unset with --recompute-granularity selective",
+        ));
+    }
+    if c.low_prec_shard && c.zero < 3 {
+        return Err(ExportError::unsupported(
+            E,
+            format!("sharded low-precision parameters with ZeRO-{}", c.zero),
+            "--data-parallel-sharding-strategy shards parameters only together with gradients and optimizer states (optim_grads_params, ZeRO-3)",
+        ));
+    }
+    if m.parallel_residual {
+        return Err(ExportError::unsupported(
+            E,
+            "model's parallel residual",
+            "the GPT model of pretrain_gpt.py has no parallel-residual option",
+        ));
+    }
+    let mut a: Vec<Vec<String>> = Vec::new();
+    let mut env = Vec::new();
+    let mut notes = vec![format!(
+        "launch on dp {} x tp {} x pp {} = {} ranks: Megatron-LM derives the data-parallel size from the world size",
+        c.dp,
+        c.tp,
+        c.pp,
+        c.devices()
+    )];
+    arg(&mut a, "tensor-model-parallel-size", c.tp);
+    arg(&mut a, "pipeline-model-parallel-size", c.pp);
+    if c.pp > 1 {
+        match cut(p) {
+            Cut::Even { v } => {
+                if v > 1 {
+                    arg(&mut a, "num-virtual-stages-per-pipeline-rank", v);
+                }
+            }
+            Cut::FirstLast { v, first, last } => {
+                if v > 1 {
+                    arg(&mut a, "num-virtual-stages-per-pipeline-rank", v);
+                }
+                arg(&mut a, "decoder-first-pipeline-num-layers", first);
+                arg(&mut a, "decoder-last-pipeline-num-layers", last);
+            }
+            Cut::Layout(l) => arg(&mut a, "pipeline-model-parallel-layout", l),
+        }
+    }
+    arg(&mut a, "micro-batch-size", c.micro_batch);
+    arg(&mut a, "global-batch-size", p.global_batch);
+    arg(&mut a, "seq-length", p.seq);
+    flag(&mut a, "bf16");
+    if c.sp && c.tp > 1 {
+        flag(&mut a, "sequence-parallel");
+    }
+    match c.recompute {
+        Recompute::None => {}
+        Recompute::Selective => {
+            arg(&mut a, "recompute-granularity", "selective");
+            arg(&mut a, "recompute-modules", "core_attn");
+        }
+        Recompute::Full => {
+            arg(&mut a, "recompute-granularity", "full");
+            match c.recompute_layers {
+                Some(k) => {
+                    arg(&mut a, "recompute-method", "block");
+                    arg(&mut a, "recompute-num-layers", k);
+                }
+                None => {
+                    arg(&mut a, "recompute-method", "uniform");
+                    arg(&mut a, "recompute-num-layers", 1);
+                }
+            }
+        }
+    }
+    match c.zero {
+        0 => {}
+        1 => flag(&mut a, "use-distributed-optimizer"),
+        z => {
+            flag(&mut a, "use-distributed-optimizer");
+            flag(&mut a, "use-megatron-fsdp");
+            let strategy = if z == 2 {
+                "optim_grads"
+            } else {
+                "optim_grads_params"
+            };
+            arg(&mut a, "data-parallel-sharding-strategy", strategy);
+            arg(&mut a, "ckpt-format", "fsdp_dtensor");
+            notes
+                .push("Megatron-FSDP requires CUDA_DEVICE_MAX_CONNECTIONS unset or above 1".into());
+        }
+    }
+    if c.tp > 1 && c.zero < 2 {
+        env.push(("CUDA_DEVICE_MAX_CONNECTIONS".to_string(), "1".to_string()));
+    }
+    arg(&mut a, "num-layers", m.layers);
+    arg(&mut a, "hidden-size", m.hidden);
+    arg(&mut a, "ffn-hidden-size", m.ffn);
+    arg(&mut a, "num-attention-heads", m.heads);
+    if m.kv_heads != m.heads {
+        flag(&mut a, "group-query-attention");
+        arg(&mut a, "num-query-groups", m.kv_heads);
+    }
+    if m.head_dim * m.heads != m.hidden {
+        arg(&mut a, "kv-channels", m.head_dim);
+    }
+    match m.position {
+        Position::Learned { max_positions } => {
+            arg(&mut a, "position-embedding-type", "learned_absolute");
+            arg(&mut a, "max-position-embeddings", max_positions);
+        }
+        Position::Rotary { theta, dims } => {
+            arg(&mut a, "position-embedding-type", "rope");
+            // `--rotary-base` is an integer option.
+            arg(&mut a, "rotary-base", theta.round() as u64);
+            if dims != m.head_dim {
+                arg(&mut a, "rotary-percent", dims as f64 / m.head_dim as f64);
+            }
+            arg(&mut a, "max-position-embeddings", p.seq);
+        }
+    }
+    if m.norm == Norm::RmsNorm {
+        arg(&mut a, "normalization", "RMSNorm");
+    }
+    arg(&mut a, "norm-epsilon", m.norm_eps);
+    if m.mlp == Mlp::SwiGlu {
+        flag(&mut a, "swiglu");
+    }
+    if !m.tied_embeddings {
+        flag(&mut a, "untie-embeddings-and-output-weights");
+    }
+    if !m.mlp_bias && !m.out_bias {
+        flag(&mut a, "disable-bias-linear");
+        if m.qkv_bias {
+            flag(&mut a, "add-qkv-bias");
+        }
+    }
+    arg(&mut a, "attention-dropout", m.dropout);
+    arg(&mut a, "hidden-dropout", m.dropout);
+    let backend = match m.attention {
+        Attention::Flash => "flash",
+        Attention::Eager => "unfused",
+    };
+    arg(&mut a, "attention-backend", backend);
+    notes.push(format!(
+        "the tokenizer sets the vocabulary ({} tokens in the plan)",
+        m.vocab
+    ));
+    Ok(Export {
+        engine: E,
+        text: words::lines(&a),
+        env,
+        notes,
+    })
+}
+
+pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError> {
+    let o = Options::parse(text)?;
+    let tp: u32 = o.req("--tensor-model-parallel-size")?;
+    let pp: u32 = o.req("--pipeline-model-parallel-size")?;
+    let dp = exact_div(
+        devices,
+        u64::from(tp) * u64::from(pp),
+        "world size over tp × pp",
+    )?;
+    let micro_batch: u32 = o.req("--micro-batch-size")?;
+    let global: u64 = o.req("--global-batch-size")?;
+    let num_micro_batches = exact_div(
+        global,
+        u64::from(dp) * u64::from(micro_batch),
+        "global batch over dp × micro-batch",
+    )?;
+    let layers: u32 = o.req("--num-layers")?;
+    let v: u32 = o
+        .num("--num-virtual-stages-per-pipeline-rank")?
+        .unwrap_or(1);
+    // Every virtual stage holds a layer, the embedding or the head.
+    if u64::from(pp) * u64::from(v) > (u64::from(layers) + 2).min(MAX_STAGES) {
+        return Err(ParseError::Inconsistent(format!(
+            "{pp} × {v} virtual stages for {layers} layers"
+        )));
+    }
+    let stages = if pp <= 1 {
+        Vec::new()
+    } else if let Some(l) = o.value("--pipeline-model-parallel-layout")? {
+        parse_layout(l)?
+    } else {
+        let first: Option<u32> = o.num("--decoder-first-pipeline-num-layers")?;
+        let last: Option<u32> = o.num("--decoder-last-pipeline-num-layers")?;
+        let mut rest = layers;
+        let mut middle_ranks = pp;
+        for n in [first, last].into_iter().flatten() {
+            rest = rest.checked_sub(n).ok_or_else(|| {
+                ParseError::Inconsistent("first/last layers exceed --num-layers".into())
+            })?;
+            middle_ranks -= 1;
+        }
+        let middle = if middle_ranks == 0 {
+            0
+        } else {
+            exact_div(
+                u64::from(rest),
+                u64::from(middle_ranks),
+                "middle layers over middle ranks",
+            )?
+        };
+        let per_rank: Vec<u32> = (0..pp)
+            .map(|r| match (r, first, last) {
+                (0, Some(f), _) => f,
+                (r, _, Some(l)) if r == pp - 1 => l,
+                _ => middle,
+            })
+            .collect();
+        let mut stages = Vec::new();
+        for chunk in 0..v {
+            for (r, &n) in per_rank.iter().enumerate() {
+                stages.push(StageLayers {
+                    embedding: chunk == 0 && r == 0,
+                    layers: exact_div(u64::from(n), u64::from(v), "layers per rank over chunks")?,
+                    head: chunk == v - 1 && r + 1 == pp as usize,
+                });
+            }
+        }
+        stages
+    };
+    if pp > 1 {
+        let total: u32 = stages.iter().map(|s| s.layers).sum();
+        if total != layers || stages.len() % pp as usize != 0 {
+            return Err(ParseError::Inconsistent(format!(
+                "the pipeline cut holds {total} layers in {} stages; --num-layers is {layers}, pp {pp}",
+                stages.len()
+            )));
+        }
+    }
+    let chunks = if pp > 1 { stages.len() as u32 / pp } else { 1 };
+    let (recompute, recompute_layers) = match o.value("--recompute-granularity")? {
+        None => (Recompute::None, None),
+        Some("selective") => (Recompute::Selective, None),
+        Some("full") => match o.value("--recompute-method")? {
+            Some("uniform") => (Recompute::Full, None),
+            Some("block") => (Recompute::Full, Some(o.req("--recompute-num-layers")?)),
+            other => {
+                return Err(ParseError::BadValue {
+                    option: "--recompute-method".into(),
+                    value: other.unwrap_or("").into(),
+                })
+            }
+        },
+        Some(other) => {
+            return Err(ParseError::BadValue {
+                option: "--recompute-granularity".into(),
+                value: other.into(),
+            })
+        }
+    };
+    let zero = if o.has("--use-megatron-fsdp") {
+        match o.value("--data-parallel-sharding-strategy")? {
+            Some("optim_grads") => 2,
+            Some("optim_grads_params") | None => 3,
+            Some(other) => {
+                return Err(ParseError::BadValue {
+                    option: "--data-parallel-sharding-strategy".into(),
+                    value: other.into(),
+                })
+            }
+        }
+    } else if o.has("--use-distributed-optimizer") {
+        1
+    } else {
+        0
+    };
+    Ok(ParsedConfig {
+        dp,
+        tp,
+        pp,
+        micro_batch,
+        num_micro_batches,
+        sp: tp > 1 && o.has("--sequence-parallel"),
+        recompute,
+        recompute_layers,
+        zero,
+        low_prec_shard: zero >= 3,
+        schedule: (pp > 1).then_some(if chunks > 1 {
+            Schedule::Interleaved(chunks)
+        } else {
+            Schedule::OneFOneB
+        }),
+        stages,
+    })
+}

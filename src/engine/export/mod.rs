@@ -1,0 +1,381 @@
+//! What each engine is given to run a plan, and the way back.
+//!
+//! [`export`] turns a plan ([`ExportPlan`], made from a [`crate::Plan`] by
+//! [`crate::Plan::export`]) into what the engine takes: Megatron-LM command-line
+//! arguments, a DeepSpeed `ds_config` JSON, torchtitan command-line overrides of a
+//! `--module`/`--config` recipe, or Hugging Face `TrainingArguments` flags. Every value
+//! the plan decided is carried by a real option of the engine; what the engine needs in
+//! the environment is in [`Export::env`], and what the user must know is in
+//! [`Export::notes`] — never inside the text, so that the text can be pasted as it is.
+//! A plan the engine cannot run is refused with an [`ExportError`] that names the
+//! missing option.
+//!
+//! [`parse`] reads an export back into a [`ParsedConfig`]: the law is
+//! `parse(e, export(e, p).text, devices) == ParsedConfig::of(p)` for every plan the
+//! engine accepts (a property test checks it).
+//!
+//! The option names come from these engine versions (each module says where):
+//! Megatron-LM `main` at commit [`MEGATRON_COMMIT`], DeepSpeed [`DEEPSPEED_VERSION`],
+//! torchtitan [`TORCHTITAN_VERSION`], transformers [`TRANSFORMERS_VERSION`]. The script
+//! `scripts/check_exports/` runs each engine's own parser on exports of real plans.
+
+mod deepspeed;
+mod hf;
+mod megatron;
+mod torchtitan;
+mod words;
+
+use super::Engine;
+use crate::models::ModelConfig;
+use crate::passes::{Config, Recompute, Schedule};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The Megatron-LM commit whose `megatron/training/arguments.py` the option names come
+/// from.
+pub const MEGATRON_COMMIT: &str = "d98e8a64ddf34856e74b24714e3bedb2f5a39553";
+/// The DeepSpeed release whose `deepspeed/runtime/config.py` and pipeline engine the
+/// keys come from.
+pub const DEEPSPEED_VERSION: &str = "0.19.8";
+/// The torchtitan release whose `torchtitan/config/configs.py` and `trainer.py` the
+/// options come from.
+pub const TORCHTITAN_VERSION: &str = "0.3.0";
+/// The transformers release whose `TrainingArguments` the flags come from.
+pub const TRANSFORMERS_VERSION: &str = "5.23.0";
+
+/// What one virtual pipeline stage holds, in model order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageLayers {
+    /// The stage holds the token embedding (block 0).
+    pub embedding: bool,
+    /// Transformer layers in the stage.
+    pub layers: u32,
+    /// The stage holds the output head and the loss (the last block).
+    pub head: bool,
+}
+
+/// Everything an export reads: the configuration, the model, the job and the pipeline
+/// cut.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportPlan {
+    /// The chosen configuration.
+    pub config: Config,
+    /// The model, when it came from the zoo or a `config.json` (Megatron-LM and
+    /// torchtitan need it).
+    pub model: Option<ModelConfig>,
+    /// Sequence length, tokens.
+    pub seq: u64,
+    /// Sequences per step.
+    pub global_batch: u64,
+    /// The virtual pipeline stages in model order (`pp × v` of them).
+    pub stages: Vec<StageLayers>,
+}
+
+impl ExportPlan {
+    /// A plan from its parts; `stage_blocks` are the `[first, last]` blocks of each
+    /// virtual stage in model order, block 0 being the embedding and the last block
+    /// the head (as [`crate::Plan::stages`] gives them).
+    pub fn new(
+        config: Config,
+        model: Option<ModelConfig>,
+        seq: u64,
+        global_batch: u64,
+        stage_blocks: &[[usize; 2]],
+    ) -> ExportPlan {
+        let last = stage_blocks.iter().map(|b| b[1]).max().unwrap_or(0);
+        let stages = stage_blocks
+            .iter()
+            .map(|&[first, end]| {
+                let layers = (first.max(1)..=end.min(last.saturating_sub(1))).count();
+                StageLayers {
+                    embedding: first == 0,
+                    layers: u32::try_from(layers).unwrap_or(u32::MAX),
+                    head: end == last && last > 0,
+                }
+            })
+            .collect();
+        ExportPlan {
+            config,
+            model,
+            seq,
+            global_batch,
+            stages,
+        }
+    }
+
+    /// A plan whose virtual stages hold `layers[i]` transformer layers each, the
+    /// embedding in the first and the head in the last.
+    pub fn with_layers(
+        config: Config,
+        model: Option<ModelConfig>,
+        seq: u64,
+        layers: &[u32],
+    ) -> ExportPlan {
+        let n = layers.len();
+        ExportPlan {
+            global_batch: config.global_batch(),
+            config,
+            model,
+            seq,
+            stages: layers
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| StageLayers {
+                    embedding: i == 0,
+                    layers: l,
+                    head: i + 1 == n,
+                })
+                .collect(),
+        }
+    }
+
+    /// Transformer layers in all stages together.
+    pub fn layers(&self) -> u32 {
+        self.stages.iter().map(|s| s.layers).sum()
+    }
+
+    /// Model chunks per pipeline device (`v` of interleaved 1F1B, else 1).
+    fn chunks(&self) -> u32 {
+        if self.config.pp > 1 {
+            self.config.schedule.chunks()
+        } else {
+            1
+        }
+    }
+}
+
+/// An engine's configuration for a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Export {
+    /// The engine it is for.
+    pub engine: Engine,
+    /// The arguments or the file, as the engine reads it: Megatron-LM, torchtitan and
+    /// Hugging Face get shell words (one option per line, joined by `\` so that the
+    /// text pastes after a command), DeepSpeed a JSON document.
+    pub text: String,
+    /// Environment variables the engine needs set (names and values), to put before
+    /// the launcher ([`Export::env_prefix`]).
+    pub env: Vec<(String, String)>,
+    /// What the user must know: values the engine takes from the training script,
+    /// how the job must be launched for the text to mean the plan.
+    pub notes: Vec<String>,
+}
+
+impl Export {
+    /// The environment as a shell prefix (`NAME=value NAME2=value2`), empty if none.
+    pub fn env_prefix(&self) -> String {
+        self.env
+            .iter()
+            .map(|(k, v)| format!("{k}={}", words::quote(v)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Why an engine cannot be given a plan.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExportError {
+    /// The engine has no option for something the plan decided.
+    #[error("{engine} cannot run this plan's {what}: {missing}")]
+    Unsupported {
+        /// The engine.
+        engine: Engine,
+        /// What the plan decided.
+        what: String,
+        /// The option the engine would need and lacks (or the check it would fail).
+        missing: String,
+    },
+    /// The engine builds the model from its dimensions and the plan has none (a plan
+    /// of a bare graph).
+    #[error("{engine} builds the model from its dimensions; this plan's model `{model}` came without a configuration")]
+    NoModelConfig {
+        /// The engine.
+        engine: Engine,
+        /// The model's name.
+        model: String,
+    },
+    /// torchtitan runs registered recipes only, and none matches the model.
+    #[error("{engine} has no recipe (--module/--config) for the model `{model}`; it runs {known}")]
+    NoRecipe {
+        /// The engine.
+        engine: Engine,
+        /// The model's name.
+        model: String,
+        /// The models that have one.
+        known: String,
+    },
+}
+
+impl ExportError {
+    fn unsupported(engine: Engine, what: impl Into<String>, missing: impl Into<String>) -> Self {
+        ExportError::Unsupported {
+            engine,
+            what: what.into(),
+            missing: missing.into(),
+        }
+    }
+}
+
+/// Renders `plan` for `engine`.
+///
+/// # Errors
+///
+/// [`ExportError`] when the engine cannot run the plan as decided (it names the option
+/// the engine lacks) or lacks what it needs to build the model.
+pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> {
+    match engine {
+        Engine::Megatron => megatron::export(plan),
+        Engine::DeepSpeed => deepspeed::export(plan),
+        Engine::Torchtitan => torchtitan::export(plan),
+        Engine::Hf => hf::export(plan),
+    }
+}
+
+/// Whether `engine` can train `model` at all, whatever the configuration: torchtitan
+/// runs the models it has a (bf16) recipe for; the other engines take any
+/// configuration apar builds.
+///
+/// # Errors
+///
+/// [`ExportError::NoRecipe`] or [`ExportError::Unsupported`] naming what is missing.
+pub fn model_supported(engine: Engine, model: &ModelConfig) -> Result<(), ExportError> {
+    match engine {
+        Engine::Torchtitan => torchtitan::recipe(model).map(|_| ()),
+        Engine::Megatron | Engine::DeepSpeed | Engine::Hf => Ok(()),
+    }
+}
+
+/// The plan's decisions as an engine's options carry them: what [`parse`] reads back.
+///
+/// Values without meaning in the plan are normalized away: no schedule and no stages
+/// without a pipeline, no sequence parallelism without tensor parallelism, no layer
+/// count without recomputation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ParsedConfig {
+    /// Data-parallel degree.
+    pub dp: u32,
+    /// Tensor-parallel degree.
+    pub tp: u32,
+    /// Pipeline-parallel degree.
+    pub pp: u32,
+    /// Sequences per micro-batch.
+    pub micro_batch: u32,
+    /// Micro-batches per step and pipeline.
+    pub num_micro_batches: u32,
+    /// Sequence parallelism (only with `tp > 1`).
+    pub sp: bool,
+    /// Recomputation policy.
+    pub recompute: Recompute,
+    /// Layers per stage the policy applies to (`None`: all).
+    pub recompute_layers: Option<u32>,
+    /// ZeRO stage.
+    pub zero: u8,
+    /// The low-precision parameters are sharded (ZeRO-3 or the explicit flag).
+    pub low_prec_shard: bool,
+    /// The pipeline schedule (only with `pp > 1`; interleaving with `v ≥ 2`).
+    pub schedule: Option<Schedule>,
+    /// The virtual stages (only with `pp > 1`).
+    pub stages: Vec<StageLayers>,
+}
+
+impl ParsedConfig {
+    /// What an export of `plan` must read back as.
+    pub fn of(plan: &ExportPlan) -> ParsedConfig {
+        let c = &plan.config;
+        let pipelined = c.pp > 1;
+        ParsedConfig {
+            dp: c.dp,
+            tp: c.tp,
+            pp: c.pp,
+            micro_batch: c.micro_batch,
+            num_micro_batches: c.num_micro_batches,
+            sp: c.sp && c.tp > 1,
+            recompute: c.recompute,
+            recompute_layers: match c.recompute {
+                Recompute::None => None,
+                _ => c.recompute_layers,
+            },
+            zero: c.zero,
+            low_prec_shard: c.shards_low_prec(),
+            schedule: pipelined.then_some(match c.schedule {
+                Schedule::Interleaved(v) if v <= 1 => Schedule::OneFOneB,
+                s => s,
+            }),
+            stages: if pipelined {
+                plan.stages.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Why a text is not an export apar could have written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Unbalanced quotes or a dangling escape.
+    #[error("cannot split the text into shell words: {0}")]
+    Words(String),
+    /// Not a JSON document of the expected shape.
+    #[error("not a DeepSpeed configuration: {0}")]
+    Json(String),
+    /// A needed option is absent.
+    #[error("option {0} is missing")]
+    Missing(String),
+    /// An option's value does not parse.
+    #[error("option {option} has the value `{value}`, which it does not take")]
+    BadValue {
+        /// The option.
+        option: String,
+        /// Its value.
+        value: String,
+    },
+    /// Values that contradict each other or the world size.
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// Reads `text`, an export for `engine`, back into the plan's decisions. `devices` is
+/// the world size the job is launched with (engines that derive the data-parallel
+/// degree from it need it).
+///
+/// # Errors
+///
+/// [`ParseError`] when the text is not an export apar could have written for `engine`
+/// on `devices` devices.
+pub fn parse(engine: Engine, text: &str, devices: u64) -> Result<ParsedConfig, ParseError> {
+    match engine {
+        Engine::Megatron => megatron::parse(text, devices),
+        Engine::DeepSpeed => deepspeed::parse(text, devices),
+        Engine::Torchtitan => torchtitan::parse(text, devices),
+        Engine::Hf => hf::parse(text, devices),
+    }
+}
+
+/// `a / b` when it divides exactly and fits a `u32`.
+fn exact_div(a: u64, b: u64, what: &str) -> Result<u32, ParseError> {
+    if b == 0 || a % b != 0 {
+        return Err(ParseError::Inconsistent(format!(
+            "{what}: {a} is not a multiple of {b}"
+        )));
+    }
+    u32::try_from(a / b).map_err(|_| ParseError::Inconsistent(format!("{what} overflows")))
+}
+
+impl fmt::Display for StageLayers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}{} layers{}",
+            if self.embedding { "embedding + " } else { "" },
+            self.layers,
+            if self.head { " + head" } else { "" }
+        )
+    }
+}
+
+/// The number of layers per stage of an even cut, if `stages` is one.
+fn even_layers(stages: &[StageLayers]) -> Option<u32> {
+    let first = stages.first()?.layers;
+    stages.iter().all(|s| s.layers == first).then_some(first)
+}
