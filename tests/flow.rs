@@ -417,7 +417,7 @@ fn sharding_is_priced_at_the_jobs_sequence() {
             1.0,
         )
         .unwrap();
-        let config = common::config(4, 2, 1, 1, 2);
+        let config = apar::passes::Config::new(4, 2, 1, 1, 2);
         let program = c.device_program(&config).unwrap();
         let sharded = program.sharded.expect("tp 2 shards");
         sharded.templates[0].report.cost_ps

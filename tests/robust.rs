@@ -258,7 +258,7 @@ fn tp_check_is_typed() {
         0.8,
     )
     .unwrap();
-    let config = common::config(1, 8, 1, 1, 8);
+    let config = apar::passes::Config::new(1, 8, 1, 1, 8);
     match c.check(&config) {
         Err(CompileError::TpNotDividingHeads {
             tp: 8, count: 12, ..

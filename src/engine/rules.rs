@@ -524,17 +524,8 @@ mod tests {
 
     fn config(pp: u32, schedule: Schedule, m: u32) -> Config {
         Config {
-            dp: 1,
-            tp: 1,
-            pp,
-            micro_batch: 1,
-            num_micro_batches: m,
-            sp: false,
-            recompute: Recompute::None,
-            recompute_layers: None,
-            zero: 0,
-            low_prec_shard: false,
             schedule,
+            ..Config::new(1, 1, pp, 1, m)
         }
     }
 

@@ -181,7 +181,7 @@ mod tests {
     use crate::cost::CostModel;
     use crate::lower::profile::StateBytes;
     use crate::lower::{simulate, SimInput, StageSpan};
-    use crate::passes::{Config, Recompute};
+    use crate::passes::Config;
     use proptest::prelude::*;
 
     fn block(saved: u64, fwd: u64, bwd: u64, states: u64, opt: u64) -> BlockProfile {
@@ -237,17 +237,8 @@ mod tests {
                 first = b;
             }
             let config = Config {
-                dp: 1,
-                tp: 1,
-                pp,
-                micro_batch: 1,
-                num_micro_batches: m,
-                sp: false,
-                recompute: Recompute::None,
-                recompute_layers: None,
-                zero: 0,
-                low_prec_shard: false,
                 schedule,
+                ..Config::new(1, 1, pp, 1, m)
             };
             let cost = CostModel::new(Cluster::resolve("dgx-h100:1").unwrap());
             let sim = simulate(

@@ -136,6 +136,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// `dp × tp × pp` devices, `num_micro_batches` micro-batches of `micro_batch`
+    /// sequences, and nothing else on: no sequence parallelism, recomputation or ZeRO,
+    /// the 1F1B schedule.
+    pub fn new(dp: u32, tp: u32, pp: u32, micro_batch: u32, num_micro_batches: u32) -> Config {
+        Config {
+            dp,
+            tp,
+            pp,
+            micro_batch,
+            num_micro_batches,
+            sp: false,
+            recompute: Recompute::None,
+            recompute_layers: None,
+            zero: 0,
+            low_prec_shard: false,
+            schedule: Schedule::OneFOneB,
+        }
+    }
+
     /// Devices used.
     pub fn devices(&self) -> u64 {
         u64::from(self.dp) * u64::from(self.tp) * u64::from(self.pp)

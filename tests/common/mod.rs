@@ -38,22 +38,3 @@ pub fn apar(args: &[&str]) -> (i32, String, String) {
         }
     }
 }
-
-/// A configuration with `dp × tp × pp` devices, micro-batch `b`, `m` micro-batches and
-/// nothing else on (no SP, recomputation or ZeRO; 1F1B).
-#[allow(dead_code)] // not every test file that runs the CLI builds configurations
-pub fn config(dp: u32, tp: u32, pp: u32, b: u32, m: u32) -> apar::passes::Config {
-    apar::passes::Config {
-        dp,
-        tp,
-        pp,
-        micro_batch: b,
-        num_micro_batches: m,
-        sp: false,
-        recompute: apar::passes::Recompute::None,
-        recompute_layers: None,
-        zero: 0,
-        low_prec_shard: false,
-        schedule: apar::passes::Schedule::OneFOneB,
-    }
-}
