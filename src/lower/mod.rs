@@ -451,12 +451,7 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
     let v = cfg.schedule.chunks();
     let m = cfg.num_micro_batches.max(1);
     let nvs = input.stages.len();
-    let vs: Vec<Vs> = input
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(k, _)| summarize(blocks, k, input))
-        .collect();
+    let vs: Vec<Vs> = (0..nvs).map(|k| summarize(blocks, k, input)).collect();
     let idx = |c: u32, mb: u32| -> usize { c as usize * m as usize + mb as usize };
     let vstage = |s: u32, c: u32| -> usize { (c * pp + s) as usize };
 
