@@ -5,8 +5,6 @@
 //! The constructed cases use round numbers of seconds so that the expected step times
 //! follow from the rules by hand (written out next to each assertion).
 
-mod common;
-
 use apar::cluster::Cluster;
 use apar::cost::CostModel;
 use apar::engine::overlap::{Bucket, Overlap, ParamGather};
@@ -37,6 +35,23 @@ fn layers(n: u32, f: f64, set: impl Fn(&mut BlockProfile)) -> Blocks {
     )
 }
 
+/// `dp` ranks, micro-batch 1, `m` micro-batches, one stage, nothing else on.
+fn config(dp: u32, m: u32) -> Config {
+    Config {
+        dp,
+        tp: 1,
+        pp: 1,
+        micro_batch: 1,
+        num_micro_batches: m,
+        sp: false,
+        recompute: apar::passes::Recompute::None,
+        recompute_layers: None,
+        zero: 0,
+        low_prec_shard: false,
+        schedule: apar::passes::Schedule::OneFOneB,
+    }
+}
+
 fn per_block(overlap: Overlap) -> Overlap {
     Overlap {
         grad_bucket: Bucket::Block,
@@ -48,7 +63,7 @@ fn per_block(overlap: Overlap) -> Overlap {
 
 /// Step time of one pipeline stage (dp 8, ZeRO `zero`) over `m` micro-batches.
 fn step(blocks: &Blocks, zero: u8, m: u32, overlap: Overlap, links: SharedLinks) -> f64 {
-    let mut config: Config = common::config(8, 1, 1, 1, m);
+    let mut config: Config = config(8, m);
     config.zero = zero;
     let cost = CostModel::new(Cluster::resolve("dgx-a100-80g:1").unwrap());
     let stages = [StageSpan {
@@ -185,7 +200,7 @@ fn zero_3_step_is_at_least_its_gathers() {
     let c = Compiler::new(ModelSource::Config(m), cluster, 2048, 16, 1.0)
         .unwrap()
         .with_engine(Engine::Torchtitan);
-    let mut cfg: Config = common::config(16, 1, 1, 1, 1);
+    let mut cfg: Config = config(16, 1);
     cfg.zero = 3;
     let e = c.evaluate(&cfg).unwrap();
     let p = c.profiles(&cfg);
