@@ -460,9 +460,10 @@ fn runtime_overhead_is_reported_and_overridable() {
         e.peak_bytes - s.runtime,
         "the overhead adds to the same tensors"
     );
-    // DeepSpeed's reduce bucket: 5·10⁸ bf16 elements (DeepSpeed 0.19 defaults).
+    // DeepSpeed's reduce bucket: 5·10⁸ bf16 elements (DeepSpeed 0.19 defaults), twice
+    // for ZeRO-1 with `overlap_comm` (double buffers, `stage_1_and_2.py::setup_buckets`).
     let d = c.with_engine(Engine::DeepSpeed).evaluate(&cfg).unwrap();
-    assert_eq!(d.sim.memory[0].buffers, 1_000_000_000);
+    assert_eq!(d.sim.memory[0].buffers, 2 * 1_000_000_000);
 }
 
 fn apar(args: &[&str]) -> (i32, String) {

@@ -273,11 +273,24 @@ impl Engine {
             // gradient into an `ipg` bucket of `reduce_bucket_size` elements in the
             // gradient dtype before reducing it (`stage_1_and_2.py::setup_buckets`,
             // `stage3.py` bucket buffer); ZeRO 1–2 allocate a second one when
-            // `overlap_comm` is on (default on for stage 3 only, `zero/config.py`).
-            Engine::DeepSpeed if zero >= 1 && dp > 1 => vec![NamedBuffer {
-                name: "deepspeed.reduce_bucket",
-                bytes: DEEPSPEED_REDUCE_BUCKET_ELEMENTS * grad.size_bytes(),
-            }],
+            // `overlap_comm` is on ("Use double buffers to avoid data access conflict
+            // when overlap_comm is enabled", `setup_buckets`), which the overlap this
+            // plan assumes needs ([`Engine::overlap`]; default on for stage 3 only,
+            // `zero/config.py`).
+            Engine::DeepSpeed if zero >= 1 && dp > 1 => {
+                let bytes = DEEPSPEED_REDUCE_BUCKET_ELEMENTS * grad.size_bytes();
+                let mut out = vec![NamedBuffer {
+                    name: "deepspeed.reduce_bucket",
+                    bytes,
+                }];
+                if zero <= 2 {
+                    out.push(NamedBuffer {
+                        name: "deepspeed.reduce_bucket.overlap_comm",
+                        bytes,
+                    });
+                }
+                out
+            }
             _ => Vec::new(),
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod export;
 pub mod memory;
+pub mod overlap;
 pub mod rules;
 
 use serde::{Deserialize, Serialize};

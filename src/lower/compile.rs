@@ -9,7 +9,7 @@
 
 use super::peak::{device_peaks, ChunkSummary, InFlight};
 use super::profile::{profile, BlockProfile, Blocks, Groups};
-use super::{simulate, SimInput, Simulation, StageSpan};
+use super::{simulate, SharedLinks, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{CostModel, Group};
 use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, States};
@@ -983,6 +983,7 @@ impl Compiler {
                 p.states = d.states;
                 p.dp_fwd_s = d.dp_fwd_s;
                 p.dp_bwd_s = d.dp_bwd_s;
+                p.dp_reduce_s = d.dp_reduce_s;
                 p.dp_grad_s = d.dp_grad_s;
                 p.dp_param_s = d.dp_param_s;
                 p.opt_s = d.opt_s;
@@ -1080,7 +1081,7 @@ impl Compiler {
         let mut busy = vec![0.0f64; pp];
         for (i, span) in stages.iter().enumerate() {
             for b in blocks.refs(span.first, span.last) {
-                busy[i % pp] += m * (b.fwd_s.max(b.dp_fwd_s) + b.bwd_s.max(b.dp_bwd_s)) + b.opt_s;
+                busy[i % pp] += m * (b.fwd_s + b.bwd_s) + b.opt_s;
             }
         }
         Ok((busy.into_iter().fold(0.0, f64::max), stages))
@@ -1116,6 +1117,7 @@ impl Compiler {
         let blocks = composed.as_ref();
         let stage_devices = u64::from(c.tp) * u64::from(c.dp);
         let pp_cross_node = stage_devices >= u64::from(self.cluster.devices_per_node);
+        let (tp, dp) = self.groups(c);
         let sim = simulate(
             blocks,
             &SimInput {
@@ -1124,6 +1126,8 @@ impl Compiler {
                 cost: &self.cost,
                 pp_cross_node,
                 detail,
+                overlap: self.engine.overlap(c.dp),
+                links: SharedLinks::of(tp, dp, pp_cross_node && c.pp > 1),
             },
         );
         let mut sim = sim;

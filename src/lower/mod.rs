@@ -7,13 +7,16 @@
 //! the per-device training graph's ops and tensor liveness.
 
 pub mod compile;
+pub mod overlap;
 pub mod peak;
 pub mod profile;
 pub mod schedule;
 
 use crate::cost::CostModel;
+use crate::engine::overlap::{Bucket, Overlap, ParamGather};
 use crate::ir::Block;
 use crate::passes::Config;
+use overlap::{Timeline, Work};
 use profile::{Blocks, StateBytes};
 use schedule::Pass;
 use serde::{Deserialize, Serialize};
@@ -57,16 +60,19 @@ pub enum CommKind {
     /// Pipeline point-to-point send of a stage's boundary tensors (forward
     /// activations, or their gradients in the backward).
     Send,
-    /// The part of the data-parallel gradient reduction (all-reduce, or ZeRO's
-    /// reduce-scatter) that outlasts the last backward.
+    /// The part of the once-per-step data-parallel gradient reduction (ZeRO-0/1
+    /// all-reduce or reduce-scatter) that outlasts the last backward.
     DpReduce,
-    /// One block's data-parallel gradient reduction (all-reduce, or ZeRO's
-    /// reduce-scatter) on the communication stream, once per step after the block's
-    /// last backward (overlapped with the backward of earlier blocks where it fits).
+    /// One bucket's once-per-step gradient reduction (ZeRO-0/1) on the communication
+    /// stream, from when the bucket's last block (the event's block) ends its last
+    /// backward; overlapped with the backward of earlier blocks where it fits.
     GradReduce,
     /// The optimizer step.
     Optimizer,
-    /// ZeRO's all-gather of the updated parameters after the optimizer step.
+    /// ZeRO-1/2's all-gather of the updated parameters after the optimizer step: all
+    /// of it when the engine runs it after the step, or the part that the next step's
+    /// first forward does not hide when the engine prefetches it into that forward
+    /// ([`ParamGather`]).
     ParamGather,
 }
 
@@ -90,8 +96,8 @@ pub struct CommEvent {
     pub stage: u32,
     /// What it is.
     pub what: CommKind,
-    /// The block it serves, for per-block collectives (a block's gradient
-    /// reduction).
+    /// The block it serves, for per-bucket collectives (the last block of a gradient
+    /// bucket).
     #[serde(default)]
     pub block: Option<Block>,
     /// Start, seconds.
@@ -154,11 +160,12 @@ pub use crate::passes::pipeline::StageSpan;
 pub struct BlockTiming {
     /// The block (`embed`, `layer.N`, `head`).
     pub block: Option<Block>,
-    /// Forward time, seconds: compute with its tensor-parallel collectives, or the
-    /// ZeRO parameter gathers it overlaps when they take longer.
+    /// Forward time, seconds: from the end of the block before it in the pass (or the
+    /// pass start) to the end of its compute, so waits for its parameter gather
+    /// included.
     pub fwd_s: f64,
-    /// Backward time, seconds (recomputation included), or the per-micro-batch ZeRO
-    /// collectives it overlaps when they take longer.
+    /// Backward time, seconds (recomputation and waits for its gather included), as
+    /// `fwd_s` in backward order.
     pub bwd_s: f64,
     /// Tensor-parallel collectives inside the forward, seconds.
     pub tp_fwd_s: f64,
@@ -166,10 +173,24 @@ pub struct BlockTiming {
     pub tp_bwd_s: f64,
     /// Recomputation inside the backward, seconds.
     pub recompute_s: f64,
-    /// ZeRO-3 parameter gathers overlapping the forward, seconds.
+    /// ZeRO-3 parameter gather before the block's forward, seconds (link waits
+    /// included).
     pub dp_fwd_s: f64,
-    /// ZeRO-2/3 gathers and reduce-scatters overlapping the backward, seconds.
+    /// When that gather starts, seconds from the start of the forward pass.
+    #[serde(default)]
+    pub dp_fwd_at_s: f64,
+    /// ZeRO-3 parameter gather before the block's backward, seconds.
     pub dp_bwd_s: f64,
+    /// When that gather starts, seconds from the start of the backward pass.
+    #[serde(default)]
+    pub dp_bwd_at_s: f64,
+    /// Per-micro-batch gradient reduction (ZeRO-2/3) of the bucket this block closes,
+    /// seconds (0 when it closes none).
+    #[serde(default)]
+    pub reduce_s: f64,
+    /// When that reduction starts, seconds from the start of the backward pass.
+    #[serde(default)]
+    pub reduce_at_s: f64,
 }
 
 /// The simulated step of every pipeline device: the work units in the order they ran,
@@ -237,6 +258,35 @@ pub struct SimInput<'a> {
     pub pp_cross_node: bool,
     /// Record every event and the memory timeline (for traces); off during search.
     pub detail: bool,
+    /// How the engine overlaps data-parallel communication with compute.
+    pub overlap: Overlap,
+    /// Which links data-parallel collectives share with other traffic.
+    pub links: SharedLinks,
+}
+
+/// Links that data-parallel collectives share with other traffic of the same device
+/// (see [`overlap`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SharedLinks {
+    /// The data-parallel group has members inside a node (its ring, or its
+    /// hierarchical collective's intra-node phases, run on the intra-node link) and the
+    /// tensor-parallel group, inside the node, uses that link too.
+    pub tp: bool,
+    /// The data-parallel group crosses nodes and pipeline sends cross nodes too: both
+    /// use the inter-node link.
+    pub pp: bool,
+}
+
+impl SharedLinks {
+    /// The links a data-parallel group `dp` shares with tensor-parallel group `tp`
+    /// (inside a node) and with pipeline sends (`pp_cross_node` when they leave the
+    /// node).
+    pub fn of(tp: crate::cost::Group, dp: crate::cost::Group, pp_cross_node: bool) -> SharedLinks {
+        SharedLinks {
+            tp: tp.size > 1 && dp.size > 1 && dp.per_node > 1,
+            pp: pp_cross_node && dp.nodes() > 1,
+        }
+    }
 }
 
 struct Vs {
@@ -254,9 +304,21 @@ struct Vs {
     bwd_peak: (u64, u64),
     p2p_out: f64,
     flops: u64,
+    /// Forward and backward work per block, in pass order.
+    fwd_work: Vec<Work>,
+    bwd_work: Vec<Work>,
+    /// Once-per-step gradient reduction (ZeRO-0/1) per block, backward order.
+    grad_s: Vec<f64>,
+    /// Post-optimizer parameter gather per block, forward order.
+    param_s: Vec<f64>,
+    fwd_t: Timeline,
+    bwd_t: Timeline,
+    bucket: Bucket,
 }
 
-fn summarize(blocks: &Blocks, span: StageSpan, input: &SimInput) -> Vs {
+fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
+    let span = input.stages[k];
+    let pp = input.config.pp.max(1);
     let mut v = Vs {
         fwd: 0.0,
         bwd: 0.0,
@@ -269,6 +331,13 @@ fn summarize(blocks: &Blocks, span: StageSpan, input: &SimInput) -> Vs {
         bwd_peak: (0, 0),
         p2p_out: 0.0,
         flops: 0,
+        fwd_work: Vec::new(),
+        bwd_work: Vec::new(),
+        grad_s: Vec::new(),
+        param_s: Vec::new(),
+        fwd_t: Timeline::default(),
+        bwd_t: Timeline::default(),
+        bucket: input.overlap.bucket(k as u32 % pp, k as u32 / pp, pp),
     };
     // Pipeline boundaries move the tensors that cross them: a stage keeps the
     // boundary tensors it receives (the next block's backward reads them) and frees
@@ -285,12 +354,27 @@ fn summarize(blocks: &Blocks, span: StageSpan, input: &SimInput) -> Vs {
         0
     };
     let mut held = received;
+    let shared = |t: f64| if input.links.tp { t } else { 0.0 };
+    let mut compute = (0.0f64, 0.0f64);
     for b in blocks.refs(span.first, span.last) {
-        // Data-parallel gathers/reductions per micro-batch overlap with the pass.
-        v.fwd += b.fwd_s.max(b.dp_fwd_s);
-        v.bwd += b.bwd_s.max(b.dp_bwd_s);
-        v.dp_exposed_fwd += (b.dp_fwd_s - b.fwd_s).max(0.0);
-        v.dp_exposed_bwd += (b.dp_bwd_s - b.bwd_s).max(0.0);
+        v.fwd_work.push(Work {
+            compute_s: b.fwd_s,
+            link_s: shared(b.tp_fwd_s),
+            gather_s: b.dp_fwd_s,
+            reduce_s: 0.0,
+            elems: b.param_elems,
+        });
+        v.bwd_work.push(Work {
+            compute_s: b.bwd_s,
+            link_s: shared(b.tp_comm_s - b.tp_fwd_s),
+            gather_s: b.dp_bwd_s,
+            reduce_s: b.dp_reduce_s,
+            elems: b.param_elems,
+        });
+        v.grad_s.push(b.dp_grad_s);
+        v.param_s.push(b.dp_param_s);
+        compute.0 += b.fwd_s;
+        compute.1 += b.bwd_s;
         v.recompute += b.recompute_s;
         v.tp += b.tp_comm_s;
         if held + b.fwd_extra > v.fwd_peak.0 {
@@ -321,6 +405,38 @@ fn summarize(blocks: &Blocks, span: StageSpan, input: &SimInput) -> Vs {
         boundary / tp
     };
     v.p2p_out = input.cost.p2p_time(bytes, input.pp_cross_node);
+    // The send into this stage (the one before it sends what it cut off).
+    let p2p_in = if span.first > 0 {
+        let b = boundary_after(span.first - 1) as f64;
+        let b = if input.config.sp { b } else { b / tp };
+        input.cost.p2p_time(b, input.pp_cross_node)
+    } else {
+        0.0
+    };
+    v.bwd_work.reverse();
+    v.grad_s.reverse();
+    let nvs = input.stages.len();
+    let busy = |sends: bool, t: f64| if input.links.pp && sends { t } else { 0.0 };
+    v.fwd_t = overlap::run(
+        &v.fwd_work,
+        &overlap::Rules {
+            bucket: v.bucket,
+            prefetch: input.overlap.prefetch,
+            busy_s: busy(k + 1 < nvs, v.p2p_out),
+        },
+    );
+    v.bwd_t = overlap::run(
+        &v.bwd_work,
+        &overlap::Rules {
+            bucket: v.bucket,
+            prefetch: input.overlap.prefetch,
+            busy_s: busy(k > 0, p2p_in),
+        },
+    );
+    v.fwd = v.fwd_t.end_s();
+    v.bwd = v.bwd_t.end_s();
+    v.dp_exposed_fwd = (v.fwd - compute.0).max(0.0);
+    v.dp_exposed_bwd = (v.bwd - compute.1).max(0.0);
     v
 }
 
@@ -335,11 +451,7 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
     let v = cfg.schedule.chunks();
     let m = cfg.num_micro_batches.max(1);
     let nvs = input.stages.len();
-    let vs: Vec<Vs> = input
-        .stages
-        .iter()
-        .map(|&s| summarize(blocks, s, input))
-        .collect();
+    let vs: Vec<Vs> = (0..nvs).map(|k| summarize(blocks, k, input)).collect();
     let idx = |c: u32, mb: u32| -> usize { c as usize * m as usize + mb as usize };
     let vstage = |s: u32, c: u32| -> usize { (c * pp + s) as usize };
 
@@ -353,7 +465,6 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         for b in blocks.refs(span.first, span.last) {
             states[dev].add(&b.states);
             opt_s[dev] += b.opt_s;
-            param_gather_s[dev] += b.dp_param_s;
             opt_extra[dev] = opt_extra[dev].max(b.opt_extra);
         }
     }
@@ -508,8 +619,9 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         assert!(progressed, "pipeline schedule deadlocked (internal bug)");
     }
 
-    // Gradient reduction after the last backward of each chunk, block by block, on a
-    // communication stream; then the optimizer and the parameter gather.
+    // Once-per-step gradient reduction (ZeRO-0/1) by buckets during the last backward
+    // of each chunk, on the device's communication stream; then the optimizer and the
+    // parameter gather.
     let mut finish = vec![0.0f64; pp as usize];
     let mut dp_exposed = vec![0.0f64; pp as usize];
     for s in 0..pp {
@@ -517,27 +629,75 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         let mut comm = 0.0f64;
         for c in (0..v).rev() {
             let k = vstage(s, c);
+            if vs[k].grad_s.iter().all(|&g| g <= 0.0) {
+                continue;
+            }
             let span = input.stages[k];
             let end_of_chunk = (0..m)
                 .map(|mb| b_end[idx(k as u32, mb)])
                 .fold(0.0f64, f64::max);
-            let mut t = end_of_chunk - vs[k].bwd;
-            for (back, b) in blocks.refs(span.first, span.last).rev().enumerate() {
-                let i = span.last - back;
-                t += b.bwd_s.max(b.dp_bwd_s);
-                let start = comm.max(t);
-                comm = start + b.dp_grad_s;
-                if input.detail && b.dp_grad_s > 0.0 {
-                    comm_events.push(CommEvent {
-                        stage: s,
-                        block: blocks.block(i),
-                        what: CommKind::GradReduce,
-                        start,
-                        end: comm,
-                    });
+            let start = end_of_chunk - vs[k].bwd;
+            let work: Vec<Work> = vs[k]
+                .bwd_work
+                .iter()
+                .zip(&vs[k].grad_s)
+                .map(|(w, &g)| Work {
+                    reduce_s: w.reduce_s + g,
+                    ..*w
+                })
+                .collect();
+            let t = overlap::run(
+                &work,
+                &overlap::Rules {
+                    bucket: vs[k].bucket,
+                    prefetch: input.overlap.prefetch,
+                    busy_s: (comm - start).max(0.0),
+                },
+            );
+            comm = comm.max(start + t.comm_end_s);
+            if input.detail {
+                for (back, slot) in t.slots.iter().enumerate() {
+                    if slot.reduce.1 > slot.reduce.0 {
+                        comm_events.push(CommEvent {
+                            stage: s,
+                            block: blocks.block(span.last - back),
+                            what: CommKind::GradReduce,
+                            start: start + slot.reduce.0,
+                            end: start + slot.reduce.1,
+                        });
+                    }
                 }
             }
         }
+        // The post-optimizer gather: after the step, or hidden in the next step's first
+        // forward of each chunk (run back to back) where prefetching hides it.
+        let gather_total: f64 = (0..v).flat_map(|c| vs[vstage(s, c)].param_s.iter()).sum();
+        let param_gather = match input.overlap.param_gather {
+            ParamGather::AfterStep => gather_total,
+            ParamGather::NextForward if gather_total > 0.0 => {
+                let plain: Vec<Work> = (0..v)
+                    .flat_map(|c| vs[vstage(s, c)].fwd_work.iter().copied())
+                    .collect();
+                let with: Vec<Work> = (0..v)
+                    .flat_map(|c| {
+                        let x = &vs[vstage(s, c)];
+                        x.fwd_work.iter().zip(&x.param_s).map(|(w, &g)| Work {
+                            gather_s: w.gather_s + g,
+                            ..*w
+                        })
+                    })
+                    .collect();
+                let rules = overlap::Rules {
+                    bucket: Bucket::Block,
+                    prefetch: input.overlap.prefetch,
+                    busy_s: 0.0,
+                };
+                (overlap::run(&with, &rules).end_s() - overlap::run(&plain, &rules).end_s())
+                    .max(0.0)
+            }
+            ParamGather::NextForward => 0.0,
+        };
+        param_gather_s[d] = param_gather;
         let compute_end = free_at[d];
         let end = compute_end.max(comm);
         let mut push = |what, start: f64, stop: f64| {
@@ -628,21 +788,8 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         input
             .stages
             .iter()
-            .map(|span| {
-                (span.first..=span.last)
-                    .zip(blocks.refs(span.first, span.last))
-                    .map(|(i, b)| BlockTiming {
-                        block: blocks.block(i),
-                        fwd_s: b.fwd_s.max(b.dp_fwd_s),
-                        bwd_s: b.bwd_s.max(b.dp_bwd_s),
-                        tp_fwd_s: b.tp_fwd_s,
-                        tp_bwd_s: b.tp_comm_s - b.tp_fwd_s,
-                        recompute_s: b.recompute_s,
-                        dp_fwd_s: b.dp_fwd_s,
-                        dp_bwd_s: b.dp_bwd_s,
-                    })
-                    .collect()
-            })
+            .zip(&vs)
+            .map(|(span, x)| block_timings(blocks, *span, x))
             .collect()
     } else {
         Vec::new()
@@ -658,4 +805,37 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         comm: comm_events,
         timeline,
     }
+}
+
+/// Each block's share of a virtual stage's forward and backward units, from the
+/// passes' timelines.
+fn block_timings(blocks: &Blocks, span: StageSpan, x: &Vs) -> Vec<BlockTiming> {
+    let n = x.fwd_t.slots.len();
+    let gap = |slots: &[overlap::Slot], i: usize| {
+        let before = if i == 0 { 0.0 } else { slots[i - 1].end_s };
+        slots[i].end_s - before
+    };
+    (span.first..=span.last)
+        .zip(blocks.refs(span.first, span.last))
+        .enumerate()
+        .map(|(i, (b_i, b))| {
+            let f = x.fwd_t.slots[i];
+            let j = n - 1 - i;
+            let bw = x.bwd_t.slots[j];
+            BlockTiming {
+                block: blocks.block(b_i),
+                fwd_s: gap(&x.fwd_t.slots, i),
+                bwd_s: gap(&x.bwd_t.slots, j),
+                tp_fwd_s: b.tp_fwd_s,
+                tp_bwd_s: b.tp_comm_s - b.tp_fwd_s,
+                recompute_s: b.recompute_s,
+                dp_fwd_s: f.gather.1 - f.gather.0,
+                dp_fwd_at_s: f.gather.0,
+                dp_bwd_s: bw.gather.1 - bw.gather.0,
+                dp_bwd_at_s: bw.gather.0,
+                reduce_s: bw.reduce.1 - bw.reduce.0,
+                reduce_at_s: bw.reduce.0,
+            }
+        })
+        .collect()
 }

@@ -243,7 +243,7 @@ mod tests {
             let cost = CostModel::new(Cluster::resolve("dgx-h100:1").unwrap());
             let sim = simulate(
                 &blocks,
-                &SimInput { config: &config, stages: &spans, cost: &cost, pp_cross_node: false, detail: false },
+                &SimInput { config: &config, stages: &spans, cost: &cost, pp_cross_node: false, detail: false, overlap: crate::engine::Engine::Megatron.overlap(config.dp), links: crate::lower::SharedLinks::default() },
             );
             let chunks: Vec<ChunkSummary> = spans
                 .iter()

@@ -211,8 +211,12 @@ pub struct BlockProfile {
     pub tp_fwd_s: f64,
     /// Data-parallel collectives issued every micro-batch (ZeRO-2/3), forward.
     pub dp_fwd_s: f64,
-    /// Data-parallel collectives issued every micro-batch (ZeRO-2/3), backward.
+    /// Data-parallel parameter gathers issued every micro-batch before the backward
+    /// (ZeRO-3).
     pub dp_bwd_s: f64,
+    /// Data-parallel gradient reduction issued every micro-batch after the backward
+    /// (ZeRO-2/3 reduce-scatter).
+    pub dp_reduce_s: f64,
     /// Data-parallel gradient reduction once per step (ZeRO-0/1).
     pub dp_grad_s: f64,
     /// Data-parallel parameter all-gather once per step, after the optimizer.
@@ -237,6 +241,9 @@ pub struct BlockProfile {
     pub boundary: u64,
     /// Persistent bytes.
     pub states: StateBytes,
+    /// Parameter elements of the block on this device before data-parallel sharding
+    /// (what fills a gradient bucket).
+    pub param_elems: u64,
 }
 
 /// Which collectives run on the data-parallel group, and the two groups.
@@ -279,7 +286,10 @@ pub fn profile(
         let collective = node.op.is_collective();
         match node.phase {
             Phase::Fwd if is_dp => p.dp_fwd_s += t,
-            Phase::Bwd if is_dp => p.dp_bwd_s += t,
+            Phase::Bwd if is_dp && matches!(node.op, crate::ir::Op::AllGather { .. }) => {
+                p.dp_bwd_s += t
+            }
+            Phase::Bwd if is_dp => p.dp_reduce_s += t,
             Phase::Opt if is_dp && matches!(node.op, crate::ir::Op::AllGather { .. }) => {
                 p.dp_param_s += t
             }
@@ -333,10 +343,14 @@ pub fn profile(
         let tensor = g.tensor(t);
         let block = g.node(tensor.producer).block;
         let source = g.op(tensor.producer).is_source();
-        let s = &mut out.entry(block).or_default().states;
+        let p = out.entry(block).or_default();
+        let s = &mut p.states;
         match tensor.role {
             Role::LowPrecParam if source => s.low_prec_params += bytes[t.index()],
-            Role::Param if source => s.master_params += bytes[t.index()],
+            Role::Param if source => {
+                s.master_params += bytes[t.index()];
+                p.param_elems += bytes[t.index()] / g.ty(t).dtype.size_bytes().max(1);
+            }
             Role::OptimizerState if source => s.optimizer += bytes[t.index()],
             Role::Grad => s.grads += bytes[t.index()],
             _ => {}

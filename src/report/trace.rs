@@ -20,9 +20,10 @@ const OPTIMIZER: u32 = 3;
 /// A Chrome trace (`chrome://tracing`, Perfetto): one process per pipeline device with
 /// four lanes — compute (forward and backward units of each micro-batch, each split
 /// into its blocks, with the tensor-parallel collectives and recomputation inside a
-/// block as child slices), pipeline sends, data-parallel collectives (ZeRO gathers and
-/// reduce-scatters per micro-batch, each block's gradient reduction once per step,
-/// the exposed tail and the parameter gather after the optimizer) and the optimizer
+/// block as child slices), pipeline sends, data-parallel collectives (ZeRO-3 gathers
+/// and ZeRO-2/3 bucket reduce-scatters per micro-batch, when the simulated
+/// communication stream ran them; each bucket's gradient reduction once per step, the
+/// exposed tail and the exposed parameter gather after the optimizer) and the optimizer
 /// step — and a memory counter by role (bytes).
 ///
 /// Within a block the order of its collectives is not simulated: its tensor-parallel
@@ -62,9 +63,9 @@ pub fn chrome_trace(trace: &StepTrace, pp: u32) -> Value {
         };
         let mut t = x.start;
         for b in order {
-            let (dur, tp, dp) = match x.pass {
-                Pass::F => (b.fwd_s, b.tp_fwd_s, b.dp_fwd_s),
-                Pass::B => (b.bwd_s, b.tp_bwd_s, b.dp_bwd_s),
+            let (dur, tp) = match x.pass {
+                Pass::F => (b.fwd_s, b.tp_fwd_s),
+                Pass::B => (b.bwd_s, b.tp_bwd_s),
             };
             let name = b
                 .block
@@ -82,12 +83,30 @@ pub fn chrome_trace(trace: &StepTrace, pp: u32) -> Value {
             if tp > 0.0 {
                 ev.push(slice("tp collectives", "tp", COMPUTE, t + dur - tp, tp));
             }
-            if dp > 0.0 {
-                let what = match x.pass {
-                    Pass::F => "zero param gather",
-                    Pass::B => "zero gather + reduce-scatter",
-                };
-                ev.push(slice(&format!("{what} {name}"), "dp", DATA_PARALLEL, t, dp));
+            // Data-parallel collectives where the pass's communication stream ran them.
+            let (gather, gather_at) = match x.pass {
+                Pass::F => (b.dp_fwd_s, b.dp_fwd_at_s),
+                Pass::B => (b.dp_bwd_s, b.dp_bwd_at_s),
+            };
+            if gather > 0.0 {
+                let what = format!("zero param gather {name}");
+                ev.push(slice(
+                    &what,
+                    "dp",
+                    DATA_PARALLEL,
+                    x.start + gather_at,
+                    gather,
+                ));
+            }
+            if x.pass == Pass::B && b.reduce_s > 0.0 {
+                let what = format!("zero reduce-scatter {name}");
+                ev.push(slice(
+                    &what,
+                    "dp",
+                    DATA_PARALLEL,
+                    x.start + b.reduce_at_s,
+                    b.reduce_s,
+                ));
             }
             t += dur;
         }
