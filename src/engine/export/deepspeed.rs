@@ -183,6 +183,12 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         "bf16": {"enabled": true},
         "zero_optimization": {"stage": c.zero},
     });
+    // The simulation overlaps the gradient reduction with the backward by buckets
+    // (`engine::overlap`); DeepSpeed does so for ZeRO-1/2 only with `overlap_comm`
+    // (its default is on for stage 3 alone, `zero/config.py`).
+    if c.zero >= 1 {
+        v["zero_optimization"]["overlap_comm"] = json!(true);
+    }
     if c.pp > 1 {
         let method = ["uniform", &format!("type:{LAYER_TYPE}")]
             .into_iter()

@@ -21,7 +21,11 @@
 //!   core_attn` (the attention core, Korthikanti et al. 2022); full recomputation of
 //!   `k` layers per stage is `--recompute-method block --recompute-num-layers k`;
 //! - attention is `--attention-backend flash` or `unfused` (`--use-flash-attn` is read
-//!   by nothing any more).
+//!   by nothing any more);
+//! - the overlap apar's simulation assumes (`engine::overlap`) is switched on:
+//!   `--overlap-grad-reduce`, and with a sharded optimizer `--overlap-param-gather`
+//!   (which `validate_args` allows with the distributed optimizer or Megatron-FSDP and
+//!   `--overlap-grad-reduce` only).
 //!
 //! The data-parallel degree is the world size over `tp × pp`, and the micro-batch count
 //! is the global batch over `dp × micro-batch`: the job must be launched on
@@ -241,6 +245,13 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
                 }
             }
         }
+    }
+    // The simulation overlaps the gradient reduction with the backward by buckets and,
+    // with the distributed optimizer or Megatron-FSDP, the parameter all-gather with
+    // the next forward (`engine::overlap`); Megatron-LM does either only when asked.
+    flag(&mut a, "overlap-grad-reduce");
+    if c.zero >= 1 {
+        flag(&mut a, "overlap-param-gather");
     }
     match c.zero {
         0 => {}
