@@ -952,3 +952,49 @@ fn cli_emit_separates_text_from_notes() {
         "{stderr}"
     );
 }
+
+/// The compute precision the plan was made at is the one each export switches on
+/// (Megatron-LM `--fp16`, DeepSpeed `"fp16"`, `Trainer` `--fp16`; torchtitan's
+/// `mixed_precision_param` has no float16), and a gradient or optimizer dtype other
+/// than the engine's own for that precision is refused (no option writes it).
+#[test]
+fn exports_carry_the_precision() {
+    use apar::engine::memory::{Precision, PrecisionOptions};
+    use apar::ir::DType;
+    let model = zoo::lookup("llama3-8b").unwrap();
+    let c = Config::new(8, 1, 1, 1, 4);
+    let at = |precision: PrecisionOptions| {
+        ExportPlan::new(c, Some(model.clone()), 4096, c.global_batch(), &[[0, 33]])
+            .with_precision(precision)
+    };
+    let fp16 = at(PrecisionOptions {
+        compute: Precision::Fp16,
+        ..PrecisionOptions::default()
+    });
+    let text = |engine| export(engine, &fp16).unwrap().text;
+    assert!(
+        text(Engine::Megatron).contains("--fp16 \\") && !text(Engine::Megatron).contains("--bf16")
+    );
+    let ds: serde_json::Value = serde_json::from_str(&text(Engine::DeepSpeed)).unwrap();
+    assert_eq!(ds["fp16"]["enabled"], true);
+    assert!(ds.get("bf16").is_none());
+    assert!(text(Engine::Hf).contains("--fp16"));
+    assert!(export(Engine::Torchtitan, &fp16).is_err());
+    let fp32 = at(PrecisionOptions {
+        compute: Precision::Fp32,
+        ..PrecisionOptions::default()
+    });
+    let t = export(Engine::Torchtitan, &fp32).unwrap().text;
+    assert!(
+        t.contains("--training.mixed_precision_param float32"),
+        "{t}"
+    );
+    let bf16_grads = at(PrecisionOptions {
+        grad: Some(DType::Bf16),
+        ..PrecisionOptions::default()
+    });
+    // Megatron-LM keeps fp32 main gradients for bf16: bf16 gradients cannot be asked
+    // for; DeepSpeed's bf16 gradients are its default, so the override changes nothing.
+    assert!(export(Engine::Megatron, &bf16_grads).is_err());
+    assert!(export(Engine::DeepSpeed, &bf16_grads).is_ok());
+}

@@ -87,8 +87,9 @@ pub enum Warning {
         trained_positions: u64,
     },
     /// The engine has no ready way to build this model (torchtitan trains the models it
-    /// has a recipe for): the plan holds for the engine's parallelism and memory, but
-    /// the model must be registered with it first, and the export is refused.
+    /// has a recipe for; Megatron-LM's GPT model has no parallel residual): the plan
+    /// holds for the engine's parallelism and memory, but the model must be added to
+    /// the engine first, and the export is refused.
     NoEngineRecipe {
         /// Why, as the export says it.
         reason: String,
@@ -146,7 +147,7 @@ impl fmt::Display for Warning {
             ),
             Warning::NoEngineRecipe { reason } => write!(
                 f,
-                "{reason}: register the model with the engine before launching this plan"
+                "{reason}: the engine must be given this model before the plan can run (the export is refused)"
             ),
             Warning::BubbleDominates {
                 fraction,

@@ -328,7 +328,8 @@ impl Plan {
             self.seq,
             self.global_batch,
             &blocks,
-        );
+        )
+        .with_precision(self.precision);
         crate::engine::export::export(engine, &plan)
     }
 
@@ -710,9 +711,9 @@ impl Session {
             )
         };
         let layout = c.block_layout();
-        // The engine's most common reason to refuse what `k` allows (counting every
-        // rule each configuration breaks), if `k` allows something and the engine
-        // runs none of it.
+        // The engine's most common rule against what `k` allows (counting, per rule,
+        // every configuration that breaks it, whatever its degrees), with its first
+        // instance, if `k` allows something and the engine runs none of it.
         let refusal = |k: &Constraints| -> Option<Unsupported> {
             let mut counts: Vec<(Unsupported, usize)> = Vec::new();
             for x in all(k) {
@@ -721,7 +722,11 @@ impl Session {
                     return None;
                 }
                 for e in reasons {
-                    match counts.iter_mut().find(|(r, _)| *r == e) {
+                    let rule = std::mem::discriminant(&e);
+                    match counts
+                        .iter_mut()
+                        .find(|(r, _)| std::mem::discriminant(r) == rule)
+                    {
                         Some(entry) => entry.1 += 1,
                         None => counts.push((e, 1)),
                     }

@@ -505,6 +505,9 @@ fn plan_output(plan: Plan, out: &OutputArgs) -> Result<String, Failure> {
         // The text goes to standard output as the engine reads it; the environment
         // and the notes go to standard error.
         let mut err = std::io::stderr().lock();
+        for w in &plan.warnings {
+            let _ = writeln!(err, "warning: {w}");
+        }
         if !export.env.is_empty() {
             let _ = writeln!(err, "env: {}", export.env_prefix());
         }

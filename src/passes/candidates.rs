@@ -180,6 +180,15 @@ pub fn enumerate(
                             if k.recompute.is_some_and(|r| r != recompute) {
                                 continue;
                             }
+                            // A layer count asks for recomputation: without a pinned
+                            // policy, the candidates that recompute nothing are not
+                            // what was asked.
+                            if k.recompute_layers.is_some()
+                                && k.recompute.is_none()
+                                && recompute == Recompute::None
+                            {
+                                continue;
+                            }
                             let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
                             for &zero in zeros {
                                 if k.zero.is_some_and(|z| z != zero) {
@@ -203,13 +212,9 @@ pub fn enumerate(
                                         num_micro_batches: m,
                                         sp,
                                         recompute,
-                                        // Applies to the candidates that recompute;
-                                        // with the policy pinned to none, they keep it
-                                        // so that the compiler names the conflict.
-                                        recompute_layers: k.recompute_layers.filter(|_| {
-                                            recompute != Recompute::None
-                                                || k.recompute == Some(Recompute::None)
-                                        }),
+                                        // With the policy pinned to none, the count is
+                                        // kept so that the compiler names the conflict.
+                                        recompute_layers: k.recompute_layers,
                                         zero,
                                         low_prec_shard,
                                         schedule,

@@ -23,6 +23,7 @@
 //!   with); DeepSpeed does not read it.
 
 use super::{exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig, StageLayers};
+use crate::engine::memory::Precision;
 use crate::engine::Engine;
 use crate::passes::{Recompute, Schedule};
 use serde_json::{json, Value};
@@ -180,9 +181,13 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         "train_batch_size": p.global_batch,
         "train_micro_batch_size_per_gpu": c.micro_batch,
         "gradient_accumulation_steps": c.num_micro_batches,
-        "bf16": {"enabled": true},
         "zero_optimization": {"stage": c.zero},
     });
+    match p.precision.compute {
+        Precision::Bf16 => v["bf16"] = json!({"enabled": true}),
+        Precision::Fp16 => v["fp16"] = json!({"enabled": true}),
+        Precision::Fp32 | Precision::Fp8 => {}
+    }
     // The simulation overlaps the gradient reduction with the backward by buckets
     // (`engine::overlap`); DeepSpeed does so for ZeRO-1/2 only with `overlap_comm`
     // (its default is on for stage 3 alone, `zero/config.py`).

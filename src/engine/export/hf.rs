@@ -13,6 +13,7 @@
 
 use super::words::{self, Options};
 use super::{exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig};
+use crate::engine::memory::Precision;
 use crate::engine::Engine;
 use crate::passes::Recompute;
 use serde_json::{json, Value};
@@ -65,8 +66,12 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             "--gradient_accumulation_steps".to_string(),
             c.num_micro_batches.to_string(),
         ],
-        vec!["--bf16".to_string()],
     ];
+    match p.precision.compute {
+        Precision::Bf16 => a.push(vec!["--bf16".to_string()]),
+        Precision::Fp16 => a.push(vec!["--fp16".to_string()]),
+        Precision::Fp32 | Precision::Fp8 => {}
+    }
     let full = c.recompute == Recompute::Full;
     if c.zero >= 2 {
         let cfg = json!({

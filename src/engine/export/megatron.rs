@@ -35,6 +35,7 @@ use super::words::{self, Options};
 use super::{
     even_layers, exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig, StageLayers,
 };
+use crate::engine::memory::Precision;
 use crate::engine::Engine;
 use crate::models::{Attention, Mlp, Norm, Position};
 use crate::passes::{Recompute, Schedule};
@@ -184,13 +185,7 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             "--data-parallel-sharding-strategy shards parameters only together with gradients and optimizer states (optim_grads_params, ZeRO-3)",
         ));
     }
-    if m.parallel_residual {
-        return Err(ExportError::unsupported(
-            E,
-            "model's parallel residual",
-            "the GPT model of pretrain_gpt.py has no parallel-residual option",
-        ));
-    }
+    model_supported(m)?;
     let mut a: Vec<Vec<String>> = Vec::new();
     let mut env = Vec::new();
     let mut notes = vec![format!(
@@ -222,7 +217,11 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     arg(&mut a, "micro-batch-size", c.micro_batch);
     arg(&mut a, "global-batch-size", p.global_batch);
     arg(&mut a, "seq-length", p.seq);
-    flag(&mut a, "bf16");
+    match p.precision.compute {
+        Precision::Bf16 => flag(&mut a, "bf16"),
+        Precision::Fp16 => flag(&mut a, "fp16"),
+        Precision::Fp32 | Precision::Fp8 => {}
+    }
     if c.sp && c.tp > 1 {
         flag(&mut a, "sequence-parallel");
     }
@@ -332,6 +331,18 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         env,
         notes,
     })
+}
+
+/// Whether `pretrain_gpt.py`'s GPT model can be configured as `m`.
+pub(super) fn model_supported(m: &crate::models::ModelConfig) -> Result<(), ExportError> {
+    if m.parallel_residual {
+        return Err(ExportError::unsupported(
+            E,
+            "model's parallel residual",
+            "the GPT model of pretrain_gpt.py has no parallel-residual option",
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError> {

@@ -25,6 +25,7 @@ mod megatron;
 mod torchtitan;
 mod words;
 
+use super::memory::PrecisionOptions;
 use super::Engine;
 use crate::models::ModelConfig;
 use crate::passes::{Config, Recompute, Schedule};
@@ -69,9 +70,18 @@ pub struct ExportPlan {
     pub global_batch: u64,
     /// The virtual pipeline stages in model order (`pp × v` of them).
     pub stages: Vec<StageLayers>,
+    /// The precision the plan was made at (bf16 with the engine's gradient and
+    /// optimizer dtypes unless set with [`ExportPlan::with_precision`]).
+    pub precision: PrecisionOptions,
 }
 
 impl ExportPlan {
+    /// The same plan at `precision`.
+    pub fn with_precision(mut self, precision: PrecisionOptions) -> ExportPlan {
+        self.precision = precision;
+        self
+    }
+
     /// A plan from its parts; `stage_blocks` are the `[first, last]` blocks of each
     /// virtual stage in model order, block 0 being the embedding and the last block
     /// the head (as [`crate::Plan::stages`] gives them).
@@ -100,6 +110,7 @@ impl ExportPlan {
             seq,
             global_batch,
             stages,
+            precision: PrecisionOptions::default(),
         }
     }
 
@@ -113,6 +124,7 @@ impl ExportPlan {
     ) -> ExportPlan {
         let n = layers.len();
         ExportPlan {
+            precision: PrecisionOptions::default(),
             global_batch: config.global_batch(),
             config,
             model,
@@ -223,6 +235,30 @@ impl ExportError {
 /// [`ExportError`] when the engine cannot run the plan as decided (it names the option
 /// the engine lacks) or lacks what it needs to build the model.
 pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> {
+    // The engines' options set the compute precision; the gradient and optimizer
+    // dtypes follow from it, so an override that changes them cannot be written.
+    let asked = engine.states(&plan.precision);
+    let usual = engine.states(&PrecisionOptions {
+        compute: plan.precision.compute,
+        ..PrecisionOptions::default()
+    });
+    match (asked, usual) {
+        (Ok(a), Ok(u)) if a.grad == u.grad && a.master == u.master => {}
+        (Ok(_), Ok(_)) => {
+            return Err(ExportError::unsupported(
+                engine,
+                "gradient or optimizer dtype other than the engine's default",
+                "apar writes the compute precision only; the engine then picks its own gradient and optimizer dtypes",
+            ))
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(ExportError::unsupported(
+                engine,
+                format!("{} compute", plan.precision.compute),
+                e.to_string(),
+            ))
+        }
+    }
     match engine {
         Engine::Megatron => megatron::export(plan),
         Engine::DeepSpeed => deepspeed::export(plan),
@@ -232,8 +268,8 @@ pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> 
 }
 
 /// Whether `engine` can train `model` at all, whatever the configuration: torchtitan
-/// runs the models it has a (bf16) recipe for; the other engines take any
-/// configuration apar builds.
+/// runs the models it has a (bf16) recipe for, Megatron-LM's GPT model has no parallel
+/// residual; DeepSpeed and Hugging Face take any configuration apar builds.
 ///
 /// # Errors
 ///
@@ -241,7 +277,8 @@ pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> 
 pub fn model_supported(engine: Engine, model: &ModelConfig) -> Result<(), ExportError> {
     match engine {
         Engine::Torchtitan => torchtitan::recipe(model).map(|_| ()),
-        Engine::Megatron | Engine::DeepSpeed | Engine::Hf => Ok(()),
+        Engine::Megatron => megatron::model_supported(model),
+        Engine::DeepSpeed | Engine::Hf => Ok(()),
     }
 }
 

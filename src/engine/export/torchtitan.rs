@@ -23,6 +23,7 @@
 
 use super::words::{self, Options};
 use super::{exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig, StageLayers};
+use crate::engine::memory::Precision;
 use crate::engine::Engine;
 use crate::passes::{Recompute, Schedule};
 
@@ -154,7 +155,18 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     a.push(o("training.local_batch_size", local));
     a.push(o("training.global_batch_size", p.global_batch));
     a.push(o("training.seq_len", p.seq));
-    a.push(o("training.mixed_precision_param", "bfloat16"));
+    let param = match p.precision.compute {
+        Precision::Bf16 => "bfloat16",
+        Precision::Fp32 => "float32",
+        Precision::Fp16 | Precision::Fp8 => {
+            return Err(ExportError::unsupported(
+                E,
+                format!("{} compute", p.precision.compute),
+                "training.mixed_precision_param takes bfloat16 or float32",
+            ))
+        }
+    };
+    a.push(o("training.mixed_precision_param", param));
     let (replicate, shard) = if c.zero >= 2 { (1, c.dp) } else { (c.dp, 1) };
     a.push(o("parallelism.data_parallel_replicate_degree", replicate));
     a.push(o("parallelism.data_parallel_shard_degree", shard));
