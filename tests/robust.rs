@@ -524,3 +524,34 @@ fn partial_recomputation_agrees_between_graph_and_template() {
         assert!((ta - tb).abs() <= 1e-9 * tb, "pp {pp} k {k}: {ta} vs {tb}");
     }
 }
+
+/// A hand-edited saved plan whose allocator fragmentation is not a share in `[0, 0.9]`
+/// is refused naming the field, not silently clamped.
+#[test]
+fn a_saved_plan_with_an_absurd_runtime_is_refused() {
+    let saved = dir().join("runtime.json");
+    let (code, _, err) = apar(&[
+        "plan",
+        "--model",
+        "tiny-gpt",
+        "--cluster",
+        "dgx-a100-80g:1",
+        "--global-batch",
+        "16",
+        "--seq",
+        "128",
+        "--save",
+        saved.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mut plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    for bad in [-0.9, 0.99] {
+        plan["runtime"]["allocator_fragmentation"] = bad.into();
+        let path = write("runtime-bad.json", &plan.to_string());
+        refused(
+            &["eval", "--plan", &path],
+            &["allocator_fragmentation", "between 0 and 0.9"],
+        );
+    }
+}

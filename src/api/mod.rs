@@ -407,6 +407,14 @@ pub enum PlanError {
     /// layout does not say which (LayerNorm with rotary positions: GPT-NeoX or Falcon).
     #[error("the hf engine runs Hugging Face model code, and `{0}` does not say which architecture: plan its config.json (with its model_type)")]
     NoHfArchitecture(String),
+    /// A runtime-overhead value outside its range.
+    #[error("runtime overhead: {field} = {value} must be between 0 and 0.9")]
+    InvalidRuntime {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
     /// The cluster could not be resolved or is invalid.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
@@ -573,7 +581,9 @@ impl Session {
         .with_engine(options.engine)
         .with_model_code(model_code(options.engine, config.as_ref(), &notes)?)?
         .with_precision(options.precision)?
-        .with_runtime(options.runtime.unwrap_or(options.engine.runtime()));
+        .with_runtime(checked_runtime(
+            options.runtime.unwrap_or(options.engine.runtime()),
+        )?);
         let warnings = diagnostics::of_model(&compiler, config.as_ref(), &notes);
         Ok(Session {
             compiler,
@@ -921,6 +931,23 @@ impl Session {
             tensors: detail.tensors,
             programs: detail.programs,
             trace: e.sim.trace(),
+        })
+    }
+}
+
+/// `runtime` when its allocator fragmentation is a share in `[0, 0.9]` (the range
+/// [`crate::engine::memory::RuntimeOverhead::bytes`] computes with; a saved or
+/// hand-written plan may hold anything).
+fn checked_runtime(
+    runtime: crate::engine::memory::RuntimeOverhead,
+) -> Result<crate::engine::memory::RuntimeOverhead, PlanError> {
+    let f = runtime.allocator_fragmentation;
+    if (0.0..=0.9).contains(&f) {
+        Ok(runtime)
+    } else {
+        Err(PlanError::InvalidRuntime {
+            field: "allocator_fragmentation",
+            value: f,
         })
     }
 }

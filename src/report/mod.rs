@@ -244,13 +244,15 @@ impl OomReport {
         let _ = writeln!(s, "  configuration: {}", self.config);
         let _ = writeln!(
             s,
-            "  {} dominate: params {}, grads {}, optimizer {}, activations {}, temporaries {}",
+            "  {} dominate: params {}, grads {}, optimizer {}, activations {}, temporaries {}, engine buffers {}, runtime {}",
             self.dominant,
             gib(m.params),
             gib(m.grads),
             gib(m.optimizer),
             gib(m.activations),
-            gib(m.temporary)
+            gib(m.temporary),
+            gib(m.buffers),
+            gib(m.runtime)
         );
         if self.suggestions.is_empty() {
             let _ = writeln!(s, "  no single change tried fits");
