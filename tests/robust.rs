@@ -526,9 +526,10 @@ fn partial_recomputation_agrees_between_graph_and_template() {
 }
 
 /// A hand-edited saved plan whose allocator fragmentation is not a share in `[0, 0.9]`
-/// is refused naming the field, not silently clamped.
+/// is refused naming the field, not silently clamped; flags beside `--plan` are refused,
+/// not ignored.
 #[test]
-fn a_saved_plan_with_an_absurd_runtime_is_refused() {
+fn a_saved_plan_with_an_absurd_runtime_or_other_flags_is_refused() {
     let saved = dir().join("runtime.json");
     let (code, _, err) = apar(&[
         "plan",
@@ -546,6 +547,16 @@ fn a_saved_plan_with_an_absurd_runtime_is_refused() {
     assert_eq!(code, 0, "{err}");
     let mut plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    // A re-cost takes the plan's own job: a flag beside it would be ignored.
+    let path = saved.to_str().unwrap();
+    refused(
+        &["eval", "--plan", path, "--engine", "hf"],
+        &["cannot be used with", "--engine"],
+    );
+    refused(
+        &["eval", "--plan", path, "--tp", "2"],
+        &["cannot be used with"],
+    );
     for bad in [-0.9, 0.99] {
         plan["runtime"]["allocator_fragmentation"] = bad.into();
         let path = write("runtime-bad.json", &plan.to_string());

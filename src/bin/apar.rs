@@ -223,7 +223,12 @@ enum Command {
     /// Compile and simulate one parallel configuration.
     Eval {
         /// Re-cost a saved plan (from `--save`, possibly edited) instead of the flags below.
-        #[arg(long, conflicts_with_all = ["model", "cluster", "dp"])]
+        #[arg(long, conflicts_with_all = [
+            "model", "attention", "layers", "cluster", "global_batch", "seq", "memory_ratio",
+            "engine", "dp", "tp", "pp", "micro_batch", "sp", "recompute", "recompute_layers",
+            "zero", "low_prec_shard", "schedule", "precision", "grad_dtype", "optimizer_dtype",
+            "runtime_overhead_gib",
+        ])]
         plan: Option<PathBuf>,
         #[command(flatten)]
         model: OptModelArgs,
