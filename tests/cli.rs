@@ -42,6 +42,7 @@ fn eval_exit_codes() {
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"], "out_of_memory");
+    assert_eq!(v["engine"], "megatron");
     assert!(v["requested_bytes"].as_u64().unwrap() > v["available_bytes"].as_u64().unwrap());
     assert!(!v["suggestions"].as_array().unwrap().is_empty());
 }

@@ -661,6 +661,7 @@ impl Session {
                     search::plan_suggestions(&self.compiler, &self.search, Some(&closest.config));
                 Err(PlanError::OutOfMemory(Box::new(OomReport::new(
                     closest,
+                    self.compiler.engine,
                     suggestions,
                 ))))
             }
@@ -842,6 +843,7 @@ impl Session {
             let suggestions = search::suggestions(&self.compiler, &e.config);
             return Err(PlanError::OutOfMemory(Box::new(OomReport::new(
                 &e,
+                self.compiler.engine,
                 suggestions,
             ))));
         }

@@ -184,6 +184,8 @@ pub struct OomReport {
     pub breakdown: StageMemory,
     /// The configuration.
     pub config: Config,
+    /// The engine whose memory and rules were applied.
+    pub engine: Engine,
     /// Changes that fit, each checked by compiling it.
     pub suggestions: Vec<Suggestion>,
     /// The candidate's step time, seconds (not in the JSON report).
@@ -199,7 +201,7 @@ pub struct OomReport {
 
 impl OomReport {
     /// Builds the report of an evaluation that does not fit.
-    pub fn new(e: &Evaluation, suggestions: Vec<Suggestion>) -> OomReport {
+    pub fn new(e: &Evaluation, engine: Engine, suggestions: Vec<Suggestion>) -> OomReport {
         let worst = e
             .sim
             .memory
@@ -225,6 +227,7 @@ impl OomReport {
             dominant: dominant(&worst),
             breakdown: worst,
             config: e.config,
+            engine,
             suggestions,
             step_time_s: e.step_time_s,
             memory: Some(EvalJson::new(e).memory),
@@ -241,7 +244,11 @@ impl OomReport {
             "OUT_OF_MEMORY: Memory requested: {} bytes, Memory available: {} bytes (stage {})",
             self.requested_bytes, self.available_bytes, self.stage
         );
-        let _ = writeln!(s, "  configuration: {}", self.config);
+        let _ = writeln!(
+            s,
+            "  configuration: {} (engine {})",
+            self.config, self.engine
+        );
         let _ = writeln!(
             s,
             "  {} dominate: params {}, grads {}, optimizer {}, activations {}, temporaries {}, engine buffers {}, runtime {}",
