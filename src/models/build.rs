@@ -51,6 +51,32 @@ impl Ctx<'_> {
         }
     }
 
+    /// The query, key and value projections of `x` for layer prefix `p`: one fused
+    /// projection split into three views when `fused`, three projections otherwise.
+    fn qkv(&mut self, x: TensorId, p: &str, fused: bool) -> R<(TensorId, TensorId, TensorId)> {
+        let cfg = self.cfg;
+        let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);
+        if fused {
+            let qkv = self.linear(x, &format!("{p}.qkv"), h, 3 * a * d, cfg.qkv_bias)?;
+            let part = |c: &mut Self, i: u64| {
+                c.op(
+                    Op::Slice {
+                        axis: 2,
+                        start: i * a * d,
+                        len: a * d,
+                    },
+                    &[qkv],
+                )
+            };
+            Ok((part(self, 0)?, part(self, 1)?, part(self, 2)?))
+        } else {
+            let q = self.linear(x, &format!("{p}.q"), h, a * d, cfg.qkv_bias)?;
+            let k = self.linear(x, &format!("{p}.k"), h, kv * d, cfg.qkv_bias)?;
+            let v = self.linear(x, &format!("{p}.v"), h, kv * d, cfg.qkv_bias)?;
+            Ok((q, k, v))
+        }
+    }
+
     fn norm(&mut self, x: TensorId, name: &str) -> R<TensorId> {
         let h = self.cfg.hidden;
         let eps = self.cfg.norm_eps;
@@ -130,26 +156,8 @@ impl Ctx<'_> {
         }
         let cfg = self.cfg;
         let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let (q, k, v) = if a == kv {
-            // Megatron-style fused projection, split into views.
-            let qkv = self.linear(x, &format!("{p}.qkv"), h, 3 * a * d, cfg.qkv_bias)?;
-            let part = |c: &mut Self, i: u64| {
-                c.op(
-                    Op::Slice {
-                        axis: 2,
-                        start: i * a * d,
-                        len: a * d,
-                    },
-                    &[qkv],
-                )
-            };
-            (part(self, 0)?, part(self, 1)?, part(self, 2)?)
-        } else {
-            let q = self.linear(x, &format!("{p}.q"), h, a * d, cfg.qkv_bias)?;
-            let k = self.linear(x, &format!("{p}.k"), h, kv * d, cfg.qkv_bias)?;
-            let v = self.linear(x, &format!("{p}.v"), h, kv * d, cfg.qkv_bias)?;
-            (q, k, v)
-        };
+        // Megatron-style fused projection, split into views, when heads are not grouped.
+        let (q, k, v) = self.qkv(x, p, a == kv)?;
         let mut q = self.split_heads(q, a)?;
         let mut k = self.split_heads(k, kv)?;
         let v = self.split_heads(v, kv)?;
@@ -220,26 +228,8 @@ impl Ctx<'_> {
     fn hf_attention(&mut self, x: TensorId, p: &str, arch: HfArch, attn: AttnImpl) -> R<TensorId> {
         let cfg = self.cfg;
         let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let (q, k, v) = if a == kv && !arch.separate_qkv() {
-            // One fused projection (`c_attn`, `query_key_value`), split into views.
-            let qkv = self.linear(x, &format!("{p}.qkv"), h, 3 * a * d, cfg.qkv_bias)?;
-            let part = |c: &mut Self, i: u64| {
-                c.op(
-                    Op::Slice {
-                        axis: 2,
-                        start: i * a * d,
-                        len: a * d,
-                    },
-                    &[qkv],
-                )
-            };
-            (part(self, 0)?, part(self, 1)?, part(self, 2)?)
-        } else {
-            let q = self.linear(x, &format!("{p}.q"), h, a * d, cfg.qkv_bias)?;
-            let k = self.linear(x, &format!("{p}.k"), h, kv * d, cfg.qkv_bias)?;
-            let v = self.linear(x, &format!("{p}.v"), h, kv * d, cfg.qkv_bias)?;
-            (q, k, v)
-        };
+        // One fused projection (`c_attn`, `query_key_value`), split into views.
+        let (q, k, v) = self.qkv(x, p, a == kv && !arch.separate_qkv())?;
         let mut q = self.split_heads(q, a)?;
         let mut k = self.split_heads(k, kv)?;
         let mut v = self.split_heads(v, kv)?;
