@@ -40,6 +40,7 @@ fn summary(p: &apar::Plan) -> serde_json::Value {
         "config": p.config,
         "step_time_s": format!("{:.4e}", e.step_time_s),
         "mfu": format!("{:.3}", e.mfu),
+        "hfu": format!("{:.3}", e.hfu),
         "budget_bytes": e.memory.budget_bytes,
         "peak_bytes": e.memory.per_stage.iter().map(|m| m.peak_bytes).collect::<Vec<_>>(),
         "stages": e.stages.iter().map(|s| s.blocks).collect::<Vec<_>>(),

@@ -231,10 +231,16 @@ pub struct Plan {
     pub step_time_s: f64,
     /// Tokens per second over the cluster.
     pub tokens_per_s: f64,
-    /// Achieved TFLOP/s per device (recomputation not counted).
+    /// Model TFLOP/s per device: PaLM's model FLOPs (`6·N + 12·L·H·Q·T` per token,
+    /// recomputation and tensor-parallel replication not counted) per second.
     pub tflops_per_device: f64,
     /// Model FLOPs utilization: `tflops_per_device` over the device's bf16 peak.
     pub mfu: f64,
+    /// Hardware FLOPs utilization: the FLOPs the devices execute (recomputation and
+    /// replicated work included) over the bf16 peak (0 in plans saved before it
+    /// existed).
+    #[serde(default)]
+    pub hfu: f64,
     /// Budget, peak and per-stage breakdown.
     pub memory: MemoryJson,
     /// Virtual pipeline stages in model order with their blocks and times.
@@ -294,6 +300,7 @@ impl Plan {
             tokens_per_s: self.tokens_per_s,
             tflops_per_device: self.tflops_per_device,
             mfu: self.mfu,
+            hfu: self.hfu,
             memory: self.memory.clone(),
             stages: self.stages.clone(),
             breakdown: self.breakdown,
@@ -923,6 +930,7 @@ impl Session {
             tokens_per_s: summary.tokens_per_s,
             tflops_per_device: summary.tflops_per_device,
             mfu: summary.mfu,
+            hfu: summary.hfu,
             memory: summary.memory,
             stages: summary.stages,
             breakdown: summary.breakdown,

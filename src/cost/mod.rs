@@ -6,7 +6,10 @@
 //! (per-layer forward/backward times of the 22B model on DGX A100) and Table 5
 //! (iteration times); see the README's calibration section for what was fitted to what.
 
-use crate::cluster::{Cluster, Link};
+pub mod collective;
+pub mod overhead;
+
+use crate::cluster::Cluster;
 use crate::ir::{DType, Env, Op, OpClass, TensorType};
 use serde::Serialize;
 
@@ -109,59 +112,6 @@ impl CostModel {
         }
     }
 
-    fn link_time(&self, link: &Link, bytes: f64, steps: f64) -> f64 {
-        bytes / (link.bandwidth * self.eff.link) + steps * link.latency_s
-    }
-
-    /// Time of a collective over `group` moving `bytes` (see [`Collective`]):
-    /// ring algorithms inside a node, hierarchical (intra-node reduce-scatter,
-    /// inter-node ring on `1/per_node` of the data, intra-node all-gather) across nodes.
-    pub fn collective_time(&self, kind: Collective, bytes: f64, group: Group) -> f64 {
-        let n = f64::from(group.size);
-        if group.size <= 1 || bytes <= 0.0 {
-            return 0.0;
-        }
-        let intra = &self.cluster.intra_node;
-        let inter = &self.cluster.inter_node;
-        let g = f64::from(group.per_node.max(1));
-        let k = f64::from(group.nodes().max(1));
-        // One ring pass: each device sends (n-1)/n of the data in n-1 steps.
-        let ring = |link: &Link, ranks: f64, data: f64| {
-            if ranks <= 1.0 {
-                0.0
-            } else {
-                self.link_time(link, (ranks - 1.0) / ranks * data, ranks - 1.0)
-            }
-        };
-        let passes = |data: f64, p: f64| -> f64 {
-            if k <= 1.0 {
-                p * ring(intra, g, data)
-            } else {
-                // Intra-node pass on the full data, inter-node pass on this device's
-                // 1/g share, repeated `p` times (2 for all-reduce).
-                p * (ring(intra, g, data) + ring(inter, k, data / g))
-            }
-        };
-        match kind {
-            Collective::AllReduce => passes(bytes, 2.0),
-            Collective::AllGather | Collective::ReduceScatter => passes(bytes, 1.0),
-            Collective::AllToAll => {
-                let link = if k <= 1.0 { intra } else { inter };
-                self.link_time(link, (n - 1.0) / n * bytes, n - 1.0)
-            }
-        }
-    }
-
-    /// Time to send `bytes` to one peer, on the intra- or inter-node link.
-    pub fn p2p_time(&self, bytes: f64, cross_node: bool) -> f64 {
-        let link = if cross_node {
-            &self.cluster.inter_node
-        } else {
-            &self.cluster.intra_node
-        };
-        self.link_time(link, bytes, 1.0)
-    }
-
     /// Time of one op on one device (collectives over `tp_group`), in seconds.
     pub fn op_time(
         &self,
@@ -203,58 +153,11 @@ impl CostModel {
                     mem
                 }
             }
-            OpClass::Collective => match op {
-                Op::AllReduce { .. } => {
-                    self.collective_time(Collective::AllReduce, in_bytes(), tp_group)
-                }
-                Op::AllGather { .. } => {
-                    self.collective_time(Collective::AllGather, out_bytes(), tp_group)
-                }
-                Op::ReduceScatter { .. } => {
-                    self.collective_time(Collective::ReduceScatter, in_bytes(), tp_group)
-                }
-                _ => self.collective_time(Collective::AllToAll, in_bytes(), tp_group),
+            OpClass::Collective => match collective::collective_of(op, inputs, results, env) {
+                Some((kind, bytes)) => self.collective_time(kind, bytes, tp_group),
+                None => 0.0,
             },
             OpClass::P2p => self.p2p_time(in_bytes().max(out_bytes()), false),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cluster::Cluster;
-
-    #[test]
-    fn ring_all_reduce_follows_the_alpha_beta_formula() {
-        let c = Cluster::resolve("dgx-a100-80g:1").unwrap();
-        let m = CostModel::new(c.clone());
-        let bytes = 1e9;
-        let t = m.collective_time(
-            Collective::AllReduce,
-            bytes,
-            Group {
-                size: 8,
-                per_node: 8,
-            },
-        );
-        // Ring all-reduce: 2(n-1)/n · S / (B·eff) + 2(n-1)·α (Thakur et al. 2005).
-        let expected = 2.0 * 7.0 / 8.0 * bytes / (c.intra_node.bandwidth * eff::LINK)
-            + 14.0 * c.intra_node.latency_s;
-        assert!((t - expected).abs() / expected < 1e-12);
-        // Across nodes the inter-node share dominates and the time grows.
-        let across = m.collective_time(
-            Collective::AllReduce,
-            bytes,
-            Group {
-                size: 64,
-                per_node: 8,
-            },
-        );
-        assert!(across > t);
-        assert_eq!(
-            m.collective_time(Collective::AllReduce, bytes, Group::SINGLE),
-            0.0
-        );
     }
 }

@@ -424,10 +424,16 @@ pub struct Evaluation {
     pub step_time_s: f64,
     /// Tokens per second over the cluster.
     pub tokens_per_s: f64,
-    /// Achieved TFLOP/s per device (no recomputation counted).
+    /// Model TFLOP/s per device: [`Compiler::model_flops_per_step`] over the step
+    /// time and the devices.
     pub tflops_per_device: f64,
-    /// Model FLOPs utilization.
+    /// Model FLOPs utilization: `tflops_per_device` over the device's bf16 peak
+    /// ([`Compiler::model_flops_per_step`] says which FLOPs count).
     pub mfu: f64,
+    /// Hardware FLOPs utilization: the FLOPs the devices execute (recomputation and
+    /// work replicated across tensor-parallel ranks included, read off the
+    /// per-device training graphs) per second over the bf16 peak.
+    pub hfu: f64,
     /// Memory budget per device, bytes.
     pub budget_bytes: u64,
     /// Largest stage peak, bytes.
@@ -682,6 +688,47 @@ impl Compiler {
         match &self.source {
             ModelSource::Config(cfg) => cfg.param_count(),
             ModelSource::Graph(g) => crate::train::memory::param_count(g).unwrap_or(0),
+        }
+    }
+
+    /// Model FLOPs of one training step, the numerator of MFU: PaLM's definition
+    /// (Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways",
+    /// Appendix B), `6·N + 12·L·H·Q·T` FLOPs per token for `N` parameters, `L` layers,
+    /// `H` attention heads of `Q` channels and `T` tokens of context, times the tokens
+    /// of the step. `6·N` is a forward (2 FLOPs per parameter per token) and a
+    /// backward (4); `12·L·H·Q·T` is the attention scores and their weighted sum, a
+    /// `T × T` product each, forward and backward, counted whole (no causal halving,
+    /// as PaLM and Narayanan et al. 2021 eq. 3 count it). `N` leaves out the input
+    /// embedding and learned position tables, which are lookups (torchtitan's
+    /// `get_nparams_and_flops` does the same); a table tied to the output projection
+    /// counts once, as that projection. Recomputation is not model work (it is in
+    /// HFU), and neither is anything tensor parallelism replicates: the formula counts
+    /// the model once, whatever the degrees.
+    ///
+    /// For a GPT-style model this equals Narayanan et al. 2021 eq. 3 without its
+    /// recomputation forward (`72·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))` for
+    /// `96·…`), up to biases and norms.
+    ///
+    /// For a graph (no configuration to read `N`, `H`, `Q` from) it is three times the
+    /// FLOPs of the whole forward graph (a backward is twice its forward), per sequence,
+    /// times the sequences of the step.
+    pub fn model_flops_per_step(&self) -> f64 {
+        let tokens = self.global_batch as f64 * self.seq as f64;
+        match &self.source {
+            ModelSource::Config(cfg) => tokens * model_flops_per_token(cfg, self.seq),
+            ModelSource::Graph(g) => {
+                let env = Env::new(1, self.seq);
+                let forward: f64 = g
+                    .ops()
+                    .filter(|&o| g.node(o).phase == crate::ir::Phase::Fwd)
+                    .filter_map(|o| {
+                        let op = &g.node(o).op;
+                        op.cost(&g.input_types(o), &g.result_types(o), env)
+                            .map(|c| c.flops as f64)
+                    })
+                    .sum();
+                3.0 * forward * self.global_batch as f64
+            }
         }
     }
 
@@ -1146,18 +1193,28 @@ impl Compiler {
         let peak_bytes = sim.memory.iter().map(|m| m.peak_bytes).max().unwrap_or(0);
         let tokens = self.global_batch as f64 * self.seq as f64;
         let step = sim.step_time_s;
-        let avg_flops = sim.flops_per_device.iter().sum::<u64>() as f64
-            / sim.flops_per_device.len().max(1) as f64;
+        // Ranks of a stage are symmetric and every stage has dp · tp of them, so the
+        // executed FLOPs per device are the mean over the pipeline devices.
+        let pipeline = sim.flops_per_device.len().max(1) as f64;
+        let executed = sim
+            .flops_per_device
+            .iter()
+            .zip(&sim.recompute_flops_per_device)
+            .map(|(&f, &r)| f as f64 + r as f64)
+            .sum::<f64>()
+            / pipeline;
+        let model = self.model_flops_per_step() / self.cluster.devices().max(1) as f64;
         // A positive, finite step (bounded cluster numbers and sizes make it so); the
         // guard keeps NaN and infinity out of reports should a graph have no work.
         let per_s = |x: f64| if step > 0.0 { x / step } else { 0.0 };
-        let tflops = per_s(avg_flops) / 1e12;
+        let peak = self.cluster.device.peak_bf16_flops;
         Ok(Evaluation {
             config: *c,
             step_time_s: step,
             tokens_per_s: per_s(tokens),
-            tflops_per_device: tflops,
-            mfu: tflops * 1e12 / self.cluster.device.peak_bf16_flops,
+            tflops_per_device: per_s(model) / 1e12,
+            mfu: per_s(model) / peak,
+            hfu: per_s(executed) / peak,
             budget_bytes: self.budget_bytes,
             peak_bytes,
             fits: peak_bytes <= self.budget_bytes,
@@ -1379,6 +1436,23 @@ impl Compiler {
         sum.push_range(blocks, at, span.last);
         sum
     }
+}
+
+/// PaLM's model FLOPs per token of `cfg` at context `seq`: `6·N + 12·L·H·Q·T`
+/// ([`Compiler::model_flops_per_step`] gives the definition and its sources).
+pub fn model_flops_per_token(cfg: &ModelConfig, seq: u64) -> f64 {
+    let h = cfg.hidden as f64;
+    let mut n = cfg.param_count() as f64;
+    if !cfg.tied_embeddings {
+        // The input table is a lookup; the untied output projection stays in `N`.
+        n -= cfg.vocab as f64 * h;
+    }
+    if let Position::Learned { max_positions } = cfg.position {
+        n -= max_positions as f64 * h;
+    }
+    let attention =
+        12.0 * f64::from(cfg.layers) * cfg.heads as f64 * cfg.head_dim as f64 * seq as f64;
+    6.0 * n + attention
 }
 
 /// NCCL communicators a device of `c` is a member of: one per parallel dimension it

@@ -12,7 +12,7 @@ pub mod peak;
 pub mod profile;
 pub mod schedule;
 
-use crate::cost::CostModel;
+use crate::cost::{CostModel, Group};
 use crate::engine::overlap::{Bucket, Overlap, ParamGather};
 use crate::ir::Block;
 use crate::passes::Config;
@@ -222,6 +222,8 @@ pub struct Simulation {
     pub breakdown: TimeBreakdown,
     /// FLOPs one device of each stage runs per step (no recomputation).
     pub flops_per_device: Vec<u64>,
+    /// Recomputation FLOPs one device of each stage runs per step.
+    pub recompute_flops_per_device: Vec<u64>,
     /// Every work unit (for traces).
     pub events: Vec<Event>,
     /// Communication and optimizer intervals (for traces).
@@ -304,6 +306,7 @@ struct Vs {
     bwd_peak: (u64, u64),
     p2p_out: f64,
     flops: u64,
+    recompute_flops: u64,
     /// Forward and backward work per block, in pass order.
     fwd_work: Vec<Work>,
     bwd_work: Vec<Work>,
@@ -331,6 +334,7 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
         bwd_peak: (0, 0),
         p2p_out: 0.0,
         flops: 0,
+        recompute_flops: 0,
         fwd_work: Vec::new(),
         bwd_work: Vec::new(),
         grad_s: Vec::new(),
@@ -385,6 +389,7 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
         }
         held += b.saved;
         v.flops += b.flops;
+        v.recompute_flops += b.recompute_flops;
     }
     let last_saved = blocks
         .refs(span.last, span.last)
@@ -467,6 +472,35 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
             opt_s[dev] += b.opt_s;
             opt_extra[dev] = opt_extra[dev].max(b.opt_extra);
         }
+    }
+    // Gradient clipping before the step (`crate::cost::overhead`): the norm over the
+    // gradients this device's optimizer updates (all its gradients, or their 1/dp
+    // share under ZeRO-1, whose gradients are whole but whose optimizer is sharded),
+    // all-reduced over the ranks that hold the others: the model-parallel group, and
+    // the data-parallel one too when gradients or optimizer are sharded.
+    let clip_group = {
+        let mp = cfg.tp.max(1) * pp;
+        let per_node = input.cost.cluster.devices_per_node.max(1);
+        if cfg.zero >= 1 && cfg.dp > 1 {
+            let n = mp * cfg.dp;
+            Group {
+                size: n,
+                per_node: per_node.min(n),
+            }
+        } else {
+            Group {
+                size: mp,
+                per_node: cfg.tp.max(1).min(per_node),
+            }
+        }
+    };
+    for d in 0..pp as usize {
+        let grads = if cfg.zero == 1 {
+            states[d].grads as f64 / f64::from(cfg.dp.max(1))
+        } else {
+            states[d].grads as f64
+        };
+        opt_s[d] += input.cost.grad_clip_time(grads, clip_group);
     }
 
     let orders: Vec<schedule::DeviceOrder> = (0..pp)
@@ -594,7 +628,13 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                         end: end + p2p,
                     });
                 }
-                free_at[d] = end;
+                // Sends block the sender until the receiver has the data (Megatron-LM
+                // `p2p_communication._communicate` waits on its requests and
+                // synchronizes; DeepSpeed's pipeline engine sends with blocking
+                // `dist.send`).
+                let blocking = if sends { p2p } else { 0.0 };
+                p2p_wait[d] += blocking;
+                free_at[d] = end + blocking;
                 busy[d] += dur;
                 if input.detail {
                     events.push(Event {
@@ -784,6 +824,13 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
     let flops_per_device = (0..pp)
         .map(|s| (0..v).map(|c| vs[vstage(s, c)].flops * u64::from(m)).sum())
         .collect();
+    let recompute_flops_per_device = (0..pp)
+        .map(|s| {
+            (0..v)
+                .map(|c| vs[vstage(s, c)].recompute_flops * u64::from(m))
+                .sum()
+        })
+        .collect();
     let block_timings = if input.detail {
         input
             .stages
@@ -801,6 +848,7 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         stage_time_s: vs.iter().map(|x| x.fwd + x.bwd).collect(),
         breakdown: br,
         flops_per_device,
+        recompute_flops_per_device,
         events,
         comm: comm_events,
         timeline,

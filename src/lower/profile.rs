@@ -9,7 +9,8 @@
 //! activations of the blocks before it. Persistent buffers (parameters, gradients,
 //! optimizer states) are summed per block by role.
 
-use crate::cost::{CostModel, Group};
+use crate::cost::collective::collective_of;
+use crate::cost::{Collective, CostModel, Group};
 use crate::ir::{Block, Env, Graph, OpId, Phase, Role};
 use crate::train::memory::buffer_root;
 use serde::Serialize;
@@ -244,6 +245,11 @@ pub struct BlockProfile {
     /// Parameter elements of the block on this device before data-parallel sharding
     /// (what fills a gradient bucket).
     pub param_elems: u64,
+    /// Kernels the block's forward launches per micro-batch: its ops that are neither
+    /// views, sources nor collectives (recomputation clones included).
+    pub fwd_kernels: u32,
+    /// Kernels the block's backward launches per micro-batch (as `fwd_kernels`).
+    pub bwd_kernels: u32,
 }
 
 /// Which collectives run on the data-parallel group, and the two groups.
@@ -255,6 +261,21 @@ pub struct Groups<'a> {
     pub tp: Group,
     /// The data-parallel group.
     pub dp: Group,
+}
+
+/// Where a data-parallel collective runs in the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum DpSlot {
+    /// Before a block's forward (ZeRO-3 gather).
+    Fwd,
+    /// Before a block's backward (ZeRO-3 gather).
+    BwdGather,
+    /// After a block's backward (ZeRO-2/3 reduce-scatter).
+    BwdReduce,
+    /// After the optimizer (ZeRO-1/2 parameter gather).
+    OptGather,
+    /// Once per step before the optimizer (ZeRO-0/1 reduction).
+    OptReduce,
 }
 
 fn persistent(role: Role) -> bool {
@@ -272,6 +293,13 @@ pub fn profile(
     let mut out: BTreeMap<Block, BlockProfile> = BTreeMap::new();
     let n = g.op_count();
 
+    // Data-parallel collectives run as one message per block, kind and slot: the
+    // engines flatten a unit's tensors into one buffer before communicating (FSDP2's
+    // per-block `fully_shard` all-gather and reduce-scatter, Megatron-LM's and
+    // DeepSpeed's contiguous gradient buckets), so a block pays one collective's
+    // latency, not one per parameter tensor. Keyed by (block, slot, kind).
+    let mut dp_bytes: BTreeMap<(Block, DpSlot, u8), (Collective, f64)> = BTreeMap::new();
+
     // Times and FLOPs.
     for id in g.ops() {
         let node = g.node(id);
@@ -281,9 +309,33 @@ pub fn profile(
         let res = g.result_types(id);
         let is_dp = groups.dp_ops.contains(&id);
         let group = if is_dp { groups.dp } else { groups.tp };
+        if is_dp {
+            if let Some((kind, bytes)) = collective_of(&node.op, &ins, &res, env) {
+                let gather = matches!(node.op, crate::ir::Op::AllGather { .. });
+                let slot = match node.phase {
+                    Phase::Fwd => DpSlot::Fwd,
+                    Phase::Bwd if gather => DpSlot::BwdGather,
+                    Phase::Bwd => DpSlot::BwdReduce,
+                    Phase::Opt if gather => DpSlot::OptGather,
+                    Phase::Opt => DpSlot::OptReduce,
+                };
+                let e = dp_bytes
+                    .entry((node.block, slot, kind as u8))
+                    .or_insert((kind, 0.0));
+                e.1 += bytes;
+                continue;
+            }
+        }
         let t = cost.op_time(&node.op, &ins, &res, env, group);
         let flops = node.op.cost(&ins, &res, env)?.flops;
         let collective = node.op.is_collective();
+        if !collective && !node.op.is_view() && !node.op.is_source() {
+            match node.phase {
+                Phase::Fwd => p.fwd_kernels += 1,
+                Phase::Bwd => p.bwd_kernels += 1,
+                Phase::Opt => {}
+            }
+        }
         match node.phase {
             Phase::Fwd if is_dp => p.dp_fwd_s += t,
             Phase::Bwd if is_dp && matches!(node.op, crate::ir::Op::AllGather { .. }) => {
@@ -314,6 +366,24 @@ pub fn profile(
             if node.phase == Phase::Fwd {
                 p.tp_fwd_s += t;
             }
+        }
+    }
+
+    // The host issues kernels asynchronously: a pass runs no faster than its
+    // launches (`crate::cost::overhead`).
+    for p in out.values_mut() {
+        p.fwd_s = p.fwd_s.max(cost.launch_time(p.fwd_kernels));
+        p.bwd_s = p.bwd_s.max(cost.launch_time(p.bwd_kernels));
+    }
+    for ((block, slot, _), (kind, bytes)) in dp_bytes {
+        let t = cost.collective_time(kind, bytes, groups.dp);
+        let p = out.entry(block).or_default();
+        match slot {
+            DpSlot::Fwd => p.dp_fwd_s += t,
+            DpSlot::BwdGather => p.dp_bwd_s += t,
+            DpSlot::BwdReduce => p.dp_reduce_s += t,
+            DpSlot::OptGather => p.dp_param_s += t,
+            DpSlot::OptReduce => p.dp_grad_s += t,
         }
     }
 

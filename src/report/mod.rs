@@ -45,10 +45,15 @@ pub struct EvalJson {
     pub step_time_s: f64,
     /// Tokens per second.
     pub tokens_per_s: f64,
-    /// TFLOP/s per device.
+    /// Model TFLOP/s per device (the model FLOPs of MFU per second).
     pub tflops_per_device: f64,
-    /// Model FLOPs utilization.
+    /// Model FLOPs utilization (PaLM's `6·N + 12·L·H·Q·T` per token; see
+    /// [`crate::lower::compile::Compiler::model_flops_per_step`]).
     pub mfu: f64,
+    /// Hardware FLOPs utilization: executed FLOPs, recomputation and tensor-parallel
+    /// replication included (0 in summaries saved before it existed).
+    #[serde(default)]
+    pub hfu: f64,
     /// Memory.
     pub memory: MemoryJson,
     /// Stages.
@@ -67,6 +72,7 @@ impl EvalJson {
             tokens_per_s: e.tokens_per_s,
             tflops_per_device: e.tflops_per_device,
             mfu: e.mfu,
+            hfu: e.hfu,
             memory: MemoryJson {
                 budget_bytes: e.budget_bytes,
                 peak_bytes: e.peak_bytes,
@@ -119,11 +125,12 @@ pub fn summary_text(e: &EvalJson, stages: &[StageJson]) -> String {
     let _ = writeln!(s, "configuration: {c}");
     let _ = writeln!(
         s,
-        "step time {:.3} s, {:.0} tokens/s, {:.1} TFLOP/s per device, MFU {:.1}%",
+        "step time {:.3} s, {:.0} tokens/s, {:.1} TFLOP/s per device, MFU {:.1}%, HFU {:.1}%",
         e.step_time_s,
         e.tokens_per_s,
         e.tflops_per_device,
-        100.0 * e.mfu
+        100.0 * e.mfu,
+        100.0 * e.hfu
     );
     let b = &e.breakdown;
     let _ = writeln!(
