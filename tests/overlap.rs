@@ -83,6 +83,22 @@ fn step(blocks: &Blocks, zero: u8, m: u32, overlap: Overlap, links: SharedLinks)
         },
     )
     .step_time_s
+        - clip_all_reduce(&cost, zero)
+}
+
+/// The gradient-norm all-reduce of one fp32 scalar every step ends with (priced in
+/// `cost::overhead`; the synthetic blocks hold no gradients to read): over the 8
+/// data-parallel ranks when ZeRO shards the optimizer, over nobody otherwise.
+fn clip_all_reduce(cost: &CostModel, zero: u8) -> f64 {
+    let group = if zero >= 1 {
+        apar::cost::Group {
+            size: 8,
+            per_node: 8,
+        }
+    } else {
+        apar::cost::Group::SINGLE
+    };
+    cost.grad_clip_time(0.0, group)
 }
 
 fn close(got: f64, want: f64) {
