@@ -2,12 +2,13 @@
 //! gradient-norm clipping before the optimizer step.
 //!
 //! - **Kernel launches.** Engines run eagerly: the host issues every kernel through
-//!   the framework's dispatcher and `cudaLaunchKernel`, asynchronously, so the device
-//!   runs a block no faster than the host issues it: a block's pass takes at least
-//!   its kernel count times [`KERNEL_LAUNCH_S`]. Kernels are the graph's ops that are
-//!   neither views, sources nor collectives (the collectives are priced with their
-//!   own latency). Large blocks are device-bound and unaffected; small models,
-//!   small micro-batches and thin tensor-parallel shards become host-bound.
+//!   the framework's dispatcher and `cudaLaunchKernel`, one after another, so a kernel
+//!   shorter than a launch waits for the next launch: every kernel takes at least
+//!   [`KERNEL_LAUNCH_S`] (applied per op in `crate::lower::profile`). Kernels are the
+//!   graph's ops that are neither views, sources nor collectives (the collectives are
+//!   priced with their own latency). Large kernels are device-bound and unaffected;
+//!   small models, small micro-batches and thin tensor-parallel shards become
+//!   host-bound, and the overhead grows with the layers and the micro-batches.
 //! - **Gradient clipping** (Megatron-LM `clip_grad_norm_fp32`, DeepSpeed
 //!   `gradient_clipping`, torchtitan `clip_grad_norm_`, all on by default at 1.0):
 //!   each rank reads the gradients its optimizer updates once to take their norm

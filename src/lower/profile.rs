@@ -326,10 +326,13 @@ pub fn profile(
                 continue;
             }
         }
-        let t = cost.op_time(&node.op, &ins, &res, env, group);
+        let mut t = cost.op_time(&node.op, &ins, &res, env, group);
         let flops = node.op.cost(&ins, &res, env)?.flops;
         let collective = node.op.is_collective();
         if !collective && !node.op.is_view() && !node.op.is_source() {
+            // The host issues kernels one after another: a kernel shorter than its
+            // launch waits for the next one to be issued (`crate::cost::overhead`).
+            t = t.max(cost.launch_time(1));
             match node.phase {
                 Phase::Fwd => p.fwd_kernels += 1,
                 Phase::Bwd => p.bwd_kernels += 1,
@@ -369,12 +372,6 @@ pub fn profile(
         }
     }
 
-    // The host issues kernels asynchronously: a pass runs no faster than its
-    // launches (`crate::cost::overhead`).
-    for p in out.values_mut() {
-        p.fwd_s = p.fwd_s.max(cost.launch_time(p.fwd_kernels));
-        p.bwd_s = p.bwd_s.max(cost.launch_time(p.bwd_kernels));
-    }
     for ((block, slot, _), (kind, bytes)) in dp_bytes {
         let t = cost.collective_time(kind, bytes, groups.dp);
         let p = out.entry(block).or_default();
