@@ -628,11 +628,13 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                         end: end + p2p,
                     });
                 }
-                // Sends block the sender until the receiver has the data (Megatron-LM
-                // `p2p_communication._communicate` waits on its requests and
+                // Sends block the sender until the receiver has the data (Megatron-LM's
+                // 1F1B `p2p_communication._communicate` waits on its requests and
                 // synchronizes; DeepSpeed's pipeline engine sends with blocking
-                // `dist.send`).
-                let blocking = if sends { p2p } else { 0.0 };
+                // `dist.send`). The interleaved schedule overlaps them with the next
+                // chunk's compute (Megatron-LM `overlap_p2p_comm`, on unless
+                // `--no-overlap-p2p-communication`).
+                let blocking = if sends && v == 1 { p2p } else { 0.0 };
                 p2p_wait[d] += blocking;
                 free_at[d] = end + blocking;
                 busy[d] += dur;
