@@ -479,8 +479,8 @@ fn apar(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-/// `--precision`, `--grad-dtype` and `--runtime-overhead-gib` reach the plan; FP8 is
-/// refused as bad input.
+/// `--precision`, `--grad-dtype` and `--runtime-overhead-gib` reach the plan; FP8 on
+/// an A100 (no FP8 tensor cores) is refused as bad input.
 #[test]
 fn cli_precision_and_overhead_options() {
     let base = [

@@ -5,6 +5,7 @@
 
 use apar::cluster::Cluster;
 use apar::engine::export::{export, parse, Export, ExportError, ExportPlan, ParsedConfig};
+use apar::engine::memory::{Precision, PrecisionOptions};
 use apar::engine::Engine;
 use apar::models::{zoo, ModelConfig};
 use apar::passes::{Config, Recompute, Schedule};
@@ -435,9 +436,10 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
             2u32..=4,
             prop::collection::vec(0u32..1000, 32),
         ),
+        prop::sample::select(vec![Precision::Bf16, Precision::Fp8]),
     )
         .prop_map(
-            |(model, tp, pp, dp, b, m, sp, (rc, k, zero, lps, sched, v, cuts))| {
+            |(model, tp, pp, dp, b, m, sp, (rc, k, zero, lps, sched, v, cuts), compute)| {
                 let model = zoo::lookup(model).unwrap();
                 let schedule = match (pp, sched) {
                     (1, _) | (_, 1) => Schedule::OneFOneB,
@@ -475,7 +477,12 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                         counts[cuts[i % cuts.len()] as usize * (i + 1) % n] += 1;
                     }
                 }
-                ExportPlan::with_layers(c, Some(model), 2048, &counts)
+                ExportPlan::with_layers(c, Some(model), 2048, &counts).with_precision(
+                    PrecisionOptions {
+                        compute,
+                        ..PrecisionOptions::default()
+                    },
+                )
             },
         )
 }
@@ -997,4 +1004,59 @@ fn exports_carry_the_precision() {
     // for; DeepSpeed's bf16 gradients are its default, so the override changes nothing.
     assert!(export(Engine::Megatron, &bf16_grads).is_err());
     assert!(export(Engine::DeepSpeed, &bf16_grads).is_ok());
+}
+
+/// FP8 plans: Megatron-LM writes Transformer Engine's options over bf16
+/// (`--fp8-format hybrid` and the amax settings of Megatron-LM's own
+/// `examples/llama/train_llama3_8b_h100_fp8.sh`); torchtitan exports only a recipe
+/// whose model spec converts the linears to float8 (`llama3_405b`); DeepSpeed and
+/// Hugging Face refuse. Every accepted export reads back as FP8.
+#[test]
+fn fp8_exports() {
+    let fp8 = PrecisionOptions {
+        compute: Precision::Fp8,
+        ..PrecisionOptions::default()
+    };
+    let c = config(
+        1,
+        8,
+        1,
+        1,
+        8,
+        true,
+        Recompute::None,
+        None,
+        0,
+        Schedule::OneFOneB,
+    );
+    for (model, last) in [("llama3-8b", 33), ("llama3-405b", 127)] {
+        let m = zoo::lookup(model).unwrap();
+        let ep =
+            ExportPlan::new(c, Some(m), 8192, c.global_batch(), &[[0, last]]).with_precision(fp8);
+        for engine in Engine::ALL {
+            let r = export(engine, &ep);
+            check_round_trip(engine, &ep, &r);
+            if let Ok(e) = &r {
+                assert!(parse(engine, &e.text, c.devices()).unwrap().fp8);
+            }
+            insta::assert_snapshot!(
+                format!("fp8-{model}-{engine}"),
+                format!("plan: {c} fp8\n{}", render(&r))
+            );
+        }
+    }
+    let m = zoo::lookup("llama3-8b").unwrap();
+    let ep = ExportPlan::new(c, Some(m), 8192, c.global_batch(), &[[0, 33]]).with_precision(fp8);
+    let t = export(Engine::Megatron, &ep).unwrap().text;
+    assert!(
+        t.contains("--bf16 \\") && t.contains("--fp8-format hybrid"),
+        "{t}"
+    );
+    for engine in [Engine::DeepSpeed, Engine::Hf] {
+        let e = export(engine, &ep).unwrap_err().to_string();
+        assert!(e.contains("fp8"), "{e}");
+    }
+    // A bad format is refused on parse-back.
+    let bad = t.replace("--fp8-format hybrid", "--fp8-format e5m2");
+    assert!(parse(Engine::Megatron, &bad, c.devices()).is_err());
 }

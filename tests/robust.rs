@@ -197,7 +197,8 @@ fn saved_plans_hold_only_finite_numbers() {
     // Options that may be absent: the cluster's usable memory, recompute layers, the
     // model's overrides (`layers`, `attention`), a compute op's collective `group`, the
     // gradient and optimizer dtypes (engine defaults), a fixed runtime overhead, and
-    // the block of a communication event that serves no single block.
+    // the block of a communication event that serves no single block, and the FP8 peak
+    // of a device without FP8 tensor cores.
     let absent = [
         "block",
         "usable_memory_bytes",
@@ -208,6 +209,7 @@ fn saved_plans_hold_only_finite_numbers() {
         "grad",
         "optimizer",
         "fixed_bytes",
+        "peak_fp8_flops",
     ];
     found.retain(|k| !absent.contains(&k.as_str()));
     assert!(found.is_empty(), "null (non-finite?) at {found:?}");

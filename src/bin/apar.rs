@@ -274,7 +274,8 @@ enum Command {
 /// Precision and runtime-memory options of `plan` and `eval`.
 #[derive(clap::Args)]
 struct MemoryArgs {
-    /// Compute precision: bf16 (default), fp16, fp32 (fp8 is refused: not modelled).
+    /// Compute precision: bf16 (default), fp16, fp32, or fp8 (bf16 with FP8 GEMMs in the
+    /// transformer layers; Megatron-LM and torchtitan, on devices with FP8 tensor cores).
     #[arg(long)]
     precision: Option<Precision>,
     /// Gradient buffer dtype: fp32, bf16, fp16 (default: the engine's; Megatron-LM

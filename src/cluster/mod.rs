@@ -19,6 +19,11 @@ pub struct DeviceSpec {
     pub peak_bf16_flops: f64,
     /// Peak dense fp32 (non-tensor) throughput, FLOP/s.
     pub peak_fp32_flops: f64,
+    /// Peak dense FP8 (E4M3/E5M2) tensor throughput, FLOP/s; `None` for a device
+    /// without FP8 tensor cores, which cannot train with `--precision fp8`.
+    /// (Always serialized, like `Cluster::usable_memory_bytes`; JSON files may omit it.)
+    #[serde(default)]
+    pub peak_fp8_flops: Option<f64>,
     /// Device memory, bytes.
     pub memory_bytes: u64,
     /// Device memory bandwidth, bytes/s.
@@ -121,6 +126,9 @@ impl Cluster {
             ("device.peak_fp32_flops", self.device.peak_fp32_flops),
         ] {
             range(f, v, FLOPS_RANGE, "FLOP/s")?;
+        }
+        if let Some(v) = self.device.peak_fp8_flops {
+            range("device.peak_fp8_flops", v, FLOPS_RANGE, "FLOP/s")?;
         }
         for (f, v) in [
             ("device.memory_bandwidth", self.device.memory_bandwidth),
@@ -271,46 +279,54 @@ pub mod devices {
 
     /// NVIDIA A100 SXM4 40 GB: 312 TFLOP/s dense bf16, 19.5 TFLOP/s fp32, 1,555 GB/s
     /// HBM2 (NVIDIA A100 Tensor Core GPU datasheet, 2021); 40 GiB as the driver reports.
+    /// No FP8 tensor cores (the datasheet lists TF32, bf16/fp16, INT8 and INT4 only).
     pub fn a100_40g() -> DeviceSpec {
         DeviceSpec {
             name: "A100-SXM4-40GB".into(),
             peak_bf16_flops: 312e12,
             peak_fp32_flops: 19.5e12,
+            peak_fp8_flops: None,
             memory_bytes: 40 * GIB,
             memory_bandwidth: 1555.0 * GB,
         }
     }
 
-    /// NVIDIA A100 SXM4 80 GB: 312 TFLOP/s dense bf16, 2,039 GB/s HBM2e (same datasheet).
+    /// NVIDIA A100 SXM4 80 GB: 312 TFLOP/s dense bf16, 2,039 GB/s HBM2e (same datasheet);
+    /// no FP8 tensor cores.
     pub fn a100_80g() -> DeviceSpec {
         DeviceSpec {
             name: "A100-SXM4-80GB".into(),
             peak_bf16_flops: 312e12,
             peak_fp32_flops: 19.5e12,
+            peak_fp8_flops: None,
             memory_bytes: 80 * GIB,
             memory_bandwidth: 2039.0 * GB,
         }
     }
 
     /// NVIDIA H100 SXM5 80 GB: 989 TFLOP/s dense bf16, 67 TFLOP/s fp32, 3.35 TB/s HBM3
-    /// (NVIDIA H100 Tensor Core GPU datasheet, 2023).
+    /// (NVIDIA H100 Tensor Core GPU datasheet, 2023); 1,979 TFLOP/s dense FP8 (the
+    /// datasheet's 3,958 "with sparsity", halved).
     pub fn h100() -> DeviceSpec {
         DeviceSpec {
             name: "H100-SXM5-80GB".into(),
             peak_bf16_flops: 989e12,
             peak_fp32_flops: 67e12,
+            peak_fp8_flops: Some(1979e12),
             memory_bytes: 80 * GIB,
             memory_bandwidth: 3350.0 * GB,
         }
     }
 
     /// NVIDIA H200 SXM 141 GB: 989 TFLOP/s dense bf16, 67 TFLOP/s fp32, 4.8 TB/s HBM3e
-    /// (NVIDIA H200 Tensor Core GPU datasheet, 2024); 141 GB = 141·10⁹ bytes.
+    /// (NVIDIA H200 Tensor Core GPU datasheet, 2024); 141 GB = 141·10⁹ bytes; 1,979
+    /// TFLOP/s dense FP8 (the datasheet's 3,958 "with sparsity", halved).
     pub fn h200() -> DeviceSpec {
         DeviceSpec {
             name: "H200-SXM-141GB".into(),
             peak_bf16_flops: 989e12,
             peak_fp32_flops: 67e12,
+            peak_fp8_flops: Some(1979e12),
             memory_bytes: 141_000_000_000,
             memory_bandwidth: 4800.0 * GB,
         }
@@ -318,24 +334,28 @@ pub mod devices {
 
     /// One GCD of an AMD Instinct MI250: half of the package's 383 TFLOP/s dense bf16
     /// and 47.9 TFLOP/s fp32 vector, 64 GiB HBM2e at half of 3.2 TB/s (AMD Instinct
-    /// MI250 data sheet, 2021).
+    /// MI250 data sheet, 2021). CDNA2 has no FP8 matrix cores (the data sheet lists
+    /// fp64, fp32, fp16, bf16, INT8 and INT4).
     pub fn mi250_gcd() -> DeviceSpec {
         DeviceSpec {
             name: "MI250-GCD".into(),
             peak_bf16_flops: 191.5e12,
             peak_fp32_flops: 23.95e12,
+            peak_fp8_flops: None,
             memory_bytes: 64 * GIB,
             memory_bandwidth: 1638.4 * GB,
         }
     }
 
     /// AMD Instinct MI300X: 1,307.4 TFLOP/s dense bf16, 163.4 TFLOP/s fp32, 192 GB HBM3
-    /// at 5.3 TB/s (AMD Instinct MI300X data sheet, 2023).
+    /// at 5.3 TB/s (AMD Instinct MI300X data sheet, 2023); 2,614.9 TFLOP/s dense FP8
+    /// (same data sheet; 5,229.8 with sparsity).
     pub fn mi300x() -> DeviceSpec {
         DeviceSpec {
             name: "MI300X".into(),
             peak_bf16_flops: 1307.4e12,
             peak_fp32_flops: 163.4e12,
+            peak_fp8_flops: Some(2614.9e12),
             memory_bytes: 192_000_000_000,
             memory_bandwidth: 5300.0 * GB,
         }

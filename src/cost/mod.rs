@@ -134,8 +134,13 @@ impl CostModel {
         // default since 1.12 (`torch.backends.cuda.matmul.allow_tf32 = False`, "CUDA
         // semantics", TensorFloat-32 section); bf16 and fp16 ones on the tensor cores.
         let fp32 = inputs.first().is_some_and(|t| t.dtype == DType::F32);
+        // FP8 operands run at the device's FP8 tensor peak (a device without one runs
+        // them at its bf16 peak; the engine rules refuse FP8 on such devices).
+        let fp8 = inputs.len() >= 2 && inputs.iter().take(2).all(|t| t.dtype.is_fp8());
         let tensor_peak = if fp32 {
             dev.peak_fp32_flops
+        } else if fp8 {
+            dev.peak_fp8_flops.unwrap_or(dev.peak_bf16_flops)
         } else {
             dev.peak_bf16_flops
         };

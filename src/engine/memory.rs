@@ -17,6 +17,7 @@
 use super::Engine;
 use crate::ir::DType;
 use crate::passes::recompute::Selective;
+use crate::train::precision::Fp8Recipe;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -38,7 +39,9 @@ pub enum Precision {
     Fp16,
     /// float32 throughout (no low-precision copy).
     Fp32,
-    /// FP8 matmuls (Transformer Engine); refused: apar's IR has no FP8 dtype yet.
+    /// bf16 mixed precision with FP8 GEMMs in the transformer layers' linears
+    /// (Megatron-LM with Transformer Engine, torchtitan with torchao; see
+    /// [`Engine::fp8`]).
     Fp8,
 }
 
@@ -114,9 +117,20 @@ pub enum PrecisionError {
     /// Not a precision or float dtype name.
     #[error("unknown precision `{0}` (bf16, fp16, fp32, fp8)")]
     Unknown(String),
-    /// FP8 compute was asked for.
-    #[error("fp8 compute is not modelled: apar's IR has no FP8 dtype for the Transformer Engine weight and activation copies it implies; plan with --precision bf16")]
-    Fp8NotModelled,
+    /// The engine does not train with FP8 GEMMs.
+    #[error("{engine} does not run fp8 compute: {why}; plan with --precision bf16 or --engine megatron|torchtitan")]
+    Fp8Engine {
+        /// The engine.
+        engine: Engine,
+        /// Why not (what the engine offers instead).
+        why: &'static str,
+    },
+    /// The device has no FP8 tensor cores (`peak_fp8_flops` is absent).
+    #[error("device {device} has no FP8 tensor cores (no peak_fp8_flops): fp8 compute needs e.g. H100, H200 or MI300X; plan with --precision bf16")]
+    Fp8Device {
+        /// The device name.
+        device: String,
+    },
     /// A gradient or optimizer dtype below the compute precision (fp32 compute with
     /// bf16 gradients, say): no engine here runs it.
     #[error("{what} dtype {dtype} is narrower than the {compute} compute precision")]
@@ -165,6 +179,8 @@ pub struct States {
     /// The dtype the loss reads the logits in (every engine here upcasts to fp32,
     /// [`LOGITS_FP32_SOURCE`]).
     pub logits: DType,
+    /// The FP8 recipe of the linear layers, with FP8 compute.
+    pub fp8: Option<Fp8Recipe>,
     /// Where these facts were read.
     pub source: &'static str,
 }
@@ -204,7 +220,8 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// [`PrecisionError::Fp8NotModelled`] for FP8; [`PrecisionError::NotFloat`] or
+    /// [`PrecisionError::Fp8Engine`] for FP8 on an engine without it
+    /// ([`Engine::fp8`]); [`PrecisionError::NotFloat`] or
     /// [`PrecisionError::Narrower`] for a gradient or optimizer dtype that is not a
     /// float or is narrower than the compute dtype.
     pub fn states(self, p: &PrecisionOptions) -> Result<States, PrecisionError> {
@@ -212,7 +229,13 @@ impl Engine {
             Precision::Bf16 => DType::Bf16,
             Precision::Fp16 => DType::F16,
             Precision::Fp32 => DType::F32,
-            Precision::Fp8 => return Err(PrecisionError::Fp8NotModelled),
+            // FP8 recipes keep bf16 activations and parameter copies; only the
+            // linears' GEMM operands are FP8.
+            Precision::Fp8 => DType::Bf16,
+        };
+        let fp8 = match p.compute {
+            Precision::Fp8 => Some(self.fp8()?),
+            _ => None,
         };
         let fsdp = matches!(self, Engine::Torchtitan | Engine::Hf);
         let default_grad = match (self, compute) {
@@ -257,6 +280,7 @@ impl Engine {
             master,
             params_in_master: fsdp && master != compute,
             logits: DType::F32,
+            fp8,
             source: match self {
                 Engine::Megatron => MEGATRON_STATES_SOURCE,
                 Engine::DeepSpeed => DEEPSPEED_STATES_SOURCE,
@@ -445,13 +469,21 @@ mod tests {
         };
         let m = Engine::Megatron.states(&fp16).unwrap();
         assert_eq!((m.grad, m.main_grad), (DType::F16, DType::F32));
-        assert_eq!(
-            Engine::Megatron.states(&PrecisionOptions {
-                compute: Precision::Fp8,
-                ..p
-            }),
-            Err(PrecisionError::Fp8NotModelled)
-        );
+        let fp8 = PrecisionOptions {
+            compute: Precision::Fp8,
+            ..p
+        };
+        let m = Engine::Megatron.states(&fp8).unwrap();
+        assert_eq!((m.compute, m.grad), (DType::Bf16, DType::F32));
+        assert!(m.fp8.is_some_and(|r| r.saves_fp8 && r.weight_cache));
+        let t = Engine::Torchtitan.states(&fp8).unwrap();
+        assert!(t.fp8.is_some_and(|r| !r.saves_fp8 && !r.weight_cache));
+        for e in [Engine::DeepSpeed, Engine::Hf] {
+            assert!(matches!(
+                e.states(&fp8),
+                Err(PrecisionError::Fp8Engine { engine, .. }) if engine == e
+            ));
+        }
         for x in Precision::ALL {
             assert_eq!(x.name().parse::<Precision>(), Ok(x));
         }

@@ -53,9 +53,44 @@
 //!   `tp_plan` through Accelerate's `ParallelismConfig` is a separate path).
 
 use super::Engine;
+use crate::engine::memory::PrecisionError;
 use crate::lower::StageSpan;
 use crate::passes::{Config, Recompute, Schedule};
+use crate::train::precision::{Fp8Recipe, TORCHAO_FP8, TRANSFORMER_ENGINE_FP8};
 use thiserror::Error;
+
+impl Engine {
+    /// How this engine trains with FP8 compute, or why it does not.
+    ///
+    /// * Megatron-LM: Transformer Engine with `--fp8-format hybrid`
+    ///   ([`TRANSFORMER_ENGINE_FP8`]; `fp8` in `transformer_config.py`, `d98e8a6`).
+    /// * torchtitan: torchao's `Float8Linear` through `Float8LinearConverter`
+    ///   ([`TORCHAO_FP8`]; `torchtitan/components/quantization/float8.py`, `b5bcd76`).
+    /// * DeepSpeed 0.19.6: its configuration has `fp16` and `bf16` sections and no FP8
+    ///   one (no `fp8` under `deepspeed/runtime/`); FP8 there is the user's own
+    ///   Transformer Engine model code, which apar does not see.
+    /// * Hugging Face + FSDP: the `Trainer` arguments apar exports have no FP8 switch
+    ///   (FP8 is Accelerate's `mixed_precision="fp8"` with a backend choice, not
+    ///   modelled).
+    ///
+    /// # Errors
+    ///
+    /// [`PrecisionError::Fp8Engine`] for DeepSpeed and Hugging Face.
+    pub fn fp8(self) -> Result<Fp8Recipe, PrecisionError> {
+        match self {
+            Engine::Megatron => Ok(TRANSFORMER_ENGINE_FP8),
+            Engine::Torchtitan => Ok(TORCHAO_FP8),
+            Engine::DeepSpeed => Err(PrecisionError::Fp8Engine {
+                engine: self,
+                why: "DeepSpeed 0.19.6's configuration has fp16 and bf16 sections and no fp8 one",
+            }),
+            Engine::Hf => Err(PrecisionError::Fp8Engine {
+                engine: self,
+                why: "the Trainer arguments apar exports have no fp8 option (Accelerate's mixed_precision=fp8 is not modelled)",
+            }),
+        }
+    }
+}
 
 /// Why an engine cannot run a configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]

@@ -25,17 +25,26 @@ pub enum DType {
     I32,
     /// Unsigned byte (dropout masks).
     U8,
+    /// 8-bit float, 4 exponent and 3 mantissa bits, finite only (PyTorch
+    /// `torch.float8_e4m3fn`; the OCP "FP8 Formats for Deep Learning" E4M3): the
+    /// operands of forward FP8 GEMMs.
+    F8E4M3,
+    /// 8-bit float, 5 exponent and 2 mantissa bits (PyTorch `torch.float8_e5m2`): the
+    /// output gradients of backward FP8 GEMMs in the "hybrid" recipe.
+    F8E5M2,
 }
 
 impl DType {
     /// Every dtype, in table order.
-    pub const ALL: [DType; 6] = [
+    pub const ALL: [DType; 8] = [
         DType::F32,
         DType::Bf16,
         DType::F16,
         DType::I64,
         DType::I32,
         DType::U8,
+        DType::F8E4M3,
+        DType::F8E5M2,
     ];
 
     /// Size of one element in bytes.
@@ -44,13 +53,21 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::Bf16 | DType::F16 => 2,
             DType::I64 => 8,
-            DType::U8 => 1,
+            DType::U8 | DType::F8E4M3 | DType::F8E5M2 => 1,
         }
     }
 
     /// Whether this is a floating-point type.
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::Bf16 | DType::F16)
+        matches!(
+            self,
+            DType::F32 | DType::Bf16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2
+        )
+    }
+
+    /// Whether this is an 8-bit float (an FP8 GEMM operand).
+    pub fn is_fp8(self) -> bool {
+        matches!(self, DType::F8E4M3 | DType::F8E5M2)
     }
 
     /// Whether this is an integer type.
@@ -67,6 +84,8 @@ impl DType {
             DType::I64 => "i64",
             DType::I32 => "i32",
             DType::U8 => "u8",
+            DType::F8E4M3 => "f8e4m3",
+            DType::F8E5M2 => "f8e5m2",
         }
     }
 

@@ -20,7 +20,8 @@ use crate::models::{
     build_forward, build_forward_with, ModelCode, ModelConfig, ModelError, Position,
 };
 use crate::passes::manager::{
-    Autodiff, Distribute, MixedPrecision, PassError, PassManager, RecomputeLayers, TensorParallel,
+    Autodiff, Distribute, Fp8Linears, MixedPrecision, PassError, PassManager, RecomputeLayers,
+    TensorParallel,
 };
 use crate::passes::recompute::Recomputed;
 use crate::passes::{pipeline, Config, Recompute, Schedule};
@@ -563,11 +564,17 @@ impl Compiler {
     /// # Errors
     ///
     /// [`CompileError::Precision`] when the engine cannot train at `precision`
-    /// (see [`Engine::states`]).
+    /// (see [`Engine::states`]), or for FP8 on a device without FP8 tensor cores.
     pub fn with_precision(mut self, precision: PrecisionOptions) -> Result<Compiler, CompileError> {
-        self.engine
+        let states = self
+            .engine
             .states(&precision)
             .map_err(CompileError::Precision)?;
+        if states.fp8.is_some() && self.cluster.device.peak_fp8_flops.is_none() {
+            return Err(CompileError::Precision(PrecisionError::Fp8Device {
+                device: self.cluster.device.name.clone(),
+            }));
+        }
         self.precision = precision;
         self.caches = Caches::default();
         Ok(self)
@@ -608,8 +615,8 @@ impl Compiler {
     /// Never for a compiler built by this module: [`Compiler::with_precision`] checks
     /// the precision, and the default precision is valid for every engine.
     pub fn states(&self) -> States {
-        // `with_precision` checked the precision; the errors of `Engine::states` do
-        // not depend on the engine, so the fallback is never taken.
+        // `with_precision` checked the precision for this compiler's engine (and
+        // `with_engine` is always called before it), so the fallback is never taken.
         self.engine
             .states(&self.precision)
             .or_else(|_| self.engine.states(&PrecisionOptions::default()))
@@ -944,14 +951,18 @@ impl Compiler {
             });
             let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
             let states = self.states();
-            let fwd = self
+            let mut fwd = self
                 .passes
                 .run(&MixedPrecision(states.compute, states.logits), fwd)?;
+            if let Some(recipe) = states.fp8 {
+                fwd = self.passes.run(&Fp8Linears(recipe), &fwd)?;
+            }
             let opts = TrainOptions {
                 grad_dtype: states.grad,
                 main_grad_dtype: states.main_grad,
                 main_grad_transient: states.main_grad_transient,
                 master_dtype: states.master,
+                fp8: states.fp8,
                 ..TrainOptions::default()
             };
             let train = self.passes.run(&Autodiff(opts), &fwd)?;

@@ -410,10 +410,14 @@ pub fn profile(
         let tensor = g.tensor(t);
         let block = g.node(tensor.producer).block;
         let source = g.op(tensor.producer).is_source();
+        // A low-precision copy made outside the optimizer step and not by a
+        // recomputation: an FP8 weight cache (`Fp8Recipe::weight_cache`).
+        let cache =
+            g.node(tensor.producer).phase != Phase::Opt && !clones.contains(&tensor.producer);
         let p = out.entry(block).or_default();
         let s = &mut p.states;
         match tensor.role {
-            Role::LowPrecParam if source => s.low_prec_params += bytes[t.index()],
+            Role::LowPrecParam if source || cache => s.low_prec_params += bytes[t.index()],
             Role::Param if source => {
                 s.master_params += bytes[t.index()];
                 p.param_elems += bytes[t.index()] / g.ty(t).dtype.size_bytes().max(1);

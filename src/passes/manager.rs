@@ -239,6 +239,22 @@ impl Pass for MixedPrecision {
     }
 }
 
+/// FP8 linear layers in a forward graph's transformer blocks, as the recipe runs them
+/// ([`crate::train::precision::apply_fp8`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Linears(pub crate::train::precision::Fp8Recipe);
+
+impl Pass for Fp8Linears {
+    type Output = Graph;
+    type Error = ShapeError;
+    fn name(&self) -> &'static str {
+        "fp8"
+    }
+    fn run(&self, g: &Graph) -> Result<Graph, ShapeError> {
+        crate::train::precision::apply_fp8(g, &self.0)
+    }
+}
+
 /// Tensor-parallel sharding of a forward graph at degree `tp` ([`crate::shard`]), its
 /// extraction priced by `cost` on a `tp`-device group at `env`.
 #[derive(Clone, Copy)]

@@ -1,5 +1,6 @@
 //! Reverse-mode autodiff over the closed op set, plus mixed precision and AdamW.
 
+use super::precision::Fp8Recipe;
 use super::{TrainError, TrainOptions};
 use crate::ir::{
     Dim, Graph, GraphBuilder, Op, OpId, Phase, Role, Saved, Shape, TensorId, TensorType,
@@ -43,6 +44,8 @@ pub fn derive_with_report(
         cur: None,
         read: BTreeSet::new(),
         regathered: BTreeMap::new(),
+        fp8: opts.fp8,
+        transposed: BTreeMap::new(),
     };
     d.copy_forward(opts)?;
     d.find_tilings();
@@ -146,6 +149,10 @@ struct Diff<'a> {
     read: BTreeSet<Saved>,
     /// Forward all-gather results re-gathered in backward (see [`Diff::input`]).
     regathered: BTreeMap<TensorId, TensorId>,
+    /// The FP8 recipe of the forward graph's FP8 GEMMs.
+    fp8: Option<Fp8Recipe>,
+    /// Forward FP8 weight casts → their transposed FP8 copies (see [`Diff::fp8_rule`]).
+    transposed: BTreeMap<TensorId, TensorId>,
 }
 
 type R<T> = Result<T, TrainError>;
@@ -175,8 +182,16 @@ impl Diff<'_> {
                     self.needs_grad[r.index()] = fwd.ty(r).dtype.is_float()
                         && node.inputs.iter().any(|t| self.needs_grad[t.index()]);
                 }
-                self.b
-                    .add_with_role(node.op.clone(), &inputs, Role::Activation)?
+                let r = self
+                    .b
+                    .add_with_role(node.op.clone(), &inputs, Role::Activation)?;
+                // A forward FP8 weight cache keeps its role ([`super::precision::apply_fp8`]).
+                for (&old, &new) in node.results.iter().zip(&r) {
+                    if fwd.tensor(old).role == Role::LowPrecParam {
+                        self.b.set_role(new, Role::LowPrecParam);
+                    }
+                }
+                r
             };
             for (&old, new) in node.results.iter().zip(new) {
                 self.map[old.index()] = Some(new);
@@ -339,6 +354,104 @@ impl Diff<'_> {
         Ok(self.b.add1(Op::Reshape { shape }, &[t])?)
     }
 
+    /// FP8 operand `i` of the current GEMM as its backward reads it: the forward cast
+    /// itself when the recipe saves FP8 tensors; otherwise the bf16 tensor under the
+    /// cast (under the cast and a sequence-parallel gather), saved, and cast (and
+    /// gathered) again.
+    fn fp8_operand(&mut self, i: usize, recipe: &Fp8Recipe) -> R<TensorId> {
+        if recipe.saves_fp8 {
+            return Ok(self.input(i));
+        }
+        let fwd = self.fwd;
+        let op = self.cur.expect("rule running");
+        let t = fwd.node(op).inputs[i];
+        let mut node = fwd.node(fwd.tensor(t).producer);
+        let gather = match node.op {
+            Op::AllGather { .. } | Op::TpGather { .. } => {
+                let g = node.op.clone();
+                node = fwd.node(fwd.tensor(node.inputs[0]).producer);
+                Some(g)
+            }
+            _ => None,
+        };
+        let Op::Cast { to } = node.op else {
+            return Ok(self.input(i));
+        };
+        self.read.insert(Saved::Input(i));
+        let hp = self.mapped(node.inputs[0]);
+        let mut x = self.b.add1(Op::Cast { to }, &[hp])?;
+        if let Some(g) = gather {
+            x = self.b.add1(g, &[x])?;
+        }
+        Ok(x)
+    }
+
+    /// The backward of a linear layer's FP8 GEMM `y = x · w` (`w` transposed when
+    /// `tb`): the output gradient is cast to the recipe's backward dtype once, then the
+    /// data gradient `dx = dy · wᵀ` and the weight gradient `dw = xᵀ · dy` run as FP8
+    /// GEMMs, both writing bf16. With a weight cache, the data-gradient GEMM reads a
+    /// transposed FP8 copy of the weight, made once per weight from the bf16 weight and
+    /// kept through the step (role `lowp`: Transformer Engine's `weight_t_fp8`).
+    fn fp8_rule(&mut self, tb: bool, dy: TensorId) -> R<Vec<(usize, TensorId)>> {
+        let recipe = self
+            .fp8
+            .ok_or_else(|| self.unsupported("an FP8 GEMM without an FP8 recipe".into()))?;
+        let dy8 = self.b.add1(
+            Op::Cast {
+                to: recipe.backward,
+            },
+            &[dy],
+        )?;
+        let mut out = Vec::new();
+        if self.wants(0) {
+            let fwd = self.fwd;
+            let w8 = fwd.node(self.cur.expect("rule running")).inputs[1];
+            let cast = fwd.node(fwd.tensor(w8).producer);
+            let da = if recipe.weight_cache && matches!(cast.op, Op::Cast { .. }) {
+                let wt = match self.transposed.get(&w8) {
+                    Some(&wt) => wt,
+                    None => {
+                        let w = self.mapped(cast.inputs[0]);
+                        let view = self.b.add1(Op::Transpose { perm: vec![1, 0] }, &[w])?;
+                        let to = fwd.ty(w8).dtype;
+                        let wt = self.b.add1(Op::Cast { to }, &[view])?;
+                        self.b.set_role(wt, Role::LowPrecParam);
+                        self.transposed.insert(w8, wt);
+                        wt
+                    }
+                };
+                self.b.add1(Op::MatMul { ta: false, tb }, &[dy8, wt])?
+            } else {
+                let bm = self.fp8_operand(1, &recipe)?;
+                self.b.add1(Op::MatMul { ta: false, tb: !tb }, &[dy8, bm])?
+            };
+            out.push((0, da));
+        }
+        if self.wants(1) {
+            let am = self.fp8_operand(0, &recipe)?;
+            let (am, dy8) = (self.flatten(am)?, self.flatten(dy8)?);
+            let db = if !tb {
+                self.b.add1(
+                    Op::MatMul {
+                        ta: true,
+                        tb: false,
+                    },
+                    &[am, dy8],
+                )?
+            } else {
+                self.b.add1(
+                    Op::MatMul {
+                        ta: true,
+                        tb: false,
+                    },
+                    &[dy8, am],
+                )?
+            };
+            out.push((1, db));
+        }
+        Ok(out)
+    }
+
     fn rule(&mut self, id: OpId, dys: &[Option<TensorId>]) -> R<Vec<(usize, TensorId)>> {
         let fwd = self.fwd;
         let op = fwd.op(id).clone();
@@ -352,6 +465,11 @@ impl Diff<'_> {
             | Op::State { .. }
             | Op::Constant { .. }
             | Op::Recv { .. } => {}
+            Op::MatMul { ta: false, tb }
+                if self.in_ty(0).dtype.is_fp8() && self.in_ty(1).dtype.is_fp8() =>
+            {
+                return self.fp8_rule(tb, dy);
+            }
             Op::MatMul { ta, tb } => {
                 let (ra, rb) = (self.in_ty(0).shape.rank(), self.in_ty(1).shape.rank());
                 if self.wants(0) {
@@ -524,8 +642,13 @@ impl Diff<'_> {
                 out.push((0, self.b.add1(Op::Broadcast { axes, shape }, &[dy])?));
             }
             Op::Cast { .. } => {
+                // The gradient of an FP8 cast arrives in the GEMM's output dtype.
                 let to = self.in_ty(0).dtype;
-                out.push((0, self.b.add1(Op::Cast { to }, &[dy])?));
+                if self.b.ty(dy).dtype == to {
+                    out.push((0, dy));
+                } else {
+                    out.push((0, self.b.add1(Op::Cast { to }, &[dy])?));
+                }
             }
             Op::Pow { exponent } => {
                 // d(x^p) = p·x^(p-1)·dy.

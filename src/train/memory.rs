@@ -58,7 +58,7 @@ pub fn saved_activation_bytes(g: &Graph, env: Env) -> Option<BTreeMap<Block, u64
 /// Model-state bytes by role, as the ZeRO paper splits them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ModelStateBytes {
-    /// Low-precision working copies of the parameters.
+    /// Low-precision working copies of the parameters (FP8 weight caches included).
     pub low_prec_params: u64,
     /// Full-precision master parameters.
     pub params_fp32: u64,
@@ -85,8 +85,10 @@ pub fn model_state_bytes(g: &Graph, env: Env) -> Option<ModelStateBytes> {
         }
         let tensor = g.tensor(t);
         let source = g.op(tensor.producer).is_source();
+        // FP8 weight caches: low-precision copies made outside the optimizer step.
+        let cache = g.node(tensor.producer).phase != Phase::Opt;
         let slot = match tensor.role {
-            Role::LowPrecParam if source => &mut m.low_prec_params,
+            Role::LowPrecParam if source || cache => &mut m.low_prec_params,
             Role::Param if source => &mut m.params_fp32,
             Role::OptimizerState if source => &mut m.optimizer,
             Role::Grad => &mut m.grads,

@@ -50,6 +50,9 @@ pub struct TrainOptions {
     pub eps: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// The FP8 recipe of a forward graph rewritten by [`precision::apply_fp8`]: what the
+    /// backward of an FP8 GEMM casts, saves and reads.
+    pub fp8: Option<precision::Fp8Recipe>,
 }
 
 impl Default for TrainOptions {
@@ -66,6 +69,7 @@ impl Default for TrainOptions {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
+            fp8: None,
         }
     }
 }

@@ -186,6 +186,7 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     match p.precision.compute {
         Precision::Bf16 => v["bf16"] = json!({"enabled": true}),
         Precision::Fp16 => v["fp16"] = json!({"enabled": true}),
+        // FP8 was refused by `export` (`Engine::fp8`).
         Precision::Fp32 | Precision::Fp8 => {}
     }
     // The simulation overlaps the gradient reduction with the backward by buckets
@@ -362,6 +363,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         low_prec_shard: zero >= 3,
         schedule: (pp > 1).then_some(Schedule::OneFOneB),
         stages,
+        fp8: false,
     })
 }
 

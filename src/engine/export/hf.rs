@@ -70,6 +70,7 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     match p.precision.compute {
         Precision::Bf16 => a.push(vec!["--bf16".to_string()]),
         Precision::Fp16 => a.push(vec!["--fp16".to_string()]),
+        // FP8 was refused by `export` (`Engine::fp8`).
         Precision::Fp32 | Precision::Fp8 => {}
     }
     let full = c.recompute == Recompute::Full;
@@ -141,5 +142,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         low_prec_shard: zero >= 3,
         schedule: None,
         stages: Vec::new(),
+        fp8: false,
     })
 }

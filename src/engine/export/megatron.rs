@@ -220,7 +220,18 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     match p.precision.compute {
         Precision::Bf16 => flag(&mut a, "bf16"),
         Precision::Fp16 => flag(&mut a, "fp16"),
-        Precision::Fp32 | Precision::Fp8 => {}
+        Precision::Fp8 => {
+            // Transformer Engine FP8 over bf16 (`fp8`, `fp8_amax_history_len`,
+            // `fp8_amax_compute_algo` of `transformer_config.py`, as options by
+            // `ArgumentGroupFactory`); the amax values of Megatron-LM's
+            // `examples/llama/train_llama3_8b_h100_fp8.sh`, for the default `delayed`
+            // recipe.
+            flag(&mut a, "bf16");
+            arg(&mut a, "fp8-format", "hybrid");
+            arg(&mut a, "fp8-amax-history-len", 1024);
+            arg(&mut a, "fp8-amax-compute-algo", "max");
+        }
+        Precision::Fp32 => {}
     }
     if c.sp && c.tp > 1 {
         flag(&mut a, "sequence-parallel");
@@ -460,6 +471,16 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     } else {
         0
     };
+    let fp8 = match o.value("--fp8-format")? {
+        None => false,
+        Some("hybrid" | "e4m3") => true,
+        Some(other) => {
+            return Err(ParseError::BadValue {
+                option: "--fp8-format".into(),
+                value: other.into(),
+            })
+        }
+    };
     Ok(ParsedConfig {
         dp,
         tp,
@@ -477,5 +498,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
             Schedule::OneFOneB
         }),
         stages,
+        fp8,
     })
 }

@@ -276,7 +276,7 @@ pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> 
 /// [`ExportError::NoRecipe`] or [`ExportError::Unsupported`] naming what is missing.
 pub fn model_supported(engine: Engine, model: &ModelConfig) -> Result<(), ExportError> {
     match engine {
-        Engine::Torchtitan => torchtitan::recipe(model).map(|_| ()),
+        Engine::Torchtitan => torchtitan::recipe(model, false).map(|_| ()),
         Engine::Megatron => megatron::model_supported(model),
         Engine::DeepSpeed | Engine::Hf => Ok(()),
     }
@@ -313,6 +313,9 @@ pub struct ParsedConfig {
     pub schedule: Option<Schedule>,
     /// The virtual stages (only with `pp > 1`).
     pub stages: Vec<StageLayers>,
+    /// FP8 compute is switched on (Megatron-LM `--fp8-format`; a torchtitan recipe
+    /// with a `Float8LinearConverter`).
+    pub fp8: bool,
 }
 
 impl ParsedConfig {
@@ -343,6 +346,7 @@ impl ParsedConfig {
             } else {
                 Vec::new()
             },
+            fp8: plan.precision.compute == crate::engine::memory::Precision::Fp8,
         }
     }
 }

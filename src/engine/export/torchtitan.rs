@@ -76,9 +76,11 @@ fn o(k: &str, v: impl ToString) -> Vec<String> {
     vec![format!("--{k}"), v.to_string()]
 }
 
-/// The model's recipe, when torchtitan has one it can train in bf16.
+/// The model's recipe, when torchtitan has one that trains its linears in float8 when
+/// `fp8` and in bf16 otherwise.
 pub(super) fn recipe(
     m: &crate::models::ModelConfig,
+    fp8: bool,
 ) -> Result<&'static (&'static str, &'static str, &'static str, u32, u64, bool), ExportError> {
     let recipe = RECIPES
         .iter()
@@ -88,7 +90,17 @@ pub(super) fn recipe(
             model: m.name.clone(),
             known: RECIPES.iter().map(|r| r.0).collect::<Vec<_>>().join(", "),
         })?;
-    if recipe.5 {
+    if fp8 && !recipe.5 {
+        return Err(ExportError::unsupported(
+            E,
+            "fp8 compute",
+            format!(
+                "the {} recipe trains bf16 linears; float8 is a Float8LinearConverter in a recipe's model spec (quantization=[...], torchtitan/components/quantization/float8.md), which no command-line option sets",
+                recipe.2
+            ),
+        ));
+    }
+    if !fp8 && recipe.5 {
         return Err(ExportError::unsupported(
             E,
             "bf16 training",
@@ -107,7 +119,8 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         engine: E,
         model: "(graph)".into(),
     })?;
-    let recipe = recipe(m)?;
+    let fp8 = p.precision.compute == Precision::Fp8;
+    let recipe = recipe(m, fp8)?;
     if c.zero == 1 {
         return Err(ExportError::unsupported(
             E,
@@ -147,6 +160,12 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         c.pp,
         c.devices()
     )];
+    if fp8 {
+        notes.push(format!(
+            "fp8: the {} recipe's Float8LinearConverter (torchao rowwise, lm_head in bf16) converts the linears; no option switches it",
+            recipe.2
+        ));
+    }
     let local = if c.pp > 1 {
         u64::from(c.micro_batch) * u64::from(c.num_micro_batches)
     } else {
@@ -156,9 +175,10 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     a.push(o("training.global_batch_size", p.global_batch));
     a.push(o("training.seq_len", p.seq));
     let param = match p.precision.compute {
-        Precision::Bf16 => "bfloat16",
+        // torchao's float8 linears run on bf16 FSDP parameters.
+        Precision::Bf16 | Precision::Fp8 => "bfloat16",
         Precision::Fp32 => "float32",
-        Precision::Fp16 | Precision::Fp8 => {
+        Precision::Fp16 => {
             return Err(ExportError::unsupported(
                 E,
                 format!("{} compute", p.precision.compute),
@@ -218,6 +238,8 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let full = w.take("activation-checkpoint:full");
     let selective = w.take("activation-checkpoint:selective");
     let none = w.take("activation-checkpoint:none");
+    let config = w.value("--config")?.unwrap_or_default();
+    let fp8 = RECIPES.iter().any(|r| r.2 == config && r.5);
     let replicate: u32 = w.req("--parallelism.data_parallel_replicate_degree")?;
     let shard: u32 = w.req("--parallelism.data_parallel_shard_degree")?;
     let tp: u32 = w.req("--parallelism.tensor_parallel_degree")?;
@@ -318,5 +340,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         low_prec_shard: zero >= 3,
         schedule,
         stages,
+        fp8,
     })
 }

@@ -17,7 +17,7 @@ mod table;
 
 pub use attrs::{AttrError, AttrValue};
 pub use cost::{flops_per_element, OpCost};
-pub use shape::{split_dim, ShapeError};
+pub use shape::{split_dim, ShapeError, FP8_GEMM_OUT};
 pub use table::{Arity, OpClass, OpInfo, OpKind, Saved};
 
 use super::types::{DType, Shape};

@@ -26,6 +26,14 @@ fn fmt_types(ts: &[TensorType]) -> String {
         .join(", ")
 }
 
+/// The result dtype of a matmul of two 8-bit float operands (E4M3 × E4M3 forward,
+/// E5M2 × E4M3 backward): bf16. Transformer Engine's FP8 GEMMs write
+/// `activation_dtype` (`fp8_gemm(..., out=torch.empty(..., dtype=activation_dtype))`,
+/// `transformer_engine/pytorch/module/linear.py`) and torchao's float8 `mm` writes
+/// the operands' original dtype (`output_dtype = a._orig_dtype`,
+/// `torchao/float8/float8_ops.py`); every FP8 recipe here runs bf16 activations.
+pub const FP8_GEMM_OUT: DType = DType::Bf16;
+
 fn axis_ok(axis: u32, rank: usize) -> Option<usize> {
     let a = axis as usize;
     (a < rank).then_some(a)
@@ -102,7 +110,8 @@ impl Op {
             Op::MatMul { ta, tb } => {
                 let (a, b) = (inputs[0], inputs[1]);
                 float(0)?;
-                if a.dtype != b.dtype {
+                let fp8 = a.dtype.is_fp8() && b.dtype.is_fp8();
+                if a.dtype != b.dtype && !fp8 {
                     return Err(err("operands must have the same dtype".into()));
                 }
                 rank_at_least(0, 2)?;
@@ -127,7 +136,10 @@ impl Op {
                 }
                 let mut dims = lead.to_vec();
                 dims.extend([m, n]);
-                one(TensorType::new(a.dtype, dims))
+                // An FP8 GEMM accumulates in fp32 and writes the activation dtype
+                // ([`FP8_GEMM_OUT`]).
+                let out = if fp8 { FP8_GEMM_OUT } else { a.dtype };
+                one(TensorType::new(out, dims))
             }
             Op::Add | Op::Mul => {
                 float(0)?;
