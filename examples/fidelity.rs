@@ -22,9 +22,10 @@ fn main() {
     for f in files {
         println!("{}", f.file_name().unwrap().to_string_lossy());
         let runs = read_runs(&f).unwrap();
-        let compiled = compile_runs(&runs, None).unwrap();
+        let mut compiled = compile_runs(&runs, None).unwrap();
         let cal = compiled[0].compiler.cost.eff.clone();
-        for (r, got) in compiled.iter().zip(predict(&compiled, &cal)) {
+        let predicted = predict(&mut compiled, &cal);
+        for (r, got) in compiled.iter().zip(predicted) {
             let run = &r.run;
             let want = run.step_time_s;
             let err = got / want - 1.0;

@@ -50,8 +50,11 @@ fn csv_and_json_run_files_read_the_same() {
 fn fit_recovers_the_parameters_runs_were_made_with() {
     let truth = truth();
     let mut runs = runs();
-    let compiled = calibrate::compile_runs(&runs, Some(&truth)).unwrap();
-    for (r, t) in runs.iter_mut().zip(calibrate::predict(&compiled, &truth)) {
+    let mut compiled = calibrate::compile_runs(&runs, Some(&truth)).unwrap();
+    for (r, t) in runs
+        .iter_mut()
+        .zip(calibrate::predict(&mut compiled, &truth))
+    {
         r.step_time_s = t;
     }
     let free = [Param::Matmul, Param::Memory, Param::Link];

@@ -24,9 +24,10 @@ fn calibration_cases_are_within_their_tolerance() {
     let mut failures = Vec::new();
     for (file, tolerance) in TOLERANCE {
         let runs = read_runs(&dir.join(file)).unwrap();
-        let compiled = compile_runs(&runs, None).unwrap();
+        let mut compiled = compile_runs(&runs, None).unwrap();
         let cal = compiled[0].compiler.cost.eff.clone();
-        for (r, got) in compiled.iter().zip(predict(&compiled, &cal)) {
+        let predicted = predict(&mut compiled, &cal);
+        for (r, got) in compiled.iter().zip(predicted) {
             let err = got / r.run.step_time_s - 1.0;
             if err.abs() > tolerance {
                 failures.push(format!(

@@ -41,9 +41,13 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use thiserror::Error;
 
-/// Nelder-Mead iterations of a fit: enough for four parameters to converge to well
-/// below 0.1% on apar's own runs (`tests/calibrate.rs`).
+/// Most Nelder-Mead iterations of a fit: enough for four parameters to converge to
+/// well below 0.1% on apar's own runs (`tests/calibrate.rs`).
 pub const FIT_ITERATIONS: u64 = 400;
+
+/// The fit stops when the standard deviation of the simplex's costs (sums of squared
+/// log errors) falls below this.
+pub const FIT_COST_TOLERANCE: f64 = 1e-12;
 
 /// Relative size of the start simplex around the starting parameters.
 pub const FIT_START_STEP: f64 = 0.1;
@@ -319,6 +323,8 @@ pub struct Fit {
     pub residuals: Vec<Residual>,
     /// Root mean square of the log errors at the fit.
     pub rms_log_error: f64,
+    /// Nelder-Mead iterations taken.
+    pub iterations: u64,
 }
 
 /// One run's measured and predicted step time (and peak memory when measured).
@@ -353,6 +359,19 @@ pub fn minimize(
     free: &[Param],
     cost: impl Fn(&Calibration) -> f64,
 ) -> Result<Calibration, CalibrateError> {
+    minimize_counted(start, free, cost).map(|(c, _)| c)
+}
+
+/// [`minimize`], with the number of iterations it took.
+///
+/// # Errors
+///
+/// As [`minimize`].
+pub fn minimize_counted(
+    start: &Calibration,
+    free: &[Param],
+    cost: impl Fn(&Calibration) -> f64,
+) -> Result<(Calibration, u64), CalibrateError> {
     if free.is_empty() {
         return Err(CalibrateError::NoParams);
     }
@@ -383,7 +402,7 @@ pub fn minimize(
         simplex.push(x);
     }
     let solver = NelderMead::new(simplex)
-        .with_sd_tolerance(1e-12)
+        .with_sd_tolerance(FIT_COST_TOLERANCE)
         .map_err(|e| CalibrateError::Solver(e.to_string()))?;
     let problem = Problem { start, free, cost };
     let res = Executor::new(problem, solver)
@@ -395,7 +414,7 @@ pub fn minimize(
         .best_param
         .clone()
         .ok_or_else(|| CalibrateError::Solver("no best point".into()))?;
-    Ok(with_values(start, free, &best))
+    Ok((with_values(start, free, &best), res.state.iter))
 }
 
 /// `start` with the `free` parameters set to `x`.
@@ -408,12 +427,14 @@ fn with_values(start: &Calibration, free: &[Param], x: &[f64]) -> Calibration {
 }
 
 /// Step times of the compiled runs under `calibration`, seconds (infinite for a run
-/// that fails to evaluate).
-pub fn predict(runs: &[CompiledRun], calibration: &Calibration) -> Vec<f64> {
-    runs.iter()
+/// that fails to evaluate). The runs are re-priced in place
+/// ([`Compiler::reprice`]).
+pub fn predict(runs: &mut [CompiledRun], calibration: &Calibration) -> Vec<f64> {
+    use rayon::prelude::*;
+    runs.par_iter_mut()
         .map(|r| {
+            r.compiler.reprice(calibration.clone());
             r.compiler
-                .repriced(calibration.clone())
                 .evaluate(&r.config)
                 .map_or(f64::INFINITY, |e| e.step_time_s)
         })
@@ -442,21 +463,27 @@ pub fn fit(
             names: free.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
         });
     }
-    let compiled = compile_runs(runs, start)?;
-    let start = compiled[0].compiler.cost.eff.clone();
+    let compiled = std::sync::Mutex::new(compile_runs(runs, start)?);
+    let start = compiled.lock().expect("runs lock")[0]
+        .compiler
+        .cost
+        .eff
+        .clone();
     let measured: Vec<f64> = runs.iter().map(|r| r.step_time_s).collect();
     let cost = |c: &Calibration| -> f64 {
-        predict(&compiled, c)
+        predict(&mut compiled.lock().expect("runs lock"), c)
             .iter()
             .zip(&measured)
             .map(|(p, m)| (p / m).ln().powi(2))
             .sum()
     };
-    let fitted = minimize(&start, free, cost)?;
+    let (mut fitted, iterations) = minimize_counted(&start, free, cost)?;
+    let mut compiled = compiled.into_inner().expect("runs lock");
     let residuals: Vec<Residual> = compiled
-        .iter()
+        .iter_mut()
         .map(|r| {
-            let e = r.compiler.repriced(fitted.clone()).evaluate(&r.config);
+            r.compiler.reprice(fitted.clone());
+            let e = r.compiler.evaluate(&r.config);
             let (t, peak) = e.map_or((f64::INFINITY, 0), |e| (e.step_time_s, e.peak_bytes));
             Residual {
                 measured_s: r.run.step_time_s,
@@ -472,11 +499,32 @@ pub fn fit(
         .sum::<f64>()
         / residuals.len() as f64)
         .sqrt();
+    for p in free {
+        fitted.sources.insert(
+            p.name().to_string(),
+            format!(
+                "fitted by `apar calibrate` to {} measured run(s) (rms log error of the step times {:.2}%), from {:.4}",
+                runs.len(),
+                100.0 * rms_log_error,
+                p.get(&start)
+            ),
+        );
+    }
+    if free.contains(&Param::Attention) {
+        if let Some(s) = fitted.sources.get("attention").cloned() {
+            fitted.sources.insert(
+                "attention_bwd".into(),
+                format!("{s} (scaled with attention)"),
+            );
+        }
+    }
+    let params = free
+        .iter()
+        .map(|p| (p.name().to_string(), p.get(&start), p.get(&fitted)))
+        .collect();
     Ok(Fit {
-        params: free
-            .iter()
-            .map(|p| (p.name().to_string(), p.get(&start), p.get(&fitted)))
-            .collect(),
+        iterations,
+        params,
         calibration: fitted,
         residuals,
         rms_log_error,

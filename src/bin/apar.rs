@@ -478,7 +478,12 @@ fn fit_text(fit: &calibrate::Fit, runs: &[calibrate::Run]) -> String {
             100.0 * r.error(),
         );
     }
-    let _ = writeln!(o, "rms log error {:.2}%", 100.0 * fit.rms_log_error);
+    let _ = writeln!(
+        o,
+        "rms log error {:.2}% ({} Nelder-Mead iterations)",
+        100.0 * fit.rms_log_error,
+        fit.iterations
+    );
     o
 }
 

@@ -654,6 +654,18 @@ impl Compiler {
         self
     }
 
+    /// Prices with `calibration` from now on, keeping the per-device and training
+    /// graphs already built (their sharding was chosen under the previous costs):
+    /// what a fit does many times. Profiles are dropped.
+    pub fn reprice(&mut self, calibration: Calibration) {
+        self.cost.eff = calibration.clone();
+        self.cost.defaulted = false;
+        self.calibration = Some(calibration);
+        self.caches.base = Mutex::default();
+        self.caches.dist = Mutex::default();
+        self.caches.profiles = Mutex::default();
+    }
+
     /// The same compiler priced with `calibration`, keeping the per-device and
     /// training graphs already built (their sharding was chosen under the current
     /// costs): what a fit re-evaluates many times. Profiles start empty.
