@@ -158,6 +158,34 @@ impl CostModel {
         env: Env,
         tp_group: Group,
     ) -> f64 {
+        self.op_time_at(op, inputs, results, env, tp_group, true)
+    }
+
+    /// [`CostModel::op_time`] with every matmul at the large-GEMM efficiency (no
+    /// [`GemmModel`] penalty): what the sharder compares layouts with. It prices a
+    /// block at one sequence per micro-batch, where tile and wave quantization would
+    /// make every split of a small GEMM look free or worthless; the chosen layout is
+    /// then priced with the shape model at the micro-batch it runs at.
+    pub fn op_time_unshaped(
+        &self,
+        op: &Op,
+        inputs: &[&TensorType],
+        results: &[&TensorType],
+        env: Env,
+        tp_group: Group,
+    ) -> f64 {
+        self.op_time_at(op, inputs, results, env, tp_group, false)
+    }
+
+    fn op_time_at(
+        &self,
+        op: &Op,
+        inputs: &[&TensorType],
+        results: &[&TensorType],
+        env: Env,
+        tp_group: Group,
+        gemm_shapes: bool,
+    ) -> f64 {
         let Some(c) = op.cost(inputs, results, env) else {
             return f64::INFINITY;
         };
@@ -179,9 +207,10 @@ impl CostModel {
         match op.info().class {
             OpClass::Source => 0.0,
             OpClass::MatMul => {
-                let eff = op
-                    .gemm(inputs, env)
-                    .map_or(e.matmul, |g| e.matmul_efficiency(g));
+                let eff = match op.gemm(inputs, env) {
+                    Some(g) if gemm_shapes => e.matmul_efficiency(g),
+                    _ => e.matmul,
+                };
                 (flops / (tensor_peak * eff)).max(mem)
             }
             OpClass::Attention => {
