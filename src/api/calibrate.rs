@@ -47,7 +47,7 @@ pub const FIT_ITERATIONS: u64 = 400;
 
 /// The fit stops when the standard deviation of the simplex's costs (sums of squared
 /// log errors) falls below this.
-pub const FIT_COST_TOLERANCE: f64 = 1e-12;
+pub const FIT_COST_TOLERANCE: f64 = 1e-10;
 
 /// Relative size of the start simplex around the starting parameters.
 pub const FIT_START_STEP: f64 = 0.1;
@@ -120,7 +120,7 @@ impl Run {
     ///
     /// # Errors
     ///
-    /// [`CalibrateError::Run`] when the degrees do not divide the global batch.
+    /// What is wrong when `dp × micro_batch` does not divide the global batch.
     pub fn config(&self) -> Result<Config, String> {
         let per = u64::from(self.dp) * u64::from(self.micro_batch);
         if per == 0 || self.global_batch % per != 0 {
