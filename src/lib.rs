@@ -46,6 +46,7 @@ pub mod train;
 mod api;
 
 pub use api::{
-    plan, plan_model, Axis, BlockProgram, Coordinates, EmptySpace, Mesh, ModelOrigin, ModelSpec,
-    OpStep, Plan, PlanError, PlanOptions, Session, TensorKind, TensorPlacement, TpLayout, Warning,
+    calibrate, plan, plan_model, Axis, BlockProgram, Coordinates, EmptySpace, Mesh, ModelOrigin,
+    ModelSpec, OpStep, Plan, PlanError, PlanOptions, Session, TensorKind, TensorPlacement,
+    TpLayout, Warning,
 };

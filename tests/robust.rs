@@ -196,9 +196,10 @@ fn saved_plans_hold_only_finite_numbers() {
     nulls(&serde_json::from_str(&text).unwrap(), "", &mut found);
     // Options that may be absent: the cluster's usable memory, recompute layers, the
     // model's overrides (`layers`, `attention`), a compute op's collective `group`, the
-    // gradient and optimizer dtypes (engine defaults), a fixed runtime overhead, and
-    // the block of a communication event that serves no single block, and the FP8 peak
-    // of a device without FP8 tensor cores.
+    // gradient and optimizer dtypes (engine defaults), a fixed runtime overhead, the
+    // block of a communication event that serves no single block, the FP8 peak of a
+    // device without FP8 tensor cores, and a calibration file (the device's built-in
+    // table when absent).
     let absent = [
         "block",
         "usable_memory_bytes",
@@ -210,6 +211,7 @@ fn saved_plans_hold_only_finite_numbers() {
         "optimizer",
         "fixed_bytes",
         "peak_fp8_flops",
+        "calibration",
     ];
     found.retain(|k| !absent.contains(&k.as_str()));
     assert!(found.is_empty(), "null (non-finite?) at {found:?}");

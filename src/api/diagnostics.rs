@@ -94,6 +94,12 @@ pub enum Warning {
         /// Why, as the export says it.
         reason: String,
     },
+    /// No built-in cost table lists the cluster's device and no calibration was
+    /// given: the default table (the A100's efficiencies) prices it.
+    DefaultCostTable {
+        /// The device's name.
+        device: String,
+    },
     /// Most of the step is pipeline bubble: the batch cannot feed this many devices.
     BubbleDominates {
         /// Bubble share of the step time.
@@ -149,6 +155,10 @@ impl fmt::Display for Warning {
                 f,
                 "{reason}: the engine must be given this model before the plan can run (the export is refused)"
             ),
+            Warning::DefaultCostTable { device } => write!(
+                f,
+                "no cost table for device `{device}`: priced with the default (A100) efficiencies; give measured runs to `apar calibrate` and pass its file with --calibration"
+            ),
             Warning::BubbleDominates {
                 fraction,
                 num_micro_batches,
@@ -168,14 +178,21 @@ pub(super) fn of_model(
     config: Option<&ModelConfig>,
     notes: &ConfigNotes,
 ) -> Vec<Warning> {
-    let mut out: Vec<Warning> = notes
-        .ignored
-        .iter()
-        .map(|(kind, keys)| Warning::ConfigKeysIgnored {
-            kind: *kind,
-            keys: keys.clone(),
-        })
-        .collect();
+    let mut out: Vec<Warning> = Vec::new();
+    if compiler.cost.defaulted {
+        out.push(Warning::DefaultCostTable {
+            device: compiler.cluster.device.name.clone(),
+        });
+    }
+    out.extend(
+        notes
+            .ignored
+            .iter()
+            .map(|(kind, keys)| Warning::ConfigKeysIgnored {
+                kind: *kind,
+                keys: keys.clone(),
+            }),
+    );
     if let Some(window) = notes.sliding_window.filter(|&w| compiler.seq > w) {
         out.push(Warning::SlidingWindowIgnored {
             window,

@@ -25,6 +25,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod calibrate;
 mod detail;
 mod diagnostics;
 
@@ -34,6 +35,7 @@ pub use detail::{
 pub use diagnostics::Warning;
 
 use crate::cluster::{Cluster, ClusterError};
+use crate::cost::Calibration;
 use crate::engine::memory::{PrecisionOptions, RuntimeOverhead};
 use crate::engine::rules::Unsupported;
 use crate::engine::Engine;
@@ -72,6 +74,10 @@ pub struct PlanOptions {
     /// ([`Engine::runtime`]).
     #[serde(default)]
     pub runtime: Option<RuntimeOverhead>,
+    /// The cost parameters (`--calibration FILE`); `None`: the built-in table of the
+    /// cluster's device ([`crate::cost::CostModel::new`]).
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
     /// Pins, bounds and search switches.
     pub search: SearchOptions,
 }
@@ -87,6 +93,7 @@ impl PlanOptions {
             engine: Engine::default(),
             precision: PrecisionOptions::default(),
             runtime: None,
+            calibration: None,
             search: SearchOptions {
                 runners_up: 3,
                 ..SearchOptions::default()
@@ -225,6 +232,10 @@ pub struct Plan {
     /// The runtime overhead the plan was made with.
     #[serde(default)]
     pub runtime: RuntimeOverhead,
+    /// The calibration the plan was priced with, when a user gave one (`None`: the
+    /// built-in table of the cluster's device).
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
     /// The configuration.
     pub config: Config,
     /// Seconds per training step.
@@ -591,6 +602,10 @@ impl Session {
         .with_runtime(checked_runtime(
             options.runtime.unwrap_or(options.engine.runtime()),
         )?);
+        let compiler = match &options.calibration {
+            Some(c) => compiler.with_calibration(c.clone()),
+            None => compiler,
+        };
         let warnings = diagnostics::of_model(&compiler, config.as_ref(), &notes);
         Ok(Session {
             compiler,
@@ -604,6 +619,11 @@ impl Session {
     /// The compiler (caches shared by every call of this session).
     pub fn compiler(&self) -> &Compiler {
         &self.compiler
+    }
+
+    /// The session's compiler, the session consumed.
+    pub fn into_compiler(self) -> Compiler {
+        self.compiler
     }
 
     /// The model's configuration, when it came from the zoo or a `config.json`.
@@ -879,6 +899,7 @@ impl Session {
         options.engine = plan.engine;
         options.precision = plan.precision;
         options.runtime = Some(plan.runtime);
+        options.calibration = plan.calibration.clone();
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
         session.evaluate(&plan.config)
     }
@@ -925,6 +946,7 @@ impl Session {
             engine: self.compiler.engine,
             precision: self.compiler.precision,
             runtime: self.compiler.runtime,
+            calibration: self.compiler.calibration.clone(),
             config: e.config,
             step_time_s: summary.step_time_s,
             tokens_per_s: summary.tokens_per_s,

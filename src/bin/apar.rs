@@ -1,6 +1,7 @@
 //! The `apar` command line. Parsing and printing only; the work is in the library.
 
 use apar::cluster::{self, Cluster};
+use apar::cost::{Calibration, Param};
 use apar::engine::memory::{Precision, RuntimeOverhead};
 use apar::engine::Engine;
 use apar::ir::{self, Env, Graph};
@@ -9,7 +10,7 @@ use apar::models::{self, Attention};
 use apar::passes::{Config, Recompute, Schedule};
 use apar::report::{self, OomReport};
 use apar::train::{self, Stats, TrainOptions};
-use apar::{ModelSpec, Plan, PlanError, PlanOptions, Session};
+use apar::{calibrate, ModelSpec, Plan, PlanError, PlanOptions, Session};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -220,6 +221,24 @@ enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Fit cost parameters to measured runs and write a calibration file.
+    Calibrate {
+        /// The runs: CSV with a header row, or a JSON array (fields in the README,
+        /// "Calibrating to your cluster").
+        runs: PathBuf,
+        /// Parameters to fit, comma separated: matmul, attention, memory, link.
+        #[arg(long, default_value = "matmul")]
+        fit: String,
+        /// Start from this calibration file instead of the device's built-in table.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// Write the fitted calibration file here (for `--calibration`).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Print JSON (the fit, its parameters and residuals).
+        #[arg(long)]
+        json: bool,
+    },
     /// Compile and simulate one parallel configuration.
     Eval {
         /// Re-cost a saved plan (from `--save`, possibly edited) instead of the flags below.
@@ -227,7 +246,7 @@ enum Command {
             "model", "attention", "layers", "cluster", "global_batch", "seq", "memory_ratio",
             "engine", "dp", "tp", "pp", "micro_batch", "sp", "recompute", "recompute_layers",
             "zero", "low_prec_shard", "schedule", "precision", "grad_dtype", "optimizer_dtype",
-            "runtime_overhead_gib",
+            "runtime_overhead_gib", "calibration",
         ])]
         plan: Option<PathBuf>,
         #[command(flatten)]
@@ -271,7 +290,7 @@ enum Command {
     },
 }
 
-/// Precision and runtime-memory options of `plan` and `eval`.
+/// Precision, runtime-memory and cost options of `plan` and `eval`.
 #[derive(clap::Args)]
 struct MemoryArgs {
     /// Compute precision: bf16 (default), fp16, fp32, or fp8 (bf16 with FP8 GEMMs in the
@@ -289,6 +308,10 @@ struct MemoryArgs {
     /// reserve), replacing apar's estimate.
     #[arg(long)]
     runtime_overhead_gib: Option<f64>,
+    /// Cost parameters from a calibration file (`apar calibrate -o FILE`, or a copy of
+    /// a built-in table from `calibration/`) instead of the device's built-in table.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
 }
 
 impl MemoryArgs {
@@ -305,6 +328,9 @@ impl MemoryArgs {
                 ));
             }
             o.runtime = Some(RuntimeOverhead::fixed((g * (1u64 << 30) as f64) as u64));
+        }
+        if let Some(path) = &self.calibration {
+            o.calibration = Some(Calibration::from_json_file(path).map_err(|e| e.to_string())?);
         }
         Ok(())
     }
@@ -419,6 +445,47 @@ fn main() -> ExitCode {
         let _ = writeln!(std::io::stderr(), "error: {message}");
     }
     ExitCode::from(code)
+}
+
+/// The fitted parameters and the residual of every run.
+fn fit_text(fit: &calibrate::Fit, runs: &[calibrate::Run]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "parameter     start    fitted");
+    for (name, start, value) in &fit.params {
+        let _ = writeln!(o, "{name:<10} {start:8.4}  {value:8.4}");
+    }
+    let _ = writeln!(
+        o,
+        "\n run  model                 dp  tp  pp   b  recompute   measured s  predicted s   error  peak GiB (measured / apar)"
+    );
+    for (i, (run, r)) in runs.iter().zip(&fit.residuals).enumerate() {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let peak = match r.measured_peak_bytes {
+            Some(m) => format!("{:.1} / {:.1}", gib(m), gib(r.predicted_peak_bytes)),
+            None => format!("- / {:.1}", gib(r.predicted_peak_bytes)),
+        };
+        let _ = writeln!(
+            o,
+            "{:>4}  {:<20} {:>3} {:>3} {:>3} {:>3}  {:<10} {:>11.4} {:>12.4} {:>+6.1}%  {peak}",
+            i + 1,
+            run.model,
+            run.dp,
+            run.tp,
+            run.pp,
+            run.micro_batch,
+            run.recompute.name(),
+            r.measured_s,
+            r.predicted_s,
+            100.0 * r.error(),
+        );
+    }
+    let _ = writeln!(
+        o,
+        "rms log error {:.2}% ({} Nelder-Mead iterations)",
+        100.0 * fit.rms_log_error,
+        fit.iterations
+    );
+    o
 }
 
 fn spec(model: &str, attention: Option<AttentionArg>, layers: Option<u32>) -> ModelSpec {
@@ -797,6 +864,52 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 .map_err(bad)?;
             let plan = session.evaluate(&config).map_err(|e| failure(e, &out))?;
             o.push_str(&plan_output(plan, &out)?);
+        }
+        Command::Calibrate {
+            runs,
+            fit,
+            calibration,
+            output,
+            json,
+        } => {
+            let free = fit
+                .split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| {
+                    Param::parse(p).ok_or_else(|| {
+                        bad(format!(
+                            "--fit: `{p}` is not one of {}",
+                            Param::ALL.map(Param::name).join(", ")
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let start = calibration
+                .map(|p| Calibration::from_json_file(&p))
+                .transpose()
+                .map_err(bad)?;
+            let runs = calibrate::read_runs(&runs).map_err(bad)?;
+            let t0 = std::time::Instant::now();
+            let fit = calibrate::fit(&runs, start.as_ref(), &free).map_err(bad)?;
+            let _ = writeln!(
+                std::io::stderr(),
+                "fitted {} parameter(s) to {} run(s) in {:.0} ms",
+                free.len(),
+                runs.len(),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            if let Some(path) = &output {
+                write_file(path, &fit.calibration.to_json())?;
+            }
+            if json {
+                let _ = writeln!(
+                    o,
+                    "{}",
+                    serde_json::to_string_pretty(&fit).expect("a fit serializes")
+                );
+            } else {
+                o.push_str(&fit_text(&fit, &runs));
+            }
         }
         Command::Ir { model, train, json } => {
             let m = load_model(&model)?;

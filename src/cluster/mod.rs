@@ -304,6 +304,15 @@ pub mod devices {
         }
     }
 
+    /// NVIDIA A800 SXM4 80 GB: the A100 80 GB's compute and memory (312 TFLOP/s dense
+    /// bf16, 2,039 GB/s HBM2e) with NVLink cut to 400 GB/s (NVIDIA A800 product brief).
+    pub fn a800_80g() -> DeviceSpec {
+        DeviceSpec {
+            name: "A800-SXM4-80GB".into(),
+            ..a100_80g()
+        }
+    }
+
     /// NVIDIA H100 SXM5 80 GB: 989 TFLOP/s dense bf16, 67 TFLOP/s fp32, 3.35 TB/s HBM3
     /// (NVIDIA H100 Tensor Core GPU datasheet, 2023); 1,979 TFLOP/s dense FP8 (the
     /// datasheet's 3,958 "with sparsity", halved).
@@ -332,15 +341,16 @@ pub mod devices {
         }
     }
 
-    /// One GCD of an AMD Instinct MI250: half of the package's 383 TFLOP/s dense bf16
-    /// and 47.9 TFLOP/s fp32 vector, 64 GiB HBM2e at half of 3.2 TB/s (AMD Instinct
-    /// MI250 data sheet, 2021). CDNA2 has no FP8 matrix cores (the data sheet lists
-    /// fp64, fp32, fp16, bf16, INT8 and INT4).
+    /// One GCD of an AMD Instinct MI250 (not MI250X): half of the package's 362.1
+    /// TFLOP/s dense bf16 and 45.3 TFLOP/s fp32 vector, 64 GiB HBM2e at half of the
+    /// package's 3.2768 TB/s (ROCm documentation, "GPU hardware specifications",
+    /// MI250 row: 208 CUs, 128 GB; the 383 / 47.9 TFLOP/s figures are MI250X's). CDNA2 has no FP8
+    /// matrix cores (the data sheet lists fp64, fp32, fp16, bf16, INT8 and INT4).
     pub fn mi250_gcd() -> DeviceSpec {
         DeviceSpec {
             name: "MI250-GCD".into(),
-            peak_bf16_flops: 191.5e12,
-            peak_fp32_flops: 23.95e12,
+            peak_bf16_flops: 181.05e12,
+            peak_fp32_flops: 22.65e12,
             peak_fp8_flops: None,
             memory_bytes: 64 * GIB,
             memory_bandwidth: 1638.4 * GB,
@@ -373,6 +383,16 @@ pub mod links {
         Link {
             name: "nvlink3".into(),
             bandwidth: 300.0 * GB,
+            latency_s: 5e-6,
+        }
+    }
+
+    /// NVLink 3 of the A800 (HGX A800): 400 GB/s bidirectional per GPU, 200 GB/s each
+    /// way (NVIDIA A800 SXM4 product brief); latency as [`nvlink3`].
+    pub fn nvlink3_a800() -> Link {
+        Link {
+            name: "nvlink3-a800".into(),
+            bandwidth: 200.0 * GB,
             latency_s: 5e-6,
         }
     }
@@ -509,6 +529,21 @@ const PRESETS: &[Preset] = &[
                 8,
                 n,
                 links::nvlink3(),
+                links::ib_hdr(),
+            )
+        },
+    },
+    Preset {
+        name: "hgx-a800",
+        about: "HGX A800 80 GB: 8 × A800-80GB, NVLink 400 GB/s, 8 × HDR IB",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("hgx-a800:{n}"),
+                devices::a800_80g(),
+                8,
+                n,
+                links::nvlink3_a800(),
                 links::ib_hdr(),
             )
         },

@@ -1,10 +1,17 @@
 //! The cost model: roofline time per op, alpha-beta time per collective on the link a
 //! group actually spans, point-to-point time for pipeline sends.
 //!
-//! Every efficiency is a named constant ([`eff`]). The values were fitted to Korthikanti
-//! et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") Table 4
-//! (per-layer forward/backward times of the 22B model on DGX A100) and Table 5
-//! (iteration times); see the README's calibration section for what was fitted to what.
+//! The efficiencies (fractions of a peak a kernel class reaches) are per device type,
+//! in a [`Calibration`] table ([`calibration`]): the built-in tables are
+//! `calibration/*.json`, compiled in; a user's file replaces them (`--calibration`).
+//! Matmul efficiency depends on the GEMM's shape ([`GemmModel`]). The A100 table was
+//! fitted to Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+//! Transformer Models") Tables 4 and 5; the others come from public kernel benchmarks;
+//! see the README's calibration section for what was fitted to what.
+
+pub mod calibration;
+
+pub use calibration::{Calibration, CalibrationError, GemmModel, Param};
 
 pub mod collective;
 pub mod overhead;
@@ -13,27 +20,12 @@ use crate::cluster::Cluster;
 use crate::ir::{DType, Env, Op, OpClass, TensorType};
 use serde::Serialize;
 
-/// Efficiency constants (fraction of a peak a kernel class reaches).
-///
-/// `MATMUL`, `MEMORY` and `LINK` were fitted together, by a coarse grid search
-/// (`cargo run --release --example calibrate -- MATMUL MEMORY LINK`), to Korthikanti et
-/// al. 2022 Table 4 (22B per-layer forward 7.7 ms, backward 11.9 ms, 19.5 ms with full
-/// and 13.2 ms with selective recomputation) and Table 5 (eight iteration times on DGX
-/// A100, t = 8), minimizing the largest relative error (4.9% at these values; see
-/// `tests/calibration.rs`). Nothing else was fitted.
-pub mod eff {
-    /// Dense bf16 matmuls: fraction of peak tensor FLOP/s (fitted).
-    pub const MATMUL: f64 = 0.75;
-    /// Fused attention kernels: fraction of peak tensor FLOP/s. Not fitted (the
-    /// calibration models use decomposed attention); FlashAttention-2 (Dao 2023) reports
-    /// 50–73% of A100 peak forward, we take the low end.
-    pub const ATTENTION: f64 = 0.5;
-    /// Memory-bound kernels (elementwise, norms, softmax, layout copies, optimizer):
-    /// fraction of HBM bandwidth (fitted).
-    pub const MEMORY: f64 = 0.8;
-    /// Collectives and point-to-point: fraction of link bandwidth (fitted).
-    pub const LINK: f64 = 0.85;
-}
+/// Share of an attention op's counted FLOPs (every query against every key) that a
+/// fused causal kernel executes: it skips the key blocks wholly above the diagonal, so
+/// about half (FlashAttention-2, Dao 2023, section 3.1.1 "Causal masking": "about 1.7-1.8×
+/// speedup"; its FLOP/s figures count causal attention at half the FLOPs). The
+/// attention efficiencies of the tables are such FLOP/s figures.
+pub const CAUSAL_WORK_FRACTION: f64 = 0.5;
 
 /// A group of devices that communicate: its size and how it spans nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -70,45 +62,40 @@ pub enum Collective {
     AllToAll,
 }
 
-/// The efficiencies a cost model uses; [`Efficiencies::CALIBRATED`] holds the
-/// constants of [`eff`].
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Efficiencies {
-    /// See [`eff::MATMUL`].
-    pub matmul: f64,
-    /// See [`eff::ATTENTION`].
-    pub attention: f64,
-    /// See [`eff::MEMORY`].
-    pub memory: f64,
-    /// See [`eff::LINK`].
-    pub link: f64,
-}
-
-impl Efficiencies {
-    /// The calibrated constants.
-    pub const CALIBRATED: Efficiencies = Efficiencies {
-        matmul: eff::MATMUL,
-        attention: eff::ATTENTION,
-        memory: eff::MEMORY,
-        link: eff::LINK,
-    };
-}
-
 /// Prices ops and communication on one cluster.
 #[derive(Clone, Debug)]
 pub struct CostModel {
     /// The cluster.
     pub cluster: Cluster,
-    /// The efficiencies (calibrated unless a calibration run varies them).
-    pub eff: Efficiencies,
+    /// The efficiencies in force: the device's built-in table, a user's calibration
+    /// file, or the default table.
+    pub eff: Calibration,
+    /// Whether no built-in table lists the cluster's device and no calibration was
+    /// given, so that [`Calibration::default_table`] prices it (plans warn).
+    pub defaulted: bool,
 }
 
 impl CostModel {
-    /// A cost model for `cluster` with the calibrated efficiencies.
+    /// A cost model for `cluster` with its device's built-in table
+    /// ([`Calibration::for_device`]), or the default table when there is none.
     pub fn new(cluster: Cluster) -> CostModel {
+        let (eff, defaulted) = match Calibration::for_device(&cluster.device) {
+            Some(c) => (c, false),
+            None => (Calibration::default_table(), true),
+        };
         CostModel {
             cluster,
-            eff: Efficiencies::CALIBRATED,
+            eff,
+            defaulted,
+        }
+    }
+
+    /// A cost model for `cluster` with a given calibration.
+    pub fn with_calibration(cluster: Cluster, calibration: Calibration) -> CostModel {
+        CostModel {
+            cluster,
+            eff: calibration,
+            defaulted: false,
         }
     }
 
@@ -120,6 +107,34 @@ impl CostModel {
         results: &[&TensorType],
         env: Env,
         tp_group: Group,
+    ) -> f64 {
+        self.op_time_at(op, inputs, results, env, tp_group, true)
+    }
+
+    /// [`CostModel::op_time`] with every matmul at the large-GEMM efficiency (no
+    /// [`GemmModel`] penalty): what the sharder compares layouts with. It prices a
+    /// block at one sequence per micro-batch, where tile and wave quantization would
+    /// make every split of a small GEMM look free or worthless; the chosen layout is
+    /// then priced with the shape model at the micro-batch it runs at.
+    pub fn op_time_unshaped(
+        &self,
+        op: &Op,
+        inputs: &[&TensorType],
+        results: &[&TensorType],
+        env: Env,
+        tp_group: Group,
+    ) -> f64 {
+        self.op_time_at(op, inputs, results, env, tp_group, false)
+    }
+
+    fn op_time_at(
+        &self,
+        op: &Op,
+        inputs: &[&TensorType],
+        results: &[&TensorType],
+        env: Env,
+        tp_group: Group,
+        gemm_shapes: bool,
     ) -> f64 {
         let Some(c) = op.cost(inputs, results, env) else {
             return f64::INFINITY;
@@ -146,8 +161,26 @@ impl CostModel {
         };
         match op.info().class {
             OpClass::Source => 0.0,
-            OpClass::MatMul => (flops / (tensor_peak * e.matmul)).max(mem),
-            OpClass::Attention => (flops / (tensor_peak * e.attention)).max(mem),
+            OpClass::MatMul => {
+                let eff = match op.gemm(inputs, env) {
+                    Some(g) if gemm_shapes => e.matmul_efficiency(g),
+                    _ => e.matmul,
+                };
+                (flops / (tensor_peak * eff)).max(mem)
+            }
+            OpClass::Attention => {
+                let grad = matches!(op, Op::FlashAttentionGrad { .. } | Op::SdpaGrad { .. });
+                let causal = matches!(
+                    op,
+                    Op::FlashAttention { causal: true, .. }
+                        | Op::FlashAttentionGrad { causal: true, .. }
+                        | Op::Sdpa { causal: true, .. }
+                        | Op::SdpaGrad { causal: true, .. }
+                );
+                let eff = if grad { e.attention_bwd } else { e.attention };
+                let work = if causal { CAUSAL_WORK_FRACTION } else { 1.0 };
+                (work * flops / (tensor_peak * eff)).max(mem)
+            }
             OpClass::Elementwise | OpClass::Reduction | OpClass::Optimizer => {
                 mem.max(flops / dev.peak_fp32_flops)
             }

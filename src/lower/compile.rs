@@ -11,7 +11,7 @@ use super::peak::{device_peaks, ChunkSummary, InFlight};
 use super::profile::{profile, BlockProfile, Blocks, Groups};
 use super::{simulate, SharedLinks, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
-use crate::cost::{CostModel, Group};
+use crate::cost::{Calibration, CostModel, Group};
 use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, States};
 use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
@@ -366,6 +366,11 @@ struct Caches {
     inflight: Cache<(Schedule, u32, u32), InFlight>,
 }
 
+/// A cache holding the same entries as `map`.
+fn copy_cache<K: Ord + Clone, V>(map: &Cache<K, V>) -> Cache<K, V> {
+    Mutex::new(map.lock().expect("cache lock").clone())
+}
+
 /// Looks `key` up in `map`, computing and inserting it on a miss. The lock is not held
 /// while computing; two threads may compute the same entry, and the first insert wins
 /// (the computation is deterministic, so both are equal).
@@ -413,6 +418,9 @@ pub struct Compiler {
     pub precision: PrecisionOptions,
     /// Context, communication and allocator memory beside the tensors.
     pub runtime: RuntimeOverhead,
+    /// The calibration a user gave (`None`: the device's built-in table, see
+    /// [`CostModel::new`]); kept by [`Compiler::with_job`].
+    pub calibration: Option<Calibration>,
     caches: Caches,
 }
 
@@ -546,6 +554,7 @@ impl Compiler {
             model_code: ModelCode::Fused,
             precision: PrecisionOptions::default(),
             runtime: Engine::default().runtime(),
+            calibration: None,
             caches: Caches::default(),
         })
     }
@@ -649,14 +658,54 @@ impl Compiler {
             .saturating_sub(buffers)
     }
 
-    /// The same compiler with other cost-model efficiencies (for calibration); caches
-    /// start empty.
-    pub fn with_efficiencies(&self, eff: crate::cost::Efficiencies) -> Compiler {
-        let mut c = self
-            .with_job(self.cluster.clone(), self.global_batch)
-            .expect("the same job was valid");
-        c.cost.eff = eff;
-        c
+    /// The same compiler priced with `calibration` instead of the device's built-in
+    /// table; caches start empty.
+    pub fn with_calibration(mut self, calibration: Calibration) -> Compiler {
+        self.cost = CostModel::with_calibration(self.cluster.clone(), calibration.clone());
+        self.calibration = Some(calibration);
+        self.caches = Caches::default();
+        self
+    }
+
+    /// Prices with `calibration` from now on, keeping the per-device and training
+    /// graphs already built (their sharding was chosen under the previous costs):
+    /// what a fit does many times. Profiles are dropped.
+    pub fn reprice(&mut self, calibration: Calibration) {
+        self.cost.eff = calibration.clone();
+        self.cost.defaulted = false;
+        self.calibration = Some(calibration);
+        self.caches.base = Mutex::default();
+        self.caches.dist = Mutex::default();
+        self.caches.profiles = Mutex::default();
+    }
+
+    /// The same compiler priced with `calibration`, keeping the per-device and
+    /// training graphs already built (their sharding was chosen under the current
+    /// costs): what a fit re-evaluates many times. Profiles start empty.
+    pub fn repriced(&self, calibration: Calibration) -> Compiler {
+        Compiler {
+            source: self.source.clone(),
+            forward: self.forward.clone(),
+            layers: self.layers,
+            layout: self.layout.clone(),
+            cluster: self.cluster.clone(),
+            cost: CostModel::with_calibration(self.cluster.clone(), calibration.clone()),
+            seq: self.seq,
+            global_batch: self.global_batch,
+            budget_bytes: self.budget_bytes,
+            memory_ratio: self.memory_ratio,
+            engine: self.engine,
+            passes: PassManager::debug_verifying(),
+            model_code: self.model_code,
+            precision: self.precision,
+            runtime: self.runtime,
+            calibration: Some(calibration),
+            caches: Caches {
+                sharded: copy_cache(&self.caches.sharded),
+                graphs: copy_cache(&self.caches.graphs),
+                ..Caches::default()
+            },
+        }
     }
 
     /// A compiler for the same model and sequence length on another cluster or global
@@ -666,7 +715,7 @@ impl Compiler {
     ///
     /// As [`Compiler::new`].
     pub fn with_job(&self, cluster: Cluster, global_batch: u64) -> Result<Compiler, CompileError> {
-        Ok(Compiler::new(
+        let c = Compiler::new(
             self.source.clone(),
             cluster,
             self.seq,
@@ -676,7 +725,11 @@ impl Compiler {
         .with_engine(self.engine)
         .with_model_code(self.model_code)?
         .with_precision(self.precision)?
-        .with_runtime(self.runtime))
+        .with_runtime(self.runtime);
+        Ok(match &self.calibration {
+            Some(cal) => c.with_calibration(cal.clone()),
+            None => c,
+        })
     }
 
     /// Number of blocks the pipeline can cut between.

@@ -141,7 +141,10 @@ impl<'a> ModelCost<'a> {
 
 impl ShardCost for ModelCost<'_> {
     fn op_cost(&self, op: &Op, inputs: &[&TensorType], results: &[&TensorType], env: Env) -> Cost {
-        Cost::from_secs(self.model.op_time(op, inputs, results, env, self.group))
+        Cost::from_secs(
+            self.model
+                .op_time_unshaped(op, inputs, results, env, self.group),
+        )
     }
 
     fn param_cost(&self, ty: &TensorType, env: Env) -> Cost {

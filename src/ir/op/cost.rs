@@ -41,6 +41,33 @@ pub mod flops_per_element {
     pub const ADAMW: u64 = 12;
 }
 
+/// The shape of the matrix products a [`Op::MatMul`] runs: `batch` independent
+/// products of an `m×k` by a `k×n` matrix. A rank-2 weight broadcast over the leading
+/// dims of `a` is one product with those dims folded into `m` (as cuBLAS runs a
+/// linear layer); a batched right operand keeps them as the batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gemm {
+    /// Independent products.
+    pub batch: u64,
+    /// Rows of the result.
+    pub m: u64,
+    /// Columns of the result.
+    pub n: u64,
+    /// Contraction depth.
+    pub k: u64,
+}
+
+impl Gemm {
+    /// `2·batch·m·n·k`, `None` on overflow.
+    pub fn flops(&self) -> Option<u64> {
+        self.batch
+            .checked_mul(self.m)?
+            .checked_mul(self.n)?
+            .checked_mul(self.k)?
+            .checked_mul(2)
+    }
+}
+
 /// Work and traffic of one op under an environment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OpCost {
@@ -51,6 +78,43 @@ pub struct OpCost {
 }
 
 impl Op {
+    /// The GEMM shape of a [`Op::MatMul`] from its input types (`None` for other ops, on
+    /// overflow, or for a dimension `env` does not make whole).
+    pub fn gemm(&self, inputs: &[&TensorType], env: Env) -> Option<Gemm> {
+        let Op::MatMul { ta, tb } = self else {
+            return None;
+        };
+        let (a, b) = (inputs.first()?, inputs.get(1)?);
+        let (ar, br) = (a.shape.rank(), b.shape.rank());
+        let dim = |t: &TensorType, i: usize| t.shape.0.get(i)?.eval(env);
+        let (m, k) = if *ta {
+            (dim(a, ar.checked_sub(1)?)?, dim(a, ar.checked_sub(2)?)?)
+        } else {
+            (dim(a, ar.checked_sub(2)?)?, dim(a, ar.checked_sub(1)?)?)
+        };
+        let n = if *tb {
+            dim(b, br.checked_sub(2)?)?
+        } else {
+            dim(b, br.checked_sub(1)?)?
+        };
+        let lead = (0..ar - 2).try_fold(1u64, |acc, i| acc.checked_mul(dim(a, i)?))?;
+        Some(if br == 2 {
+            Gemm {
+                batch: 1,
+                m: m.checked_mul(lead)?,
+                n,
+                k,
+            }
+        } else {
+            Gemm {
+                batch: lead,
+                m,
+                n,
+                k,
+            }
+        })
+    }
+
     /// FLOPs and bytes moved for given input and result types; `None` on overflow or a
     /// dimension that `env` does not make whole.
     pub fn cost(
@@ -81,19 +145,10 @@ impl Op {
             Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::Broadcast { .. } => {
                 Some(OpCost::default())
             }
-            Op::MatMul { ta, .. } => {
-                let a = inputs.first()?;
-                let r = a.shape.rank();
-                let k = a.shape.0.get(if *ta {
-                    r.checked_sub(2)?
-                } else {
-                    r.checked_sub(1)?
-                })?;
-                Some(OpCost {
-                    flops: out()?.checked_mul(k.eval(env)?)?.checked_mul(2)?,
-                    bytes: io_bytes()?,
-                })
-            }
+            Op::MatMul { .. } => Some(OpCost {
+                flops: self.gemm(inputs, env)?.flops()?,
+                bytes: io_bytes()?,
+            }),
             Op::Add
             | Op::Mul
             | Op::Scale { .. }
@@ -187,6 +242,13 @@ mod tests {
         let cost = op.cost(&[&x, &w], &[&out[0]], Env::new(2, 8)).unwrap();
         // 2·m·n·k with m = b·s = 16, n = 256, k = 64.
         assert_eq!(cost.flops, 2 * 16 * 256 * 64);
+        let g = op.gemm(&[&x, &w], Env::new(2, 8)).unwrap();
+        assert_eq!((g.batch, g.m, g.n, g.k), (1, 16, 256, 64));
+        // A batched product keeps its leading dims as the batch.
+        let q = t(DType::Bf16, &["b", "4", "s", "64"]);
+        let kt = t(DType::Bf16, &["b", "4", "64", "s"]);
+        let g = op.gemm(&[&q, &kt], Env::new(2, 8)).unwrap();
+        assert_eq!((g.batch, g.m, g.n, g.k), (8, 8, 8, 64));
         let bad = t(DType::Bf16, &["65", "256"]);
         assert!(op.infer(&[&x, &bad]).is_err());
     }

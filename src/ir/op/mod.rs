@@ -16,7 +16,7 @@ mod shape;
 mod table;
 
 pub use attrs::{AttrError, AttrValue};
-pub use cost::{flops_per_element, OpCost};
+pub use cost::{flops_per_element, Gemm, OpCost};
 pub use shape::{split_dim, ShapeError, FP8_GEMM_OUT};
 pub use table::{Arity, OpClass, OpInfo, OpKind, Saved};
 

@@ -1,0 +1,418 @@
+//! Calibration files: the named cost parameters of one device type, as JSON.
+//!
+//! A [`Calibration`] holds what the cost model needs beyond a device's datasheet
+//! numbers: the fraction of peak that large matmuls reach and how GEMM shape lowers it
+//! ([`GemmModel`]), the fraction of peak that fused attention reaches forward and
+//! backward, the fraction of HBM bandwidth memory-bound kernels reach, and the fraction
+//! of link bandwidth collectives reach. The built-in tables (`calibration/*.json`,
+//! compiled in with `include_str!`) are such files; `--calibration FILE` and
+//! `apar calibrate` read and write the same format.
+//!
+//! # Schema (version 1)
+//!
+//! ```json
+//! { "version": 1,
+//!   "devices": ["A100-SXM4-80GB"],      // device names the table is for
+//!   "matmul": 0.86,                     // large-GEMM fraction of peak tensor FLOP/s
+//!   "gemm": { "compute_units": 108,     // SMs / CUs
+//!             "tiles": [[256, 128], [128, 128]],  // output tiles the library picks from
+//!             "k_half": 64 },           // contraction depth at half efficiency
+//!   "attention": 0.6,                   // fused attention forward, fraction of peak
+//!   "attention_bwd": 0.5,               // fused attention backward, fraction of peak
+//!   "memory": 0.8,                      // memory-bound kernels, fraction of HBM bandwidth
+//!   "link": 0.85,                       // collectives and sends, fraction of link bandwidth
+//!   "sources": { "matmul": "…" } }      // free text per parameter (optional)
+//! ```
+//!
+//! Unknown fields are errors; every efficiency must lie in `(0, 1]`.
+
+use crate::cluster::DeviceSpec;
+use crate::ir::Gemm;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::OnceLock;
+use thiserror::Error;
+
+/// The calibration file format this build reads and writes.
+pub const CALIBRATION_VERSION: u32 = 1;
+
+/// The named cost parameters of one device type (see the module doc for the JSON).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// File format version ([`CALIBRATION_VERSION`]).
+    pub version: u32,
+    /// Names of the devices ([`DeviceSpec::name`]) the table is for.
+    pub devices: Vec<String>,
+    /// Fraction of peak tensor FLOP/s a large, well-shaped GEMM reaches.
+    pub matmul: f64,
+    /// How a GEMM's shape lowers `matmul` ([`GemmModel`]).
+    pub gemm: GemmModel,
+    /// Fraction of peak tensor FLOP/s fused attention reaches in the forward pass.
+    pub attention: f64,
+    /// Fraction of peak tensor FLOP/s fused attention reaches in the backward pass.
+    pub attention_bwd: f64,
+    /// Fraction of HBM bandwidth memory-bound kernels (elementwise, norms, softmax,
+    /// copies, optimizer) reach.
+    pub memory: f64,
+    /// Fraction of link bandwidth collectives and point-to-point sends reach.
+    pub link: f64,
+    /// Where each value comes from, by parameter name (free text).
+    #[serde(default)]
+    pub sources: BTreeMap<String, String>,
+}
+
+/// The GEMM shape model: tile and wave quantization (NVIDIA, "Matrix Multiplication
+/// Background User's Guide", sections "Tile Quantization" and "Wave Quantization") and
+/// a fixed per-tile prologue/epilogue against the contraction depth.
+///
+/// A GEMM of `batch` products `m×k · k×n` is cut into output tiles `tm×tn`; the
+/// device runs `compute_units` tiles at a time. The fraction of the tile work that is
+/// useful is
+///
+/// ```text
+/// tile  = m·n / (⌈m/tm⌉·tm · ⌈n/tn⌉·tn)             padding of the edge tiles
+/// wave  = T / (⌈T/units⌉·units),  T = ⌈m/tm⌉·⌈n/tn⌉·batch   idle units in the last wave
+/// depth = k / (k + k_half)                            main loop vs prologue/epilogue
+/// efficiency = matmul · max over tiles (tile · wave) · depth
+/// ```
+///
+/// The maximum over `tiles` stands for the library's heuristic picking the tile that
+/// wastes least (cuBLAS and hipBLASLt choose among several). The model saturates: a
+/// large GEMM gets `matmul · k/(k + k_half)`, close to `matmul`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GemmModel {
+    /// Streaming multiprocessors (NVIDIA) or compute units (AMD) of the device.
+    pub compute_units: u32,
+    /// Output tile shapes `[tm, tn]` the library chooses among.
+    pub tiles: Vec<[u32; 2]>,
+    /// Contraction depth at which the per-tile fixed cost halves the efficiency.
+    pub k_half: f64,
+}
+
+impl GemmModel {
+    /// The fraction of `matmul` a GEMM of shape `g` reaches, in `(0, 1]`.
+    pub fn utilization(&self, g: Gemm) -> f64 {
+        if g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0 {
+            return 1.0;
+        }
+        let units = f64::from(self.compute_units.max(1));
+        let (m, n, batch) = (g.m as f64, g.n as f64, g.batch as f64);
+        let best = self
+            .tiles
+            .iter()
+            .map(|&[tm, tn]| {
+                let (tm, tn) = (f64::from(tm.max(1)), f64::from(tn.max(1)));
+                let (rows, cols) = ((m / tm).ceil(), (n / tn).ceil());
+                let tile = m * n / (rows * tm * cols * tn);
+                let tiles = rows * cols * batch;
+                let wave = tiles / ((tiles / units).ceil() * units);
+                tile * wave
+            })
+            .fold(0.0, f64::max);
+        let best = if best > 0.0 { best } else { 1.0 };
+        let k = g.k as f64;
+        best * k / (k + self.k_half.max(0.0))
+    }
+}
+
+/// The parameters `apar calibrate` can fit (`--fit matmul,memory,...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Param {
+    /// [`Calibration::matmul`].
+    Matmul,
+    /// [`Calibration::attention`] and [`Calibration::attention_bwd`], scaled together.
+    Attention,
+    /// [`Calibration::memory`].
+    Memory,
+    /// [`Calibration::link`].
+    Link,
+}
+
+impl Param {
+    /// Every parameter, in the order fits report them.
+    pub const ALL: [Param; 4] = [Param::Matmul, Param::Attention, Param::Memory, Param::Link];
+
+    /// The name on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Param::Matmul => "matmul",
+            Param::Attention => "attention",
+            Param::Memory => "memory",
+            Param::Link => "link",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Param> {
+        Param::ALL.into_iter().find(|p| p.name() == s.trim())
+    }
+
+    /// The parameter's value in `c`.
+    pub fn get(self, c: &Calibration) -> f64 {
+        match self {
+            Param::Matmul => c.matmul,
+            Param::Attention => c.attention,
+            Param::Memory => c.memory,
+            Param::Link => c.link,
+        }
+    }
+
+    /// Sets the parameter in `c` (attention: the backward value keeps its ratio to the
+    /// forward one).
+    pub fn set(self, c: &mut Calibration, v: f64) {
+        match self {
+            Param::Matmul => c.matmul = v,
+            Param::Attention => {
+                let ratio = c.attention_bwd / c.attention;
+                c.attention = v;
+                c.attention_bwd = v * ratio;
+            }
+            Param::Memory => c.memory = v,
+            Param::Link => c.link = v,
+        }
+    }
+}
+
+impl fmt::Display for Param {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A problem with a calibration file.
+#[derive(Debug, Error)]
+pub enum CalibrationError {
+    /// The file could not be read or parsed.
+    #[error("{file}: {why}")]
+    File {
+        /// The file.
+        file: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// A value is unusable.
+    #[error("calibration: `{field}` {why}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl Calibration {
+    /// Checks the version and that every value is usable.
+    ///
+    /// # Errors
+    ///
+    /// [`CalibrationError::Invalid`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), CalibrationError> {
+        let bad = |field: &str, why: String| {
+            Err(CalibrationError::Invalid {
+                field: field.into(),
+                why,
+            })
+        };
+        if self.version != CALIBRATION_VERSION {
+            return bad(
+                "version",
+                format!(
+                    "is {}; this build reads version {CALIBRATION_VERSION}",
+                    self.version
+                ),
+            );
+        }
+        for (f, v) in [
+            ("matmul", self.matmul),
+            ("attention", self.attention),
+            ("attention_bwd", self.attention_bwd),
+            ("memory", self.memory),
+            ("link", self.link),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return bad(f, format!("{v} is not a fraction in (0, 1]"));
+            }
+        }
+        if self.gemm.compute_units == 0 {
+            return bad("gemm.compute_units", "must be at least 1".into());
+        }
+        if self.gemm.tiles.is_empty() || self.gemm.tiles.iter().any(|t| t[0] == 0 || t[1] == 0) {
+            return bad(
+                "gemm.tiles",
+                "must list at least one tile, each side at least 1".into(),
+            );
+        }
+        if !(self.gemm.k_half >= 0.0 && self.gemm.k_half <= 1e6) {
+            return bad(
+                "gemm.k_half",
+                format!("{} is outside [0, 1e6]", self.gemm.k_half),
+            );
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a calibration from JSON text; `file` names it in errors.
+    ///
+    /// # Errors
+    ///
+    /// [`CalibrationError::File`] for bad JSON or an unknown or missing field, and as
+    /// [`Calibration::validate`].
+    pub fn from_json(text: &str, file: &str) -> Result<Calibration, CalibrationError> {
+        let c: Calibration = serde_json::from_str(text).map_err(|e| CalibrationError::File {
+            file: file.into(),
+            why: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads a calibration file.
+    ///
+    /// # Errors
+    ///
+    /// As [`Calibration::from_json`], and [`CalibrationError::File`] when the file
+    /// cannot be read.
+    pub fn from_json_file(path: &Path) -> Result<Calibration, CalibrationError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| CalibrationError::File {
+            file: file.clone(),
+            why: e.to_string(),
+        })?;
+        Calibration::from_json(&text, &file)
+    }
+
+    /// The JSON text of this calibration (pretty-printed, with a final newline).
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("a calibration serializes");
+        s.push('\n');
+        s
+    }
+
+    /// Matmul efficiency of a GEMM of shape `g`: `matmul` lowered by the shape model.
+    pub fn matmul_efficiency(&self, g: Gemm) -> f64 {
+        self.matmul * self.gemm.utilization(g)
+    }
+
+    /// The built-in table for `device`, matched by name; `None` when no built-in table
+    /// lists it.
+    pub fn for_device(device: &DeviceSpec) -> Option<Calibration> {
+        builtin()
+            .iter()
+            .find(|(_, c)| c.devices.contains(&device.name))
+            .map(|(_, c)| c.clone())
+    }
+
+    /// The table used for a device no built-in table lists: the A100 table's values
+    /// (the only ones fitted to measurements), with its device list emptied. A plan
+    /// made with it says so ([`crate::api::Warning::DefaultCostTable`]).
+    pub fn default_table() -> Calibration {
+        let mut c = builtin_named("a100").expect("the A100 table is built in");
+        c.devices.clear();
+        c
+    }
+}
+
+/// The built-in tables, by short name, as compiled in from `calibration/*.json`.
+pub const BUILTIN_FILES: [(&str, &str); 5] = [
+    ("a100", include_str!("../../calibration/a100.json")),
+    ("h100", include_str!("../../calibration/h100.json")),
+    ("h200", include_str!("../../calibration/h200.json")),
+    (
+        "mi250-gcd",
+        include_str!("../../calibration/mi250-gcd.json"),
+    ),
+    ("mi300x", include_str!("../../calibration/mi300x.json")),
+];
+
+/// The built-in tables, parsed once.
+///
+/// # Panics
+///
+/// When a compiled-in file does not parse (a build bug that a test catches).
+pub fn builtin() -> &'static [(&'static str, Calibration)] {
+    static TABLES: OnceLock<Vec<(&'static str, Calibration)>> = OnceLock::new();
+    TABLES.get_or_init(|| {
+        BUILTIN_FILES
+            .iter()
+            .map(|(name, text)| {
+                let c = Calibration::from_json(text, name)
+                    .unwrap_or_else(|e| panic!("built-in calibration {name}: {e}"));
+                (*name, c)
+            })
+            .collect()
+    })
+}
+
+/// The built-in table with short name `name` (`a100`, `h100`, `h200`, `mi250-gcd`,
+/// `mi300x`).
+pub fn builtin_named(name: &str) -> Option<Calibration> {
+    builtin()
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, c)| c.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Cluster;
+
+    #[test]
+    fn builtin_tables_parse_and_cover_the_presets() {
+        for (name, c) in builtin() {
+            c.validate().unwrap();
+            assert!(!c.devices.is_empty(), "{name}");
+            for p in [
+                "matmul",
+                "attention",
+                "attention_bwd",
+                "memory",
+                "link",
+                "gemm",
+            ] {
+                assert!(c.sources.contains_key(p), "{name} has no source for {p}");
+            }
+        }
+        for preset in [
+            "dgx-a100-40g:1",
+            "dgx-a100-80g:1",
+            "hgx-a800:1",
+            "dgx-h100:1",
+            "dgx-h200:1",
+            "mi250-gcd:1",
+            "mi300x:1",
+        ] {
+            let c = Cluster::resolve(preset).unwrap();
+            assert!(Calibration::for_device(&c.device).is_some(), "{preset}");
+        }
+    }
+
+    #[test]
+    fn gemm_model_saturates_and_penalizes_small_and_skinny_shapes() {
+        let c = builtin_named("a100").unwrap();
+        let g = |m, n, k| Gemm { batch: 1, m, n, k };
+        let big = c.matmul_efficiency(g(8192, 8192, 8192));
+        assert!(big > 0.98 * c.matmul && big <= c.matmul);
+        assert!(c.matmul_efficiency(g(128, 128, 8192)) < 0.05 * c.matmul);
+        assert!(c.matmul_efficiency(g(8192, 8192, 64)) < 0.6 * c.matmul);
+        assert!(c.matmul_efficiency(g(8192, 8192, 4096)) > c.matmul_efficiency(g(8192, 64, 4096)));
+    }
+
+    #[test]
+    fn files_round_trip_and_refuse_unknown_fields() {
+        let c = builtin_named("h100").unwrap();
+        assert_eq!(Calibration::from_json(&c.to_json(), "x").unwrap(), c);
+        let text = c.to_json().replacen("\"matmul\"", "\"matmull\"", 1);
+        assert!(Calibration::from_json(&text, "x").is_err());
+        let mut bad = c.clone();
+        bad.memory = 1.5;
+        assert!(bad.validate().is_err());
+        bad = c;
+        bad.version = 2;
+        assert!(bad.validate().is_err());
+    }
+}
