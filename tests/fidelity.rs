@@ -5,17 +5,17 @@
 use apar::calibrate::{compile_runs, predict, read_runs};
 use std::path::Path;
 
-/// Largest |error| of each case file. Korthikanti et al.'s Table 5 is what the A100
-/// table was fitted to, within issue 10's 10%. The others were not fitted; apar is
-/// 14-27% optimistic on them until the simulation prices what it still leaves out
-/// (per-layer and per-micro-batch launch overheads, data-parallel and FSDP
-/// collectives at 64-128 ranks, the optimizer step: issue 10's second item). Their
-/// bound is the current error rounded up, so that a change that makes them worse
-/// fails; tighten it to 0.10 when that work lands.
+/// Largest |error| of each case file. The A100 table's `matmul` and
+/// `overlap_slowdown` were fitted to Korthikanti et al.'s Table 5 and torchtitan's
+/// FSDP2 runs together (`calibration/a100.json`'s sources give the command), within
+/// issue 10's 10%. The A800 runs were not fitted: apar is 19-24% optimistic on them
+/// (about 1.3 s of fixed per-step cost the measured pair shows and apar lacks, and
+/// 14% on the per-micro-batch compute), so their bound is the current error rounded
+/// up, so that a change that makes them worse fails.
 const TOLERANCE: [(&str, f64); 3] = [
     ("korthikanti-table5.csv", 0.10),
     ("megatron-a800.csv", 0.30),
-    ("torchtitan-a100.csv", 0.30),
+    ("torchtitan-a100.csv", 0.10),
 ];
 
 #[test]

@@ -994,6 +994,13 @@ fn model_code(
     notes: &models::hf::ConfigNotes,
 ) -> Result<models::ModelCode, PlanError> {
     let Some(cfg) = config.filter(|_| engine == Engine::Hf) else {
+        if engine == Engine::Torchtitan {
+            if let Some(cfg) = config {
+                if let Some(attn) = torchtitan_code(cfg) {
+                    return Ok(attn);
+                }
+            }
+        }
         return Ok(models::ModelCode::Fused);
     };
     let arch = notes
@@ -1030,4 +1037,19 @@ pub fn plan_model(
     options: &PlanOptions,
 ) -> Result<Plan, PlanError> {
     Session::for_config(model, cluster, options)?.plan()
+}
+
+/// The model code torchtitan runs for a Llama-layout configuration: its own eager
+/// PyTorch modules (`torchtitan/models/llama3/model.py`: `nn.RMSNorm`, complex-number
+/// rotary embedding in fp32, `F.silu(w1(x)) * w3(x)`, `F.scaled_dot_product_attention`),
+/// which save and move the same tensors as Hugging Face's Llama with `sdpa` attention
+/// rather than Megatron-LM's fused kernels; `None` for layouts torchtitan has no
+/// model code for.
+fn torchtitan_code(cfg: &ModelConfig) -> Option<models::ModelCode> {
+    (models::HfArch::infer(cfg) == Some(models::HfArch::Llama)).then_some(
+        models::ModelCode::Transformers {
+            arch: models::HfArch::Llama,
+            attn: models::AttnImpl::Sdpa,
+        },
+    )
 }

@@ -223,10 +223,11 @@ enum Command {
     },
     /// Fit cost parameters to measured runs and write a calibration file.
     Calibrate {
-        /// The runs: CSV with a header row, or a JSON array (fields in the README,
-        /// "Calibrating to your cluster").
-        runs: PathBuf,
-        /// Parameters to fit, comma separated: matmul, attention, memory, link.
+        /// The runs: files of CSV with a header row, or of a JSON array (fields in the
+        /// README, "Calibrating to your cluster"); several files are fitted together.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Parameters to fit, comma separated: matmul, attention, memory, link, overlap_slowdown.
         #[arg(long, default_value = "matmul")]
         fit: String,
         /// Start from this calibration file instead of the device's built-in table.
@@ -888,7 +889,11 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 .map(|p| Calibration::from_json_file(&p))
                 .transpose()
                 .map_err(bad)?;
-            let runs = calibrate::read_runs(&runs).map_err(bad)?;
+            let mut all = Vec::new();
+            for file in &runs {
+                all.extend(calibrate::read_runs(file).map_err(bad)?);
+            }
+            let runs = all;
             let t0 = std::time::Instant::now();
             let fit = calibrate::fit(&runs, start.as_ref(), &free).map_err(bad)?;
             let _ = writeln!(

@@ -59,6 +59,13 @@ pub struct Calibration {
     pub memory: f64,
     /// Fraction of link bandwidth collectives and point-to-point sends reach.
     pub link: f64,
+    /// Fraction of compute throughput lost while a data-parallel collective runs
+    /// beside it: NCCL/RCCL run each channel as one thread block on its own
+    /// streaming multiprocessor (compute unit), which the overlapped kernels cannot
+    /// use, so compute slows by about the channels' share of the device
+    /// ([`crate::lower::overlap`] applies it). 0 when a file leaves it out.
+    #[serde(default)]
+    pub overlap_slowdown: f64,
     /// Where each value comes from, by parameter name (free text).
     #[serde(default)]
     pub sources: BTreeMap<String, String>,
@@ -130,11 +137,19 @@ pub enum Param {
     Memory,
     /// [`Calibration::link`].
     Link,
+    /// [`Calibration::overlap_slowdown`].
+    Overlap,
 }
 
 impl Param {
     /// Every parameter, in the order fits report them.
-    pub const ALL: [Param; 4] = [Param::Matmul, Param::Attention, Param::Memory, Param::Link];
+    pub const ALL: [Param; 5] = [
+        Param::Matmul,
+        Param::Attention,
+        Param::Memory,
+        Param::Link,
+        Param::Overlap,
+    ];
 
     /// The name on the command line and in files.
     pub fn name(self) -> &'static str {
@@ -143,6 +158,7 @@ impl Param {
             Param::Attention => "attention",
             Param::Memory => "memory",
             Param::Link => "link",
+            Param::Overlap => "overlap_slowdown",
         }
     }
 
@@ -158,6 +174,7 @@ impl Param {
             Param::Attention => c.attention,
             Param::Memory => c.memory,
             Param::Link => c.link,
+            Param::Overlap => c.overlap_slowdown,
         }
     }
 
@@ -173,6 +190,7 @@ impl Param {
             }
             Param::Memory => c.memory = v,
             Param::Link => c.link = v,
+            Param::Overlap => c.overlap_slowdown = v,
         }
     }
 }
@@ -236,6 +254,12 @@ impl Calibration {
             if !(v > 0.0 && v <= 1.0) {
                 return bad(f, format!("{v} is not a fraction in (0, 1]"));
             }
+        }
+        if !(0.0..=0.9).contains(&self.overlap_slowdown) {
+            return bad(
+                "overlap_slowdown",
+                format!("{} is outside [0, 0.9]", self.overlap_slowdown),
+            );
         }
         if self.gemm.compute_units == 0 {
             return bad("gemm.compute_units", "must be at least 1".into());

@@ -203,7 +203,6 @@ impl CostModel {
 mod tests {
     use super::*;
     use crate::cluster::Cluster;
-    use crate::cost::eff;
 
     fn group(size: u32, per_node: u32) -> Group {
         Group { size, per_node }
@@ -216,7 +215,7 @@ mod tests {
         let bytes = 1e9;
         let t = m.collective_time(Collective::AllReduce, bytes, group(8, 8));
         // Ring all-reduce: 2(n-1)/n · S / (B·eff) + 2(n-1)·α (Thakur et al. 2005).
-        let expected = 2.0 * 7.0 / 8.0 * bytes / (c.intra_node.bandwidth * eff::LINK)
+        let expected = 2.0 * 7.0 / 8.0 * bytes / (c.intra_node.bandwidth * m.eff.link)
             + 14.0 * c.intra_node.latency_s;
         assert!((t - expected).abs() / expected < 1e-12);
         // Across nodes the inter-node share dominates and the time grows.
@@ -246,8 +245,8 @@ mod tests {
         assert!((tree.latency_s - 2.0 * (7.0 * ai + 7.0 * an)).abs() < 1e-12);
         // Its transfer is the ring's at n → ∞ over NCCL's 0.9 bandwidth factor.
         let beta = 2.0
-            * (7.0 / 8.0 * 1e6 / (c.intra_node.bandwidth * eff::LINK)
-                + 1e6 / 8.0 / (c.inter_node.bandwidth * eff::LINK))
+            * (7.0 / 8.0 * 1e6 / (c.intra_node.bandwidth * m.eff.link)
+                + 1e6 / 8.0 / (c.inter_node.bandwidth * m.eff.link))
             / 0.9;
         assert!((tree.transfer_s - beta).abs() / beta < 1e-12);
         // No tree for all-gather, nor inside one node.
@@ -289,7 +288,7 @@ mod tests {
         // Ring all-gather of S = 1024·32768·2 bytes: (n-1)/n · S / (B·eff) + (n-1)·α.
         let s = 1024.0 * 32768.0 * 2.0;
         let want =
-            7.0 / 8.0 * s / (c.intra_node.bandwidth * eff::LINK) + 7.0 * c.intra_node.latency_s;
+            7.0 / 8.0 * s / (c.intra_node.bandwidth * m.eff.link) + 7.0 * c.intra_node.latency_s;
         assert!((time - want).abs() / want < 1e-12, "{time} vs {want}");
     }
 }

@@ -46,7 +46,6 @@ impl CostModel {
 mod tests {
     use super::*;
     use crate::cluster::Cluster;
-    use crate::cost::eff;
 
     #[test]
     fn clipping_reads_the_gradients_once_and_all_reduces_a_scalar() {
@@ -54,7 +53,7 @@ mod tests {
         let m = CostModel::new(c.clone());
         let bytes = 4e9;
         let alone = m.grad_clip_time(bytes, Group::SINGLE);
-        let read = bytes / (c.device.memory_bandwidth * eff::MEMORY);
+        let read = bytes / (c.device.memory_bandwidth * m.eff.memory);
         assert!((alone - read).abs() / read < 1e-12);
         // Over 8 GPUs of a node: plus a ring all-reduce of 4 bytes, 2(n-1) = 14
         // intra-node latencies (NCCL tuning.cc) and a negligible transfer.

@@ -428,6 +428,7 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
             bucket: v.bucket,
             prefetch: input.overlap.prefetch,
             busy_s: busy(k + 1 < nvs, v.p2p_out),
+            slowdown: input.cost.eff.overlap_slowdown,
         },
     );
     v.bwd_t = overlap::run(
@@ -436,6 +437,7 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
             bucket: v.bucket,
             prefetch: input.overlap.prefetch,
             busy_s: busy(k > 0, p2p_in),
+            slowdown: input.cost.eff.overlap_slowdown,
         },
     );
     v.fwd = v.fwd_t.end_s();
@@ -694,6 +696,7 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                     bucket: vs[k].bucket,
                     prefetch: input.overlap.prefetch,
                     busy_s: (comm - start).max(0.0),
+                    slowdown: input.cost.eff.overlap_slowdown,
                 },
             );
             comm = comm.max(start + t.comm_end_s);
@@ -733,6 +736,7 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                     bucket: Bucket::Block,
                     prefetch: input.overlap.prefetch,
                     busy_s: 0.0,
+                    slowdown: input.cost.eff.overlap_slowdown,
                 };
                 (overlap::run(&with, &rules).end_s() - overlap::run(&plain, &rules).end_s())
                     .max(0.0)

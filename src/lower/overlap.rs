@@ -16,9 +16,14 @@
 //!   block use that link while a data-parallel collective overlapping the block waits
 //!   for it: the collective takes longer by the block's tensor-parallel time (charged
 //!   once per block), so the overlapped span is at least the sum of the two on that
-//!   link. Compute is not slowed. A pipeline send on the inter-node link the
+//!   link. A pipeline send on the inter-node link the
 //!   data-parallel group also crosses keeps the stream busy at the pass start
 //!   ([`Rules::busy_s`]).
+//! - **Compute contention.** While the communication stream is busy, compute runs at
+//!   `1 − slowdown` of its speed ([`Rules::slowdown`]): the collective's kernels hold
+//!   streaming multiprocessors the compute kernels cannot use. A block's compute is
+//!   stretched over the part of it that overlaps collectives issued before or as it
+//!   starts (its prefetched gather, earlier reductions).
 
 use crate::engine::overlap::Bucket;
 
@@ -47,6 +52,21 @@ pub struct Rules {
     /// Time the communication stream is busy from the pass start (an earlier
     /// collective, or a pipeline send on the same link).
     pub busy_s: f64,
+    /// Fraction of compute speed lost while a collective runs beside it
+    /// ([`crate::cost::Calibration::overlap_slowdown`]), in `[0, 1)`.
+    pub slowdown: f64,
+}
+
+/// How long `compute_s` of work takes from `start` when the communication stream is
+/// busy until `busy_until`, at `1 − slowdown` speed meanwhile.
+fn stretched(compute_s: f64, start: f64, busy_until: f64, slowdown: f64) -> f64 {
+    let rate = 1.0 - slowdown.clamp(0.0, 0.99);
+    let window = (busy_until - start).max(0.0);
+    if compute_s <= rate * window {
+        compute_s / rate
+    } else {
+        window + (compute_s - rate * window)
+    }
 }
 
 /// When one block ran, relative to the pass start.
@@ -109,14 +129,15 @@ pub fn run(work: &[Work], rules: &Rules) -> Timeline {
     let (mut bucket_s, mut bucket_elems) = (0.0f64, 0u64);
     for i in 0..n {
         let start = compute.max(slots[i].gather.1);
-        let end = start + work[i].compute_s;
+        let next_gather = work.get(i + 1).map_or(0.0, |w| w.gather_s);
+        if rules.prefetch && next_gather > 0.0 {
+            let unslowed = start + work[i].compute_s;
+            slots[i + 1].gather = issue(&mut comm, start, next_gather, Some((i, unslowed)));
+        }
+        let end = start + stretched(work[i].compute_s, start, comm, rules.slowdown);
         slots[i].start_s = start;
         slots[i].end_s = end;
         compute = end;
-        let next_gather = work.get(i + 1).map_or(0.0, |w| w.gather_s);
-        if rules.prefetch && next_gather > 0.0 {
-            slots[i + 1].gather = issue(&mut comm, start, next_gather, Some((i, end)));
-        }
         bucket_s += work[i].reduce_s;
         bucket_elems += work[i].elems;
         let full = match rules.bucket {
@@ -162,6 +183,7 @@ mod tests {
         bucket: Bucket::Block,
         prefetch: true,
         busy_s: 0.0,
+        slowdown: 0.0,
     };
 
     #[test]
@@ -222,5 +244,21 @@ mod tests {
         assert_eq!(t.slots[0].reduce, (2.0, 4.5));
         assert_eq!(t.slots[1].reduce, (4.5, 7.0));
         assert_eq!(t.end_s(), 8.0);
+    }
+
+    #[test]
+    fn overlapped_compute_slows_by_the_collectives_share() {
+        // A block of 2 beside a prefetched gather of 1 at quarter speed loss: the first
+        // unit of time does 0.75 of work, the remaining 1.25 runs at full speed.
+        let rules = Rules {
+            slowdown: 0.25,
+            ..PREFETCH
+        };
+        let t = run(&[w(2.0, 0.0, 0.0), w(2.0, 1.0, 0.0)], &rules);
+        assert_eq!(t.slots[0].end_s, 1.0 + 1.25);
+        // Work shorter than the collective runs slowed all the way: 0.5 / 0.75.
+        assert!((stretched(0.5, 0.0, 1.0, 0.25) - 0.5 / 0.75).abs() < 1e-12);
+        // No collective, no slowdown.
+        assert_eq!(stretched(2.0, 3.0, 1.0, 0.25), 2.0);
     }
 }
