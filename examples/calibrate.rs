@@ -72,6 +72,7 @@ fn main() {
                 low_prec_shard: false,
                 schedule: sched,
                 recompute_layers: None,
+                recompute_modules: None,
             };
             let e = c.evaluate(&cfg).unwrap();
             worst = worst.max((e.step_time_s / want - 1.0).abs());
@@ -99,6 +100,7 @@ fn main() {
                     low_prec_shard: false,
                     schedule: Schedule::OneFOneB,
                     recompute_layers: None,
+                    recompute_modules: None,
                 };
                 let p = c.profiles(&cfg);
                 let l = &p.as_ref().as_ref().unwrap().blocks.get(1);

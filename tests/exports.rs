@@ -36,6 +36,7 @@ fn config(
         sp,
         recompute,
         recompute_layers,
+        recompute_modules: None,
         zero,
         low_prec_shard: false,
         schedule,
@@ -461,6 +462,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                     } else {
                         k
                     },
+                    recompute_modules: None,
                     zero,
                     low_prec_shard: lps,
                     schedule,

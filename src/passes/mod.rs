@@ -14,6 +14,8 @@ pub mod manager;
 pub mod pipeline;
 pub mod recompute;
 
+pub use recompute::{RecomputeModule, RecomputeModules};
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -105,6 +107,24 @@ impl fmt::Display for Schedule {
     }
 }
 
+/// What the recomputation pass applies to a configuration ([`Config::recomputation`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Recomputation {
+    /// The policy.
+    pub policy: Recompute,
+    /// Megatron-LM's modules with selective recomputation (`None`: the engine's own
+    /// selective policy, or another policy).
+    pub modules: Option<RecomputeModules>,
+}
+
+impl Recomputation {
+    /// No recomputation.
+    pub const NONE: Recomputation = Recomputation {
+        policy: Recompute::None,
+        modules: None,
+    };
+}
+
 /// One parallelization candidate: everything the lowering needs besides the model,
 /// the cluster and the global batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -127,6 +147,12 @@ pub struct Config {
     /// `--recompute-method block --recompute-num-layers k`); `None`: every layer.
     #[serde(default)]
     pub recompute_layers: Option<u32>,
+    /// With selective recomputation, Megatron-LM's `--recompute-modules` (which
+    /// submodules of each layer are recomputed); `None`: the engine's own selective
+    /// policy (Megatron-LM's default, `core_attn`). Left out of JSON when `None`, so
+    /// configurations written before it existed read and print the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute_modules: Option<RecomputeModules>,
     /// ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters.
     pub zero: u8,
     /// Shard the low-precision parameter copy over data parallel ranks (implied by ZeRO-3).
@@ -149,6 +175,7 @@ impl Config {
             sp: false,
             recompute: Recompute::None,
             recompute_layers: None,
+            recompute_modules: None,
             zero: 0,
             low_prec_shard: false,
             schedule: Schedule::OneFOneB,
@@ -165,6 +192,17 @@ impl Config {
         u64::from(self.dp) * u64::from(self.num_micro_batches) * u64::from(self.micro_batch)
     }
 
+    /// The recomputation the compiler applies: the policy, and the module set only
+    /// with selective recomputation (another policy ignores it).
+    pub fn recomputation(&self) -> Recomputation {
+        Recomputation {
+            policy: self.recompute,
+            modules: self
+                .recompute_modules
+                .filter(|_| self.recompute == Recompute::Selective),
+        }
+    }
+
     /// Whether the low-precision parameters are sharded (ZeRO-3 or the explicit flag).
     pub fn shards_low_prec(&self) -> bool {
         self.zero >= 3 || self.low_prec_shard
@@ -175,7 +213,7 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dp {} tp {} pp {} b {} m {}{} recompute {}{} zero {}{} {}",
+            "dp {} tp {} pp {} b {} m {}{} recompute {}{}{} zero {}{} {}",
             self.dp,
             self.tp,
             self.pp,
@@ -183,6 +221,10 @@ impl fmt::Display for Config {
             self.num_micro_batches,
             if self.sp { " sp" } else { "" },
             self.recompute,
+            match self.recompute_modules {
+                Some(m) => format!(" [{m}]"),
+                None => String::new(),
+            },
             match self.recompute_layers {
                 Some(k) if self.recompute != Recompute::None => format!(" ({k} layers/stage)"),
                 _ => String::new(),
