@@ -204,6 +204,18 @@ fn evaluated_plans() {
             2048,
             config(2, 8, 8, 1, 32, true, Full, None, 0, Gpipe),
         ),
+        (
+            // Megatron-LM's `--recompute-modules mlp` (flash attention: `core_attn`
+            // would recompute nothing).
+            "tp8-pp4-interleaved-mlp",
+            "llama3-70b",
+            "dgx-h100:8",
+            4096,
+            Config {
+                recompute_modules: "mlp".parse().ok(),
+                ..config(2, 8, 4, 1, 16, true, Selective, None, 1, Interleaved(2))
+            },
+        ),
     ];
     for (name, model, cluster, seq, c) in cases {
         let cfg = zoo::lookup(model).unwrap();
@@ -429,7 +441,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
         1u32..=16,
         any::<bool>(),
         (
-            0u8..3,
+            0u8..5,
             prop::option::of(1u32..=4),
             0u8..=3,
             any::<bool>(),
@@ -447,8 +459,19 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                     (_, 0) => Schedule::Gpipe,
                     _ => Schedule::Interleaved(v),
                 };
-                let recompute =
-                    [Recompute::None, Recompute::Selective, Recompute::Full][rc as usize];
+                // 3 and 4: selective with Megatron-LM's module sets `mlp`, `core_attn mlp`.
+                let recompute = [
+                    Recompute::None,
+                    Recompute::Selective,
+                    Recompute::Full,
+                    Recompute::Selective,
+                    Recompute::Selective,
+                ][rc as usize];
+                let recompute_modules = match rc {
+                    3 => "mlp".parse().ok(),
+                    4 => "core_attn,mlp".parse().ok(),
+                    _ => None,
+                };
                 let c = Config {
                     dp,
                     tp,
@@ -462,7 +485,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                     } else {
                         k
                     },
-                    recompute_modules: None,
+                    recompute_modules,
                     zero,
                     low_prec_shard: lps,
                     schedule,
