@@ -127,7 +127,12 @@ impl Recomputation {
 
 /// One parallelization candidate: everything the lowering needs besides the model,
 /// the cluster and the global batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Serialized with its fields in declaration order; `recompute_modules` is left out of
+/// human-readable formats (JSON) when `None`, so configurations from before it existed
+/// print and read the same, and always written in binary ones (bincode has no optional
+/// fields).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 pub struct Config {
     /// Data-parallel degree.
     pub dp: u32,
@@ -151,7 +156,7 @@ pub struct Config {
     /// submodules of each layer are recomputed); `None`: the engine's own selective
     /// policy (Megatron-LM's default, `core_attn`). Left out of JSON when `None`, so
     /// configurations written before it existed read and print the same.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub recompute_modules: Option<RecomputeModules>,
     /// ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters.
     pub zero: u8,
@@ -159,6 +164,31 @@ pub struct Config {
     pub low_prec_shard: bool,
     /// Pipeline schedule.
     pub schedule: Schedule,
+}
+
+impl Serialize for Config {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let skip = s.is_human_readable() && self.recompute_modules.is_none();
+        let mut st = s.serialize_struct("Config", if skip { 11 } else { 12 })?;
+        st.serialize_field("dp", &self.dp)?;
+        st.serialize_field("tp", &self.tp)?;
+        st.serialize_field("pp", &self.pp)?;
+        st.serialize_field("micro_batch", &self.micro_batch)?;
+        st.serialize_field("num_micro_batches", &self.num_micro_batches)?;
+        st.serialize_field("sp", &self.sp)?;
+        st.serialize_field("recompute", &self.recompute)?;
+        st.serialize_field("recompute_layers", &self.recompute_layers)?;
+        if skip {
+            st.skip_field("recompute_modules")?;
+        } else {
+            st.serialize_field("recompute_modules", &self.recompute_modules)?;
+        }
+        st.serialize_field("zero", &self.zero)?;
+        st.serialize_field("low_prec_shard", &self.low_prec_shard)?;
+        st.serialize_field("schedule", &self.schedule)?;
+        st.end()
+    }
 }
 
 impl Config {

@@ -562,4 +562,116 @@ mod tests {
             assert!(r.total_flops(env).unwrap() > g.total_flops(env).unwrap());
         }
     }
+
+    fn modules(s: &str) -> Selective {
+        Selective::Modules(s.parse().unwrap())
+    }
+
+    /// Per-layer saved bytes and total FLOPs of `g` under `selective`.
+    fn layer0(g: &Graph, selective: Selective, env: Env) -> (u64, u64, Option<RecomputeModules>) {
+        let r = apply_with(g, Recompute::Selective, selective, |_| true).unwrap();
+        verify(&r.graph).unwrap();
+        let saved = saved_activation_bytes(&r.graph, env).unwrap()[&Block::Layer(0)];
+        (saved, r.graph.total_flops(env).unwrap(), r.idle)
+    }
+
+    /// A Llama layer with flash attention (Llama-2-7B: h 4096, ffn f 11008, no TP,
+    /// b 1, s 2048, bf16). The MLP's backward reads, besides the norm's input `y`
+    /// (kept: it is the residual stream and the pre-MLP norm's saved input):
+    ///
+    /// * the norm's output, input of the gate and up projections: `2sbh` bytes;
+    /// * the gate projection's output (SiLU's input): `2sbf`;
+    /// * SiLU's output and the up projection's output (the product's inputs): `4sbf`;
+    /// * the product (the down projection's input): `2sbf`;
+    ///
+    /// so `mlp` saves `2sbh + 8sbf` bytes per layer, and reruns the MLP's forward in
+    /// backward: three `s·b·h × h·f` GEMMs, `6sbhf` FLOPs, plus the norm, SiLU and the
+    /// product (elementwise, under 0.1% here). `layernorm` drops the two norm outputs
+    /// (`4sbh`) and keeps their inputs. With flash attention `core_attn` claims no op.
+    #[test]
+    fn megatron_modules_on_a_llama_layer() {
+        let mut cfg = zoo::llama("l", 2, 4096, 32, 32, 11008, 32000, 1e4);
+        cfg.attention = Attention::Flash;
+        let g = training_graph(&build_forward(&cfg).unwrap(), &TrainOptions::default()).unwrap();
+        let (s, b, h, f) = (2048u64, 1u64, 4096u64, 11008u64);
+        let env = Env::new(b, s);
+        let none = apply(&g, Recompute::None, |_| true).unwrap().graph;
+        let saved_none = saved_activation_bytes(&none, env).unwrap()[&Block::Layer(0)];
+        let flops_none = none.total_flops(env).unwrap();
+
+        let (saved, flops, idle) = layer0(&g, modules("mlp"), env);
+        assert_eq!(idle, None);
+        assert_eq!(saved_none - saved, 2 * s * b * h + 8 * s * b * f);
+        // Both layers rerun their MLP.
+        let gemms = 2 * 6 * s * b * h * f;
+        let extra = flops - flops_none;
+        assert!(
+            extra >= gemms && (extra - gemms) as f64 / (gemms as f64) < 1e-3,
+            "{extra} vs {gemms}"
+        );
+
+        let (saved, _, idle) = layer0(&g, modules("layernorm"), env);
+        assert_eq!(idle, None);
+        assert_eq!(saved_none - saved, 4 * s * b * h);
+        // The pre-MLP norm is the MLP's: the two sets drop their union.
+        let (saved, _, _) = layer0(&g, modules("layernorm,mlp"), env);
+        assert_eq!(saved_none - saved, 4 * s * b * h + 8 * s * b * f);
+
+        let (saved, flops, idle) = layer0(&g, modules("core_attn,mlp"), env);
+        assert_eq!(idle, Some(RecomputeModules::core_attn()));
+        assert_eq!(saved_none - saved, 2 * s * b * h + 8 * s * b * f);
+        assert_eq!(flops - flops_none, extra);
+    }
+
+    /// Korthikanti et al. 2022's GPT layer (Table 2): selective recomputation keeps
+    /// `34sbh` bytes; the MLP holds `18sbh` of them (the second layer norm's output
+    /// `2sbh`, the first linear's output `8sbh` read by GeLU, GeLU's output `8sbh` read
+    /// by the second linear). Its dropout mask (`sbh`) belongs to Megatron-LM's
+    /// bias-dropout-add, outside the checkpoint, and stays: `core_attn,mlp` keeps
+    /// `16sbh`, `mlp` alone keeps the attention core too.
+    #[test]
+    fn megatron_modules_on_korthikantis_layer() {
+        let g = gpt3_like_one_layer();
+        let (s, b, h) = (2048.0, 1.0, 12288.0);
+        let env = Env::new(1, 2048);
+        let (core, _, idle) = layer0(&g, modules("core_attn"), env);
+        assert_eq!(idle, None);
+        let (default, _, _) = layer0(&g, Selective::AttentionCore, env);
+        assert_eq!(core, default);
+        let (both, _, _) = layer0(&g, modules("core_attn,mlp"), env);
+        let (mlp, _, _) = layer0(&g, modules("mlp"), env);
+        for (got, expected) in [
+            (core, 34.0 * s * b * h),
+            (both, 16.0 * s * b * h),
+            (core - both, 18.0 * s * b * h),
+        ] {
+            let got = got as f64;
+            assert!(
+                (got - expected).abs() / expected < 0.01,
+                "{got} vs {expected}"
+            );
+        }
+        assert!(mlp > core, "mlp alone keeps the s×s scores");
+    }
+
+    #[test]
+    fn module_sets_parse_print_and_serialize() {
+        let m: RecomputeModules = "mlp, core_attn".parse().unwrap();
+        assert_eq!(m.to_string(), "core_attn,mlp");
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"["core_attn","mlp"]"#);
+        let back: RecomputeModules = serde_json::from_str(r#"["mlp","core_attn"]"#).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(
+            "mlp,attn".parse::<RecomputeModules>(),
+            Err(ModulesError::Unknown("attn".into()))
+        );
+        assert_eq!("".parse::<RecomputeModules>(), Err(ModulesError::Empty));
+        assert_eq!(
+            "mlp,mlp".parse::<RecomputeModules>(),
+            Err(ModulesError::Repeated(RecomputeModule::Mlp))
+        );
+        assert!(serde_json::from_str::<RecomputeModules>(r#"["bogus"]"#).is_err());
+        let moe: RecomputeModules = "moe,shared_experts".parse().unwrap();
+        assert!(moe.iter().all(|x| !x.is_modelled()));
+    }
 }
