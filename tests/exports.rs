@@ -867,6 +867,26 @@ fn matrix() -> Vec<Case> {
             config(4, 1, 2, 2, 4, false, Full, None, 0, OneFOneB),
             None,
         ),
+        case(
+            "tp8-pp16-405b-mlp",
+            "llama3-405b",
+            8192,
+            Config {
+                recompute_modules: "mlp".parse().ok(),
+                ..config(4, 8, 16, 1, 32, true, Selective, None, 1, Interleaved(2))
+            },
+            None,
+        ),
+        case(
+            "tp8-pp2-core-attn-mlp",
+            "megatron-22b",
+            2048,
+            Config {
+                recompute_modules: "core_attn,mlp".parse().ok(),
+                ..config(2, 8, 2, 1, 16, true, Selective, None, 1, OneFOneB)
+            },
+            None,
+        ),
     ]
 }
 
