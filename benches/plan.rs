@@ -55,6 +55,7 @@ fn eval_405b(c: &mut Criterion) {
         low_prec_shard: false,
         schedule: Schedule::OneFOneB,
         recompute_layers: None,
+        recompute_modules: None,
     };
     c.bench_function("eval/llama3-405b/dgx-h100:2048", |b| {
         b.iter(|| {

@@ -57,6 +57,7 @@ fn config(pp: u32, b: u32, m: u32, schedule: Schedule, recompute: Recompute, sp:
         sp,
         recompute,
         recompute_layers: None,
+        recompute_modules: None,
         zero: 0,
         low_prec_shard: false,
         schedule,

@@ -33,6 +33,7 @@ fn config(pp: u32, b: u32, m: u32, schedule: Schedule, recompute: Recompute, sp:
         low_prec_shard: false,
         schedule,
         recompute_layers: None,
+        recompute_modules: None,
     }
 }
 

@@ -230,6 +230,11 @@ fn oom_suggestions_fit_when_followed() {
         if cfg["sp"] == true {
             args.push("--sp".into());
         }
+        if let Some(m) = cfg["recompute_modules"].as_array() {
+            let names: Vec<&str> = m.iter().filter_map(|n| n.as_str()).collect();
+            args.push("--recompute-modules".into());
+            args.push(names.join(","));
+        }
         if cfg["low_prec_shard"] == true {
             args.push("--low-prec-shard".into());
         }

@@ -57,6 +57,7 @@ fn config(
         low_prec_shard: false,
         schedule,
         recompute_layers: None,
+        recompute_modules: None,
     }
 }
 

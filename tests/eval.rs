@@ -23,6 +23,7 @@ fn config(dp: u32, tp: u32, pp: u32, b: u32, m: u32, zero: u8) -> Config {
         low_prec_shard: false,
         schedule: Schedule::OneFOneB,
         recompute_layers: None,
+        recompute_modules: None,
     }
 }
 

@@ -36,6 +36,7 @@ fn config(
         sp,
         recompute,
         recompute_layers,
+        recompute_modules: None,
         zero,
         low_prec_shard: false,
         schedule,
@@ -202,6 +203,18 @@ fn evaluated_plans() {
             "dgx-a100-80g:16",
             2048,
             config(2, 8, 8, 1, 32, true, Full, None, 0, Gpipe),
+        ),
+        (
+            // Megatron-LM's `--recompute-modules mlp` (flash attention: `core_attn`
+            // would recompute nothing).
+            "tp8-pp4-interleaved-mlp",
+            "llama3-70b",
+            "dgx-h100:8",
+            4096,
+            Config {
+                recompute_modules: "mlp".parse().ok(),
+                ..config(2, 8, 4, 1, 16, true, Selective, None, 1, Interleaved(2))
+            },
         ),
     ];
     for (name, model, cluster, seq, c) in cases {
@@ -428,7 +441,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
         1u32..=16,
         any::<bool>(),
         (
-            0u8..3,
+            0u8..5,
             prop::option::of(1u32..=4),
             0u8..=3,
             any::<bool>(),
@@ -446,8 +459,19 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                     (_, 0) => Schedule::Gpipe,
                     _ => Schedule::Interleaved(v),
                 };
-                let recompute =
-                    [Recompute::None, Recompute::Selective, Recompute::Full][rc as usize];
+                // 3 and 4: selective with Megatron-LM's module sets `mlp`, `core_attn mlp`.
+                let recompute = [
+                    Recompute::None,
+                    Recompute::Selective,
+                    Recompute::Full,
+                    Recompute::Selective,
+                    Recompute::Selective,
+                ][rc as usize];
+                let recompute_modules = match rc {
+                    3 => "mlp".parse().ok(),
+                    4 => "core_attn,mlp".parse().ok(),
+                    _ => None,
+                };
                 let c = Config {
                     dp,
                     tp,
@@ -461,6 +485,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                     } else {
                         k
                     },
+                    recompute_modules,
                     zero,
                     low_prec_shard: lps,
                     schedule,
@@ -840,6 +865,26 @@ fn matrix() -> Vec<Case> {
             "llama2-13b",
             2048,
             config(4, 1, 2, 2, 4, false, Full, None, 0, OneFOneB),
+            None,
+        ),
+        case(
+            "tp8-pp16-405b-mlp",
+            "llama3-405b",
+            8192,
+            Config {
+                recompute_modules: "mlp".parse().ok(),
+                ..config(4, 8, 16, 1, 32, true, Selective, None, 1, Interleaved(2))
+            },
+            None,
+        ),
+        case(
+            "tp8-pp2-core-attn-mlp",
+            "megatron-22b",
+            2048,
+            Config {
+                recompute_modules: "core_attn,mlp".parse().ok(),
+                ..config(2, 8, 2, 1, 16, true, Selective, None, 1, OneFOneB)
+            },
             None,
         ),
     ]

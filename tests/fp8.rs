@@ -147,6 +147,7 @@ fn fp8_raises_throughput_on_h100() {
         low_prec_shard: false,
         schedule: Schedule::OneFOneB,
         recompute_layers: None,
+        recompute_modules: None,
     };
     let bf16 = compiler("dgx-h100:1", Engine::Megatron)
         .evaluate(&c)

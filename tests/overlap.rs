@@ -46,6 +46,7 @@ fn config(dp: u32, m: u32) -> Config {
         sp: false,
         recompute: apar::passes::Recompute::None,
         recompute_layers: None,
+        recompute_modules: None,
         zero: 0,
         low_prec_shard: false,
         schedule: apar::passes::Schedule::OneFOneB,

@@ -90,6 +90,10 @@ pub struct Run {
     /// Recompute only the first K layers of each stage.
     #[serde(default)]
     pub recompute_layers: Option<u32>,
+    /// Megatron-LM's selective-recompute module set (`mlp`, `core_attn,mlp`; with
+    /// `recompute: selective`), when not the engine's default.
+    #[serde(default)]
+    pub recompute_modules: Option<crate::passes::RecomputeModules>,
     /// ZeRO stage.
     #[serde(default)]
     pub zero: u8,
@@ -139,6 +143,7 @@ impl Run {
             sp: self.sp,
             recompute: self.recompute,
             recompute_layers: self.recompute_layers,
+            recompute_modules: self.recompute_modules,
             zero: self.zero,
             low_prec_shard: self.zero >= 3,
             schedule: self.schedule,

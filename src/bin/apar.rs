@@ -7,7 +7,7 @@ use apar::engine::Engine;
 use apar::ir::{self, Env, Graph};
 use apar::lower::compile::DEFAULT_MEMORY_RATIO;
 use apar::models::{self, Attention};
-use apar::passes::{Config, Recompute, Schedule};
+use apar::passes::{Config, Recompute, RecomputeModules, Schedule};
 use apar::report::{self, OomReport};
 use apar::train::{self, Stats, TrainOptions};
 use apar::{calibrate, ModelSpec, Plan, PlanError, PlanOptions, Session};
@@ -201,6 +201,10 @@ enum Command {
         /// Recompute only the first K layers of each pipeline stage (with a policy).
         #[arg(long)]
         recompute_layers: Option<u32>,
+        /// Pin Megatron-LM's selective recompute modules, comma-separated: core_attn, mlp
+        /// (layernorm and the MoE modules are refused); implies --recompute selective.
+        #[arg(long, value_parser = parse_recompute_modules)]
+        recompute_modules: Option<RecomputeModules>,
         /// Pin the ZeRO stage.
         #[arg(long)]
         zero: Option<u8>,
@@ -246,8 +250,8 @@ enum Command {
         #[arg(long, conflicts_with_all = [
             "model", "attention", "layers", "cluster", "global_batch", "seq", "memory_ratio",
             "engine", "dp", "tp", "pp", "micro_batch", "sp", "recompute", "recompute_layers",
-            "zero", "low_prec_shard", "schedule", "precision", "grad_dtype", "optimizer_dtype",
-            "runtime_overhead_gib", "calibration",
+            "recompute_modules", "zero", "low_prec_shard", "schedule", "precision", "grad_dtype",
+            "optimizer_dtype", "runtime_overhead_gib", "calibration",
         ])]
         plan: Option<PathBuf>,
         #[command(flatten)]
@@ -269,12 +273,16 @@ enum Command {
         /// Sequence parallelism (needs --tp > 1).
         #[arg(long)]
         sp: bool,
-        /// Activation recomputation.
-        #[arg(long, value_enum, default_value = "none")]
-        recompute: RecomputeArg,
+        /// Activation recomputation (default: none, or selective with --recompute-modules).
+        #[arg(long, value_enum)]
+        recompute: Option<RecomputeArg>,
         /// Recompute only the first K layers of each pipeline stage.
         #[arg(long)]
         recompute_layers: Option<u32>,
+        /// Megatron-LM's selective recompute modules, comma-separated: core_attn, mlp
+        /// (layernorm and the MoE modules are refused); implies --recompute selective.
+        #[arg(long, value_parser = parse_recompute_modules)]
+        recompute_modules: Option<RecomputeModules>,
         /// ZeRO stage (0–3).
         #[arg(long, default_value_t = 0)]
         zero: u8,
@@ -356,6 +364,34 @@ impl From<RecomputeArg> for Recompute {
             RecomputeArg::Full => Recompute::Full,
         }
     }
+}
+
+fn parse_recompute_modules(s: &str) -> Result<RecomputeModules, String> {
+    s.parse()
+        .map_err(|e: apar::passes::recompute::ModulesError| e.to_string())
+}
+
+/// The policy and module set of `--recompute` and `--recompute-modules`: modules imply
+/// selective recomputation, and the engine's own default set is spelled as none.
+fn recompute_pins(
+    recompute: Option<RecomputeArg>,
+    modules: Option<RecomputeModules>,
+    engine: Engine,
+) -> Result<(Option<Recompute>, Option<RecomputeModules>), String> {
+    let recompute: Option<Recompute> = recompute.map(Into::into);
+    let Some(m) = modules else {
+        return Ok((recompute, None));
+    };
+    match recompute {
+        None | Some(Recompute::Selective) => {}
+        Some(r) => {
+            return Err(format!(
+                "--recompute-modules {m} needs --recompute selective, not {r}"
+            ))
+        }
+    }
+    let m = (engine.default_recompute_modules() != Some(m)).then_some(m);
+    Ok((Some(Recompute::Selective), m))
 }
 
 fn parse_schedule(s: &str) -> Result<Schedule, String> {
@@ -687,6 +723,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             sp,
             recompute,
             recompute_layers,
+            recompute_modules,
             zero,
             low_prec_shard,
             schedule,
@@ -695,6 +732,10 @@ fn run(cli: Cli) -> Result<String, Failure> {
             memory,
             out,
         } => {
+            // The pinned set goes to the search as given (`enumerate_for` spells the
+            // engine's default set as none).
+            let (recompute, _) =
+                recompute_pins(recompute, recompute_modules, engine).map_err(bad)?;
             let mut options = PlanOptions {
                 seq,
                 global_batch,
@@ -709,8 +750,9 @@ fn run(cli: Cli) -> Result<String, Failure> {
                         max_tp,
                         micro_batch,
                         sp,
-                        recompute: recompute.map(Into::into),
+                        recompute,
                         recompute_layers,
+                        recompute_modules,
                         zero,
                         low_prec_shard,
                         schedule,
@@ -817,6 +859,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             sp,
             recompute,
             recompute_layers,
+            recompute_modules,
             zero,
             low_prec_shard,
             schedule,
@@ -847,6 +890,9 @@ fn run(cli: Cli) -> Result<String, Failure> {
             let cluster =
                 Cluster::resolve(&job.cluster.ok_or_else(|| need("cluster"))?).map_err(bad)?;
             let dp = dp.ok_or_else(|| need("dp"))?;
+            let (recompute, recompute_modules) =
+                recompute_pins(recompute, recompute_modules, options.engine).map_err(bad)?;
+            let recompute = recompute.unwrap_or(Recompute::None);
             let session = Session::for_spec(&spec, &cluster, &options).map_err(bad)?;
             let config = session
                 .with_micro_batches(Config {
@@ -856,8 +902,9 @@ fn run(cli: Cli) -> Result<String, Failure> {
                     micro_batch,
                     num_micro_batches: 0,
                     sp,
-                    recompute: recompute.into(),
+                    recompute,
                     recompute_layers,
+                    recompute_modules,
                     zero,
                     low_prec_shard,
                     schedule,

@@ -332,6 +332,17 @@ impl Engine {
             Engine::Megatron | Engine::DeepSpeed | Engine::Hf => Selective::AttentionCore,
         }
     }
+
+    /// What selective recomputation reruns with Megatron-LM's `--recompute-modules`
+    /// `modules` ([`Selective::Modules`]), or the engine's own policy without
+    /// ([`Engine::selective_recompute`]). Only Megatron-LM takes module sets
+    /// ([`Engine::allows`] refuses them elsewhere).
+    pub fn selective_for(self, modules: Option<crate::passes::RecomputeModules>) -> Selective {
+        match modules {
+            Some(m) => Selective::Modules(m),
+            None => self.selective_recompute(),
+        }
+    }
 }
 
 /// DeepSpeed's default `reduce_bucket_size`, elements: 5·10⁸

@@ -55,7 +55,7 @@
 use super::Engine;
 use crate::engine::memory::PrecisionError;
 use crate::lower::StageSpan;
-use crate::passes::{Config, Recompute, Schedule};
+use crate::passes::{Config, Recompute, RecomputeModule, RecomputeModules, Schedule};
 use crate::train::precision::{Fp8Recipe, TORCHAO_FP8, TRANSFORMER_ENGINE_FP8};
 use thiserror::Error;
 
@@ -166,6 +166,17 @@ pub enum Unsupported {
         k: u32,
         /// The policy.
         recompute: Recompute,
+    },
+    /// The engine cannot recompute this set of modules (Megatron-LM's
+    /// `--recompute-modules`).
+    #[error("{engine} cannot recompute the modules {modules}: {why}")]
+    RecomputeModules {
+        /// The engine.
+        engine: Engine,
+        /// The modules asked for.
+        modules: RecomputeModules,
+        /// Why not.
+        why: &'static str,
     },
     /// The engine cannot place the model's layers on these stages.
     #[error("{engine} cannot place {layers} layers on {pp} pipeline stages × {chunks} virtual stages{}", placement_hint(*.engine))]
@@ -299,7 +310,78 @@ fn first_last_splits(units: usize, ranks: usize, step: usize, min_end: usize) ->
     out
 }
 
+/// Why Megatron-LM does not run selective recomputation of `modules` with policy
+/// `recompute` as apar models it (`None`: it does). From `transformer_config.py` and
+/// `transformer_layer.py` at `d98e8a6`: `recompute_modules` is read only with
+/// `--recompute-granularity selective`; `moe_act`, `moe`, `shared_experts` and
+/// `mla_up_proj` act on mixture-of-experts and multi-latent-attention layers, which apar
+/// does not build; `layernorm` recomputes `input_layernorm` and `pre_mlp_layernorm`
+/// only where they are modules of their own, and the default Transformer Engine layer
+/// (`get_gpt_layer_with_transformer_engine_submodules`, `--transformer-impl
+/// transformer_engine`) fuses both into `linear_qkv` and `linear_fc1`
+/// (`TELayerNormColumnParallelLinear`) and leaves them `IdentityOp` on dense layers.
+fn megatron_modules_refusal(
+    recompute: Recompute,
+    modules: RecomputeModules,
+) -> Option<&'static str> {
+    if recompute != Recompute::Selective {
+        return Some("--recompute-modules is read only with --recompute-granularity selective");
+    }
+    if modules.iter().any(|m| !m.is_modelled()) {
+        return Some("moe_act, moe, shared_experts and mla_up_proj need mixture-of-experts or multi-latent-attention layers, which apar does not build yet");
+    }
+    if modules.contains(RecomputeModule::Layernorm) {
+        return Some("Megatron-LM's Transformer Engine layer fuses the input and pre-MLP norms into linear_qkv and linear_fc1 (IdentityOp norms on dense layers), so layernorm recomputes nothing there");
+    }
+    None
+}
+
 impl Engine {
+    /// The module sets this engine offers for selective recomputation besides its own
+    /// selective policy, which the candidate space lists beside each selective
+    /// candidate ([`crate::passes::candidates::enumerate_for`]).
+    ///
+    /// Megatron-LM: `mlp` and `core_attn,mlp`. `core_attn` alone is its default (the
+    /// plain selective candidate). The MLP holds most of a layer's saved tensors once
+    /// the attention core is gone (its input, the gate/up outputs, the activation and
+    /// the product: `2sbh + 8sbf` bytes of a SwiGLU layer's `~2sbh·(5 + …)`), so
+    /// recomputing it is the step between the attention core and the whole layer;
+    /// with flash attention `core_attn` recomputes nothing (Megatron-LM warns that it
+    /// is not needed with fused attention), so `mlp` alone is the set that runs there
+    /// and `core_attn,mlp` the one for unfused attention (apar refuses a module that
+    /// recomputes nothing, so only one of the two compiles for a given model).
+    /// `layernorm` is left out: it recomputes nothing on Megatron-LM's Transformer
+    /// Engine dense layers (see [`Unsupported::RecomputeModules`]). Other engines: none.
+    pub fn recompute_module_sets(self) -> Vec<RecomputeModules> {
+        use RecomputeModule::{CoreAttn, Mlp};
+        match self {
+            Engine::Megatron => [vec![Mlp], vec![CoreAttn, Mlp]]
+                .into_iter()
+                .filter_map(RecomputeModules::new)
+                .collect(),
+            Engine::DeepSpeed | Engine::Torchtitan | Engine::Hf => Vec::new(),
+        }
+    }
+
+    /// The module set this engine's own selective policy is, when it is one:
+    /// Megatron-LM's `core_attn` (`recompute_modules = ["core_attn"]` when unset).
+    pub fn default_recompute_modules(self) -> Option<RecomputeModules> {
+        match self {
+            Engine::Megatron => Some(RecomputeModules::core_attn()),
+            Engine::DeepSpeed | Engine::Torchtitan | Engine::Hf => None,
+        }
+    }
+
+    /// Why this engine takes no `--recompute-modules` (`None` for Megatron-LM).
+    fn no_modules_reason(self) -> Option<&'static str> {
+        match self {
+            Engine::Megatron => None,
+            Engine::DeepSpeed => Some("DeepSpeed's activation checkpointing wraps whole layers (no per-module sets)"),
+            Engine::Torchtitan => Some("torchtitan's selective checkpointing is per layer or per op (activation_checkpoint.mode), not by Megatron-LM module"),
+            Engine::Hf => Some("Hugging Face gradient checkpointing wraps whole decoder layers"),
+        }
+    }
+
     /// Whether this engine runs `c` on a model whose pipeline sees `model`.
     ///
     /// Checks only what depends on the engine; [`crate::lower::compile::Compiler::check`]
@@ -353,6 +435,15 @@ impl Engine {
                         k,
                         recompute: c.recompute,
                     });
+                }
+                if let Some(modules) = c.recompute_modules {
+                    if let Some(why) = megatron_modules_refusal(c.recompute, modules) {
+                        out.push(Unsupported::RecomputeModules {
+                            engine,
+                            modules,
+                            why,
+                        });
+                    }
                 }
             }
             Engine::DeepSpeed => {
@@ -455,6 +546,13 @@ impl Engine {
                     });
                 }
             }
+        }
+        if let (Some(modules), Some(why)) = (c.recompute_modules, self.no_modules_reason()) {
+            out.push(Unsupported::RecomputeModules {
+                engine,
+                modules,
+                why,
+            });
         }
         if (pipelined || c.schedule.chunks() > 1) && !self.can_split(c, model) {
             out.push(Unsupported::LayerSplit {

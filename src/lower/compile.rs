@@ -24,7 +24,7 @@ use crate::passes::manager::{
     TensorParallel,
 };
 use crate::passes::recompute::Recomputed;
-use crate::passes::{pipeline, Config, Recompute, Schedule};
+use crate::passes::{pipeline, Config, Recomputation, Recompute, RecomputeModules, Schedule};
 use crate::shard::ShardError;
 use crate::train::TrainError;
 use crate::train::TrainOptions;
@@ -195,6 +195,10 @@ pub enum CompileError {
     /// Selective recomputation on a model with no `s×s` attention tensors.
     #[error("selective recomputation recomputes nothing in this model (no s×s attention tensors); it is the same program as --recompute none")]
     SelectiveRecomputesNothing,
+    /// Megatron-LM recompute modules that claim no op of this model (`core_attn` with
+    /// flash attention, `mlp` or `layernorm` without norm ops).
+    #[error("--recompute-modules {0}: recomputes nothing in this model (core_attn keeps no s×s tensors with flash attention; mlp and layernorm need the layer's norm ops); leave it out")]
+    ModulesRecomputeNothing(RecomputeModules),
     /// A size overflows 64 bits, or the sequence length is not divisible as the
     /// sharding needs.
     #[error("sizes overflow or the sequence length {seq} is not divisible as the sharding needs")]
@@ -321,7 +325,7 @@ pub enum ModelSource {
 struct ProfileKey {
     tp: u32,
     sp: bool,
-    recompute: Recompute,
+    recompute: Recomputation,
     micro_batch: u32,
     zero: u8,
     low_prec_shard: bool,
@@ -349,14 +353,14 @@ type BlockMap = BTreeMap<Block, BlockProfile>;
 type Cache<K, V> = Mutex<BTreeMap<K, Arc<V>>>;
 type Compiled<T> = Result<T, CompileError>;
 /// (tp, sp, recompute, micro-batch): what block times depend on.
-type BaseKey = (u32, bool, Recompute, u32);
+type BaseKey = (u32, bool, Recomputation, u32);
 
 #[derive(Default)]
 struct Caches {
     /// Per-device forward graphs, by (tp, sp).
     sharded: Cache<(u32, bool), Compiled<Graph>>,
     /// Training graphs with recomputation, by (tp, sp, recompute).
-    graphs: Cache<(u32, bool, Recompute), Compiled<Recomputed>>,
+    graphs: Cache<(u32, bool, Recomputation), Compiled<Recomputed>>,
     /// Undistributed profiles, by (tp, sp, recompute, b).
     base: Cache<BaseKey, Compiled<BlockMap>>,
     /// Distribution profiles, by (tp, zero, low-precision sharding, dp).
@@ -924,7 +928,7 @@ impl Compiler {
         let key = ProfileKey {
             tp: c.tp,
             sp: c.sp,
-            recompute: c.recompute,
+            recompute: c.recomputation(),
             micro_batch: c.micro_batch,
             zero: if c.dp > 1 { c.zero } else { 0 },
             low_prec_shard: c.dp > 1 && c.shards_low_prec(),
@@ -946,18 +950,22 @@ impl Compiler {
                 self.per_device_forward(tp, sp)
             });
         });
-        let trains: BTreeSet<(u32, bool, Recompute)> = configs
+        let trains: BTreeSet<(u32, bool, Recomputation)> = configs
             .iter()
-            .map(|c| (c.tp, c.sp, c.recompute))
-            .chain(configs.iter().map(|c| (c.tp, false, Recompute::None)))
+            .map(|c| (c.tp, c.sp, c.recomputation()))
+            .chain(configs.iter().map(|c| (c.tp, false, Recomputation::NONE)))
             .collect();
         trains.par_iter().for_each(|&(tp, sp, rc)| {
             self.graph(tp, sp, rc);
         });
         let bases: BTreeSet<BaseKey> = configs
             .iter()
-            .map(|c| (c.tp, c.sp, c.recompute, c.micro_batch))
-            .chain(configs.iter().map(|c| (c.tp, false, Recompute::None, 1)))
+            .map(|c| (c.tp, c.sp, c.recomputation(), c.micro_batch))
+            .chain(
+                configs
+                    .iter()
+                    .map(|c| (c.tp, false, Recomputation::NONE, 1)),
+            )
             .collect();
         bases.par_iter().for_each(|&(tp, sp, rc, b)| {
             self.base(tp, sp, rc, b);
@@ -997,7 +1005,7 @@ impl Compiler {
     }
 
     /// The per-device training graph with recomputation (symbolic in `b` and `s`).
-    fn graph(&self, tp: u32, sp: bool, rc: Recompute) -> Arc<Result<Recomputed, CompileError>> {
+    fn graph(&self, tp: u32, sp: bool, rc: Recomputation) -> Arc<Result<Recomputed, CompileError>> {
         cached(&self.caches.graphs, (tp, sp, rc), || {
             let fwd = cached(&self.caches.sharded, (tp, sp), || {
                 self.per_device_forward(tp, sp)
@@ -1019,8 +1027,10 @@ impl Compiler {
                 ..TrainOptions::default()
             };
             let train = self.passes.run(&Autodiff(opts), &fwd)?;
-            let selective = self.engine.selective_recompute();
-            let r = self.passes.run(&RecomputeLayers(rc, selective), &train)?;
+            let selective = self.engine.selective_for(rc.modules);
+            let r = self
+                .passes
+                .run(&RecomputeLayers(rc.policy, selective), &train)?;
             Ok(r)
         })
     }
@@ -1034,7 +1044,7 @@ impl Compiler {
         &self,
         tp: u32,
         sp: bool,
-        rc: Recompute,
+        rc: Recomputation,
         b: u32,
     ) -> Arc<Result<BlockMap, CompileError>> {
         cached(&self.caches.base, (tp, sp, rc, b), || {
@@ -1058,7 +1068,7 @@ impl Compiler {
     fn distribution(&self, c: &Config) -> Arc<Result<BlockMap, CompileError>> {
         let key = (c.tp, c.zero, c.shards_low_prec(), c.dp);
         cached(&self.caches.dist, key, || {
-            let g = self.graph(c.tp, false, Recompute::None);
+            let g = self.graph(c.tp, false, Recomputation::NONE);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
             let d = self
                 .passes
@@ -1072,7 +1082,7 @@ impl Compiler {
             };
             let mut with = profile(&d.graph, env, &self.cost, &groups, &BTreeSet::new())
                 .ok_or_else(|| self.size_error())?;
-            let without = self.base(c.tp, false, Recompute::None, 1);
+            let without = self.base(c.tp, false, Recomputation::NONE, 1);
             let without = without.as_ref().as_ref().map_err(Clone::clone)?;
             for (b, p) in with.iter_mut() {
                 let base = without.get(b).cloned().unwrap_or_default();
@@ -1084,7 +1094,7 @@ impl Compiler {
     }
 
     fn compute_profiles(&self, c: &Config) -> Result<Blocks, CompileError> {
-        let base = self.base(c.tp, c.sp, c.recompute, c.micro_batch);
+        let base = self.base(c.tp, c.sp, c.recomputation(), c.micro_batch);
         let mut by_block = base.as_ref().as_ref().map_err(Clone::clone)?.clone();
         if c.dp > 1 {
             let dist = self.distribution(c);
@@ -1152,9 +1162,14 @@ impl Compiler {
     pub fn lower_bound(&self, c: &Config) -> Result<(f64, Vec<StageSpan>), CompileError> {
         self.check(c)?;
         if c.recompute == Recompute::Selective {
-            let g = self.graph(c.tp, c.sp, c.recompute);
-            if g.as_ref().as_ref().is_ok_and(|g| g.clones.is_empty()) {
-                return Err(CompileError::SelectiveRecomputesNothing);
+            let g = self.graph(c.tp, c.sp, c.recomputation());
+            if let Ok(g) = g.as_ref() {
+                if let Some(idle) = g.idle {
+                    return Err(CompileError::ModulesRecomputeNothing(idle));
+                }
+                if g.clones.is_empty() {
+                    return Err(CompileError::SelectiveRecomputesNothing);
+                }
             }
         }
         let profiles = self.profiles(c);
@@ -1390,7 +1405,7 @@ impl Compiler {
         } else {
             None
         };
-        let g = self.graph(c.tp, c.sp, c.recompute);
+        let g = self.graph(c.tp, c.sp, c.recomputation());
         let g = g.as_ref().as_ref().map_err(Clone::clone)?;
         let d = self
             .passes

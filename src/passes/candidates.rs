@@ -4,7 +4,8 @@
 //! `pp` dividing `N/tp` with `pp · v ≤ blocks`, `dp = N/(tp·pp)`, every micro-batch
 //! size `b` dividing `B/dp` (`m = B/(dp·b)`, at most
 //! [`MAX_PIPELINE_UNITS`]` / pp`), sequence parallelism on/off when
-//! `tp > 1`, recomputation none/selective/full, ZeRO 0–3 (only 0 when `dp = 1`) with
+//! `tp > 1`, recomputation none/selective/full (and, for an engine that takes them,
+//! its selective module sets, [`Engine::recompute_module_sets`]), ZeRO 0–3 (only 0 when `dp = 1`) with
 //! or without sharding the low-precision copy for stages 0 and 1 (stage 2 with it is
 //! stage 3, which implies it), and schedule GPipe,
 //! 1F1B or interleaved 1F1B with `v ≥ 2` chunks (needs `pp ≥ 2` and `pp | m`); with
@@ -13,7 +14,7 @@
 //! engine can run ([`Engine::allows`]): its schedules, ZeRO stages, virtual-stage
 //! counts that place whole layers, and so on.
 
-use super::{Config, Recompute, Schedule};
+use super::{Config, Recompute, RecomputeModules, Schedule};
 use crate::engine::rules::BlockLayout;
 use crate::engine::Engine;
 use crate::lower::compile::MAX_PIPELINE_UNITS;
@@ -42,6 +43,10 @@ pub struct Constraints {
     /// that recompute; with the policy pinned to none, every candidate carries `k` and
     /// the compiler rejects it, naming the conflict).
     pub recompute_layers: Option<u32>,
+    /// Megatron-LM's `--recompute-modules` for selective recomputation (implies the
+    /// selective policy when the policy is not pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute_modules: Option<RecomputeModules>,
     /// ZeRO stage.
     pub zero: Option<u8>,
     /// Low-precision parameter sharding.
@@ -81,6 +86,7 @@ impl Constraints {
         pin!(sp, "sp");
         pin!(recompute, "recompute");
         pin!(recompute_layers, "recompute-layers");
+        pin!(recompute_modules, "recompute-modules");
         pin!(zero, "zero");
         pin!(low_prec_shard, "low-prec-shard");
         pin!(schedule, "schedule");
@@ -189,6 +195,13 @@ pub fn enumerate(
                             {
                                 continue;
                             }
+                            // A module set asks for selective recomputation.
+                            if k.recompute_modules.is_some()
+                                && k.recompute.is_none()
+                                && recompute != Recompute::Selective
+                            {
+                                continue;
+                            }
                             let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
                             for &zero in zeros {
                                 if k.zero.is_some_and(|z| z != zero) {
@@ -215,6 +228,7 @@ pub fn enumerate(
                                         // With the policy pinned to none, the count is
                                         // kept so that the compiler names the conflict.
                                         recompute_layers: k.recompute_layers,
+                                        recompute_modules: k.recompute_modules,
                                         zero,
                                         low_prec_shard,
                                         schedule,
@@ -241,6 +255,32 @@ pub fn enumerate_for(
     k: &Constraints,
 ) -> Vec<Config> {
     let mut all = enumerate(devices, devices_per_node, global_batch, model.blocks, k);
+    let default = engine.default_recompute_modules();
+    if k.recompute_modules.is_some() {
+        // A pinned module set that is the engine's default is spelled `None`.
+        for c in &mut all {
+            if c.recompute_modules == default && default.is_some() {
+                c.recompute_modules = None;
+            }
+        }
+    } else {
+        // The engine's other module sets beside each selective candidate.
+        let sets = engine.recompute_module_sets();
+        all = all
+            .into_iter()
+            .flat_map(|c| {
+                let extra: &[RecomputeModules] = if c.recompute == Recompute::Selective {
+                    &sets
+                } else {
+                    &[]
+                };
+                std::iter::once(c).chain(extra.iter().map(move |&m| Config {
+                    recompute_modules: Some(m),
+                    ..c
+                }))
+            })
+            .collect();
+    }
     all.retain(|c| engine.allows(c, model).is_ok());
     all
 }

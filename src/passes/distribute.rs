@@ -442,6 +442,7 @@ mod tests {
             low_prec_shard: false,
             schedule: Schedule::OneFOneB,
             recompute_layers: None,
+            recompute_modules: None,
         }
     }
 

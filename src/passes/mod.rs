@@ -14,6 +14,8 @@ pub mod manager;
 pub mod pipeline;
 pub mod recompute;
 
+pub use recompute::{RecomputeModule, RecomputeModules};
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -105,9 +107,32 @@ impl fmt::Display for Schedule {
     }
 }
 
+/// What the recomputation pass applies to a configuration ([`Config::recomputation`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Recomputation {
+    /// The policy.
+    pub policy: Recompute,
+    /// Megatron-LM's modules with selective recomputation (`None`: the engine's own
+    /// selective policy, or another policy).
+    pub modules: Option<RecomputeModules>,
+}
+
+impl Recomputation {
+    /// No recomputation.
+    pub const NONE: Recomputation = Recomputation {
+        policy: Recompute::None,
+        modules: None,
+    };
+}
+
 /// One parallelization candidate: everything the lowering needs besides the model,
 /// the cluster and the global batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Serialized with its fields in declaration order; `recompute_modules` is left out of
+/// human-readable formats (JSON) when `None`, so configurations from before it existed
+/// print and read the same, and always written in binary ones (bincode has no optional
+/// fields).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 pub struct Config {
     /// Data-parallel degree.
     pub dp: u32,
@@ -127,12 +152,43 @@ pub struct Config {
     /// `--recompute-method block --recompute-num-layers k`); `None`: every layer.
     #[serde(default)]
     pub recompute_layers: Option<u32>,
+    /// With selective recomputation, Megatron-LM's `--recompute-modules` (which
+    /// submodules of each layer are recomputed); `None`: the engine's own selective
+    /// policy (Megatron-LM's default, `core_attn`). Left out of JSON when `None`, so
+    /// configurations written before it existed read and print the same.
+    #[serde(default)]
+    pub recompute_modules: Option<RecomputeModules>,
     /// ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters.
     pub zero: u8,
     /// Shard the low-precision parameter copy over data parallel ranks (implied by ZeRO-3).
     pub low_prec_shard: bool,
     /// Pipeline schedule.
     pub schedule: Schedule,
+}
+
+impl Serialize for Config {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let skip = s.is_human_readable() && self.recompute_modules.is_none();
+        let mut st = s.serialize_struct("Config", if skip { 11 } else { 12 })?;
+        st.serialize_field("dp", &self.dp)?;
+        st.serialize_field("tp", &self.tp)?;
+        st.serialize_field("pp", &self.pp)?;
+        st.serialize_field("micro_batch", &self.micro_batch)?;
+        st.serialize_field("num_micro_batches", &self.num_micro_batches)?;
+        st.serialize_field("sp", &self.sp)?;
+        st.serialize_field("recompute", &self.recompute)?;
+        st.serialize_field("recompute_layers", &self.recompute_layers)?;
+        if skip {
+            st.skip_field("recompute_modules")?;
+        } else {
+            st.serialize_field("recompute_modules", &self.recompute_modules)?;
+        }
+        st.serialize_field("zero", &self.zero)?;
+        st.serialize_field("low_prec_shard", &self.low_prec_shard)?;
+        st.serialize_field("schedule", &self.schedule)?;
+        st.end()
+    }
 }
 
 impl Config {
@@ -149,6 +205,7 @@ impl Config {
             sp: false,
             recompute: Recompute::None,
             recompute_layers: None,
+            recompute_modules: None,
             zero: 0,
             low_prec_shard: false,
             schedule: Schedule::OneFOneB,
@@ -165,6 +222,17 @@ impl Config {
         u64::from(self.dp) * u64::from(self.num_micro_batches) * u64::from(self.micro_batch)
     }
 
+    /// The recomputation the compiler applies: the policy, and the module set only
+    /// with selective recomputation (another policy ignores it).
+    pub fn recomputation(&self) -> Recomputation {
+        Recomputation {
+            policy: self.recompute,
+            modules: self
+                .recompute_modules
+                .filter(|_| self.recompute == Recompute::Selective),
+        }
+    }
+
     /// Whether the low-precision parameters are sharded (ZeRO-3 or the explicit flag).
     pub fn shards_low_prec(&self) -> bool {
         self.zero >= 3 || self.low_prec_shard
@@ -175,7 +243,7 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dp {} tp {} pp {} b {} m {}{} recompute {}{} zero {}{} {}",
+            "dp {} tp {} pp {} b {} m {}{} recompute {}{}{} zero {}{} {}",
             self.dp,
             self.tp,
             self.pp,
@@ -183,6 +251,10 @@ impl fmt::Display for Config {
             self.num_micro_batches,
             if self.sp { " sp" } else { "" },
             self.recompute,
+            match self.recompute_modules {
+                Some(m) => format!(" [{m}]"),
+                None => String::new(),
+            },
             match self.recompute_layers {
                 Some(k) if self.recompute != Recompute::None => format!(" ({k} layers/stage)"),
                 _ => String::new(),

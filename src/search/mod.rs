@@ -249,6 +249,7 @@ fn simplicity(c: &Config) -> impl Ord {
         c.zero,
         c.low_prec_shard,
         c.recompute,
+        c.recompute_modules,
         c.sp,
         std::cmp::Reverse(c.micro_batch),
         c.schedule,
@@ -679,6 +680,13 @@ pub fn plan_suggestions(
             "recompute-layers",
             Constraints {
                 recompute_layers: None,
+                ..k.clone()
+            },
+        ),
+        (
+            "recompute-modules",
+            Constraints {
+                recompute_modules: None,
                 ..k.clone()
             },
         ),

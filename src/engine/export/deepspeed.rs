@@ -359,6 +359,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         sp: tp > 1 && v["apar"]["sequence_parallel"].as_bool() == Some(true),
         recompute,
         recompute_layers,
+        recompute_modules: None,
         zero,
         low_prec_shard: zero >= 3,
         schedule: (pp > 1).then_some(Schedule::OneFOneB),

@@ -138,6 +138,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
             Recompute::None
         },
         recompute_layers: None,
+        recompute_modules: None,
         zero,
         low_prec_shard: zero >= 3,
         schedule: None,

@@ -18,7 +18,9 @@
 //! - tensor parallelism without FSDP requires `CUDA_DEVICE_MAX_CONNECTIONS=1`
 //!   (`validate_args`, before Blackwell); Megatron-FSDP requires it unset or above 1;
 //! - selective recomputation is `--recompute-granularity selective --recompute-modules
-//!   core_attn` (the attention core, Korthikanti et al. 2022); full recomputation of
+//!   core_attn` (the attention core, Korthikanti et al. 2022), or the plan's module set
+//!   (`--recompute-modules mlp`, `core_attn mlp`: a list option, `nargs="+"` from
+//!   `ArgumentGroupFactory`); full recomputation of
 //!   `k` layers per stage is `--recompute-method block --recompute-num-layers k`;
 //! - attention is `--attention-backend flash` or `unfused` (`--use-flash-attn` is read
 //!   by nothing any more);
@@ -38,7 +40,7 @@ use super::{
 use crate::engine::memory::Precision;
 use crate::engine::Engine;
 use crate::models::{Attention, Mlp, Norm, Position};
-use crate::passes::{Recompute, Schedule};
+use crate::passes::{Recompute, RecomputeModules, Schedule};
 
 const E: Engine = Engine::Megatron;
 
@@ -240,7 +242,12 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         Recompute::None => {}
         Recompute::Selective => {
             arg(&mut a, "recompute-granularity", "selective");
-            arg(&mut a, "recompute-modules", "core_attn");
+            let modules = c
+                .recompute_modules
+                .unwrap_or_else(RecomputeModules::core_attn);
+            let mut words = vec!["--recompute-modules".to_string()];
+            words.extend(modules.iter().map(|m| m.name().to_string()));
+            a.push(words);
         }
         Recompute::Full => {
             arg(&mut a, "recompute-granularity", "full");
@@ -437,7 +444,14 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let chunks = if pp > 1 { stages.len() as u32 / pp } else { 1 };
     let (recompute, recompute_layers) = match o.value("--recompute-granularity")? {
         None => (Recompute::None, None),
-        Some("selective") => (Recompute::Selective, None),
+        Some("selective") => {
+            if o.value("--recompute-method")?.is_some() {
+                return Err(ParseError::Inconsistent(
+                    "--recompute-method with --recompute-granularity selective".into(),
+                ));
+            }
+            (Recompute::Selective, None)
+        }
         Some("full") => match o.value("--recompute-method")? {
             Some("uniform") => (Recompute::Full, None),
             Some("block") => (Recompute::Full, Some(o.req("--recompute-num-layers")?)),
@@ -454,6 +468,18 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
                 value: other.into(),
             })
         }
+    };
+    // Megatron-LM's default is `core_attn`, which apar spells as no module set.
+    let recompute_modules = match o.values("--recompute-modules") {
+        Some(names) if recompute == Recompute::Selective => {
+            let modules: RecomputeModules =
+                names.join(",").parse().map_err(|_| ParseError::BadValue {
+                    option: "--recompute-modules".into(),
+                    value: names.join(" "),
+                })?;
+            (modules != RecomputeModules::core_attn()).then_some(modules)
+        }
+        _ => None,
     };
     let zero = if o.has("--use-megatron-fsdp") {
         match o.value("--data-parallel-sharding-strategy")? {
@@ -490,6 +516,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         sp: tp > 1 && o.has("--sequence-parallel"),
         recompute,
         recompute_layers,
+        recompute_modules,
         zero,
         low_prec_shard: zero >= 3,
         schedule: (pp > 1).then_some(if chunks > 1 {

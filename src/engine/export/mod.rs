@@ -259,6 +259,16 @@ pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> 
             ))
         }
     }
+    // Module sets are Megatron-LM's (`Engine::allows` refuses them elsewhere).
+    if let Some(modules) = plan.config.recomputation().modules {
+        if engine != Engine::Megatron {
+            return Err(ExportError::unsupported(
+                engine,
+                format!("recompute modules {modules}"),
+                "module sets are Megatron-LM's --recompute-modules; this engine's selective policy is its own",
+            ));
+        }
+    }
     match engine {
         Engine::Megatron => megatron::export(plan),
         Engine::DeepSpeed => deepspeed::export(plan),
@@ -305,6 +315,10 @@ pub struct ParsedConfig {
     pub recompute: Recompute,
     /// Layers per stage the policy applies to (`None`: all).
     pub recompute_layers: Option<u32>,
+    /// Megatron-LM's `--recompute-modules` with selective recomputation, when not its
+    /// default `core_attn` (left out of JSON when `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recompute_modules: Option<crate::passes::RecomputeModules>,
     /// ZeRO stage.
     pub zero: u8,
     /// The low-precision parameters are sharded (ZeRO-3 or the explicit flag).
@@ -335,6 +349,7 @@ impl ParsedConfig {
                 Recompute::None => None,
                 _ => c.recompute_layers,
             },
+            recompute_modules: c.recomputation().modules,
             zero: c.zero,
             low_prec_shard: c.shards_low_prec(),
             schedule: pipelined.then_some(match c.schedule {

@@ -336,6 +336,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         sp: tp > 1 && w.has("--parallelism.enable_sequence_parallel"),
         recompute,
         recompute_layers: None,
+        recompute_modules: None,
         zero,
         low_prec_shard: zero >= 3,
         schedule,
