@@ -4,9 +4,10 @@
 //! The efficiencies (fractions of a peak a kernel class reaches) are per device type,
 //! in a [`Calibration`] table ([`calibration`]): the built-in tables are
 //! `calibration/*.json`, compiled in; a user's file replaces them (`--calibration`).
-//! Matmul efficiency depends on the GEMM's shape ([`GemmModel`]). The A100 table was
-//! fitted to Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-//! Transformer Models") Tables 4 and 5; the others come from public kernel benchmarks;
+//! Matmul efficiency depends on the GEMM's shape ([`GemmModel`]). The A100 table's
+//! `matmul` and `overlap_slowdown` were fitted to Korthikanti et al. 2022 ("Reducing
+//! Activation Recomputation in Large Transformer Models") Tables 4 and 5 and
+//! torchtitan's published FSDP2 runs; the others come from public kernel benchmarks;
 //! see the README's calibration section for what was fitted to what.
 
 pub mod calibration;
