@@ -877,6 +877,22 @@ fn matrix() -> Vec<Case> {
             },
             None,
         ),
+        // FP8 compute (name ending `-fp8`): Megatron-LM's `--fp8-format hybrid`,
+        // torchtitan's float8 recipe (the 405B one has its converter).
+        case(
+            "tp2-sp-fp8",
+            "llama3-8b",
+            8192,
+            config(4, 2, 1, 1, 8, true, OFF, None, 1, OneFOneB),
+            None,
+        ),
+        case(
+            "tp8-405b-fp8",
+            "llama3-405b",
+            8192,
+            config(8, 8, 1, 1, 8, true, Full, None, 3, OneFOneB),
+            None,
+        ),
         case(
             "tp8-pp2-core-attn-mlp",
             "megatron-22b",
@@ -923,6 +939,14 @@ fn write_check_matrix() {
                     EvalJson::new(&e).stages.iter().map(|s| s.blocks).collect();
                 ExportPlan::new(c, Some(model.clone()), case.seq, c.global_batch(), &blocks)
             }
+        };
+        let plan = if case.name.ends_with("-fp8") {
+            plan.with_precision(PrecisionOptions {
+                compute: Precision::Fp8,
+                ..PrecisionOptions::default()
+            })
+        } else {
+            plan
         };
         for engine in Engine::ALL {
             let r = export(engine, &plan);
