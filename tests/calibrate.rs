@@ -209,3 +209,30 @@ fn a_device_without_a_table_warns() {
     assert!(warnings.contains("Some-Accelerator"), "{warnings}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Measured step times that are no time (zero, negative, beyond a day) are refused
+/// with the run named, as is a single JSON object where an array of runs belongs.
+#[test]
+fn unusable_measurements_are_refused() {
+    let header = "model,cluster,seq,global_batch,dp,step_time_s\n";
+    for bad in ["-2.0", "0", "1e300"] {
+        let text = format!("{header}llama2-7b,dgx-h100:1,4096,16,8,{bad}\n");
+        let err = apar::calibrate::parse_runs(&text).unwrap_err();
+        assert!(err.contains("run 1: step_time_s"), "{bad}: {err}");
+    }
+    assert!(apar::calibrate::parse_runs("{}").is_err());
+}
+
+/// A calibration with an efficiency below 1% of a peak is refused where it is used
+/// (a saved plan's stored calibration goes through the same options), not priced.
+#[test]
+fn a_calibration_below_one_percent_is_refused() {
+    let model = apar::models::zoo::lookup("tiny-llama").unwrap();
+    let cluster = apar::cluster::Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let mut cal = apar::cost::calibration::builtin_named("a100").unwrap();
+    cal.matmul = 0.0;
+    let mut opts = apar::PlanOptions::new(128, 16);
+    opts.calibration = Some(cal);
+    let err = apar::plan_model(&model, &cluster, &opts).unwrap_err();
+    assert!(err.to_string().contains("matmul"), "{err}");
+}

@@ -215,8 +215,30 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, CalibrateError> {
 ///
 /// What is wrong, naming the row for CSV.
 pub fn parse_runs(text: &str) -> Result<Vec<Run>, String> {
+    let runs = parse_rows(text)?;
+    for (i, r) in runs.iter().enumerate() {
+        // A step takes time: zero, negative or absurd measurements are typos, and the
+        // log errors the fit minimizes are undefined for them.
+        if !(r.step_time_s > 0.0 && r.step_time_s <= MAX_STEP_TIME_S) {
+            return Err(format!(
+                "run {}: step_time_s {} is not in (0, {MAX_STEP_TIME_S}] seconds",
+                i + 1,
+                r.step_time_s
+            ));
+        }
+    }
+    Ok(runs)
+}
+
+/// The longest accepted measured step, seconds: one day.
+pub const MAX_STEP_TIME_S: f64 = 86_400.0;
+
+fn parse_rows(text: &str) -> Result<Vec<Run>, String> {
     if text.trim_start().starts_with('[') {
         return serde_json::from_str(text).map_err(|e| e.to_string());
+    }
+    if text.trim_start().starts_with('{') {
+        return Err("a JSON run file is an array of runs ([{...}, ...])".into());
     }
     let mut lines = text
         .lines()

@@ -433,6 +433,10 @@ pub enum PlanError {
         /// Its value.
         value: f64,
     },
+    /// A calibration (from `--calibration` or stored in a saved plan) with an unusable
+    /// value.
+    #[error(transparent)]
+    Calibration(#[from] crate::cost::CalibrationError),
     /// The cluster could not be resolved or is invalid.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
@@ -603,7 +607,10 @@ impl Session {
             options.runtime.unwrap_or(options.engine.runtime()),
         )?);
         let compiler = match &options.calibration {
-            Some(c) => compiler.with_calibration(c.clone()),
+            Some(c) => {
+                c.validate()?;
+                compiler.with_calibration(c.clone())
+            }
             None => compiler,
         };
         let warnings = diagnostics::of_model(&compiler, config.as_ref(), &notes);

@@ -222,6 +222,9 @@ pub enum CalibrationError {
     },
 }
 
+/// The smallest accepted efficiency: 1% of a peak.
+pub const MIN_EFFICIENCY: f64 = 0.01;
+
 impl Calibration {
     /// Checks the version and that every value is usable.
     ///
@@ -251,8 +254,10 @@ impl Calibration {
             ("memory", self.memory),
             ("link", self.link),
         ] {
-            if !(v > 0.0 && v <= 1.0) {
-                return bad(f, format!("{v} is not a fraction in (0, 1]"));
+            // Below 1% of a peak no kernel runs on a working device; tinier values
+            // only turn step times into nonsense or overflow.
+            if !((MIN_EFFICIENCY..=1.0).contains(&v)) {
+                return bad(f, format!("{v} is not a fraction in [{MIN_EFFICIENCY}, 1]"));
             }
         }
         if !(0.0..=0.9).contains(&self.overlap_slowdown) {
