@@ -98,7 +98,7 @@ fn searched_plans() {
             };
             let r = plan.export(engine);
             // Only a model the engine has no recipe for is refused (torchtitan).
-            if apar::engine::export::model_supported(engine, &cfg).is_ok() {
+            if apar::engine::export::model_supported(engine, &cfg, plan.precision.compute).is_ok() {
                 assert!(
                     r.is_ok(),
                     "{engine} refuses its own plan {}: {r:?}",

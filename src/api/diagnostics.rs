@@ -100,6 +100,14 @@ pub enum Warning {
         /// The device's name.
         device: String,
     },
+    /// The calibration given (`--calibration`) names other devices than the
+    /// cluster's: its efficiencies were measured elsewhere.
+    CalibrationForOtherDevice {
+        /// The cluster's device.
+        device: String,
+        /// The devices the calibration file names.
+        calibrated: Vec<String>,
+    },
     /// Most of the step is pipeline bubble: the batch cannot feed this many devices.
     BubbleDominates {
         /// Bubble share of the step time.
@@ -159,6 +167,15 @@ impl fmt::Display for Warning {
                 f,
                 "no cost table for device `{device}`: priced with the default (A100) efficiencies; give measured runs to `apar calibrate` and pass its file with --calibration"
             ),
+            Warning::CalibrationForOtherDevice { device, calibrated } => write!(
+                f,
+                "the calibration is for {} but the cluster's device is `{device}`: its efficiencies (and GEMM shape model) were measured on other hardware",
+                if calibrated.is_empty() {
+                    "no named device".to_string()
+                } else {
+                    calibrated.join(", ")
+                }
+            ),
             Warning::BubbleDominates {
                 fraction,
                 num_micro_batches,
@@ -184,6 +201,15 @@ pub(super) fn of_model(
             device: compiler.cluster.device.name.clone(),
         });
     }
+    if let Some(c) = &compiler.calibration {
+        let device = &compiler.cluster.device.name;
+        if !c.devices.contains(device) {
+            out.push(Warning::CalibrationForOtherDevice {
+                device: device.clone(),
+                calibrated: c.devices.clone(),
+            });
+        }
+    }
     out.extend(
         notes
             .ignored
@@ -199,9 +225,9 @@ pub(super) fn of_model(
             seq: compiler.seq,
         });
     }
-    if let Some(Err(e)) =
-        config.map(|cfg| crate::engine::export::model_supported(compiler.engine, cfg))
-    {
+    if let Some(Err(e)) = config.map(|cfg| {
+        crate::engine::export::model_supported(compiler.engine, cfg, compiler.precision.compute)
+    }) {
         out.push(Warning::NoEngineRecipe {
             reason: e.to_string(),
         });

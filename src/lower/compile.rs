@@ -403,6 +403,11 @@ pub struct Compiler {
     pub cluster: Cluster,
     /// The cost model.
     pub cost: CostModel,
+    /// The cost model the sharding pass compares layouts with: always the device's
+    /// built-in table, so that a user's calibration changes what a program costs,
+    /// never which program the engine runs (a fitted calibration would otherwise
+    /// reshard the runs it was fitted to).
+    shard_cost: CostModel,
     /// Sequence length.
     pub seq: u64,
     /// Sequences per step.
@@ -548,6 +553,7 @@ impl Compiler {
             layers,
             layout,
             cost: CostModel::new(cluster.clone()),
+            shard_cost: CostModel::new(cluster.clone()),
             cluster,
             seq,
             global_batch,
@@ -694,6 +700,7 @@ impl Compiler {
             layout: self.layout.clone(),
             cluster: self.cluster.clone(),
             cost: CostModel::with_calibration(self.cluster.clone(), calibration.clone()),
+            shard_cost: self.shard_cost.clone(),
             seq: self.seq,
             global_batch: self.global_batch,
             budget_bytes: self.budget_bytes,
@@ -988,7 +995,7 @@ impl Compiler {
         TensorParallel {
             tp,
             sp,
-            cost: &self.cost,
+            cost: &self.shard_cost,
             env: Env::new(1, self.seq),
         }
     }

@@ -25,7 +25,7 @@ mod megatron;
 mod torchtitan;
 mod words;
 
-use super::memory::PrecisionOptions;
+use super::memory::{Precision, PrecisionOptions};
 use super::Engine;
 use crate::models::ModelConfig;
 use crate::passes::{Config, Recompute, Schedule};
@@ -277,16 +277,21 @@ pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> 
     }
 }
 
-/// Whether `engine` can train `model` at all, whatever the configuration: torchtitan
-/// runs the models it has a (bf16) recipe for, Megatron-LM's GPT model has no parallel
+/// Whether `engine` can train `model` at `compute` precision, whatever the parallel
+/// configuration: torchtitan runs the models it has a recipe for at that precision
+/// (its recipes fix bf16 or float8 linears), Megatron-LM's GPT model has no parallel
 /// residual; DeepSpeed and Hugging Face take any configuration apar builds.
 ///
 /// # Errors
 ///
 /// [`ExportError::NoRecipe`] or [`ExportError::Unsupported`] naming what is missing.
-pub fn model_supported(engine: Engine, model: &ModelConfig) -> Result<(), ExportError> {
+pub fn model_supported(
+    engine: Engine,
+    model: &ModelConfig,
+    compute: Precision,
+) -> Result<(), ExportError> {
     match engine {
-        Engine::Torchtitan => torchtitan::recipe(model, false).map(|_| ()),
+        Engine::Torchtitan => torchtitan::recipe(model, compute == Precision::Fp8).map(|_| ()),
         Engine::Megatron => megatron::model_supported(model),
         Engine::DeepSpeed | Engine::Hf => Ok(()),
     }
