@@ -1,0 +1,59 @@
+//! How a user's calibration is used: it changes what programs cost, never which
+//! program runs, and it says when it was measured on other hardware.
+
+use apar::cluster::Cluster;
+use apar::cost::calibration::builtin_named;
+use apar::models::zoo;
+use apar::passes::{Config, Recompute, Schedule};
+use apar::{PlanOptions, Session};
+
+fn session(calibration: Option<apar::cost::Calibration>) -> Session {
+    let model = zoo::lookup("llama2-7b").unwrap();
+    let cluster = Cluster::resolve("dgx-h100:1").unwrap();
+    let mut opts = PlanOptions::new(4096, 16);
+    opts.memory_ratio = 1.0;
+    opts.calibration = calibration;
+    Session::for_config(&model, &cluster, &opts).unwrap()
+}
+
+fn tp4() -> Config {
+    let mut c = Config::new(2, 4, 1, 1, 8);
+    c.sp = true;
+    c.recompute = Recompute::None;
+    c.schedule = Schedule::OneFOneB;
+    c
+}
+
+/// A slower interconnect makes tensor-parallel steps slower but leaves the sharded
+/// program, hence the memory, as it was: the sharding pass compares layouts with the
+/// device's built-in table.
+#[test]
+fn a_calibration_changes_costs_not_programs() {
+    let mut slow = builtin_named("h100").unwrap();
+    slow.link /= 10.0;
+    let base = session(None).evaluate(&tp4()).unwrap();
+    let slowed = session(Some(slow)).evaluate(&tp4()).unwrap();
+    assert_eq!(base.memory.peak_bytes, slowed.memory.peak_bytes);
+    assert!(slowed.step_time_s > base.step_time_s);
+}
+
+/// The A100 table on an H100 cluster is priced as asked, with a warning naming both.
+#[test]
+fn a_calibration_for_other_hardware_warns() {
+    let plan = session(Some(builtin_named("a100").unwrap()))
+        .evaluate(&tp4())
+        .unwrap();
+    let text: Vec<String> = plan.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|w| w.contains("A100-SXM4-80GB") && w.contains("H100-SXM5-80GB")),
+        "{text:?}"
+    );
+    let own = session(Some(builtin_named("h100").unwrap()))
+        .evaluate(&tp4())
+        .unwrap();
+    assert!(own
+        .warnings
+        .iter()
+        .all(|w| !w.to_string().contains("calibration is for")));
+}
