@@ -1,9 +1,11 @@
 //! `apar calibrate`: run files, the fit's round trip on runs apar generated with known
-//! parameters, and the refusal of fits with fewer runs than parameters.
+//! parameters, the refusal of fits with fewer runs than parameters or with parameters
+//! no run depends on, and the warning for runs apar predicts do not fit.
 
-use apar::calibrate::{self, parse_runs, CalibrateError, Run};
+use apar::calibrate::{self, parse_params, parse_runs, CalibrateError, Run};
 use apar::cost::{calibration::builtin_named, Calibration, Param};
-use apar::passes::Recompute;
+use apar::engine::memory::Precision;
+use apar::passes::{Recompute, RecomputeModules};
 
 /// Eight configurations of GPT-2 on one DGX A100 that load compute, memory-bound
 /// kernels and links differently.
@@ -235,4 +237,230 @@ fn a_calibration_below_one_percent_is_refused() {
     opts.calibration = Some(cal);
     let err = apar::plan_model(&model, &cluster, &opts).unwrap_err();
     assert!(err.to_string().contains("matmul"), "{err}");
+}
+
+/// Run files are read by the `csv` crate: quoted cells carry commas, `#` lines are
+/// comments, a byte-order mark is skipped, a column named twice is refused (it used to
+/// be last-wins), and a short row names its line.
+#[test]
+fn csv_run_files_take_quotes_comments_and_a_bom() {
+    let text = "\u{feff}# measured on our cluster\n\
+model,cluster,seq,global_batch,dp,tp,recompute_modules,step_time_s\n\
+# a comment between rows, with a \"quote\n\
+llama2-7b,dgx-a100-80g:1,4096,16,2,4,\"core_attn,mlp\",1.5\n\
+\n\
+llama2-7b,dgx-a100-80g:1,4096,16,2,4,,1.5\n";
+    let runs = parse_runs(text).unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].model, "llama2-7b");
+    assert_eq!(
+        runs[0].recompute_modules,
+        Some("core_attn,mlp".parse::<RecomputeModules>().unwrap())
+    );
+    assert_eq!(runs[1].recompute_modules, None);
+    assert_eq!(runs[1].recompute, Recompute::None);
+    let twice = "model,cluster,seq,global_batch,dp,dp,step_time_s\ngpt2,x,1,8,1,2,1\n";
+    let err = parse_runs(twice).unwrap_err();
+    assert!(err.contains("`dp` appears twice"), "{err}");
+    let short = "model,cluster,seq\n# c\ngpt2,x\n";
+    let err = parse_runs(short).unwrap_err();
+    assert!(err.contains("line 3: 2 cells for 3 columns"), "{err}");
+    // A cell of the wrong type names its line and column.
+    let typo = "model,cluster,seq,global_batch,dp,step_time_s\ngpt2,x,1,8,two,1\n";
+    let err = parse_runs(typo).unwrap_err();
+    assert!(err.contains("line 2") && err.contains("`dp`"), "{err}");
+}
+
+/// `recompute_modules` without `recompute` means selective recomputation, as
+/// `--recompute-modules` does; it may be text or a list; a contradicting `recompute`
+/// is refused; the engine's own default set is spelled as none.
+#[test]
+fn recompute_modules_imply_selective() {
+    let mlp: RecomputeModules = "mlp".parse().unwrap();
+    let both: RecomputeModules = "core_attn,mlp".parse().unwrap();
+    let csv = "model,cluster,seq,global_batch,dp,tp,recompute_modules,step_time_s\n\
+llama2-7b,dgx-a100-80g:1,4096,16,2,4,mlp,1.5\n";
+    let runs = parse_runs(csv).unwrap();
+    assert_eq!(runs[0].recompute, Recompute::Selective);
+    assert_eq!(runs[0].recompute_modules, Some(mlp));
+    let json = r#"[
+        {"model": "gpt2", "cluster": "x", "seq": 1, "global_batch": 8, "dp": 8, "step_time_s": 1,
+         "recompute_modules": "mlp"},
+        {"model": "gpt2", "cluster": "x", "seq": 1, "global_batch": 8, "dp": 8, "step_time_s": 1,
+         "recompute_modules": ["core_attn", "mlp"], "recompute": "selective"},
+        {"model": "gpt2", "cluster": "x", "seq": 1, "global_batch": 8, "dp": 8, "step_time_s": 1,
+         "recompute_modules": "core_attn"},
+        {"model": "gpt2", "cluster": "x", "seq": 1, "global_batch": 8, "dp": 8, "step_time_s": 1,
+         "recompute_modules": "core_attn", "engine": "deepspeed"}
+    ]"#;
+    let runs = parse_runs(json).unwrap();
+    assert_eq!(runs[0].recompute_modules, Some(mlp));
+    assert_eq!(runs[1].recompute_modules, Some(both));
+    // Megatron-LM's default set is the plain selective policy.
+    assert_eq!(runs[2].recompute_modules, None);
+    assert_eq!(runs[2].recompute, Recompute::Selective);
+    assert!(runs.iter().all(|r| r.recompute == Recompute::Selective));
+    // Another engine keeps the set (the compiler says whether it takes one).
+    assert_eq!(
+        runs[3].recompute_modules,
+        Some(RecomputeModules::core_attn())
+    );
+    // Written back and read again, the runs are the same.
+    assert_eq!(
+        parse_runs(&serde_json::to_string(&runs).unwrap()).unwrap(),
+        runs
+    );
+    let full = "model,cluster,seq,global_batch,dp,recompute,recompute_modules,step_time_s\n\
+gpt2,x,1,8,8,full,mlp,1\n";
+    let err = parse_runs(full).unwrap_err();
+    assert!(err.contains("needs recompute selective, not full"), "{err}");
+    // The run compiles as the command line's `--recompute-modules mlp` does.
+    let mut compiled = calibrate::compile_runs(&parse_runs(csv).unwrap(), None).unwrap();
+    assert_eq!(compiled[0].config.recompute, Recompute::Selective);
+    assert_eq!(compiled[0].config.recompute_modules, Some(mlp));
+    assert!(calibrate::predict(&mut compiled, &builtin_named("a100").unwrap())[0].is_finite());
+}
+
+/// A degree or micro-batch of 0 says so, rather than talking about the global batch.
+#[test]
+fn zero_degrees_are_named() {
+    for field in ["dp", "tp", "pp", "micro_batch"] {
+        let text =
+            format!("model,cluster,seq,global_batch,dp,{field},step_time_s\ngpt2,x,1,16,1,0,1\n")
+                .replace(",dp,dp,", ",dp,")
+                .replace(
+                    ",1,0,1\n",
+                    if field == "dp" { ",0,1\n" } else { ",1,0,1\n" },
+                );
+        let err = parse_runs(&text).unwrap_err();
+        assert_eq!(err, format!("run 1: {field} must be at least 1"), "{text}");
+    }
+    let mut run = runs()[0].clone();
+    run.dp = 0;
+    let err = run.config().unwrap_err();
+    assert_eq!(err, "dp must be at least 1");
+}
+
+/// `--fit` names each parameter once: duplicates and empty items are refused, by the
+/// parser, by `fit` and by the command (bad input, exit 2).
+#[test]
+fn fit_lists_name_each_parameter_once() {
+    assert_eq!(
+        parse_params("matmul, overlap_slowdown").unwrap(),
+        [Param::Matmul, Param::Overlap]
+    );
+    let err = parse_params("matmul,matmul").unwrap_err().to_string();
+    assert_eq!(err, "--fit `matmul,matmul`: `matmul` is named twice");
+    let err = parse_params("matmul,").unwrap_err().to_string();
+    assert_eq!(err, "--fit `matmul,`: item 2 is empty");
+    let err = parse_params(",,memory").unwrap_err().to_string();
+    assert!(err.contains("item 1 is empty"), "{err}");
+    let err = parse_params("matmul,flops").unwrap_err().to_string();
+    assert!(err.contains("`flops` is not one of matmul"), "{err}");
+    assert!(matches!(parse_params(" "), Err(CalibrateError::NoParams)));
+    assert!(matches!(
+        calibrate::fit(&runs(), None, &[Param::Link, Param::Link]),
+        Err(CalibrateError::FitList { .. })
+    ));
+    let dir = temp_dir("fitlist");
+    let file = dir.join("runs.json");
+    std::fs::write(&file, serde_json::to_string(&runs()).unwrap()).unwrap();
+    for list in ["matmul,matmul", "matmul,"] {
+        let (code, _, stderr) = apar(&["calibrate", file.to_str().unwrap(), "--fit", list]);
+        assert_eq!(code, Some(2), "{list}: {stderr}");
+        assert!(stderr.contains(&format!("--fit `{list}`")), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A parameter no run depends on (overlap slowdown with no data-parallel runs) is
+/// reported as undetermined, not returned unmoved as if fitted.
+#[test]
+fn a_parameter_no_run_depends_on_is_refused() {
+    let csv = "\
+model,cluster,seq,global_batch,dp,tp,pp,micro_batch,sp,recompute,step_time_s
+gpt2,dgx-a100-80g:1,1024,64,1,4,2,4,true,full,1
+gpt2,dgx-a100-80g:1,1024,64,1,2,4,2,false,none,1.2
+gpt2,dgx-a100-80g:1,1024,64,1,4,2,8,false,none,1.1
+";
+    let runs = parse_runs(csv).unwrap();
+    let err = calibrate::fit(&runs, None, &[Param::Matmul, Param::Overlap]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CalibrateError::Undetermined {
+                param: Param::Overlap,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the runs cannot determine `overlap_slowdown`"),
+        "{text}"
+    );
+    // The runs do determine matmul.
+    assert!(calibrate::fit(&runs, None, &[Param::Matmul]).is_ok());
+}
+
+/// A run apar predicts does not fit in device memory ran all the same: the fit warns
+/// (stderr, and `warnings` in `--json`) and goes on.
+#[test]
+fn runs_apar_predicts_out_of_memory_are_warned_about() {
+    let csv = "\
+model,cluster,seq,global_batch,dp,micro_batch,step_time_s
+gpt2,dgx-a100-80g:1,1024,64,8,4,1
+gpt2,dgx-a100-80g:1,1024,1024,8,128,3
+";
+    let runs = parse_runs(csv).unwrap();
+    let fit = calibrate::fit(&runs, None, &[Param::Matmul]).unwrap();
+    assert_eq!(fit.warnings.len(), 1, "{:?}", fit.warnings);
+    let r = &fit.residuals[1];
+    assert!(r.predicted_peak_bytes > r.device_memory_bytes);
+    let w = &fit.warnings[0];
+    assert!(w.starts_with("run 2: apar predicts "), "{w}");
+    assert!(
+        w.ends_with(" GiB on 80 GiB devices, but it ran: apar's memory model or the run's description is wrong"),
+        "{w}"
+    );
+    let dir = temp_dir("oom");
+    let file = dir.join("runs.csv");
+    std::fs::write(&file, csv).unwrap();
+    let (code, stdout, stderr) = apar(&[
+        "calibrate",
+        file.to_str().unwrap(),
+        "--fit",
+        "matmul",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains(&format!("warning: {w}")), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["warnings"], serde_json::json!([w]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs name their precision (bf16 by default): FP8 runs are compiled with FP8
+/// GEMMs, where the device has them.
+#[test]
+fn runs_carry_their_precision() {
+    let csv = "\
+model,cluster,seq,global_batch,dp,micro_batch,precision,step_time_s
+gpt2,dgx-h100:1,1024,64,8,4,,1
+gpt2,dgx-h100:1,1024,64,8,4,fp8,1
+gpt2,dgx-a100-80g:1,1024,64,8,4,fp8,1
+";
+    let runs = parse_runs(csv).unwrap();
+    assert_eq!(runs[0].precision, Precision::Bf16);
+    assert_eq!(runs[1].precision, Precision::Fp8);
+    let mut compiled = calibrate::compile_runs(&runs[..2], None).unwrap();
+    let h100 = builtin_named("h100").unwrap();
+    let t = calibrate::predict(&mut compiled, &h100);
+    assert!(t[1] < t[0], "fp8 {} s vs bf16 {} s", t[1], t[0]);
+    let err = calibrate::compile_runs(&runs[2..], None).err().unwrap();
+    assert!(err.to_string().contains("FP8"), "{err}");
+    let bad = "model,cluster,seq,global_batch,dp,precision,step_time_s\ngpt2,x,1,8,8,fp4,1\n";
+    let err = parse_runs(bad).unwrap_err();
+    assert!(err.contains("`precision`") || err.contains("fp4"), "{err}");
 }

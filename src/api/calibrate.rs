@@ -1,18 +1,23 @@
 //! `apar calibrate`: fits the named cost parameters ([`Param`]) of a [`Calibration`]
 //! to a user's measured runs.
 //!
-//! A run file lists training runs measured on one cluster with one engine: the job
-//! (model, cluster, engine, sequence, global batch), the configuration and the
-//! measured step time (and optionally the peak memory). Each run is compiled once;
+//! A run file lists training runs measured on one device type (any engines: each run
+//! names its engine): the job (model, cluster, engine, sequence, global batch), the
+//! configuration and the measured step time (and optionally the peak memory). Each run is compiled once;
 //! the fit then re-prices the compiled runs under candidate parameters (keeping the
 //! sharding each run was compiled with) and minimizes the sum of squared log errors
 //! of the step times with Nelder-Mead (`argmin`), from a fixed start simplex and for
-//! a fixed number of iterations: the same file gives the same fit.
+//! a fixed number of iterations: the same file gives the same fit. A free parameter no
+//! run's prediction depends on is refused before the fit
+//! ([`CalibrateError::Undetermined`]); a run apar predicts does not fit in device
+//! memory is fitted with a warning ([`Fit::warnings`]).
 //!
 //! # Run files
 //!
-//! JSON: an array of objects; CSV: a header row naming the same fields, one run per
-//! row, no quoting. Fields (unknown fields are errors):
+//! JSON: an array of objects; CSV (read by the `csv` crate): a header row naming the
+//! same fields, one run per row, `"`-quoted cells (`"core_attn,mlp"`), `#` comment
+//! lines, an empty cell for a field's default, a leading UTF-8 byte-order mark
+//! ignored. Unknown and repeated fields are errors.
 //!
 //! | field | meaning |
 //! |---|---|
@@ -20,10 +25,12 @@
 //! | `cluster` | preset with node count (`dgx-a100-80g:8`) or cluster JSON file |
 //! | `engine` | `megatron` (default), `deepspeed`, `torchtitan`, `hf` |
 //! | `seq`, `global_batch` | sequence length and sequences per step |
-//! | `dp`, `tp`, `pp`, `micro_batch` | degrees and micro-batch size (`tp`, `pp` default 1) |
+//! | `dp`, `tp`, `pp`, `micro_batch` | degrees and micro-batch size, each at least 1 (`tp`, `pp`, `micro_batch` default 1) |
 //! | `sp` | sequence parallelism (`false` by default) |
 //! | `recompute` | `none` (default), `selective`, `full` |
 //! | `recompute_layers` | recompute only the first K layers of each stage (optional) |
+//! | `recompute_modules` | Megatron-LM's selective module set: `"core_attn,mlp"` or `["core_attn", "mlp"]`; implies `recompute: selective` |
+//! | `precision` | `bf16` (default), `fp16`, `fp32`, `fp8` (as `--precision`) |
 //! | `zero` | ZeRO stage 0–3 (default 0) |
 //! | `schedule` | `1f1b` (default), `gpipe`, `interleaved:V` |
 //! | `step_time_s` | measured seconds per step |
@@ -32,9 +39,10 @@
 use super::{ModelSpec, PlanError, PlanOptions, Session};
 use crate::cluster::Cluster;
 use crate::cost::{Calibration, Param};
+use crate::engine::memory::Precision;
 use crate::engine::Engine;
 use crate::lower::compile::Compiler;
-use crate::passes::{Config, Recompute, Schedule};
+use crate::passes::{Config, Recompute, RecomputeModules, Schedule};
 use argmin::core::{CostFunction, Executor};
 use argmin::solver::neldermead::NelderMead;
 use serde::{Deserialize, Serialize};
@@ -52,19 +60,27 @@ pub const FIT_COST_TOLERANCE: f64 = 1e-10;
 /// Relative size of the start simplex around the starting parameters.
 pub const FIT_START_STEP: f64 = 0.1;
 
+/// A free parameter is undetermined when moving it by [`FIT_START_STEP`] changes
+/// every run's predicted step time by less than this, relative: no run depends on it
+/// and the fit would leave it where it started.
+pub const FIT_MIN_SENSITIVITY: f64 = 1e-9;
+
 /// Bounds a fitted efficiency is kept in.
 pub const FIT_BOUNDS: (f64, f64) = (0.01, 1.0);
 
 /// One measured run.
+///
+/// As read from a file: `recompute_modules` implies selective recomputation and the
+/// engine's own default module set is spelled as none, as `--recompute-modules` does
+/// on the command line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RunFields")]
 pub struct Run {
     /// Zoo name or `config.json` path.
     pub model: String,
     /// Cluster preset with a node count, or a cluster JSON file.
     pub cluster: String,
     /// The engine that ran it.
-    #[serde(default)]
     pub engine: Engine,
     /// Sequence length.
     pub seq: u64,
@@ -73,61 +89,193 @@ pub struct Run {
     /// Data-parallel degree.
     pub dp: u32,
     /// Tensor-parallel degree.
-    #[serde(default = "one")]
     pub tp: u32,
     /// Pipeline stages.
-    #[serde(default = "one")]
     pub pp: u32,
     /// Sequences per micro-batch.
-    #[serde(default = "one")]
     pub micro_batch: u32,
     /// Sequence parallelism.
-    #[serde(default)]
     pub sp: bool,
     /// Recomputation policy.
-    #[serde(default = "no_recompute")]
     pub recompute: Recompute,
     /// Recompute only the first K layers of each stage.
-    #[serde(default)]
     pub recompute_layers: Option<u32>,
     /// Megatron-LM's selective-recompute module set (`mlp`, `core_attn,mlp`; with
     /// `recompute: selective`), when not the engine's default.
-    #[serde(default)]
-    pub recompute_modules: Option<crate::passes::RecomputeModules>,
+    pub recompute_modules: Option<RecomputeModules>,
+    /// Compute precision (`bf16` unless given; `fp8` for FP8 GEMMs).
+    pub precision: Precision,
     /// ZeRO stage.
-    #[serde(default)]
     pub zero: u8,
     /// Pipeline schedule.
-    #[serde(default = "one_f_one_b")]
     pub schedule: Schedule,
     /// Measured seconds per step.
     pub step_time_s: f64,
     /// Measured peak memory per device, bytes.
-    #[serde(default)]
     pub peak_memory_bytes: Option<u64>,
+}
+
+/// A run as a file spells it: optional fields not yet defaulted, `recompute` not yet
+/// implied by `recompute_modules`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunFields {
+    model: String,
+    cluster: String,
+    #[serde(default)]
+    engine: Engine,
+    seq: u64,
+    global_batch: u64,
+    dp: u32,
+    #[serde(default = "one")]
+    tp: u32,
+    #[serde(default = "one")]
+    pp: u32,
+    #[serde(default = "one")]
+    micro_batch: u32,
+    #[serde(default)]
+    sp: bool,
+    #[serde(default)]
+    recompute: Option<Recompute>,
+    #[serde(default)]
+    recompute_layers: Option<u32>,
+    #[serde(default, deserialize_with = "modules_text_or_list")]
+    recompute_modules: Option<RecomputeModules>,
+    #[serde(default)]
+    precision: Precision,
+    #[serde(default)]
+    zero: u8,
+    #[serde(default = "one_f_one_b")]
+    schedule: Schedule,
+    step_time_s: f64,
+    #[serde(default)]
+    peak_memory_bytes: Option<u64>,
 }
 
 fn one() -> u32 {
     1
 }
 
-fn no_recompute() -> Recompute {
-    Recompute::None
-}
-
 fn one_f_one_b() -> Schedule {
     Schedule::OneFOneB
 }
 
+/// A module set written as text (`"core_attn,mlp"`, as in a CSV cell or on the
+/// command line) or as a list of names (`["core_attn", "mlp"]`); `null` is none.
+fn modules_text_or_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<RecomputeModules>, D::Error> {
+    struct Modules;
+    impl<'de> serde::de::Visitor<'de> for Modules {
+        type Value = Option<RecomputeModules>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("module names, as text (\"core_attn,mlp\") or a list")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            s.parse().map(Some).map_err(E::custom)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = seq.next_element::<String>()? {
+                names.push(name);
+            }
+            self.visit_str(&names.join(","))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Modules)
+}
+
+impl TryFrom<RunFields> for Run {
+    type Error = String;
+
+    /// The rules of `--recompute-modules`: a module set needs selective
+    /// recomputation and implies it when `recompute` is absent; the engine's default
+    /// set is none.
+    fn try_from(f: RunFields) -> Result<Run, String> {
+        let recompute = match (f.recompute, f.recompute_modules) {
+            (r, None) => r.unwrap_or(Recompute::None),
+            (None | Some(Recompute::Selective), Some(_)) => Recompute::Selective,
+            (Some(r), Some(m)) => {
+                return Err(format!(
+                    "recompute_modules {m} needs recompute selective, not {}",
+                    r.name()
+                ))
+            }
+        };
+        let recompute_modules = f
+            .recompute_modules
+            .filter(|&m| f.engine.default_recompute_modules() != Some(m));
+        Ok(Run {
+            model: f.model,
+            cluster: f.cluster,
+            engine: f.engine,
+            seq: f.seq,
+            global_batch: f.global_batch,
+            dp: f.dp,
+            tp: f.tp,
+            pp: f.pp,
+            micro_batch: f.micro_batch,
+            sp: f.sp,
+            recompute,
+            recompute_layers: f.recompute_layers,
+            recompute_modules,
+            precision: f.precision,
+            zero: f.zero,
+            schedule: f.schedule,
+            step_time_s: f.step_time_s,
+            peak_memory_bytes: f.peak_memory_bytes,
+        })
+    }
+}
+
 impl Run {
+    /// Whether the run's numbers are usable: degrees and micro-batch at least 1, a
+    /// measured step time in (0 s, [`MAX_STEP_TIME_S`]].
+    ///
+    /// # Errors
+    ///
+    /// What is wrong, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("dp", self.dp),
+            ("tp", self.tp),
+            ("pp", self.pp),
+            ("micro_batch", self.micro_batch),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        // A step takes time: zero, negative or absurd measurements are typos, and the
+        // log errors the fit minimizes are undefined for them.
+        if !(self.step_time_s > 0.0 && self.step_time_s <= MAX_STEP_TIME_S) {
+            return Err(format!(
+                "step_time_s {} is not in (0, {MAX_STEP_TIME_S}] seconds",
+                self.step_time_s
+            ));
+        }
+        Ok(())
+    }
+
     /// The configuration of the run, or why it is not one.
     ///
     /// # Errors
     ///
-    /// What is wrong when `dp × micro_batch` does not divide the global batch.
+    /// What is wrong when a degree or the micro-batch is 0 ([`Run::check`]) or
+    /// `dp × micro_batch` does not divide the global batch.
     pub fn config(&self) -> Result<Config, String> {
+        self.check()?;
         let per = u64::from(self.dp) * u64::from(self.micro_batch);
-        if per == 0 || self.global_batch % per != 0 {
+        if self.global_batch % per != 0 {
             return Err(format!(
                 "global batch {} is not a multiple of dp × micro_batch = {per}",
                 self.global_batch
@@ -190,9 +338,72 @@ pub enum CalibrateError {
     /// No parameter to fit.
     #[error("nothing to fit: name parameters with --fit ({})", Param::ALL.map(Param::name).join(", "))]
     NoParams,
+    /// A `--fit` list that does not name parameters once each.
+    #[error("--fit `{list}`: {why}")]
+    FitList {
+        /// The list as given.
+        list: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A free parameter no run's predicted step time depends on: the fit cannot move
+    /// it (see [`FIT_MIN_SENSITIVITY`]).
+    #[error("the runs cannot determine `{param}`: changing it by {:.0}% changes no run's predicted step time (by less than {FIT_MIN_SENSITIVITY:e} relative); {hint}, or leave it out of --fit", 100.0 * FIT_START_STEP)]
+    Undetermined {
+        /// The parameter.
+        param: Param,
+        /// Which runs would determine it.
+        hint: &'static str,
+    },
     /// The optimizer failed.
     #[error("the fit failed: {0}")]
     Solver(String),
+}
+
+/// Parses a `--fit` list: parameter names separated by commas, each once.
+///
+/// # Errors
+///
+/// [`CalibrateError::NoParams`] for an empty list, [`CalibrateError::FitList`] for an
+/// empty item, an unknown name or a name given twice.
+pub fn parse_params(list: &str) -> Result<Vec<Param>, CalibrateError> {
+    if list.trim().is_empty() {
+        return Err(CalibrateError::NoParams);
+    }
+    let refuse = |why: String| CalibrateError::FitList {
+        list: list.to_string(),
+        why,
+    };
+    let mut params = Vec::new();
+    for (i, item) in list.split(',').map(str::trim).enumerate() {
+        if item.is_empty() {
+            return Err(refuse(format!("item {} is empty", i + 1)));
+        }
+        let p = Param::parse(item).ok_or_else(|| {
+            refuse(format!(
+                "`{item}` is not one of {}",
+                Param::ALL.map(Param::name).join(", ")
+            ))
+        })?;
+        if params.contains(&p) {
+            return Err(refuse(format!("`{p}` is named twice")));
+        }
+        params.push(p);
+    }
+    Ok(params)
+}
+
+/// Which runs move a parameter's predictions (for [`CalibrateError::Undetermined`]).
+fn sensitivity_hint(p: Param) -> &'static str {
+    match p {
+        Param::Matmul => "add runs whose step time is spent in matmuls",
+        Param::Attention => "add runs with longer sequences, whose attention kernels take time",
+        Param::Memory => "add runs whose memory-bound kernels (norms, activations, optimizer) take time",
+        Param::Link => "add runs with communication on the critical path (tp, pp, or dp > 1)",
+        Param::Overlap => {
+            "add runs whose collectives overlap compute (dp > 1, or ZeRO-3, with bucketed gradient reduction)"
+        }
+    }
 }
 
 /// Reads a run file: JSON (an array of runs) when it starts with `[`, CSV otherwise.
@@ -209,23 +420,16 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, CalibrateError> {
     parse_runs(&text).map_err(|why| CalibrateError::File { file, why })
 }
 
-/// Parses run text, JSON or CSV (see the module doc).
+/// Parses run text, JSON or CSV (see the module doc), and checks each run
+/// ([`Run::check`]).
 ///
 /// # Errors
 ///
-/// What is wrong, naming the row for CSV.
+/// What is wrong, naming the line and column for CSV and the run for a check.
 pub fn parse_runs(text: &str) -> Result<Vec<Run>, String> {
     let runs = parse_rows(text)?;
     for (i, r) in runs.iter().enumerate() {
-        // A step takes time: zero, negative or absurd measurements are typos, and the
-        // log errors the fit minimizes are undefined for them.
-        if !(r.step_time_s > 0.0 && r.step_time_s <= MAX_STEP_TIME_S) {
-            return Err(format!(
-                "run {}: step_time_s {} is not in (0, {MAX_STEP_TIME_S}] seconds",
-                i + 1,
-                r.step_time_s
-            ));
-        }
+        r.check().map_err(|why| format!("run {}: {why}", i + 1))?;
     }
     Ok(runs)
 }
@@ -234,51 +438,86 @@ pub fn parse_runs(text: &str) -> Result<Vec<Run>, String> {
 pub const MAX_STEP_TIME_S: f64 = 86_400.0;
 
 fn parse_rows(text: &str) -> Result<Vec<Run>, String> {
+    // Spreadsheet programs save UTF-8 with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim_start().starts_with('[') {
         return serde_json::from_str(text).map_err(|e| e.to_string());
     }
     if text.trim_start().starts_with('{') {
         return Err("a JSON run file is an array of runs ([{...}, ...])".into());
     }
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
-    let Some((_, header)) = lines.next() else {
+    let mut reader = csv::ReaderBuilder::new()
+        .comment(Some(b'#'))
+        .trim(csv::Trim::All)
+        // Rows of the wrong length are reported below with their line.
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let names = reader.headers().map_err(|e| e.to_string())?.clone();
+    if names.iter().all(str::is_empty) {
         return Err("no header row".into());
-    };
-    let names: Vec<&str> = header.split(',').map(str::trim).collect();
-    lines
-        .map(|(i, line)| {
-            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-            if cells.len() != names.len() {
-                return Err(format!(
-                    "line {}: {} cells for {} columns",
-                    i + 1,
-                    cells.len(),
-                    names.len()
-                ));
-            }
-            let mut obj = serde_json::Map::new();
-            for (name, cell) in names.iter().zip(&cells) {
-                if cell.is_empty() {
-                    continue;
+    }
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() {
+            return Err(format!("header: column {} has no name", i + 1));
+        }
+        if names.iter().take(i).any(|n| n == name) {
+            return Err(format!("header: column `{name}` appears twice"));
+        }
+    }
+    let mut runs = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| e.to_string())?;
+        let line = record.position().map_or(0, |p| record_line(text, p.byte()));
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        if record.len() != names.len() {
+            return Err(format!(
+                "line {line}: {} cells for {} columns",
+                record.len(),
+                names.len()
+            ));
+        }
+        // An empty cell takes the field's default: leave the field out.
+        let (columns, cells): (csv::StringRecord, csv::StringRecord) = names
+            .iter()
+            .zip(&record)
+            .filter(|(_, cell)| !cell.is_empty())
+            .unzip();
+        let run = cells.deserialize::<Run>(Some(&columns)).map_err(|e| {
+            let why = match e.kind() {
+                csv::ErrorKind::Deserialize { err, .. } => {
+                    match err.field().and_then(|f| columns.get(f as usize)) {
+                        Some(column) => format!("`{column}`: {}", err.kind()),
+                        None => err.kind().to_string(),
+                    }
                 }
-                let v = if let Ok(n) = cell.parse::<u64>() {
-                    serde_json::Value::from(n)
-                } else if let Ok(x) = cell.parse::<f64>() {
-                    serde_json::Value::from(x)
-                } else if let Ok(b) = cell.parse::<bool>() {
-                    serde_json::Value::from(b)
-                } else {
-                    serde_json::Value::from(*cell)
-                };
-                obj.insert((*name).to_string(), v);
-            }
-            serde_json::from_value(serde_json::Value::Object(obj))
-                .map_err(|e| format!("line {}: {e}", i + 1))
-        })
-        .collect()
+                _ => e.to_string(),
+            };
+            format!("line {line}: {why}")
+        })?;
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+/// The 1-based line of the CSV record the reader placed at `byte`: the reader's
+/// positions count neither comment nor blank lines and start where the previous
+/// record ended, before the comments and blank lines above this one.
+fn record_line(text: &str, byte: u64) -> usize {
+    let at = usize::try_from(byte).map_or(text.len(), |b| b.min(text.len()));
+    let mut line = 1 + text.as_bytes()[..at]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count();
+    for l in text[at..].lines() {
+        let l = l.trim();
+        if !(l.is_empty() || l.starts_with('#')) {
+            break;
+        }
+        line += 1;
+    }
+    line
 }
 
 /// A run as compiled for the fit.
@@ -312,6 +551,7 @@ pub fn compile_runs(
         let cluster = Cluster::resolve(&run.cluster).map_err(|e| err(e.to_string()))?;
         let mut options = PlanOptions::new(run.seq, run.global_batch);
         options.engine = run.engine;
+        options.precision.compute = run.precision;
         options.calibration = start.cloned();
         // The run ran: all of the device memory was usable (a budget below it could
         // move the pipeline cuts away from the ones the run had).
@@ -352,6 +592,9 @@ pub struct Fit {
     pub rms_log_error: f64,
     /// Nelder-Mead iterations taken.
     pub iterations: u64,
+    /// Runs whose description apar does not believe (a predicted peak above the
+    /// device memory of a run that ran), one line each; fitted all the same.
+    pub warnings: Vec<String>,
 }
 
 /// One run's measured and predicted step time (and peak memory when measured).
@@ -365,6 +608,8 @@ pub struct Residual {
     pub measured_peak_bytes: Option<u64>,
     /// Predicted peak memory, bytes.
     pub predicted_peak_bytes: u64,
+    /// Device memory, bytes (the budget at memory ratio 1).
+    pub device_memory_bytes: u64,
 }
 
 impl Residual {
@@ -483,6 +728,15 @@ pub fn fit(
     if free.is_empty() {
         return Err(CalibrateError::NoParams);
     }
+    if let Some(p) = free
+        .iter()
+        .find(|p| free.iter().filter(|q| q == p).count() > 1)
+    {
+        return Err(CalibrateError::FitList {
+            list: free.iter().map(|p| p.name()).collect::<Vec<_>>().join(","),
+            why: format!("`{p}` is named twice"),
+        });
+    }
     if runs.len() < free.len() {
         return Err(CalibrateError::TooFewRuns {
             runs: runs.len(),
@@ -496,6 +750,7 @@ pub fn fit(
         .cost
         .eff
         .clone();
+    check_sensitivity(&mut compiled.lock().expect("runs lock"), &start, free)?;
     let measured: Vec<f64> = runs.iter().map(|r| r.step_time_s).collect();
     let cost = |c: &Calibration| -> f64 {
         predict(&mut compiled.lock().expect("runs lock"), c)
@@ -517,7 +772,21 @@ pub fn fit(
                 predicted_s: t,
                 measured_peak_bytes: r.run.peak_memory_bytes,
                 predicted_peak_bytes: peak,
+                device_memory_bytes: r.compiler.budget_bytes,
             }
+        })
+        .collect();
+    let warnings = residuals
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.predicted_peak_bytes > r.device_memory_bytes)
+        .map(|(i, r)| {
+            format!(
+                "run {}: apar predicts {} GiB on {} GiB devices, but it ran: apar's memory model or the run's description is wrong",
+                i + 1,
+                gib(r.predicted_peak_bytes),
+                gib(r.device_memory_bytes)
+            )
         })
         .collect();
     let rms_log_error = (residuals
@@ -551,9 +820,57 @@ pub fn fit(
         .collect();
     Ok(Fit {
         iterations,
+        warnings,
         params,
         calibration: fitted,
         residuals,
         rms_log_error,
     })
+}
+
+/// Refuses a free parameter that no run's prediction depends on
+/// ([`FIT_MIN_SENSITIVITY`]): each is moved by [`FIT_START_STEP`] (down, as the start
+/// simplex moves it; up from 0) and the runs re-priced.
+fn check_sensitivity(
+    runs: &mut [CompiledRun],
+    start: &Calibration,
+    free: &[Param],
+) -> Result<(), CalibrateError> {
+    let base = predict(runs, start);
+    for &p in free {
+        let v = p.get(start);
+        let mut moved = start.clone();
+        p.set(
+            &mut moved,
+            if v > 0.0 {
+                v * (1.0 - FIT_START_STEP)
+            } else {
+                FIT_START_STEP
+            },
+        );
+        let change = predict(runs, &moved)
+            .iter()
+            .zip(&base)
+            .map(|(m, b)| (m / b - 1.0).abs())
+            .filter(|c| !c.is_nan())
+            .fold(0.0, f64::max);
+        if change < FIT_MIN_SENSITIVITY {
+            return Err(CalibrateError::Undetermined {
+                param: p,
+                hint: sensitivity_hint(p),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Bytes as GiB for a message: whole numbers without decimals (`80`), others with
+/// one (`159.4`).
+fn gib(bytes: u64) -> String {
+    let g = bytes as f64 / f64::from(1u32 << 30);
+    if g.fract() == 0.0 {
+        format!("{g:.0}")
+    } else {
+        format!("{g:.1}")
+    }
 }

@@ -1,7 +1,7 @@
 //! The `apar` command line. Parsing and printing only; the work is in the library.
 
 use apar::cluster::{self, Cluster};
-use apar::cost::{Calibration, Param};
+use apar::cost::Calibration;
 use apar::engine::memory::{Precision, RuntimeOverhead};
 use apar::engine::Engine;
 use apar::ir::{self, Env, Graph};
@@ -231,7 +231,8 @@ enum Command {
         /// README, "Calibrating to your cluster"); several files are fitted together.
         #[arg(required = true)]
         runs: Vec<PathBuf>,
-        /// Parameters to fit, comma separated: matmul, attention, memory, link, overlap_slowdown.
+        /// Parameters to fit, comma separated, each once: matmul, attention, memory, link,
+        /// overlap_slowdown.
         #[arg(long, default_value = "matmul")]
         fit: String,
         /// Start from this calibration file instead of the device's built-in table.
@@ -240,7 +241,7 @@ enum Command {
         /// Write the fitted calibration file here (for `--calibration`).
         #[arg(long, short)]
         output: Option<PathBuf>,
-        /// Print JSON (the fit, its parameters and residuals).
+        /// Print JSON (the fit, its parameters, residuals and warnings).
         #[arg(long)]
         json: bool,
     },
@@ -920,18 +921,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             output,
             json,
         } => {
-            let free = fit
-                .split(',')
-                .filter(|p| !p.trim().is_empty())
-                .map(|p| {
-                    Param::parse(p).ok_or_else(|| {
-                        bad(format!(
-                            "--fit: `{p}` is not one of {}",
-                            Param::ALL.map(Param::name).join(", ")
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let free = calibrate::parse_params(&fit).map_err(bad)?;
             let start = calibration
                 .map(|p| Calibration::from_json_file(&p))
                 .transpose()
@@ -950,6 +940,9 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 runs.len(),
                 t0.elapsed().as_secs_f64() * 1e3
             );
+            for w in &fit.warnings {
+                let _ = writeln!(std::io::stderr(), "warning: {w}");
+            }
             if let Some(path) = &output {
                 write_file(path, &fit.calibration.to_json())?;
             }
