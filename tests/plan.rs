@@ -130,15 +130,11 @@ fn graph_and_template_agree(name: &str, engine: Engine) {
     {
         let model = zoo::lookup(name).unwrap();
         // The graph is built as the engine's model code runs it: Hugging Face's
-        // modules for the hf engine, torchtitan's eager Llama (the same ops as
-        // Hugging Face's Llama with sdpa) for a Llama layout under torchtitan, the
-        // fused kernels otherwise.
+        // modules for the hf engine, torchtitan's eager Llama for a Llama layout under
+        // torchtitan, the fused kernels otherwise.
         let llama = HfArch::infer(&model) == Some(HfArch::Llama);
         let code = match engine {
-            Engine::Torchtitan if llama => ModelCode::Transformers {
-                arch: HfArch::Llama,
-                attn: AttnImpl::Sdpa,
-            },
+            Engine::Torchtitan if llama => ModelCode::Torchtitan,
             Engine::Hf => ModelCode::Transformers {
                 arch: HfArch::infer(&model).unwrap(),
                 attn: match model.attention {

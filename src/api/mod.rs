@@ -1047,16 +1047,9 @@ pub fn plan_model(
 }
 
 /// The model code torchtitan runs for a Llama-layout configuration: its own eager
-/// PyTorch modules (`torchtitan/models/llama3/model.py`: `nn.RMSNorm`, complex-number
-/// rotary embedding in fp32, `F.silu(w1(x)) * w3(x)`, `F.scaled_dot_product_attention`),
-/// which save and move the same tensors as Hugging Face's Llama with `sdpa` attention
-/// rather than Megatron-LM's fused kernels; `None` for layouts torchtitan has no
-/// model code for.
+/// Llama ([`models::ModelCode::Torchtitan`]) rather than Megatron-LM's fused kernels;
+/// `None` for layouts torchtitan has no model code for.
 fn torchtitan_code(cfg: &ModelConfig) -> Option<models::ModelCode> {
-    (models::HfArch::infer(cfg) == Some(models::HfArch::Llama)).then_some(
-        models::ModelCode::Transformers {
-            arch: models::HfArch::Llama,
-            attn: models::AttnImpl::Sdpa,
-        },
-    )
+    (models::HfArch::infer(cfg) == Some(models::HfArch::Llama))
+        .then_some(models::ModelCode::Torchtitan)
 }

@@ -87,7 +87,9 @@ impl Ctx<'_> {
                 let beta = self.param(&format!("{name}.bias"), &[h]);
                 self.op(Op::LayerNorm { eps }, &[x, g, beta])
             }
-            Norm::RmsNorm if self.code == ModelCode::Fused => self.op(Op::RmsNorm { eps }, &[x, g]),
+            Norm::RmsNorm if matches!(self.code, ModelCode::Fused | ModelCode::Torchtitan) => {
+                self.op(Op::RmsNorm { eps }, &[x, g])
+            }
             Norm::RmsNorm => self.hf_rms_norm(x, g),
         }
     }
@@ -153,6 +155,9 @@ impl Ctx<'_> {
     fn attention(&mut self, x: TensorId, p: &str) -> R<TensorId> {
         if let ModelCode::Transformers { arch, attn } = self.code {
             return self.hf_attention(x, p, arch, attn);
+        }
+        if self.code == ModelCode::Torchtitan {
+            return self.hf_attention(x, p, HfArch::Llama, AttnImpl::Sdpa);
         }
         let cfg = self.cfg;
         let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);

@@ -178,4 +178,11 @@ pub enum ModelCode {
         /// `attn_implementation`.
         attn: AttnImpl,
     },
+    /// torchtitan's Llama (`torchtitan/models/llama3/model.py`), eager PyTorch: separate
+    /// q/k/v projections, rotary embedding and SwiGLU as separate ops, causal
+    /// `F.scaled_dot_product_attention`, like Hugging Face's Llama with `sdpa`; but its
+    /// RMSNorm is one kernel (`nn.RMSNorm` → `F.rms_norm`, which on CUDA runs the
+    /// fused `_fused_rms_norm` and saves its input and the per-row reciprocal RMS,
+    /// where Hugging Face's `LlamaRMSNorm` upcasts and saves an fp32 copy).
+    Torchtitan,
 }
