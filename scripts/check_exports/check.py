@@ -108,6 +108,8 @@ def check_megatron(row, src):
     if rc == "selective":
         want_modules = want.get("recompute_modules") or ["core_attn"]
         expect_equal("recompute_modules", sorted(cfg.recompute_modules), sorted(want_modules))
+    # FP8 compute: Transformer Engine's recipe in the model config (`--fp8-format`).
+    expect_equal("fp8 format", cfg.fp8 is not None, bool(want.get("fp8")))
     zero = 0
     if getattr(args, "use_megatron_fsdp", False):
         zero = {"optim_grads": 2, "optim_grads_params": 3}[args.data_parallel_sharding_strategy]
@@ -252,8 +254,13 @@ def check_deepspeed(row, _src):
 
 
 def check_torchtitan(row, _src):
+    import torchtitan.components.quantization.float8 as float8
     from torchtitan.config.manager import ConfigManager
     from torchtitan.distributed.parallel_dims import ParallelDims
+
+    # No GPU here: answer the float8 converter's hardware check for the Hopper-class
+    # GPU an fp8 plan is for (apar refuses fp8 on devices without FP8 tensor cores).
+    float8.has_cuda_capability = lambda *_a, **_k: True
 
     exp = row["export"]
     want = row["expected"]
@@ -287,6 +294,15 @@ def check_torchtitan(row, _src):
     zero = {"never": 2, "always": 3}.get(par.fsdp_reshard_after_forward, 0)
     expect_equal("ZeRO stage (FSDP reshard policy)", zero, want["zero"])
     done = "ConfigManager + Trainer.Config + ParallelDims"
+    if want.get("fp8"):
+        import torch
+
+        with torch.device("meta"):
+            model = cfg.model_spec.model.build()
+        fp8 = sum(1 for m in model.modules() if type(m).__name__ == "Float8Linear")
+        if fp8 == 0:
+            fail("the plan computes in fp8 but the recipe's model has no Float8Linear")
+        done += f" + {fp8} Float8Linear modules on the meta-device model"
     if want["pp"] > 1:
         parts = par.module_fqns_per_model_part
         expect_equal("model parts", len(parts), len(want["stages"]))
