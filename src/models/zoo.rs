@@ -18,7 +18,7 @@
 //!   (Jiang et al. 2023, v0.1), Qwen2 (Yang et al. 2024): the published Hugging Face
 //!   `config.json` of each checkpoint.
 
-use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
+use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
 
 /// One zoo entry.
 pub struct ZooEntry {
@@ -63,6 +63,14 @@ pub fn gpt(
         tied_embeddings: true,
         dropout,
         attention,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
     }
 }
 
@@ -102,6 +110,14 @@ pub fn llama(
         tied_embeddings: false,
         dropout: 0.0,
         attention: Attention::Flash,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
     }
 }
 
