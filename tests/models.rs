@@ -318,6 +318,8 @@ fn hf_configs_load_as_the_zoo_entries() {
         ("mistral-7b.json", "mistral-7b"),
         ("qwen2-7b.json", "qwen2-7b"),
         ("gpt2.json", "gpt2"),
+        ("gemma-2-9b.json", "gemma2-9b"),
+        ("gemma-2-27b.json", "gemma2-27b"),
     ] {
         let mut cfg = load(file);
         assert!(cfg.name.ends_with(file), "{}", cfg.name);
@@ -713,4 +715,61 @@ fn mutated_fixtures_never_panic() {
         }
     }
     assert!(loaded > 0);
+}
+
+/// The attention ops of a graph, by layer block: their windows and forward FLOPs.
+fn attention_windows(g: &Graph, seq: u64) -> Vec<(apar::ir::Block, Option<u64>, u64)> {
+    let env = Env::new(1, seq);
+    g.ops()
+        .filter_map(|o| match g.op(o) {
+            Op::FlashAttention { window, .. } => {
+                let c = g
+                    .op(o)
+                    .cost(&g.input_types(o), &g.result_types(o), env)
+                    .unwrap();
+                Some((g.node(o).block, *window, c.flops))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn sliding_windows_price_the_band_and_alternating_layers_get_their_own_templates() {
+    use apar::ir::Block;
+    use apar::models::{build_template, ModelCode};
+    // Gemma-2-9B: layer 0 local (4096), layer 1 global, the last (41) global.
+    let cfg = zoo_model("gemma2-9b");
+    assert_eq!(cfg.template_layers(), vec![0, 1, 41]);
+    assert_eq!(cfg.template_of(0), 0);
+    assert_eq!(cfg.template_of(7), 1);
+    assert_eq!(cfg.template_of(40), 0);
+    assert_eq!(cfg.template_of(41), 2);
+    let g = build_template(&cfg, ModelCode::Fused).unwrap();
+    verify(&g).unwrap();
+    let seq = 8192;
+    let att = attention_windows(&g, seq);
+    assert_eq!(
+        att.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>(),
+        vec![
+            (Block::Layer(0), Some(4096)),
+            (Block::Layer(1), None),
+            (Block::Layer(2), None)
+        ]
+    );
+    // At 8192 tokens the local layer's band is 3/4 of the causal triangle.
+    let ratio = att[0].2 as f64 / att[1].2 as f64;
+    assert!((ratio - 0.75).abs() < 1e-3, "{ratio}");
+    // Within the window nothing changes.
+    let short = attention_windows(&g, 4096);
+    assert_eq!(short[0].2, short[1].2);
+    // Gemma 3: five local layers to one global; StarCoder2: every layer local.
+    let g3 = load("gemma-3-4b-text.json");
+    assert_eq!(g3.template_layers(), vec![0, 5, 33]);
+    let sc = load("starcoder2-7b.json");
+    assert_eq!(sc.template_layers(), vec![0, 31]);
+    let g = build_template(&sc, ModelCode::Fused).unwrap();
+    assert!(attention_windows(&g, seq).iter().all(|a| a.1 == Some(4096)));
+    // A uniform model builds the two layers it always did.
+    assert_eq!(zoo_model("llama2-7b").template_layers(), vec![0, 31]);
 }

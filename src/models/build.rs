@@ -15,6 +15,8 @@ struct Ctx<'a> {
     code: ModelCode,
     /// The causal mask the model materializes once (Hugging Face Falcon with SDPA).
     mask: Option<TensorId>,
+    /// The attention window of the layer being built.
+    window: Option<u64>,
 }
 
 type R<T> = Result<T, ShapeError>;
@@ -214,6 +216,7 @@ impl Ctx<'_> {
                 Op::FlashAttention {
                     causal: true,
                     scale,
+                    window: self.window,
                 },
                 &[q, k, v],
             )?,
@@ -315,7 +318,12 @@ impl Ctx<'_> {
                     ins.push(self.op(Op::Cast { to: dtype }, &[mask])?);
                 }
                 let causal = self.mask.is_none();
-                let o = self.b.add(Op::Sdpa { causal, scale }, &ins)?[0];
+                let op = Op::Sdpa {
+                    causal,
+                    scale,
+                    window: self.window,
+                };
+                let o = self.b.add(op, &ins)?[0];
                 // The flash kernel lays its output out like `q`: `[b, s, heads, d]`,
                 // where the model's `transpose(1, 2).contiguous()` copies nothing, unless
                 // a concatenation laid `q` out heads-first.
@@ -428,8 +436,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn layer(&mut self, x: TensorId, i: u32) -> R<TensorId> {
+    /// Layer `i` of the graph, built as the model's layer `real` (which decides its
+    /// attention window).
+    fn layer(&mut self, x: TensorId, i: u32, real: u32) -> R<TensorId> {
         let p = format!("layers.{i}");
+        self.window = self.cfg.layer_window(real);
         match self.cfg.norm_layout {
             NormLayout::Pre | NormLayout::Shared => {
                 let n1 = self.norm(x, &format!("{p}.norm1"))?;
@@ -496,6 +507,19 @@ pub fn build_forward(cfg: &ModelConfig) -> Result<Graph, ModelError> {
 /// With [`ModelCode::Transformers`], [`ModelConfig::attention`] is ignored (the
 /// attention implementation decides), and the head's loss is the fused cross-entropy op.
 pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, ModelError> {
+    let layers: Vec<u32> = (0..cfg.layers).collect();
+    build(cfg, code, &layers)
+}
+
+/// The template graph a compiler plans `cfg` with: the layers of
+/// [`ModelConfig::template_layers`], tagged `layer.0` … in that order, each built as
+/// the model layer it stands for (its attention window), with the embedding and head.
+pub fn build_template(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, ModelError> {
+    cfg.validate()?;
+    build(cfg, code, &cfg.template_layers())
+}
+
+fn build(cfg: &ModelConfig, code: ModelCode, layers: &[u32]) -> Result<Graph, ModelError> {
     cfg.validate()?;
     let shape_err = |source| ModelError::Shape {
         model: cfg.name.clone(),
@@ -506,6 +530,7 @@ pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, M
         b: GraphBuilder::new(cfg.name.clone()),
         code,
         mask: None,
+        window: None,
     };
     let ids = TensorType::new(DType::I64, [Dim::batch(), Dim::seq()]);
     let (h, v) = (cfg.hidden, cfg.vocab);
@@ -537,9 +562,9 @@ pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, M
         }
     }
 
-    for i in 0..cfg.layers {
+    for (i, &real) in (0u32..).zip(layers) {
         c.b.set_block(Block::Layer(i));
-        x = c.layer(x, i).map_err(shape_err)?;
+        x = c.layer(x, i, real).map_err(shape_err)?;
     }
 
     c.b.set_block(Block::Head);

@@ -14,7 +14,7 @@ pub mod hf;
 mod load;
 pub mod zoo;
 
-pub use build::{build_forward, build_forward_with, COMPUTE_DTYPE};
+pub use build::{build_forward, build_forward_with, build_template, COMPUTE_DTYPE};
 pub use code::{AttnImpl, HfArch, ModelCode};
 pub use load::{load, load_ir_file, resolve, LoadedModel, ModelDef, Overrides};
 
@@ -214,6 +214,44 @@ impl ModelConfig {
     /// [`ModelConfig::validate`] rejects).
     pub fn param_count(&self) -> u64 {
         self.checked_param_count().unwrap_or(u64::MAX)
+    }
+
+    /// The layers a compiler builds to stand for all of them, as indices of this
+    /// model's layers in order: one inner layer of each kind, then the last layer
+    /// (whose output gradient has one use, not two). A uniform model builds layers 0
+    /// and `l-1` (layer 0 only when `l` is 1); one whose sliding window skips every
+    /// `n`-th layer also builds the first global inner layer `n-1` (when it is not the
+    /// last), so local and global layers each get their own template.
+    pub fn template_layers(&self) -> Vec<u32> {
+        let last = self.layers.saturating_sub(1);
+        let mut t = vec![0];
+        if self.alternates() {
+            t.push(self.global_every - 1);
+        }
+        if last > 0 {
+            t.push(last);
+        }
+        t
+    }
+
+    /// Whether inner layers come in two kinds (local and global attention).
+    fn alternates(&self) -> bool {
+        let last = self.layers.saturating_sub(1);
+        self.sliding_window.is_some() && self.global_every > 1 && self.global_every - 1 < last
+    }
+
+    /// Which of [`ModelConfig::template_layers`] stands for layer `i` (an index into
+    /// that list).
+    pub fn template_of(&self, i: u32) -> usize {
+        let alternates = self.alternates();
+        if i + 1 >= self.layers {
+            return if self.layers <= 1 {
+                0
+            } else {
+                1 + usize::from(alternates)
+            };
+        }
+        usize::from(alternates && self.layer_window(i).is_none())
     }
 
     /// The attention window of layer `i` (`None`: global attention).
