@@ -299,8 +299,11 @@ impl Ctx<'_> {
             (q_view, k_view) = (false, false);
         }
         // `repeat_kv` (eager) and Falcon's new decoder broadcast key/value heads to all
-        // query heads with a copy; SDPA otherwise takes them unrepeated (`enable_gqa`).
-        let repeat = a != kv && (attn == AttnImpl::Eager || arch == HfArch::Falcon);
+        // query heads with a copy; SDPA otherwise takes them unrepeated (`enable_gqa`;
+        // Falcon-7B's multi-query form too, measured to the byte).
+        let repeat = a != kv
+            && (attn == AttnImpl::Eager
+                || (arch == HfArch::Falcon && cfg.norm_layout != NormLayout::Shared));
         if repeat {
             let times = a / kv;
             k = self.op(Op::Repeat { axis: 2, times }, &[k])?;
