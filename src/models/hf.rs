@@ -736,6 +736,19 @@ fn starcoder2(f: &Fields) -> Result<ModelConfig, ModelError> {
     let heads = f.req_u64("num_attention_heads")?;
     let head_dim = f.head_dim(hidden, "hidden_size", heads, "num_attention_heads")?;
     f.gelu("hidden_act", "gelu_pytorch_tanh")?;
+    // Keys of BigCode's training configuration that the published files carry and
+    // `Starcoder2Config` does not read (the model is always LayerNorm, `c_fc`/`c_proj`).
+    for key in [
+        "activation_function",
+        "attention_softmax_in_fp32",
+        "layer_norm_epsilon",
+        "mlp_type",
+        "norm_type",
+        "scale_attention_softmax_in_fp32",
+        "scale_attn_weights",
+    ] {
+        let _ = f.get(key);
+    }
     let bias = f.bool("use_bias")?.unwrap_or(true);
     Ok(ModelConfig {
         name: f.name.to_string(),
