@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 
 use apar::ir::{verify, Env, Graph, Op};
-use apar::models::{build_forward, hf, zoo, Attention, ModelConfig, ModelError, Position};
+use apar::models::{
+    build_forward, hf, zoo, Attention, Mlp, ModelConfig, ModelError, NormLayout, Position, QkNorm,
+};
 
 /// Sum of the element counts of the graph's `param` tensors.
 fn graph_params(g: &Graph) -> u64 {
@@ -316,6 +318,8 @@ fn hf_configs_load_as_the_zoo_entries() {
         ("mistral-7b.json", "mistral-7b"),
         ("qwen2-7b.json", "qwen2-7b"),
         ("gpt2.json", "gpt2"),
+        ("gemma-2-9b.json", "gemma2-9b"),
+        ("gemma-2-27b.json", "gemma2-27b"),
     ] {
         let mut cfg = load(file);
         assert!(cfg.name.ends_with(file), "{}", cfg.name);
@@ -387,7 +391,7 @@ fn gpt_neox_sequential_residual() {
 }
 
 #[test]
-fn falcon_with_two_layernorms_loads_and_one_shared_layernorm_is_refused() {
+fn falcon_loads_with_two_layernorms_and_with_one_shared_layernorm() {
     // tiiuae/falcon-40b: new_decoder_architecture, 128 heads, 8 kv heads (d 64),
     // ffn 4h, no linear biases, LayerNorms ln_attn and ln_mlp, tied embeddings.
     // 60·(2·8192² + 2·8192·512 + 2·8192·32768 + 4·8192) + 65024·8192 + 2·8192.
@@ -395,20 +399,118 @@ fn falcon_with_two_layernorms_loads_and_one_shared_layernorm_is_refused() {
     assert_eq!((cfg.heads, cfg.kv_heads, cfg.head_dim), (128, 8, 64));
     assert!(cfg.parallel_residual && cfg.tied_embeddings);
     assert!(!cfg.qkv_bias && !cfg.out_bias && !cfg.mlp_bias);
+    assert_eq!(cfg.norm_layout, NormLayout::Pre);
     assert_params(&cfg, 41_303_293_952);
 
-    match load_err("falcon-7b.json") {
-        ModelError::Unsupported {
-            arch, supported, ..
-        } => {
-            assert!(
-                arch.contains("falcon") && arch.contains("layernorm"),
-                "{arch}"
-            );
-            assert!(supported.contains("gpt_neox"));
-        }
-        e => panic!("unexpected {e}"),
+    // tiiuae/falcon-7b: `parallel_attn`, old decoder: one `input_layernorm` read by
+    // attention and MLP; multi-query (1 kv head of 64 channels), 71 heads.
+    // 32·(4544·(71+2)·64 + 4544² + 2·4544·18176 + 2·4544) + 65024·4544 + 2·4544.
+    let cfg = load("falcon-7b.json");
+    assert_eq!((cfg.heads, cfg.kv_heads, cfg.head_dim), (71, 1, 64));
+    assert!(cfg.parallel_residual);
+    assert_eq!(cfg.norm_layout, NormLayout::Shared);
+    assert_params(&cfg, 6_921_720_704);
+    let g = build_forward(&cfg).unwrap();
+    let norms = g
+        .ops()
+        .filter(|&o| matches!(g.op(o), Op::LayerNorm { .. }))
+        .count();
+    assert_eq!(norms, 32 + 1, "one layernorm per layer and the final one");
+}
+
+/// `tests/data/hf_param_counts.json`: what Hugging Face Transformers builds for each
+/// committed config (`scripts/count_hf_params.py`, meta device).
+fn hf_param_counts() -> std::collections::BTreeMap<String, u64> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf_param_counts.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    serde_json::from_value(doc["total_params"].clone()).unwrap()
+}
+
+#[test]
+fn every_loadable_config_counts_what_hugging_face_builds() {
+    let counts = hf_param_counts();
+    // Every family the loader reads has a committed config and a count.
+    for file in [
+        "gemma-7b.json",
+        "gemma-2-9b.json",
+        "gemma-2-27b.json",
+        "gemma-3-4b-text.json",
+        "phi-3-mini-4k.json",
+        "qwen3-8b.json",
+        "olmo-2-1124-7b.json",
+        "starcoder2-7b.json",
+        "falcon-7b.json",
+        "falcon-40b.json",
+        "llama-2-7b.json",
+        "qwen2-7b.json",
+        "gpt2.json",
+        "pythia-1.4b.json",
+    ] {
+        assert!(
+            counts.contains_key(file),
+            "{file} has no Hugging Face count"
+        );
     }
+    let mut checked = 0;
+    for (file, &expected) in &counts {
+        let Ok(cfg) = hf::load(&fixture(file)) else {
+            continue; // refused (MoE, a missing field): other tests say why
+        };
+        assert_params(&cfg, expected);
+        checked += 1;
+    }
+    assert!(checked >= 18, "{checked} configs checked");
+}
+
+#[test]
+fn gemma2_layout_from_its_config() {
+    // google/gemma-2-9b: 4 norms a layer, scores scaled by query_pre_attn_scalar^-½
+    // (256), soft-capping 50 (attention) and 30 (logits), 4096-token window on even
+    // layers, √h embedding scale, tied head.
+    let cfg = load("gemma-2-9b.json");
+    assert_eq!(cfg.norm_layout, NormLayout::Sandwich);
+    assert_eq!(cfg.mlp, Mlp::GeGlu);
+    assert_eq!(cfg.attn_scale, Some(1.0 / 16.0));
+    assert_eq!(
+        (cfg.attn_softcap, cfg.final_softcap),
+        (Some(50.0), Some(30.0))
+    );
+    assert!(cfg.embed_scale && cfg.tied_embeddings);
+    assert_eq!(cfg.head_dim, 256);
+    assert_eq!(
+        (cfg.layer_window(0), cfg.layer_window(1)),
+        (Some(4096), None)
+    );
+    let (_, notes) = hf::load_with_notes(&fixture("gemma-2-9b.json")).unwrap();
+    assert_eq!(
+        notes.sliding_window, None,
+        "the window is modeled, not noted"
+    );
+    assert!(notes.ignored.is_empty(), "{:?}", notes.ignored);
+
+    // google/gemma-3-4b-pt's text model: per-head q/k norms, one global layer in six,
+    // a 1024-token window.
+    let g3 = load("gemma-3-4b-text.json");
+    assert_eq!(g3.qk_norm, QkNorm::PerHead);
+    assert_eq!((g3.attn_softcap, g3.final_softcap), (None, None));
+    let local: Vec<bool> = (0..12).map(|i| g3.layer_window(i).is_some()).collect();
+    assert_eq!(local.iter().filter(|&&l| !l).count(), 2);
+    assert!(!local[5] && !local[11]);
+    assert_eq!(g3.layer_window(0), Some(1024));
+
+    // OLMo 2: post-norms, q/k norms over the whole projections.
+    let olmo = load("olmo-2-1124-7b.json");
+    assert_eq!(
+        (olmo.norm_layout, olmo.qk_norm),
+        (NormLayout::Post, QkNorm::Full)
+    );
+    // Qwen3: q/k norms per head; StarCoder2 and Phi-3: every layer windowed.
+    assert_eq!(load("qwen3-8b.json").qk_norm, QkNorm::PerHead);
+    let sc = load("starcoder2-7b.json");
+    assert_eq!((sc.sliding_window, sc.global_every), (Some(4096), 0));
+    assert!(sc.qkv_bias && sc.mlp_bias && sc.norm == apar::models::Norm::LayerNorm);
+    assert_eq!(load("phi-3-mini-4k.json").sliding_window, Some(2047));
 }
 
 #[test]
@@ -613,4 +715,61 @@ fn mutated_fixtures_never_panic() {
         }
     }
     assert!(loaded > 0);
+}
+
+/// The attention ops of a graph, by layer block: their windows and forward FLOPs.
+fn attention_windows(g: &Graph, seq: u64) -> Vec<(apar::ir::Block, Option<u64>, u64)> {
+    let env = Env::new(1, seq);
+    g.ops()
+        .filter_map(|o| match g.op(o) {
+            Op::FlashAttention { window, .. } => {
+                let c = g
+                    .op(o)
+                    .cost(&g.input_types(o), &g.result_types(o), env)
+                    .unwrap();
+                Some((g.node(o).block, *window, c.flops))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn sliding_windows_price_the_band_and_alternating_layers_get_their_own_templates() {
+    use apar::ir::Block;
+    use apar::models::{build_template, ModelCode};
+    // Gemma-2-9B: layer 0 local (4096), layer 1 global, the last (41) global.
+    let cfg = zoo_model("gemma2-9b");
+    assert_eq!(cfg.template_layers(), vec![0, 1, 41]);
+    assert_eq!(cfg.template_of(0), 0);
+    assert_eq!(cfg.template_of(7), 1);
+    assert_eq!(cfg.template_of(40), 0);
+    assert_eq!(cfg.template_of(41), 2);
+    let g = build_template(&cfg, ModelCode::Fused).unwrap();
+    verify(&g).unwrap();
+    let seq = 8192;
+    let att = attention_windows(&g, seq);
+    assert_eq!(
+        att.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>(),
+        vec![
+            (Block::Layer(0), Some(4096)),
+            (Block::Layer(1), None),
+            (Block::Layer(2), None)
+        ]
+    );
+    // At 8192 tokens the local layer's band is 3/4 of the causal triangle.
+    let ratio = att[0].2 as f64 / att[1].2 as f64;
+    assert!((ratio - 0.75).abs() < 1e-3, "{ratio}");
+    // Within the window nothing changes.
+    let short = attention_windows(&g, 4096);
+    assert_eq!(short[0].2, short[1].2);
+    // Gemma 3: five local layers to one global; StarCoder2: every layer local.
+    let g3 = load("gemma-3-4b-text.json");
+    assert_eq!(g3.template_layers(), vec![0, 5, 33]);
+    let sc = load("starcoder2-7b.json");
+    assert_eq!(sc.template_layers(), vec![0, 31]);
+    let g = build_template(&sc, ModelCode::Fused).unwrap();
+    assert!(attention_windows(&g, seq).iter().all(|a| a.1 == Some(4096)));
+    // A uniform model builds the two layers it always did.
+    assert_eq!(zoo_model("llama2-7b").template_layers(), vec![0, 31]);
 }

@@ -198,8 +198,9 @@ fn saved_plans_hold_only_finite_numbers() {
     // model's overrides (`layers`, `attention`), a compute op's collective `group`, the
     // gradient and optimizer dtypes (engine defaults), a fixed runtime overhead, the
     // block of a communication event that serves no single block, the FP8 peak of a
-    // device without FP8 tensor cores, and a calibration file (the device's built-in
-    // table when absent).
+    // device without FP8 tensor cores, a calibration file (the device's built-in
+    // table when absent), and the model's optional score scale, soft-capping and
+    // sliding window.
     let absent = [
         "block",
         "usable_memory_bytes",
@@ -212,6 +213,10 @@ fn saved_plans_hold_only_finite_numbers() {
         "fixed_bytes",
         "peak_fp8_flops",
         "calibration",
+        "attn_scale",
+        "attn_softcap",
+        "final_softcap",
+        "sliding_window",
     ];
     found.retain(|k| !absent.contains(&k.as_str()));
     assert!(found.is_empty(), "null (non-finite?) at {found:?}");

@@ -262,9 +262,21 @@ fn block_range(compiler: &Compiler, block: Block, order: &[Block]) -> [usize; 2]
             match block {
                 Block::Embed => [0, 0],
                 Block::Head => [l + 1, l + 1],
-                // The template's first layer stands for every layer but the last.
-                Block::Layer(0) if l >= 2 => [1, l - 1],
-                Block::Layer(_) => [l, l],
+                // A template layer stands for the layers of its kind; uniform models:
+                // the first for every layer but the last. (Alternating local and
+                // global layers interleave: the range spans the first to the last of
+                // the kind.)
+                Block::Layer(t) => {
+                    let t = t as usize;
+                    let mine: Vec<usize> = (0..cfg.layers)
+                        .filter(|&i| cfg.template_of(i) == t)
+                        .map(|i| i as usize + 1)
+                        .collect();
+                    match (mine.first(), mine.last()) {
+                        (Some(&a), Some(&b)) => [a, b],
+                        _ => [l, l],
+                    }
+                }
             }
         }
         ModelSource::Graph(_) => {

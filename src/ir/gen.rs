@@ -524,7 +524,14 @@ impl<'r> Gen<'r> {
         let causal = self.pick(4) != 0;
         let ctx = if flash && self.pick(3) == 0 {
             // PyTorch's sdpa: the output and the log-sum-exp.
-            let r = ok(self.b.add(Op::Sdpa { causal, scale }, &[q, k, v]));
+            let r = ok(self.b.add(
+                Op::Sdpa {
+                    causal,
+                    scale,
+                    window: None,
+                },
+                &[q, k, v],
+            ));
             self.record(Record::Sdpa {
                 q,
                 k,
@@ -536,7 +543,14 @@ impl<'r> Gen<'r> {
             });
             r[0]
         } else if flash {
-            let o = self.add1(Op::FlashAttention { causal, scale }, &[q, k, v]);
+            let o = self.add1(
+                Op::FlashAttention {
+                    causal,
+                    scale,
+                    window: None,
+                },
+                &[q, k, v],
+            );
             self.record(Record::Flash {
                 q,
                 k,
@@ -958,9 +972,14 @@ impl<'r> Gen<'r> {
                 causal,
                 scale,
             } => {
-                ok(self
-                    .b
-                    .add(Op::SdpaGrad { causal, scale }, &[o, q, k, v, o, lse]));
+                ok(self.b.add(
+                    Op::SdpaGrad {
+                        causal,
+                        scale,
+                        window: None,
+                    },
+                    &[o, q, k, v, o, lse],
+                ));
             }
             Record::Flash {
                 q,
@@ -970,9 +989,14 @@ impl<'r> Gen<'r> {
                 causal,
                 scale,
             } => {
-                ok(self
-                    .b
-                    .add(Op::FlashAttentionGrad { causal, scale }, &[o, q, k, v, o]));
+                ok(self.b.add(
+                    Op::FlashAttentionGrad {
+                        causal,
+                        scale,
+                        window: None,
+                    },
+                    &[o, q, k, v, o],
+                ));
             }
             Record::Linear { x, y, param } => {
                 let flat = |t: &TensorType| -> Vec<Dim> {

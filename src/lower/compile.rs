@@ -16,9 +16,7 @@ use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, S
 use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
-use crate::models::{
-    build_forward, build_forward_with, ModelCode, ModelConfig, ModelError, Position,
-};
+use crate::models::{build_template, ModelCode, ModelConfig, ModelError, Position};
 use crate::passes::manager::{
     Autodiff, Distribute, Fp8Linears, MixedPrecision, PassError, PassManager, RecomputeLayers,
     TensorParallel,
@@ -508,10 +506,11 @@ impl Compiler {
         let (forward, layers, layout) = match &source {
             ModelSource::Config(cfg) => {
                 // Two layers: `layer.0` stands for every layer but the last (its output
-                // gradient sums two uses), `layer.1` for the last.
-                let mut t = cfg.clone();
-                t.layers = cfg.layers.min(2);
-                let g = build_forward(&t).map_err(|e| CompileError::Model(e.into()))?;
+                // gradient sums two uses), `layer.1` for the last; a model alternating
+                // local and global attention has one inner template of each kind
+                // (`ModelConfig::template_layers`).
+                let g = build_template(cfg, ModelCode::Fused)
+                    .map_err(|e| CompileError::Model(e.into()))?;
                 if let Position::Learned { max_positions } = cfg.position {
                     if seq > max_positions {
                         return Err(CompileError::SequenceTooLong {
@@ -613,9 +612,7 @@ impl Compiler {
         let ModelSource::Config(cfg) = &self.source else {
             return Err(CompileError::ModelCodeOfGraph);
         };
-        let mut t = cfg.clone();
-        t.layers = cfg.layers.min(2);
-        self.forward = build_forward_with(&t, code).map_err(|e| CompileError::Model(e.into()))?;
+        self.forward = build_template(cfg, code).map_err(|e| CompileError::Model(e.into()))?;
         self.model_code = code;
         self.caches = Caches::default();
         Ok(self)
@@ -1123,19 +1120,22 @@ impl Compiler {
         Ok(match &self.source {
             ModelSource::Config(cfg) => {
                 let get = |b: Block| by_block.get(&b).cloned().unwrap_or_default();
-                let (inner, last) = (
-                    get(Block::Layer(0)),
-                    get(Block::Layer(cfg.layers.min(2) - 1)),
-                );
-                // Embedding, layers 0..L-2 (one run), the last layer, the head.
+                // Embedding, layers 0..L-1 as runs of one template each (one run for a
+                // uniform model: layers 0..L-2, then the last layer), the head.
                 let mut out = Blocks::default();
                 out.push(get(Block::Embed), 1);
-                let mut inner = inner;
-                inner.block = Some(Block::Layer(0));
-                out.push(inner, cfg.layers as usize - 1);
-                let mut last = last;
-                last.block = Some(Block::Layer(cfg.layers - 1));
-                out.push(last, 1);
+                let mut start = 0;
+                while start < cfg.layers {
+                    let t = cfg.template_of(start);
+                    let mut end = start + 1;
+                    while end < cfg.layers && cfg.template_of(end) == t {
+                        end += 1;
+                    }
+                    let mut p = get(Block::Layer(t as u32));
+                    p.block = Some(Block::Layer(start));
+                    out.push(p, (end - start) as usize);
+                    start = end;
+                }
                 out.push(get(Block::Head), 1);
                 out
             }
@@ -1536,8 +1536,23 @@ pub fn model_flops_per_token(cfg: &ModelConfig, seq: u64) -> f64 {
     if let Position::Learned { max_positions } = cfg.position {
         n -= max_positions as f64 * h;
     }
-    let attention =
-        12.0 * f64::from(cfg.layers) * cfg.heads as f64 * cfg.head_dim as f64 * seq as f64;
+    // A sliding-window layer's `T × T` becomes the keys its band counts, per query
+    // (the attention ops' own count, `apar::ir::attention_pairs`).
+    let keys_per_query = |i: u32| -> f64 {
+        match cfg.layer_window(i) {
+            Some(w) if seq > 0 && w < seq => {
+                crate::ir::attention_pairs(seq, seq, true, Some(w)).unwrap_or(u64::MAX) as f64
+                    / seq as f64
+            }
+            _ => seq as f64,
+        }
+    };
+    let context: f64 = if cfg.sliding_window.is_some() {
+        (0..cfg.layers).map(keys_per_query).sum()
+    } else {
+        f64::from(cfg.layers) * seq as f64
+    };
+    let attention = 12.0 * cfg.heads as f64 * cfg.head_dim as f64 * context;
     6.0 * n + attention
 }
 

@@ -1,7 +1,7 @@
 //! Builds the forward graph of a decoder-only transformer from a [`ModelConfig`].
 
 use super::code::{AttnImpl, HfArch, ModelCode};
-use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
+use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
 use crate::ir::{
     Block, DType, Dim, Graph, GraphBuilder, Op, Shape, ShapeError, TensorId, TensorType,
 };
@@ -15,6 +15,8 @@ struct Ctx<'a> {
     code: ModelCode,
     /// The causal mask the model materializes once (Hugging Face Falcon with SDPA).
     mask: Option<TensorId>,
+    /// The attention window of the layer being built.
+    window: Option<u64>,
 }
 
 type R<T> = Result<T, ShapeError>;
@@ -78,7 +80,11 @@ impl Ctx<'_> {
     }
 
     fn norm(&mut self, x: TensorId, name: &str) -> R<TensorId> {
-        let h = self.cfg.hidden;
+        self.norm_of(x, name, self.cfg.hidden)
+    }
+
+    /// The model's norm over the last axis of `x`, which has `h` channels.
+    fn norm_of(&mut self, x: TensorId, name: &str, h: u64) -> R<TensorId> {
         let eps = self.cfg.norm_eps;
         let g = self.param(&format!("{name}.weight"), &[h]);
         match self.cfg.norm {
@@ -90,17 +96,54 @@ impl Ctx<'_> {
             Norm::RmsNorm if matches!(self.code, ModelCode::Fused | ModelCode::Torchtitan) => {
                 self.op(Op::RmsNorm { eps }, &[x, g])
             }
-            Norm::RmsNorm => self.hf_rms_norm(x, g),
+            Norm::RmsNorm => self.hf_rms_norm(x, g, h),
         }
+    }
+
+    /// `c·tanh(x/c)` (Gemma 2's soft-capping), op by op as Hugging Face writes it.
+    fn softcap(&mut self, x: TensorId, cap: f64) -> R<TensorId> {
+        let y = self.op(Op::Scale { factor: 1.0 / cap }, &[x])?;
+        let y = self.op(Op::Tanh, &[y])?;
+        self.op(Op::Scale { factor: cap }, &[y])
+    }
+
+    /// The attention score scale: `1/√head_dim` unless the model sets one.
+    fn attn_scale(&self) -> f64 {
+        self.cfg
+            .attn_scale
+            .unwrap_or(1.0 / (self.cfg.head_dim as f64).sqrt())
+    }
+
+    /// Query and key normalization of [`QkNorm::Full`] (on the projections, before the
+    /// head split).
+    fn qk_norm_full(&mut self, q: TensorId, k: TensorId, p: &str) -> R<(TensorId, TensorId)> {
+        let cfg = self.cfg;
+        if cfg.qk_norm != QkNorm::Full {
+            return Ok((q, k));
+        }
+        let d = cfg.head_dim;
+        let q = self.norm_of(q, &format!("{p}.q_norm"), cfg.heads * d)?;
+        let k = self.norm_of(k, &format!("{p}.k_norm"), cfg.kv_heads * d)?;
+        Ok((q, k))
+    }
+
+    /// Query and key normalization of [`QkNorm::PerHead`] (on `[b, s, n, d]` heads).
+    fn qk_norm_heads(&mut self, q: TensorId, k: TensorId, p: &str) -> R<(TensorId, TensorId)> {
+        if self.cfg.qk_norm != QkNorm::PerHead {
+            return Ok((q, k));
+        }
+        let d = self.cfg.head_dim;
+        let q = self.norm_of(q, &format!("{p}.q_norm"), d)?;
+        let k = self.norm_of(k, &format!("{p}.k_norm"), d)?;
+        Ok((q, k))
     }
 
     /// `LlamaRMSNorm.forward`: `x.to(f32)`, `pow(2).mean(-1, keepdim)`, `+ eps`, `rsqrt`,
     /// `x · r`, `.to(bf16)`, `weight · y`. Broadcasts are views (`expand`).
-    fn hf_rms_norm(&mut self, x: TensorId, g: TensorId) -> R<TensorId> {
+    fn hf_rms_norm(&mut self, x: TensorId, g: TensorId, h: u64) -> R<TensorId> {
         let ty = self.b.ty(x).clone();
         let rank = ty.shape.rank() as u32;
         let last = rank - 1;
-        let h = self.cfg.hidden;
         let x32 = self.op(Op::Cast { to: DType::F32 }, &[x])?;
         let sq = self.op(Op::Pow { exponent: 2.0 }, &[x32])?;
         let sum = self.op(Op::ReduceSum { axes: vec![last] }, &[sq])?;
@@ -163,19 +206,22 @@ impl Ctx<'_> {
         let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);
         // Megatron-style fused projection, split into views, when heads are not grouped.
         let (q, k, v) = self.qkv(x, p, a == kv)?;
-        let mut q = self.split_heads(q, a)?;
-        let mut k = self.split_heads(k, kv)?;
+        let (q, k) = self.qk_norm_full(q, k, p)?;
+        let q = self.split_heads(q, a)?;
+        let k = self.split_heads(k, kv)?;
         let v = self.split_heads(v, kv)?;
+        let (mut q, mut k) = self.qk_norm_heads(q, k, p)?;
         if let Position::Rotary { dims, theta } = cfg.position {
             q = self.op(Op::Rotary { dims, theta }, &[q])?;
             k = self.op(Op::Rotary { dims, theta }, &[k])?;
         }
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = self.attn_scale();
         let ctx = match cfg.attention {
             Attention::Flash => self.op(
                 Op::FlashAttention {
                     causal: true,
                     scale,
+                    window: self.window,
                 },
                 &[q, k, v],
             )?,
@@ -202,6 +248,14 @@ impl Ctx<'_> {
                     },
                     &[q, k],
                 )?;
+                // Soft-capping needs the scaled scores: scale, cap, then the softmax.
+                let (scores, scale) = match cfg.attn_softcap {
+                    Some(cap) => {
+                        let s = self.op(Op::Scale { factor: scale }, &[scores])?;
+                        (self.softcap(s, cap)?, 1.0)
+                    }
+                    None => (scores, scale),
+                };
                 let probs = self.op(
                     Op::Softmax {
                         causal: true,
@@ -235,11 +289,14 @@ impl Ctx<'_> {
         let (h, a, kv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim);
         // One fused projection (`c_attn`, `query_key_value`), split into views.
         let (q, k, v) = self.qkv(x, p, a == kv && !arch.separate_qkv())?;
-        let mut q = self.split_heads(q, a)?;
-        let mut k = self.split_heads(k, kv)?;
+        let (q, k) = self.qk_norm_full(q, k, p)?;
+        let q = self.split_heads(q, a)?;
+        let k = self.split_heads(k, kv)?;
         let mut v = self.split_heads(v, kv)?;
+        let (mut q, mut k) = self.qk_norm_heads(q, k, p)?;
         // Whether q, k, v are still views of a projection (no op has copied them yet).
-        let (mut q_view, mut k_view, mut v_view) = (true, true, true);
+        let qk_view = cfg.qk_norm == QkNorm::None;
+        let (mut q_view, mut k_view, mut v_view) = (qk_view, qk_view, true);
         if let Position::Rotary { dims, theta } = cfg.position {
             // `q·cos + rotate_half(q)·sin`: a new tensor; it keeps only cos and sin.
             q = self.op(Op::Rotary { dims, theta }, &[q])?;
@@ -247,15 +304,18 @@ impl Ctx<'_> {
             (q_view, k_view) = (false, false);
         }
         // `repeat_kv` (eager) and Falcon's new decoder broadcast key/value heads to all
-        // query heads with a copy; SDPA otherwise takes them unrepeated (`enable_gqa`).
-        let repeat = a != kv && (attn == AttnImpl::Eager || arch == HfArch::Falcon);
+        // query heads with a copy; SDPA otherwise takes them unrepeated (`enable_gqa`;
+        // Falcon-7B's multi-query form too, measured to the byte).
+        let repeat = a != kv
+            && (attn == AttnImpl::Eager
+                || (arch == HfArch::Falcon && cfg.norm_layout != NormLayout::Shared));
         if repeat {
             let times = a / kv;
             k = self.op(Op::Repeat { axis: 2, times }, &[k])?;
             v = self.op(Op::Repeat { axis: 2, times }, &[v])?;
             (k_view, v_view) = (false, false);
         }
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = self.attn_scale();
         let ctx = match attn {
             AttnImpl::Sdpa => {
                 let mut ins = vec![q, k, v];
@@ -266,7 +326,12 @@ impl Ctx<'_> {
                     ins.push(self.op(Op::Cast { to: dtype }, &[mask])?);
                 }
                 let causal = self.mask.is_none();
-                let o = self.b.add(Op::Sdpa { causal, scale }, &ins)?[0];
+                let op = Op::Sdpa {
+                    causal,
+                    scale,
+                    window: self.window,
+                };
+                let o = self.b.add(op, &ins)?[0];
                 // The flash kernel lays its output out like `q`: `[b, s, heads, d]`,
                 // where the model's `transpose(1, 2).contiguous()` copies nothing, unless
                 // a concatenation laid `q` out heads-first.
@@ -297,7 +362,10 @@ impl Ctx<'_> {
                     },
                     &[q, k],
                 )?;
-                let scores = self.op(Op::Scale { factor: scale }, &[scores])?;
+                let mut scores = self.op(Op::Scale { factor: scale }, &[scores])?;
+                if let Some(cap) = cfg.attn_softcap {
+                    scores = self.softcap(scores, cap)?;
+                }
                 // The additive causal mask, then the softmax: one op (the mask add keeps
                 // nothing for backward).
                 let softmax = Op::Softmax {
@@ -362,33 +430,69 @@ impl Ctx<'_> {
                 };
                 self.linear(y, &format!("{p}.fc2"), f, h, cfg.mlp_bias)
             }
-            Mlp::SwiGlu => {
+            Mlp::SwiGlu | Mlp::GeGlu => {
                 let gate = self.linear(x, &format!("{p}.gate"), h, f, cfg.mlp_bias)?;
                 let up = self.linear(x, &format!("{p}.up"), h, f, cfg.mlp_bias)?;
-                let act = self.op(Op::Silu, &[gate])?;
+                let act = if cfg.mlp == Mlp::GeGlu {
+                    self.op(Op::Gelu, &[gate])?
+                } else {
+                    self.op(Op::Silu, &[gate])?
+                };
                 let y = self.op(Op::Mul, &[act, up])?;
                 self.linear(y, &format!("{p}.down"), f, h, cfg.mlp_bias)
             }
         }
     }
 
-    fn layer(&mut self, x: TensorId, i: u32) -> R<TensorId> {
+    /// Layer `i` of the graph, built as the model's layer `real` (which decides its
+    /// attention window).
+    fn layer(&mut self, x: TensorId, i: u32, real: u32) -> R<TensorId> {
         let p = format!("layers.{i}");
-        let n1 = self.norm(x, &format!("{p}.norm1"))?;
-        let attn = self.attention(n1, &format!("{p}.attn"))?;
-        let attn = self.dropout(attn)?;
-        if self.cfg.parallel_residual {
-            let n2 = self.norm(x, &format!("{p}.norm2"))?;
-            let m = self.mlp(n2, &format!("{p}.mlp"))?;
-            let m = self.dropout(m)?;
-            let y = self.op(Op::Add, &[x, attn])?;
-            self.op(Op::Add, &[y, m])
-        } else {
-            let y = self.op(Op::Add, &[x, attn])?;
-            let n2 = self.norm(y, &format!("{p}.norm2"))?;
-            let m = self.mlp(n2, &format!("{p}.mlp"))?;
-            let m = self.dropout(m)?;
-            self.op(Op::Add, &[y, m])
+        self.window = self.cfg.layer_window(real);
+        match self.cfg.norm_layout {
+            NormLayout::Pre | NormLayout::Shared => {
+                let n1 = self.norm(x, &format!("{p}.norm1"))?;
+                let attn = self.attention(n1, &format!("{p}.attn"))?;
+                let attn = self.dropout(attn)?;
+                if self.cfg.parallel_residual {
+                    let n2 = if self.cfg.norm_layout == NormLayout::Shared {
+                        n1
+                    } else {
+                        self.norm(x, &format!("{p}.norm2"))?
+                    };
+                    let m = self.mlp(n2, &format!("{p}.mlp"))?;
+                    let m = self.dropout(m)?;
+                    let y = self.op(Op::Add, &[x, attn])?;
+                    self.op(Op::Add, &[y, m])
+                } else {
+                    let y = self.op(Op::Add, &[x, attn])?;
+                    let n2 = self.norm(y, &format!("{p}.norm2"))?;
+                    let m = self.mlp(n2, &format!("{p}.mlp"))?;
+                    let m = self.dropout(m)?;
+                    self.op(Op::Add, &[y, m])
+                }
+            }
+            NormLayout::Sandwich | NormLayout::Post => {
+                let pre = self.cfg.norm_layout == NormLayout::Sandwich;
+                let n1 = if pre {
+                    self.norm(x, &format!("{p}.norm1"))?
+                } else {
+                    x
+                };
+                let attn = self.attention(n1, &format!("{p}.attn"))?;
+                let attn = self.norm(attn, &format!("{p}.post_attn_norm"))?;
+                let attn = self.dropout(attn)?;
+                let y = self.op(Op::Add, &[x, attn])?;
+                let n2 = if pre {
+                    self.norm(y, &format!("{p}.norm2"))?
+                } else {
+                    y
+                };
+                let m = self.mlp(n2, &format!("{p}.mlp"))?;
+                let m = self.norm(m, &format!("{p}.post_mlp_norm"))?;
+                let m = self.dropout(m)?;
+                self.op(Op::Add, &[y, m])
+            }
         }
     }
 }
@@ -411,6 +515,19 @@ pub fn build_forward(cfg: &ModelConfig) -> Result<Graph, ModelError> {
 /// With [`ModelCode::Transformers`], [`ModelConfig::attention`] is ignored (the
 /// attention implementation decides), and the head's loss is the fused cross-entropy op.
 pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, ModelError> {
+    let layers: Vec<u32> = (0..cfg.layers).collect();
+    build(cfg, code, &layers)
+}
+
+/// The template graph a compiler plans `cfg` with: the layers of
+/// [`ModelConfig::template_layers`], tagged `layer.0` … in that order, each built as
+/// the model layer it stands for (its attention window), with the embedding and head.
+pub fn build_template(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, ModelError> {
+    cfg.validate()?;
+    build(cfg, code, &cfg.template_layers())
+}
+
+fn build(cfg: &ModelConfig, code: ModelCode, layers: &[u32]) -> Result<Graph, ModelError> {
     cfg.validate()?;
     let shape_err = |source| ModelError::Shape {
         model: cfg.name.clone(),
@@ -421,6 +538,7 @@ pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, M
         b: GraphBuilder::new(cfg.name.clone()),
         code,
         mask: None,
+        window: None,
     };
     let ids = TensorType::new(DType::I64, [Dim::batch(), Dim::seq()]);
     let (h, v) = (cfg.hidden, cfg.vocab);
@@ -435,6 +553,11 @@ pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, M
         let pe = c.op(Op::Embedding, &[wpe, pos]).map_err(shape_err)?;
         x = c.op(Op::Add, &[x, pe]).map_err(shape_err)?;
     }
+    if cfg.embed_scale {
+        // Gemma: `hidden_states * normalizer`, `normalizer = hidden_size ** 0.5`.
+        let factor = (h as f64).sqrt();
+        x = c.op(Op::Scale { factor }, &[x]).map_err(shape_err)?;
+    }
     x = c.dropout(x).map_err(shape_err)?;
     if let ModelCode::Transformers {
         arch,
@@ -447,9 +570,9 @@ pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, M
         }
     }
 
-    for i in 0..cfg.layers {
+    for (i, &real) in (0u32..).zip(layers) {
         c.b.set_block(Block::Layer(i));
-        x = c.layer(x, i).map_err(shape_err)?;
+        x = c.layer(x, i, real).map_err(shape_err)?;
     }
 
     c.b.set_block(Block::Head);
@@ -472,6 +595,10 @@ pub fn build_forward_with(cfg: &ModelConfig, code: ModelCode) -> Result<Graph, M
                 },
                 &[xn, w],
             )?
+        };
+        let logits = match cfg.final_softcap {
+            Some(cap) => c.softcap(logits, cap)?,
+            None => logits,
         };
         let labels = c.b.input("labels", ids.clone());
         c.op(Op::CrossEntropy, &[logits, labels])

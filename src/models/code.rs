@@ -27,7 +27,8 @@
 //!   kernel's output itself, or a copy where `q` was laid out heads-first
 //!   ([`HfArch::rotary_by_concat`]). Grouped-query heads go in
 //!   unrepeated (`enable_gqa`), except in Falcon's new decoder architecture, which
-//!   broadcasts them to all heads. Falcon passes a materialized mask, which PyTorch
+//!   broadcasts them to all heads (Falcon-7B's shared-layernorm multi-query form does
+//!   not). Falcon passes a materialized mask, which PyTorch
 //!   converts to the compute dtype in every layer and the kernel's backward reads.
 //! * **`gelu_new`** (gpt2) is written out as `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`:
 //!   it keeps `x`, `0.5·x`, the `tanh` result and `1 + tanh` — four tensors of the MLP

@@ -12,7 +12,14 @@
 //! | `qwen2` | as llama | q, k, v | no | `attention_dropout` |
 //! | `gpt2` | LayerNorm, learned positions, GeLU | all | yes | `attn_pdrop`, `resid_pdrop`, `embd_pdrop` |
 //! | `gpt_neox` | LayerNorm, partial RoPE, GeLU, `use_parallel_residual` | all (`attention_bias`) | no | `attention_dropout`, `hidden_dropout` |
-//! | `falcon` | LayerNorm, RoPE, GeLU, parallel or sequential | `bias` | yes | `attention_dropout`, `hidden_dropout` |
+//! | `falcon` | LayerNorm, RoPE, GeLU, parallel (one shared or two layernorms) or sequential | `bias` | yes | `attention_dropout`, `hidden_dropout` |
+//! | `gemma` | RMSNorm(1+w), RoPE, GeGLU, `√h` embedding scale, `head_dim` | `attention_bias` | yes | `attention_dropout` |
+//! | `gemma2` | as gemma, four norms a layer, soft-capping, `query_pre_attn_scalar`, window on even layers | `attention_bias` | yes | `attention_dropout` |
+//! | `gemma3_text` | as gemma2, q/k norms per head, five local layers to one global | `attention_bias` | yes | `attention_dropout` |
+//! | `phi3` | as llama (fused `qkv_proj`, `gate_up_proj`), window on every layer | none | no | `attention_dropout`, `resid_pdrop`, `embd_pdrop` |
+//! | `qwen3` | as llama, q/k norms per head | `attention_bias` (q, k, v, o) | no | `attention_dropout` |
+//! | `olmo2` | as llama, norms after attention and MLP, q/k norms over the projections | `attention_bias` (q, k, v, o) | no | `attention_dropout` |
+//! | `starcoder2` | LayerNorm, RoPE, GeLU (`c_fc`, `c_proj`), window on every layer | `use_bias` (all) | yes | `attention_dropout`, `residual_dropout`, `embedding_dropout` |
 //!
 //! Fields absent from the file take the default of the architecture's Hugging Face
 //! configuration class (for example `rms_norm_eps` 1e-6, `rope_theta` 10,000,
@@ -23,26 +30,30 @@
 //! used.
 //!
 //! Not modeled, and reported in [`ConfigNotes`] (plans carry them as warnings): a
-//! sliding window shorter than the sequence (mistral, qwen2), the trained positions of a
+//! sliding window shorter than the sequence on mistral, qwen2 and qwen3 (whose
+//! `max_window_layers` split is not a periodic pattern; gemma2, gemma3_text, phi3 and
+//! starcoder2 build theirs into [`ModelConfig::sliding_window`]), the trained positions of a
 //! rotary model the sequence exceeds, mixture-of-experts keys on a dense architecture,
 //! and keys the loader does not know. Read past silently: [`INERT_KEYS`] (RoPE scaling,
-//! tensor-parallel pretraining hints, token ids and other keys that change no size). Falcon checkpoints whose attention and
-//! MLP share one layernorm (falcon-7b's `parallel_attn` without
-//! `new_decoder_architecture`, or `num_ln_in_parallel_attn: 1`) and ALiBi checkpoints
-//! do not fit [`ModelConfig`] and are refused as unsupported.
+//! tensor-parallel pretraining hints, token ids and other keys that change no size).
+//! Falcon ALiBi checkpoints do not fit [`ModelConfig`] and are refused as unsupported.
+//!
+//! Every committed `tests/data/hf/*.json` is instantiated by Hugging Face Transformers
+//! on the meta device (`scripts/count_hf_params.py`); `tests/models.rs` checks that
+//! [`ModelConfig::param_count`] and the built graph's parameters equal its count.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
+use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
 
 /// The `model_type`s this loader reads.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, gpt2, gpt_neox, falcon \
-                             (rotary, one layernorm per branch)";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, olmo2, gemma, gemma2, \
+                             gemma3_text, starcoder2, gpt2, gpt_neox, falcon (rotary)";
 
 /// GeLU variants accepted as `activation_function` / `hidden_act` for GeLU MLPs.
 const GELU_NAMES: &[&str] = &[
@@ -174,6 +185,7 @@ pub const INERT_KEYS: &[&str] = &[
     "dtype",
     "transformers_version",
     "use_cache",
+    "cache_implementation",
     "task_specific_params",
     "summary_activation",
     "summary_first_dropout",
@@ -212,9 +224,16 @@ pub const MOE_KEYS: &[&str] = &[
     "norm_topk_prob",
 ];
 
-/// Sliding-window attention keys (mistral, qwen2).
-pub const SLIDING_WINDOW_KEYS: &[&str] =
-    &["sliding_window", "use_sliding_window", "max_window_layers"];
+/// Sliding-window attention keys (mistral, qwen2; modeled for gemma2, gemma3_text,
+/// phi3, starcoder2).
+pub const SLIDING_WINDOW_KEYS: &[&str] = &[
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "sliding_window_size",
+    "sliding_window_pattern",
+    "layer_types",
+];
 
 /// Why a `config.json` key was ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -281,6 +300,7 @@ pub fn from_json_str_with_notes(
         name,
         map: &map,
         read: RefCell::default(),
+        window_used: Cell::new(false),
     };
     let model_type = f.req_str("model_type")?;
     let cfg = match model_type {
@@ -290,6 +310,13 @@ pub fn from_json_str_with_notes(
         "gpt2" => gpt2(&f)?,
         "gpt_neox" => gpt_neox(&f)?,
         "falcon" => falcon(&f)?,
+        "gemma" => gemma(&f, Gemma::V1)?,
+        "gemma2" => gemma(&f, Gemma::V2)?,
+        "gemma3_text" => gemma(&f, Gemma::V3)?,
+        "phi3" => llama_like(&f, Family::Phi3)?,
+        "qwen3" => llama_like(&f, Family::Qwen3)?,
+        "olmo2" => llama_like(&f, Family::Olmo2)?,
+        "starcoder2" => starcoder2(&f)?,
         other => return Err(f.unsupported(other.to_string())),
     };
     cfg.validate()?;
@@ -303,6 +330,17 @@ enum Family {
     Llama,
     Mistral,
     Qwen2,
+    /// `modeling_phi3.py`: fused `qkv_proj` and `gate_up_proj` (the same parameters as
+    /// separate projections), no biases, `sliding_window` on every layer.
+    Phi3,
+    /// `modeling_qwen3.py`: `q_norm`/`k_norm`, `RMSNorm(head_dim)` on each head before
+    /// the rotary embedding; `attention_bias` on q, k, v, o.
+    Qwen3,
+    /// `modeling_olmo2.py`: norms after attention and after the MLP
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`, no input norm), and
+    /// `q_norm`/`k_norm` over the whole projections (`heads · head_dim`,
+    /// `kv_heads · head_dim`).
+    Olmo2,
 }
 
 fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
@@ -312,7 +350,7 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
         // MistralConfig and Qwen2Config default `num_key_value_heads` to 8 and 32.
         Family::Mistral => 8,
         Family::Qwen2 => 32,
-        Family::Llama => heads,
+        Family::Llama | Family::Phi3 | Family::Qwen3 | Family::Olmo2 => heads,
     };
     let kv_heads = f.u64("num_key_value_heads")?.unwrap_or(default_kv);
     let head_dim = match f.u64("head_dim")? {
@@ -332,8 +370,27 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
             let attn = f.bool("attention_bias")?.unwrap_or(false);
             (attn, attn, f.bool("mlp_bias")?.unwrap_or(false))
         }
-        Family::Mistral => (false, false, false),
+        Family::Qwen3 | Family::Olmo2 => {
+            let attn = f.bool("attention_bias")?.unwrap_or(false);
+            (attn, attn, false)
+        }
+        Family::Mistral | Family::Phi3 => (false, false, false),
         Family::Qwen2 => (true, false, false),
+    };
+    let (norm_layout, qk_norm) = match family {
+        Family::Qwen3 => (NormLayout::Pre, QkNorm::PerHead),
+        Family::Olmo2 => (NormLayout::Post, QkNorm::Full),
+        _ => (NormLayout::Pre, QkNorm::None),
+    };
+    let dropout = match family {
+        Family::Phi3 => f.dropout(&["attention_dropout", "resid_pdrop", "embd_pdrop"], 0.0)?,
+        _ => f.dropout(&["attention_dropout"], 0.0)?,
+    };
+    // Phi-3 windows every layer (`sliding_window` in its attention call); Mistral's,
+    // Qwen2's and Qwen3's windows stay a note.
+    let sliding_window = match family {
+        Family::Phi3 => f.window()?,
+        _ => None,
     };
     Ok(ModelConfig {
         name: f.name.to_string(),
@@ -356,8 +413,16 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
         mlp_bias,
         parallel_residual: false,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
-        dropout: f.dropout(&["attention_dropout"], 0.0)?,
+        dropout,
         attention: Attention::Flash,
+        norm_layout,
+        qk_norm,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window,
+        global_every: 0,
     })
 }
 
@@ -393,6 +458,14 @@ fn gpt2(f: &Fields) -> Result<ModelConfig, ModelError> {
         // GPT2Config defaults each of the three to 0.1.
         dropout: f.dropout(&["attn_pdrop", "resid_pdrop", "embd_pdrop"], 0.1)?,
         attention: Attention::Flash,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
     })
 }
 
@@ -431,6 +504,14 @@ fn gpt_neox(f: &Fields) -> Result<ModelConfig, ModelError> {
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
         dropout: f.dropout(&["attention_dropout", "hidden_dropout"], 0.0)?,
         attention: Attention::Flash,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
     })
 }
 
@@ -448,14 +529,18 @@ fn falcon(f: &Fields) -> Result<ModelConfig, ModelError> {
     let norms = f.u64("num_ln_in_parallel_attn")?;
     // The layer has one layernorm per branch only in these two forms; otherwise
     // attention and MLP read the same layernorm output, which ModelConfig cannot say.
-    let parallel_residual = match (new_arch, parallel, norms) {
-        (true, _, None | Some(2)) => true,
-        (false, false, _) => false,
-        _ => {
-            return Err(f.unsupported(
-                "falcon with attention and MLP sharing one layernorm \
-                 (parallel_attn without two layernorms, as in falcon-7b)"
-                    .into(),
+    // `FalconDecoderLayer`: the new decoder architecture has `ln_attn` and `ln_mlp`
+    // unless `num_ln_in_parallel_attn` is 1; the old one with `parallel_attn` has one
+    // `input_layernorm` whose output attention and MLP both read (falcon-7b); without
+    // `parallel_attn` a `post_attention_layernorm` follows the attention residual.
+    let (parallel_residual, norm_layout) = match (new_arch, parallel, norms) {
+        (true, _, None | Some(2)) => (true, NormLayout::Pre),
+        (false, false, _) => (false, NormLayout::Pre),
+        (true, _, Some(1)) | (false, true, None | Some(1)) => (true, NormLayout::Shared),
+        (_, _, Some(n)) => {
+            return Err(f.invalid(
+                "num_ln_in_parallel_attn",
+                format!("{n} layernorms in a parallel layer: Falcon has 1 or 2"),
             ))
         }
     };
@@ -498,6 +583,207 @@ fn falcon(f: &Fields) -> Result<ModelConfig, ModelError> {
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
         dropout: f.dropout(&["attention_dropout", "hidden_dropout"], 0.0)?,
         attention: Attention::Flash,
+        norm_layout,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
+    })
+}
+
+/// Gemma generations.
+#[derive(Clone, Copy, PartialEq)]
+enum Gemma {
+    /// `modeling_gemma.py`.
+    V1,
+    /// `modeling_gemma2.py`.
+    V2,
+    /// `modeling_gemma3.py` (`Gemma3ForCausalLM`, the text model).
+    V3,
+}
+
+/// Gemma, Gemma 2 and Gemma 3's text model (`modeling_gemma*.py`): RMSNorm computed as
+/// `x·(1 + w)` (the same one weight per channel), the embedding scaled by `√hidden`
+/// (`normalizer`), a tied head, `head_dim` independent of `hidden / heads` (256 by
+/// default), and the GeGLU MLP `down(gelu_pytorch_tanh(gate(x)) · up(x))`
+/// (`hidden_activation`, older files `hidden_act`). Gemma 2 adds four norms per layer
+/// (`input_layernorm`, `post_attention_layernorm`, `pre_feedforward_layernorm`,
+/// `post_feedforward_layernorm`), the score scale `query_pre_attn_scalar^-½`, attention
+/// and final logit soft-capping `c·tanh(x/c)` (`attn_logit_softcapping` 50,
+/// `final_logit_softcapping` 30 by default), and a `sliding_window` (4096) on every
+/// other layer, starting with layer 0. Gemma 3 keeps the four norms, adds
+/// `q_norm`/`k_norm` (`RMSNorm(head_dim)`), drops the soft-capping by default and makes
+/// five of every six layers local (`sliding_window_pattern` 6, window 4096 by default;
+/// the published checkpoints use 1024). Newer files list `layer_types`
+/// (`"sliding_attention"` / `"full_attention"`), which must repeat one global layer
+/// every `n`.
+fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
+    let hidden = f.req_u64("hidden_size")?;
+    let heads = f.req_u64("num_attention_heads")?;
+    let kv_heads = f.u64("num_key_value_heads")?.unwrap_or(heads);
+    let head_dim = f.u64("head_dim")?.unwrap_or(256);
+    // GemmaConfig prefers `hidden_activation`; an exact `gelu` in `hidden_act` is the
+    // legacy spelling of the tanh approximation (Transformers rewrites it).
+    match f.str("hidden_activation")? {
+        Some(_) => {
+            f.gelu("hidden_activation", "gelu_pytorch_tanh")?;
+            let _ = f.str("hidden_act")?; // superseded
+        }
+        None => f.gelu("hidden_act", "gelu_pytorch_tanh")?,
+    }
+    let bias = f.bool("attention_bias")?.unwrap_or(false);
+    let softcap = |key: &'static str, default: Option<f64>| -> Result<Option<f64>, ModelError> {
+        if v != Gemma::V2 && !f.map.contains_key(key) {
+            return Ok(None);
+        }
+        match f.get(key) {
+            None if f.map.contains_key(key) => Ok(None),
+            None => Ok(default),
+            Some(_) => match f.non_negative(key)? {
+                Some(x) if x > 0.0 => Ok(Some(x)),
+                _ => Err(f.invalid(key, "must be positive".into())),
+            },
+        }
+    };
+    let (attn_softcap, final_softcap) = match v {
+        Gemma::V1 => (None, None),
+        Gemma::V2 | Gemma::V3 => (
+            softcap("attn_logit_softcapping", Some(50.0))?,
+            softcap("final_logit_softcapping", Some(30.0))?,
+        ),
+    };
+    let attn_scale = match v {
+        Gemma::V1 => None,
+        Gemma::V2 | Gemma::V3 => {
+            let s = f.non_negative("query_pre_attn_scalar")?.unwrap_or(256.0);
+            if s == 0.0 {
+                return Err(f.invalid("query_pre_attn_scalar", "must be positive".into()));
+            }
+            Some(1.0 / s.sqrt())
+        }
+    };
+    let (sliding_window, global_every) = match v {
+        Gemma::V1 => (None, 0),
+        Gemma::V2 | Gemma::V3 => {
+            let w = f.u64("sliding_window")?.unwrap_or(4096);
+            let default_every = if v == Gemma::V2 { 2 } else { 6 };
+            let every = match f.layer_types()? {
+                Some(every) => every,
+                None if v == Gemma::V3 => {
+                    let n = f.u64("sliding_window_pattern")?.unwrap_or(default_every);
+                    u32::try_from(n).map_err(|_| {
+                        f.invalid("sliding_window_pattern", format!("{n} is too large"))
+                    })?
+                }
+                None => 2,
+            };
+            (Some(w), every)
+        }
+    };
+    if v != Gemma::V1 {
+        f.window_used.set(true);
+    }
+    // Gemma 3's local layers use `rope_local_base_freq` as their RoPE base: a position
+    // value, no size.
+    let _ = f.f64("rope_local_base_freq")?;
+    let (norm_layout, qk_norm) = match v {
+        Gemma::V1 => (NormLayout::Pre, QkNorm::None),
+        Gemma::V2 => (NormLayout::Sandwich, QkNorm::None),
+        Gemma::V3 => (NormLayout::Sandwich, QkNorm::PerHead),
+    };
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers: f.layers("num_hidden_layers")?,
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+        ffn: f.req_u64("intermediate_size")?,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::RmsNorm,
+        norm_eps: f.non_negative("rms_norm_eps")?.unwrap_or(1e-6),
+        position: Position::Rotary {
+            dims: head_dim,
+            theta: f.rope_theta(&["rope_theta"])?,
+        },
+        mlp: Mlp::GeGlu,
+        qkv_bias: bias,
+        out_bias: bias,
+        mlp_bias: false,
+        parallel_residual: false,
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
+        dropout: f.dropout(&["attention_dropout"], 0.0)?,
+        attention: Attention::Flash,
+        norm_layout,
+        qk_norm,
+        embed_scale: true,
+        attn_scale,
+        attn_softcap,
+        final_softcap,
+        sliding_window,
+        global_every,
+    })
+}
+
+/// StarCoder2 (`modeling_starcoder2.py`): LayerNorm with bias (`norm_epsilon`), biases
+/// on q, k, v, o and on the MLP's `c_fc`/`c_proj` (`use_bias`), a plain GeLU MLP
+/// (`gelu_pytorch_tanh`), grouped-query attention, and `sliding_window` on every layer.
+fn starcoder2(f: &Fields) -> Result<ModelConfig, ModelError> {
+    let hidden = f.req_u64("hidden_size")?;
+    let heads = f.req_u64("num_attention_heads")?;
+    let head_dim = f.head_dim(hidden, "hidden_size", heads, "num_attention_heads")?;
+    f.gelu("hidden_act", "gelu_pytorch_tanh")?;
+    // Keys of BigCode's training configuration that the published files carry and
+    // `Starcoder2Config` does not read (the model is always LayerNorm, `c_fc`/`c_proj`).
+    for key in [
+        "activation_function",
+        "attention_softmax_in_fp32",
+        "layer_norm_epsilon",
+        "mlp_type",
+        "norm_type",
+        "scale_attention_softmax_in_fp32",
+        "scale_attn_weights",
+    ] {
+        let _ = f.get(key);
+    }
+    let bias = f.bool("use_bias")?.unwrap_or(true);
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers: f.layers("num_hidden_layers")?,
+        hidden,
+        heads,
+        kv_heads: f.u64("num_key_value_heads")?.unwrap_or(2),
+        head_dim,
+        ffn: f.req_u64("intermediate_size")?,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::LayerNorm,
+        norm_eps: f.non_negative("norm_epsilon")?.unwrap_or(1e-5),
+        position: Position::Rotary {
+            dims: head_dim,
+            theta: f.rope_theta(&["rope_theta"])?,
+        },
+        mlp: Mlp::Gelu,
+        qkv_bias: bias,
+        out_bias: bias,
+        mlp_bias: bias,
+        parallel_residual: false,
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
+        dropout: f.dropout(
+            &["attention_dropout", "residual_dropout", "embedding_dropout"],
+            0.0,
+        )?,
+        attention: Attention::Flash,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: f.window()?,
+        global_every: 0,
     })
 }
 
@@ -514,6 +800,8 @@ struct Fields<'a> {
     map: &'a Map<String, Value>,
     /// Keys the architecture's reader asked for.
     read: RefCell<BTreeSet<String>>,
+    /// Whether the reader built the sliding window into the model (then it is no note).
+    window_used: Cell<bool>,
 }
 
 impl Fields<'_> {
@@ -534,6 +822,7 @@ impl Fields<'_> {
         // Qwen2 turns the window on with `use_sliding_window`; Mistral has no switch
         // and uses `sliding_window` when it is set.
         let sliding_window = match self.bool("use_sliding_window")? {
+            _ if self.window_used.get() => None,
             Some(false) => None,
             _ => self.u64("sliding_window")?,
         };
@@ -565,6 +854,52 @@ impl Fields<'_> {
                 .map(str::to_string),
             trained_positions,
         })
+    }
+
+    /// `sliding_window` of an architecture that windows every layer with it (absent or
+    /// `null`: none); the window is then modeled, not noted.
+    fn window(&self) -> Result<Option<u64>, ModelError> {
+        self.window_used.set(true);
+        match self.u64("sliding_window")? {
+            Some(0) => Err(self.invalid("sliding_window", "must be positive".into())),
+            w => Ok(w),
+        }
+    }
+
+    /// The period of `layer_types` (`"sliding_attention"` / `"full_attention"`), when
+    /// the file lists them: `n` when every `n`-th layer is global and the rest local
+    /// (0 when none is global).
+    fn layer_types(&self) -> Result<Option<u32>, ModelError> {
+        const KEY: &str = "layer_types";
+        let Some(v) = self.get(KEY) else {
+            return Ok(None);
+        };
+        let Some(list) = v.as_array() else {
+            return Err(self.wrong_type(KEY, "a list of layer types", v));
+        };
+        let mut global = Vec::with_capacity(list.len());
+        for t in list {
+            match t.as_str() {
+                Some("full_attention") => global.push(true),
+                Some("sliding_attention") => global.push(false),
+                _ => return Err(self.wrong_type(KEY, "a list of layer types", t)),
+            }
+        }
+        let every = global.iter().position(|&g| g).map_or(0, |i| i + 1);
+        let periodic = global
+            .iter()
+            .enumerate()
+            .all(|(i, &g)| g == (every > 0 && (i + 1) % every == 0));
+        if !periodic {
+            return Err(self.invalid(
+                KEY,
+                "must repeat one global layer every n layers (other patterns are not modeled)"
+                    .into(),
+            ));
+        }
+        u32::try_from(every)
+            .map(Some)
+            .map_err(|_| self.invalid(KEY, "is too long".into()))
     }
 
     fn missing(&self, key: &str) -> ModelError {
@@ -724,6 +1059,7 @@ impl Fields<'_> {
                     name: self.name,
                     map,
                     read: RefCell::default(),
+                    window_used: Cell::new(false),
                 };
                 theta = nested.f64("rope_theta")?.map(|x| ("rope_theta", x));
             }

@@ -14,7 +14,7 @@ pub mod hf;
 mod load;
 pub mod zoo;
 
-pub use build::{build_forward, build_forward_with, COMPUTE_DTYPE};
+pub use build::{build_forward, build_forward_with, build_template, COMPUTE_DTYPE};
 pub use code::{AttnImpl, HfArch, ModelCode};
 pub use load::{load, load_ir_file, resolve, LoadedModel, ModelDef, Overrides};
 
@@ -58,6 +58,57 @@ pub enum Mlp {
     Gelu,
     /// `down(silu(gate(x)) · up(x))` (Llama).
     SwiGlu,
+    /// `down(gelu(gate(x)) · up(x))` (Gemma's GeGLU, `gelu_pytorch_tanh`; the same
+    /// three projections as SwiGLU).
+    GeGlu,
+}
+
+/// Where a layer's norms sit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormLayout {
+    /// A norm before attention and one before the MLP (`x + f(norm(x))`): Llama, GPT.
+    #[default]
+    Pre,
+    /// One norm whose output both attention and the MLP read, with a parallel residual
+    /// `x + attn(n) + mlp(n)`, `n = norm(x)` (Falcon-7B: `parallel_attn` with one
+    /// `input_layernorm`). Requires [`ModelConfig::parallel_residual`].
+    Shared,
+    /// Four norms: before and after attention, before and after the MLP
+    /// (`x + norm(f(norm(x)))`): Gemma 2 and 3's `input_layernorm`,
+    /// `post_attention_layernorm`, `pre_feedforward_layernorm`,
+    /// `post_feedforward_layernorm`.
+    Sandwich,
+    /// A norm on each branch's output only (`x + norm(f(x))`): OLMo 2's
+    /// `post_attention_layernorm` and `post_feedforward_layernorm`.
+    Post,
+}
+
+impl NormLayout {
+    /// Norms per layer.
+    pub fn per_layer(self) -> u64 {
+        match self {
+            NormLayout::Shared => 1,
+            NormLayout::Pre | NormLayout::Post => 2,
+            NormLayout::Sandwich => 4,
+        }
+    }
+}
+
+/// Normalization of queries and keys before the attention scores (and before the
+/// rotary embedding).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    /// None.
+    #[default]
+    None,
+    /// One norm of `head_dim` channels shared by all query heads, one for key heads
+    /// (Qwen3's and Gemma 3's `q_norm`/`k_norm`, `RMSNorm(head_dim)`).
+    PerHead,
+    /// A norm over the whole query projection (`heads · head_dim`) and one over the
+    /// whole key projection (`kv_heads · head_dim`) (OLMo 2).
+    Full,
 }
 
 /// How the attention core is expressed.
@@ -124,6 +175,35 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Attention form.
     pub attention: Attention,
+    /// Where the layer's norms sit (absent in older documents: [`NormLayout::Pre`]).
+    #[serde(default)]
+    pub norm_layout: NormLayout,
+    /// Query/key normalization.
+    #[serde(default)]
+    pub qk_norm: QkNorm,
+    /// The token embedding is multiplied by `√hidden` (Gemma's `normalizer`).
+    #[serde(default)]
+    pub embed_scale: bool,
+    /// Attention score scale, when not `1/√head_dim` (Gemma 2's
+    /// `query_pre_attn_scalar^-½`).
+    #[serde(default)]
+    pub attn_scale: Option<f64>,
+    /// Attention logit soft-capping `c`: scores become `c·tanh(scores/c)` before the
+    /// softmax (Gemma 2's `attn_logit_softcapping`).
+    #[serde(default)]
+    pub attn_softcap: Option<f64>,
+    /// Final logit soft-capping `c`: logits become `c·tanh(logits/c)` before the loss
+    /// (Gemma 2's `final_logit_softcapping`).
+    #[serde(default)]
+    pub final_softcap: Option<f64>,
+    /// Sliding-window attention: each query sees the `w` latest keys (itself
+    /// included). `None`: every layer attends to the whole sequence.
+    #[serde(default)]
+    pub sliding_window: Option<u64>,
+    /// With a sliding window, every `n`-th layer (layers `n-1`, `2n-1`, …) is global
+    /// instead (Gemma 2: 2, Gemma 3: 6); 0 makes every layer local.
+    #[serde(default)]
+    pub global_every: u32,
 }
 
 impl ModelConfig {
@@ -134,6 +214,51 @@ impl ModelConfig {
     /// [`ModelConfig::validate`] rejects).
     pub fn param_count(&self) -> u64 {
         self.checked_param_count().unwrap_or(u64::MAX)
+    }
+
+    /// The layers a compiler builds to stand for all of them, as indices of this
+    /// model's layers in order: one inner layer of each kind, then the last layer
+    /// (whose output gradient has one use, not two). A uniform model builds layers 0
+    /// and `l-1` (layer 0 only when `l` is 1); one whose sliding window skips every
+    /// `n`-th layer also builds the first global inner layer `n-1` (when it is not the
+    /// last), so local and global layers each get their own template.
+    pub fn template_layers(&self) -> Vec<u32> {
+        let last = self.layers.saturating_sub(1);
+        let mut t = vec![0];
+        if self.alternates() {
+            t.push(self.global_every - 1);
+        }
+        if last > 0 {
+            t.push(last);
+        }
+        t
+    }
+
+    /// Whether inner layers come in two kinds (local and global attention).
+    fn alternates(&self) -> bool {
+        let last = self.layers.saturating_sub(1);
+        self.sliding_window.is_some() && self.global_every > 1 && self.global_every - 1 < last
+    }
+
+    /// Which of [`ModelConfig::template_layers`] stands for layer `i` (an index into
+    /// that list).
+    pub fn template_of(&self, i: u32) -> usize {
+        let alternates = self.alternates();
+        if i + 1 >= self.layers {
+            return if self.layers <= 1 {
+                0
+            } else {
+                1 + usize::from(alternates)
+            };
+        }
+        usize::from(alternates && self.layer_window(i).is_none())
+    }
+
+    /// The attention window of layer `i` (`None`: global attention).
+    pub fn layer_window(&self, i: u32) -> Option<u64> {
+        let w = self.sliding_window?;
+        let global = self.global_every > 0 && (i + 1) % self.global_every == 0;
+        (!global).then_some(w)
     }
 
     /// [`ModelConfig::param_count`], or `None` when the count overflows `u64`.
@@ -150,10 +275,17 @@ impl ModelConfig {
             .checked_mul(d)?
             .checked_mul(2)?;
         let out = self.heads.checked_mul(d)?.checked_mul(h)?;
+        let per_channel = norm / h;
+        let qk_norm = match self.qk_norm {
+            QkNorm::None => 0,
+            QkNorm::PerHead => d.checked_mul(2)?,
+            QkNorm::Full => self.heads.checked_add(self.kv_heads)?.checked_mul(d)?,
+        };
         let mut layer = q
             .checked_add(kv)?
             .checked_add(out)?
-            .checked_add(norm.checked_mul(2)?)?;
+            .checked_add(norm.checked_mul(self.norm_layout.per_layer())?)?
+            .checked_add(qk_norm.checked_mul(per_channel)?)?;
         if self.qkv_bias {
             let n = self.kv_heads.checked_mul(2)?.checked_add(self.heads)?;
             layer = layer.checked_add(n.checked_mul(d)?)?;
@@ -163,7 +295,7 @@ impl ModelConfig {
         }
         let (mats, bias) = match self.mlp {
             Mlp::Gelu => (2, f.checked_add(h)?),
-            Mlp::SwiGlu => (3, f.checked_mul(2)?.checked_add(h)?),
+            Mlp::SwiGlu | Mlp::GeGlu => (3, f.checked_mul(2)?.checked_add(h)?),
         };
         layer = layer.checked_add(h.checked_mul(f)?.checked_mul(mats)?)?;
         if self.mlp_bias {
@@ -260,6 +392,40 @@ impl ModelConfig {
         }
         if let Position::Learned { max_positions: 0 } = self.position {
             return bad("max_positions", "must be positive".into());
+        }
+        let shared = self.norm_layout == NormLayout::Shared;
+        let sequential_only = matches!(self.norm_layout, NormLayout::Sandwich | NormLayout::Post);
+        if shared && !self.parallel_residual {
+            return bad(
+                "norm_layout",
+                "`shared` needs the parallel residual (attention and MLP read one norm)".into(),
+            );
+        }
+        if sequential_only && self.parallel_residual {
+            return bad(
+                "norm_layout",
+                format!("{:?} norms need the sequential residual", self.norm_layout),
+            );
+        }
+        for (field, v) in [
+            ("attn_scale", self.attn_scale),
+            ("attn_softcap", self.attn_softcap),
+            ("final_softcap", self.final_softcap),
+        ] {
+            if let Some(x) = v {
+                if !(x.is_finite() && x > 0.0) {
+                    return bad(field, format!("{x} must be positive and finite"));
+                }
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window", "must be positive".into());
+        }
+        if self.global_every > 0 && self.sliding_window.is_none() {
+            return bad(
+                "global_every",
+                "alternates local and global layers, but there is no sliding window".into(),
+            );
         }
         if self.checked_param_count().is_none() {
             return bad("param_count", "overflows u64".into());

@@ -17,8 +17,11 @@
 //! - Llama 2 (Touvron et al. 2023), Llama 3 / 3.1 (Dubey et al. 2024), Mistral 7B
 //!   (Jiang et al. 2023, v0.1), Qwen2 (Yang et al. 2024): the published Hugging Face
 //!   `config.json` of each checkpoint.
+//! - Gemma 2 9B and 27B (Gemma Team 2024, Table 1): the Hugging Face
+//!   `google/gemma-2-9b` and `google/gemma-2-27b` configs (`tests/data/hf/gemma-2-*.json`,
+//!   whose Hugging Face counts `tests/models.rs` checks).
 
-use super::{Attention, Mlp, ModelConfig, ModelError, Norm, Position};
+use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
 
 /// One zoo entry.
 pub struct ZooEntry {
@@ -63,6 +66,14 @@ pub fn gpt(
         tied_embeddings: true,
         dropout,
         attention,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
     }
 }
 
@@ -102,6 +113,14 @@ pub fn llama(
         tied_embeddings: false,
         dropout: 0.0,
         attention: Attention::Flash,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
     }
 }
 
@@ -417,7 +436,75 @@ pub static ZOO: &[ZooEntry] = &[
                 ffn 18944, qkv bias, untied, theta 1e6 (Yang et al. 2024; HF config)",
         config: qwen2_7b,
     },
+    ZooEntry {
+        name: "gemma2-9b",
+        about: "Gemma-2-9B, 9,241,705,984 params: 42 layers, h 3584, 16 heads / 8 kv of 256, \
+                ffn 14336 GeGLU, 4096-token window on every other layer, soft-capping 50/30 \
+                (Gemma Team, Riviere et al. 2024; HF google/gemma-2-9b config)",
+        config: || gemma2("gemma2-9b", 42, 3584, 16, 8, 256, 14336, 256.0),
+    },
+    ZooEntry {
+        name: "gemma2-27b",
+        about: "Gemma-2-27B, 27,227,128,320 params: 46 layers, h 4608, 32 heads / 16 kv of \
+                128, ffn 36864 GeGLU, 4096-token window on every other layer, soft-capping \
+                50/30 (Gemma Team, Riviere et al. 2024; HF google/gemma-2-27b config)",
+        config: || gemma2("gemma2-27b", 46, 4608, 32, 16, 128, 36864, 144.0),
+    },
 ];
+
+/// Gemma 2's vocabulary (`vocab_size` of the google/gemma-2-* configs).
+const GEMMA_VOCAB: u64 = 256000;
+
+/// Gemma 2's local attention window (`sliding_window` of the google/gemma-2-* configs).
+const GEMMA2_WINDOW: u64 = 4096;
+
+/// Gemma 2's attention and final logit soft-capping (`attn_logit_softcapping`,
+/// `final_logit_softcapping` of the google/gemma-2-* configs).
+const GEMMA2_SOFTCAP: (f64, f64) = (50.0, 30.0);
+
+/// A Gemma 2 checkpoint (Gemma Team 2024, "Gemma 2: Improving Open Language Models at
+/// a Practical Size", Table 1; the Hugging Face google/gemma-2-* configs): RMSNorm
+/// before and after attention and MLP, GeGLU, `√h`-scaled tied embedding, scores scaled
+/// by `query_pre_attn_scalar^-½`, soft-capping, local layers (even) with a 4096-token
+/// window alternating with global ones, RoPE base 10,000.
+#[allow(clippy::too_many_arguments)]
+fn gemma2(
+    name: &str,
+    layers: u32,
+    hidden: u64,
+    heads: u64,
+    kv_heads: u64,
+    head_dim: u64,
+    ffn: u64,
+    query_pre_attn_scalar: f64,
+) -> ModelConfig {
+    let mut cfg = llama(
+        name,
+        layers,
+        hidden,
+        heads,
+        kv_heads,
+        ffn,
+        GEMMA_VOCAB,
+        ROPE_THETA,
+    );
+    cfg.head_dim = head_dim;
+    cfg.position = Position::Rotary {
+        dims: head_dim,
+        theta: ROPE_THETA,
+    };
+    cfg.norm_eps = 1e-6;
+    cfg.mlp = Mlp::GeGlu;
+    cfg.tied_embeddings = true;
+    cfg.norm_layout = NormLayout::Sandwich;
+    cfg.embed_scale = true;
+    cfg.attn_scale = Some(1.0 / query_pre_attn_scalar.sqrt());
+    cfg.attn_softcap = Some(GEMMA2_SOFTCAP.0);
+    cfg.final_softcap = Some(GEMMA2_SOFTCAP.1);
+    cfg.sliding_window = Some(GEMMA2_WINDOW);
+    cfg.global_every = 2;
+    cfg
+}
 
 /// Looks a model up by name.
 pub fn lookup(name: &str) -> Result<ModelConfig, ModelError> {

@@ -876,27 +876,47 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
                 })
             }
         }
-        Op::FlashAttention { causal, scale } => {
-            let (o, _) = attention(ins[0], ins[1], ins[2], None, *causal, *scale)?;
+        Op::FlashAttention {
+            causal,
+            scale,
+            window,
+        } => {
+            let mask = Mask::new(*causal, *window);
+            let (o, _) = attention(ins[0], ins[1], ins[2], None, mask, *scale)?;
             one(o)
         }
-        Op::FlashAttentionGrad { causal, scale } => {
-            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), *causal, *scale)?;
+        Op::FlashAttentionGrad {
+            causal,
+            scale,
+            window,
+        } => {
+            let mask = Mask::new(*causal, *window);
+            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), mask, *scale)?;
             let (dq, dk, dv) = grads.ok_or("no gradients")?;
             Ok(vec![dq, dk, dv])
         }
-        Op::Sdpa { causal, scale } => {
+        Op::Sdpa {
+            causal,
+            scale,
+            window,
+        } => {
+            let mask = Mask::new(*causal, *window);
             if ins.len() > 3 {
                 return Err("the interpreter runs sdpa without a mask tensor".into());
             }
-            let (o, _) = attention(ins[0], ins[1], ins[2], None, *causal, *scale)?;
-            Ok(vec![o, log_sum_exp(ins[0], ins[1], *causal, *scale)])
+            let (o, _) = attention(ins[0], ins[1], ins[2], None, mask, *scale)?;
+            Ok(vec![o, log_sum_exp(ins[0], ins[1], mask, *scale)])
         }
-        Op::SdpaGrad { causal, scale } => {
+        Op::SdpaGrad {
+            causal,
+            scale,
+            window,
+        } => {
+            let mask = Mask::new(*causal, *window);
             if ins.len() > 6 {
                 return Err("the interpreter runs sdpa without a mask tensor".into());
             }
-            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), *causal, *scale)?;
+            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), mask, *scale)?;
             let (dq, dk, dv) = grads.ok_or("no gradients")?;
             Ok(vec![dq, dk, dv])
         }
@@ -952,7 +972,7 @@ type Grads = Option<(Tensor, Tensor, Tensor)>;
 /// Attention on `q[b,s,a,d]`, `k, v[b,t,kv,d]`; with `d_o`, also the gradients.
 /// The row log-sum-exp `[b, s, a]` of the scaled (and causally masked) scores, as
 /// [`Op::Sdpa`] returns it.
-fn log_sum_exp(q: &Tensor, k: &Tensor, causal: bool, scale: f64) -> Tensor {
+fn log_sum_exp(q: &Tensor, k: &Tensor, mask: Mask, scale: f64) -> Tensor {
     let (b, s, a, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (t, kv) = (k.shape[1], k.shape[2]);
     let group = (a / kv.max(1)).max(1);
@@ -962,7 +982,7 @@ fn log_sum_exp(q: &Tensor, k: &Tensor, causal: bool, scale: f64) -> Tensor {
             for h in 0..a {
                 let hk = h / group;
                 let dots: Vec<f64> = (0..t)
-                    .filter(|&j| !causal || j <= i)
+                    .filter(|&j| !mask.hides(i, j))
                     .map(|j| {
                         let dot: f64 = (0..d)
                             .map(|c| {
@@ -982,12 +1002,34 @@ fn log_sum_exp(q: &Tensor, k: &Tensor, causal: bool, scale: f64) -> Tensor {
     out
 }
 
+/// Which keys a query may not see: later ones (causal) and those `window` or more
+/// positions back.
+#[derive(Clone, Copy)]
+struct Mask {
+    causal: bool,
+    window: Option<u64>,
+}
+
+impl Mask {
+    fn new(causal: bool, window: Option<u64>) -> Mask {
+        Mask { causal, window }
+    }
+
+    /// Whether query `i` does not see key `j`.
+    fn hides(self, i: usize, j: usize) -> bool {
+        let far = self
+            .window
+            .is_some_and(|w| (j as u64).saturating_add(w) <= i as u64);
+        (self.causal && j > i) || far
+    }
+}
+
 fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     d_o: Option<&Tensor>,
-    causal: bool,
+    mask: Mask,
     scale: f64,
 ) -> R<(Tensor, Grads)> {
     let (b, s, a, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
@@ -1009,7 +1051,7 @@ fn attention(
                 let mut p = vec![0.0f64; t];
                 let mut m = f64::NEG_INFINITY;
                 for (j, pj) in p.iter_mut().enumerate() {
-                    if causal && j > i {
+                    if mask.hides(i, j) {
                         *pj = f64::NEG_INFINITY;
                         continue;
                     }

@@ -680,7 +680,11 @@ impl Diff<'_> {
                 out.push((0, self.b.add1(Op::Scale { factor: -0.5 }, &[g])?));
             }
             Op::Shift { .. } | Op::Contiguous => out.push((0, dy)),
-            Op::Sdpa { causal, scale } => {
+            Op::Sdpa {
+                causal,
+                scale,
+                window,
+            } => {
                 let mut ins = vec![dy, self.input(0), self.input(1), self.input(2)];
                 ins.push(self.result(0));
                 ins.push(self.result(1));
@@ -690,7 +694,14 @@ impl Diff<'_> {
                     }
                     ins.push(self.input(3));
                 }
-                let r = self.b.add(Op::SdpaGrad { causal, scale }, &ins)?;
+                let r = self.b.add(
+                    Op::SdpaGrad {
+                        causal,
+                        scale,
+                        window,
+                    },
+                    &ins,
+                )?;
                 out.extend([(0, r[0]), (1, r[1]), (2, r[2])]);
             }
             Op::CrossEntropy => {
@@ -698,14 +709,23 @@ impl Diff<'_> {
                 let labels = self.input(1);
                 out.push((0, self.b.add1(Op::CrossEntropyGrad, &[dy, logits, labels])?));
             }
-            Op::FlashAttention { causal, scale } => {
+            Op::FlashAttention {
+                causal,
+                scale,
+                window,
+            } => {
                 let q = self.input(0);
                 let k = self.input(1);
                 let v = self.input(2);
                 let o = self.result(0);
-                let r = self
-                    .b
-                    .add(Op::FlashAttentionGrad { causal, scale }, &[dy, q, k, v, o])?;
+                let r = self.b.add(
+                    Op::FlashAttentionGrad {
+                        causal,
+                        scale,
+                        window,
+                    },
+                    &[dy, q, k, v, o],
+                )?;
                 out.extend([(0, r[0]), (1, r[1]), (2, r[2])]);
             }
             // Collectives: the conjugate collective (a per-device sum's derivative is

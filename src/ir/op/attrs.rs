@@ -118,6 +118,15 @@ impl AttrReader<'_> {
             _ => Err(self.ty(attr, "an integer")),
         }
     }
+    /// The optional positive `window` of the attention ops.
+    fn window(&self) -> Result<Option<u64>, AttrError> {
+        const ATTR: &str = "window";
+        match self.attrs.get(ATTR) {
+            None => Ok(None),
+            Some(AttrValue::Int(n)) if *n > 0 => Ok(Some(*n)),
+            Some(_) => Err(self.ty(ATTR, "a positive integer")),
+        }
+    }
     fn u32(&self, attr: &'static str) -> Result<u32, AttrError> {
         u32::try_from(self.u64(attr)?).map_err(|_| self.ty(attr, "an integer below 2^32"))
     }
@@ -186,12 +195,34 @@ impl Op {
             Op::Pow { exponent } => vec![("exponent", V::Float(*exponent))],
             Op::Shift { value } => vec![("value", V::Float(*value))],
             Op::Scale { factor } => vec![("factor", V::Float(*factor))],
-            Op::Softmax { causal, scale }
-            | Op::FlashAttention { causal, scale }
-            | Op::FlashAttentionGrad { causal, scale }
-            | Op::Sdpa { causal, scale }
-            | Op::SdpaGrad { causal, scale } => {
+            Op::Softmax { causal, scale } => {
                 vec![("causal", V::Bool(*causal)), ("scale", V::Float(*scale))]
+            }
+            Op::FlashAttention {
+                causal,
+                scale,
+                window,
+            }
+            | Op::FlashAttentionGrad {
+                causal,
+                scale,
+                window,
+            }
+            | Op::Sdpa {
+                causal,
+                scale,
+                window,
+            }
+            | Op::SdpaGrad {
+                causal,
+                scale,
+                window,
+            } => {
+                let mut v = vec![("causal", V::Bool(*causal)), ("scale", V::Float(*scale))];
+                if let Some(w) = window {
+                    v.push(("window", V::Int(*w)));
+                }
+                v
             }
             Op::Dropout { p } | Op::DropoutGrad { p } => vec![("p", V::Float(*p))],
             Op::LayerNorm { eps }
@@ -377,14 +408,17 @@ impl Op {
             OpKind::Sdpa => Op::Sdpa {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,
+                window: r.window()?,
             },
             OpKind::SdpaGrad => Op::SdpaGrad {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,
+                window: r.window()?,
             },
             OpKind::FlashAttention => Op::FlashAttention {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,
+                window: r.window()?,
             },
             OpKind::GeluGrad => Op::GeluGrad,
             OpKind::SiluGrad => Op::SiluGrad,
@@ -405,6 +439,7 @@ impl Op {
             OpKind::FlashAttentionGrad => Op::FlashAttentionGrad {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,
+                window: r.window()?,
             },
             OpKind::AdamW => Op::AdamW {
                 lr: r.f64("lr")?,

@@ -194,10 +194,20 @@ impl Op {
             | Op::SdpaGrad { .. } => {
                 // q[b,s,a,d] against k[b,t,kv,d]: QKᵀ and PV are 2·b·a·s·t·d each.
                 let grad = matches!(self, Op::FlashAttentionGrad { .. } | Op::SdpaGrad { .. });
+                let (causal, window) = match self {
+                    Op::FlashAttention { causal, window, .. }
+                    | Op::FlashAttentionGrad { causal, window, .. }
+                    | Op::Sdpa { causal, window, .. }
+                    | Op::SdpaGrad { causal, window, .. } => (*causal, *window),
+                    _ => return None,
+                };
                 let q = inputs.get(usize::from(grad))?;
                 let k = inputs.get(usize::from(grad) + 1)?;
+                let s = q.shape.0.get(1)?.eval(env)?;
                 let t = k.shape.0.get(1)?.eval(env)?;
-                let pair = numel(q)?.checked_mul(t)?.checked_mul(4)?;
+                let pairs = attention_pairs(s, t, causal, window)?;
+                let per_pair = numel(q)?.checked_div(s).unwrap_or(0);
+                let pair = per_pair.checked_mul(pairs)?.checked_mul(4)?;
                 // Backward recomputes QKᵀ and runs dV, dP, dQ, dK: five products.
                 let matmuls = if grad { 5 } else { 2 };
                 Some(OpCost {
@@ -220,6 +230,33 @@ impl Op {
     }
 }
 
+/// Query–key pairs an attention op counts for `s` queries against `t` keys.
+///
+/// Without a window, every query against every key, `s·t`, also when causal: the
+/// counted FLOPs are the whole rectangle, and the time model executes a causal share
+/// of them (`apar::cost::CAUSAL_WORK_FRACTION`, one half). With a window `w < t`, query
+/// `i` sees `min(i+1, w)` keys, the band `Σᵢ min(i+1, w)`; a causal windowed op counts
+/// twice the band (never more than `s·t`), so that the same causal share executes
+/// exactly the band. A window not shorter than the keys changes nothing.
+pub fn attention_pairs(s: u64, t: u64, causal: bool, window: Option<u64>) -> Option<u64> {
+    let whole = s.checked_mul(t)?;
+    let Some(w) = window.filter(|&w| w < t) else {
+        return Some(whole);
+    };
+    if !causal {
+        // Every model apar builds windows causal attention; a non-causal windowed op
+        // is counted at `w` keys a query.
+        return Some(s.checked_mul(w)?.min(whole));
+    }
+    // Σ_{i<s} min(i+1, w) = w(w+1)/2 + (s-w)·w for s ≥ w, s(s+1)/2 otherwise.
+    let band = if s >= w {
+        (w.checked_mul(w + 1)? / 2).checked_add((s - w).checked_mul(w)?)?
+    } else {
+        s.checked_mul(s + 1)? / 2
+    };
+    Some(band.checked_mul(2)?.min(whole))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +264,31 @@ mod tests {
 
     fn t(dtype: DType, dims: &[&str]) -> TensorType {
         TensorType::new(dtype, dims.iter().map(|d| Dim::parse(d).unwrap()))
+    }
+
+    #[test]
+    fn windowed_attention_counts_the_band() {
+        // 8 queries, window 3: 1 + 2 + 3·6 = 21 pairs run; counted twice under the
+        // causal convention.
+        assert_eq!(attention_pairs(8, 8, true, Some(3)), Some(42));
+        assert_eq!(attention_pairs(8, 8, true, None), Some(64));
+        assert_eq!(attention_pairs(8, 8, true, Some(8)), Some(64));
+        assert_eq!(attention_pairs(8, 8, true, Some(7)), Some(64));
+        assert_eq!(attention_pairs(8, 8, false, Some(3)), Some(24));
+        // Gemma 2's 4096 window at 8192 tokens: 3/4 of the causal triangle's work.
+        let full = attention_pairs(8192, 8192, true, None).unwrap();
+        let band = attention_pairs(8192, 8192, true, Some(4096)).unwrap();
+        assert!((band as f64 / full as f64 - 0.75).abs() < 1e-3);
+        let q = t(DType::Bf16, &["b", "s", "4", "16"]);
+        let op = Op::FlashAttention {
+            causal: true,
+            scale: 0.25,
+            window: Some(3),
+        };
+        let out = op.infer(&[&q, &q, &q]).unwrap().unwrap();
+        let env = Env::new(2, 8);
+        let c = op.cost(&[&q, &q, &q], &[&out[0]], env).unwrap();
+        assert_eq!(c.flops, 2 * 4 * 16 * 42 * 2 * 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod shape;
 mod table;
 
 pub use attrs::{AttrError, AttrValue};
-pub use cost::{flops_per_element, Gemm, OpCost};
+pub use cost::{attention_pairs, flops_per_element, Gemm, OpCost};
 pub use shape::{split_dim, ShapeError, FP8_GEMM_OUT};
 pub use table::{Arity, OpClass, OpInfo, OpKind, Saved};
 
@@ -203,6 +203,9 @@ pub enum Op {
         causal: bool,
         /// Softmax scale.
         scale: f64,
+        /// Sliding window: each query sees only the `w` latest keys up to its own
+        /// position (keys `i-w+1 ..= i`); `None` for every key. Printed only when set.
+        window: Option<u64>,
     },
     /// Fused attention (no `s×s` tensor): `(q[b,s,a,d], k[b,s,kv,d], v[b,s,kv,d]) → [b,s,a,d]`.
     FlashAttention {
@@ -210,6 +213,9 @@ pub enum Op {
         causal: bool,
         /// Softmax scale.
         scale: f64,
+        /// Sliding window: each query sees only the `w` latest keys up to its own
+        /// position (keys `i-w+1 ..= i`); `None` for every key. Printed only when set.
+        window: Option<u64>,
     },
 
     // ---- backward ----
@@ -257,6 +263,9 @@ pub enum Op {
         causal: bool,
         /// Softmax scale.
         scale: f64,
+        /// Sliding window: each query sees only the `w` latest keys up to its own
+        /// position (keys `i-w+1 ..= i`); `None` for every key. Printed only when set.
+        window: Option<u64>,
     },
 
     /// `(do, q, k, v, o, lse[, mask]) → (dq, dk, dv)` of [`Op::Sdpa`].
@@ -265,6 +274,9 @@ pub enum Op {
         causal: bool,
         /// Softmax scale.
         scale: f64,
+        /// Sliding window: each query sees only the `w` latest keys up to its own
+        /// position (keys `i-w+1 ..= i`); `None` for every key. Printed only when set.
+        window: Option<u64>,
     },
 
     // ---- optimizer ----

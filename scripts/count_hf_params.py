@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Counts the parameters Hugging Face Transformers builds for each committed config.
+
+Every `tests/data/hf/*.json` that Transformers reads is instantiated with
+`AutoModelForCausalLM.from_config` on the meta device (no memory, no weights), and
+`sum(p.numel() for p in model.parameters())` is written to
+`tests/data/hf_param_counts.json` (`model.parameters()` yields a tied embedding once).
+`tests/models.rs` compares apar's `ModelConfig::param_count()` and the built graph's
+parameter tensors with these numbers exactly.
+
+Run with the pinned environment of `scripts/requirements-hf.txt`:
+
+    python scripts/count_hf_params.py
+"""
+
+import json
+import pathlib
+import sys
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "tests" / "data" / "hf"
+OUT = ROOT / "tests" / "data" / "hf_param_counts.json"
+
+
+def count(path: pathlib.Path):
+    raw = json.loads(path.read_text())
+    model_type = raw.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **raw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main():
+    counts = {}
+    skipped = {}
+    for path in sorted(CONFIGS.glob("*.json")):
+        try:
+            counts[path.name] = count(path)
+        except Exception as e:  # a deliberately malformed fixture
+            skipped[path.name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    doc = {
+        "_about": "Total parameters Hugging Face Transformers builds for each "
+        "tests/data/hf config (scripts/count_hf_params.py, meta device).",
+        "_versions": {"torch": torch.__version__.split("+")[0],
+                      "transformers": transformers.__version__},
+        "_skipped": skipped,
+        "total_params": counts,
+    }
+    OUT.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    for name, n in counts.items():
+        print(f"{name:32} {n:>16,}")
+    for name, why in skipped.items():
+        print(f"{name:32} skipped: {why}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
