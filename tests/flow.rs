@@ -382,7 +382,7 @@ fn ignored_config_keys_and_positions_are_reported() {
     );
     // Expert keys on a dense architecture, and a key nobody reads.
     let mut v: serde_json::Value = serde_json::from_str(llama).unwrap();
-    v["num_local_experts"] = 8.into();
+    v["router_aux_loss_coef"] = 0.02.into();
     v["num_experts_per_tok"] = 2.into();
     v["attn_logit_softcapping"] = 50.0.into();
     let w = config_warnings("llama-moe", &v.to_string(), 2048);
@@ -391,7 +391,7 @@ fn ignored_config_keys_and_positions_are_reported() {
         vec![
             Warning::ConfigKeysIgnored {
                 kind: IgnoredKind::MoeOnDense,
-                keys: vec!["num_experts_per_tok".into(), "num_local_experts".into()],
+                keys: vec!["num_experts_per_tok".into(), "router_aux_loss_coef".into()],
             },
             Warning::ConfigKeysIgnored {
                 kind: IgnoredKind::Unknown,

@@ -446,6 +446,11 @@ fn every_loadable_config_counts_what_hugging_face_builds() {
         "qwen2-7b.json",
         "gpt2.json",
         "pythia-1.4b.json",
+        "mixtral-8x7b.json",
+        "mixtral-8x22b.json",
+        "qwen1.5-moe-a2.7b.json",
+        "qwen3-30b-a3b.json",
+        "qwen3-235b-a22b.json",
     ] {
         assert!(
             counts.contains_key(file),
@@ -460,7 +465,48 @@ fn every_loadable_config_counts_what_hugging_face_builds() {
         assert_params(&cfg, expected);
         checked += 1;
     }
-    assert!(checked >= 18, "{checked} configs checked");
+    assert!(checked >= 23, "{checked} configs checked");
+}
+
+/// `active_params` of `tests/data/hf_param_counts.json`: the total less `(E - k)/E` of
+/// the routed experts, counted on Hugging Face's model (`scripts/count_hf_params.py`).
+#[test]
+fn every_loadable_config_counts_hugging_faces_active_parameters() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf_param_counts.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let active: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(doc["active_params"].clone()).unwrap();
+    let mut moe = 0;
+    for (file, &expected) in &active {
+        let Ok(cfg) = hf::load(&fixture(file)) else {
+            continue;
+        };
+        assert_eq!(cfg.active_param_count(), expected, "{file}: active");
+        moe += usize::from(cfg.moe.is_some());
+    }
+    assert!(moe >= 5, "{moe} mixture-of-experts configs checked");
+    // The published headline sizes: Mixtral-8x7B 46.7B total, 12.9B active.
+    let m = load("mixtral-8x7b.json");
+    assert_eq!(
+        (m.param_count(), m.active_param_count()),
+        (46_702_792_704, 12_879_925_248)
+    );
+}
+
+#[test]
+fn experts_relabelled_dense_are_refused() {
+    let text = std::fs::read_to_string(fixture("mixtral-8x7b.json")).unwrap();
+    for arch in ["llama", "mistral"] {
+        let relabelled = text.replace("\"mixtral\"", &format!("\"{arch}\""));
+        match hf::from_json_str("relabelled.json", &relabelled) {
+            Err(ModelError::ExpertsOnDense { arch: a, keys, .. }) => {
+                assert_eq!(a, arch);
+                assert_eq!(keys, ["num_local_experts"]);
+            }
+            other => panic!("{arch}: {other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -515,22 +561,27 @@ fn gemma2_layout_from_its_config() {
 
 #[test]
 fn unsupported_model_type_is_named_with_the_supported_list() {
-    let e = load_err("mixtral-8x7b.json");
-    let text = e.to_string();
+    let text = std::fs::read_to_string(fixture("mixtral-8x7b.json"))
+        .unwrap()
+        .replace("\"mixtral\"", "\"mamba\"");
+    let e = hf::from_json_str("mamba.json", &text).unwrap_err();
+    let msg = e.to_string();
     match e {
         ModelError::Unsupported {
             arch, supported, ..
         } => {
-            assert_eq!(arch, "mixtral");
-            for t in ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "falcon"] {
+            assert_eq!(arch, "mamba");
+            for t in [
+                "llama", "mistral", "qwen2", "gpt2", "gpt_neox", "falcon", "mixtral",
+            ] {
                 assert!(supported.contains(t), "{supported}");
             }
         }
         e => panic!("unexpected {e}"),
     }
     assert!(
-        text.contains("mixtral-8x7b.json") && text.contains("`mixtral`"),
-        "{text}"
+        msg.contains("mamba.json") && msg.contains("`mamba`"),
+        "{msg}"
     );
 }
 

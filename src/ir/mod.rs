@@ -26,8 +26,8 @@ pub mod verify;
 
 pub use graph::{Block, Graph, GraphBuilder, OpId, OpNode, Phase, Tensor, TensorId};
 pub use op::{
-    attention_pairs, flops_per_element, split_dim, Arity, AttrError, AttrValue, Gemm, Op, OpClass,
-    OpCost, OpInfo, OpKind, Saved, ShapeError, FP8_GEMM_OUT,
+    attention_pairs, flops_per_element, moe_rows, split_dim, Arity, AttrError, AttrValue, Gemm, Op,
+    OpClass, OpCost, OpInfo, OpKind, Saved, ShapeError, FP8_GEMM_OUT,
 };
 pub use types::{DType, Dim, Env, Role, Shape, TensorType};
 pub use verify::{verify, verify_with, VerifyError, VerifyErrors, VerifyOptions};

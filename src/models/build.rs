@@ -17,6 +17,8 @@ struct Ctx<'a> {
     mask: Option<TensorId>,
     /// The attention window of the layer being built.
     window: Option<u64>,
+    /// Whether the layer being built has a mixture-of-experts feed-forward.
+    moe: bool,
 }
 
 type R<T> = Result<T, ShapeError>;
@@ -420,6 +422,9 @@ impl Ctx<'_> {
 
     fn mlp(&mut self, x: TensorId, p: &str) -> R<TensorId> {
         let cfg = self.cfg;
+        if let (true, Some(m)) = (self.moe, &cfg.moe) {
+            return self.moe_mlp(x, p, m);
+        }
         let (h, f) = (cfg.hidden, cfg.ffn);
         match cfg.mlp {
             Mlp::Gelu => {
@@ -444,11 +449,93 @@ impl Ctx<'_> {
         }
     }
 
+    /// A SwiGLU feed-forward of intermediate size `f` (a shared expert).
+    fn swiglu(&mut self, x: TensorId, p: &str, f: u64) -> R<TensorId> {
+        let h = self.cfg.hidden;
+        let gate = self.linear(x, &format!("{p}.gate"), h, f, false)?;
+        let up = self.linear(x, &format!("{p}.up"), h, f, false)?;
+        let act = self.op(Op::Silu, &[gate])?;
+        let y = self.op(Op::Mul, &[act, up])?;
+        self.linear(y, &format!("{p}.down"), f, h, false)
+    }
+
+    /// A mixture-of-experts feed-forward: the router's logits `x·W[h, E]`, scoring and
+    /// top-k (`moe_route`), the tokens' rows grouped by expert (`moe_dispatch`), each
+    /// expert's SwiGLU as grouped matmuls over the stacked `[E, h, f]` weights, the
+    /// weighted sum back per token (`moe_combine`), and shared experts on every token.
+    ///
+    /// Saved for backward (from the op rules): the router's scores and choices, the
+    /// dispatched rows, the experts' gate/up outputs and SwiGLU product for the routed
+    /// rows, the experts' outputs with the combine weights.
+    fn moe_mlp(&mut self, x: TensorId, p: &str, m: &super::Moe) -> R<TensorId> {
+        let h = self.cfg.hidden;
+        let (e, f) = (m.experts, m.expert_ffn);
+        let logits = self.linear(x, &format!("{p}.router"), h, e, false)?;
+        let route = Op::MoeRoute {
+            topk: m.topk,
+            sigmoid: m.scoring == super::Scoring::Sigmoid,
+        };
+        let r = self.b.add(route, &[logits])?;
+        let (weights, idx) = (r[0], r[2]);
+        let capacity = m.capacity_factor;
+        let rows = self.op(
+            Op::MoeDispatch {
+                experts: e,
+                capacity,
+            },
+            &[x, idx],
+        )?;
+        let w = |c: &mut Self, name: &str, din: u64, dout: u64| {
+            let ty = TensorType::new(COMPUTE_DTYPE, [Dim::lit(e), Dim::lit(din), Dim::lit(dout)]);
+            c.b.param(&format!("{p}.experts.{name}.weight"), ty)
+        };
+        let (wg, wu, wd) = (
+            w(self, "gate", h, f),
+            w(self, "up", h, f),
+            w(self, "down", f, h),
+        );
+        let gate = self.op(Op::GroupedMatMul { tb: false }, &[rows, wg])?;
+        let up = self.op(Op::GroupedMatMul { tb: false }, &[rows, wu])?;
+        let act = self.op(Op::Silu, &[gate])?;
+        let y = self.op(Op::Mul, &[act, up])?;
+        let y = self.op(Op::GroupedMatMul { tb: false }, &[y, wd])?;
+        let mut out = self.op(
+            Op::MoeCombine {
+                experts: e,
+                capacity,
+            },
+            &[y, weights, idx],
+        )?;
+        if m.shared_ffn > 0 {
+            let mut shared = self.swiglu(x, &format!("{p}.shared"), m.shared_ffn)?;
+            if m.shared_gate {
+                // `sigmoid(shared_expert_gate(x)) * shared_expert(x)`, with
+                // σ(z) = (1 + tanh(z/2))/2.
+                let z = self.linear(x, &format!("{p}.shared_gate"), h, 1, false)?;
+                let z = self.op(Op::Scale { factor: 0.5 }, &[z])?;
+                let z = self.op(Op::Tanh, &[z])?;
+                let z = self.op(Op::Shift { value: 1.0 }, &[z])?;
+                let z = self.op(Op::Scale { factor: 0.5 }, &[z])?;
+                let col = Shape::new([Dim::batch(), Dim::seq()]);
+                let z = self.op(Op::Reshape { shape: col }, &[z])?;
+                let full = Op::Broadcast {
+                    axes: vec![2],
+                    shape: Shape::new(bsd(h)),
+                };
+                let z = self.op(full, &[z])?;
+                shared = self.op(Op::Mul, &[z, shared])?;
+            }
+            out = self.op(Op::Add, &[out, shared])?;
+        }
+        Ok(out)
+    }
+
     /// Layer `i` of the graph, built as the model's layer `real` (which decides its
     /// attention window).
     fn layer(&mut self, x: TensorId, i: u32, real: u32) -> R<TensorId> {
         let p = format!("layers.{i}");
         self.window = self.cfg.layer_window(real);
+        self.moe = self.cfg.is_moe_layer(real);
         match self.cfg.norm_layout {
             NormLayout::Pre | NormLayout::Shared => {
                 let n1 = self.norm(x, &format!("{p}.norm1"))?;
@@ -539,6 +626,7 @@ fn build(cfg: &ModelConfig, code: ModelCode, layers: &[u32]) -> Result<Graph, Mo
         code,
         mask: None,
         window: None,
+        moe: false,
     };
     let ids = TensorType::new(DType::I64, [Dim::batch(), Dim::seq()]);
     let (h, v) = (cfg.hidden, cfg.vocab);

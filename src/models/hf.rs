@@ -49,11 +49,17 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
+use super::{
+    Attention, Mlp, ModelConfig, ModelError, Moe, Norm, NormLayout, Position, QkNorm, Scoring,
+};
 
 /// The `model_type`s this loader reads.
 pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, olmo2, gemma, gemma2, \
-                             gemma3_text, starcoder2, gpt2, gpt_neox, falcon (rotary)";
+                             gemma3_text, starcoder2, gpt2, gpt_neox, falcon (rotary), mixtral, qwen2_moe, qwen3_moe";
+
+/// Keys that give a dense architecture's file routed experts: such a file is refused
+/// ([`ModelError::ExpertsOnDense`]) rather than planned dense.
+pub const EXPERT_COUNT_KEYS: &[&str] = &["num_local_experts", "num_experts", "n_routed_experts"];
 
 /// GeLU variants accepted as `activation_function` / `hidden_act` for GeLU MLPs.
 const GELU_NAMES: &[&str] = &[
@@ -317,8 +323,28 @@ pub fn from_json_str_with_notes(
         "qwen3" => llama_like(&f, Family::Qwen3)?,
         "olmo2" => llama_like(&f, Family::Olmo2)?,
         "starcoder2" => starcoder2(&f)?,
+        "mixtral" => llama_like(&f, Family::Mixtral)?,
+        "qwen2_moe" => llama_like(&f, Family::Qwen2Moe)?,
+        "qwen3_moe" => llama_like(&f, Family::Qwen3Moe)?,
         other => return Err(f.unsupported(other.to_string())),
     };
+    if cfg.moe.is_none() {
+        let keys: Vec<String> = EXPERT_COUNT_KEYS
+            .iter()
+            .filter(|&&k| {
+                map.get(k)
+                    .is_some_and(|v| v.as_u64().map_or(!v.is_null(), |n| n > 0))
+            })
+            .map(|k| k.to_string())
+            .collect();
+        if !keys.is_empty() {
+            return Err(ModelError::ExpertsOnDense {
+                file: name.to_string(),
+                arch: model_type.to_string(),
+                keys,
+            });
+        }
+    }
     cfg.validate()?;
     let notes = f.notes()?;
     Ok((cfg, notes))
@@ -341,6 +367,17 @@ enum Family {
     /// `q_norm`/`k_norm` over the whole projections (`heads · head_dim`,
     /// `kv_heads · head_dim`).
     Olmo2,
+    /// `modeling_mixtral.py`: Mistral attention, `num_local_experts` SwiGLU experts of
+    /// `intermediate_size`, top `num_experts_per_tok`, softmax router (`gate`).
+    Mixtral,
+    /// `modeling_qwen2_moe.py`: Qwen2 attention (q, k, v biases), `num_experts` experts
+    /// of `moe_intermediate_size`, a shared expert of `shared_expert_intermediate_size`
+    /// with its sigmoid `shared_expert_gate`; dense `intermediate_size` MLPs on
+    /// `mlp_only_layers` and off the `decoder_sparse_step`.
+    Qwen2Moe,
+    /// `modeling_qwen3_moe.py`: Qwen3 attention, experts as Qwen-MoE without the shared
+    /// expert.
+    Qwen3Moe,
 }
 
 fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
@@ -350,7 +387,9 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
         // MistralConfig and Qwen2Config default `num_key_value_heads` to 8 and 32.
         Family::Mistral => 8,
         Family::Qwen2 => 32,
-        Family::Llama | Family::Phi3 | Family::Qwen3 | Family::Olmo2 => heads,
+        Family::Mixtral => 8,
+        Family::Qwen2Moe => 16,
+        Family::Llama | Family::Phi3 | Family::Qwen3 | Family::Olmo2 | Family::Qwen3Moe => heads,
     };
     let kv_heads = f.u64("num_key_value_heads")?.unwrap_or(default_kv);
     let head_dim = match f.u64("head_dim")? {
@@ -370,15 +409,15 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
             let attn = f.bool("attention_bias")?.unwrap_or(false);
             (attn, attn, f.bool("mlp_bias")?.unwrap_or(false))
         }
-        Family::Qwen3 | Family::Olmo2 => {
+        Family::Qwen3 | Family::Olmo2 | Family::Qwen3Moe => {
             let attn = f.bool("attention_bias")?.unwrap_or(false);
             (attn, attn, false)
         }
-        Family::Mistral | Family::Phi3 => (false, false, false),
-        Family::Qwen2 => (true, false, false),
+        Family::Mistral | Family::Phi3 | Family::Mixtral => (false, false, false),
+        Family::Qwen2 | Family::Qwen2Moe => (true, false, false),
     };
     let (norm_layout, qk_norm) = match family {
-        Family::Qwen3 => (NormLayout::Pre, QkNorm::PerHead),
+        Family::Qwen3 | Family::Qwen3Moe => (NormLayout::Pre, QkNorm::PerHead),
         Family::Olmo2 => (NormLayout::Post, QkNorm::Full),
         _ => (NormLayout::Pre, QkNorm::None),
     };
@@ -390,6 +429,10 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
     // Qwen2's and Qwen3's windows stay a note.
     let sliding_window = match family {
         Family::Phi3 => f.window()?,
+        _ => None,
+    };
+    let moe = match family {
+        Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => Some(Box::new(f.moe(family)?)),
         _ => None,
     };
     Ok(ModelConfig {
@@ -423,6 +466,8 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
         final_softcap: None,
         sliding_window,
         global_every: 0,
+        moe,
+        mla: None,
     })
 }
 
@@ -466,6 +511,8 @@ fn gpt2(f: &Fields) -> Result<ModelConfig, ModelError> {
         final_softcap: None,
         sliding_window: None,
         global_every: 0,
+        moe: None,
+        mla: None,
     })
 }
 
@@ -512,6 +559,8 @@ fn gpt_neox(f: &Fields) -> Result<ModelConfig, ModelError> {
         final_softcap: None,
         sliding_window: None,
         global_every: 0,
+        moe: None,
+        mla: None,
     })
 }
 
@@ -591,6 +640,8 @@ fn falcon(f: &Fields) -> Result<ModelConfig, ModelError> {
         final_softcap: None,
         sliding_window: None,
         global_every: 0,
+        moe: None,
+        mla: None,
     })
 }
 
@@ -725,6 +776,8 @@ fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
         final_softcap,
         sliding_window,
         global_every,
+        moe: None,
+        mla: None,
     })
 }
 
@@ -784,6 +837,8 @@ fn starcoder2(f: &Fields) -> Result<ModelConfig, ModelError> {
         final_softcap: None,
         sliding_window: f.window()?,
         global_every: 0,
+        moe: None,
+        mla: None,
     })
 }
 
@@ -900,6 +955,72 @@ impl Fields<'_> {
         u32::try_from(every)
             .map(Some)
             .map_err(|_| self.invalid(KEY, "is too long".into()))
+    }
+
+    /// The experts of a mixture-of-experts `family`.
+    fn moe(&self, family: Family) -> Result<Moe, ModelError> {
+        let (experts, expert_ffn) = match family {
+            Family::Mixtral => (
+                self.req_u64("num_local_experts")?,
+                self.req_u64("intermediate_size")?,
+            ),
+            _ => (
+                self.req_u64("num_experts")?,
+                self.req_u64("moe_intermediate_size")?,
+            ),
+        };
+        let topk = self.req_u64("num_experts_per_tok")?;
+        let (shared_ffn, shared_gate) = match family {
+            Family::Qwen2Moe => (self.req_u64("shared_expert_intermediate_size")?, true),
+            _ => (0, false),
+        };
+        let (sparse_step, dense_layers) = match family {
+            Family::Mixtral => (1, Vec::new()),
+            _ => {
+                let step = self.u64("decoder_sparse_step")?.unwrap_or(1);
+                let step = u32::try_from(step)
+                    .map_err(|_| self.invalid("decoder_sparse_step", "is too large".into()))?;
+                (step, self.u32s("mlp_only_layers")?)
+            }
+        };
+        // Read: they change no size (the router's aux-loss weight, output and
+        // normalization of the top-k weights, training noise).
+        for key in [
+            "router_aux_loss_coef",
+            "output_router_logits",
+            "norm_topk_prob",
+            "router_jitter_noise",
+        ] {
+            let _ = self.get(key);
+        }
+        Ok(Moe {
+            experts,
+            topk,
+            expert_ffn,
+            shared_ffn,
+            shared_gate,
+            scoring: Scoring::Softmax,
+            first_dense: 0,
+            sparse_step,
+            dense_layers,
+            capacity_factor: None,
+        })
+    }
+
+    /// A list of layer indices (absent: empty).
+    fn u32s(&self, key: &'static str) -> Result<Vec<u32>, ModelError> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| self.wrong_type(key, "a list of layer indices", v))
+                })
+                .collect(),
+            Some(v) => Err(self.wrong_type(key, "a list of layer indices", v)),
+        }
     }
 
     fn missing(&self, key: &str) -> ModelError {

@@ -204,6 +204,134 @@ pub struct ModelConfig {
     /// instead (Gemma 2: 2, Gemma 3: 6); 0 makes every layer local.
     #[serde(default)]
     pub global_every: u32,
+    /// Mixture-of-experts feed-forward layers (`None`: every layer is dense).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<Box<Moe>>,
+    /// Multi-head latent attention (DeepSeek-V2/V3) instead of the query/key/value
+    /// projections (`None`: ordinary attention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<Box<Mla>>,
+}
+
+/// How a router scores the experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// Softmax over all experts (Mixtral, Qwen-MoE, DeepSeek-V2).
+    #[default]
+    Softmax,
+    /// Independent sigmoids (DeepSeek-V3's `scoring_func: sigmoid`).
+    Sigmoid,
+}
+
+/// Mixture-of-experts feed-forward layers: a router picks `topk` of `experts` SwiGLU
+/// experts per token; optional shared experts see every token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Moe {
+    /// Routed experts `E`.
+    pub experts: u64,
+    /// Experts chosen per token `k`.
+    pub topk: u64,
+    /// Intermediate size of one routed expert.
+    pub expert_ffn: u64,
+    /// Intermediate size of the shared expert(s) together (0: none); DeepSeek's
+    /// `n_shared_experts · moe_intermediate_size`, Qwen-MoE's
+    /// `shared_expert_intermediate_size`.
+    #[serde(default)]
+    pub shared_ffn: u64,
+    /// The shared expert's output is scaled by `σ(x·g)`, `g[h, 1]` (Qwen-MoE's
+    /// `shared_expert_gate`).
+    #[serde(default)]
+    pub shared_gate: bool,
+    /// Router scoring.
+    #[serde(default)]
+    pub scoring: Scoring,
+    /// The first layers are dense (DeepSeek's `first_k_dense_replace`).
+    #[serde(default)]
+    pub first_dense: u32,
+    /// Every `n`-th layer is sparse (layers `n-1`, `2n-1`, …; Qwen-MoE's
+    /// `decoder_sparse_step`); 0 or 1: every layer.
+    #[serde(default)]
+    pub sparse_step: u32,
+    /// Layers that are dense whatever the other rules say (Qwen-MoE's `mlp_only_layers`).
+    #[serde(default)]
+    pub dense_layers: Vec<u32>,
+    /// Capacity factor `c`: each expert's buffer holds `c·k·T/E` of the `T` tokens'
+    /// rows, tokens past it are dropped. `None`: dropless (the buffers hold exactly the
+    /// `k·T` routed rows, balanced).
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
+}
+
+/// Multi-head latent attention (DeepSeek-V2, DeepSeek-AI 2024, section 2.1): queries
+/// and keys/values go through low-rank latents; each head's query/key is a
+/// `qk_nope`-channel part from the latent and a `qk_rope`-channel rotary part (the
+/// key's rotary part shared by all heads).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mla {
+    /// Query latent rank (`None`: a full query projection, DeepSeek-V2-Lite).
+    pub q_lora_rank: Option<u64>,
+    /// Key/value latent rank.
+    pub kv_lora_rank: u64,
+    /// Per-head query/key channels without rotary embedding.
+    pub qk_nope_head_dim: u64,
+    /// Per-head query/key channels with rotary embedding.
+    pub qk_rope_head_dim: u64,
+    /// Per-head value channels.
+    pub v_head_dim: u64,
+}
+
+impl Moe {
+    /// Parameters of one MoE feed-forward layer: router, `E` SwiGLU experts, shared
+    /// experts and their gate.
+    fn params(&self, h: u64) -> Option<u64> {
+        let router = h.checked_mul(self.experts)?;
+        let experts = self
+            .experts
+            .checked_mul(h)?
+            .checked_mul(self.expert_ffn)?
+            .checked_mul(3)?;
+        let shared = h.checked_mul(self.shared_ffn)?.checked_mul(3)?;
+        let gate = if self.shared_gate { h } else { 0 };
+        router
+            .checked_add(experts)?
+            .checked_add(shared)?
+            .checked_add(gate)
+    }
+
+    /// Parameters of the `E - k` routed experts a token does not use, per layer.
+    fn inactive(&self, h: u64) -> Option<u64> {
+        self.experts
+            .checked_sub(self.topk)?
+            .checked_mul(h)?
+            .checked_mul(self.expert_ffn)?
+            .checked_mul(3)
+    }
+}
+
+impl Mla {
+    /// Parameters of one MLA block (no biases), norms of `norm_params` per channel.
+    fn params(&self, h: u64, heads: u64, per_channel: u64) -> Option<u64> {
+        let qk = self.qk_nope_head_dim.checked_add(self.qk_rope_head_dim)?;
+        let q = match self.q_lora_rank {
+            Some(r) => h
+                .checked_mul(r)?
+                .checked_add(r.checked_mul(per_channel)?)?
+                .checked_add(r.checked_mul(heads)?.checked_mul(qk)?)?,
+            None => h.checked_mul(heads)?.checked_mul(qk)?,
+        };
+        let r = self.kv_lora_rank;
+        let kv_a = h.checked_mul(r.checked_add(self.qk_rope_head_dim)?)?;
+        let kv_norm = r.checked_mul(per_channel)?;
+        let kv_b = r
+            .checked_mul(heads)?
+            .checked_mul(self.qk_nope_head_dim.checked_add(self.v_head_dim)?)?;
+        let out = heads.checked_mul(self.v_head_dim)?.checked_mul(h)?;
+        q.checked_add(kv_a)?
+            .checked_add(kv_norm)?
+            .checked_add(kv_b)?
+            .checked_add(out)
+    }
 }
 
 impl ModelConfig {
@@ -225,8 +353,19 @@ impl ModelConfig {
     pub fn template_layers(&self) -> Vec<u32> {
         let last = self.layers.saturating_sub(1);
         let mut t = vec![0];
-        if self.alternates() {
-            t.push(self.global_every - 1);
+        if self.moe.is_none() {
+            if self.alternates() {
+                t.push(self.global_every - 1);
+            }
+        } else {
+            let mut kinds = vec![self.layer_kind(0)];
+            for i in 1..last {
+                let k = self.layer_kind(i);
+                if !kinds.contains(&k) {
+                    kinds.push(k);
+                    t.push(i);
+                }
+            }
         }
         if last > 0 {
             t.push(last);
@@ -240,18 +379,57 @@ impl ModelConfig {
         self.sliding_window.is_some() && self.global_every > 1 && self.global_every - 1 < last
     }
 
+    /// What distinguishes one layer's structure from another's: global attention, and a
+    /// mixture-of-experts feed-forward.
+    fn layer_kind(&self, i: u32) -> (bool, bool) {
+        (self.layer_window(i).is_none(), self.is_moe_layer(i))
+    }
+
     /// Which of [`ModelConfig::template_layers`] stands for layer `i` (an index into
     /// that list).
     pub fn template_of(&self, i: u32) -> usize {
-        let alternates = self.alternates();
-        if i + 1 >= self.layers {
-            return if self.layers <= 1 {
-                0
-            } else {
-                1 + usize::from(alternates)
-            };
+        if self.moe.is_none() {
+            let alternates = self.alternates();
+            if i + 1 >= self.layers {
+                return if self.layers <= 1 {
+                    0
+                } else {
+                    1 + usize::from(alternates)
+                };
+            }
+            return usize::from(alternates && self.layer_window(i).is_none());
         }
-        usize::from(alternates && self.layer_window(i).is_none())
+        let t = self.template_layers();
+        if i + 1 >= self.layers {
+            return t.len() - 1;
+        }
+        let kind = self.layer_kind(i);
+        t.iter()
+            .position(|&j| self.layer_kind(j) == kind)
+            .unwrap_or(0)
+    }
+
+    /// Whether layer `i`'s feed-forward is a mixture of experts.
+    pub fn is_moe_layer(&self, i: u32) -> bool {
+        let Some(m) = &self.moe else {
+            return false;
+        };
+        let step = m.sparse_step.max(1);
+        i >= m.first_dense && !m.dense_layers.contains(&i) && (i + 1) % step == 0
+    }
+
+    /// Parameters a token uses: [`ModelConfig::param_count`] less the routed experts it
+    /// is not sent to (`(E - k)/E` of the routed experts' parameters in every MoE
+    /// layer). Equal to the total for a dense model.
+    pub fn active_param_count(&self) -> u64 {
+        let total = self.param_count();
+        let Some(m) = &self.moe else {
+            return total;
+        };
+        let moe_layers = (0..self.layers).filter(|&i| self.is_moe_layer(i)).count() as u64;
+        m.inactive(self.hidden)
+            .and_then(|p| p.checked_mul(moe_layers))
+            .map_or(total, |p| total.saturating_sub(p))
     }
 
     /// The attention window of layer `i` (`None`: global attention).
@@ -281,9 +459,11 @@ impl ModelConfig {
             QkNorm::PerHead => d.checked_mul(2)?,
             QkNorm::Full => self.heads.checked_add(self.kv_heads)?.checked_mul(d)?,
         };
-        let mut layer = q
-            .checked_add(kv)?
-            .checked_add(out)?
+        let attn = match &self.mla {
+            Some(m) => m.params(h, self.heads, per_channel)?,
+            None => q.checked_add(kv)?.checked_add(out)?,
+        };
+        let mut layer = attn
             .checked_add(norm.checked_mul(self.norm_layout.per_layer())?)?
             .checked_add(qk_norm.checked_mul(per_channel)?)?;
         if self.qkv_bias {
@@ -297,15 +477,22 @@ impl ModelConfig {
             Mlp::Gelu => (2, f.checked_add(h)?),
             Mlp::SwiGlu | Mlp::GeGlu => (3, f.checked_mul(2)?.checked_add(h)?),
         };
-        layer = layer.checked_add(h.checked_mul(f)?.checked_mul(mats)?)?;
+        let mut dense = h.checked_mul(f)?.checked_mul(mats)?;
         if self.mlp_bias {
-            layer = layer.checked_add(bias)?;
+            dense = dense.checked_add(bias)?;
+        }
+        let moe_layers = match &self.moe {
+            Some(_) => (0..self.layers).filter(|&i| self.is_moe_layer(i)).count() as u64,
+            None => 0,
+        };
+        let mut layers = u64::from(self.layers)
+            .checked_mul(layer)?
+            .checked_add((u64::from(self.layers) - moe_layers).checked_mul(dense)?)?;
+        if let Some(m) = &self.moe {
+            layers = layers.checked_add(moe_layers.checked_mul(m.params(h)?)?)?;
         }
         let embed = v.checked_mul(h)?;
-        let mut total = u64::from(self.layers)
-            .checked_mul(layer)?
-            .checked_add(embed)?
-            .checked_add(norm)?;
+        let mut total = layers.checked_add(embed)?.checked_add(norm)?;
         if let Position::Learned { max_positions } = self.position {
             total = total.checked_add(max_positions.checked_mul(h)?)?;
         }
@@ -427,6 +614,56 @@ impl ModelConfig {
                 "alternates local and global layers, but there is no sliding window".into(),
             );
         }
+        if let Some(m) = &self.moe {
+            if m.experts == 0 || m.expert_ffn == 0 || m.experts > MAX_DIM || m.expert_ffn > MAX_DIM
+            {
+                return bad(
+                    "moe",
+                    "needs a positive expert count and expert size".into(),
+                );
+            }
+            if m.topk == 0 || m.topk > m.experts {
+                return bad(
+                    "moe.topk",
+                    format!("{} must be in 1..={} (the expert count)", m.topk, m.experts),
+                );
+            }
+            if m.shared_gate && m.shared_ffn == 0 {
+                return bad(
+                    "moe.shared_gate",
+                    "gates a shared expert there is not".into(),
+                );
+            }
+            if let Some(c) = m.capacity_factor {
+                if crate::ir::moe_rows(crate::ir::Dim::lit(1), 1, Some(c)).is_err() {
+                    return bad(
+                        "moe.capacity_factor",
+                        format!("{c} must be positive, in thousandths"),
+                    );
+                }
+            }
+        }
+        if let Some(m) = &self.mla {
+            let dims = [
+                m.kv_lora_rank,
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim,
+                m.q_lora_rank.unwrap_or(1),
+            ];
+            if dims.iter().any(|&d| d == 0 || d > MAX_DIM) || m.qk_rope_head_dim % 2 != 0 {
+                return bad(
+                    "mla",
+                    "needs positive ranks and head dims, an even rotary part".into(),
+                );
+            }
+            if self.qkv_bias || !matches!(self.position, Position::Rotary { .. }) {
+                return bad(
+                    "mla",
+                    "takes no query/key/value bias and needs rotary positions".into(),
+                );
+            }
+        }
         if self.checked_param_count().is_none() {
             return bad("param_count", "overflows u64".into());
         }
@@ -475,6 +712,17 @@ pub enum ModelError {
         file: String,
         /// What went wrong.
         why: String,
+    },
+    /// A dense architecture's file names routed experts (a Mixtral or Qwen-MoE file
+    /// relabelled `llama`/`mistral`): planning it dense would drop the experts.
+    #[error("{file}: `{arch}` is a dense architecture, but the file has routed experts ({}); use the mixture-of-experts `model_type` (mixtral, qwen2_moe, qwen3_moe)", keys.join(", "))]
+    ExpertsOnDense {
+        /// The file.
+        file: String,
+        /// The `model_type` found.
+        arch: String,
+        /// The expert-count keys present.
+        keys: Vec<String>,
     },
     /// The builder produced an op with a shape error (a configuration the graph cannot express).
     #[error("model `{model}`: {source}")]

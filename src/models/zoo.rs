@@ -74,6 +74,8 @@ pub fn gpt(
         final_softcap: None,
         sliding_window: None,
         global_every: 0,
+        moe: None,
+        mla: None,
     }
 }
 
@@ -121,6 +123,8 @@ pub fn llama(
         final_softcap: None,
         sliding_window: None,
         global_every: 0,
+        moe: None,
+        mla: None,
     }
 }
 

@@ -927,6 +927,18 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
         | Op::TpGather { .. }
         | Op::VocabParallelCrossEntropy { .. }
         | Op::VocabParallelCrossEntropyGrad { .. } => Err("a group op run on one device".into()),
+        // Routing depends on the values; the interpreter checks sharding, which the
+        // rules leave replicated around these ops.
+        Op::MoeRoute { .. }
+        | Op::MoeRouteGrad { .. }
+        | Op::MoeDispatch { .. }
+        | Op::MoeDispatchGrad { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::GroupedMatMulWgrad { .. }
+        | Op::MoeCombine { .. }
+        | Op::MoeCombineGrad { .. } => {
+            Err("the interpreter does not run mixture-of-experts routing".into())
+        }
     }
 }
 

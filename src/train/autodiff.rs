@@ -772,6 +772,43 @@ impl Diff<'_> {
                 let grad = Op::VocabParallelCrossEntropyGrad { parts };
                 out.push((0, self.b.add1(grad, &[dy, logits, labels])?));
             }
+            Op::MoeRoute { topk, sigmoid } => {
+                // dweights scattered into the chosen experts' scores, through the
+                // softmax (or sigmoid) of all E: reads the scores and the choices.
+                let probs = self.result(1);
+                let idx = self.result(2);
+                let grad = Op::MoeRouteGrad { topk, sigmoid };
+                out.push((0, self.b.add1(grad, &[dy, probs, idx])?));
+            }
+            Op::MoeDispatch { experts, capacity } => {
+                if self.wants(0) {
+                    let idx = self.input(1);
+                    let grad = Op::MoeDispatchGrad { experts, capacity };
+                    out.push((0, self.b.add1(grad, &[dy, idx])?));
+                }
+            }
+            Op::GroupedMatMul { tb } => {
+                if self.wants(0) {
+                    let w = self.input(1);
+                    out.push((0, self.b.add1(Op::GroupedMatMul { tb: !tb }, &[dy, w])?));
+                }
+                if self.wants(1) {
+                    let a = self.input(0);
+                    let experts = self.in_ty(1).shape.dims()[0]
+                        .as_lit()
+                        .ok_or_else(|| self.unsupported("symbolic expert count".into()))?;
+                    let grad = Op::GroupedMatMulWgrad { experts, tb };
+                    out.push((1, self.b.add1(grad, &[a, dy])?));
+                }
+            }
+            Op::MoeCombine { experts, capacity } => {
+                let y = self.input(0);
+                let w = self.input(1);
+                let idx = self.input(2);
+                let grad = Op::MoeCombineGrad { experts, capacity };
+                let r = self.b.add(grad, &[dy, y, w, idx])?;
+                out.extend([(0, r[0]), (1, r[1])]);
+            }
             Op::GeluGrad
             | Op::SiluGrad
             | Op::SoftmaxGrad { .. }
@@ -786,6 +823,10 @@ impl Diff<'_> {
             | Op::AdamW { .. }
             | Op::VocabParallelEmbeddingGrad { .. }
             | Op::VocabParallelCrossEntropyGrad { .. }
+            | Op::MoeRouteGrad { .. }
+            | Op::MoeDispatchGrad { .. }
+            | Op::GroupedMatMulWgrad { .. }
+            | Op::MoeCombineGrad { .. }
             | Op::Send { .. } => {
                 return Err(TrainError::NoRule {
                     op: id,

@@ -127,6 +127,15 @@ impl AttrReader<'_> {
             Some(_) => Err(self.ty(ATTR, "a positive integer")),
         }
     }
+    fn capacity(&self) -> Result<Option<f64>, AttrError> {
+        const ATTR: &str = "capacity";
+        match self.attrs.get(ATTR) {
+            None => Ok(None),
+            Some(AttrValue::Float(x)) if x.is_finite() && *x > 0.0 => Ok(Some(*x)),
+            Some(AttrValue::Int(n)) if *n > 0 => Ok(Some(*n as f64)),
+            Some(_) => Err(self.ty(ATTR, "a positive number")),
+        }
+    }
     fn u32(&self, attr: &'static str) -> Result<u32, AttrError> {
         u32::try_from(self.u64(attr)?).map_err(|_| self.ty(attr, "an integer below 2^32"))
     }
@@ -302,6 +311,23 @@ impl Op {
                 ("concat", V::Int(u64::from(*concat))),
                 ("parts", V::Int(u64::from(*parts))),
             ],
+            Op::MoeRoute { topk, sigmoid } | Op::MoeRouteGrad { topk, sigmoid } => {
+                vec![("topk", V::Int(*topk)), ("sigmoid", V::Bool(*sigmoid))]
+            }
+            Op::MoeDispatch { experts, capacity }
+            | Op::MoeDispatchGrad { experts, capacity }
+            | Op::MoeCombine { experts, capacity }
+            | Op::MoeCombineGrad { experts, capacity } => {
+                let mut v = vec![("experts", V::Int(*experts))];
+                if let Some(c) = capacity {
+                    v.push(("capacity", V::Float(*c)));
+                }
+                v
+            }
+            Op::GroupedMatMul { tb } => vec![("tb", V::Bool(*tb))],
+            Op::GroupedMatMulWgrad { experts, tb } => {
+                vec![("experts", V::Int(*experts)), ("tb", V::Bool(*tb))]
+            }
         }
     }
 
@@ -490,6 +516,35 @@ impl Op {
             },
             OpKind::VocabParallelCrossEntropyGrad => Op::VocabParallelCrossEntropyGrad {
                 parts: r.u32("parts")?,
+            },
+            OpKind::MoeRoute => Op::MoeRoute {
+                topk: r.u64("topk")?,
+                sigmoid: r.bool("sigmoid")?,
+            },
+            OpKind::MoeRouteGrad => Op::MoeRouteGrad {
+                topk: r.u64("topk")?,
+                sigmoid: r.bool("sigmoid")?,
+            },
+            OpKind::MoeDispatch => Op::MoeDispatch {
+                experts: r.u64("experts")?,
+                capacity: r.capacity()?,
+            },
+            OpKind::MoeDispatchGrad => Op::MoeDispatchGrad {
+                experts: r.u64("experts")?,
+                capacity: r.capacity()?,
+            },
+            OpKind::GroupedMatMul => Op::GroupedMatMul { tb: r.bool("tb")? },
+            OpKind::GroupedMatMulWgrad => Op::GroupedMatMulWgrad {
+                experts: r.u64("experts")?,
+                tb: r.bool("tb")?,
+            },
+            OpKind::MoeCombine => Op::MoeCombine {
+                experts: r.u64("experts")?,
+                capacity: r.capacity()?,
+            },
+            OpKind::MoeCombineGrad => Op::MoeCombineGrad {
+                experts: r.u64("experts")?,
+                capacity: r.capacity()?,
             },
         })
     }

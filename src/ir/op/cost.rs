@@ -226,6 +226,47 @@ impl Op {
                 flops: 0,
                 bytes: io_bytes()?,
             }),
+            // Scoring all E experts (a softmax or sigmoid) and the top-k selection.
+            Op::MoeRoute { .. } => Some(OpCost {
+                flops: numel(results.get(1)?)?.checked_mul(fpe::SOFTMAX)?,
+                bytes: io_bytes()?,
+            }),
+            Op::MoeRouteGrad { .. } => per_elem(fpe::SOFTMAX_GRAD),
+            // Copies; the gradient of a dispatch sums each token's k rows.
+            Op::MoeDispatch { .. } => per_elem(0),
+            Op::MoeDispatchGrad { .. } => Some(OpCost {
+                flops: numel(inputs.first()?)?,
+                bytes: io_bytes()?,
+            }),
+            // Each of the R rows times its expert's [k, n] weight: 2·R·k·n.
+            Op::GroupedMatMul { .. } => {
+                let a = inputs.first()?;
+                let (rows, k) = (numel(a)?, a.shape.last()?.eval(env)?);
+                let n = numel(results.first()?)?.checked_div(rows).unwrap_or(0);
+                Some(OpCost {
+                    flops: rows.checked_mul(k)?.checked_mul(n)?.checked_mul(2)?,
+                    bytes: io_bytes()?,
+                })
+            }
+            // dw = Σ over each expert's rows of aᵀ·dy: 2·R·k·n.
+            Op::GroupedMatMulWgrad { .. } => {
+                let (a, dy) = (inputs.first()?, inputs.get(1)?);
+                let n = dy.shape.last()?.eval(env)?;
+                Some(OpCost {
+                    flops: numel(a)?.checked_mul(n)?.checked_mul(2)?,
+                    bytes: io_bytes()?,
+                })
+            }
+            // The weighted sum of k rows per token: 2·T·k·h (a multiply and an add).
+            Op::MoeCombine { .. } => Some(OpCost {
+                flops: numel(inputs.first()?)?.checked_mul(2)?,
+                bytes: io_bytes()?,
+            }),
+            // dy = weight·dout per row, dweights = ⟨dout, y⟩ per row: 2 + 2 per element.
+            Op::MoeCombineGrad { .. } => Some(OpCost {
+                flops: numel(inputs.get(1)?)?.checked_mul(4)?,
+                bytes: io_bytes()?,
+            }),
         }
     }
 }

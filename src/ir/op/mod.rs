@@ -17,7 +17,7 @@ mod table;
 
 pub use attrs::{AttrError, AttrValue};
 pub use cost::{attention_pairs, flops_per_element, Gemm, OpCost};
-pub use shape::{split_dim, ShapeError, FP8_GEMM_OUT};
+pub use shape::{moe_rows, split_dim, ShapeError, FP8_GEMM_OUT};
 pub use table::{Arity, OpClass, OpInfo, OpKind, Saved};
 
 use super::types::{DType, Shape};
@@ -382,5 +382,75 @@ pub enum Op {
     VocabParallelCrossEntropyGrad {
         /// Group size.
         parts: u32,
+    },
+
+    // ---- mixture of experts (see `ir-spec/README.md`, "Mixture of experts") ----
+    /// Router scoring and top-`k` selection: `logits[.., E] → (weights[.., k],
+    /// probs f32[.., E], indices i64[.., k])`. `probs` are the scores of all `E`
+    /// experts (softmax, or the sigmoid with `sigmoid`): with `indices` they are the
+    /// auxiliary load-balancing loss's inputs; `weights` are the selected experts'
+    /// scores, in the logits' dtype. Its derivative reads `probs` and `indices`.
+    MoeRoute {
+        /// Experts chosen per token.
+        topk: u64,
+        /// Sigmoid scores (DeepSeek-V3) instead of the softmax.
+        sigmoid: bool,
+    },
+    /// `(dweights, probs, indices) → dlogits` of [`Op::MoeRoute`].
+    MoeRouteGrad {
+        /// Experts chosen per token.
+        topk: u64,
+        /// Sigmoid scores.
+        sigmoid: bool,
+    },
+    /// Token dispatch: `(x[.., h], indices[.., k]) → rows[R, h]`, every token copied
+    /// once for each expert it chose, grouped by expert. `R = c·k·T` for `T` tokens
+    /// (the product of `x`'s leading dims): `E` buffers of `c·k·T/E` rows each with a
+    /// capacity factor `c` (tokens past an expert's capacity are dropped, empty slots
+    /// padded), exactly `k·T` rows without one (dropless).
+    MoeDispatch {
+        /// Experts `E`.
+        experts: u64,
+        /// Capacity factor `c`; `None`: dropless. Printed only when set.
+        capacity: Option<f64>,
+    },
+    /// `(drows[R, h], indices[.., k]) → dx[.., h]` of [`Op::MoeDispatch`] (the rows of
+    /// each token summed back).
+    MoeDispatchGrad {
+        /// Experts `E`.
+        experts: u64,
+        /// Capacity factor; `None`: dropless.
+        capacity: Option<f64>,
+    },
+    /// Grouped expert matmul: `(rows[R, k], w[E, k, n]) → [R, n]`, each expert's rows
+    /// times that expert's weight (`tb`: `w` is `[E, n, k]`). `2·R·k·n` FLOPs: `k`
+    /// experts' worth per token (times the capacity factor).
+    GroupedMatMul {
+        /// Transpose `w`'s last two dims.
+        tb: bool,
+    },
+    /// `(rows[R, k], dy[R, n]) → dw[E, k, n]` of [`Op::GroupedMatMul`] (`dw[E, n, k]`
+    /// when `tb`).
+    GroupedMatMulWgrad {
+        /// Experts `E`.
+        experts: u64,
+        /// The forward's `tb`.
+        tb: bool,
+    },
+    /// Token combine: `(y[R, h], weights[.., k], indices[.., k]) → [.., h]`, each token
+    /// the weighted sum of its `k` experts' rows. Its derivative reads all three.
+    MoeCombine {
+        /// Experts `E`.
+        experts: u64,
+        /// Capacity factor; `None`: dropless.
+        capacity: Option<f64>,
+    },
+    /// `(dout[.., h], y, weights, indices) → (dy[R, h], dweights[.., k])` of
+    /// [`Op::MoeCombine`].
+    MoeCombineGrad {
+        /// Experts `E`.
+        experts: u64,
+        /// Capacity factor; `None`: dropless.
+        capacity: Option<f64>,
     },
 }

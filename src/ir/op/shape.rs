@@ -568,8 +568,167 @@ impl Op {
                 t.shape.0[ax] = split_dim(t.shape.0[ax], *parts).map_err(err)?;
                 one(t)
             }
+            Op::MoeRoute { topk, .. } => {
+                float(0)?;
+                rank_at_least(0, 1)?;
+                let t = inputs[0];
+                let e = t.shape.last().and_then(Dim::as_lit);
+                if !e.is_some_and(|e| *topk > 0 && *topk <= e) {
+                    return Err(err(format!(
+                        "top-{topk} needs a literal expert axis of at least {topk}"
+                    )));
+                }
+                let mut sel = t.shape.0.clone();
+                *sel.last_mut().expect("rank ≥ 1") = Dim::lit(*topk);
+                Ok(Some(vec![
+                    TensorType::new(t.dtype, sel.clone()),
+                    TensorType::new(DType::F32, t.shape.0.clone()),
+                    TensorType::new(DType::I64, sel),
+                ]))
+            }
+            Op::MoeRouteGrad { topk, .. } => {
+                float(0)?;
+                let (dw, probs, idx) = (inputs[0], inputs[1], inputs[2]);
+                let lead = |t: &TensorType| t.shape.0.split_last().map(|(_, l)| l.to_vec());
+                if dw.shape != idx.shape
+                    || idx.dtype.is_float()
+                    || dw.shape.last() != Some(Dim::lit(*topk))
+                    || lead(dw) != lead(probs)
+                {
+                    return Err(err(
+                        "(dweights[.., k], probs[.., E], indices[.., k]) must agree".into(),
+                    ));
+                }
+                one(TensorType::new(dw.dtype, probs.shape.0.clone()))
+            }
+            Op::MoeDispatch { capacity, .. } | Op::MoeDispatchGrad { capacity, .. } => {
+                let grad = matches!(self, Op::MoeDispatchGrad { .. });
+                float(0)?;
+                let (x, idx) = (inputs[0], inputs[1]);
+                let (tokens, k) = routed(idx).map_err(err)?;
+                let rows = moe_rows(tokens, k, *capacity).map_err(err)?;
+                let h = x.shape.last().ok_or_else(|| err("rank 0 input".into()))?;
+                if grad {
+                    if x.shape.0[..] != [rows, h] {
+                        return Err(err(format!("drows must be [{rows}, h]")));
+                    }
+                    let mut dims = idx.shape.0.clone();
+                    *dims.last_mut().expect("rank ≥ 1") = h;
+                    one(TensorType::new(x.dtype, dims))
+                } else {
+                    if x.shape.0.split_last().map(|(_, l)| l)
+                        != idx.shape.0.split_last().map(|(_, l)| l)
+                    {
+                        return Err(err("x and indices must share the token dims".into()));
+                    }
+                    one(TensorType::new(x.dtype, [rows, h]))
+                }
+            }
+            Op::GroupedMatMul { tb } => {
+                float(0)?;
+                let (a, w) = (inputs[0], inputs[1]);
+                if a.dtype != w.dtype || a.shape.rank() != 2 || w.shape.rank() != 3 {
+                    return Err(err("takes rows[R, k] and w[E, k, n] of one dtype".into()));
+                }
+                let (kw, n) = if *tb {
+                    (w.shape.0[2], w.shape.0[1])
+                } else {
+                    (w.shape.0[1], w.shape.0[2])
+                };
+                if a.shape.0[1] != kw {
+                    return Err(err(format!(
+                        "contraction dims differ: {} vs {kw}",
+                        a.shape.0[1]
+                    )));
+                }
+                one(TensorType::new(a.dtype, [a.shape.0[0], n]))
+            }
+            Op::GroupedMatMulWgrad { experts, tb } => {
+                float(0)?;
+                let (a, dy) = (inputs[0], inputs[1]);
+                if a.dtype != dy.dtype
+                    || a.shape.rank() != 2
+                    || dy.shape.rank() != 2
+                    || a.shape.0[0] != dy.shape.0[0]
+                {
+                    return Err(err("takes rows[R, k] and dy[R, n] of one dtype".into()));
+                }
+                let (k, n) = (a.shape.0[1], dy.shape.0[1]);
+                let e = Dim::lit(*experts);
+                let dims = if *tb { [e, n, k] } else { [e, k, n] };
+                one(TensorType::new(a.dtype, dims))
+            }
+            Op::MoeCombine { capacity, .. } | Op::MoeCombineGrad { capacity, .. } => {
+                let grad = matches!(self, Op::MoeCombineGrad { .. });
+                float(0)?;
+                let off = usize::from(grad);
+                let (y, w, idx) = (inputs[off], inputs[off + 1], inputs[off + 2]);
+                let (tokens, k) = routed(idx).map_err(err)?;
+                let rows = moe_rows(tokens, k, *capacity).map_err(err)?;
+                let h = y.shape.last().ok_or_else(|| err("rank 0 input".into()))?;
+                if y.shape.0[..] != [rows, h] || w.shape != idx.shape || w.dtype != y.dtype {
+                    return Err(err(format!(
+                        "takes y[{rows}, h] and weights of the indices' shape in y's dtype"
+                    )));
+                }
+                let mut dims = idx.shape.0.clone();
+                *dims.last_mut().expect("rank ≥ 1") = h;
+                let out = TensorType::new(y.dtype, dims);
+                if grad {
+                    if inputs[0] != &out {
+                        return Err(err(format!("dout must be {out}")));
+                    }
+                    Ok(Some(vec![y.clone(), w.clone()]))
+                } else {
+                    one(out)
+                }
+            }
         }
     }
+}
+
+/// The token count `T` (product of the leading dims) and `k` of routing indices
+/// `[.., k]` (integer).
+fn routed(idx: &TensorType) -> Result<(Dim, u64), String> {
+    if idx.dtype.is_float() || idx.shape.rank() < 2 {
+        return Err("indices must be an integer [.., k] of rank ≥ 2".into());
+    }
+    let (k, lead) = idx.shape.0.split_last().expect("rank ≥ 2");
+    let k = k.as_lit().ok_or("k must be literal")?;
+    let tokens = lead
+        .iter()
+        .try_fold(Dim::lit(1), |acc, &d| acc.checked_mul(d))
+        .ok_or("token count overflows")?;
+    Ok((tokens, k))
+}
+
+/// Denominator a capacity factor is read with: factors are exact in thousandths.
+const CAPACITY_DENOM: u64 = 1000;
+
+/// Rows of the dispatch buffer for `tokens` tokens choosing `k` experts each: `k·T`
+/// without a capacity factor (dropless), `c·k·T` with one (`E` buffers of `c·k·T/E`
+/// rows, as Megatron-LM's `--moe-expert-capacity-factor` with `--moe-pad-expert-input-to-capacity`
+/// sizes them).
+///
+/// # Errors
+/// A message when `c` is not positive or not a whole number of thousandths.
+pub fn moe_rows(tokens: Dim, k: u64, capacity: Option<f64>) -> Result<Dim, String> {
+    let routed = tokens
+        .checked_mul(Dim::lit(k))
+        .ok_or("routed rows overflow")?;
+    let Some(c) = capacity else {
+        return Ok(routed);
+    };
+    let scaled = c * CAPACITY_DENOM as f64;
+    if !(c > 0.0 && scaled.is_finite() && scaled < 1e12 && (scaled - scaled.round()).abs() < 1e-6) {
+        return Err(format!(
+            "capacity factor {c} must be positive, in thousandths"
+        ));
+    }
+    routed
+        .checked_mul(Dim::lit(scaled.round() as u64))
+        .and_then(|d| d.checked_div(CAPACITY_DENOM))
+        .ok_or_else(|| "routed rows overflow".into())
 }
 
 /// `dim / parts`, requiring exact division of literal dims (symbolic dims may carry a
