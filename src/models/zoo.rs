@@ -192,6 +192,44 @@ fn qwen2_7b() -> ModelConfig {
     cfg
 }
 
+/// A mixture-of-experts model read from its published `config.json`, committed under
+/// `tests/data/hf/` (whose total and active counts `tests/models.rs` checks against
+/// Hugging Face's).
+///
+/// # Panics
+/// If the committed file does not load (an internal bug, caught by the zoo tests).
+fn from_hf(name: &str, json: &str) -> ModelConfig {
+    super::hf::from_json_str(name, json).unwrap_or_else(|e| panic!("zoo entry {name}: {e}"))
+}
+
+fn mixtral_8x7b() -> ModelConfig {
+    from_hf(
+        "mixtral-8x7b",
+        include_str!("../../tests/data/hf/mixtral-8x7b.json"),
+    )
+}
+
+fn mixtral_8x22b() -> ModelConfig {
+    from_hf(
+        "mixtral-8x22b",
+        include_str!("../../tests/data/hf/mixtral-8x22b.json"),
+    )
+}
+
+fn qwen3_30b_a3b() -> ModelConfig {
+    from_hf(
+        "qwen3-30b-a3b",
+        include_str!("../../tests/data/hf/qwen3-30b-a3b.json"),
+    )
+}
+
+fn qwen3_235b_a22b() -> ModelConfig {
+    from_hf(
+        "qwen3-235b-a22b",
+        include_str!("../../tests/data/hf/qwen3-235b-a22b.json"),
+    )
+}
+
 /// Returns `cfg` with its attention expressed as `attention` (the CLI's
 /// `--attention eager|flash`). Eager attention builds the `s×s` scores, the softmax
 /// and (with dropout) the probability dropout; flash attention keeps none of them.
@@ -433,6 +471,34 @@ pub static ZOO: &[ZooEntry] = &[
                 ROPE_THETA,
             )
         },
+    },
+    ZooEntry {
+        name: "mixtral-8x7b",
+        about: "Mixtral-8x7B, 46,702,792,704 params (12,879,925,248 active): 32 layers, h 4096, \
+                32 heads / 8 kv, 8 SwiGLU experts of 14336, top 2 (Jiang et al. 2024; HF config \
+                mistralai/Mixtral-8x7B-v0.1)",
+        config: mixtral_8x7b,
+    },
+    ZooEntry {
+        name: "mixtral-8x22b",
+        about: "Mixtral-8x22B, 140,630,071,296 params (39,161,468,928 active): 56 layers, \
+                h 6144, 48 heads / 8 kv, 8 experts of 16384, top 2, vocab 32768 (HF config \
+                mistralai/Mixtral-8x22B-v0.1)",
+        config: mixtral_8x22b,
+    },
+    ZooEntry {
+        name: "qwen3-30b-a3b",
+        about: "Qwen3-30B-A3B, 30,532,122,624 params (3,353,032,704 active): 48 layers, \
+                h 2048, 32 heads / 4 kv of 128, 128 experts of 768, top 8 (Qwen3 technical \
+                report 2025; HF config Qwen/Qwen3-30B-A3B)",
+        config: qwen3_30b_a3b,
+    },
+    ZooEntry {
+        name: "qwen3-235b-a22b",
+        about: "Qwen3-235B-A22B, 235,093,634,560 params (22,190,763,520 active): 94 layers, \
+                h 4096, 64 heads / 4 kv of 128, 128 experts of 1536, top 8 (Qwen3 technical \
+                report 2025; HF config Qwen/Qwen3-235B-A22B)",
+        config: qwen3_235b_a22b,
     },
     ZooEntry {
         name: "qwen2-7b",
