@@ -206,6 +206,18 @@ pub enum ExportError {
         /// The model's name.
         model: String,
     },
+    /// The model has mixture-of-experts layers (or multi-latent attention), whose
+    /// engine options (Megatron-LM's `--num-experts`, `--moe-router-topk`,
+    /// `--moe-ffn-hidden-size`, …) apar does not write or read back yet.
+    #[error("{engine}: the model `{model}` has {what}, whose options apar does not export yet")]
+    MixtureOfExperts {
+        /// The engine.
+        engine: Engine,
+        /// The model's name.
+        model: String,
+        /// What it has (mixture-of-experts layers, multi-latent attention).
+        what: &'static str,
+    },
     /// torchtitan runs registered recipes only, and none matches the model.
     #[error("{engine} has no recipe (--module/--config) for the model `{model}`; it runs {known}")]
     NoRecipe {
@@ -235,6 +247,20 @@ impl ExportError {
 /// [`ExportError`] when the engine cannot run the plan as decided (it names the option
 /// the engine lacks) or lacks what it needs to build the model.
 pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> {
+    if let Some(m) = &plan.model {
+        let what = match (&m.moe, &m.mla) {
+            (Some(_), _) => Some("mixture-of-experts layers"),
+            (None, Some(_)) => Some("multi-latent attention"),
+            (None, None) => None,
+        };
+        if let Some(what) = what {
+            return Err(ExportError::MixtureOfExperts {
+                engine,
+                model: m.name.clone(),
+                what,
+            });
+        }
+    }
     // The engines' options set the compute precision; the gradient and optimizer
     // dtypes follow from it, so an override that changes them cannot be written.
     let asked = engine.states(&plan.precision);
