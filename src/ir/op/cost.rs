@@ -241,10 +241,9 @@ impl Op {
             // Each of the R rows times its expert's [k, n] weight: 2·R·k·n.
             Op::GroupedMatMul { .. } => {
                 let a = inputs.first()?;
-                let (rows, k) = (numel(a)?, a.shape.last()?.eval(env)?);
-                let n = numel(results.first()?)?.checked_div(rows).unwrap_or(0);
+                let n = results.first()?.shape.last()?.eval(env)?;
                 Some(OpCost {
-                    flops: rows.checked_mul(k)?.checked_mul(n)?.checked_mul(2)?,
+                    flops: numel(a)?.checked_mul(n)?.checked_mul(2)?,
                     bytes: io_bytes()?,
                 })
             }
