@@ -199,8 +199,8 @@ fn saved_plans_hold_only_finite_numbers() {
     // gradient and optimizer dtypes (engine defaults), a fixed runtime overhead, the
     // block of a communication event that serves no single block, the FP8 peak of a
     // device without FP8 tensor cores, a calibration file (the device's built-in
-    // table when absent), and the model's optional score scale, soft-capping and
-    // sliding window.
+    // table when absent), and the model's optional score scale, soft-capping,
+    // sliding window, experts (and their capacity factor) and latent attention.
     let absent = [
         "block",
         "usable_memory_bytes",
@@ -217,6 +217,9 @@ fn saved_plans_hold_only_finite_numbers() {
         "attn_softcap",
         "final_softcap",
         "sliding_window",
+        "moe",
+        "mla",
+        "capacity_factor",
     ];
     found.retain(|k| !absent.contains(&k.as_str()));
     assert!(found.is_empty(), "null (non-finite?) at {found:?}");

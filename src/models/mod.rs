@@ -205,11 +205,11 @@ pub struct ModelConfig {
     #[serde(default)]
     pub global_every: u32,
     /// Mixture-of-experts feed-forward layers (`None`: every layer is dense).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub moe: Option<Box<Moe>>,
     /// Multi-head latent attention (DeepSeek-V2/V3) instead of the query/key/value
     /// projections (`None`: ordinary attention).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub mla: Option<Box<Mla>>,
 }
 

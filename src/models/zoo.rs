@@ -482,22 +482,22 @@ pub static ZOO: &[ZooEntry] = &[
     ZooEntry {
         name: "mixtral-8x22b",
         about: "Mixtral-8x22B, 140,630,071,296 params (39,161,468,928 active): 56 layers, \
-                h 6144, 48 heads / 8 kv, 8 experts of 16384, top 2, vocab 32768 (HF config \
+                h 6144, 48 heads / 8 kv, 8 experts of 16384, top 2, vocab 32768 (the Mixtral architecture of Jiang et al. 2024; HF config \
                 mistralai/Mixtral-8x22B-v0.1)",
         config: mixtral_8x22b,
     },
     ZooEntry {
         name: "qwen3-30b-a3b",
         about: "Qwen3-30B-A3B, 30,532,122,624 params (3,353,032,704 active): 48 layers, \
-                h 2048, 32 heads / 4 kv of 128, 128 experts of 768, top 8 (Qwen3 technical \
-                report 2025; HF config Qwen/Qwen3-30B-A3B)",
+                h 2048, 32 heads / 4 kv of 128, 128 experts of 768, top 8 (Qwen3 Technical Report, Yang et al. \
+                2025; HF config Qwen/Qwen3-30B-A3B)",
         config: qwen3_30b_a3b,
     },
     ZooEntry {
         name: "qwen3-235b-a22b",
         about: "Qwen3-235B-A22B, 235,093,634,560 params (22,190,763,520 active): 94 layers, \
-                h 4096, 64 heads / 4 kv of 128, 128 experts of 1536, top 8 (Qwen3 technical \
-                report 2025; HF config Qwen/Qwen3-235B-A22B)",
+                h 4096, 64 heads / 4 kv of 128, 128 experts of 1536, top 8 (Qwen3 Technical Report, Yang et al. \
+                2025; HF config Qwen/Qwen3-235B-A22B)",
         config: qwen3_235b_a22b,
     },
     ZooEntry {
