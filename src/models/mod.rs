@@ -514,6 +514,14 @@ impl ModelConfig {
         if self.layers == 0 {
             return bad("layers", "must be positive".into());
         }
+        if self.mla.is_some() {
+            // The parameter layout exists; the graph builder has no MLA attention yet,
+            // so a count and a graph would disagree.
+            return bad(
+                "mla",
+                "multi-head latent attention (DeepSeek-V2/V3) is not built yet".into(),
+            );
+        }
         if self.layers > MAX_LAYERS {
             return bad(
                 "layers",
