@@ -326,7 +326,10 @@ pub fn ring_attention(
     let n = u64::from(cp.size.max(1));
     let whole = Env::new(env.batch, env.seq.checked_mul(n)?);
     let flops = node.op.cost(&ins, &res, whole)?.flops / n;
-    let compute_s = cost.op_time(&node.op, &ins, &res, whole, tp) / n as f64;
+    // The whole op's time over the ranks, plus the launches of the kernel's other
+    // `cp − 1` blockwise calls.
+    let compute_s = cost.op_time(&node.op, &ins, &res, whole, tp) / n as f64
+        + cost.launch_time(u32::try_from(n - 1).unwrap_or(u32::MAX));
     // Inputs: (q, k, v, ...) forward; (do, q, k, v, ...) backward.
     let grad = matches!(node.op, Op::FlashAttentionGrad { .. } | Op::SdpaGrad { .. });
     let (k, v) = if grad { (2, 3) } else { (1, 2) };
