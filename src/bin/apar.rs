@@ -184,7 +184,7 @@ enum Command {
         #[arg(long)]
         dp: Option<u32>,
         /// Pin the context-parallel degree (the sequence split over N ranks, ring
-        /// attention); without it, degrees above 1 are tried from 8,192 tokens up.
+        /// attention); without it, degrees above 1 are tried from 16,384 tokens up.
         #[arg(long)]
         cp: Option<u32>,
         /// Bound the context-parallel degree.
