@@ -47,6 +47,7 @@ fn eval_405b(c: &mut Criterion) {
         dp: 128,
         tp: 8,
         pp: 16,
+        cp: 1,
         micro_batch: 1,
         num_micro_batches: 16,
         sp: true,

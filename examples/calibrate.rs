@@ -52,6 +52,7 @@ fn config(pp: u32, b: u32, m: u32, schedule: Schedule, recompute: Recompute, sp:
         dp: 1,
         tp: 8,
         pp,
+        cp: 1,
         micro_batch: b,
         num_micro_batches: m,
         sp,

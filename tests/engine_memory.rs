@@ -49,6 +49,7 @@ fn config(
         dp,
         tp,
         pp,
+        cp: 1,
         micro_batch,
         num_micro_batches,
         sp,

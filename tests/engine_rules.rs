@@ -43,6 +43,7 @@ fn llama3_70b_interleaved_more_memory_never_lowers_the_peak() {
         dp: 2,
         tp: 4,
         pp: 4,
+        cp: 1,
         micro_batch: 1,
         num_micro_batches: 16,
         sp: true,
@@ -111,6 +112,7 @@ fn megatron_refuses_seven_virtual_stages_of_twenty_layers() {
         dp: 2,
         tp: 4,
         pp: 4,
+        cp: 1,
         micro_batch: 1,
         num_micro_batches: 16,
         sp: true,
@@ -133,7 +135,7 @@ fn megatron_refuses_seven_virtual_stages_of_twenty_layers() {
         max_chunks: Some(10),
         ..Constraints::default()
     };
-    let all = enumerate_for(Engine::Megatron, c.block_layout(), 32, 8, 32, &k);
+    let all = enumerate_for(Engine::Megatron, c.block_layout(), 32, 8, 32, 1024, &k);
     assert!(all.iter().all(|x| x.schedule != Schedule::Interleaved(7)));
     assert!(all.contains(&Config {
         schedule: Schedule::Interleaved(10),
@@ -252,6 +254,7 @@ proptest! {
             small.cluster.devices(),
             small.cluster.devices_per_node,
             batch,
+            small.seq,
             &Constraints::default(),
         );
         prop_assume!(!all.is_empty());

@@ -31,6 +31,7 @@ fn config(
         dp,
         tp,
         pp,
+        cp: 1,
         micro_batch: b,
         num_micro_batches: m,
         sp,
@@ -449,10 +450,13 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
             2u32..=4,
             prop::collection::vec(0u32..1000, 32),
         ),
-        prop::sample::select(vec![Precision::Bf16, Precision::Fp8]),
+        (
+            prop::sample::select(vec![Precision::Bf16, Precision::Fp8]),
+            prop::sample::select(vec![1u32, 1, 2, 4]),
+        ),
     )
         .prop_map(
-            |(model, tp, pp, dp, b, m, sp, (rc, k, zero, lps, sched, v, cuts), compute)| {
+            |(model, tp, pp, dp, b, m, sp, (rc, k, zero, lps, sched, v, cuts), (compute, cp))| {
                 let model = zoo::lookup(model).unwrap();
                 let schedule = match (pp, sched) {
                     (1, _) | (_, 1) => Schedule::OneFOneB,
@@ -476,6 +480,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                     dp,
                     tp,
                     pp,
+                    cp,
                     micro_batch: b,
                     num_micro_batches: m,
                     sp: sp && tp > 1,
@@ -1128,4 +1133,59 @@ fn fp8_exports() {
     // A bad format is refused on parse-back.
     let bad = t.replace("--fp8-format hybrid", "--fp8-format e5m2");
     assert!(parse(Engine::Megatron, &bad, c.devices()).is_err());
+}
+
+/// Llama 3 405B's 131,072-token layout (Dubey et al. 2024, Table 4: TP 8, CP 16, PP
+/// 16, DP 8 on 16,384 GPUs): Megatron-LM takes `--context-parallel-size 16
+/// --cp-comm-type p2p`, torchtitan `--parallelism.context_parallel_degree 16`;
+/// DeepSpeed and Hugging Face refuse it. Each accepted export reads back.
+#[test]
+fn context_parallel_exports() {
+    let mut c = config(
+        8,
+        8,
+        16,
+        1,
+        16,
+        true,
+        Recompute::Full,
+        None,
+        1,
+        Schedule::OneFOneB,
+    );
+    c.cp = 16;
+    assert_eq!(c.devices(), 16_384);
+    let m = zoo::lookup("llama3-405b").unwrap();
+    let per_stage = 126 / 16;
+    let mut counts = vec![per_stage as u32; 16];
+    for x in counts.iter_mut().take(126 % 16) {
+        *x += 1;
+    }
+    let ep = ExportPlan::with_layers(c, Some(m), 131_072, &counts);
+    for engine in Engine::ALL {
+        let r = export(engine, &ep);
+        check_round_trip(engine, &ep, &r);
+        match engine {
+            Engine::Megatron => {
+                let t = &r.as_ref().unwrap().text;
+                assert!(t.contains("--context-parallel-size 16"), "{t}");
+                assert!(t.contains("--cp-comm-type p2p"), "{t}");
+            }
+            Engine::Torchtitan => {
+                if let Ok(e) = &r {
+                    assert!(e.text.contains("--parallelism.context_parallel_degree 16"));
+                }
+            }
+            Engine::DeepSpeed | Engine::Hf => {
+                let e = r.as_ref().unwrap_err().to_string();
+                assert!(e.contains("context parallel"), "{e}");
+            }
+        }
+        if matches!(engine, Engine::Megatron | Engine::Torchtitan) {
+            insta::assert_snapshot!(
+                format!("cp-llama3-405b-{engine}"),
+                format!("plan: {c}\n{}", render(&r))
+            );
+        }
+    }
 }

@@ -139,6 +139,7 @@ fn fp8_raises_throughput_on_h100() {
         dp: 8,
         tp: 1,
         pp: 1,
+        cp: 1,
         micro_batch: 1,
         num_micro_batches: 8,
         sp: false,

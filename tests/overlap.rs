@@ -41,6 +41,7 @@ fn config(dp: u32, m: u32) -> Config {
         dp,
         tp: 1,
         pp: 1,
+        cp: 1,
         micro_batch: 1,
         num_micro_batches: m,
         sp: false,

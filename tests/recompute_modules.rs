@@ -86,7 +86,7 @@ fn candidates_carry_module_sets() {
         ..Constraints::default()
     };
     let sets = |engine, k: &Constraints| -> Vec<(Recompute, Option<String>)> {
-        enumerate_for(engine, &model, 8, 8, 64, k)
+        enumerate_for(engine, &model, 8, 8, 64, 1024, k)
             .iter()
             .map(|c| (c.recompute, c.recompute_modules.map(|m| m.to_string())))
             .collect()

@@ -57,7 +57,7 @@ fn candidate_enumeration_is_bounded_on_any_batch() {
     // Trial division to √n would take minutes (or never end: `i * i` overflows).
     for gb in [u64::MAX, 2_305_843_009_213_693_951, (1 << 40) - 1] {
         let start = Instant::now();
-        let all = enumerate(8, 8, gb, 10, &Constraints::default());
+        let all = enumerate(8, 8, gb, 1024, 10, &Constraints::default());
         assert!(start.elapsed() < Duration::from_secs(10), "{gb}");
         for c in &all {
             assert_eq!(c.global_batch(), gb);
@@ -65,7 +65,7 @@ fn candidate_enumeration_is_bounded_on_any_batch() {
         }
     }
     // The bound keeps the small splits: 2^40 - 1 = 3 · 5² · 11 · 17 · 31 · 41 · 61681.
-    let some = enumerate(1, 1, (1 << 40) - 1, 10, &Constraints::default());
+    let some = enumerate(1, 1, (1 << 40) - 1, 1024, 10, &Constraints::default());
     assert!(some.iter().any(|c| c.num_micro_batches == 3 * 25 * 11 * 17));
 }
 
@@ -468,6 +468,7 @@ fn profiles_of_the_deepest_model_are_run_length_encoded() {
         dp: 1,
         tp: 8,
         pp: 1,
+        cp: 1,
         micro_batch: 1,
         num_micro_batches: 8,
         sp: false,
@@ -520,6 +521,7 @@ fn partial_recomputation_agrees_between_graph_and_template() {
             dp: 8 / pp,
             tp: 1,
             pp,
+            cp: 1,
             micro_batch: 1,
             num_micro_batches: 16 / (8 / pp),
             sp: false,

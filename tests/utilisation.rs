@@ -12,6 +12,7 @@ fn config(dp: u32, tp: u32, pp: u32, b: u32, m: u32, recompute: Recompute) -> Co
         dp,
         tp,
         pp,
+        cp: 1,
         micro_batch: b,
         num_micro_batches: m,
         sp: false,

@@ -286,6 +286,7 @@ impl Run {
             dp: self.dp,
             tp: self.tp,
             pp: self.pp,
+            cp: 1,
             micro_batch: self.micro_batch,
             num_micro_batches: m,
             sp: self.sp,

@@ -751,6 +751,7 @@ impl Session {
                 c.cluster.devices(),
                 c.cluster.devices_per_node,
                 c.global_batch,
+                c.seq,
                 c.block_count(),
                 k,
             )

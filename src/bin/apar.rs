@@ -183,6 +183,13 @@ enum Command {
         /// Pin the data-parallel degree.
         #[arg(long)]
         dp: Option<u32>,
+        /// Pin the context-parallel degree (the sequence split over N ranks, ring
+        /// attention); without it, degrees above 1 are tried from 16,384 tokens up.
+        #[arg(long)]
+        cp: Option<u32>,
+        /// Bound the context-parallel degree.
+        #[arg(long)]
+        max_cp: Option<u32>,
         /// Bound the number of pipeline stages.
         #[arg(long)]
         max_stages: Option<u32>,
@@ -250,7 +257,7 @@ enum Command {
         /// Re-cost a saved plan (from `--save`, possibly edited) instead of the flags below.
         #[arg(long, conflicts_with_all = [
             "model", "attention", "layers", "cluster", "global_batch", "seq", "memory_ratio",
-            "engine", "dp", "tp", "pp", "micro_batch", "sp", "recompute", "recompute_layers",
+            "engine", "dp", "tp", "pp", "cp", "micro_batch", "sp", "recompute", "recompute_layers",
             "recompute_modules", "zero", "low_prec_shard", "schedule", "precision", "grad_dtype",
             "optimizer_dtype", "runtime_overhead_gib", "calibration",
         ])]
@@ -268,6 +275,9 @@ enum Command {
         /// Pipeline stages.
         #[arg(long, default_value_t = 1)]
         pp: u32,
+        /// Context-parallel degree: the sequence split over N ranks (ring attention).
+        #[arg(long, default_value_t = 1)]
+        cp: u32,
         /// Sequences per micro-batch.
         #[arg(long, default_value_t = 1)]
         micro_batch: u32,
@@ -718,6 +728,8 @@ fn run(cli: Cli) -> Result<String, Failure> {
             tp,
             pp,
             dp,
+            cp,
+            max_cp,
             max_stages,
             max_tp,
             micro_batch,
@@ -747,6 +759,8 @@ fn run(cli: Cli) -> Result<String, Failure> {
                         tp,
                         pp,
                         dp,
+                        cp,
+                        max_cp,
                         max_stages,
                         max_tp,
                         micro_batch,
@@ -856,6 +870,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             dp,
             tp,
             pp,
+            cp,
             micro_batch,
             sp,
             recompute,
@@ -900,6 +915,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
                     dp,
                     tp,
                     pp,
+                    cp,
                     micro_batch,
                     num_micro_batches: 0,
                     sp,

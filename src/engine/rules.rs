@@ -190,6 +190,16 @@ pub enum Unsupported {
         /// Virtual stages per pipeline stage.
         chunks: u32,
     },
+    /// The engine has no ring-attention context parallelism.
+    #[error("{engine} has no ring-attention context parallelism (cp {cp}): {why}")]
+    ContextParallel {
+        /// The engine.
+        engine: Engine,
+        /// Context-parallel degree asked for.
+        cp: u32,
+        /// Why not, and what it has instead.
+        why: &'static str,
+    },
     /// The schedule needs at least as many micro-batches as stages.
     #[error("{engine}'s 1F1B schedule needs at least as many micro-batches ({m}) as pipeline stages ({pp})")]
     MicroBatches {
@@ -477,6 +487,13 @@ impl Engine {
                 if c.sp {
                     out.push(Unsupported::SequenceParallel { engine });
                 }
+                if c.cp > 1 {
+                    out.push(Unsupported::ContextParallel {
+                        engine,
+                        cp: c.cp,
+                        why: "DeepSpeed-Ulysses splits the sequence with all-to-all over attention heads, a different scheme",
+                    });
+                }
                 if c.recompute == Recompute::Selective {
                     out.push(Unsupported::Recompute {
                         engine,
@@ -492,6 +509,16 @@ impl Engine {
                 }
             }
             Engine::Torchtitan => {
+                // `parallelize_llama` applies FSDP over the `dp_shard_cp` mesh whenever
+                // context parallelism is on: parameters, gradients and optimizer
+                // states are sharded over dp_shard × cp (ZeRO-2/3), never replicated.
+                if c.cp > 1 && c.zero < 2 {
+                    out.push(Unsupported::ContextParallel {
+                        engine,
+                        cp: c.cp,
+                        why: "it shards with FSDP over the dp_shard × cp mesh whenever cp > 1 (ZeRO-2 or 3)",
+                    });
+                }
                 if c.zero == 1 {
                     out.push(Unsupported::Zero {
                         engine,
@@ -517,6 +544,13 @@ impl Engine {
             Engine::Hf => {
                 if pipelined {
                     out.push(Unsupported::Pipeline { engine, pp: c.pp });
+                }
+                if c.cp > 1 {
+                    out.push(Unsupported::ContextParallel {
+                        engine,
+                        cp: c.cp,
+                        why: "the Trainer with FSDP splits no sequence",
+                    });
                 }
                 if c.tp > 1 {
                     out.push(Unsupported::TensorParallel {

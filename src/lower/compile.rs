@@ -8,14 +8,14 @@
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
 use super::peak::{device_peaks, ChunkSummary, InFlight};
-use super::profile::{profile, BlockProfile, Blocks, Groups};
+use super::profile::{is_ring_attention, profile, BlockProfile, Blocks, Groups};
 use super::{simulate, SharedLinks, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{Calibration, CostModel, Group};
 use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, States};
 use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
-use crate::ir::{Block, Env, Graph, ShapeError, VerifyErrors};
+use crate::ir::{Block, Env, Graph, Op, ShapeError, VerifyErrors};
 use crate::models::{build_template, ModelCode, ModelConfig, ModelError, Position};
 use crate::passes::manager::{
     Autodiff, Distribute, Fp8Linears, MixedPrecision, PassError, PassManager, RecomputeLayers,
@@ -97,11 +97,13 @@ pub enum CompileError {
     /// A degree, the micro-batch size or the micro-batch count is zero.
     #[error("degrees, micro-batch size and count must be positive")]
     ZeroDegree,
-    /// `dp · tp · pp` is not the cluster's device count.
-    #[error("dp {dp} × tp {tp} × pp {pp} = {} devices, but the cluster has {devices}", u64::from(*.dp) * u64::from(*.tp) * u64::from(*.pp))]
+    /// `dp · cp · tp · pp` is not the cluster's device count.
+    #[error("dp {dp} × {}tp {tp} × pp {pp} = {} devices, but the cluster has {devices}", if *.cp > 1 { format!("cp {} × ", .cp) } else { String::new() }, u64::from(*.dp) * u64::from(*.cp) * u64::from(*.tp) * u64::from(*.pp))]
     DeviceCountMismatch {
         /// Data-parallel degree.
         dp: u32,
+        /// Context-parallel degree.
+        cp: u32,
         /// Tensor-parallel degree.
         tp: u32,
         /// Pipeline stages.
@@ -150,6 +152,24 @@ pub enum CompileError {
     /// Sequence parallelism was asked for without tensor parallelism.
     #[error("sequence parallelism needs tp > 1")]
     SequenceParallelNeedsTp,
+    /// The sequence does not split into the `2·cp` equal chunks of load-balanced
+    /// context parallelism.
+    #[error("context parallelism cp {cp} needs the sequence length ({seq}) divisible by 2·cp = {}", 2 * u64::from(*.cp))]
+    CpNotDividingSeq {
+        /// Context-parallel degree.
+        cp: u32,
+        /// Sequence length.
+        seq: u64,
+    },
+    /// Context parallelism over a model whose attention materializes the `s×s` scores:
+    /// ring attention passes K/V blocks through a fused (flash) attention kernel, as
+    /// Megatron-LM (Transformer Engine's `AttnFuncWithCPAndKVP2P`) and torchtitan
+    /// (SDPA's flash and memory-efficient backends) run it.
+    #[error("context parallelism (cp {cp}) needs fused attention (--attention flash); the model's attention is decomposed")]
+    CpNeedsFusedAttention {
+        /// Context-parallel degree.
+        cp: u32,
+    },
     /// More pipeline stages than blocks.
     #[error("{stages} pipeline stages but the model has only {blocks} blocks")]
     TooManyStages {
@@ -322,6 +342,7 @@ pub enum ModelSource {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct ProfileKey {
     tp: u32,
+    cp: u32,
     sp: bool,
     recompute: Recomputation,
     micro_batch: u32,
@@ -351,7 +372,9 @@ type BlockMap = BTreeMap<Block, BlockProfile>;
 type Cache<K, V> = Mutex<BTreeMap<K, Arc<V>>>;
 type Compiled<T> = Result<T, CompileError>;
 /// (tp, sp, recompute, micro-batch): what block times depend on.
-type BaseKey = (u32, bool, Recomputation, u32);
+type BaseKey = (u32, bool, Recomputation, u32, u32);
+/// (tp, zero, low-precision sharding, dp, cp).
+type DistKey = (u32, u8, bool, u32, u32);
 
 #[derive(Default)]
 struct Caches {
@@ -361,8 +384,8 @@ struct Caches {
     graphs: Cache<(u32, bool, Recomputation), Compiled<Recomputed>>,
     /// Undistributed profiles, by (tp, sp, recompute, b).
     base: Cache<BaseKey, Compiled<BlockMap>>,
-    /// Distribution profiles, by (tp, zero, low-precision sharding, dp).
-    dist: Cache<(u32, u8, bool, u32), Compiled<BlockMap>>,
+    /// Distribution profiles, by (tp, zero, low-precision sharding, dp, cp).
+    dist: Cache<DistKey, Compiled<BlockMap>>,
     profiles: Cache<ProfileKey, Compiled<ProfileSet>>,
     /// In-flight micro-batch patterns of each device, by (schedule, pp, m).
     inflight: Cache<(Schedule, u32, u32), InFlight>,
@@ -646,7 +669,7 @@ impl Compiler {
         let states = self.states();
         let buffers: u64 = self
             .engine
-            .buffers(c.zero, c.dp, states.grad)
+            .buffers(c.zero, c.grad_ranks(), states.grad)
             .iter()
             .map(|b| b.bytes)
             .sum();
@@ -819,12 +842,19 @@ impl Compiler {
     /// compiler's engine cannot run ([`Engine::allows`]).
     pub fn check(&self, c: &Config) -> Result<(), CompileError> {
         let devices = self.cluster.devices();
-        if c.dp == 0 || c.tp == 0 || c.pp == 0 || c.micro_batch == 0 || c.num_micro_batches == 0 {
+        if c.dp == 0
+            || c.tp == 0
+            || c.pp == 0
+            || c.cp == 0
+            || c.micro_batch == 0
+            || c.num_micro_batches == 0
+        {
             return Err(CompileError::ZeroDegree);
         }
         if c.devices() != devices {
             return Err(CompileError::DeviceCountMismatch {
                 dp: c.dp,
+                cp: c.cp,
                 tp: c.tp,
                 pp: c.pp,
                 devices,
@@ -869,6 +899,17 @@ impl Compiler {
         if c.sp && c.tp == 1 {
             return Err(CompileError::SequenceParallelNeedsTp);
         }
+        if c.cp > 1 {
+            if self.seq % (2 * u64::from(c.cp)) != 0 {
+                return Err(CompileError::CpNotDividingSeq {
+                    cp: c.cp,
+                    seq: self.seq,
+                });
+            }
+            if !self.fused_attention() {
+                return Err(CompileError::CpNeedsFusedAttention { cp: c.cp });
+            }
+        }
         let v = c.schedule.chunks();
         let stages = u64::from(c.pp) * u64::from(v);
         if stages > self.block_count() as u64 {
@@ -903,20 +944,61 @@ impl Compiler {
         Ok(())
     }
 
+    /// Whether the forward graph's attention is fused (no `s×s` scores): what ring
+    /// attention needs.
+    fn fused_attention(&self) -> bool {
+        match &self.source {
+            ModelSource::Config(cfg) => cfg.attention == crate::models::Attention::Flash,
+            ModelSource::Graph(g) => {
+                g.ops().any(|o| is_ring_attention(&g.node(o).op))
+                    && !g.ops().any(|o| matches!(g.node(o).op, Op::Softmax { .. }))
+            }
+        }
+    }
+
+    /// The tensor-parallel and gradient-reduction (`dp · cp`) groups of `c`.
     fn groups(&self, c: &Config) -> (Group, Group) {
         let per_node = self.cluster.devices_per_node;
         let tp = Group {
             size: c.tp,
             per_node: c.tp,
         };
-        // Ranks are ordered tensor-parallel fastest, then data-parallel, then pipeline
-        // (Megatron-LM's default order), so a dp group has per_node / tp members per node.
-        let dp_per_node = (per_node / c.tp).clamp(1, c.dp);
+        // Ranks are ordered tensor-parallel fastest, then context-parallel, then
+        // data-parallel, then pipeline (Megatron-LM's order tp-cp-ep-dp-pp), so the
+        // gradient group (dp · cp ranks) has per_node / tp members per node.
+        let grad = c.grad_ranks();
+        let dp_per_node = (per_node / c.tp).clamp(1, grad);
         let dp = Group {
-            size: c.dp,
+            size: grad,
             per_node: dp_per_node,
         };
         (tp, dp)
+    }
+
+    /// The context-parallel group of `cp` ranks beside `tp` tensor-parallel ones: next
+    /// after the tensor-parallel ranks in Megatron-LM's order, so inside a node while
+    /// `tp · cp` fits one.
+    fn cp_group(&self, tp: u32, cp: u32) -> Group {
+        Group {
+            size: cp,
+            per_node: (self.cluster.devices_per_node / tp.max(1)).clamp(1, cp.max(1)),
+        }
+    }
+
+    /// The configuration whose data-parallel degree is `c`'s gradient group (`dp ·
+    /// cp`): what the distribution pass shards and reduces over.
+    fn grad_config(c: &Config) -> Config {
+        Config {
+            dp: c.grad_ranks(),
+            cp: 1,
+            ..*c
+        }
+    }
+
+    /// The environment one device of context-parallel degree `cp` runs at: its
+    /// `s / cp` tokens of each sequence.
+    fn env(&self, b: u32, cp: u32) -> Env {
+        Env::new(u64::from(b), self.seq / u64::from(cp.max(1)))
     }
 
     /// Block profiles for a configuration (cached).
@@ -931,11 +1013,12 @@ impl Compiler {
     pub fn profiles(&self, c: &Config) -> Profiles {
         let key = ProfileKey {
             tp: c.tp,
+            cp: c.cp,
             sp: c.sp,
             recompute: c.recomputation(),
             micro_batch: c.micro_batch,
-            zero: if c.dp > 1 { c.zero } else { 0 },
-            low_prec_shard: c.dp > 1 && c.shards_low_prec(),
+            zero: if c.grad_ranks() > 1 { c.zero } else { 0 },
+            low_prec_shard: c.grad_ranks() > 1 && c.shards_low_prec(),
             dp: c.dp,
         };
         cached(&self.caches.profiles, key, || {
@@ -964,20 +1047,20 @@ impl Compiler {
         });
         let bases: BTreeSet<BaseKey> = configs
             .iter()
-            .map(|c| (c.tp, c.sp, c.recomputation(), c.micro_batch))
+            .map(|c| (c.tp, c.sp, c.recomputation(), c.micro_batch, c.cp))
             .chain(
                 configs
                     .iter()
-                    .map(|c| (c.tp, false, Recomputation::NONE, 1)),
+                    .map(|c| (c.tp, false, Recomputation::NONE, 1, c.cp)),
             )
             .collect();
-        bases.par_iter().for_each(|&(tp, sp, rc, b)| {
-            self.base(tp, sp, rc, b);
+        bases.par_iter().for_each(|&(tp, sp, rc, b, cp)| {
+            self.base(tp, sp, rc, b, cp);
         });
-        let mut dists: BTreeMap<(u32, u8, bool, u32), Config> = BTreeMap::new();
-        for c in configs.iter().filter(|c| c.dp > 1) {
+        let mut dists: BTreeMap<DistKey, Config> = BTreeMap::new();
+        for c in configs.iter().filter(|c| c.grad_ranks() > 1) {
             dists
-                .entry((c.tp, c.zero, c.shards_low_prec(), c.dp))
+                .entry((c.tp, c.zero, c.shards_low_prec(), c.dp, c.cp))
                 .or_insert(*c);
         }
         dists.par_iter().for_each(|(_, c)| {
@@ -1043,18 +1126,21 @@ impl Compiler {
         CompileError::SizeOverflow { seq: self.seq }
     }
 
-    /// Profiles of the undistributed training graph at micro-batch `b`.
+    /// Profiles of the undistributed training graph at micro-batch `b`, on a device
+    /// of context-parallel degree `cp` (the same program at `s / cp` tokens, its
+    /// attention ops over the whole sequence's keys: [`Groups::cp`]).
     fn base(
         &self,
         tp: u32,
         sp: bool,
         rc: Recomputation,
         b: u32,
+        cp: u32,
     ) -> Arc<Result<BlockMap, CompileError>> {
-        cached(&self.caches.base, (tp, sp, rc, b), || {
+        cached(&self.caches.base, (tp, sp, rc, b, cp), || {
             let g = self.graph(tp, sp, rc);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-            let env = Env::new(u64::from(b), self.seq);
+            let env = self.env(b, cp);
             let none = BTreeSet::new();
             let groups = Groups {
                 dp_ops: &none,
@@ -1063,6 +1149,7 @@ impl Compiler {
                     per_node: tp,
                 },
                 dp: Group::SINGLE,
+                cp: self.cp_group(tp, cp),
             };
             profile(&g.graph, env, &self.cost, &groups, &g.clones).ok_or_else(|| self.size_error())
         })
@@ -1070,23 +1157,25 @@ impl Compiler {
 
     /// What distribution changes per block (see [`Compiler::profiles`]).
     fn distribution(&self, c: &Config) -> Arc<Result<BlockMap, CompileError>> {
-        let key = (c.tp, c.zero, c.shards_low_prec(), c.dp);
+        let key = (c.tp, c.zero, c.shards_low_prec(), c.dp, c.cp);
         cached(&self.caches.dist, key, || {
             let g = self.graph(c.tp, false, Recomputation::NONE);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-            let d = self
-                .passes
-                .run(&Distribute(*c, self.states().params_in_master), &g.graph)?;
-            let env = Env::new(1, self.seq);
+            let d = self.passes.run(
+                &Distribute(Compiler::grad_config(c), self.states().params_in_master),
+                &g.graph,
+            )?;
+            let env = self.env(1, c.cp);
             let (tp, dp) = self.groups(c);
             let groups = Groups {
                 dp_ops: &d.dp_ops,
                 tp,
                 dp,
+                cp: self.cp_group(c.tp, c.cp),
             };
             let mut with = profile(&d.graph, env, &self.cost, &groups, &BTreeSet::new())
                 .ok_or_else(|| self.size_error())?;
-            let without = self.base(c.tp, false, Recomputation::NONE, 1);
+            let without = self.base(c.tp, false, Recomputation::NONE, 1, c.cp);
             let without = without.as_ref().as_ref().map_err(Clone::clone)?;
             for (b, p) in with.iter_mut() {
                 let base = without.get(b).cloned().unwrap_or_default();
@@ -1098,9 +1187,9 @@ impl Compiler {
     }
 
     fn compute_profiles(&self, c: &Config) -> Result<Blocks, CompileError> {
-        let base = self.base(c.tp, c.sp, c.recomputation(), c.micro_batch);
+        let base = self.base(c.tp, c.sp, c.recomputation(), c.micro_batch, c.cp);
         let mut by_block = base.as_ref().as_ref().map_err(Clone::clone)?.clone();
-        if c.dp > 1 {
+        if c.grad_ranks() > 1 {
             let dist = self.distribution(c);
             let dist = dist.as_ref().as_ref().map_err(Clone::clone)?;
             for (b, p) in by_block.iter_mut() {
@@ -1248,7 +1337,7 @@ impl Compiler {
         let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
         let composed = self.compose(c, &set.blocks, &stages)?;
         let blocks = composed.as_ref();
-        let stage_devices = u64::from(c.tp) * u64::from(c.dp);
+        let stage_devices = u64::from(c.tp) * u64::from(c.cp) * u64::from(c.dp);
         let pp_cross_node = stage_devices >= u64::from(self.cluster.devices_per_node);
         let (tp, dp) = self.groups(c);
         let sim = simulate(
@@ -1259,7 +1348,7 @@ impl Compiler {
                 cost: &self.cost,
                 pp_cross_node,
                 detail,
-                overlap: self.engine.overlap(c.dp),
+                overlap: self.engine.overlap(c.grad_ranks()),
                 links: SharedLinks::of(tp, dp, pp_cross_node && c.pp > 1),
             },
         );
@@ -1414,9 +1503,10 @@ impl Compiler {
         };
         let g = self.graph(c.tp, c.sp, c.recomputation());
         let g = g.as_ref().as_ref().map_err(Clone::clone)?;
-        let d = self
-            .passes
-            .run(&Distribute(*c, self.states().params_in_master), &g.graph)?;
+        let d = self.passes.run(
+            &Distribute(Compiler::grad_config(c), self.states().params_in_master),
+            &g.graph,
+        )?;
         Ok(DeviceProgram {
             sharded,
             graph: d.graph,
@@ -1560,7 +1650,7 @@ pub fn model_flops_per_token(cfg: &ModelConfig, seq: u64) -> f64 {
 /// communicates over (NCCL connects a communicator's buffers at its first collective,
 /// so groups a configuration never uses cost nothing).
 fn communicators(c: &Config) -> u32 {
-    u32::from(c.tp > 1) + u32::from(c.dp > 1) + u32::from(c.pp > 1)
+    u32::from(c.tp > 1) + u32::from(c.grad_ranks() > 1) + u32::from(c.pp > 1) + u32::from(c.cp > 1)
 }
 
 /// What one device of a configuration runs, op by op ([`Compiler::device_program`]).

@@ -11,7 +11,7 @@
 
 use crate::cost::collective::collective_of;
 use crate::cost::{Collective, CostModel, Group};
-use crate::ir::{Block, Env, Graph, OpId, Phase, Role};
+use crate::ir::{Block, Env, Graph, Op, OpId, Phase, Role};
 use crate::train::memory::buffer_root;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -250,6 +250,12 @@ pub struct BlockProfile {
     pub fwd_kernels: u32,
     /// Kernels the block's backward launches per micro-batch (as `fwd_kernels`).
     pub bwd_kernels: u32,
+    /// Context-parallel ring transfers of the block's attention per micro-batch
+    /// (forward and backward), the whole transfer time whether hidden or not.
+    pub cp_comm_s: f64,
+    /// The part of `cp_comm_s` not hidden behind the attention compute (included in
+    /// `fwd_s` and `bwd_s`).
+    pub cp_exposed_s: f64,
 }
 
 /// Which collectives run on the data-parallel group, and the two groups.
@@ -261,6 +267,89 @@ pub struct Groups<'a> {
     pub tp: Group,
     /// The data-parallel group.
     pub dp: Group,
+    /// The context-parallel group ([`Group::SINGLE`] for none): the graph is priced
+    /// at the device's `s / cp` tokens, and its attention ops as ring attention over
+    /// the whole sequence's keys ([`ring_attention`]).
+    pub cp: Group,
+}
+
+/// Whether `op` is an attention kernel that ring attention runs blockwise over the
+/// context-parallel ranks' keys and values (a fused kernel; decomposed attention
+/// materializes the `s×s` scores and has no ring form).
+pub fn is_ring_attention(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::FlashAttention { .. }
+            | Op::FlashAttentionGrad { .. }
+            | Op::Sdpa { .. }
+            | Op::SdpaGrad { .. }
+    )
+}
+
+/// One device's share of an attention op under ring attention over `cp` ranks
+/// (Megatron-LM / Transformer Engine `--cp-comm-type p2p`, torchtitan's
+/// `context_parallel`), each holding `s / cp` tokens in the load-balanced layout
+/// (the sequence cut into `2·cp` chunks, rank `r` holding chunks `r` and
+/// `2·cp − 1 − r`, so every rank has the same causal work).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RingAttention {
+    /// FLOPs: the op over `s / cp` queries × `s` keys, `1 / cp` of the whole op.
+    pub flops: u64,
+    /// Compute time: `1 / cp` of the whole op's.
+    pub compute_s: f64,
+    /// Time of all `cp − 1` ring transfers.
+    pub comm_s: f64,
+    /// The transfers not hidden behind compute: each of the `cp − 1` steps sends the
+    /// next block while the current one is computed, exposing `max(0, send − compute)`.
+    pub exposed_s: f64,
+    /// Receive buffers: two blocks in flight (the one computed on and the one
+    /// arriving), key and value blocks (and their gradients in the backward).
+    pub buffer_bytes: u64,
+}
+
+/// Ring attention for op `id` of `g` at the device's environment `env` (`s / cp`
+/// tokens) on the context-parallel group `cp` (size > 1). The forward passes each
+/// rank's key and value blocks around the ring (`cp − 1` steps, `(cp − 1)/cp` of the
+/// whole K and V); the backward passes them again with their gradients. `None` if a
+/// size overflows.
+pub fn ring_attention(
+    g: &Graph,
+    id: OpId,
+    env: Env,
+    cost: &CostModel,
+    tp: Group,
+    cp: Group,
+) -> Option<RingAttention> {
+    let node = g.node(id);
+    let ins = g.input_types(id);
+    let res = g.result_types(id);
+    let n = u64::from(cp.size.max(1));
+    let whole = Env::new(env.batch, env.seq.checked_mul(n)?);
+    let flops = node.op.cost(&ins, &res, whole)?.flops / n;
+    // The whole op's time over the ranks, plus the launches of the kernel's other
+    // `cp − 1` blockwise calls.
+    let compute_s = cost.op_time(&node.op, &ins, &res, whole, tp) / n as f64
+        + cost.launch_time(u32::try_from(n - 1).unwrap_or(u32::MAX));
+    // Inputs: (q, k, v, ...) forward; (do, q, k, v, ...) backward.
+    let grad = matches!(node.op, Op::FlashAttentionGrad { .. } | Op::SdpaGrad { .. });
+    let (k, v) = if grad { (2, 3) } else { (1, 2) };
+    let kv = ins
+        .get(k)?
+        .bytes_at(env)?
+        .checked_add(ins.get(v)?.bytes_at(env)?)?;
+    // The backward sends the key/value block and the gradient block accumulated
+    // for it.
+    let block = if grad { kv.checked_mul(2)? } else { kv };
+    let steps = (n - 1) as f64;
+    let send = cost.p2p_time(block as f64, cp.nodes() > 1);
+    let step_compute = compute_s / n as f64;
+    Some(RingAttention {
+        flops,
+        compute_s,
+        comm_s: steps * send,
+        exposed_s: steps * (send - step_compute).max(0.0),
+        buffer_bytes: block.checked_mul(2)?,
+    })
 }
 
 /// Where a data-parallel collective runs in the step.
@@ -327,7 +416,14 @@ pub fn profile(
             }
         }
         let mut t = cost.op_time(&node.op, &ins, &res, env, group);
-        let flops = node.op.cost(&ins, &res, env)?.flops;
+        let mut flops = node.op.cost(&ins, &res, env)?.flops;
+        if groups.cp.size > 1 && is_ring_attention(&node.op) {
+            let r = ring_attention(g, id, env, cost, groups.tp, groups.cp)?;
+            t = r.compute_s + r.exposed_s;
+            flops = r.flops;
+            p.cp_comm_s += r.comm_s;
+            p.cp_exposed_s += r.exposed_s;
+        }
         let collective = node.op.is_collective();
         if !collective && !node.op.is_view() && !node.op.is_source() {
             // The host issues kernels one after another: a kernel shorter than its
@@ -467,9 +563,15 @@ pub fn profile(
                 live += bytes[i];
             }
         }
+        // Ring attention's receive buffers, alive while the op runs.
+        let ring = if groups.cp.size > 1 && is_ring_attention(&node.op) {
+            ring_attention(g, id, env, cost, groups.tp, groups.cp)?.buffer_bytes
+        } else {
+            0
+        };
         let p = out.entry(node.block).or_default();
         let base = before.get(&node.block).copied().unwrap_or(0);
-        let extra = live.saturating_sub(base);
+        let extra = (live + ring).saturating_sub(base);
         match node.phase {
             Phase::Fwd => p.fwd_extra = p.fwd_extra.max(extra),
             Phase::Bwd => p.bwd_extra = p.bwd_extra.max(extra),

@@ -10,7 +10,9 @@
 //! stage 3, which implies it), and schedule GPipe,
 //! 1F1B or interleaved 1F1B with `v ≥ 2` chunks (needs `pp ≥ 2` and `pp | m`); with
 //! one stage the schedules coincide and only 1F1B is listed. Users pin or bound any
-//! dimension through [`Constraints`]. [`enumerate_for`] keeps the configurations an
+//! dimension through [`Constraints`]. Context parallelism `cp` splits the devices
+//! left after tensor parallelism before the pipeline (`N = dp·cp·tp·pp`); see
+//! [`CP_MIN_SEQ`] for when degrees above 1 are listed. [`enumerate_for`] keeps the configurations an
 //! engine can run ([`Engine::allows`]): its schedules, ZeRO stages, virtual-stage
 //! counts that place whole layers, and so on.
 
@@ -29,6 +31,12 @@ pub struct Constraints {
     pub pp: Option<u32>,
     /// Data-parallel degree.
     pub dp: Option<u32>,
+    /// Context-parallel degree (pinned: listed at any sequence length it divides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cp: Option<u32>,
+    /// Largest context-parallel degree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cp: Option<u32>,
     /// Largest number of pipeline stages.
     pub max_stages: Option<u32>,
     /// Largest tensor-parallel degree.
@@ -80,6 +88,8 @@ impl Constraints {
         pin!(tp, "tp");
         pin!(pp, "pp");
         pin!(dp, "dp");
+        pin!(cp, "cp");
+        pin!(max_cp, "max-cp");
         pin!(max_stages, "max-stages");
         pin!(max_tp, "max-tp");
         pin!(micro_batch, "micro-batch");
@@ -130,11 +140,38 @@ fn micro_batchings(per_replica: u64, max_m: u64) -> Vec<(u32, u32)> {
 /// Default bound on interleaved chunks per device.
 pub const DEFAULT_MAX_CHUNKS: u32 = 8;
 
-/// Every configuration allowed by `k`, in a fixed order (the same on every run).
+/// Shortest sequence at which the search lists context-parallel degrees above 1 by
+/// itself (a pinned `cp` is listed at any length it divides). Llama 3 trained its
+/// 8,192-token stage without context parallelism and turned it on (CP 16) for the
+/// 131,072-token stage (Dubey et al. 2024, Table 4); listing it from 16,384 tokens up
+/// keeps the space of ordinary jobs (every job up to 8K, the reference scenario at
+/// 1,024) and its search time as they were: at 8,192 tokens CP multiplied the
+/// candidates of a 16,384-GPU job 50-fold.
+pub const CP_MIN_SEQ: u64 = 16_384;
+
+/// The context-parallel degrees listed for `seq` on `per_tp` devices (those left after
+/// tensor parallelism): 1, and every divisor `cp > 1` of `per_tp` with `seq` divisible
+/// by `2·cp` (the load-balanced causal chunking splits the sequence into `2·cp` equal
+/// chunks, Megatron-LM's `get_batch_on_this_cp_rank`), from [`CP_MIN_SEQ`] tokens up
+/// unless `k` pins the degree.
+fn cp_degrees(per_tp: u64, seq: u64, k: &Constraints) -> Vec<u32> {
+    divisors(per_tp)
+        .into_iter()
+        .filter_map(|c| u32::try_from(c).ok())
+        .filter(|&c| k.cp.is_none_or(|p| p == c) && k.max_cp.is_none_or(|m| c <= m))
+        .filter(|&c| {
+            c == 1 || (seq % (2 * u64::from(c)) == 0 && (k.cp.is_some() || seq >= CP_MIN_SEQ))
+        })
+        .collect()
+}
+
+/// Every configuration allowed by `k` for a job of `global_batch` sequences of `seq`
+/// tokens, in a fixed order (the same on every run).
 pub fn enumerate(
     devices: u64,
     devices_per_node: u32,
     global_batch: u64,
+    seq: u64,
     blocks: usize,
     k: &Constraints,
 ) -> Vec<Config> {
@@ -146,93 +183,99 @@ pub fn enumerate(
         if !ok(k.tp, tp) || k.max_tp.is_some_and(|m| tp > m) || devices % u64::from(tp) != 0 {
             continue;
         }
-        for pp in divisors(devices / u64::from(tp)) {
-            let Ok(pp) = u32::try_from(pp) else { continue };
-            if !ok(k.pp, pp) || k.max_stages.is_some_and(|m| pp > m) || pp as usize > blocks {
-                continue;
-            }
-            let Ok(dp) = u32::try_from(devices / u64::from(tp) / u64::from(pp)) else {
-                continue;
-            };
-            if !ok(k.dp, dp) || global_batch % u64::from(dp) != 0 {
-                continue;
-            }
-            // More micro-batches than the simulation accepts would only be rejected.
-            let max_m = MAX_PIPELINE_UNITS / u64::from(pp);
-            for (b, m) in micro_batchings(global_batch / u64::from(dp), max_m) {
-                if !ok(k.micro_batch, b) {
+        for cp in cp_degrees(devices / u64::from(tp), seq, k) {
+            let per_tp_cp = devices / u64::from(tp) / u64::from(cp);
+            for pp in divisors(per_tp_cp) {
+                let Ok(pp) = u32::try_from(pp) else { continue };
+                if !ok(k.pp, pp) || k.max_stages.is_some_and(|m| pp > m) || pp as usize > blocks {
                     continue;
                 }
-                let mut schedules = vec![Schedule::OneFOneB];
-                if pp > 1 {
-                    schedules.insert(0, Schedule::Gpipe);
-                    if m % pp == 0 {
-                        for v in 2..=max_chunks {
-                            if (pp * v) as usize <= blocks {
-                                schedules.push(Schedule::Interleaved(v));
-                            }
-                        }
-                    }
+                let Ok(dp) = u32::try_from(per_tp_cp / u64::from(pp)) else {
+                    continue;
+                };
+                if !ok(k.dp, dp) || global_batch % u64::from(dp) != 0 {
+                    continue;
                 }
-                for schedule in schedules {
-                    if k.schedule.is_some_and(|s| s != schedule) {
+                // More micro-batches than the simulation accepts would only be rejected.
+                let max_m = MAX_PIPELINE_UNITS / u64::from(pp);
+                for (b, m) in micro_batchings(global_batch / u64::from(dp), max_m) {
+                    if !ok(k.micro_batch, b) {
                         continue;
                     }
-                    for sp in [false, true] {
-                        if (sp && tp == 1) || k.sp.is_some_and(|s| s != sp) {
+                    let mut schedules = vec![Schedule::OneFOneB];
+                    if pp > 1 {
+                        schedules.insert(0, Schedule::Gpipe);
+                        if m % pp == 0 {
+                            for v in 2..=max_chunks {
+                                if (pp * v) as usize <= blocks {
+                                    schedules.push(Schedule::Interleaved(v));
+                                }
+                            }
+                        }
+                    }
+                    for schedule in schedules {
+                        if k.schedule.is_some_and(|s| s != schedule) {
                             continue;
                         }
-                        for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
-                            if k.recompute.is_some_and(|r| r != recompute) {
+                        for sp in [false, true] {
+                            if (sp && tp == 1) || k.sp.is_some_and(|s| s != sp) {
                                 continue;
                             }
-                            // A layer count asks for recomputation: without a pinned
-                            // policy, the candidates that recompute nothing are not
-                            // what was asked.
-                            if k.recompute_layers.is_some()
-                                && k.recompute.is_none()
-                                && recompute == Recompute::None
+                            for recompute in
+                                [Recompute::None, Recompute::Selective, Recompute::Full]
                             {
-                                continue;
-                            }
-                            // A module set asks for selective recomputation.
-                            if k.recompute_modules.is_some()
-                                && k.recompute.is_none()
-                                && recompute != Recompute::Selective
-                            {
-                                continue;
-                            }
-                            let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
-                            for &zero in zeros {
-                                if k.zero.is_some_and(|z| z != zero) {
+                                if k.recompute.is_some_and(|r| r != recompute) {
                                     continue;
                                 }
-                                // ZeRO-2 with a sharded low-precision copy is ZeRO-3.
-                                let lps: &[bool] = if dp == 1 || zero >= 2 {
-                                    &[false]
-                                } else {
-                                    &[false, true]
-                                };
-                                for &low_prec_shard in lps {
-                                    if k.low_prec_shard.is_some_and(|l| l != low_prec_shard) {
+                                // A layer count asks for recomputation: without a pinned
+                                // policy, the candidates that recompute nothing are not
+                                // what was asked.
+                                if k.recompute_layers.is_some()
+                                    && k.recompute.is_none()
+                                    && recompute == Recompute::None
+                                {
+                                    continue;
+                                }
+                                // A module set asks for selective recomputation.
+                                if k.recompute_modules.is_some()
+                                    && k.recompute.is_none()
+                                    && recompute != Recompute::Selective
+                                {
+                                    continue;
+                                }
+                                let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
+                                for &zero in zeros {
+                                    if k.zero.is_some_and(|z| z != zero) {
                                         continue;
                                     }
-                                    out.push(Config {
-                                        dp,
-                                        tp,
-                                        pp,
-                                        micro_batch: b,
-                                        num_micro_batches: m,
-                                        sp,
-                                        recompute,
-                                        // With the policy pinned to none, the count is
-                                        // kept so that the compiler names the conflict.
-                                        recompute_layers: k.recompute_layers,
-                                        recompute_modules: k.recompute_modules,
-                                        zero,
-                                        low_prec_shard,
-                                        schedule,
-                                    });
+                                    // ZeRO-2 with a sharded low-precision copy is ZeRO-3.
+                                    let lps: &[bool] = if dp == 1 || zero >= 2 {
+                                        &[false]
+                                    } else {
+                                        &[false, true]
+                                    };
+                                    for &low_prec_shard in lps {
+                                        if k.low_prec_shard.is_some_and(|l| l != low_prec_shard) {
+                                            continue;
+                                        }
+                                        out.push(Config {
+                                            dp,
+                                            tp,
+                                            pp,
+                                            cp,
+                                            micro_batch: b,
+                                            num_micro_batches: m,
+                                            sp,
+                                            recompute,
+                                            // With the policy pinned to none, the count is
+                                            // kept so that the compiler names the conflict.
+                                            recompute_layers: k.recompute_layers,
+                                            recompute_modules: k.recompute_modules,
+                                            zero,
+                                            low_prec_shard,
+                                            schedule,
+                                        });
+                                    }
                                 }
                             }
                         }
@@ -252,9 +295,17 @@ pub fn enumerate_for(
     devices: u64,
     devices_per_node: u32,
     global_batch: u64,
+    seq: u64,
     k: &Constraints,
 ) -> Vec<Config> {
-    let mut all = enumerate(devices, devices_per_node, global_batch, model.blocks, k);
+    let mut all = enumerate(
+        devices,
+        devices_per_node,
+        global_batch,
+        seq,
+        model.blocks,
+        k,
+    );
     let default = engine.default_recompute_modules();
     if k.recompute_modules.is_some() {
         // A pinned module set that is the engine's default is spelled `None`.
@@ -291,7 +342,7 @@ mod tests {
 
     #[test]
     fn every_candidate_uses_every_device_and_the_whole_batch() {
-        let all = enumerate(32, 8, 64, 42, &Constraints::default());
+        let all = enumerate(32, 8, 64, 1024, 42, &Constraints::default());
         assert!(!all.is_empty());
         for c in &all {
             assert_eq!(c.devices(), 32);
@@ -303,6 +354,7 @@ mod tests {
             32,
             8,
             64,
+            1024,
             42,
             &Constraints {
                 pp: Some(2),
@@ -329,7 +381,7 @@ mod tests {
             ..Constraints::default()
         };
         let chunks = |engine| {
-            enumerate_for(engine, &model, 32, 8, 32, &k)
+            enumerate_for(engine, &model, 32, 8, 32, 1024, &k)
                 .iter()
                 .map(|c| c.schedule.chunks())
                 .collect::<std::collections::BTreeSet<u32>>()
@@ -339,6 +391,6 @@ mod tests {
         assert_eq!(chunks(Engine::Megatron), vec![1, 2, 4, 5, 8, 10]);
         assert_eq!(chunks(Engine::Torchtitan), (1..=10).collect::<Vec<_>>());
         assert_eq!(chunks(Engine::DeepSpeed), vec![1]);
-        assert!(enumerate_for(Engine::Hf, &model, 32, 8, 32, &k).is_empty());
+        assert!(enumerate_for(Engine::Hf, &model, 32, 8, 32, 1024, &k).is_empty());
     }
 }

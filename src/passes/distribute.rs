@@ -434,6 +434,7 @@ mod tests {
             dp,
             tp: 1,
             pp: 1,
+            cp: 1,
             micro_batch: 1,
             num_micro_batches: 1,
             sp: false,

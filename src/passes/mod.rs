@@ -128,8 +128,8 @@ impl Recomputation {
 /// One parallelization candidate: everything the lowering needs besides the model,
 /// the cluster and the global batch.
 ///
-/// Serialized with its fields in declaration order; `recompute_modules` is left out of
-/// human-readable formats (JSON) when `None`, so configurations from before it existed
+/// Serialized with its fields in declaration order; `cp` is left out of human-readable
+/// formats (JSON) when 1 and `recompute_modules` when `None`, so configurations from before it existed
 /// print and read the same, and always written in binary ones (bincode has no optional
 /// fields).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
@@ -140,6 +140,11 @@ pub struct Config {
     pub tp: u32,
     /// Pipeline stages (devices in a pipeline).
     pub pp: u32,
+    /// Context-parallel degree: the sequence is split over `cp` ranks (ring attention,
+    /// Megatron-LM's `--context-parallel-size`); 1 for none. Left out of JSON when 1,
+    /// so configurations written before it existed read and print the same.
+    #[serde(default = "one")]
+    pub cp: u32,
     /// Sequences per micro-batch `b`.
     pub micro_batch: u32,
     /// Micro-batches per step per pipeline `m` (global batch = dp·m·b).
@@ -166,14 +171,26 @@ pub struct Config {
     pub schedule: Schedule,
 }
 
+/// Serde's default for a missing `cp`: no context parallelism.
+fn one() -> u32 {
+    1
+}
+
 impl Serialize for Config {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let skip = s.is_human_readable() && self.recompute_modules.is_none();
-        let mut st = s.serialize_struct("Config", if skip { 11 } else { 12 })?;
+        let skip_cp = s.is_human_readable() && self.cp == 1;
+        let fields = 13 - usize::from(skip) - usize::from(skip_cp);
+        let mut st = s.serialize_struct("Config", fields)?;
         st.serialize_field("dp", &self.dp)?;
         st.serialize_field("tp", &self.tp)?;
         st.serialize_field("pp", &self.pp)?;
+        if skip_cp {
+            st.skip_field("cp")?;
+        } else {
+            st.serialize_field("cp", &self.cp)?;
+        }
         st.serialize_field("micro_batch", &self.micro_batch)?;
         st.serialize_field("num_micro_batches", &self.num_micro_batches)?;
         st.serialize_field("sp", &self.sp)?;
@@ -200,6 +217,7 @@ impl Config {
             dp,
             tp,
             pp,
+            cp: 1,
             micro_batch,
             num_micro_batches,
             sp: false,
@@ -212,9 +230,16 @@ impl Config {
         }
     }
 
-    /// Devices used.
+    /// Devices used: `dp · cp · tp · pp`.
     pub fn devices(&self) -> u64 {
-        u64::from(self.dp) * u64::from(self.tp) * u64::from(self.pp)
+        u64::from(self.dp) * u64::from(self.cp) * u64::from(self.tp) * u64::from(self.pp)
+    }
+
+    /// Ranks a gradient is reduced over: `dp · cp` (Megatron-LM reduces gradients and
+    /// shards its distributed optimizer over the data-parallel group with context
+    /// parallelism, `get_data_parallel_group(with_context_parallel=True)`).
+    pub fn grad_ranks(&self) -> u32 {
+        self.dp.saturating_mul(self.cp)
     }
 
     /// Sequences per step.
@@ -243,10 +268,15 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dp {} tp {} pp {} b {} m {}{} recompute {}{}{} zero {}{} {}",
+            "dp {} tp {} pp {}{} b {} m {}{} recompute {}{}{} zero {}{} {}",
             self.dp,
             self.tp,
             self.pp,
+            if self.cp > 1 {
+                format!(" cp {}", self.cp)
+            } else {
+                String::new()
+            },
             self.micro_batch,
             self.num_micro_batches,
             if self.sp { " sp" } else { "" },

@@ -303,13 +303,19 @@ pub fn selected_line(c: &Config) -> String {
         crate::passes::Recompute::Full => 2,
     };
     format!(
-        "num_stages : {}, num_micro_batches : {}, batch_per_device : {}, {tp}, recomputation : {recompute}, distribute_param : {}, distribute_low_prec_param : {}, data_parallel : {}, zero_stage : {}, schedule : {}",
+        "num_stages : {}, num_micro_batches : {}, batch_per_device : {}, {tp}, recomputation : {recompute}, distribute_param : {}, distribute_low_prec_param : {}, data_parallel : {}{}, zero_stage : {}, schedule : {}",
         c.pp,
         c.num_micro_batches,
         c.micro_batch,
         c.zero >= 1,
         c.shards_low_prec(),
         c.dp,
+        // Printed only when on, so that logs without it read as before.
+        if c.cp > 1 {
+            format!(", context_parallel : {}", c.cp)
+        } else {
+            String::new()
+        },
         c.zero,
         c.schedule
     )

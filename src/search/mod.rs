@@ -38,7 +38,7 @@ fn neighbours(c: &Config) -> Vec<(String, Config)> {
             Config { zero, ..*c },
         ));
     }
-    if !c.shards_low_prec() && c.dp > 1 {
+    if !c.shards_low_prec() && c.grad_ranks() > 1 {
         out.push((
             "shard the low-precision parameters (--low-prec-shard)".into(),
             Config {
@@ -96,6 +96,25 @@ fn neighbours(c: &Config) -> Vec<(String, Config)> {
             ),
             Config {
                 tp: c.tp * 2,
+                dp: c.dp / 2,
+                num_micro_batches: c.num_micro_batches * 2,
+                ..*c
+            },
+        ));
+    }
+    if c.dp % 2 == 0 {
+        // Long sequences: activations shrink by the context-parallel degree while the
+        // model states stay (the compiler drops it where the sequence does not split
+        // into 2·cp chunks).
+        let cp = c.cp * 2;
+        out.push((
+            format!(
+                "context parallel {cp}, dp {} (--cp {cp} --dp {})",
+                c.dp / 2,
+                c.dp / 2
+            ),
+            Config {
+                cp,
                 dp: c.dp / 2,
                 num_micro_batches: c.num_micro_batches * 2,
                 ..*c
@@ -253,6 +272,7 @@ fn simplicity(c: &Config) -> impl Ord {
         c.sp,
         std::cmp::Reverse(c.micro_batch),
         c.schedule,
+        c.cp,
     )
 }
 
@@ -261,7 +281,7 @@ fn simplicity(c: &Config) -> impl Ord {
 /// per-parameter bytes (16, 4 + 12/N, 2 + 14/N, 16/N; 2/N instead of 2 for sharded
 /// low-precision copies).
 pub fn state_lower_bound(params: u64, c: &Config) -> u64 {
-    let n = f64::from(c.dp.max(1));
+    let n = f64::from(c.grad_ranks().max(1));
     let lowp = if c.shards_low_prec() { 2.0 / n } else { 2.0 };
     let per_param = match c.zero {
         0 => lowp + 14.0,
@@ -292,6 +312,7 @@ pub fn plan_with_progress(
         compiler.cluster.devices(),
         compiler.cluster.devices_per_node,
         compiler.global_batch,
+        compiler.seq,
         &opts.constraints,
     );
     let params = compiler.param_count();

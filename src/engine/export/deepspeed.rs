@@ -134,6 +134,13 @@ pub(super) fn partition(method: &str, layers: u32, pp: u32) -> Option<Vec<StageL
 
 pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     let c = &p.config;
+    if c.cp > 1 {
+        return Err(ExportError::unsupported(
+            E,
+            format!("context parallel {}", c.cp),
+            "DeepSpeed has no ring attention (DeepSpeed-Ulysses splits the sequence by all-to-all over heads, another scheme)",
+        ));
+    }
     if c.pp > 1 && c.zero >= 2 {
         return Err(ExportError::unsupported(
             E,
@@ -354,6 +361,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         dp,
         tp,
         pp,
+        cp: 1,
         micro_batch,
         num_micro_batches,
         sp: tp > 1 && v["apar"]["sequence_parallel"].as_bool() == Some(true),

@@ -22,6 +22,13 @@ const E: Engine = Engine::Hf;
 
 pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     let c = &p.config;
+    if c.cp > 1 {
+        return Err(ExportError::unsupported(
+            E,
+            format!("context parallel {}", c.cp),
+            "TrainingArguments has no context-parallel option",
+        ));
+    }
     if c.tp > 1 || c.pp > 1 {
         return Err(ExportError::unsupported(
             E,
@@ -129,6 +136,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         dp,
         tp: 1,
         pp: 1,
+        cp: 1,
         micro_batch,
         num_micro_batches,
         sp: false,

@@ -191,14 +191,26 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     let mut a: Vec<Vec<String>> = Vec::new();
     let mut env = Vec::new();
     let mut notes = vec![format!(
-        "launch on dp {} x tp {} x pp {} = {} ranks: Megatron-LM derives the data-parallel size from the world size",
+        "launch on dp {} x {}tp {} x pp {} = {} ranks: Megatron-LM derives the data-parallel size from the world size",
         c.dp,
+        if c.cp > 1 {
+            format!("cp {} x ", c.cp)
+        } else {
+            String::new()
+        },
         c.tp,
         c.pp,
         c.devices()
     )];
     arg(&mut a, "tensor-model-parallel-size", c.tp);
     arg(&mut a, "pipeline-model-parallel-size", c.pp);
+    if c.cp > 1 {
+        // Ring attention over the context-parallel group: Transformer Engine passes
+        // K/V blocks peer to peer (`--cp-comm-type p2p`, the default), on the
+        // load-balanced 2·cp chunking `get_batch_on_this_cp_rank` applies.
+        arg(&mut a, "context-parallel-size", c.cp);
+        arg(&mut a, "cp-comm-type", "p2p");
+    }
     if c.pp > 1 {
         match cut(p) {
             Cut::Even { v } => {
@@ -367,10 +379,18 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let o = Options::parse(text)?;
     let tp: u32 = o.req("--tensor-model-parallel-size")?;
     let pp: u32 = o.req("--pipeline-model-parallel-size")?;
+    let cp: u32 = o.num("--context-parallel-size")?.unwrap_or(1);
+    if let Some(kind) = o.value("--cp-comm-type")? {
+        if kind != "p2p" {
+            return Err(ParseError::Inconsistent(format!(
+                "--cp-comm-type {kind}: apar plans ring attention (p2p)"
+            )));
+        }
+    }
     let dp = exact_div(
         devices,
-        u64::from(tp) * u64::from(pp),
-        "world size over tp × pp",
+        u64::from(tp) * u64::from(pp) * u64::from(cp),
+        "world size over tp × cp × pp",
     )?;
     let micro_batch: u32 = o.req("--micro-batch-size")?;
     let global: u64 = o.req("--global-batch-size")?;
@@ -511,6 +531,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         dp,
         tp,
         pp,
+        cp,
         micro_batch,
         num_micro_batches,
         sp: tp > 1 && o.has("--sequence-parallel"),

@@ -336,6 +336,9 @@ pub struct ParsedConfig {
     pub tp: u32,
     /// Pipeline-parallel degree.
     pub pp: u32,
+    /// Context-parallel degree (left out of JSON when 1).
+    #[serde(skip_serializing_if = "is_one")]
+    pub cp: u32,
     /// Sequences per micro-batch.
     pub micro_batch: u32,
     /// Micro-batches per step and pipeline.
@@ -372,6 +375,7 @@ impl ParsedConfig {
             dp: c.dp,
             tp: c.tp,
             pp: c.pp,
+            cp: c.cp,
             micro_batch: c.micro_batch,
             num_micro_batches: c.num_micro_batches,
             sp: c.sp && c.tp > 1,
@@ -395,6 +399,11 @@ impl ParsedConfig {
             fp8: plan.precision.compute == crate::engine::memory::Precision::Fp8,
         }
     }
+}
+
+/// Serde's test for a degree left out when 1.
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// Why a text is not an export apar could have written.

@@ -154,8 +154,13 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         vec!["--config".to_string(), recipe.2.to_string()],
     ];
     let mut notes = vec![format!(
-        "launch on dp {} x tp {} x pp {} = {} ranks (torchrun --nproc-per-node ... -m torchtitan.train)",
+        "launch on dp {} x {}tp {} x pp {} = {} ranks (torchrun --nproc-per-node ... -m torchtitan.train)",
         c.dp,
+        if c.cp > 1 {
+            format!("cp {} x ", c.cp)
+        } else {
+            String::new()
+        },
         c.tp,
         c.pp,
         c.devices()
@@ -187,6 +192,13 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         }
     };
     a.push(o("training.mixed_precision_param", param));
+    if c.cp > 1 && c.zero < 2 {
+        return Err(ExportError::unsupported(
+            E,
+            format!("context parallel {} with ZeRO-{}", c.cp, c.zero),
+            "parallelize_llama applies FSDP over the dp_shard × cp mesh whenever context parallelism is on",
+        ));
+    }
     let (replicate, shard) = if c.zero >= 2 { (1, c.dp) } else { (c.dp, 1) };
     a.push(o("parallelism.data_parallel_replicate_degree", replicate));
     a.push(o("parallelism.data_parallel_shard_degree", shard));
@@ -201,6 +213,10 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         "--parallelism.no_enable_sequence_parallel".to_string()
     }]);
     a.push(o("parallelism.pipeline_parallel_degree", c.pp));
+    if c.cp > 1 {
+        // PyTorch's `context_parallel` over SDPA, load-balanced on causal masks.
+        a.push(o("parallelism.context_parallel_degree", c.cp));
+    }
     if c.pp > 1 {
         a.push(o(
             "parallelism.pipeline_parallel_schedule",
@@ -244,12 +260,13 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let shard: u32 = w.req("--parallelism.data_parallel_shard_degree")?;
     let tp: u32 = w.req("--parallelism.tensor_parallel_degree")?;
     let pp: u32 = w.req("--parallelism.pipeline_parallel_degree")?;
+    let cp: u32 = w.num("--parallelism.context_parallel_degree")?.unwrap_or(1);
     let dp = replicate
         .checked_mul(shard)
         .ok_or_else(|| ParseError::Inconsistent("data-parallel degree overflows".into()))?;
-    if u128::from(dp) * u128::from(tp) * u128::from(pp) != u128::from(devices) {
+    if u128::from(dp) * u128::from(cp) * u128::from(tp) * u128::from(pp) != u128::from(devices) {
         return Err(ParseError::Inconsistent(format!(
-            "degrees {replicate} × {shard} × {tp} × {pp} do not make {devices} ranks"
+            "degrees {replicate} × {shard} × {cp} × {tp} × {pp} do not make {devices} ranks"
         )));
     }
     let local: u64 = w.req("--training.local_batch_size")?;
@@ -331,6 +348,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         dp,
         tp,
         pp,
+        cp,
         micro_batch,
         num_micro_batches,
         sp: tp > 1 && w.has("--parallelism.enable_sequence_parallel"),
