@@ -57,3 +57,15 @@ fn a_calibration_for_other_hardware_warns() {
         .iter()
         .all(|w| !w.to_string().contains("calibration is for")));
 }
+
+/// DeepSeek-V3's cluster (2,048 H800 in nodes of 8): the preset resolves and the H800,
+/// the H100's die with NVLink cut to 400 GB/s, is priced with the H100 table.
+#[test]
+fn the_h800_preset_uses_the_h100_table() {
+    let c = Cluster::resolve("hgx-h800:256").unwrap();
+    assert_eq!(c.devices(), 2048);
+    assert_eq!(c.intra_node.bandwidth, 200e9);
+    let m = apar::cost::CostModel::new(c);
+    assert!(!m.defaulted);
+    assert_eq!(m.eff, builtin_named("h100").unwrap());
+}

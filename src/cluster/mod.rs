@@ -313,6 +313,16 @@ pub mod devices {
         }
     }
 
+    /// NVIDIA H800 SXM5 80 GB: the H100 SXM5's compute, FP8 and memory with NVLink cut
+    /// to 400 GB/s (NVIDIA H800 product brief; DeepSeek-V3 technical report, Liu et al.
+    /// 2024, Sec. 3.1–3.2: H800 nodes of 8 GPUs on NVLink/NVSwitch, InfiniBand across).
+    pub fn h800() -> DeviceSpec {
+        DeviceSpec {
+            name: "H800-SXM5-80GB".into(),
+            ..h100()
+        }
+    }
+
     /// NVIDIA H100 SXM5 80 GB: 989 TFLOP/s dense bf16, 67 TFLOP/s fp32, 3.35 TB/s HBM3
     /// (NVIDIA H100 Tensor Core GPU datasheet, 2023); 1,979 TFLOP/s dense FP8 (the
     /// datasheet's 3,958 "with sparsity", halved).
@@ -403,6 +413,18 @@ pub mod links {
         Link {
             name: "nvlink4".into(),
             bandwidth: 450.0 * GB,
+            latency_s: 5e-6,
+        }
+    }
+
+    /// NVLink 4 on H800 (HGX H800): 400 GB/s bidirectional per GPU, 200 GB/s each way
+    /// (NVIDIA H800 product brief); DeepSeek-V3's report measures 160 GB/s of it
+    /// (Liu et al. 2024, Sec. 3.2.2: "NVLink offers a bandwidth of 160 GB/s, roughly
+    /// 3.2 times that of IB (50 GB/s)"), 0.8 of nominal, the `link` efficiency.
+    pub fn nvlink4_h800() -> Link {
+        Link {
+            name: "nvlink4-h800".into(),
+            bandwidth: 200.0 * GB,
             latency_s: 5e-6,
         }
     }
@@ -545,6 +567,21 @@ const PRESETS: &[Preset] = &[
                 n,
                 links::nvlink3_a800(),
                 links::ib_hdr(),
+            )
+        },
+    },
+    Preset {
+        name: "hgx-h800",
+        about: "HGX H800: 8 × H800-SXM5, NVLink 400 GB/s, 8 × NDR IB (DeepSeek-V3's cluster)",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("hgx-h800:{n}"),
+                devices::h800(),
+                8,
+                n,
+                links::nvlink4_h800(),
+                links::ib_ndr(),
             )
         },
     },
