@@ -437,6 +437,9 @@ pub enum PlanError {
     /// value.
     #[error(transparent)]
     Calibration(#[from] crate::cost::CalibrationError),
+    /// A saved plan's `model_config` differs from the model its `model` entry loads.
+    #[error("the plan's model_config differs from the model its `model` entry loads: apar rebuilds the model from `model` (a zoo name or file, with `layers` and `attention` overrides); edit that, or the config file it names, instead")]
+    EditedModelConfig,
     /// The cluster could not be resolved or is invalid.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
@@ -909,6 +912,13 @@ impl Session {
         options.runtime = Some(plan.runtime);
         options.calibration = plan.calibration.clone();
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
+        // The model is rebuilt from `model`; `model_config` is what that gave when the
+        // plan was saved. An edit there would be ignored, so it is refused instead.
+        if let (Some(saved), Some(rebuilt)) = (&plan.model_config, session.model_config()) {
+            if saved != rebuilt {
+                return Err(PlanError::EditedModelConfig);
+            }
+        }
         session.evaluate(&plan.config)
     }
 

@@ -1615,10 +1615,13 @@ impl Compiler {
 }
 
 /// PaLM's model FLOPs per token of `cfg` at context `seq`: `6·N + 12·L·H·Q·T`
-/// ([`Compiler::model_flops_per_step`] gives the definition and its sources).
+/// ([`Compiler::model_flops_per_step`] gives the definition and its sources). For a
+/// mixture of experts `N` is the active parameters (a token meets `k` of the `E`
+/// routed experts; [`ModelConfig::active_param_count`]), the count the MoE papers'
+/// MFU uses (DeepSeek-V3 technical report; Mixtral's "active parameters").
 pub fn model_flops_per_token(cfg: &ModelConfig, seq: u64) -> f64 {
     let h = cfg.hidden as f64;
-    let mut n = cfg.param_count() as f64;
+    let mut n = cfg.active_param_count() as f64;
     if !cfg.tied_embeddings {
         // The input table is a lookup; the untied output projection stays in `N`.
         n -= cfg.vocab as f64 * h;

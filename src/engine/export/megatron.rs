@@ -363,14 +363,53 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     })
 }
 
-/// Whether `pretrain_gpt.py`'s GPT model can be configured as `m`.
+/// Whether `pretrain_gpt.py`'s GPT model, as this export configures it, is `m`: a
+/// model feature the export writes no option for is refused (naming it) rather than
+/// dropped, since the launched model would differ from the planned one.
 pub(super) fn model_supported(m: &crate::models::ModelConfig) -> Result<(), ExportError> {
+    use crate::models::{Mlp, NormLayout, QkNorm};
+    let missing = |what: &str, why: &str| Err(ExportError::unsupported(E, what, why.to_string()));
     if m.parallel_residual {
-        return Err(ExportError::unsupported(
-            E,
+        return missing(
             "model's parallel residual",
             "the GPT model of pretrain_gpt.py has no parallel-residual option",
-        ));
+        );
+    }
+    if m.norm_layout != NormLayout::Pre {
+        return missing(
+            "model's norm placement",
+            "the GPT layer normalizes before attention and the MLP only (no sandwich or post norms)",
+        );
+    }
+    if m.mlp == Mlp::GeGlu {
+        return missing(
+            "model's GeGLU MLP",
+            "pretrain_gpt.py gates its MLP with SiLU (--swiglu) only",
+        );
+    }
+    if m.attn_softcap.is_some() || m.final_softcap.is_some() {
+        return missing(
+            "model's logit soft-capping",
+            "the GPT model has no soft-capping option",
+        );
+    }
+    if m.embed_scale || m.attn_scale.is_some() {
+        return missing(
+            "model's embedding or attention-score scale",
+            "the GPT model scales neither the embedding nor the scores by a configured factor",
+        );
+    }
+    if m.qk_norm != QkNorm::None {
+        return missing(
+            "model's query/key norms",
+            "apar's export does not write --qk-layernorm yet",
+        );
+    }
+    if m.sliding_window.is_some() {
+        return missing(
+            "model's sliding-window attention",
+            "apar's export does not write --window-size yet",
+        );
     }
     Ok(())
 }

@@ -1,0 +1,78 @@
+//! Today's model families through the planner: what their utilisation counts, and
+//! exports that refuse what they cannot write instead of dropping it.
+
+use apar::cluster::Cluster;
+use apar::engine::Engine;
+use apar::models::{hf, zoo};
+use apar::passes::Config;
+use apar::{PlanOptions, Session};
+use std::path::Path;
+
+/// A token meets `k` of the `E` routed experts, so MFU counts active parameters: the
+/// model FLOPs of a Qwen3-30B-A3B step (3.3B of 30.5B parameters active) are under
+/// the FLOPs the devices execute (HFU), and both are fractions of the peak.
+#[test]
+fn moe_utilisation_counts_active_parameters() {
+    let model = zoo::lookup("qwen3-30b-a3b").unwrap();
+    let cluster = Cluster::resolve("dgx-h100:4").unwrap();
+    let mut opts = PlanOptions::new(4096, 64);
+    opts.memory_ratio = 1.0;
+    let session = Session::for_config(&model, &cluster, &opts).unwrap();
+    let mut c = Config::new(32, 1, 1, 1, 2);
+    c.recompute = apar::passes::Recompute::Full;
+    c.zero = 3;
+    let plan = session.evaluate(&c).unwrap();
+    assert!(
+        plan.mfu > 0.0 && plan.mfu < plan.hfu && plan.hfu < 1.0,
+        "MFU {} HFU {}",
+        plan.mfu,
+        plan.hfu
+    );
+}
+
+/// Megatron-LM's GPT model has no sandwich norms, GeGLU or soft-capping: a Gemma 2
+/// plan's export is refused naming what is missing, and the plan says so up front.
+#[test]
+fn megatron_refuses_what_its_export_cannot_write() {
+    let cfg = hf::load(Path::new("tests/data/hf/gemma-2-9b.json")).unwrap();
+    let err = apar::engine::export::model_supported(
+        Engine::Megatron,
+        &cfg,
+        apar::engine::memory::Precision::Bf16,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("norm placement"), "{err}");
+    let qwen3 = hf::load(Path::new("tests/data/hf/qwen3-8b.json")).unwrap();
+    let err = apar::engine::export::model_supported(
+        Engine::Megatron,
+        &qwen3,
+        apar::engine::memory::Precision::Bf16,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("query/key norms"), "{err}");
+    let llama = zoo::lookup("llama3-8b").unwrap();
+    assert!(apar::engine::export::model_supported(
+        Engine::Megatron,
+        &llama,
+        apar::engine::memory::Precision::Bf16
+    )
+    .is_ok());
+}
+
+/// A saved plan is re-costed from its `model` entry; an edited `model_config` would
+/// be ignored, so it is refused.
+#[test]
+fn an_edited_model_config_is_refused() {
+    let model = zoo::lookup("llama3-8b").unwrap();
+    let cluster = Cluster::resolve("dgx-h100:1").unwrap();
+    let opts = PlanOptions::new(4096, 16);
+    let plan = Session::for_config(&model, &cluster, &opts)
+        .unwrap()
+        .plan()
+        .unwrap();
+    assert!(Session::recost(&plan).is_ok());
+    let mut edited = plan.clone();
+    edited.model_config.as_mut().unwrap().sliding_window = Some(4096);
+    let err = Session::recost(&edited).unwrap_err();
+    assert!(err.to_string().contains("model_config"), "{err}");
+}
