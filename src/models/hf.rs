@@ -978,9 +978,21 @@ impl Fields<'_> {
             Family::Mixtral => (1, Vec::new()),
             _ => {
                 let step = self.u64("decoder_sparse_step")?.unwrap_or(1);
+                // Hugging Face takes `(i + 1) % decoder_sparse_step`: 0 divides by zero.
+                if step == 0 {
+                    return Err(self.invalid("decoder_sparse_step", "must be at least 1".into()));
+                }
                 let step = u32::try_from(step)
                     .map_err(|_| self.invalid("decoder_sparse_step", "is too large".into()))?;
-                (step, self.u32s("mlp_only_layers")?)
+                let dense = self.u32s("mlp_only_layers")?;
+                let layers = self.layers("num_hidden_layers")?;
+                if let Some(&bad) = dense.iter().find(|&&i| i >= layers) {
+                    return Err(self.invalid(
+                        "mlp_only_layers",
+                        format!("names layer {bad}; the model has layers 0..{layers}"),
+                    ));
+                }
+                (step, dense)
             }
         };
         // Read: they change no size (the router's aux-loss weight, output and

@@ -627,7 +627,10 @@ impl ModelConfig {
             {
                 return bad(
                     "moe",
-                    "needs a positive expert count and expert size".into(),
+                    format!(
+                        "{} experts of size {}: each must be in 1..={MAX_DIM}",
+                        m.experts, m.expert_ffn
+                    ),
                 );
             }
             if m.topk == 0 || m.topk > m.experts {
