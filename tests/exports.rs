@@ -432,9 +432,44 @@ fn engines_refuse_what_they_cannot_run() {
     assert!(matches!(e, ExportError::NoRecipe { .. }), "{e}");
 }
 
+/// `model` with its mixture-of-experts layers changed by `variant` (0: as it is; 1:
+/// three dense layers first and a capacity factor; 2: a gated shared expert and every
+/// second layer sparse; 3: sigmoid scoring and one dense layer in the middle). A dense
+/// model is returned as it is.
+fn moe_variant(mut model: ModelConfig, variant: u32) -> ModelConfig {
+    let hidden = model.hidden;
+    let layers = model.layers;
+    if let Some(m) = model.moe.as_deref_mut() {
+        match variant {
+            1 => {
+                m.first_dense = 3;
+                m.capacity_factor = Some(1.25);
+            }
+            2 => {
+                m.shared_ffn = 2 * hidden;
+                m.shared_gate = true;
+                m.sparse_step = 2;
+            }
+            3 => {
+                m.scoring = apar::models::Scoring::Sigmoid;
+                m.dense_layers = vec![layers / 2];
+            }
+            _ => {}
+        }
+    }
+    model
+}
+
 fn arb_plan() -> impl Strategy<Value = ExportPlan> {
     (
-        prop::sample::select(vec!["llama3-8b", "llama3-70b", "llama2-7b", "gpt3-175b"]),
+        prop::sample::select(vec![
+            "llama3-8b",
+            "llama3-70b",
+            "llama2-7b",
+            "gpt3-175b",
+            "mixtral-8x7b",
+            "qwen3-30b-a3b",
+        ]),
         prop::sample::select(vec![1u32, 2, 4, 8]),
         prop::sample::select(vec![1u32, 2, 4, 8]),
         1u32..=8,
@@ -457,7 +492,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
     )
         .prop_map(
             |(model, tp, pp, dp, b, m, sp, (rc, k, zero, lps, sched, v, cuts), (compute, cp))| {
-                let model = zoo::lookup(model).unwrap();
+                let model = moe_variant(zoo::lookup(model).unwrap(), cuts[1] % 4);
                 let schedule = match (pp, sched) {
                     (1, _) | (_, 1) => Schedule::OneFOneB,
                     (_, 0) => Schedule::Gpipe,
@@ -898,6 +933,22 @@ fn matrix() -> Vec<Case> {
             config(8, 8, 1, 1, 8, true, Full, None, 3, OneFOneB),
             None,
         ),
+        // Mixture of experts (Megatron-LM only): experts replicated on every
+        // data-parallel rank, sequence parallelism with tensor parallelism.
+        case(
+            "tp2-pp2-moe",
+            "mixtral-8x7b",
+            4096,
+            config(2, 2, 2, 1, 8, true, Selective, None, 1, OneFOneB),
+            Some(&[16, 16]),
+        ),
+        case(
+            "tp2-moe-qwen3",
+            "qwen3-30b-a3b",
+            4096,
+            config(4, 2, 1, 1, 8, true, Full, None, 1, OneFOneB),
+            Some(&[48]),
+        ),
         case(
             "tp8-pp2-core-attn-mlp",
             "megatron-22b",
@@ -909,6 +960,50 @@ fn matrix() -> Vec<Case> {
             None,
         ),
     ]
+}
+
+/// Mixture-of-experts models export to Megatron-LM only (`--num-experts`, `--moe-*`,
+/// experts replicated: `--expert-model-parallel-size 1`), and read back; tensor
+/// parallelism needs sequence parallelism there (`MoELayer.forward`).
+#[test]
+fn megatron_exports_mixture_of_experts() {
+    let mut m = zoo::lookup("qwen3-30b-a3b").unwrap();
+    if let Some(moe) = m.moe.as_deref_mut() {
+        moe.first_dense = 2;
+        moe.capacity_factor = Some(1.5);
+    }
+    let c = config(
+        4,
+        2,
+        2,
+        1,
+        8,
+        true,
+        Recompute::Selective,
+        None,
+        1,
+        Schedule::OneFOneB,
+    );
+    let plan = ExportPlan::with_layers(c, Some(m.clone()), 4096, &[24, 24]);
+    let r = export(Engine::Megatron, &plan);
+    check_round_trip(Engine::Megatron, &plan, &r);
+    let e = r.unwrap();
+    assert!(
+        e.text.contains("--moe-layer-freq '([0]*2+[1]*46)'"),
+        "{}",
+        e.text
+    );
+    insta::assert_snapshot!("moe-qwen3-30b-a3b-megatron", render(&Ok(e)));
+    for engine in [Engine::DeepSpeed, Engine::Torchtitan, Engine::Hf] {
+        let e = export(engine, &plan).unwrap_err();
+        assert!(
+            matches!(e, ExportError::MixtureOfExperts { .. }),
+            "{engine}: {e}"
+        );
+    }
+    let no_sp = ExportPlan::with_layers(Config { sp: false, ..c }, Some(m), 4096, &[24, 24]);
+    let e = export(Engine::Megatron, &no_sp).unwrap_err();
+    assert!(e.to_string().contains("--sequence-parallel"), "{e}");
 }
 
 /// Writes the check matrix: every case exported for every engine, as JSON lines in

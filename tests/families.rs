@@ -31,7 +31,8 @@ fn moe_utilisation_counts_active_parameters() {
 }
 
 /// Megatron-LM's GPT model has no sandwich norms, GeGLU or soft-capping: a Gemma 2
-/// plan's export is refused naming what is missing, and the plan says so up front.
+/// plan's export is refused naming what is missing, and the plan says so up front;
+/// per-head query/key norms are `--qk-layernorm`, whole-projection ones are not.
 #[test]
 fn megatron_refuses_what_its_export_cannot_write() {
     let cfg = hf::load(Path::new("tests/data/hf/gemma-2-9b.json")).unwrap();
@@ -42,14 +43,15 @@ fn megatron_refuses_what_its_export_cannot_write() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("norm placement"), "{err}");
-    let qwen3 = hf::load(Path::new("tests/data/hf/qwen3-8b.json")).unwrap();
+    // OLMo 2 normalizes the whole query/key projections; `--qk-layernorm` is per head.
+    let olmo2 = hf::load(Path::new("tests/data/hf/olmo-2-1124-7b.json")).unwrap();
     let err = apar::engine::export::model_supported(
         Engine::Megatron,
-        &qwen3,
+        &olmo2,
         apar::engine::memory::Precision::Bf16,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("query/key norms"), "{err}");
+    assert!(err.to_string().contains("whole projection"), "{err}");
     let llama = zoo::lookup("llama3-8b").unwrap();
     assert!(apar::engine::export::model_supported(
         Engine::Megatron,

@@ -83,6 +83,10 @@ def check_megatron(row, src):
     import megatron.training.arguments as A
 
     A.get_device_arch_version = lambda: 9
+    # `--moe-grouped-gemm` asks the GPU for compute capability 8 or above.
+    import torch
+
+    torch.cuda.get_device_capability = lambda *_a, **_k: (9, 0)
     words = shell_words(exp["text"])
     sys.argv = ["pretrain_gpt.py"] + words + MEGATRON_LAUNCH + MEGATRON_NO_TE
     args = A.parse_args()
@@ -110,6 +114,24 @@ def check_megatron(row, src):
         expect_equal("recompute_modules", sorted(cfg.recompute_modules), sorted(want_modules))
     # FP8 compute: Transformer Engine's recipe in the model config (`--fp8-format`).
     expect_equal("fp8 format", cfg.fp8 is not None, bool(want.get("fp8")))
+    # Mixture of experts: the router and the expert layers the model builds.
+    moe = want.get("moe")
+    expect_equal("num_moe_experts", cfg.num_moe_experts, moe and moe["experts"])
+    if moe:
+        expect_equal("moe_router_topk", cfg.moe_router_topk, moe["topk"])
+        expect_equal("moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, moe["expert_ffn"])
+        expect_equal("moe_router_score_function", cfg.moe_router_score_function, moe["scoring"])
+        expect_equal(
+            "moe_shared_expert_intermediate_size",
+            cfg.moe_shared_expert_intermediate_size or 0,
+            moe.get("shared_ffn", 0),
+        )
+        expect_equal("expert_model_parallel_size", args.expert_model_parallel_size, 1)
+        expect_equal("moe_expert_capacity_factor", cfg.moe_expert_capacity_factor, moe.get("capacity_factor"))
+        freq = cfg.moe_layer_freq
+        pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(cfg.num_layers)]
+        dense = [i for i, e in enumerate(pattern) if not e]
+        expect_equal("dense layers (moe_layer_freq)", dense, moe.get("dense_layers", []))
     zero = 0
     if getattr(args, "use_megatron_fsdp", False):
         zero = {"optim_grads": 2, "optim_grads_params": 3}[args.data_parallel_sharding_strategy]

@@ -373,6 +373,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         schedule: (pp > 1).then_some(Schedule::OneFOneB),
         stages,
         fp8: false,
+        moe: None,
     })
 }
 

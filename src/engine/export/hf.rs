@@ -152,5 +152,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         schedule: None,
         stages: Vec::new(),
         fp8: false,
+        moe: None,
     })
 }

@@ -29,17 +29,32 @@
 //!   (which `validate_args` allows with the distributed optimizer or Megatron-FSDP and
 //!   `--overlap-grad-reduce` only).
 //!
+//! - mixture-of-experts layers (`--num-experts`, `--moe-*` of `_add_moe_args` and
+//!   `TransformerConfig`): `--num-experts`, `--moe-router-topk`, `--moe-ffn-hidden-size`,
+//!   `--moe-router-score-function`, shared experts as
+//!   `--moe-shared-expert-intermediate-size` (with `--moe-shared-expert-gate`, a sigmoid
+//!   gate), dense layers as a `--moe-layer-freq` list pattern (`([0]*3+[1]*45)`, which
+//!   `moe_freq_type` evaluates), a capacity factor as `--moe-expert-capacity-factor` with
+//!   `--moe-pad-expert-input-to-capacity` (fixed buffers, as apar counts them), the
+//!   alltoall dispatcher, `--moe-grouped-gemm` and `--expert-model-parallel-size 1`
+//!   (experts replicated on every data-parallel rank). `MoELayer.forward` refuses
+//!   to train with tensor parallelism but no sequence parallelism, and
+//!   `TransformerConfig` allows linear biases in experts only with expert tensor
+//!   parallelism 1, which is not how apar shards experts: both are refused;
+//! - per-head query/key norms (Qwen3) are `--qk-layernorm`.
+//!
 //! The data-parallel degree is the world size over `tp × pp`, and the micro-batch count
 //! is the global batch over `dp × micro-batch`: the job must be launched on
 //! `dp × tp × pp` ranks.
 
 use super::words::{self, Options};
 use super::{
-    even_layers, exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig, StageLayers,
+    even_layers, exact_div, Export, ExportError, ExportPlan, ParseError, ParsedConfig, ParsedMoe,
+    StageLayers,
 };
 use crate::engine::memory::Precision;
 use crate::engine::Engine;
-use crate::models::{Attention, Mlp, Norm, Position};
+use crate::models::{Attention, Mlp, ModelConfig, Norm, Position, QkNorm, Scoring};
 use crate::passes::{Recompute, RecomputeModules, Schedule};
 
 const E: Engine = Engine::Megatron;
@@ -335,6 +350,9 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     if m.mlp == Mlp::SwiGlu {
         flag(&mut a, "swiglu");
     }
+    if m.qk_norm == QkNorm::PerHead {
+        flag(&mut a, "qk-layernorm");
+    }
     if !m.tied_embeddings {
         flag(&mut a, "untie-embeddings-and-output-weights");
     }
@@ -351,6 +369,23 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         Attention::Eager => "unfused",
     };
     arg(&mut a, "attention-backend", backend);
+    if let Some(moe) = ParsedMoe::of(m) {
+        if c.tp > 1 && !c.sp {
+            return Err(ExportError::unsupported(
+                E,
+                "mixture-of-experts layers with tensor parallelism but no sequence parallelism",
+                "MoELayer.forward refuses to train with tensor parallelism unless --sequence-parallel is set",
+            ));
+        }
+        if m.mlp_bias {
+            return Err(ExportError::unsupported(
+                E,
+                "experts with linear biases",
+                "TransformerConfig allows bias in MoE only with --expert-tensor-parallel-size 1, and apar shards experts by the tensor-parallel degree",
+            ));
+        }
+        moe_args(&mut a, &moe, m.layers);
+    }
     notes.push(format!(
         "the tokenizer sets the vocabulary ({} tokens in the plan)",
         m.vocab
@@ -363,12 +398,174 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     })
 }
 
+/// The `--num-experts`, `--moe-*` options of `moe`, a model of `layers` layers.
+fn moe_args(a: &mut Vec<Vec<String>>, moe: &ParsedMoe, layers: u32) {
+    arg(a, "num-experts", moe.experts);
+    arg(a, "moe-router-topk", moe.topk);
+    arg(a, "moe-ffn-hidden-size", moe.expert_ffn);
+    let score = match moe.scoring {
+        Scoring::Softmax => "softmax",
+        Scoring::Sigmoid => "sigmoid",
+    };
+    arg(a, "moe-router-score-function", score);
+    if moe.shared_ffn > 0 {
+        arg(a, "moe-shared-expert-intermediate-size", moe.shared_ffn);
+        if moe.shared_gate {
+            flag(a, "moe-shared-expert-gate");
+        }
+    }
+    if !moe.dense_layers.is_empty() {
+        arg(
+            a,
+            "moe-layer-freq",
+            layer_pattern(&moe.dense_layers, layers),
+        );
+    }
+    if let Some(c) = moe.capacity_factor {
+        arg(a, "moe-expert-capacity-factor", c);
+        flag(a, "moe-pad-expert-input-to-capacity");
+    }
+    arg(a, "moe-token-dispatcher-type", "alltoall");
+    flag(a, "moe-grouped-gemm");
+    arg(a, "expert-model-parallel-size", 1);
+}
+
+/// `--moe-layer-freq` as a list expression (`1` expert layer, `0` dense), runs of
+/// equal layers as `[d]*n`: `([0]*3+[1]*45)`.
+fn layer_pattern(dense: &[u32], layers: u32) -> String {
+    let mut runs: Vec<(u8, u32)> = Vec::new();
+    for i in 0..layers {
+        let d = u8::from(!dense.contains(&i));
+        match runs.last_mut() {
+            Some((last, n)) if *last == d => *n += 1,
+            _ => runs.push((d, 1)),
+        }
+    }
+    let terms: Vec<String> = runs
+        .iter()
+        .map(|&(d, n)| {
+            if n == 1 {
+                format!("[{d}]")
+            } else {
+                format!("[{d}]*{n}")
+            }
+        })
+        .collect();
+    format!("({})", terms.join("+"))
+}
+
+/// The dense layers of a `--moe-layer-freq` value: an integer `n` (layers `0, n, 2n, …`
+/// have experts) or a sum of `[d, …]` / `[d, …]*n` terms, in parentheses or not, whose
+/// length is `layers`.
+fn parse_layer_pattern(s: &str, layers: u32) -> Result<Vec<u32>, ParseError> {
+    let bad = || ParseError::BadValue {
+        option: "--moe-layer-freq".into(),
+        value: s.to_string(),
+    };
+    if let Ok(n) = s.parse::<u32>() {
+        if n == 0 {
+            return Err(bad());
+        }
+        return Ok((0..layers).filter(|i| i % n != 0).collect());
+    }
+    let body = s
+        .strip_prefix('(')
+        .and_then(|b| b.strip_suffix(')'))
+        .unwrap_or(s);
+    let mut pattern: Vec<bool> = Vec::new();
+    for term in body.split('+') {
+        let (list, times) = match term.split_once("]*") {
+            Some((l, n)) => (l, n.parse::<u64>().map_err(|_| bad())?),
+            None => (term.strip_suffix(']').ok_or_else(bad)?, 1),
+        };
+        let list = list.strip_prefix('[').ok_or_else(bad)?;
+        let items: Vec<bool> = list
+            .split(',')
+            .map(|d| match d {
+                "0" => Ok(false),
+                "1" => Ok(true),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?;
+        let grown = (items.len() as u64).saturating_mul(times);
+        if pattern.len() as u64 + grown > u64::from(layers) {
+            return Err(ParseError::Inconsistent(format!(
+                "--moe-layer-freq {s} is longer than --num-layers {layers}"
+            )));
+        }
+        for _ in 0..times {
+            pattern.extend_from_slice(&items);
+        }
+    }
+    if pattern.len() != layers as usize {
+        return Err(ParseError::Inconsistent(format!(
+            "--moe-layer-freq {s} has {} layers; --num-layers is {layers}",
+            pattern.len()
+        )));
+    }
+    Ok((0..layers).filter(|&i| !pattern[i as usize]).collect())
+}
+
+/// The mixture-of-experts options of `o`, a model of `layers` layers (`None`: dense).
+fn parse_moe(o: &Options, layers: u32) -> Result<Option<ParsedMoe>, ParseError> {
+    let Some(experts) = o.num::<u64>("--num-experts")? else {
+        return Ok(None);
+    };
+    if experts == 0 {
+        return Ok(None);
+    }
+    let ep: u32 = o.num("--expert-model-parallel-size")?.unwrap_or(1);
+    if ep != 1 {
+        return Err(ParseError::Inconsistent(format!(
+            "--expert-model-parallel-size {ep}: apar plans experts replicated on every data-parallel rank (1)"
+        )));
+    }
+    let scoring = match o.value("--moe-router-score-function")?.unwrap_or("softmax") {
+        "softmax" => Scoring::Softmax,
+        "sigmoid" => Scoring::Sigmoid,
+        other => {
+            return Err(ParseError::BadValue {
+                option: "--moe-router-score-function".into(),
+                value: other.into(),
+            })
+        }
+    };
+    let shared_ffn: u64 = o.num("--moe-shared-expert-intermediate-size")?.unwrap_or(0);
+    let dense_layers = match o.value("--moe-layer-freq")? {
+        Some(f) => parse_layer_pattern(f, layers)?,
+        None => Vec::new(),
+    };
+    let capacity_factor: Option<f64> = o
+        .num::<f64>("--moe-expert-capacity-factor")?
+        .filter(|c| *c >= 0.0);
+    Ok(Some(ParsedMoe {
+        experts,
+        // Megatron-LM's defaults: top 2, the dense intermediate size.
+        topk: o.num("--moe-router-topk")?.unwrap_or(2),
+        expert_ffn: match o.num("--moe-ffn-hidden-size")? {
+            Some(f) => f,
+            None => o.req("--ffn-hidden-size")?,
+        },
+        shared_ffn,
+        shared_gate: shared_ffn > 0 && o.has("--moe-shared-expert-gate"),
+        scoring,
+        dense_layers,
+        capacity_factor,
+    }))
+}
+
 /// Whether `pretrain_gpt.py`'s GPT model, as this export configures it, is `m`: a
 /// model feature the export writes no option for is refused (naming it) rather than
 /// dropped, since the launched model would differ from the planned one.
-pub(super) fn model_supported(m: &crate::models::ModelConfig) -> Result<(), ExportError> {
-    use crate::models::{Mlp, NormLayout, QkNorm};
+pub(super) fn model_supported(m: &ModelConfig) -> Result<(), ExportError> {
+    use crate::models::NormLayout;
     let missing = |what: &str, why: &str| Err(ExportError::unsupported(E, what, why.to_string()));
+    if m.qk_norm == QkNorm::Full {
+        return missing(
+            "model's query/key norms over the whole projection",
+            "--qk-layernorm normalizes each head (head_dim channels)",
+        );
+    }
     if m.parallel_residual {
         return missing(
             "model's parallel residual",
@@ -397,12 +594,6 @@ pub(super) fn model_supported(m: &crate::models::ModelConfig) -> Result<(), Expo
         return missing(
             "model's embedding or attention-score scale",
             "the GPT model scales neither the embedding nor the scores by a configured factor",
-        );
-    }
-    if m.qk_norm != QkNorm::None {
-        return missing(
-            "model's query/key norms",
-            "apar's export does not write --qk-layernorm yet",
         );
     }
     if m.sliding_window.is_some() {
@@ -586,5 +777,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         }),
         stages,
         fp8,
+        moe: parse_moe(&o, layers)?,
     })
 }

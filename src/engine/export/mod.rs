@@ -207,8 +207,9 @@ pub enum ExportError {
         model: String,
     },
     /// The model has mixture-of-experts layers (or multi-latent attention), whose
-    /// engine options (Megatron-LM's `--num-experts`, `--moe-router-topk`,
-    /// `--moe-ffn-hidden-size`, …) apar does not write or read back yet.
+    /// engine options apar does not write or read back yet for this engine (it writes
+    /// Megatron-LM's `--num-experts`, `--moe-router-topk`, …; no engine's multi-latent
+    /// attention options).
     #[error("{engine}: the model `{model}` has {what}, whose options apar does not export yet")]
     MixtureOfExperts {
         /// The engine.
@@ -248,10 +249,11 @@ impl ExportError {
 /// the engine lacks) or lacks what it needs to build the model.
 pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> {
     if let Some(m) = &plan.model {
+        // Megatron-LM's MoE options are written (`megatron`); the other engines' are not.
         let what = match (&m.moe, &m.mla) {
-            (Some(_), _) => Some("mixture-of-experts layers"),
-            (None, Some(_)) => Some("multi-latent attention"),
-            (None, None) => None,
+            (_, Some(_)) => Some("multi-latent attention"),
+            (Some(_), None) if engine != Engine::Megatron => Some("mixture-of-experts layers"),
+            _ => None,
         };
         if let Some(what) = what {
             return Err(ExportError::MixtureOfExperts {
@@ -328,7 +330,7 @@ pub fn model_supported(
 /// Values without meaning in the plan are normalized away: no schedule and no stages
 /// without a pipeline, no sequence parallelism without tensor parallelism, no layer
 /// count without recomputation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ParsedConfig {
     /// Data-parallel degree.
     pub dp: u32,
@@ -364,6 +366,61 @@ pub struct ParsedConfig {
     /// FP8 compute is switched on (Megatron-LM `--fp8-format`; a torchtitan recipe
     /// with a `Float8LinearConverter`).
     pub fp8: bool,
+    /// The mixture-of-experts layers (left out of JSON for a dense model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe: Option<ParsedMoe>,
+}
+
+/// A model's mixture-of-experts layers as an engine's options carry them (Megatron-LM's
+/// `--num-experts`, `--moe-*`); experts are replicated on every data-parallel rank
+/// (expert-parallel size 1).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ParsedMoe {
+    /// Routed experts.
+    pub experts: u64,
+    /// Experts chosen per token.
+    pub topk: u64,
+    /// Intermediate size of one routed expert.
+    pub expert_ffn: u64,
+    /// Intermediate size of the shared experts together (left out of JSON when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shared_ffn: u64,
+    /// The shared experts' output is scaled by a sigmoid gate (only with shared
+    /// experts; left out of JSON when false).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared_gate: bool,
+    /// Router scoring.
+    pub scoring: crate::models::Scoring,
+    /// The dense layers, in order (left out of JSON when every layer has experts).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dense_layers: Vec<u32>,
+    /// Capacity factor (`None`: dropless; left out of JSON then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_factor: Option<f64>,
+}
+
+impl ParsedMoe {
+    /// The mixture-of-experts layers of `model`, if it has any.
+    pub fn of(model: &ModelConfig) -> Option<ParsedMoe> {
+        let m = model.moe.as_deref()?;
+        Some(ParsedMoe {
+            experts: m.experts,
+            topk: m.topk,
+            expert_ffn: m.expert_ffn,
+            shared_ffn: m.shared_ffn,
+            shared_gate: m.shared_gate && m.shared_ffn > 0,
+            scoring: m.scoring,
+            dense_layers: (0..model.layers)
+                .filter(|&i| !model.is_moe_layer(i))
+                .collect(),
+            capacity_factor: m.capacity_factor,
+        })
+    }
+}
+
+/// Serde's test for a size left out when 0.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ParsedConfig {
@@ -397,6 +454,7 @@ impl ParsedConfig {
                 Vec::new()
             },
             fp8: plan.precision.compute == crate::engine::memory::Precision::Fp8,
+            moe: plan.model.as_ref().and_then(ParsedMoe::of),
         }
     }
 }

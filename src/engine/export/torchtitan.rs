@@ -360,5 +360,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         schedule,
         stages,
         fp8,
+        moe: None,
     })
 }
