@@ -949,6 +949,28 @@ fn matrix() -> Vec<Case> {
             config(4, 2, 1, 1, 8, true, Full, None, 1, OneFOneB),
             Some(&[48]),
         ),
+        // Context parallelism: Megatron-LM's `--context-parallel-size`, torchtitan's
+        // `--parallelism.context_parallel_degree` (FSDP over dp_shard × cp: ZeRO-2/3).
+        case(
+            "cp4-tp2-zero2",
+            "llama3-8b",
+            32768,
+            Config {
+                cp: 4,
+                ..config(2, 2, 1, 1, 8, true, Full, None, 2, OneFOneB)
+            },
+            None,
+        ),
+        case(
+            "cp2-tp4-pp2",
+            "llama3-70b",
+            16384,
+            Config {
+                cp: 2,
+                ..config(2, 4, 2, 1, 8, true, Full, None, 1, OneFOneB)
+            },
+            None,
+        ),
         case(
             "tp8-pp2-core-attn-mlp",
             "megatron-22b",

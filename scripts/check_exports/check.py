@@ -97,6 +97,7 @@ def check_megatron(row, src):
     expect_equal("data_parallel_size", args.data_parallel_size, want["dp"])
     expect_equal("tensor_model_parallel_size", args.tensor_model_parallel_size, want["tp"])
     expect_equal("pipeline_model_parallel_size", args.pipeline_model_parallel_size, want["pp"])
+    expect_equal("context_parallel_size", args.context_parallel_size, want.get("cp", 1))
     expect_equal("micro_batch_size", args.micro_batch_size, want["micro_batch"])
     expect_equal(
         "micro-batches",
@@ -294,6 +295,7 @@ def check_torchtitan(row, _src):
     expect_equal("data-parallel degree", dp, want["dp"])
     expect_equal("tensor_parallel_degree", par.tensor_parallel_degree, want["tp"])
     expect_equal("pipeline_parallel_degree", par.pipeline_parallel_degree, want["pp"])
+    expect_equal("context_parallel_degree", par.context_parallel_degree, want.get("cp", 1))
     if want["tp"] > 1:
         expect_equal("enable_sequence_parallel", par.enable_sequence_parallel, want["sp"])
     t = cfg.training

@@ -1005,21 +1005,19 @@ fn checked_runtime(
 /// Whose model code runs a configuration under `engine`: Hugging Face Transformers'
 /// modules for the `hf` engine (the `config.json`'s `model_type`, else the layout's
 /// architecture, [`models::HfArch::infer`]; attention `sdpa` for flash attention,
-/// `eager` for eager), the fused kernels otherwise. A graph is its own code.
+/// `eager` for eager), torchtitan's own code for the layouts it has one for
+/// ([`torchtitan_code`]), the fused kernels otherwise. A graph is its own code.
 fn model_code(
     engine: Engine,
     config: Option<&ModelConfig>,
     notes: &models::hf::ConfigNotes,
 ) -> Result<models::ModelCode, PlanError> {
-    let Some(cfg) = config.filter(|_| engine == Engine::Hf) else {
-        if engine == Engine::Torchtitan {
-            if let Some(cfg) = config {
-                if let Some(attn) = torchtitan_code(cfg) {
-                    return Ok(attn);
-                }
-            }
+    let cfg = match (engine, config) {
+        (Engine::Hf, Some(cfg)) => cfg,
+        (Engine::Torchtitan, Some(cfg)) => {
+            return Ok(torchtitan_code(cfg).unwrap_or(models::ModelCode::Fused))
         }
-        return Ok(models::ModelCode::Fused);
+        _ => return Ok(models::ModelCode::Fused),
     };
     let arch = notes
         .model_type
