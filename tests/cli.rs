@@ -247,3 +247,57 @@ fn oom_suggestions_fit_when_followed() {
         );
     }
 }
+
+/// `--no-overlap-grad-reduce` prices a Megatron-LM run made at its defaults: slower
+/// than the overlapped plan (every reduction exposed), exported without the overlap
+/// flags, saved and re-costed with the switch; other engines refuse it.
+#[test]
+fn megatron_runs_without_data_parallel_overlap() {
+    let pins = [
+        "--dp", "8", "--tp", "2", "--pp", "2", "--zero", "1", "--json",
+    ];
+    let step = |extra: &[&str]| {
+        let mut a = pins.to_vec();
+        a.extend(extra);
+        let (code, out, err) = eval(&a);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["step_time_s"].as_f64().unwrap()
+    };
+    let on = step(&[]);
+    let off = step(&["--no-overlap-grad-reduce"]);
+    assert!(off > on, "{off} vs {on}");
+    let (code, out, err) = eval(&[
+        "--dp", "8", "--tp", "2", "--pp", "2", "--zero", "1", "--emit",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("--overlap-grad-reduce") && out.contains("--overlap-param-gather"));
+    let (code, out, err) = eval(&[
+        "--dp",
+        "8",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--zero",
+        "1",
+        "--emit",
+        "--no-overlap-grad-reduce",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains("--overlap-grad-reduce") && !out.contains("--overlap-param-gather"),
+        "{out}"
+    );
+    let (code, _, err) = eval(&[
+        "--dp",
+        "16",
+        "--pp",
+        "2",
+        "--engine",
+        "torchtitan",
+        "--no-overlap-grad-reduce",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("megatron"), "{err}");
+}

@@ -232,3 +232,38 @@ fn zero_3_step_is_at_least_its_gathers() {
     assert!(e.step_time_s >= gathers.max(compute), "{e:?}");
     assert!(e.sim.breakdown.dp_comm_s > 0.0);
 }
+
+/// Megatron-LM without `--overlap-grad-reduce` reduces every gradient after the
+/// step's last backward, and without `--overlap-param-gather` gathers the updated
+/// parameters after the step (`finalize_model_grads`, `DistributedOptimizer.step`):
+/// the whole of both is exposed. The FSDP engines have no such switch.
+#[test]
+fn megatron_without_overlap_exposes_every_reduction() {
+    use apar::engine::overlap::DpOverlap;
+    let off = DpOverlap {
+        grad_reduce: false,
+        param_gather: false,
+    };
+    let on = Engine::Megatron.overlap_with(8, DpOverlap::default());
+    assert_eq!(on, Engine::Megatron.overlap(8));
+    let o = Engine::Megatron.overlap_with(8, off);
+    assert_eq!(o.grad_bucket, Bucket::Step);
+    assert_eq!(o.param_gather, ParamGather::AfterStep);
+    // 4 layers of 1 s forward, 2 s backward; 0.5 s of reduction each, 2 micro-batches:
+    // 2 × 12 s of compute, then 4 × 0.5 s of reduction.
+    let zero1 = layers(4, 1.0, |p| p.dp_grad_s = 0.5);
+    close(step(&zero1, 1, 2, o, SharedLinks::default()), 26.0);
+    // With buckets, only the last block's 0.5 s is exposed.
+    let bucketed = per_block(on);
+    close(step(&zero1, 1, 2, bucketed, SharedLinks::default()), 24.5);
+    // The switches are Megatron-LM's: other engines refuse them, and the gather
+    // overlap needs the reduction overlap (Megatron-LM asserts it).
+    assert!(off.check(Engine::Megatron).is_ok());
+    assert!(off.check(Engine::Torchtitan).is_err());
+    assert!(off.check(Engine::DeepSpeed).is_err());
+    let gather_only = DpOverlap {
+        grad_reduce: false,
+        param_gather: true,
+    };
+    assert!(gather_only.check(Engine::Megatron).is_err());
+}

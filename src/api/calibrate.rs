@@ -35,11 +35,14 @@
 //! | `schedule` | `1f1b` (default), `gpipe`, `interleaved:V` |
 //! | `step_time_s` | measured seconds per step |
 //! | `peak_memory_bytes` | measured peak memory per device (optional; reported, not fitted) |
+//! | `overlap_grad_reduce` | Megatron-LM's `--overlap-grad-reduce` was on (`true` by default; `false`: every gradient reduction after the step's backward) |
+//! | `overlap_param_gather` | Megatron-LM's `--overlap-param-gather` was on (default: as `overlap_grad_reduce`, which it needs) |
 
 use super::{ModelSpec, PlanError, PlanOptions, Session};
 use crate::cluster::Cluster;
 use crate::cost::{Calibration, Param};
 use crate::engine::memory::Precision;
+use crate::engine::overlap::DpOverlap;
 use crate::engine::Engine;
 use crate::lower::compile::Compiler;
 use crate::passes::{Config, Recompute, RecomputeModules, Schedule};
@@ -113,6 +116,9 @@ pub struct Run {
     pub step_time_s: f64,
     /// Measured peak memory per device, bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// The data-parallel overlap switches the run had (Megatron-LM's
+    /// `--overlap-grad-reduce`, `--overlap-param-gather`; both on unless given).
+    pub dp_overlap: DpOverlap,
 }
 
 /// A run as a file spells it: optional fields not yet defaulted, `recompute` not yet
@@ -150,6 +156,10 @@ struct RunFields {
     step_time_s: f64,
     #[serde(default)]
     peak_memory_bytes: Option<u64>,
+    #[serde(default)]
+    overlap_grad_reduce: Option<bool>,
+    #[serde(default)]
+    overlap_param_gather: Option<bool>,
 }
 
 fn one() -> u32 {
@@ -233,6 +243,15 @@ impl TryFrom<RunFields> for Run {
             schedule: f.schedule,
             step_time_s: f.step_time_s,
             peak_memory_bytes: f.peak_memory_bytes,
+            dp_overlap: {
+                let grad_reduce = f.overlap_grad_reduce.unwrap_or(true);
+                let flags = DpOverlap {
+                    grad_reduce,
+                    param_gather: f.overlap_param_gather.unwrap_or(grad_reduce),
+                };
+                flags.check(f.engine).map_err(|e| e.to_string())?;
+                flags
+            },
         })
     }
 }
@@ -553,6 +572,7 @@ pub fn compile_runs(
         let mut options = PlanOptions::new(run.seq, run.global_batch);
         options.engine = run.engine;
         options.precision.compute = run.precision;
+        options.dp_overlap = run.dp_overlap;
         options.calibration = start.cloned();
         // The run ran: all of the device memory was usable (a budget below it could
         // move the pipeline cuts away from the ones the run had).

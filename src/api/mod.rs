@@ -37,6 +37,7 @@ pub use diagnostics::Warning;
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::Calibration;
 use crate::engine::memory::{PrecisionOptions, RuntimeOverhead};
+use crate::engine::overlap::DpOverlap;
 use crate::engine::rules::Unsupported;
 use crate::engine::Engine;
 use crate::ir::{Graph, Phase};
@@ -74,6 +75,9 @@ pub struct PlanOptions {
     /// ([`Engine::runtime`]).
     #[serde(default)]
     pub runtime: Option<RuntimeOverhead>,
+    /// The engine's data-parallel overlap switches (both on: what apar's exports ask
+    /// for; off to price a run made without them, Megatron-LM only).
+    pub dp_overlap: DpOverlap,
     /// The cost parameters (`--calibration FILE`); `None`: the built-in table of the
     /// cluster's device ([`crate::cost::CostModel::new`]).
     #[serde(default)]
@@ -93,6 +97,7 @@ impl PlanOptions {
             engine: Engine::default(),
             precision: PrecisionOptions::default(),
             runtime: None,
+            dp_overlap: DpOverlap::default(),
             calibration: None,
             search: SearchOptions {
                 runners_up: 3,
@@ -232,6 +237,10 @@ pub struct Plan {
     /// The runtime overhead the plan was made with.
     #[serde(default)]
     pub runtime: RuntimeOverhead,
+    /// The data-parallel overlap switches the plan was priced with; left out of JSON
+    /// when both are on (the default), so plans saved before them read the same.
+    #[serde(default, skip_serializing_if = "DpOverlap::is_default")]
+    pub dp_overlap: DpOverlap,
     /// The calibration the plan was priced with, when a user gave one (`None`: the
     /// built-in table of the cluster's device).
     #[serde(default)]
@@ -347,7 +356,8 @@ impl Plan {
             self.global_batch,
             &blocks,
         )
-        .with_precision(self.precision);
+        .with_precision(self.precision)
+        .with_dp_overlap(self.dp_overlap);
         crate::engine::export::export(engine, &plan)
     }
 
@@ -606,6 +616,7 @@ impl Session {
         .with_engine(options.engine)
         .with_model_code(model_code(options.engine, config.as_ref(), &notes)?)?
         .with_precision(options.precision)?
+        .with_dp_overlap(options.dp_overlap)?
         .with_runtime(checked_runtime(
             options.runtime.unwrap_or(options.engine.runtime()),
         )?);
@@ -910,6 +921,7 @@ impl Session {
         options.engine = plan.engine;
         options.precision = plan.precision;
         options.runtime = Some(plan.runtime);
+        options.dp_overlap = plan.dp_overlap;
         options.calibration = plan.calibration.clone();
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
         // The model is rebuilt from `model`; `model_config` is what that gave when the
@@ -964,6 +976,7 @@ impl Session {
             engine: self.compiler.engine,
             precision: self.compiler.precision,
             runtime: self.compiler.runtime,
+            dp_overlap: self.compiler.dp_overlap,
             calibration: self.compiler.calibration.clone(),
             config: e.config,
             step_time_s: summary.step_time_s,

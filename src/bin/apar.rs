@@ -332,10 +332,24 @@ struct MemoryArgs {
     /// a built-in table from `calibration/`) instead of the device's built-in table.
     #[arg(long)]
     calibration: Option<PathBuf>,
+    /// Price the job as Megatron-LM runs without `--overlap-grad-reduce`: every
+    /// gradient reduction after the step's last backward (implies
+    /// --no-overlap-param-gather). For a measured run made at Megatron-LM's defaults;
+    /// plans are made, and exported, with overlap on.
+    #[arg(long)]
+    no_overlap_grad_reduce: bool,
+    /// Price the job as Megatron-LM runs without `--overlap-param-gather`: the
+    /// distributed optimizer's parameter all-gather after the step, exposed.
+    #[arg(long)]
+    no_overlap_param_gather: bool,
 }
 
 impl MemoryArgs {
     fn apply(&self, o: &mut PlanOptions) -> Result<(), String> {
+        o.dp_overlap = apar::engine::overlap::DpOverlap {
+            grad_reduce: !self.no_overlap_grad_reduce,
+            param_gather: !(self.no_overlap_grad_reduce || self.no_overlap_param_gather),
+        };
         if let Some(p) = self.precision {
             o.precision.compute = p;
         }

@@ -29,13 +29,18 @@
 
 use super::memory::DEEPSPEED_REDUCE_BUCKET_ELEMENTS;
 use super::Engine;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 /// How many parameter elements a gradient bucket holds before its reduction starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Bucket {
     /// Every block is its own bucket (FSDP2: one `fully_shard` unit per block).
     Block,
+    /// No overlap: every gradient is reduced after the whole step's backward, on the
+    /// critical path (Megatron-LM without `--overlap-grad-reduce`:
+    /// `finalize_model_grads` runs the reductions after the last micro-batch).
+    Step,
     /// The bucket is reduced once it holds at least this many parameter elements.
     Elements(u64),
     /// One bucket per model chunk: the reduction starts after the chunk's backward.
@@ -79,7 +84,96 @@ pub const MEGATRON_BUCKET_FLOOR_ELEMENTS: u64 = 40_000_000;
 /// Megatron-LM's bucket growth per data-parallel rank, elements (same source).
 pub const MEGATRON_BUCKET_PER_RANK_ELEMENTS: u64 = 1_000_000;
 
+/// The data-parallel overlap switches of a job: Megatron-LM's `--overlap-grad-reduce`
+/// and `--overlap-param-gather` (both off by default in `arguments.py`, both on in
+/// apar's exports). A plan is made with both on; a measured run made without them
+/// (`apar eval --no-overlap-grad-reduce`, a calibration run's `overlap_grad_reduce`
+/// column) is priced as the engine ran it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DpOverlap {
+    /// Gradient reductions overlap the backward by buckets.
+    pub grad_reduce: bool,
+    /// The distributed optimizer's parameter all-gather overlaps the next forward.
+    pub param_gather: bool,
+}
+
+impl Default for DpOverlap {
+    /// Both on: what apar's exports ask for.
+    fn default() -> DpOverlap {
+        DpOverlap {
+            grad_reduce: true,
+            param_gather: true,
+        }
+    }
+}
+
+impl DpOverlap {
+    /// Both on (the default).
+    pub fn is_default(&self) -> bool {
+        *self == DpOverlap::default()
+    }
+}
+
+/// Overlap switches an engine cannot run with.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum DpOverlapError {
+    /// Only Megatron-LM has the switches; the FSDP engines always overlap and
+    /// DeepSpeed's `overlap_comm: false` is not modelled.
+    #[error("{engine} has no switch apar models for running without data-parallel overlap (only megatron's --overlap-grad-reduce / --overlap-param-gather are)")]
+    Engine {
+        /// The engine.
+        engine: Engine,
+    },
+    /// Megatron-LM asserts that `--overlap-param-gather` comes with
+    /// `--overlap-grad-reduce` (`arguments.py`, `validate_args`).
+    #[error("overlapping the parameter gather needs the gradient reduction overlapped too (Megatron-LM asserts --overlap-param-gather implies --overlap-grad-reduce)")]
+    ParamGatherWithoutGradReduce,
+}
+
+impl DpOverlap {
+    /// Checks the switches against `engine`.
+    ///
+    /// # Errors
+    ///
+    /// [`DpOverlapError`] when an engine other than Megatron-LM is asked to run
+    /// without overlap, or the parameter gather is overlapped without the gradient
+    /// reduction.
+    pub fn check(&self, engine: Engine) -> Result<(), DpOverlapError> {
+        if self.is_default() {
+            return Ok(());
+        }
+        if engine != Engine::Megatron {
+            return Err(DpOverlapError::Engine { engine });
+        }
+        if self.param_gather && !self.grad_reduce {
+            return Err(DpOverlapError::ParamGatherWithoutGradReduce);
+        }
+        Ok(())
+    }
+}
+
 impl Engine {
+    /// How this engine overlaps data-parallel communication with compute for `dp`
+    /// data-parallel ranks, with the flags its export sets (see the module table), or
+    /// as Megatron-LM runs without them (`flags`; the other engines have no such
+    /// switch, see [`DpOverlap::check`]).
+    pub fn overlap_with(self, dp: u32, flags: DpOverlap) -> Overlap {
+        let mut o = self.overlap(dp);
+        if self == Engine::Megatron {
+            if !flags.grad_reduce {
+                o.grad_bucket = Bucket::Step;
+                o.bucket_first_chunk_only = false;
+                o.pipelined_bucket = None;
+            }
+            if !flags.param_gather {
+                // Without it the distributed optimizer gathers the updated
+                // parameters right after the step (`DistributedOptimizer.step`).
+                o.param_gather = ParamGather::AfterStep;
+            }
+        }
+        o
+    }
+
     /// How this engine overlaps data-parallel communication with compute for `dp`
     /// data-parallel ranks, with the flags its export sets (see the module table).
     pub fn overlap(self, dp: u32) -> Overlap {

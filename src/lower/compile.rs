@@ -13,6 +13,7 @@ use super::{simulate, SharedLinks, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{Calibration, CostModel, Group};
 use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, States};
+use crate::engine::overlap::{DpOverlap, DpOverlapError};
 use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, Op, ShapeError, VerifyErrors};
@@ -81,6 +82,9 @@ pub enum CompileError {
     /// The cluster description is invalid.
     #[error("{0}")]
     Cluster(#[source] Shared<ClusterError>),
+    /// The engine has no data-parallel overlap switch like the one asked for.
+    #[error("{0}")]
+    DpOverlap(#[source] DpOverlapError),
     /// The model configuration is invalid or cannot be built.
     #[error("{0}")]
     Model(#[source] Shared<ModelError>),
@@ -439,6 +443,9 @@ pub struct Compiler {
     pub memory_ratio: f64,
     /// The engine the configurations are compiled for.
     pub engine: Engine,
+    /// The engine's data-parallel overlap switches (both on unless a measured run
+    /// was made without them).
+    pub dp_overlap: DpOverlap,
     /// Runs the passes (verifying their graphs in debug builds).
     passes: PassManager,
     /// Whose model code the forward graph follows (a configuration's; a graph is
@@ -582,6 +589,7 @@ impl Compiler {
             budget_bytes,
             memory_ratio,
             engine: Engine::default(),
+            dp_overlap: DpOverlap::default(),
             passes: PassManager::debug_verifying(),
             model_code: ModelCode::Fused,
             precision: PrecisionOptions::default(),
@@ -637,6 +645,20 @@ impl Compiler {
         };
         self.forward = build_template(cfg, code).map_err(|e| CompileError::Model(e.into()))?;
         self.model_code = code;
+        self.caches = Caches::default();
+        Ok(self)
+    }
+
+    /// The same compiler with the engine's data-parallel overlap switches set to
+    /// `flags`; caches start empty.
+    ///
+    /// # Errors
+    ///
+    /// [`CompileError::DpOverlap`] when the engine has no such switch (see
+    /// [`DpOverlap::check`]).
+    pub fn with_dp_overlap(mut self, flags: DpOverlap) -> Result<Compiler, CompileError> {
+        flags.check(self.engine).map_err(CompileError::DpOverlap)?;
+        self.dp_overlap = flags;
         self.caches = Caches::default();
         Ok(self)
     }
@@ -726,6 +748,7 @@ impl Compiler {
             budget_bytes: self.budget_bytes,
             memory_ratio: self.memory_ratio,
             engine: self.engine,
+            dp_overlap: self.dp_overlap,
             passes: PassManager::debug_verifying(),
             model_code: self.model_code,
             precision: self.precision,
@@ -1348,7 +1371,7 @@ impl Compiler {
                 cost: &self.cost,
                 pp_cross_node,
                 detail,
-                overlap: self.engine.overlap(c.grad_ranks()),
+                overlap: self.engine.overlap_with(c.grad_ranks(), self.dp_overlap),
                 links: SharedLinks::of(tp, dp, pp_cross_node && c.pp > 1),
             },
         );

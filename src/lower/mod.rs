@@ -671,9 +671,20 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
     for s in 0..pp {
         let d = s as usize;
         let mut comm = 0.0f64;
+        // Without overlap every reduction waits for the stage's last backward.
+        let mut after_step = 0.0f64;
         for c in (0..v).rev() {
             let k = vstage(s, c);
             if vs[k].grad_s.iter().all(|&g| g <= 0.0) {
+                continue;
+            }
+            if vs[k].bucket == Bucket::Step {
+                after_step += vs[k]
+                    .bwd_work
+                    .iter()
+                    .zip(&vs[k].grad_s)
+                    .map(|(w, &g)| w.reduce_s + g)
+                    .sum::<f64>();
                 continue;
             }
             let span = input.stages[k];
@@ -745,6 +756,9 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         };
         param_gather_s[d] = param_gather;
         let compute_end = free_at[d];
+        if after_step > 0.0 {
+            comm = comm.max(compute_end) + after_step;
+        }
         let end = compute_end.max(comm);
         let mut push = |what, start: f64, stop: f64| {
             if input.detail && stop > start {

@@ -143,7 +143,7 @@ pub fn run(work: &[Work], rules: &Rules) -> Timeline {
         let full = match rules.bucket {
             Bucket::Block => true,
             Bucket::Elements(e) => bucket_elems >= e,
-            Bucket::Chunk => false,
+            Bucket::Chunk | Bucket::Step => false,
         };
         if (full || i + 1 == n) && bucket_s > 0.0 {
             // It overlaps the next block's compute, which starts now at the earliest.

@@ -293,8 +293,11 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     // The simulation overlaps the gradient reduction with the backward by buckets and,
     // with the distributed optimizer or Megatron-FSDP, the parameter all-gather with
     // the next forward (`engine::overlap`); Megatron-LM does either only when asked.
-    flag(&mut a, "overlap-grad-reduce");
-    if c.zero >= 1 {
+    // A plan priced without them (a measured run's switches) is exported without.
+    if p.dp_overlap.grad_reduce {
+        flag(&mut a, "overlap-grad-reduce");
+    }
+    if c.zero >= 1 && p.dp_overlap.param_gather {
         flag(&mut a, "overlap-param-gather");
     }
     match c.zero {

@@ -26,6 +26,7 @@ mod torchtitan;
 mod words;
 
 use super::memory::{Precision, PrecisionOptions};
+use super::overlap::DpOverlap;
 use super::Engine;
 use crate::models::ModelConfig;
 use crate::passes::{Config, Recompute, Schedule};
@@ -73,9 +74,18 @@ pub struct ExportPlan {
     /// The precision the plan was made at (bf16 with the engine's gradient and
     /// optimizer dtypes unless set with [`ExportPlan::with_precision`]).
     pub precision: PrecisionOptions,
+    /// The data-parallel overlap switches the plan was priced with (both on unless
+    /// set with [`ExportPlan::with_dp_overlap`]).
+    pub dp_overlap: DpOverlap,
 }
 
 impl ExportPlan {
+    /// The same plan with the data-parallel overlap switches `flags`.
+    pub fn with_dp_overlap(mut self, flags: DpOverlap) -> ExportPlan {
+        self.dp_overlap = flags;
+        self
+    }
+
     /// The same plan at `precision`.
     pub fn with_precision(mut self, precision: PrecisionOptions) -> ExportPlan {
         self.precision = precision;
@@ -111,6 +121,7 @@ impl ExportPlan {
             global_batch,
             stages,
             precision: PrecisionOptions::default(),
+            dp_overlap: DpOverlap::default(),
         }
     }
 
@@ -125,6 +136,7 @@ impl ExportPlan {
         let n = layers.len();
         ExportPlan {
             precision: PrecisionOptions::default(),
+            dp_overlap: DpOverlap::default(),
             global_batch: config.global_batch(),
             config,
             model,
