@@ -11,6 +11,7 @@
 use apar::calibrate::minimize;
 use apar::cluster::Cluster;
 use apar::cost::{calibration::builtin_named, Calibration, Param};
+use apar::engine::overlap::CommOverlap;
 use apar::lower::compile::{Compiler, ModelSource};
 use apar::models::zoo;
 use apar::passes::{Config, Recompute, Schedule};
@@ -103,6 +104,12 @@ fn main() {
                 *gb,
                 1.0,
             )
+            .unwrap()
+            // Megatron-LM of 2022 had no tensor-parallel communication overlap.
+            .with_comm_overlap(CommOverlap {
+                tp_comm: false,
+                ..CommOverlap::default()
+            })
             .unwrap()
         })
         .collect();

@@ -4,6 +4,7 @@
 //! per-layer times). Each must be within 10%.
 
 use apar::cluster::Cluster;
+use apar::engine::overlap::CommOverlap;
 use apar::lower::compile::{Compiler, ModelSource};
 use apar::models::zoo;
 use apar::passes::{Config, Recompute, Schedule};
@@ -17,6 +18,12 @@ fn compiler(model: &str, nodes: u32, batch: u64) -> Compiler {
         batch,
         1.0,
     )
+    .unwrap()
+    // Megatron-LM of 2022 had no tensor-parallel communication overlap.
+    .with_comm_overlap(CommOverlap {
+        tp_comm: false,
+        ..CommOverlap::default()
+    })
     .unwrap()
 }
 

@@ -301,3 +301,52 @@ fn megatron_runs_without_data_parallel_overlap() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("megatron"), "{err}");
 }
+
+/// `--tp-comm-overlap` (Transformer Engine userbuffers, on NVIDIA devices with
+/// sequence parallelism): the tensor-parallel collectives hide behind their GEMMs, so
+/// the step is shorter and its exposed TP time smaller than with
+/// `--no-tp-comm-overlap`; an AMD device, or a plan without sequence parallelism, is
+/// priced the same either way.
+#[test]
+fn tensor_parallel_communication_overlaps_its_gemms() {
+    let run = |cluster: &str, extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--model",
+            "llama2-13b",
+            "--cluster",
+            cluster,
+            "--global-batch",
+            "16",
+            "--seq",
+            "4096",
+            "--tp",
+            "8",
+            "--pp",
+            "1",
+            "--dp",
+            "1",
+            "--micro-batch",
+            "1",
+            "--recompute",
+            "none",
+            "--json",
+        ];
+        a.extend(extra);
+        let (code, out, err) = apar(&a);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let tp: f64 = v["breakdown"]["tp_comm_s"].as_f64().unwrap_or(f64::NAN);
+        (v["step_time_s"].as_f64().unwrap(), tp)
+    };
+    let (on, tp_on) = run("dgx-h100:1", &["--sp"]);
+    let (off, tp_off) = run("dgx-h100:1", &["--sp", "--no-tp-comm-overlap"]);
+    assert!(on < off, "{on} vs {off}");
+    assert!(tp_on < tp_off, "{tp_on} vs {tp_off}");
+    let (amd_on, _) = run("mi300x:1", &["--sp"]);
+    let (amd_off, _) = run("mi300x:1", &["--sp", "--no-tp-comm-overlap"]);
+    assert_eq!(amd_on, amd_off);
+    let (no_sp_on, _) = run("dgx-h100:1", &[]);
+    let (no_sp_off, _) = run("dgx-h100:1", &["--no-tp-comm-overlap"]);
+    assert_eq!(no_sp_on, no_sp_off);
+}

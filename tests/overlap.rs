@@ -239,12 +239,13 @@ fn zero_3_step_is_at_least_its_gathers() {
 /// the whole of both is exposed. The FSDP engines have no such switch.
 #[test]
 fn megatron_without_overlap_exposes_every_reduction() {
-    use apar::engine::overlap::DpOverlap;
-    let off = DpOverlap {
+    use apar::engine::overlap::CommOverlap;
+    let off = CommOverlap {
         grad_reduce: false,
         param_gather: false,
+        tp_comm: true,
     };
-    let on = Engine::Megatron.overlap_with(8, DpOverlap::default());
+    let on = Engine::Megatron.overlap_with(8, CommOverlap::default());
     assert_eq!(on, Engine::Megatron.overlap(8));
     let o = Engine::Megatron.overlap_with(8, off);
     assert_eq!(o.grad_bucket, Bucket::Step);
@@ -261,9 +262,10 @@ fn megatron_without_overlap_exposes_every_reduction() {
     assert!(off.check(Engine::Megatron).is_ok());
     assert!(off.check(Engine::Torchtitan).is_err());
     assert!(off.check(Engine::DeepSpeed).is_err());
-    let gather_only = DpOverlap {
+    let gather_only = CommOverlap {
         grad_reduce: false,
         param_gather: true,
+        tp_comm: true,
     };
     assert!(gather_only.check(Engine::Megatron).is_err());
 }

@@ -37,12 +37,13 @@
 //! | `peak_memory_bytes` | measured peak memory per device (optional; reported, not fitted) |
 //! | `overlap_grad_reduce` | Megatron-LM's `--overlap-grad-reduce` was on (`true` by default; `false`: every gradient reduction after the step's backward) |
 //! | `overlap_param_gather` | Megatron-LM's `--overlap-param-gather` was on (default: as `overlap_grad_reduce`, which it needs) |
+//! | `tp_comm_overlap` | Megatron-LM's `--tp-comm-overlap` was on, with `sp` (`true` by default) |
 
 use super::{ModelSpec, PlanError, PlanOptions, Session};
 use crate::cluster::Cluster;
 use crate::cost::{Calibration, Param};
 use crate::engine::memory::Precision;
-use crate::engine::overlap::DpOverlap;
+use crate::engine::overlap::CommOverlap;
 use crate::engine::Engine;
 use crate::lower::compile::Compiler;
 use crate::passes::{Config, Recompute, RecomputeModules, Schedule};
@@ -116,9 +117,12 @@ pub struct Run {
     pub step_time_s: f64,
     /// Measured peak memory per device, bytes.
     pub peak_memory_bytes: Option<u64>,
-    /// The data-parallel overlap switches the run had (Megatron-LM's
-    /// `--overlap-grad-reduce`, `--overlap-param-gather`; both on unless given).
-    pub dp_overlap: DpOverlap,
+    /// Megatron-LM's `--overlap-grad-reduce` was on (see [`Run::comm_overlap`]).
+    pub overlap_grad_reduce: bool,
+    /// Megatron-LM's `--overlap-param-gather` was on.
+    pub overlap_param_gather: bool,
+    /// Megatron-LM's `--tp-comm-overlap` was on.
+    pub tp_comm_overlap: bool,
 }
 
 /// A run as a file spells it: optional fields not yet defaulted, `recompute` not yet
@@ -160,6 +164,8 @@ struct RunFields {
     overlap_grad_reduce: Option<bool>,
     #[serde(default)]
     overlap_param_gather: Option<bool>,
+    #[serde(default)]
+    tp_comm_overlap: Option<bool>,
 }
 
 fn one() -> u32 {
@@ -243,20 +249,32 @@ impl TryFrom<RunFields> for Run {
             schedule: f.schedule,
             step_time_s: f.step_time_s,
             peak_memory_bytes: f.peak_memory_bytes,
-            dp_overlap: {
-                let grad_reduce = f.overlap_grad_reduce.unwrap_or(true);
-                let flags = DpOverlap {
-                    grad_reduce,
-                    param_gather: f.overlap_param_gather.unwrap_or(grad_reduce),
-                };
-                flags.check(f.engine).map_err(|e| e.to_string())?;
-                flags
-            },
+            overlap_grad_reduce: f.overlap_grad_reduce.unwrap_or(true),
+            overlap_param_gather: f
+                .overlap_param_gather
+                .unwrap_or(f.overlap_grad_reduce.unwrap_or(true)),
+            tp_comm_overlap: f.tp_comm_overlap.unwrap_or(true),
+        })
+        .and_then(|run: Run| {
+            run.comm_overlap()
+                .check(run.engine)
+                .map_err(|e| e.to_string())?;
+            Ok(run)
         })
     }
 }
 
 impl Run {
+    /// The communication overlap switches the run had (on unless the file says
+    /// otherwise; the parameter gather's default follows the gradient reduction's).
+    pub fn comm_overlap(&self) -> CommOverlap {
+        CommOverlap {
+            grad_reduce: self.overlap_grad_reduce,
+            param_gather: self.overlap_param_gather,
+            tp_comm: self.tp_comm_overlap,
+        }
+    }
+
     /// Whether the run's numbers are usable: degrees and micro-batch at least 1, a
     /// measured step time in (0 s, [`MAX_STEP_TIME_S`]].
     ///
@@ -572,7 +590,7 @@ pub fn compile_runs(
         let mut options = PlanOptions::new(run.seq, run.global_batch);
         options.engine = run.engine;
         options.precision.compute = run.precision;
-        options.dp_overlap = run.dp_overlap;
+        options.comm_overlap = run.comm_overlap();
         options.calibration = start.cloned();
         // The run ran: all of the device memory was usable (a budget below it could
         // move the pipeline cuts away from the ones the run had).

@@ -37,7 +37,7 @@ pub use diagnostics::Warning;
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::Calibration;
 use crate::engine::memory::{PrecisionOptions, RuntimeOverhead};
-use crate::engine::overlap::DpOverlap;
+use crate::engine::overlap::CommOverlap;
 use crate::engine::rules::Unsupported;
 use crate::engine::Engine;
 use crate::ir::{Graph, Phase};
@@ -77,7 +77,7 @@ pub struct PlanOptions {
     pub runtime: Option<RuntimeOverhead>,
     /// The engine's data-parallel overlap switches (both on: what apar's exports ask
     /// for; off to price a run made without them, Megatron-LM only).
-    pub dp_overlap: DpOverlap,
+    pub comm_overlap: CommOverlap,
     /// The cost parameters (`--calibration FILE`); `None`: the built-in table of the
     /// cluster's device ([`crate::cost::CostModel::new`]).
     #[serde(default)]
@@ -97,7 +97,7 @@ impl PlanOptions {
             engine: Engine::default(),
             precision: PrecisionOptions::default(),
             runtime: None,
-            dp_overlap: DpOverlap::default(),
+            comm_overlap: CommOverlap::default(),
             calibration: None,
             search: SearchOptions {
                 runners_up: 3,
@@ -237,10 +237,10 @@ pub struct Plan {
     /// The runtime overhead the plan was made with.
     #[serde(default)]
     pub runtime: RuntimeOverhead,
-    /// The data-parallel overlap switches the plan was priced with; left out of JSON
-    /// when both are on (the default), so plans saved before them read the same.
-    #[serde(default, skip_serializing_if = "DpOverlap::is_default")]
-    pub dp_overlap: DpOverlap,
+    /// The communication overlap switches the plan was priced with (plans saved
+    /// before them read as all on).
+    #[serde(default)]
+    pub comm_overlap: CommOverlap,
     /// The calibration the plan was priced with, when a user gave one (`None`: the
     /// built-in table of the cluster's device).
     #[serde(default)]
@@ -357,7 +357,7 @@ impl Plan {
             &blocks,
         )
         .with_precision(self.precision)
-        .with_dp_overlap(self.dp_overlap);
+        .with_comm_overlap(self.comm_overlap);
         crate::engine::export::export(engine, &plan)
     }
 
@@ -616,7 +616,7 @@ impl Session {
         .with_engine(options.engine)
         .with_model_code(model_code(options.engine, config.as_ref(), &notes)?)?
         .with_precision(options.precision)?
-        .with_dp_overlap(options.dp_overlap)?
+        .with_comm_overlap(options.comm_overlap)?
         .with_runtime(checked_runtime(
             options.runtime.unwrap_or(options.engine.runtime()),
         )?);
@@ -921,7 +921,7 @@ impl Session {
         options.engine = plan.engine;
         options.precision = plan.precision;
         options.runtime = Some(plan.runtime);
-        options.dp_overlap = plan.dp_overlap;
+        options.comm_overlap = plan.comm_overlap;
         options.calibration = plan.calibration.clone();
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
         // The model is rebuilt from `model`; `model_config` is what that gave when the
@@ -976,7 +976,7 @@ impl Session {
             engine: self.compiler.engine,
             precision: self.compiler.precision,
             runtime: self.compiler.runtime,
-            dp_overlap: self.compiler.dp_overlap,
+            comm_overlap: self.compiler.comm_overlap,
             calibration: self.compiler.calibration.clone(),
             config: e.config,
             step_time_s: summary.step_time_s,

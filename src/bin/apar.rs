@@ -342,13 +342,19 @@ struct MemoryArgs {
     /// distributed optimizer's parameter all-gather after the step, exposed.
     #[arg(long)]
     no_overlap_param_gather: bool,
+    /// Price the job as Megatron-LM runs without `--tp-comm-overlap`: with sequence
+    /// parallelism, every tensor-parallel all-gather and reduce-scatter on the
+    /// critical path instead of beside its GEMM (Transformer Engine userbuffers).
+    #[arg(long)]
+    no_tp_comm_overlap: bool,
 }
 
 impl MemoryArgs {
     fn apply(&self, o: &mut PlanOptions) -> Result<(), String> {
-        o.dp_overlap = apar::engine::overlap::DpOverlap {
+        o.comm_overlap = apar::engine::overlap::CommOverlap {
             grad_reduce: !self.no_overlap_grad_reduce,
             param_gather: !(self.no_overlap_grad_reduce || self.no_overlap_param_gather),
+            tp_comm: !self.no_tp_comm_overlap,
         };
         if let Some(p) = self.precision {
             o.precision.compute = p;

@@ -28,6 +28,21 @@ pub struct DeviceSpec {
     pub memory_bytes: u64,
     /// Device memory bandwidth, bytes/s.
     pub memory_bandwidth: f64,
+    /// Who makes it, which decides which vendor libraries an engine can use on it
+    /// (Transformer Engine's userbuffers for Megatron-LM's `--tp-comm-overlap` are
+    /// NVIDIA's). `None` (a JSON file that does not say): apar assumes neither.
+    #[serde(default)]
+    pub vendor: Option<Vendor>,
+}
+
+/// An accelerator vendor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Vendor {
+    /// NVIDIA (CUDA).
+    Nvidia,
+    /// AMD (ROCm).
+    Amd,
 }
 
 /// A link class: per-device unidirectional bandwidth and per-message latency.
@@ -288,6 +303,7 @@ pub mod devices {
             peak_fp8_flops: None,
             memory_bytes: 40 * GIB,
             memory_bandwidth: 1555.0 * GB,
+            vendor: Some(super::Vendor::Nvidia),
         }
     }
 
@@ -301,6 +317,7 @@ pub mod devices {
             peak_fp8_flops: None,
             memory_bytes: 80 * GIB,
             memory_bandwidth: 2039.0 * GB,
+            vendor: Some(super::Vendor::Nvidia),
         }
     }
 
@@ -334,6 +351,7 @@ pub mod devices {
             peak_fp8_flops: Some(1979e12),
             memory_bytes: 80 * GIB,
             memory_bandwidth: 3350.0 * GB,
+            vendor: Some(super::Vendor::Nvidia),
         }
     }
 
@@ -348,6 +366,7 @@ pub mod devices {
             peak_fp8_flops: Some(1979e12),
             memory_bytes: 141_000_000_000,
             memory_bandwidth: 4800.0 * GB,
+            vendor: Some(super::Vendor::Nvidia),
         }
     }
 
@@ -364,6 +383,7 @@ pub mod devices {
             peak_fp8_flops: None,
             memory_bytes: 64 * GIB,
             memory_bandwidth: 1638.4 * GB,
+            vendor: Some(super::Vendor::Amd),
         }
     }
 
@@ -378,6 +398,7 @@ pub mod devices {
             peak_fp8_flops: Some(2614.9e12),
             memory_bytes: 192_000_000_000,
             memory_bandwidth: 5300.0 * GB,
+            vendor: Some(super::Vendor::Amd),
         }
     }
 }

@@ -84,42 +84,52 @@ pub const MEGATRON_BUCKET_FLOOR_ELEMENTS: u64 = 40_000_000;
 /// Megatron-LM's bucket growth per data-parallel rank, elements (same source).
 pub const MEGATRON_BUCKET_PER_RANK_ELEMENTS: u64 = 1_000_000;
 
-/// The data-parallel overlap switches of a job: Megatron-LM's `--overlap-grad-reduce`
-/// and `--overlap-param-gather` (both off by default in `arguments.py`, both on in
-/// apar's exports). A plan is made with both on; a measured run made without them
-/// (`apar eval --no-overlap-grad-reduce`, a calibration run's `overlap_grad_reduce`
-/// column) is priced as the engine ran it.
+/// The communication overlap switches of a job: Megatron-LM's
+/// `--overlap-grad-reduce`, `--overlap-param-gather` and `--tp-comm-overlap` (all off
+/// by default in `arguments.py`, all on in apar's exports). A plan is made with them
+/// on; a measured run made without them (`apar eval --no-overlap-grad-reduce`, a
+/// calibration run's `overlap_grad_reduce` column) is priced as the engine ran it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DpOverlap {
+pub struct CommOverlap {
     /// Gradient reductions overlap the backward by buckets.
     pub grad_reduce: bool,
     /// The distributed optimizer's parameter all-gather overlaps the next forward.
     pub param_gather: bool,
+    /// With sequence parallelism, the tensor-parallel all-gathers and reduce-scatters
+    /// overlap their GEMMs (`--tp-comm-overlap`, Transformer Engine userbuffers; see
+    /// `crate::lower::profile::TpOverlap`). Missing in JSON written before it: on.
+    #[serde(default = "on")]
+    pub tp_comm: bool,
 }
 
-impl Default for DpOverlap {
-    /// Both on: what apar's exports ask for.
-    fn default() -> DpOverlap {
-        DpOverlap {
+fn on() -> bool {
+    true
+}
+
+impl Default for CommOverlap {
+    /// All on: what apar's exports ask for.
+    fn default() -> CommOverlap {
+        CommOverlap {
             grad_reduce: true,
             param_gather: true,
+            tp_comm: true,
         }
     }
 }
 
-impl DpOverlap {
-    /// Both on (the default).
+impl CommOverlap {
+    /// All on (the default).
     pub fn is_default(&self) -> bool {
-        *self == DpOverlap::default()
+        *self == CommOverlap::default()
     }
 }
 
 /// Overlap switches an engine cannot run with.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
-pub enum DpOverlapError {
+pub enum CommOverlapError {
     /// Only Megatron-LM has the switches; the FSDP engines always overlap and
     /// DeepSpeed's `overlap_comm: false` is not modelled.
-    #[error("{engine} has no switch apar models for running without data-parallel overlap (only megatron's --overlap-grad-reduce / --overlap-param-gather are)")]
+    #[error("{engine} has no switch apar models for running without communication overlap (only megatron's --overlap-grad-reduce / --overlap-param-gather / --tp-comm-overlap are)")]
     Engine {
         /// The engine.
         engine: Engine,
@@ -130,23 +140,23 @@ pub enum DpOverlapError {
     ParamGatherWithoutGradReduce,
 }
 
-impl DpOverlap {
+impl CommOverlap {
     /// Checks the switches against `engine`.
     ///
     /// # Errors
     ///
-    /// [`DpOverlapError`] when an engine other than Megatron-LM is asked to run
+    /// [`CommOverlapError`] when an engine other than Megatron-LM is asked to run
     /// without overlap, or the parameter gather is overlapped without the gradient
     /// reduction.
-    pub fn check(&self, engine: Engine) -> Result<(), DpOverlapError> {
+    pub fn check(&self, engine: Engine) -> Result<(), CommOverlapError> {
         if self.is_default() {
             return Ok(());
         }
         if engine != Engine::Megatron {
-            return Err(DpOverlapError::Engine { engine });
+            return Err(CommOverlapError::Engine { engine });
         }
         if self.param_gather && !self.grad_reduce {
-            return Err(DpOverlapError::ParamGatherWithoutGradReduce);
+            return Err(CommOverlapError::ParamGatherWithoutGradReduce);
         }
         Ok(())
     }
@@ -156,8 +166,8 @@ impl Engine {
     /// How this engine overlaps data-parallel communication with compute for `dp`
     /// data-parallel ranks, with the flags its export sets (see the module table), or
     /// as Megatron-LM runs without them (`flags`; the other engines have no such
-    /// switch, see [`DpOverlap::check`]).
-    pub fn overlap_with(self, dp: u32, flags: DpOverlap) -> Overlap {
+    /// switch, see [`CommOverlap::check`]).
+    pub fn overlap_with(self, dp: u32, flags: CommOverlap) -> Overlap {
         let mut o = self.overlap(dp);
         if self == Engine::Megatron {
             if !flags.grad_reduce {

@@ -8,12 +8,12 @@
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
 use super::peak::{device_peaks, ChunkSummary, InFlight};
-use super::profile::{is_ring_attention, profile, BlockProfile, Blocks, Groups};
+use super::profile::{is_ring_attention, profile, BlockProfile, Blocks, Groups, TpOverlap};
 use super::{simulate, SharedLinks, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{Calibration, CostModel, Group};
 use crate::engine::memory::{PrecisionError, PrecisionOptions, RuntimeOverhead, States};
-use crate::engine::overlap::{DpOverlap, DpOverlapError};
+use crate::engine::overlap::{CommOverlap, CommOverlapError};
 use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, Op, ShapeError, VerifyErrors};
@@ -84,7 +84,7 @@ pub enum CompileError {
     Cluster(#[source] Shared<ClusterError>),
     /// The engine has no data-parallel overlap switch like the one asked for.
     #[error("{0}")]
-    DpOverlap(#[source] DpOverlapError),
+    CommOverlap(#[source] CommOverlapError),
     /// The model configuration is invalid or cannot be built.
     #[error("{0}")]
     Model(#[source] Shared<ModelError>),
@@ -445,7 +445,7 @@ pub struct Compiler {
     pub engine: Engine,
     /// The engine's data-parallel overlap switches (both on unless a measured run
     /// was made without them).
-    pub dp_overlap: DpOverlap,
+    pub comm_overlap: CommOverlap,
     /// Runs the passes (verifying their graphs in debug builds).
     passes: PassManager,
     /// Whose model code the forward graph follows (a configuration's; a graph is
@@ -589,7 +589,7 @@ impl Compiler {
             budget_bytes,
             memory_ratio,
             engine: Engine::default(),
-            dp_overlap: DpOverlap::default(),
+            comm_overlap: CommOverlap::default(),
             passes: PassManager::debug_verifying(),
             model_code: ModelCode::Fused,
             precision: PrecisionOptions::default(),
@@ -654,11 +654,13 @@ impl Compiler {
     ///
     /// # Errors
     ///
-    /// [`CompileError::DpOverlap`] when the engine has no such switch (see
-    /// [`DpOverlap::check`]).
-    pub fn with_dp_overlap(mut self, flags: DpOverlap) -> Result<Compiler, CompileError> {
-        flags.check(self.engine).map_err(CompileError::DpOverlap)?;
-        self.dp_overlap = flags;
+    /// [`CompileError::CommOverlap`] when the engine has no such switch (see
+    /// [`CommOverlap::check`]).
+    pub fn with_comm_overlap(mut self, flags: CommOverlap) -> Result<Compiler, CompileError> {
+        flags
+            .check(self.engine)
+            .map_err(CompileError::CommOverlap)?;
+        self.comm_overlap = flags;
         self.caches = Caches::default();
         Ok(self)
     }
@@ -748,7 +750,7 @@ impl Compiler {
             budget_bytes: self.budget_bytes,
             memory_ratio: self.memory_ratio,
             engine: self.engine,
-            dp_overlap: self.dp_overlap,
+            comm_overlap: self.comm_overlap,
             passes: PassManager::debug_verifying(),
             model_code: self.model_code,
             precision: self.precision,
@@ -998,6 +1000,21 @@ impl Compiler {
         (tp, dp)
     }
 
+    /// Whether the tensor-parallel collectives of a program at `tp` (with sequence
+    /// parallelism `sp`) overlap their GEMMs: Megatron-LM's `--tp-comm-overlap`, on
+    /// in apar's exports whenever sequence parallelism is, unless the switch is off,
+    /// on NVIDIA devices (Transformer Engine's userbuffers; ROCm's port is not
+    /// assumed).
+    fn tp_overlap(&self, tp: u32, sp: bool) -> Option<TpOverlap> {
+        let userbuffers = self.cluster.device.vendor == Some(crate::cluster::Vendor::Nvidia);
+        (self.engine == Engine::Megatron
+            && self.comm_overlap.tp_comm
+            && userbuffers
+            && sp
+            && tp > 1)
+            .then(|| TpOverlap::te_default(self.shard_cost.eff.gemm.compute_units))
+    }
+
     /// The context-parallel group of `cp` ranks beside `tp` tensor-parallel ones: next
     /// after the tensor-parallel ranks in Megatron-LM's order, so inside a node while
     /// `tp · cp` fits one.
@@ -1173,6 +1190,7 @@ impl Compiler {
                 },
                 dp: Group::SINGLE,
                 cp: self.cp_group(tp, cp),
+                tp_overlap: self.tp_overlap(tp, sp),
             };
             profile(&g.graph, env, &self.cost, &groups, &g.clones).ok_or_else(|| self.size_error())
         })
@@ -1195,6 +1213,7 @@ impl Compiler {
                 tp,
                 dp,
                 cp: self.cp_group(c.tp, c.cp),
+                tp_overlap: None,
             };
             let mut with = profile(&d.graph, env, &self.cost, &groups, &BTreeSet::new())
                 .ok_or_else(|| self.size_error())?;
@@ -1371,7 +1390,7 @@ impl Compiler {
                 cost: &self.cost,
                 pp_cross_node,
                 detail,
-                overlap: self.engine.overlap_with(c.grad_ranks(), self.dp_overlap),
+                overlap: self.engine.overlap_with(c.grad_ranks(), self.comm_overlap),
                 links: SharedLinks::of(tp, dp, pp_cross_node && c.pp > 1),
             },
         );

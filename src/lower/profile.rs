@@ -271,6 +271,152 @@ pub struct Groups<'a> {
     /// at the device's `s / cp` tokens, and its attention ops as ring attention over
     /// the whole sequence's keys ([`ring_attention`]).
     pub cp: Group,
+    /// Tensor-parallel collectives overlapped with their GEMMs (Megatron-LM's
+    /// `--tp-comm-overlap`), or `None`.
+    pub tp_overlap: Option<TpOverlap>,
+}
+
+/// Transformer Engine's userbuffers overlap of the sequence-parallel all-gathers and
+/// reduce-scatters with the GEMMs beside them (Megatron-LM `--tp-comm-overlap`, which
+/// needs `--sequence-parallel`). TE's `initialize_ub` picks a method per GEMM:
+///
+/// - *ring exchange* for the all-gathers in front of a GEMM (`qkv_fprop`,
+///   `fc1_fprop`, `proj_dgrad`, `fc2_dgrad`): the GEMM runs on each of the `t`
+///   shards as it arrives by peer-to-peer copy, so only one shard's share of the
+///   shorter of the two is exposed beyond the longer:
+///   `max(G, C) + min(G, C)/t`;
+/// - *pipeline* for the reduce-scatters after a GEMM (`proj_fprop`, `fc2_fprop`): the
+///   GEMM in `n = num_splits` chunks, each chunk's reduce-scatter behind the next
+///   chunk, on [`TpOverlap::comm_sms`] of the SMs, which the GEMM loses while it
+///   runs: `max(C, G + C·f) + min(G, C)/n`;
+/// - *bulk* for the backward's re-gather of a forward input for the weight gradient
+///   and the reduce-scatter of the input gradient (`qkv_dgrad`, `qkv_wgrad`,
+///   `fc1_dgrad`, `fc1_wgrad`): the whole collective beside a GEMM of the same layer,
+///   `max(C, G + C·f)`.
+///
+/// A collective's exposed time is what the pair takes beyond its GEMM `G`; each GEMM
+/// hides at most one collective, and a collective with no GEMM beside it is not
+/// hidden. Source: Transformer Engine `transformer_engine/pytorch/module/base.py`
+/// (`initialize_ub`: the method table, `num_sm = 16`, `num_splits = 4` for
+/// pipeline); Megatron-LM `arguments.py` (`--tp-comm-overlap` asserts sequence
+/// parallelism).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TpOverlap {
+    /// Fraction of the device's compute units the pipeline and bulk methods take
+    /// from the GEMM (`num_sm` / SMs), in `[0, 1)`.
+    pub comm_sms: f64,
+    /// Chunks of the pipeline method (`num_splits`).
+    pub pipeline_splits: u32,
+}
+
+/// Transformer Engine's default SMs for a pipeline or bulk userbuffers overlap
+/// (`initialize_ub`, `add_ub(num_sm=16)`).
+pub const TE_UB_NUM_SM: u32 = 16;
+
+/// Transformer Engine's default chunks of a pipelined GEMM + reduce-scatter
+/// (`initialize_ub`, `add_ub(num_splits=4)`).
+pub const TE_UB_NUM_SPLITS: u32 = 4;
+
+impl TpOverlap {
+    /// TE's defaults on a device with `compute_units` SMs.
+    pub fn te_default(compute_units: u32) -> TpOverlap {
+        TpOverlap {
+            comm_sms: (f64::from(TE_UB_NUM_SM) / f64::from(compute_units.max(1))).min(0.9),
+            pipeline_splits: TE_UB_NUM_SPLITS,
+        }
+    }
+}
+
+/// How a userbuffers overlap runs a collective beside its GEMM (see [`TpOverlap`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UbMethod {
+    RingExchange,
+    Pipeline,
+    Bulk,
+}
+
+/// The GEMMs a tensor-parallel collective overlaps, and how: the GEMMs reading an
+/// all-gather's result or producing a reduce-scatter's input (through views, and
+/// through the sum of two input-gradient GEMMs), not yet taken by another
+/// collective. `None` when the op is not such a collective or has no free GEMM.
+fn ub_pair(g: &Graph, id: OpId, taken: &BTreeSet<OpId>) -> Option<(UbMethod, Vec<OpId>)> {
+    let node = g.node(id);
+    let gather = matches!(node.op, Op::AllGather { .. });
+    let scatter = matches!(node.op, Op::ReduceScatter { .. });
+    if !(gather || scatter) || node.phase == Phase::Opt {
+        return None;
+    }
+    let mut gemms = Vec::new();
+    if gather {
+        let mut frontier: Vec<_> = node.results.clone();
+        for _ in 0..3 {
+            let mut next = Vec::new();
+            for t in frontier {
+                for &u in g.uses(t) {
+                    match g.op(u) {
+                        Op::MatMul { .. } if !taken.contains(&u) && !gemms.contains(&u) => {
+                            gemms.push(u)
+                        }
+                        op if op.is_view() => next.extend(g.node(u).results.iter().copied()),
+                        _ => {}
+                    }
+                }
+            }
+            frontier = next;
+        }
+    } else {
+        let mut frontier: Vec<_> = node.inputs.clone();
+        for _ in 0..3 {
+            let mut next = Vec::new();
+            for t in frontier {
+                let p = g.tensor(t).producer;
+                match g.op(p) {
+                    Op::MatMul { .. } if !taken.contains(&p) && !gemms.contains(&p) => {
+                        gemms.push(p)
+                    }
+                    op if op.is_view() || matches!(op, Op::Add) => {
+                        next.extend(g.node(p).inputs.iter().copied())
+                    }
+                    _ => {}
+                }
+            }
+            frontier = next;
+        }
+    }
+    if gemms.is_empty() {
+        return None;
+    }
+    let method = match (node.phase, gather) {
+        (Phase::Fwd, true) => UbMethod::RingExchange,
+        (Phase::Fwd, false) => UbMethod::Pipeline,
+        (_, false) => UbMethod::Bulk,
+        // The backward gathers either an output gradient for the input-gradient GEMM
+        // (ring exchange) or a forward input again for the weight gradient (bulk).
+        (_, true) => {
+            let input = node.inputs.first().map(|&t| g.tensor(t).producer);
+            if input.is_some_and(|p| g.node(p).phase == Phase::Fwd) {
+                UbMethod::Bulk
+            } else {
+                UbMethod::RingExchange
+            }
+        }
+    };
+    Some((method, gemms))
+}
+
+/// Exposed seconds of a collective of `comm_s` overlapped by `method` with GEMMs of
+/// `gemm_s` on a tensor-parallel group of `tp` (see [`TpOverlap`]).
+fn ub_exposed(method: UbMethod, comm_s: f64, gemm_s: f64, tp: u32, o: &TpOverlap) -> f64 {
+    // While the collective's kernels hold their SMs the GEMM runs on the rest.
+    let beside = (comm_s.max(gemm_s + comm_s * o.comm_sms.clamp(0.0, 0.9))) - gemm_s;
+    let exposed = match method {
+        UbMethod::RingExchange => {
+            (gemm_s.max(comm_s) - gemm_s) + gemm_s.min(comm_s) / f64::from(tp.max(1))
+        }
+        UbMethod::Pipeline => beside + gemm_s.min(comm_s) / f64::from(o.pipeline_splits.max(1)),
+        UbMethod::Bulk => beside,
+    };
+    exposed.max(0.0)
 }
 
 /// Whether `op` is an attention kernel that ring attention runs blockwise over the
@@ -389,6 +535,9 @@ pub fn profile(
     // latency, not one per parameter tensor. Keyed by (block, slot, kind).
     let mut dp_bytes: BTreeMap<(Block, DpSlot, u8), (Collective, f64)> = BTreeMap::new();
 
+    // GEMMs already hiding a tensor-parallel collective.
+    let mut ub_taken: BTreeSet<OpId> = BTreeSet::new();
+
     // Times and FLOPs.
     for id in g.ops() {
         let node = g.node(id);
@@ -425,6 +574,19 @@ pub fn profile(
             p.cp_exposed_s += r.exposed_s;
         }
         let collective = node.op.is_collective();
+        if let (true, false, Some(o)) = (collective, is_dp, groups.tp_overlap) {
+            if let Some((method, gemms)) = ub_pair(g, id, &ub_taken) {
+                let gemm_s: f64 = gemms
+                    .iter()
+                    .map(|&m| {
+                        let node = g.node(m);
+                        cost.op_time(&node.op, &g.input_types(m), &g.result_types(m), env, group)
+                    })
+                    .sum();
+                t = ub_exposed(method, t, gemm_s, groups.tp.size, &o);
+                ub_taken.extend(gemms);
+            }
+        }
         if !collective && !node.op.is_view() && !node.op.is_source() {
             // The host issues kernels one after another: a kernel shorter than its
             // launch waits for the next one to be issued (`crate::cost::overhead`).
@@ -633,6 +795,41 @@ mod tests {
             block: Some(Block::Layer(i)),
             saved,
             ..BlockProfile::default()
+        }
+    }
+
+    /// The three userbuffers methods on round numbers (t = 4, 16 of 128 SMs, 4
+    /// pipeline splits).
+    #[test]
+    fn userbuffers_expose_what_the_gemm_cannot_hide() {
+        let o = TpOverlap {
+            comm_sms: 16.0 / 128.0,
+            pipeline_splits: 4,
+        };
+        let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        // Ring exchange, GEMM 8 ms, all-gather 4 ms: one shard of the all-gather.
+        close(ub_exposed(UbMethod::RingExchange, 4e-3, 8e-3, 4, &o), 1e-3);
+        // All-gather longer than the GEMM: the difference plus one shard of the GEMM.
+        close(
+            ub_exposed(UbMethod::RingExchange, 8e-3, 4e-3, 4, &o),
+            4e-3 + 1e-3,
+        );
+        // Bulk: the GEMM loses 1/8 of its SMs while the 4 ms collective runs.
+        close(ub_exposed(UbMethod::Bulk, 4e-3, 8e-3, 4, &o), 0.5e-3);
+        // Pipeline: the same, plus the last of 4 chunks' reduce-scatter.
+        close(
+            ub_exposed(UbMethod::Pipeline, 4e-3, 8e-3, 4, &o),
+            0.5e-3 + 1e-3,
+        );
+        // Never more than the collective alone would take, plus its last chunk.
+        for m in [UbMethod::RingExchange, UbMethod::Pipeline, UbMethod::Bulk] {
+            for (c, g) in [(1e-3, 9e-3), (9e-3, 1e-3), (5e-3, 5e-3)] {
+                let e = ub_exposed(m, c, g, 8, &o);
+                assert!(
+                    e >= 0.0 && e <= c + g.min(c) / 4.0 + 1e-15,
+                    "{m:?} {c} {g}: {e}"
+                );
+            }
         }
     }
 

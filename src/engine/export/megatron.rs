@@ -27,7 +27,10 @@
 //! - the overlap apar's simulation assumes (`engine::overlap`) is switched on:
 //!   `--overlap-grad-reduce`, and with a sharded optimizer `--overlap-param-gather`
 //!   (which `validate_args` allows with the distributed optimizer or Megatron-FSDP and
-//!   `--overlap-grad-reduce` only).
+//!   `--overlap-grad-reduce` only), and with sequence parallelism `--tp-comm-overlap`
+//!   (which `validate_args` allows with `--sequence-parallel` only); a plan priced
+//!   without them (`apar eval --no-overlap-grad-reduce`, `--no-tp-comm-overlap`) is
+//!   exported without them.
 //!
 //! - mixture-of-experts layers (`--num-experts`, `--moe-*` of `_add_moe_args` and
 //!   `TransformerConfig`): `--num-experts`, `--moe-router-topk`, `--moe-ffn-hidden-size`,
@@ -294,11 +297,16 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     // with the distributed optimizer or Megatron-FSDP, the parameter all-gather with
     // the next forward (`engine::overlap`); Megatron-LM does either only when asked.
     // A plan priced without them (a measured run's switches) is exported without.
-    if p.dp_overlap.grad_reduce {
+    if p.comm_overlap.grad_reduce {
         flag(&mut a, "overlap-grad-reduce");
     }
-    if c.zero >= 1 && p.dp_overlap.param_gather {
+    if c.zero >= 1 && p.comm_overlap.param_gather {
         flag(&mut a, "overlap-param-gather");
+    }
+    // With sequence parallelism the simulation hides the tensor-parallel collectives
+    // behind their GEMMs (Transformer Engine userbuffers, `lower::profile::TpOverlap`).
+    if c.sp && c.tp > 1 && p.comm_overlap.tp_comm {
+        flag(&mut a, "tp-comm-overlap");
     }
     match c.zero {
         0 => {}

@@ -26,7 +26,7 @@ mod torchtitan;
 mod words;
 
 use super::memory::{Precision, PrecisionOptions};
-use super::overlap::DpOverlap;
+use super::overlap::CommOverlap;
 use super::Engine;
 use crate::models::ModelConfig;
 use crate::passes::{Config, Recompute, Schedule};
@@ -75,14 +75,14 @@ pub struct ExportPlan {
     /// optimizer dtypes unless set with [`ExportPlan::with_precision`]).
     pub precision: PrecisionOptions,
     /// The data-parallel overlap switches the plan was priced with (both on unless
-    /// set with [`ExportPlan::with_dp_overlap`]).
-    pub dp_overlap: DpOverlap,
+    /// set with [`ExportPlan::with_comm_overlap`]).
+    pub comm_overlap: CommOverlap,
 }
 
 impl ExportPlan {
     /// The same plan with the data-parallel overlap switches `flags`.
-    pub fn with_dp_overlap(mut self, flags: DpOverlap) -> ExportPlan {
-        self.dp_overlap = flags;
+    pub fn with_comm_overlap(mut self, flags: CommOverlap) -> ExportPlan {
+        self.comm_overlap = flags;
         self
     }
 
@@ -121,7 +121,7 @@ impl ExportPlan {
             global_batch,
             stages,
             precision: PrecisionOptions::default(),
-            dp_overlap: DpOverlap::default(),
+            comm_overlap: CommOverlap::default(),
         }
     }
 
@@ -136,7 +136,7 @@ impl ExportPlan {
         let n = layers.len();
         ExportPlan {
             precision: PrecisionOptions::default(),
-            dp_overlap: DpOverlap::default(),
+            comm_overlap: CommOverlap::default(),
             global_batch: config.global_batch(),
             config,
             model,
