@@ -534,7 +534,7 @@ pub static ZOO: &[ZooEntry] = &[
         about: "DeepSeek-V2-Lite, 15,706,484,224 params (2,661,150,208 active): 27 layers, \
                 h 2048, 16 heads of latent attention (no query latent, kv rank 512, qk 128+64, \
                 v 128), layer 0 dense (10944), then 64 experts of 1408 + 2 shared, top 6, \
-                softmax (DeepSeek-V2, DeepSeek-AI 2024; HF config deepseek-ai/DeepSeek-V2-Lite)",
+                softmax (DeepSeek-V2 paper, DeepSeek-AI: Liu et al. 2024; HF config deepseek-ai/DeepSeek-V2-Lite)",
         config: deepseek_v2_lite,
     },
     ZooEntry {
