@@ -411,6 +411,7 @@ fn megatron_exports_mla_and_deepseek_routing() {
     let e = export(Engine::Megatron, &plan).unwrap();
     assert!(!e.text.contains("--q-lora-rank"), "{}", e.text);
     assert!(!e.text.contains("--moe-router-num-groups"), "{}", e.text);
+    assert!(e.text.contains("--moe-router-pre-softmax"), "{}", e.text);
     assert_eq!(
         parse(Engine::Megatron, &e.text, c.devices()).unwrap(),
         ParsedConfig::of(&plan)

@@ -452,6 +452,7 @@ fn moe_variant(mut model: ModelConfig, variant: u32) -> ModelConfig {
             }
             3 => {
                 m.scoring = apar::models::Scoring::Sigmoid;
+                m.pre_softmax = false; // a softmax router's option
                 m.dense_layers = vec![layers / 2];
             }
             _ => {}
@@ -469,7 +470,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
             "gpt3-175b",
             "mixtral-8x7b",
             "qwen3-30b-a3b",
-            "deepseek-v2-lite",
+            "deepseek-v3",
         ]),
         prop::sample::select(vec![1u32, 2, 4, 8]),
         prop::sample::select(vec![1u32, 2, 4, 8]),

@@ -139,6 +139,7 @@ def check_megatron(row, src):
         expect_equal("moe_router_num_groups", cfg.moe_router_num_groups, groups.get("groups"))
         expect_equal("moe_router_group_topk", cfg.moe_router_group_topk, groups.get("topk_groups"))
         expect_equal("moe_router_enable_expert_bias", cfg.moe_router_enable_expert_bias, bool(moe.get("expert_bias")))
+        expect_equal("moe_router_pre_softmax", cfg.moe_router_pre_softmax, bool(moe.get("pre_softmax")))
     # Multi-latent attention (branch `mla`): MLATransformerConfig's ranks and head dims.
     mla = want.get("mla")
     expect_equal("multi_latent_attention", bool(cfg.multi_latent_attention), mla is not None)

@@ -976,6 +976,9 @@ fn deepseek(f: &Fields, v: DeepSeek) -> Result<ModelConfig, ModelError> {
         routed_scale: Some(routed_scale).filter(|&r| r != 1.0),
         group_limit,
         expert_bias: v == DeepSeek::V3,
+        // `DeepseekV2TopkRouter`: softmax over all experts, top-k, no renormalization
+        // (it reads no `norm_topk_prob`).
+        pre_softmax: v == DeepSeek::V2,
     };
     Ok(ModelConfig {
         name: f.name.to_string(),

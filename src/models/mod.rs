@@ -281,6 +281,12 @@ pub struct Moe {
     /// here either.
     #[serde(default)]
     pub expert_bias: bool,
+    /// The softmax runs over all experts before the top-k choice and the chosen `k`
+    /// weights are not renormalized (DeepSeek-V2's router; Megatron-LM
+    /// `--moe-router-pre-softmax`). `false`: the weights sum to one over the chosen
+    /// experts (Mixtral's softmax over the top-k logits). A value: no size changes.
+    #[serde(default)]
+    pub pre_softmax: bool,
 }
 
 /// Group-limited expert choice ([`Moe::group_limit`]).
@@ -698,6 +704,12 @@ impl ModelConfig {
                         ),
                     );
                 }
+            }
+            if m.pre_softmax && m.scoring != Scoring::Softmax {
+                return bad(
+                    "moe.pre_softmax",
+                    "is a softmax router's option; the scores are sigmoids".into(),
+                );
             }
             if let Some(r) = m.routed_scale {
                 if !(r.is_finite() && r > 0.0) {

@@ -48,8 +48,9 @@
 //!   ones), `--v-head-dim` and `--rope-type rope` (MLA defaults to YaRN), with
 //!   `--attention-backend fused` (query/key and value head dims differ); DeepSeek's
 //!   routing is `--moe-router-topk-scaling-factor`, `--moe-router-num-groups`,
-//!   `--moe-router-group-topk` and `--moe-router-enable-expert-bias` (V3's sigmoid
-//!   scores with the auxiliary-loss-free bias); first-k-dense layers are the
+//!   `--moe-router-group-topk`, `--moe-router-enable-expert-bias` (V3's sigmoid
+//!   scores with the auxiliary-loss-free bias) and `--moe-router-pre-softmax` (V2's
+//!   softmax over all experts); first-k-dense layers are the
 //!   `--moe-layer-freq` pattern above.
 //!
 //! The data-parallel degree is the world size over `tp × pp`, and the micro-batch count
@@ -472,7 +473,8 @@ fn mla_args(a: &mut Vec<Vec<String>>, m: &crate::models::Mla) {
 /// factory): `--moe-router-topk-scaling-factor` (`routed_scaling_factor`),
 /// `--moe-router-num-groups` / `--moe-router-group-topk` (group-limited routing), and
 /// `--moe-router-enable-expert-bias` (auxiliary-loss-free balancing, which
-/// `TransformerConfig` accepts with sigmoid scores only).
+/// `TransformerConfig` accepts with sigmoid scores only), and `--moe-router-pre-softmax`
+/// (DeepSeek-V2: softmax over all experts, then the top-k, unnormalized).
 fn deepseek_router_args(a: &mut Vec<Vec<String>>, moe: &ParsedMoe) {
     if let Some(r) = moe.routed_scale {
         arg(a, "moe-router-topk-scaling-factor", r);
@@ -483,6 +485,9 @@ fn deepseek_router_args(a: &mut Vec<Vec<String>>, moe: &ParsedMoe) {
     }
     if moe.expert_bias {
         flag(a, "moe-router-enable-expert-bias");
+    }
+    if moe.pre_softmax {
+        flag(a, "moe-router-pre-softmax");
     }
 }
 
@@ -529,6 +534,7 @@ fn parse_deepseek_router(o: &Options, moe: &mut ParsedMoe) -> Result<(), ParseEr
         }
     };
     moe.expert_bias = o.has("--moe-router-enable-expert-bias");
+    moe.pre_softmax = o.has("--moe-router-pre-softmax");
     Ok(())
 }
 
@@ -658,6 +664,7 @@ fn parse_moe(o: &Options, layers: u32) -> Result<Option<ParsedMoe>, ParseError> 
         routed_scale: None,
         group_limit: None,
         expert_bias: false,
+        pre_softmax: false,
     }))
 }
 
@@ -790,8 +797,9 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         stages
     };
     if pp > 1 {
-        let total: u32 = stages.iter().map(|s| s.layers).sum();
-        if total != layers || stages.len() % pp as usize != 0 {
+        // In u64: the stages of a mangled option may sum past u32.
+        let total: u64 = stages.iter().map(|s| u64::from(s.layers)).sum();
+        if total != u64::from(layers) || stages.len() % pp as usize != 0 {
             return Err(ParseError::Inconsistent(format!(
                 "the pipeline cut holds {total} layers in {} stages; --num-layers is {layers}, pp {pp}",
                 stages.len()

@@ -413,6 +413,10 @@ pub struct ParsedMoe {
     /// Auxiliary-loss-free expert bias (left out of JSON when false).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub expert_bias: bool,
+    /// Softmax over all experts before the top-k, unnormalized (left out of JSON when
+    /// false).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pre_softmax: bool,
 }
 
 impl ParsedMoe {
@@ -433,6 +437,7 @@ impl ParsedMoe {
             routed_scale: m.routed_scale.filter(|&r| r != 1.0),
             group_limit: m.group_limit,
             expert_bias: m.expert_bias,
+            pre_softmax: m.pre_softmax,
         })
     }
 }
