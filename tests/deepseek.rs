@@ -130,6 +130,14 @@ fn mla_flops_from_first_principles() {
 }
 
 #[test]
+fn attention_head_dims_of_mla_and_ordinary_attention() {
+    let v3 = zoo::lookup("deepseek-v3").unwrap();
+    assert_eq!(v3.attention_head_dims(), (192, 128));
+    let llama = zoo::lookup("llama3-8b").unwrap();
+    assert_eq!(llama.attention_head_dims(), (128, 128));
+}
+
+#[test]
 fn deepseek_counts_equal_hugging_faces() {
     let total = hf_counts("total_params");
     let active = hf_counts("active_params");

@@ -483,6 +483,21 @@ impl ModelConfig {
             .map_or(total, |p| total.saturating_sub(p))
     }
 
+    /// Per-head channels of the attention scores and of the values: `(head_dim,
+    /// head_dim)` for ordinary attention, `(qk_nope + qk_rope, v_head_dim)` with
+    /// multi-head latent attention. The attention core's forward FLOPs per query/key
+    /// pair and head are `2·(d_qk + d_v)` (PaLM's `12·H·Q` model-FLOPs term per token
+    /// and context position is `6·H·(d_qk + d_v)`).
+    pub fn attention_head_dims(&self) -> (u64, u64) {
+        match &self.mla {
+            Some(m) => (
+                m.qk_nope_head_dim.saturating_add(m.qk_rope_head_dim),
+                m.v_head_dim,
+            ),
+            None => (self.head_dim, self.head_dim),
+        }
+    }
+
     /// The attention window of layer `i` (`None`: global attention).
     pub fn layer_window(&self, i: u32) -> Option<u64> {
         let w = self.sliding_window?;
