@@ -338,6 +338,34 @@ fn tp8_splits_mla_heads_and_keeps_the_latent_replicated() {
     assert_eq!(heads, [2, 2]);
 }
 
+/// With sequence parallelism the latent projection `kv_a` runs on each device's
+/// sequence shard and the small latent (512 channels, not `h` = 2048) is all-gathered
+/// before the up-projection: Megatron-LM's sequence-parallel MLA, found by the rules.
+#[test]
+fn sequence_parallel_mla_gathers_the_latent() {
+    let mut cfg = zoo::lookup("deepseek-v2-lite").unwrap();
+    cfg.layers = 2;
+    let fwd = build_forward(&cfg).unwrap();
+    let m = shard_model(&fwd, &ShardOptions::new(8, true)).unwrap();
+    verify(&m.graph).unwrap();
+    assert_eq!(
+        param_layout(&m, "layers.0.attn.kv_a.weight"),
+        Layout::Replicated
+    );
+    let gathered: Vec<u64> = m
+        .graph
+        .ops()
+        .filter(|&o| m.graph.node(o).block == Block::Layer(0))
+        .filter(|&o| matches!(m.graph.op(o), Op::AllGather { .. }))
+        .map(|o| {
+            let y = m.graph.node(o).results[0];
+            m.graph.ty(y).shape.0.last().unwrap().as_lit().unwrap()
+        })
+        .collect();
+    // Before the query projection, the latent's up-projection, and the MLP.
+    assert_eq!(gathered, [2048, 512, 2048], "{gathered:?}");
+}
+
 /// DeepSeek-V3 at tp 8 verifies with its heads split 16 per device. (The sharder, which
 /// prices time only, also splits the `h = 7168` rows of the down-projections `q_a` and
 /// `kv_a` there, with an all-reduce of their small outputs; Megatron-LM keeps them
