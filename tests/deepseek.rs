@@ -166,6 +166,15 @@ fn deepseek_counts_equal_hugging_faces() {
     assert!(m.expert_bias);
     let g = m.group_limit.unwrap();
     assert_eq!((g.groups, g.topk_groups), (8, 4));
+    // DeepSeek-V2's headline (paper, abstract): 236B total, 21B activated; V2-Lite
+    // (model card): 15.7B total. (Its 2.4B activated does not state a convention:
+    // Hugging Face's way gives 2.66B, 2.45B without the input embedding.)
+    let round = |n: u64, unit: u64| (n + unit / 2) / unit;
+    let v2 = hf::load(&fixture("deepseek-v2.json")).unwrap();
+    assert_eq!(round(v2.param_count(), 1_000_000_000), 236);
+    assert_eq!(round(v2.active_param_count(), 1_000_000_000), 21);
+    let lite = zoo::lookup("deepseek-v2-lite").unwrap();
+    assert_eq!(round(lite.param_count(), 100_000_000), 157);
     // V2-Lite: no query latent, 64 experts, top 6, 2 shared, layer 0 dense.
     let lite = zoo::lookup("deepseek-v2-lite").unwrap();
     let m = lite.moe.as_deref().unwrap();
@@ -181,6 +190,10 @@ fn deepseek_counts_equal_hugging_faces() {
 #[test]
 fn gpt_oss_is_refused_with_its_reason() {
     let total = hf_counts("total_params");
+    // The committed configs are the published ones: OpenAI's gpt-oss model card gives
+    // 20.91B and 116.83B total parameters (116,829,156,672 rounds to the latter).
+    assert_eq!(total["gpt-oss-20b.json"] / 10_000_000, 2091);
+    assert_eq!(total["gpt-oss-120b.json"] / 10_000_000, 11682);
     for file in ["gpt-oss-20b.json", "gpt-oss-120b.json"] {
         assert!(total.contains_key(file), "{file}");
         match hf::load(&fixture(file)) {
