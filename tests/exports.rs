@@ -452,6 +452,7 @@ fn moe_variant(mut model: ModelConfig, variant: u32) -> ModelConfig {
             }
             3 => {
                 m.scoring = apar::models::Scoring::Sigmoid;
+                m.pre_softmax = false; // a softmax router's option
                 m.dense_layers = vec![layers / 2];
             }
             _ => {}
@@ -469,6 +470,7 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
             "gpt3-175b",
             "mixtral-8x7b",
             "qwen3-30b-a3b",
+            "deepseek-v3",
         ]),
         prop::sample::select(vec![1u32, 2, 4, 8]),
         prop::sample::select(vec![1u32, 2, 4, 8]),
@@ -948,6 +950,23 @@ fn matrix() -> Vec<Case> {
             4096,
             config(4, 2, 1, 1, 8, true, Full, None, 1, OneFOneB),
             Some(&[48]),
+        ),
+        // Multi-latent attention and DeepSeek's routing (Megatron-LM only; branch `mla`):
+        // V2-Lite without a query latent, V3 with one, sigmoid scores, groups and the
+        // expert bias, first-k-dense layers.
+        case(
+            "tp2-mla-deepseek-v2-lite",
+            "deepseek-v2-lite",
+            4096,
+            config(4, 2, 1, 1, 8, true, Full, None, 1, OneFOneB),
+            Some(&[27]),
+        ),
+        case(
+            "pp4-mla-deepseek-v3",
+            "deepseek-v3",
+            4096,
+            config(2, 1, 4, 1, 8, false, Full, None, 1, OneFOneB),
+            Some(&[16, 15, 15, 15]),
         ),
         // Context parallelism: Megatron-LM's `--context-parallel-size`, torchtitan's
         // `--parallelism.context_parallel_degree` (FSDP over dp_shard × cp: ZeRO-2/3).

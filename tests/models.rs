@@ -451,6 +451,9 @@ fn every_loadable_config_counts_what_hugging_face_builds() {
         "qwen1.5-moe-a2.7b.json",
         "qwen3-30b-a3b.json",
         "qwen3-235b-a22b.json",
+        "deepseek-v2-lite.json",
+        "deepseek-v2.json",
+        "deepseek-v3.json",
     ] {
         assert!(
             counts.contains_key(file),

@@ -17,6 +17,7 @@ fn small(experts: u64, topk: u64, capacity: Option<f64>) -> ModelConfig {
         sparse_step: 1,
         dense_layers: Vec::new(),
         capacity_factor: capacity,
+        ..Default::default()
     }));
     cfg
 }

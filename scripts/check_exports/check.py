@@ -133,6 +133,24 @@ def check_megatron(row, src):
         pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(cfg.num_layers)]
         dense = [i for i, e in enumerate(pattern) if not e]
         expect_equal("dense layers (moe_layer_freq)", dense, moe.get("dense_layers", []))
+        # DeepSeek routing (branch `mla`): scaling, group-limited choice, expert bias.
+        expect_equal("moe_router_topk_scaling_factor", cfg.moe_router_topk_scaling_factor, moe.get("routed_scale"))
+        groups = moe.get("group_limit") or {}
+        expect_equal("moe_router_num_groups", cfg.moe_router_num_groups, groups.get("groups"))
+        expect_equal("moe_router_group_topk", cfg.moe_router_group_topk, groups.get("topk_groups"))
+        expect_equal("moe_router_enable_expert_bias", cfg.moe_router_enable_expert_bias, bool(moe.get("expert_bias")))
+        expect_equal("moe_router_pre_softmax", cfg.moe_router_pre_softmax, bool(moe.get("pre_softmax")))
+    # Multi-latent attention (branch `mla`): MLATransformerConfig's ranks and head dims.
+    mla = want.get("mla")
+    expect_equal("multi_latent_attention", bool(cfg.multi_latent_attention), mla is not None)
+    if mla:
+        expect_equal("config class", type(cfg).__name__, "MLATransformerConfig")
+        expect_equal("q_lora_rank", cfg.q_lora_rank, mla["q_lora_rank"])
+        expect_equal("kv_lora_rank", cfg.kv_lora_rank, mla["kv_lora_rank"])
+        expect_equal("qk_head_dim", cfg.qk_head_dim, mla["qk_nope_head_dim"])
+        expect_equal("qk_pos_emb_head_dim", cfg.qk_pos_emb_head_dim, mla["qk_rope_head_dim"])
+        expect_equal("v_head_dim", cfg.v_head_dim, mla["v_head_dim"])
+        expect_equal("rope_type", cfg.rope_type, "rope")
     zero = 0
     if getattr(args, "use_megatron_fsdp", False):
         zero = {"optim_grads": 2, "optim_grads_params": 3}[args.data_parallel_sharding_strategy]

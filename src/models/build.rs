@@ -198,6 +198,9 @@ impl Ctx<'_> {
     }
 
     fn attention(&mut self, x: TensorId, p: &str) -> R<TensorId> {
+        if let Some(m) = &self.cfg.mla {
+            return self.mla_attention(x, p, m);
+        }
         if let ModelCode::Transformers { arch, attn } = self.code {
             return self.hf_attention(x, p, arch, attn);
         }
@@ -283,6 +286,176 @@ impl Ctx<'_> {
             &[ctx],
         )?;
         self.linear(ctx, &format!("{p}.out"), a * d, h, cfg.out_bias)
+    }
+
+    /// Multi-head latent attention (DeepSeek-V2 section 2.1; [`super::Mla`] gives the
+    /// equations and shapes), for layer prefix `p`, from existing ops only:
+    ///
+    /// * queries: `q_a` `[h, r_q]` → the model's norm over `r_q` → `q_b`
+    ///   `[r_q, a·(d_n+d_r)]` (or one `q` `[h, a·(d_n+d_r)]` without a query latent),
+    ///   split into heads; the `d_r` part is sliced off, rotated and concatenated back;
+    /// * keys/values: `kv_a` `[h, r_kv + d_r]`, sliced into the latent (normed over
+    ///   `r_kv`) and the shared rotary key `[b, s, 1, d_r]` (rotated, then repeated to
+    ///   the `a` heads, as `expand` + `cat` does in Megatron-LM and Hugging Face);
+    ///   `kv_b` `[r_kv, a·(d_n+d_v)]` split into heads and sliced into `k_n`, `v`;
+    ///   `k = k_n ‖ k_r` (`concat`);
+    /// * the attention core with query/key head dim `d_n + d_r` and value head dim
+    ///   `d_v`; the output projection `[a·d_v, h]`.
+    ///
+    /// The fused attention ops ([`Op::FlashAttention`], [`Op::Sdpa`]) take keys and
+    /// values of one head dim, so for them the values are zero-padded to `d_n + d_r`
+    /// channels and the output sliced back to `d_v` (what Hugging Face's DeepSeek code
+    /// does for `flash_attention_2`; a wider `d_v` pads `q` and `k` instead). That counts the `P·V` product and the saved
+    /// `v`/output at `d_n + d_r` channels instead of `d_v` (DeepSeek-V3: 192 for 128,
+    /// +20% of the attention core's FLOPs); Transformer Engine's fused attention runs
+    /// `d_v` directly. Eager attention builds the two matmuls with their own head dims.
+    ///
+    /// Tensor parallelism (the sharder) splits `q_b`, `kv_b` (or `q`) by columns and
+    /// the output projection by rows; `q_a`, `kv_a` and the latent norms stay
+    /// replicated, as in Megatron-LM's `MLASelfAttention`.
+    fn mla_attention(&mut self, x: TensorId, p: &str, m: &super::Mla) -> R<TensorId> {
+        let cfg = self.cfg;
+        let (h, a) = (cfg.hidden, cfg.heads);
+        let (dn, dr, dv) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim);
+        let dqk = dn + dr;
+        let theta = match cfg.position {
+            Position::Rotary { theta, .. } => theta,
+            // `validate` refuses MLA without rotary positions.
+            Position::Learned { .. } => 10_000.0,
+        };
+        let rotary = Op::Rotary { dims: dr, theta };
+        let heads = |c: &mut Self, t: TensorId, d: u64| {
+            let shape = Shape::new([Dim::batch(), Dim::seq(), Dim::lit(a), Dim::lit(d)]);
+            c.op(Op::Reshape { shape }, &[t])
+        };
+        let slice = |c: &mut Self, t: TensorId, axis: u32, start: u64, len: u64| {
+            c.op(Op::Slice { axis, start, len }, &[t])
+        };
+        // Queries.
+        let q = match m.q_lora_rank {
+            Some(r) => {
+                let c_q = self.linear(x, &format!("{p}.q_a"), h, r, false)?;
+                let c_q = self.norm_of(c_q, &format!("{p}.q_a_norm"), r)?;
+                self.linear(c_q, &format!("{p}.q_b"), r, a * dqk, false)?
+            }
+            None => self.linear(x, &format!("{p}.q"), h, a * dqk, false)?,
+        };
+        let q = heads(self, q, dqk)?;
+        let q_nope = slice(self, q, 3, 0, dn)?;
+        let q_rope = slice(self, q, 3, dn, dr)?;
+        let q_rope = self.op(rotary.clone(), &[q_rope])?;
+        let q = self.op(Op::Concat { axis: 3 }, &[q_nope, q_rope])?;
+        // Keys and values.
+        let r = m.kv_lora_rank;
+        let kv_a = self.linear(x, &format!("{p}.kv_a"), h, r + dr, false)?;
+        let c_kv = slice(self, kv_a, 2, 0, r)?;
+        let c_kv = self.norm_of(c_kv, &format!("{p}.kv_a_norm"), r)?;
+        let k_rope = slice(self, kv_a, 2, r, dr)?;
+        let one_head = Shape::new([Dim::batch(), Dim::seq(), Dim::lit(1), Dim::lit(dr)]);
+        let k_rope = self.op(Op::Reshape { shape: one_head }, &[k_rope])?;
+        let k_rope = self.op(rotary, &[k_rope])?;
+        let k_rope = self.op(Op::Repeat { axis: 2, times: a }, &[k_rope])?;
+        let kv = self.linear(c_kv, &format!("{p}.kv_b"), r, a * (dn + dv), false)?;
+        let kv = heads(self, kv, dn + dv)?;
+        let k_nope = slice(self, kv, 3, 0, dn)?;
+        let v = slice(self, kv, 3, dn, dv)?;
+        let k = self.op(Op::Concat { axis: 3 }, &[k_nope, k_rope])?;
+        let scale = self.attn_scale();
+        let fused = match self.code {
+            ModelCode::Fused => match cfg.attention {
+                Attention::Flash => Some(false),
+                Attention::Eager => None,
+            },
+            ModelCode::Transformers {
+                attn: AttnImpl::Sdpa,
+                ..
+            }
+            | ModelCode::Torchtitan => Some(true),
+            ModelCode::Transformers {
+                attn: AttnImpl::Eager,
+                ..
+            } => None,
+        };
+        let ctx = match fused {
+            Some(sdpa) => {
+                // Zero channels change no score: pad the narrower of q/k and v to the
+                // wider head dim.
+                let d = dqk.max(dv);
+                let pad = |c: &mut Self, t: TensorId, have: u64| {
+                    if have < d {
+                        let op = Op::Pad {
+                            axis: 3,
+                            before: 0,
+                            after: d - have,
+                        };
+                        c.op(op, &[t])
+                    } else {
+                        Ok(t)
+                    }
+                };
+                let q = pad(self, q, dqk)?;
+                let k = pad(self, k, dqk)?;
+                let v = pad(self, v, dv)?;
+                let o = if sdpa {
+                    let op = Op::Sdpa {
+                        causal: true,
+                        scale,
+                        window: self.window,
+                    };
+                    self.b.add(op, &[q, k, v])?[0]
+                } else {
+                    let op = Op::FlashAttention {
+                        causal: true,
+                        scale,
+                        window: self.window,
+                    };
+                    self.op(op, &[q, k, v])?
+                };
+                if dv < d {
+                    slice(self, o, 3, 0, dv)?
+                } else {
+                    o
+                }
+            }
+            None => {
+                let heads_first = Op::Transpose {
+                    perm: vec![0, 2, 1, 3],
+                };
+                let q = self.op(heads_first.clone(), &[q])?;
+                let k = self.op(heads_first.clone(), &[k])?;
+                let v = self.op(heads_first.clone(), &[v])?;
+                let scores = self.op(
+                    Op::MatMul {
+                        ta: false,
+                        tb: true,
+                    },
+                    &[q, k],
+                )?;
+                let probs = self.op(
+                    Op::Softmax {
+                        causal: true,
+                        scale,
+                    },
+                    &[scores],
+                )?;
+                let probs = self.dropout(probs)?;
+                let ctx = self.op(
+                    Op::MatMul {
+                        ta: false,
+                        tb: false,
+                    },
+                    &[probs, v],
+                )?;
+                self.op(heads_first, &[ctx])?
+            }
+        };
+        let ctx = self.op(
+            Op::Reshape {
+                shape: Shape::new(bsd(a * dv)),
+            },
+            &[ctx],
+        )?;
+        self.linear(ctx, &format!("{p}.out"), a * dv, h, cfg.out_bias)
     }
 
     /// The attention block as Hugging Face's modules run it (see [`ModelCode`]).

@@ -20,6 +20,7 @@
 //! | `qwen3` | as llama, q/k norms per head | `attention_bias` (q, k, v, o) | no | `attention_dropout` |
 //! | `olmo2` | as llama, norms after attention and MLP, q/k norms over the projections | `attention_bias` (q, k, v, o) | no | `attention_dropout` |
 //! | `starcoder2` | LayerNorm, RoPE, GeLU (`c_fc`, `c_proj`), window on every layer | `use_bias` (all) | yes | `attention_dropout`, `residual_dropout`, `embedding_dropout` |
+//! | `deepseek_v2`, `deepseek_v3` | RMSNorm, multi-head latent attention, SwiGLU, experts from `first_k_dense_replace` (see `deepseek`) | none (refused) | no | `attention_dropout` |
 //!
 //! Fields absent from the file take the default of the architecture's Hugging Face
 //! configuration class (for example `rms_norm_eps` 1e-6, `rope_theta` 10,000,
@@ -55,7 +56,8 @@ use super::{
 
 /// The `model_type`s this loader reads.
 pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, olmo2, gemma, gemma2, \
-                             gemma3_text, starcoder2, gpt2, gpt_neox, falcon (rotary), mixtral, qwen2_moe, qwen3_moe";
+                             gemma3_text, starcoder2, gpt2, gpt_neox, falcon (rotary), mixtral, qwen2_moe, qwen3_moe, \
+                             deepseek_v2, deepseek_v3";
 
 /// Keys that give a dense architecture's file routed experts: such a file is refused
 /// ([`ModelError::ExpertsOnDense`]) rather than planned dense.
@@ -326,6 +328,9 @@ pub fn from_json_str_with_notes(
         "mixtral" => llama_like(&f, Family::Mixtral)?,
         "qwen2_moe" => llama_like(&f, Family::Qwen2Moe)?,
         "qwen3_moe" => llama_like(&f, Family::Qwen3Moe)?,
+        "deepseek_v2" => deepseek(&f, DeepSeek::V2)?,
+        "deepseek_v3" => deepseek(&f, DeepSeek::V3)?,
+        "gpt_oss" => return Err(f.unsupported(GPT_OSS_REFUSAL.to_string())),
         other => return Err(f.unsupported(other.to_string())),
     };
     if cfg.moe.is_none() {
@@ -781,6 +786,236 @@ fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
     })
 }
 
+/// Why `gpt_oss` (OpenAI gpt-oss-20b/120b) is refused: its layers need what no IR op
+/// expresses yet, and a plan without them would not be the model Hugging Face builds.
+pub const GPT_OSS_REFUSAL: &str = "gpt_oss (not built: its attention sinks, a learned \
+     logit per head in every softmax denominator, need a sink input on the fused attention \
+     ops, and its experts' per-expert biases a grouped bias op; the clamped SwiGLU and the \
+     biased router alone would fit)";
+
+/// DeepSeek generations.
+#[derive(Clone, Copy, PartialEq)]
+enum DeepSeek {
+    /// `modeling_deepseek_v2.py` (DeepSeek-V2, V2-Lite).
+    V2,
+    /// `modeling_deepseek_v3.py` (DeepSeek-V3, R1).
+    V3,
+}
+
+/// DeepSeek-V2 and V3 (`modeling_deepseek_v2.py`, `modeling_deepseek_v3.py`, Transformers
+/// 5.x): multi-head latent attention ([`super::Mla`]: `q_lora_rank`, `null` for a full
+/// query projection as in V2-Lite; `kv_lora_rank`, `qk_nope_head_dim`,
+/// `qk_rope_head_dim`, `v_head_dim`), RMSNorm, and mixture-of-experts layers from
+/// `first_k_dense_replace` on: `n_routed_experts` SwiGLU experts of
+/// `moe_intermediate_size`, top `num_experts_per_tok`, `n_shared_experts` shared experts
+/// (one SwiGLU of `n_shared_experts · moe_intermediate_size`), a router of `h·E` weights.
+/// The first layers' dense MLPs have `intermediate_size`.
+///
+/// V2 scores with a softmax and picks greedily (`topk_method` `greedy`) or among the best
+/// `topk_group` of `n_group` groups (`group_limited_greedy`); V3 scores with sigmoids,
+/// adds the `e_score_correction_bias` (a buffer, not a parameter) for the choice and
+/// always picks among groups (`noaux_tc`). `routed_scaling_factor` scales the combine
+/// weights. Values that change no size (`norm_topk_prob`, `rope_interleave`, the YaRN
+/// `rope_scaling`, `aux_loss_alpha`, `seq_aux`, `ep_size`) are read past; the
+/// multi-token-prediction module (`num_nextn_predict_layers`) is not built, as Hugging
+/// Face's model builds none (the checkpoint's layer 61 of V3 is dropped on load).
+///
+/// Refused: `attention_bias` or `mlp_bias` true (no published checkpoint has them),
+/// `moe_layer_freq` other than 1 (Hugging Face ignores it and puts experts in every
+/// layer from `first_k_dense_replace`; DeepSeek's own code would not), a
+/// `scoring_func` or `topk_method` other than the code runs, and key/value heads other
+/// than the query heads.
+fn deepseek(f: &Fields, v: DeepSeek) -> Result<ModelConfig, ModelError> {
+    let hidden = f.req_u64("hidden_size")?;
+    let heads = f.req_u64("num_attention_heads")?;
+    if let Some(kv) = f.u64("num_key_value_heads")? {
+        if kv != heads {
+            return Err(f.invalid(
+                "num_key_value_heads",
+                format!("{kv}: latent attention has one key/value head per query head ({heads})"),
+            ));
+        }
+    }
+    let act = f.str("hidden_act")?.unwrap_or("silu");
+    if act != "silu" {
+        return Err(f.invalid(
+            "hidden_act",
+            format!("`{act}` is not supported: the SwiGLU MLP needs `silu`"),
+        ));
+    }
+    for key in ["attention_bias", "mlp_bias"] {
+        if f.bool(key)?.unwrap_or(false) {
+            return Err(f.invalid(
+                key,
+                "is true: biased latent projections and MLPs are not built".into(),
+            ));
+        }
+    }
+    // `q_lora_rank: null` is a full query projection; an absent key takes the class
+    // default (1536 in both classes).
+    let q_lora_rank = match f.map.get("q_lora_rank") {
+        Some(Value::Null) => {
+            let _ = f.get("q_lora_rank");
+            None
+        }
+        _ => Some(f.u64("q_lora_rank")?.unwrap_or(1536)),
+    };
+    let mla = super::Mla {
+        q_lora_rank,
+        kv_lora_rank: f.u64("kv_lora_rank")?.unwrap_or(512),
+        qk_nope_head_dim: f.u64("qk_nope_head_dim")?.unwrap_or(128),
+        qk_rope_head_dim: f.u64("qk_rope_head_dim")?.unwrap_or(64),
+        v_head_dim: f.u64("v_head_dim")?.unwrap_or(128),
+    };
+    let qk = mla
+        .qk_nope_head_dim
+        .checked_add(mla.qk_rope_head_dim)
+        .ok_or_else(|| f.invalid("qk_nope_head_dim", "is too large".into()))?;
+    let (default_experts, default_ffn, default_shared, default_dense) = match v {
+        DeepSeek::V2 => (64, 1407, 2, 0),
+        DeepSeek::V3 => (256, 2048, 1, 3),
+    };
+    let experts = f.u64("n_routed_experts")?.unwrap_or(default_experts);
+    let expert_ffn = f.u64("moe_intermediate_size")?.unwrap_or(default_ffn);
+    let topk = match v {
+        DeepSeek::V2 => f.req_u64("num_experts_per_tok")?,
+        DeepSeek::V3 => f.u64("num_experts_per_tok")?.unwrap_or(8),
+    };
+    let shared = f.u64("n_shared_experts")?.unwrap_or(default_shared);
+    let first_dense = f.u64("first_k_dense_replace")?.unwrap_or(default_dense);
+    let first_dense = u32::try_from(first_dense).map_err(|_| {
+        f.invalid(
+            "first_k_dense_replace",
+            format!("{first_dense} is too large"),
+        )
+    })?;
+    if let Some(freq) = f.u64("moe_layer_freq")? {
+        if freq != 1 {
+            return Err(f.invalid(
+                "moe_layer_freq",
+                format!(
+                    "{freq}: Hugging Face's model ignores it (experts in every layer from \
+                     first_k_dense_replace), DeepSeek's code does not; only 1 is unambiguous"
+                ),
+            ));
+        }
+    }
+    let (want_scoring, scoring) = match v {
+        DeepSeek::V2 => ("softmax", Scoring::Softmax),
+        DeepSeek::V3 => ("sigmoid", Scoring::Sigmoid),
+    };
+    if let Some(s) = f.str("scoring_func")? {
+        if s != want_scoring {
+            return Err(f.invalid(
+                "scoring_func",
+                format!("`{s}`: this model's code scores with `{want_scoring}`"),
+            ));
+        }
+    }
+    let method = f.str("topk_method")?;
+    let groups = f.u64("n_group")?;
+    let topk_groups = f.u64("topk_group")?;
+    let grouped = match (v, method) {
+        (DeepSeek::V2, None | Some("greedy")) => false,
+        (DeepSeek::V2, Some("group_limited_greedy")) => true,
+        (DeepSeek::V3, None | Some("noaux_tc")) => true,
+        (_, Some(m)) => {
+            return Err(f.invalid(
+                "topk_method",
+                format!("`{m}` is not what this model's code runs"),
+            ))
+        }
+    };
+    let group_limit = if grouped {
+        let (g, t) = match v {
+            DeepSeek::V2 => (
+                groups.ok_or_else(|| f.missing("n_group"))?,
+                topk_groups.ok_or_else(|| f.missing("topk_group"))?,
+            ),
+            DeepSeek::V3 => (groups.unwrap_or(8), topk_groups.unwrap_or(4)),
+        };
+        Some(super::GroupLimit {
+            groups: g,
+            topk_groups: t,
+        })
+    } else {
+        None
+    };
+    let routed_scale = f.non_negative("routed_scaling_factor")?.unwrap_or(match v {
+        DeepSeek::V2 => 1.0,
+        DeepSeek::V3 => 2.5,
+    });
+    // Read: values that change no size (see the doc above).
+    for key in [
+        "norm_topk_prob",
+        "rope_interleave",
+        "aux_loss_alpha",
+        "seq_aux",
+        "ep_size",
+        "num_nextn_predict_layers",
+        "num_mtp_layers",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "head_dim",
+    ] {
+        let _ = f.get(key);
+    }
+    let moe = Moe {
+        experts,
+        topk,
+        expert_ffn,
+        shared_ffn: shared
+            .checked_mul(expert_ffn)
+            .ok_or_else(|| f.invalid("n_shared_experts", "is too large".into()))?,
+        shared_gate: false,
+        scoring,
+        first_dense,
+        sparse_step: 1,
+        dense_layers: Vec::new(),
+        capacity_factor: None,
+        routed_scale: Some(routed_scale).filter(|&r| r != 1.0),
+        group_limit,
+        expert_bias: v == DeepSeek::V3,
+        // `DeepseekV2TopkRouter`: softmax over all experts, top-k, no renormalization
+        // (it reads no `norm_topk_prob`).
+        pre_softmax: v == DeepSeek::V2,
+    };
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers: f.layers("num_hidden_layers")?,
+        hidden,
+        heads,
+        kv_heads: heads,
+        head_dim: qk,
+        ffn: f.req_u64("intermediate_size")?,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::RmsNorm,
+        norm_eps: f.non_negative("rms_norm_eps")?.unwrap_or(1e-6),
+        position: Position::Rotary {
+            dims: mla.qk_rope_head_dim,
+            theta: f.rope_theta(&["rope_theta"])?,
+        },
+        mlp: Mlp::SwiGlu,
+        qkv_bias: false,
+        out_bias: false,
+        mlp_bias: false,
+        parallel_residual: false,
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
+        dropout: f.dropout(&["attention_dropout"], 0.0)?,
+        attention: Attention::Flash,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
+        moe: Some(Box::new(moe)),
+        mla: Some(Box::new(mla)),
+    })
+}
+
 /// StarCoder2 (`modeling_starcoder2.py`): LayerNorm with bias (`norm_epsilon`), biases
 /// on q, k, v, o and on the MLP's `c_fc`/`c_proj` (`use_bias`), a plain GeLU MLP
 /// (`gelu_pytorch_tanh`), grouped-query attention, and `sliding_window` on every layer.
@@ -1016,6 +1251,7 @@ impl Fields<'_> {
             sparse_step,
             dense_layers,
             capacity_factor: None,
+            ..Default::default()
         })
     }
 

@@ -226,7 +226,7 @@ pub enum Scoring {
 
 /// Mixture-of-experts feed-forward layers: a router picks `topk` of `experts` SwiGLU
 /// experts per token; optional shared experts see every token.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Moe {
     /// Routed experts `E`.
     pub experts: u64,
@@ -261,12 +261,63 @@ pub struct Moe {
     /// `k·T` routed rows, balanced).
     #[serde(default)]
     pub capacity_factor: Option<f64>,
+    /// The routed experts' combine weights are multiplied by this factor (DeepSeek's
+    /// `routed_scaling_factor`: 2.5 in V3, 16 in V2, 1 in V2-Lite). A value, not a
+    /// size: it changes no parameter, FLOP or byte; it is carried for the engines'
+    /// options (Megatron-LM `--moe-router-topk-scaling-factor`). `None`: 1.
+    #[serde(default)]
+    pub routed_scale: Option<f64>,
+    /// Group-limited routing: the experts form `groups` equal groups and each token
+    /// picks its `topk` experts among the best `topk_groups` groups (DeepSeek's
+    /// `n_group` / `topk_group`, V2's `group_limited_greedy` and V3's `noaux_tc`).
+    /// `None`: top-k over all experts. Changes no size; the router's extra top-k over
+    /// `groups` scores is not priced (it is `O(E)` per token, beside the `h·E` logits).
+    #[serde(default)]
+    pub group_limit: Option<GroupLimit>,
+    /// A per-expert bias is added to the scores for the choice only (DeepSeek-V3's
+    /// auxiliary-loss-free balancing, `e_score_correction_bias`; Megatron-LM
+    /// `--moe-router-enable-expert-bias`). Hugging Face holds it as a buffer, not a
+    /// parameter, and it is updated outside the gradient step, so it is no parameter
+    /// here either.
+    #[serde(default)]
+    pub expert_bias: bool,
+    /// The softmax runs over all experts before the top-k choice and the chosen `k`
+    /// weights are not renormalized (DeepSeek-V2's router; Megatron-LM
+    /// `--moe-router-pre-softmax`). `false`: the weights sum to one over the chosen
+    /// experts (Mixtral's softmax over the top-k logits). A value: no size changes.
+    #[serde(default)]
+    pub pre_softmax: bool,
+}
+
+/// Group-limited expert choice ([`Moe::group_limit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLimit {
+    /// Expert groups (divides the routed expert count).
+    pub groups: u64,
+    /// Groups a token's experts are chosen from (at most `groups`).
+    pub topk_groups: u64,
 }
 
 /// Multi-head latent attention (DeepSeek-V2, DeepSeek-AI 2024, section 2.1): queries
 /// and keys/values go through low-rank latents; each head's query/key is a
 /// `qk_nope`-channel part from the latent and a `qk_rope`-channel rotary part (the
 /// key's rotary part shared by all heads).
+///
+/// With `a` heads, `d_n = qk_nope_head_dim`, `d_r = qk_rope_head_dim`,
+/// `d_v = v_head_dim`, `r_q = q_lora_rank`, `r_kv = kv_lora_rank` (the paper's
+/// equations 37–47; shapes per token):
+///
+/// ```text
+/// c_q  = RMSNorm(x · W_DQ)             W_DQ [h, r_q]        (no latent: q = x · W_Q, W_Q [h, a·(d_n+d_r)])
+/// q    = c_q · W_UQ                    W_UQ [r_q, a·(d_n+d_r)]   → [a, d_n] ‖ [a, d_r] (rotary)
+/// c_kv ‖ k_r = x · W_DKV               W_DKV [h, r_kv + d_r]     (k_r: rotary, one head)
+/// k_n ‖ v = RMSNorm(c_kv) · W_UKV      W_UKV [r_kv, a·(d_n+d_v)] → [a, d_n] ‖ [a, d_v]
+/// k    = k_n ‖ repeat_a(k_r)           [a, d_n + d_r]
+/// o    = softmax(q·kᵀ / √(d_n+d_r)) · v   [a, d_v];   y = o · W_O,  W_O [a·d_v, h]
+/// ```
+///
+/// In a [`ModelConfig`] with MLA, `head_dim` is the query/key head dim `d_n + d_r`,
+/// `kv_heads` equals `heads`, and the rotary embedding covers `d_r` channels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Mla {
     /// Query latent rank (`None`: a full query projection, DeepSeek-V2-Lite).
@@ -432,6 +483,21 @@ impl ModelConfig {
             .map_or(total, |p| total.saturating_sub(p))
     }
 
+    /// Per-head channels of the attention scores and of the values: `(head_dim,
+    /// head_dim)` for ordinary attention, `(qk_nope + qk_rope, v_head_dim)` with
+    /// multi-head latent attention. The attention core's forward FLOPs per query/key
+    /// pair and head are `2·(d_qk + d_v)` (PaLM's `12·H·Q` model-FLOPs term per token
+    /// and context position is `6·H·(d_qk + d_v)`).
+    pub fn attention_head_dims(&self) -> (u64, u64) {
+        match &self.mla {
+            Some(m) => (
+                m.qk_nope_head_dim.saturating_add(m.qk_rope_head_dim),
+                m.v_head_dim,
+            ),
+            None => (self.head_dim, self.head_dim),
+        }
+    }
+
     /// The attention window of layer `i` (`None`: global attention).
     pub fn layer_window(&self, i: u32) -> Option<u64> {
         let w = self.sliding_window?;
@@ -513,14 +579,6 @@ impl ModelConfig {
         };
         if self.layers == 0 {
             return bad("layers", "must be positive".into());
-        }
-        if self.mla.is_some() {
-            // The parameter layout exists; the graph builder has no MLA attention yet,
-            // so a count and a graph would disagree.
-            return bad(
-                "mla",
-                "multi-head latent attention (DeepSeek-V2/V3) is not built yet".into(),
-            );
         }
         if self.layers > MAX_LAYERS {
             return bad(
@@ -645,6 +703,37 @@ impl ModelConfig {
                     "gates a shared expert there is not".into(),
                 );
             }
+            if let Some(g) = m.group_limit {
+                if g.groups == 0
+                    || m.experts % g.groups != 0
+                    || g.topk_groups == 0
+                    || g.topk_groups > g.groups
+                    || m.topk > g.topk_groups.saturating_mul(m.experts / g.groups)
+                {
+                    return bad(
+                        "moe.group_limit",
+                        format!(
+                            "{} groups, top {} groups: the groups must divide {} experts and \
+                             the chosen groups hold at least top-k = {} experts",
+                            g.groups, g.topk_groups, m.experts, m.topk
+                        ),
+                    );
+                }
+            }
+            if m.pre_softmax && m.scoring != Scoring::Softmax {
+                return bad(
+                    "moe.pre_softmax",
+                    "is a softmax router's option; the scores are sigmoids".into(),
+                );
+            }
+            if let Some(r) = m.routed_scale {
+                if !(r.is_finite() && r > 0.0) {
+                    return bad(
+                        "moe.routed_scale",
+                        format!("{r} must be positive and finite"),
+                    );
+                }
+            }
             if let Some(c) = m.capacity_factor {
                 if crate::ir::moe_rows(crate::ir::Dim::lit(1), 1, Some(c)).is_err() {
                     return bad(
@@ -673,6 +762,31 @@ impl ModelConfig {
                     "mla",
                     "takes no query/key/value bias and needs rotary positions".into(),
                 );
+            }
+            let qk = m.qk_nope_head_dim.saturating_add(m.qk_rope_head_dim);
+            if self.head_dim != qk || self.kv_heads != self.heads {
+                return bad(
+                    "mla",
+                    format!(
+                        "needs head_dim = qk_nope + qk_rope = {qk} (found {}) and one key/value \
+                         head per query head (found {} of {})",
+                        self.head_dim, self.kv_heads, self.heads
+                    ),
+                );
+            }
+            if let Position::Rotary { dims, .. } = self.position {
+                if dims != m.qk_rope_head_dim {
+                    return bad(
+                        "mla",
+                        format!(
+                            "rotates the qk_rope_head_dim = {} channels, not {dims}",
+                            m.qk_rope_head_dim
+                        ),
+                    );
+                }
+            }
+            if self.qk_norm != QkNorm::None {
+                return bad("mla", "has latent norms, not query/key norms".into());
             }
         }
         if self.checked_param_count().is_none() {
@@ -726,7 +840,7 @@ pub enum ModelError {
     },
     /// A dense architecture's file names routed experts (a Mixtral or Qwen-MoE file
     /// relabelled `llama`/`mistral`): planning it dense would drop the experts.
-    #[error("{file}: `{arch}` is a dense architecture, but the file has routed experts ({}); use the mixture-of-experts `model_type` (mixtral, qwen2_moe, qwen3_moe)", keys.join(", "))]
+    #[error("{file}: `{arch}` is a dense architecture, but the file has routed experts ({}); use the mixture-of-experts `model_type` (mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3)", keys.join(", "))]
     ExpertsOnDense {
         /// The file.
         file: String,

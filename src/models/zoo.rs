@@ -20,6 +20,11 @@
 //! - Gemma 2 9B and 27B (Gemma Team 2024, Table 1): the Hugging Face
 //!   `google/gemma-2-9b` and `google/gemma-2-27b` configs (`tests/data/hf/gemma-2-*.json`,
 //!   whose Hugging Face counts `tests/models.rs` checks).
+//! - DeepSeek-V3 (Liu et al. 2024, DeepSeek-V3 technical report) and DeepSeek-V2-Lite
+//!   (DeepSeek-AI 2024, DeepSeek-V2): the Hugging Face `deepseek-ai/DeepSeek-V3` and
+//!   `deepseek-ai/DeepSeek-V2-Lite` configs (`tests/data/hf/deepseek-*.json`). The
+//!   counts are Hugging Face's model, which builds no multi-token-prediction module
+//!   (V3's checkpoint has one more layer, 61, for it; the report's 671B excludes it).
 
 use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
 
@@ -227,6 +232,20 @@ fn qwen3_235b_a22b() -> ModelConfig {
     from_hf(
         "qwen3-235b-a22b",
         include_str!("../../tests/data/hf/qwen3-235b-a22b.json"),
+    )
+}
+
+fn deepseek_v3() -> ModelConfig {
+    from_hf(
+        "deepseek-v3",
+        include_str!("../../tests/data/hf/deepseek-v3.json"),
+    )
+}
+
+fn deepseek_v2_lite() -> ModelConfig {
+    from_hf(
+        "deepseek-v2-lite",
+        include_str!("../../tests/data/hf/deepseek-v2-lite.json"),
     )
 }
 
@@ -499,6 +518,24 @@ pub static ZOO: &[ZooEntry] = &[
                 h 4096, 64 heads / 4 kv of 128, 128 experts of 1536, top 8 (Qwen3 Technical Report, Yang et al. \
                 2025; HF config Qwen/Qwen3-235B-A22B)",
         config: qwen3_235b_a22b,
+    },
+    ZooEntry {
+        name: "deepseek-v3",
+        about: "DeepSeek-V3, 671,026,404,352 params (37,552,282,624 active) as Hugging Face \
+                builds it (no multi-token-prediction module): 61 layers, h 7168, 128 heads of \
+                multi-head latent attention (q rank 1536, kv rank 512, qk 128+64, v 128), first \
+                3 layers dense (18432), then 256 experts of 2048 + 1 shared, top 8 of 4 of 8 \
+                groups, sigmoid scores (DeepSeek-V3 technical report, Liu et al. 2024; HF config \
+                deepseek-ai/DeepSeek-V3)",
+        config: deepseek_v3,
+    },
+    ZooEntry {
+        name: "deepseek-v2-lite",
+        about: "DeepSeek-V2-Lite, 15,706,484,224 params (2,661,150,208 active): 27 layers, \
+                h 2048, 16 heads of latent attention (no query latent, kv rank 512, qk 128+64, \
+                v 128), layer 0 dense (10944), then 64 experts of 1408 + 2 shared, top 6, \
+                softmax (DeepSeek-V2 paper, DeepSeek-AI: Liu et al. 2024; HF config deepseek-ai/DeepSeek-V2-Lite)",
+        config: deepseek_v2_lite,
     },
     ZooEntry {
         name: "qwen2-7b",

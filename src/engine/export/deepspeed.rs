@@ -374,6 +374,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         stages,
         fp8: false,
         moe: None,
+        mla: None,
     })
 }
 

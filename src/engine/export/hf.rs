@@ -153,5 +153,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         stages: Vec::new(),
         fp8: false,
         moe: None,
+        mla: None,
     })
 }

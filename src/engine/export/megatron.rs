@@ -44,7 +44,17 @@
 //!   to train with tensor parallelism but no sequence parallelism, and
 //!   `TransformerConfig` allows linear biases in experts only with expert tensor
 //!   parallelism 1, which is not how apar shards experts: both are refused;
-//! - per-head query/key norms (Qwen3) are `--qk-layernorm`.
+//! - per-head query/key norms (Qwen3) are `--qk-layernorm`;
+//! - multi-latent attention (DeepSeek-V2/V3) is `--multi-latent-attention` with
+//!   `--q-lora-rank` (absent: a full query projection), `--kv-lora-rank`,
+//!   `--qk-head-dim` (the non-rotary channels), `--qk-pos-emb-head-dim` (the rotary
+//!   ones), `--v-head-dim` and `--rope-type rope` (MLA defaults to YaRN), with
+//!   `--attention-backend fused` (query/key and value head dims differ); DeepSeek's
+//!   routing is `--moe-router-topk-scaling-factor`, `--moe-router-num-groups`,
+//!   `--moe-router-group-topk`, `--moe-router-enable-expert-bias` (V3's sigmoid
+//!   scores with the auxiliary-loss-free bias) and `--moe-router-pre-softmax` (V2's
+//!   softmax over all experts); first-k-dense layers are the
+//!   `--moe-layer-freq` pattern above.
 //!
 //! The data-parallel degree is the world size over `tp × pp`, and the micro-batch count
 //! is the global batch over `dp × micro-batch`: the job must be launched on
@@ -336,7 +346,8 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         flag(&mut a, "group-query-attention");
         arg(&mut a, "num-query-groups", m.kv_heads);
     }
-    if m.head_dim * m.heads != m.hidden {
+    // Multi-latent attention sets its own head dims (`mla_args`).
+    if m.head_dim * m.heads != m.hidden && m.mla.is_none() {
         arg(&mut a, "kv-channels", m.head_dim);
     }
     match m.position {
@@ -348,7 +359,7 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             arg(&mut a, "position-embedding-type", "rope");
             // `--rotary-base` is an integer option.
             arg(&mut a, "rotary-base", theta.round() as u64);
-            if dims != m.head_dim {
+            if dims != m.head_dim && m.mla.is_none() {
                 arg(&mut a, "rotary-percent", dims as f64 / m.head_dim as f64);
             }
             arg(&mut a, "max-position-embeddings", p.seq);
@@ -376,6 +387,10 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     arg(&mut a, "attention-dropout", m.dropout);
     arg(&mut a, "hidden-dropout", m.dropout);
     let backend = match m.attention {
+        // Multi-latent attention's query/key and value head dims differ, which the
+        // flash-attn backend does not take; Transformer Engine's cuDNN fused attention
+        // does (branch `mla`).
+        Attention::Flash if m.mla.is_some() => "fused",
         Attention::Flash => "flash",
         Attention::Eager => "unfused",
     };
@@ -396,6 +411,10 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             ));
         }
         moe_args(&mut a, &moe, m.layers);
+        deepseek_router_args(&mut a, &moe);
+    }
+    if let Some(mla) = &m.mla {
+        mla_args(&mut a, mla);
     }
     notes.push(format!(
         "the tokenizer sets the vocabulary ({} tokens in the plan)",
@@ -440,6 +459,97 @@ fn moe_args(a: &mut Vec<Vec<String>>, moe: &ParsedMoe, layers: u32) {
     flag(a, "moe-grouped-gemm");
     arg(a, "expert-model-parallel-size", 1);
 }
+
+// ---- multi-latent attention and DeepSeek routing (branch `mla`) ----
+
+/// Multi-latent attention's options (`MLATransformerConfig`, built when
+/// `--multi-latent-attention` is set; `megatron/training/arguments.py` `_add_mla_args`):
+/// `--q-lora-rank` (absent: a full query projection), `--kv-lora-rank`, `--qk-head-dim`
+/// (the non-rotary part, DeepSeek's `qk_nope_head_dim`), `--qk-pos-emb-head-dim` (the
+/// rotary part), `--v-head-dim`, and `--rope-type rope`: MLA defaults to YaRN, and the
+/// planned model has plain rotary positions (YaRN changes position values, no size).
+fn mla_args(a: &mut Vec<Vec<String>>, m: &crate::models::Mla) {
+    flag(a, "multi-latent-attention");
+    if let Some(r) = m.q_lora_rank {
+        arg(a, "q-lora-rank", r);
+    }
+    arg(a, "kv-lora-rank", m.kv_lora_rank);
+    arg(a, "qk-head-dim", m.qk_nope_head_dim);
+    arg(a, "qk-pos-emb-head-dim", m.qk_rope_head_dim);
+    arg(a, "v-head-dim", m.v_head_dim);
+    arg(a, "rope-type", "rope");
+}
+
+/// DeepSeek's routing options (`TransformerConfig` fields, exposed by its argument
+/// factory): `--moe-router-topk-scaling-factor` (`routed_scaling_factor`),
+/// `--moe-router-num-groups` / `--moe-router-group-topk` (group-limited routing), and
+/// `--moe-router-enable-expert-bias` (auxiliary-loss-free balancing, which
+/// `TransformerConfig` accepts with sigmoid scores only), and `--moe-router-pre-softmax`
+/// (DeepSeek-V2: softmax over all experts, then the top-k, unnormalized).
+fn deepseek_router_args(a: &mut Vec<Vec<String>>, moe: &ParsedMoe) {
+    if let Some(r) = moe.routed_scale {
+        arg(a, "moe-router-topk-scaling-factor", r);
+    }
+    if let Some(g) = moe.group_limit {
+        arg(a, "moe-router-num-groups", g.groups);
+        arg(a, "moe-router-group-topk", g.topk_groups);
+    }
+    if moe.expert_bias {
+        flag(a, "moe-router-enable-expert-bias");
+    }
+    if moe.pre_softmax {
+        flag(a, "moe-router-pre-softmax");
+    }
+}
+
+/// The multi-latent attention of `o` (`None` without `--multi-latent-attention`),
+/// with Megatron-LM's defaults for absent options.
+fn parse_mla(o: &Options) -> Result<Option<crate::models::Mla>, ParseError> {
+    if !o.has("--multi-latent-attention") {
+        return Ok(None);
+    }
+    if let Some(t) = o.value("--rope-type")? {
+        if t != "rope" {
+            return Err(ParseError::Inconsistent(format!(
+                "--rope-type {t}: apar plans plain rotary positions"
+            )));
+        }
+    }
+    Ok(Some(crate::models::Mla {
+        q_lora_rank: o.num("--q-lora-rank")?,
+        kv_lora_rank: o.num("--kv-lora-rank")?.unwrap_or(32),
+        qk_nope_head_dim: o.num("--qk-head-dim")?.unwrap_or(128),
+        qk_rope_head_dim: o.num("--qk-pos-emb-head-dim")?.unwrap_or(64),
+        v_head_dim: o.num("--v-head-dim")?.unwrap_or(128),
+    }))
+}
+
+/// The DeepSeek routing options of `o` into `moe`.
+fn parse_deepseek_router(o: &Options, moe: &mut ParsedMoe) -> Result<(), ParseError> {
+    moe.routed_scale = o
+        .num::<f64>("--moe-router-topk-scaling-factor")?
+        .filter(|&r| r != 1.0);
+    moe.group_limit = match (
+        o.num::<u64>("--moe-router-num-groups")?,
+        o.num::<u64>("--moe-router-group-topk")?,
+    ) {
+        (Some(groups), Some(topk_groups)) => Some(crate::models::GroupLimit {
+            groups,
+            topk_groups,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(ParseError::Inconsistent(
+                "--moe-router-num-groups and --moe-router-group-topk go together".into(),
+            ))
+        }
+    };
+    moe.expert_bias = o.has("--moe-router-enable-expert-bias");
+    moe.pre_softmax = o.has("--moe-router-pre-softmax");
+    Ok(())
+}
+
+// ---- end of branch `mla` additions ----
 
 /// `--moe-layer-freq` as a list expression (`1` expert layer, `0` dense), runs of
 /// equal layers as `[d]*n`: `([0]*3+[1]*45)`.
@@ -562,6 +672,10 @@ fn parse_moe(o: &Options, layers: u32) -> Result<Option<ParsedMoe>, ParseError> 
         scoring,
         dense_layers,
         capacity_factor,
+        routed_scale: None,
+        group_limit: None,
+        expert_bias: false,
+        pre_softmax: false,
     }))
 }
 
@@ -694,8 +808,9 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         stages
     };
     if pp > 1 {
-        let total: u32 = stages.iter().map(|s| s.layers).sum();
-        if total != layers || stages.len() % pp as usize != 0 {
+        // In u64: the stages of a mangled option may sum past u32.
+        let total: u64 = stages.iter().map(|s| u64::from(s.layers)).sum();
+        if total != u64::from(layers) || stages.len() % pp as usize != 0 {
             return Err(ParseError::Inconsistent(format!(
                 "the pipeline cut holds {total} layers in {} stages; --num-layers is {layers}, pp {pp}",
                 stages.len()
@@ -788,6 +903,13 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         }),
         stages,
         fp8,
-        moe: parse_moe(&o, layers)?,
+        moe: match parse_moe(&o, layers)? {
+            Some(mut moe) => {
+                parse_deepseek_router(&o, &mut moe)?;
+                Some(moe)
+            }
+            None => None,
+        },
+        mla: parse_mla(&o)?,
     })
 }

@@ -261,10 +261,11 @@ impl ExportError {
 /// the engine lacks) or lacks what it needs to build the model.
 pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> {
     if let Some(m) = &plan.model {
-        // Megatron-LM's MoE options are written (`megatron`); the other engines' are not.
+        // Megatron-LM's MoE and multi-latent attention options are written
+        // (`megatron`); the other engines' are not.
         let what = match (&m.moe, &m.mla) {
-            (_, Some(_)) => Some("multi-latent attention"),
-            (Some(_), None) if engine != Engine::Megatron => Some("mixture-of-experts layers"),
+            (_, Some(_)) if engine != Engine::Megatron => Some("multi-latent attention"),
+            (Some(_), _) if engine != Engine::Megatron => Some("mixture-of-experts layers"),
             _ => None,
         };
         if let Some(what) = what {
@@ -381,6 +382,11 @@ pub struct ParsedConfig {
     /// The mixture-of-experts layers (left out of JSON for a dense model).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moe: Option<ParsedMoe>,
+    // -- multi-latent attention (branch `mla`) --
+    /// Multi-latent attention's ranks and head dims (Megatron-LM
+    /// `--multi-latent-attention`, `--q-lora-rank`, …; left out of JSON without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mla: Option<crate::models::Mla>,
 }
 
 /// A model's mixture-of-experts layers as an engine's options carry them (Megatron-LM's
@@ -409,6 +415,20 @@ pub struct ParsedMoe {
     /// Capacity factor (`None`: dropless; left out of JSON then).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity_factor: Option<f64>,
+    // -- DeepSeek routing (branch `mla`) --
+    /// Scale of the routed experts' combine weights (`None`: 1; left out of JSON then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routed_scale: Option<f64>,
+    /// Group-limited routing (left out of JSON when `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_limit: Option<crate::models::GroupLimit>,
+    /// Auxiliary-loss-free expert bias (left out of JSON when false).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub expert_bias: bool,
+    /// Softmax over all experts before the top-k, unnormalized (left out of JSON when
+    /// false).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pre_softmax: bool,
 }
 
 impl ParsedMoe {
@@ -426,6 +446,10 @@ impl ParsedMoe {
                 .filter(|&i| !model.is_moe_layer(i))
                 .collect(),
             capacity_factor: m.capacity_factor,
+            routed_scale: m.routed_scale.filter(|&r| r != 1.0),
+            group_limit: m.group_limit,
+            expert_bias: m.expert_bias,
+            pre_softmax: m.pre_softmax,
         })
     }
 }
@@ -467,6 +491,7 @@ impl ParsedConfig {
             },
             fp8: plan.precision.compute == crate::engine::memory::Precision::Fp8,
             moe: plan.model.as_ref().and_then(ParsedMoe::of),
+            mla: plan.model.as_ref().and_then(|m| m.mla.as_deref().cloned()),
         }
     }
 }

@@ -361,5 +361,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         stages,
         fp8,
         moe: None,
+        mla: None,
     })
 }
