@@ -1687,7 +1687,11 @@ pub fn model_flops_per_token(cfg: &ModelConfig, seq: u64) -> f64 {
     } else {
         f64::from(cfg.layers) * seq as f64
     };
-    let attention = 12.0 * cfg.heads as f64 * cfg.head_dim as f64 * context;
+    // Q·Kᵀ over the query/key head dim and P·V over the value head dim, forward and
+    // backward (6 FLOPs per multiply-add pair and token): `12·a·d` when they are equal;
+    // MLA's differ (DeepSeek-V2: 192 and 128).
+    let (d_qk, d_v) = cfg.attention_head_dims();
+    let attention = 6.0 * cfg.heads as f64 * (d_qk + d_v) as f64 * context;
     6.0 * n + attention
 }
 
