@@ -32,6 +32,8 @@ fn config(
         tp,
         pp,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch: b,
         num_micro_batches: m,
         sp,

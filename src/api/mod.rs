@@ -78,8 +78,23 @@ pub struct PlanOptions {
     /// cluster's device ([`crate::cost::CostModel::new`]).
     #[serde(default)]
     pub calibration: Option<Calibration>,
+    /// Expert load imbalance under expert parallelism (`--moe-imbalance`): the
+    /// busiest expert-parallel rank's routed rows over the mean; 1 (the default) is
+    /// balanced routing ([`Compiler::with_moe_imbalance`]).
+    #[serde(default = "balanced")]
+    pub moe_imbalance: f64,
     /// Pins, bounds and search switches.
     pub search: SearchOptions,
+}
+
+/// Serde's default expert load imbalance: balanced routing.
+fn balanced() -> f64 {
+    1.0
+}
+
+/// Whether an expert load imbalance is the balanced default (left out of JSON).
+fn is_balanced(f: &f64) -> bool {
+    *f == 1.0
 }
 
 impl PlanOptions {
@@ -94,6 +109,7 @@ impl PlanOptions {
             precision: PrecisionOptions::default(),
             runtime: None,
             calibration: None,
+            moe_imbalance: 1.0,
             search: SearchOptions {
                 runners_up: 3,
                 ..SearchOptions::default()
@@ -236,6 +252,9 @@ pub struct Plan {
     /// built-in table of the cluster's device).
     #[serde(default)]
     pub calibration: Option<Calibration>,
+    /// The expert load imbalance the plan was priced with (left out when 1, balanced).
+    #[serde(default = "balanced", skip_serializing_if = "is_balanced")]
+    pub moe_imbalance: f64,
     /// The configuration.
     pub config: Config,
     /// Seconds per training step.
@@ -608,7 +627,8 @@ impl Session {
         .with_precision(options.precision)?
         .with_runtime(checked_runtime(
             options.runtime.unwrap_or(options.engine.runtime()),
-        )?);
+        )?)
+        .with_moe_imbalance(options.moe_imbalance);
         let compiler = match &options.calibration {
             Some(c) => {
                 c.validate()?;
@@ -911,6 +931,7 @@ impl Session {
         options.precision = plan.precision;
         options.runtime = Some(plan.runtime);
         options.calibration = plan.calibration.clone();
+        options.moe_imbalance = plan.moe_imbalance;
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
         // The model is rebuilt from `model`; `model_config` is what that gave when the
         // plan was saved. An edit there would be ignored, so it is refused instead.
@@ -965,6 +986,7 @@ impl Session {
             precision: self.compiler.precision,
             runtime: self.compiler.runtime,
             calibration: self.compiler.calibration.clone(),
+            moe_imbalance: self.compiler.moe_imbalance,
             config: e.config,
             step_time_s: summary.step_time_s,
             tokens_per_s: summary.tokens_per_s,

@@ -36,11 +36,11 @@
 //!   gate), dense layers as a `--moe-layer-freq` list pattern (`([0]*3+[1]*45)`, which
 //!   `moe_freq_type` evaluates), a capacity factor as `--moe-expert-capacity-factor` with
 //!   `--moe-pad-expert-input-to-capacity` (fixed buffers, as apar counts them), the
-//!   alltoall dispatcher, `--moe-grouped-gemm` and `--expert-model-parallel-size 1`
-//!   (experts replicated on every data-parallel rank). `MoELayer.forward` refuses
-//!   to train with tensor parallelism but no sequence parallelism, and
-//!   `TransformerConfig` allows linear biases in experts only with expert tensor
-//!   parallelism 1, which is not how apar shards experts: both are refused;
+//!   alltoall dispatcher, `--moe-grouped-gemm`, and the plan's expert layout as
+//!   `--expert-model-parallel-size` and `--expert-tensor-parallel-size` (always
+//!   written; read back with Megatron-LM's default `tp` for the latter).
+//!   `MoELayer.forward` refuses to train with tensor parallelism but no sequence
+//!   parallelism, and apar's experts have no linear biases: both are refused;
 //! - per-head query/key norms (Qwen3) are `--qk-layernorm`.
 //!
 //! The data-parallel degree is the world size over `tp × pp`, and the micro-batch count
@@ -385,6 +385,11 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             ));
         }
         moe_args(&mut a, &moe, m.layers);
+        // The expert layout: `E/ep` experts per rank, each split over etp ranks
+        // (written even at its default, tp, so that the export reads the same
+        // whatever Megatron-LM's default becomes).
+        arg(&mut a, "expert-model-parallel-size", c.ep);
+        arg(&mut a, "expert-tensor-parallel-size", c.etp);
     }
     notes.push(format!(
         "the tokenizer sets the vocabulary ({} tokens in the plan)",
@@ -427,7 +432,6 @@ fn moe_args(a: &mut Vec<Vec<String>>, moe: &ParsedMoe, layers: u32) {
     }
     arg(a, "moe-token-dispatcher-type", "alltoall");
     flag(a, "moe-grouped-gemm");
-    arg(a, "expert-model-parallel-size", 1);
 }
 
 /// `--moe-layer-freq` as a list expression (`1` expert layer, `0` dense), runs of
@@ -513,12 +517,6 @@ fn parse_moe(o: &Options, layers: u32) -> Result<Option<ParsedMoe>, ParseError> 
     };
     if experts == 0 {
         return Ok(None);
-    }
-    let ep: u32 = o.num("--expert-model-parallel-size")?.unwrap_or(1);
-    if ep != 1 {
-        return Err(ParseError::Inconsistent(format!(
-            "--expert-model-parallel-size {ep}: apar plans experts replicated on every data-parallel rank (1)"
-        )));
     }
     let scoring = match o.value("--moe-router-score-function")?.unwrap_or("softmax") {
         "softmax" => Scoring::Softmax,
@@ -757,11 +755,22 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
             })
         }
     };
+    let moe = parse_moe(&o, layers)?;
+    // Megatron-LM's default expert-tensor degree is the tensor-parallel degree.
+    let (ep, etp) = match moe {
+        Some(_) => (
+            o.num("--expert-model-parallel-size")?.unwrap_or(1),
+            o.num("--expert-tensor-parallel-size")?.unwrap_or(tp),
+        ),
+        None => (1, 1),
+    };
     Ok(ParsedConfig {
         dp,
         tp,
         pp,
         cp,
+        ep,
+        etp,
         micro_batch,
         num_micro_batches,
         sp: tp > 1 && o.has("--sequence-parallel"),
@@ -777,6 +786,6 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         }),
         stages,
         fp8,
-        moe: parse_moe(&o, layers)?,
+        moe,
     })
 }
