@@ -846,6 +846,31 @@ impl Compiler {
         }
     }
 
+    /// Parameters of the routed experts (0 for a dense model): the stacked expert
+    /// weights of every MoE layer, which expert parallelism splits.
+    pub fn expert_param_count(&self) -> u64 {
+        match &self.source {
+            ModelSource::Config(cfg) => cfg.moe.as_ref().map_or(0, |m| {
+                let layers = (0..cfg.layers).filter(|&i| cfg.is_moe_layer(i)).count() as u64;
+                layers
+                    .saturating_mul(m.experts)
+                    .saturating_mul(cfg.hidden)
+                    .saturating_mul(m.expert_ffn)
+                    .saturating_mul(3)
+            }),
+            ModelSource::Graph(g) => {
+                let names = crate::passes::expert::expert_param_names(g);
+                g.ops()
+                    .filter(|&o| matches!(g.op(o), Op::Param { name } if names.contains(name)))
+                    .filter_map(|o| {
+                        let t = g.node(o).results[0];
+                        g.ty(t).shape.numel_at(Env::new(1, 1))
+                    })
+                    .fold(0u64, u64::saturating_add)
+            }
+        }
+    }
+
     /// Model FLOPs of one training step, the numerator of MFU: PaLM's definition
     /// (Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways",
     /// Appendix B), `6·N + 12·L·H·Q·T` FLOPs per token for `N` parameters, `L` layers,

@@ -98,10 +98,24 @@ fn neighbours(c: &Config) -> Vec<(String, Config)> {
                 tp: c.tp * 2,
                 dp: c.dp / 2,
                 num_micro_batches: c.num_micro_batches * 2,
+                // Experts split by the tensor-parallel degree keep following it.
+                etp: if c.etp > 1 && c.etp == c.tp {
+                    c.tp * 2
+                } else {
+                    c.etp
+                },
                 ..*c
             },
         ));
     }
+    // Mixture-of-experts models: experts spread over twice the ranks, each holding
+    // half as many (the compiler drops it for a dense model, or where the experts or
+    // the ranks do not divide).
+    let ep = c.ep.saturating_mul(2);
+    out.push((
+        format!("expert parallel {ep} (--ep {ep})"),
+        Config { ep, ..*c },
+    ));
     if c.dp % 2 == 0 {
         // Long sequences: activations shrink by the context-parallel degree while the
         // model states stay (the compiler drops it where the sequence does not split
@@ -279,17 +293,24 @@ fn simplicity(c: &Config) -> impl Ord {
 /// A lower bound on a configuration's per-device peak: the average model-state bytes
 /// per device of its tensor × pipeline grid (replication only adds), with ZeRO's
 /// per-parameter bytes (16, 4 + 12/N, 2 + 14/N, 16/N; 2/N instead of 2 for sharded
-/// low-precision copies).
-pub fn state_lower_bound(params: u64, c: &Config) -> u64 {
-    let n = f64::from(c.grad_ranks().max(1));
-    let lowp = if c.shards_low_prec() { 2.0 / n } else { 2.0 };
-    let per_param = match c.zero {
-        0 => lowp + 14.0,
-        1 => lowp + 2.0 + 12.0 / n,
-        _ => lowp + 14.0 / n,
+/// low-precision copies). Of the `params`, `expert_params` (routed experts) are split
+/// over `ep · etp × pp` ranks and sharded over the expert-data-parallel ones instead.
+pub fn state_lower_bound(params: u64, expert_params: u64, c: &Config) -> u64 {
+    let per_param = |n: u32| {
+        let n = f64::from(n.max(1));
+        let lowp = if c.shards_low_prec() { 2.0 / n } else { 2.0 };
+        match c.zero {
+            0 => lowp + 14.0,
+            1 => lowp + 2.0 + 12.0 / n,
+            _ => lowp + 14.0 / n,
+        }
     };
-    let grid = f64::from(c.tp) * f64::from(c.pp);
-    (params as f64 * per_param / grid) as u64
+    let expert = expert_params.min(params);
+    let dense = (params - expert) as f64 * per_param(c.grad_ranks())
+        / (f64::from(c.tp) * f64::from(c.pp));
+    let experts = expert as f64 * per_param(c.expert_dp())
+        / (f64::from(c.ep.max(1)) * f64::from(c.etp.max(1)) * f64::from(c.pp));
+    (dense + experts) as u64
 }
 
 /// Compiles every candidate in parallel, drops those that do not fit and selects the
@@ -316,6 +337,7 @@ pub fn plan_with_progress(
         &opts.constraints,
     );
     let params = compiler.param_count();
+    let expert_params = compiler.expert_param_count();
     let t0 = Instant::now();
     // 1. Cheap screening, in parallel: the model-state memory bound and the step-time
     //    lower bound of every candidate.
@@ -326,7 +348,7 @@ pub fn plan_with_progress(
         .iter()
         .map(|c| {
             if fp32_optimizer {
-                state_lower_bound(params, c)
+                state_lower_bound(params, expert_params, c)
             } else {
                 0
             }
