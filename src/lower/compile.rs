@@ -19,8 +19,8 @@ use crate::ir::{Block, Env, Graph, Op, ShapeError, VerifyErrors};
 use crate::models::{build_template, ModelCode, ModelConfig, ModelError, Position};
 use crate::passes::expert::ExpertLayout;
 use crate::passes::manager::{
-    Autodiff, Distribute, ExpertParallel, Fp8Linears, MixedPrecision, PassError, PassManager, RecomputeLayers,
-    TensorParallel,
+    Autodiff, Distribute, ExpertParallel, Fp8Linears, MixedPrecision, PassError, PassManager,
+    RecomputeLayers, TensorParallel,
 };
 use crate::passes::recompute::Recomputed;
 use crate::passes::{pipeline, Config, Recomputation, Recompute, RecomputeModules, Schedule};
@@ -1225,14 +1225,7 @@ impl Compiler {
         let mut dists: BTreeMap<DistKey, Config> = BTreeMap::new();
         for c in configs.iter().filter(|c| self.reduces(c)) {
             dists
-                .entry((
-                    c.tp,
-                    c.zero,
-                    c.shards_low_prec(),
-                    c.dp,
-                    c.cp,
-                    self.xk(c),
-                ))
+                .entry((c.tp, c.zero, c.shards_low_prec(), c.dp, c.cp, self.xk(c)))
                 .or_insert(*c);
         }
         dists.par_iter().for_each(|(_, c)| {

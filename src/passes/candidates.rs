@@ -322,8 +322,8 @@ pub fn with_experts(configs: Vec<Config>, experts: u64, k: &Constraints) -> Vec<
             }
             let mut ep = 1u32;
             while u64::from(ep) <= experts {
-                let fits = experts % u64::from(ep) == 0
-                    && ranks % (u64::from(ep) * u64::from(etp)) == 0;
+                let fits =
+                    experts % u64::from(ep) == 0 && ranks % (u64::from(ep) * u64::from(etp)) == 0;
                 if fits && k.ep.is_none_or(|e| e == ep) && k.max_ep.is_none_or(|m| ep <= m) {
                     out.push(Config { ep, etp, ..c });
                 }

@@ -266,9 +266,8 @@ pub fn apply(g: &Graph, layout: ExpertLayout) -> Result<Graph, ShapeError> {
                     if dims.len() != 3 {
                         return Err(shape_error(&node.op, "expert weights are [E, k, n]".into()));
                     }
-                    dims[0] = split_dim(dims[0], ep).map_err(|m| {
-                        shape_error(&node.op, format!("experts over ep {ep}: {m}"))
-                    })?;
+                    dims[0] = split_dim(dims[0], ep)
+                        .map_err(|m| shape_error(&node.op, format!("experts over ep {ep}: {m}")))?;
                     // Column split: the output channels n; row split: the inputs k.
                     let ax = if column != tb { 2 } else { 1 };
                     dims[ax] = split_dim(dims[ax], etp).map_err(|m| {
@@ -342,7 +341,13 @@ pub fn apply(g: &Graph, layout: ExpertLayout) -> Result<Graph, ShapeError> {
             if id == l.combine && k == 0 {
                 // Expert outputs: partial sums over etp, then home over ep.
                 if etp > 1 {
-                    v = b.add1(Op::ReduceScatter { axis: 0, parts: etp }, &[v])?;
+                    v = b.add1(
+                        Op::ReduceScatter {
+                            axis: 0,
+                            parts: etp,
+                        },
+                        &[v],
+                    )?;
                 }
                 if ep > 1 {
                     v = b.add1(exchange(ep), &[v])?;
@@ -357,7 +362,13 @@ pub fn apply(g: &Graph, layout: ExpertLayout) -> Result<Graph, ShapeError> {
                 rows = b.add1(exchange(ep), &[rows])?;
             }
             if etp > 1 {
-                rows = b.add1(Op::AllGather { axis: 0, parts: etp }, &[rows])?;
+                rows = b.add1(
+                    Op::AllGather {
+                        axis: 0,
+                        parts: etp,
+                    },
+                    &[rows],
+                )?;
             }
             results[0] = rows;
         }
@@ -377,4 +388,3 @@ fn exchange(ep: u32) -> Op {
         parts: ep,
     }
 }
-
