@@ -513,11 +513,28 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                     4 => "core_attn,mlp".parse().ok(),
                     _ => None,
                 };
+                // Expert layouts for a MoE variant: ep a power of two dividing the
+                // experts and the stage's ranks, etp 1 or tp.
+                let (ep, etp) = match &model.moe {
+                    Some(moe) => {
+                        let ep = 1u32 << (cuts[2] % 4);
+                        let etp = if cuts[3] % 2 == 0 { 1 } else { tp };
+                        let ranks = u64::from(dp * tp * cp);
+                        if moe.experts % u64::from(ep) == 0 && ranks % u64::from(ep * etp) == 0 {
+                            (ep, etp)
+                        } else {
+                            (1, etp)
+                        }
+                    }
+                    None => (1, 1),
+                };
                 let c = Config {
                     dp,
                     tp,
                     pp,
                     cp,
+                    ep,
+                    etp,
                     micro_batch: b,
                     num_micro_batches: m,
                     sp: sp && tp > 1,

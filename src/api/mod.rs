@@ -92,11 +92,6 @@ fn balanced() -> f64 {
     1.0
 }
 
-/// Whether an expert load imbalance is the balanced default (left out of JSON).
-fn is_balanced(f: &f64) -> bool {
-    *f == 1.0
-}
-
 impl PlanOptions {
     /// Defaults for a sequence length and global batch: 0.8 of device memory, the
     /// whole candidate space, three runners-up.
@@ -252,8 +247,9 @@ pub struct Plan {
     /// built-in table of the cluster's device).
     #[serde(default)]
     pub calibration: Option<Calibration>,
-    /// The expert load imbalance the plan was priced with (left out when 1, balanced).
-    #[serde(default = "balanced", skip_serializing_if = "is_balanced")]
+    /// The expert load imbalance the plan was priced with (1: balanced; plans saved
+    /// before it existed read as 1).
+    #[serde(default = "balanced")]
     pub moe_imbalance: f64,
     /// The configuration.
     pub config: Config,

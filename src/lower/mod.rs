@@ -134,7 +134,11 @@ pub struct StageMemory {
 }
 
 /// Where the step time of the slowest device goes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+///
+/// Serialized with its fields in declaration order; `ep_comm_s` is left out of
+/// human-readable formats (JSON) when 0, so breakdowns of plans without expert
+/// parallelism print as before, and always written in binary ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize)]
 pub struct TimeBreakdown {
     /// Forward and backward compute (no communication, no recomputation).
     pub compute_s: f64,
@@ -144,7 +148,7 @@ pub struct TimeBreakdown {
     /// Expert-parallel token exchanges (the all-to-all dispatch and combine of every
     /// MoE layer, forward and backward; inside the passes, not overlapped). Left out of
     /// JSON when 0.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default)]
     pub ep_comm_s: f64,
     /// Data-parallel communication not hidden behind compute.
     pub dp_comm_s: f64,
@@ -160,9 +164,25 @@ pub struct TimeBreakdown {
 
 pub use crate::passes::pipeline::StageSpan;
 
-/// Serde's test for a time left out of JSON when 0.
-fn is_zero(t: &f64) -> bool {
-    *t == 0.0
+impl Serialize for TimeBreakdown {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let skip_ep = s.is_human_readable() && self.ep_comm_s == 0.0;
+        let mut st = s.serialize_struct("TimeBreakdown", 8 - usize::from(skip_ep))?;
+        st.serialize_field("compute_s", &self.compute_s)?;
+        st.serialize_field("tp_comm_s", &self.tp_comm_s)?;
+        if skip_ep {
+            st.skip_field("ep_comm_s")?;
+        } else {
+            st.serialize_field("ep_comm_s", &self.ep_comm_s)?;
+        }
+        st.serialize_field("dp_comm_s", &self.dp_comm_s)?;
+        st.serialize_field("pp_comm_s", &self.pp_comm_s)?;
+        st.serialize_field("bubble_s", &self.bubble_s)?;
+        st.serialize_field("recompute_s", &self.recompute_s)?;
+        st.serialize_field("optimizer_s", &self.optimizer_s)?;
+        st.end()
+    }
 }
 
 /// One block's share of a virtual stage's work unit (one micro-batch), for traces:
