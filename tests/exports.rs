@@ -968,6 +968,39 @@ fn matrix() -> Vec<Case> {
             config(4, 2, 1, 1, 8, true, Full, None, 1, OneFOneB),
             Some(&[48]),
         ),
+        // Expert parallelism (Megatron-LM): `--expert-model-parallel-size` and
+        // `--expert-tensor-parallel-size`, experts folded over tp × dp.
+        case(
+            "ep4-tp2-pp2-moe",
+            "mixtral-8x7b",
+            4096,
+            Config {
+                ep: 4,
+                ..config(2, 2, 2, 1, 8, true, Full, None, 1, OneFOneB)
+            },
+            Some(&[16, 16]),
+        ),
+        case(
+            "ep2-etp2-moe-qwen3",
+            "qwen3-30b-a3b",
+            4096,
+            Config {
+                ep: 2,
+                etp: 2,
+                ..config(4, 2, 1, 1, 8, true, Full, None, 1, OneFOneB)
+            },
+            Some(&[48]),
+        ),
+        case(
+            "ep8-moe-qwen3",
+            "qwen3-30b-a3b",
+            4096,
+            Config {
+                ep: 8,
+                ..config(8, 1, 1, 1, 8, false, Full, None, 1, OneFOneB)
+            },
+            Some(&[48]),
+        ),
         // Context parallelism: Megatron-LM's `--context-parallel-size`, torchtitan's
         // `--parallelism.context_parallel_degree` (FSDP over dp_shard × cp: ZeRO-2/3).
         case(
