@@ -328,6 +328,33 @@ impl Detail {
                 None => (TpLayout::Replicated, local),
             }
         };
+        // Routed-expert weights per device under the plan's expert layout (`E/ep`
+        // experts, channels split by `etp`): the parameter shapes of the laid-out
+        // forward graph.
+        let laid = if compiler.block_layout().experts > 0 {
+            let layout = crate::passes::expert::ExpertLayout {
+                tp: c.tp,
+                ep: c.ep,
+                etp: c.etp,
+            };
+            crate::passes::expert::apply(fwd, layout).ok()
+        } else {
+            None
+        };
+        let expert_shapes: BTreeMap<String, crate::ir::TensorType> = laid
+            .as_ref()
+            .map(|g| {
+                let names = crate::passes::expert::expert_param_names(g);
+                g.ops()
+                    .filter_map(|o| match g.op(o) {
+                        crate::ir::Op::Param { name } if names.contains(name) => {
+                            Some((name.clone(), g.ty(g.node(o).results[0]).clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut tensors = Vec::new();
         for id in fwd.ops() {
             let node = fwd.node(id);
@@ -370,13 +397,24 @@ impl Detail {
                     crate::ir::Op::Param { name } => name.clone(),
                     op => format!("{}{}#{k}", op.name(), id),
                 };
+                let (local_shape, bytes) = match expert_shapes.get(&name) {
+                    Some(t) => (
+                        t.shape
+                            .dims()
+                            .iter()
+                            .map(|d| d.eval_ceil(env).unwrap_or(0))
+                            .collect(),
+                        t.bytes_at(env).unwrap_or(0),
+                    ),
+                    None => (eval_shape(fwd, r, env), bytes),
+                };
                 tensors.push(TensorPlacement {
                     name,
                     kind,
                     blocks,
                     dtype: ty.dtype.to_string(),
                     global_shape,
-                    local_shape: eval_shape(fwd, r, env),
+                    local_shape,
                     tp_layout,
                     dp_sharded: dp_sharded && kind == TensorKind::Param,
                     bytes_per_device: if dp_sharded && kind == TensorKind::Param {

@@ -382,7 +382,7 @@ impl Plan {
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum EmptySpace {
     /// This pin or bound alone leaves no configuration.
-    #[error("no configuration has --{pin} {value} (tp divides the {devices_per_node} devices of a node, dp × tp × pp = {devices}, pp at most the model's {blocks} blocks, dp divides the global batch {global_batch})")]
+    #[error("no configuration has --{pin} {value} (tp divides the {devices_per_node} devices of a node, dp × tp × pp = {devices}, pp at most the model's {blocks} blocks, dp divides the global batch {global_batch}{})", if *.experts == 0 { ", ep = etp = 1 for a dense model".to_string() } else { format!(", ep a power of two dividing the {experts} experts, ep × etp dividing tp × cp × dp, etp 1 or tp") })]
     Pin {
         /// The option.
         pin: &'static str,
@@ -396,6 +396,8 @@ pub enum EmptySpace {
         blocks: usize,
         /// Sequences per step.
         global_batch: u64,
+        /// Routed experts per MoE layer (0: a dense model).
+        experts: u64,
     },
     /// Each pin allows configurations, but not together.
     #[error("the pins and bounds {} allow no configuration together (each alone does)", .pins.iter().map(|p| format!("--{p}")).collect::<Vec<_>>().join(", "))]
@@ -765,17 +767,21 @@ impl Session {
     fn empty_space(&self) -> EmptySpace {
         let c = &self.compiler;
         let k = &self.search.constraints;
+        let layout = c.block_layout();
         let all = |k: &Constraints| {
-            enumerate(
-                c.cluster.devices(),
-                c.cluster.devices_per_node,
-                c.global_batch,
-                c.seq,
-                c.block_count(),
+            crate::passes::candidates::with_experts(
+                enumerate(
+                    c.cluster.devices(),
+                    c.cluster.devices_per_node,
+                    c.global_batch,
+                    c.seq,
+                    c.block_count(),
+                    k,
+                ),
+                layout.experts,
                 k,
             )
         };
-        let layout = c.block_layout();
         // The engine's most common rule against what `k` allows (counting, per rule,
         // every configuration that breaks it, whatever its degrees), with its first
         // instance, if `k` allows something and the engine runs none of it.
@@ -831,6 +837,7 @@ impl Session {
                     devices_per_node: c.cluster.devices_per_node,
                     blocks: c.block_count(),
                     global_batch: c.global_batch,
+                    experts: c.block_layout().experts,
                 };
             }
         }
