@@ -290,3 +290,36 @@ fn config_json_skips_unit_expert_degrees() {
     let back: Config = serde_json::from_str(&text).unwrap();
     assert_eq!(back, moe);
 }
+
+/// Expert load imbalance slows the busiest expert-parallel rank's expert GEMMs and
+/// all-to-alls, so the step time grows with it under expert parallelism and does not
+/// move without it (every rank then holds every expert).
+#[test]
+fn imbalance_slows_expert_parallelism_only() {
+    let cfg = model("mixtral-8x7b", 4);
+    let cluster = Cluster::resolve("dgx-h100:1").unwrap();
+    let at = |f: f64, ep: u32| {
+        let comp = Compiler::new(
+            ModelSource::Config(cfg.clone()),
+            cluster.clone(),
+            2048,
+            64,
+            0.8,
+        )
+        .unwrap()
+        .with_moe_imbalance(f);
+        let c = Config {
+            zero: 1,
+            ..config(4, 2, ep, 1)
+        };
+        comp.evaluate_with(&c, false).unwrap()
+    };
+    let (balanced, skewed) = (at(1.0, 4), at(1.5, 4));
+    assert!(skewed.step_time_s > balanced.step_time_s);
+    assert!(skewed.sim.breakdown.ep_comm_s > balanced.sim.breakdown.ep_comm_s);
+    // FLOPs (and so MFU's numerator) count the mean rank.
+    assert_eq!(skewed.sim.flops_per_device, balanced.sim.flops_per_device);
+    let (a, b) = (at(1.0, 1), at(1.5, 1));
+    assert_eq!(a.step_time_s, b.step_time_s);
+    assert_eq!(a.sim.breakdown.ep_comm_s, 0.0);
+}

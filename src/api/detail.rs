@@ -193,7 +193,8 @@ pub struct TensorPlacement {
     /// How the tensor-parallel group holds it.
     pub tp_layout: TpLayout,
     /// Whether ZeRO shards this parameter's low-precision copy over the data-parallel
-    /// group (flattened, `1/dp` each; gathered before use). Master weights, gradients
+    /// group (flattened, `1/dp` each; gathered before use; a routed expert's weight
+    /// over the expert-data-parallel group, `1/edp`). Master weights, gradients
     /// and optimizer states follow the plan's ZeRO stage.
     pub dp_sharded: bool,
     /// Bytes of one device's tensor.
@@ -309,7 +310,7 @@ impl Detail {
         order.sort();
         order.dedup();
         let env = Env::new(u64::from(c.micro_batch), compiler.seq);
-        let dp_sharded = c.dp > 1 && c.shards_low_prec();
+        let dp_sharded = c.shards_low_prec();
         let layout = |t: TensorId| -> (TpLayout, Vec<u64>) {
             let local: Vec<u64> = eval_shape(fwd, t, env);
             match &program.sharded {
@@ -397,6 +398,13 @@ impl Detail {
                     crate::ir::Op::Param { name } => name.clone(),
                     op => format!("{}{}#{k}", op.name(), id),
                 };
+                // Ranks the low-precision copy is sharded over: the data-parallel ones,
+                // the expert-data-parallel ones for a routed expert's weight.
+                let sharded_over = match (dp_sharded, expert_shapes.contains_key(&name)) {
+                    (false, _) => 1,
+                    (true, false) => c.dp,
+                    (true, true) => c.expert_dp(),
+                };
                 let (local_shape, bytes) = match expert_shapes.get(&name) {
                     Some(t) => (
                         t.shape
@@ -416,9 +424,9 @@ impl Detail {
                     global_shape,
                     local_shape,
                     tp_layout,
-                    dp_sharded: dp_sharded && kind == TensorKind::Param,
-                    bytes_per_device: if dp_sharded && kind == TensorKind::Param {
-                        bytes.div_ceil(u64::from(c.dp))
+                    dp_sharded: sharded_over > 1 && kind == TensorKind::Param,
+                    bytes_per_device: if sharded_over > 1 && kind == TensorKind::Param {
+                        bytes.div_ceil(u64::from(sharded_over))
                     } else {
                         bytes
                     },
