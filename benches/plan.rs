@@ -48,6 +48,8 @@ fn eval_405b(c: &mut Criterion) {
         tp: 8,
         pp: 16,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch: 1,
         num_micro_batches: 16,
         sp: true,

@@ -54,6 +54,8 @@ fn config(pp: u32, b: u32, m: u32, schedule: Schedule, recompute: Recompute, sp:
         tp: 8,
         pp,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch: b,
         num_micro_batches: m,
         sp,

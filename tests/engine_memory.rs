@@ -50,6 +50,8 @@ fn config(
         tp,
         pp,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch,
         num_micro_batches,
         sp,

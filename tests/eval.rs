@@ -16,6 +16,8 @@ fn config(dp: u32, tp: u32, pp: u32, b: u32, m: u32, zero: u8) -> Config {
         tp,
         pp,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch: b,
         num_micro_batches: m,
         sp: false,

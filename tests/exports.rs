@@ -32,6 +32,8 @@ fn config(
         tp,
         pp,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch: b,
         num_micro_batches: m,
         sp,
@@ -513,11 +515,28 @@ fn arb_plan() -> impl Strategy<Value = ExportPlan> {
                     4 => "core_attn,mlp".parse().ok(),
                     _ => None,
                 };
+                // Expert layouts for a MoE variant: ep a power of two dividing the
+                // experts and the stage's ranks, etp 1 or tp.
+                let (ep, etp) = match &model.moe {
+                    Some(moe) => {
+                        let ep = 1u32 << (cuts[2] % 4);
+                        let etp = if cuts[3] % 2 == 0 { 1 } else { tp };
+                        let ranks = u64::from(dp * tp * cp);
+                        if moe.experts % u64::from(ep) == 0 && ranks % u64::from(ep * etp) == 0 {
+                            (ep, etp)
+                        } else {
+                            (1, etp)
+                        }
+                    }
+                    None => (1, 1),
+                };
                 let c = Config {
                     dp,
                     tp,
                     pp,
                     cp,
+                    ep,
+                    etp,
                     micro_batch: b,
                     num_micro_batches: m,
                     sp: sp && tp > 1,
@@ -967,6 +986,39 @@ fn matrix() -> Vec<Case> {
             4096,
             config(2, 1, 4, 1, 8, false, Full, None, 1, OneFOneB),
             Some(&[16, 15, 15, 15]),
+        ),
+        // Expert parallelism (Megatron-LM): `--expert-model-parallel-size` and
+        // `--expert-tensor-parallel-size`, experts folded over tp × dp.
+        case(
+            "ep4-tp2-pp2-moe",
+            "mixtral-8x7b",
+            4096,
+            Config {
+                ep: 4,
+                ..config(2, 2, 2, 1, 8, true, Full, None, 1, OneFOneB)
+            },
+            Some(&[16, 16]),
+        ),
+        case(
+            "ep2-etp2-moe-qwen3",
+            "qwen3-30b-a3b",
+            4096,
+            Config {
+                ep: 2,
+                etp: 2,
+                ..config(4, 2, 1, 1, 8, true, Full, None, 1, OneFOneB)
+            },
+            Some(&[48]),
+        ),
+        case(
+            "ep8-moe-qwen3",
+            "qwen3-30b-a3b",
+            4096,
+            Config {
+                ep: 8,
+                ..config(8, 1, 1, 1, 8, false, Full, None, 1, OneFOneB)
+            },
+            Some(&[48]),
         ),
         // Context parallelism: Megatron-LM's `--context-parallel-size`, torchtitan's
         // `--parallelism.context_parallel_degree` (FSDP over dp_shard × cp: ZeRO-2/3).

@@ -140,6 +140,8 @@ fn fp8_raises_throughput_on_h100() {
         tp: 1,
         pp: 1,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch: 1,
         num_micro_batches: 8,
         sp: false,

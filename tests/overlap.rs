@@ -42,6 +42,8 @@ fn config(dp: u32, m: u32) -> Config {
         tp: 1,
         pp: 1,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch: 1,
         num_micro_batches: m,
         sp: false,

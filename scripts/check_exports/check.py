@@ -127,7 +127,8 @@ def check_megatron(row, src):
             cfg.moe_shared_expert_intermediate_size or 0,
             moe.get("shared_ffn", 0),
         )
-        expect_equal("expert_model_parallel_size", args.expert_model_parallel_size, 1)
+        expect_equal("expert_model_parallel_size", args.expert_model_parallel_size, want.get("ep", 1))
+        expect_equal("expert_tensor_parallel_size", args.expert_tensor_parallel_size, want.get("etp", 1))
         expect_equal("moe_expert_capacity_factor", cfg.moe_expert_capacity_factor, moe.get("capacity_factor"))
         freq = cfg.moe_layer_freq
         pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(cfg.num_layers)]
@@ -314,6 +315,7 @@ def check_torchtitan(row, _src):
     expect_equal("tensor_parallel_degree", par.tensor_parallel_degree, want["tp"])
     expect_equal("pipeline_parallel_degree", par.pipeline_parallel_degree, want["pp"])
     expect_equal("context_parallel_degree", par.context_parallel_degree, want.get("cp", 1))
+    expect_equal("expert_parallel_degree", par.expert_parallel_degree, want.get("ep", 1))
     if want["tp"] > 1:
         expect_equal("enable_sequence_parallel", par.enable_sequence_parallel, want["sp"])
     t = cfg.training

@@ -324,6 +324,8 @@ impl Run {
             tp: self.tp,
             pp: self.pp,
             cp: 1,
+            ep: 1,
+            etp: 1,
             micro_batch: self.micro_batch,
             num_micro_batches: m,
             sp: self.sp,

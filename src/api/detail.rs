@@ -193,7 +193,8 @@ pub struct TensorPlacement {
     /// How the tensor-parallel group holds it.
     pub tp_layout: TpLayout,
     /// Whether ZeRO shards this parameter's low-precision copy over the data-parallel
-    /// group (flattened, `1/dp` each; gathered before use). Master weights, gradients
+    /// group (flattened, `1/dp` each; gathered before use; a routed expert's weight
+    /// over the expert-data-parallel group, `1/edp`). Master weights, gradients
     /// and optimizer states follow the plan's ZeRO stage.
     pub dp_sharded: bool,
     /// Bytes of one device's tensor.
@@ -309,7 +310,7 @@ impl Detail {
         order.sort();
         order.dedup();
         let env = Env::new(u64::from(c.micro_batch), compiler.seq);
-        let dp_sharded = c.dp > 1 && c.shards_low_prec();
+        let dp_sharded = c.shards_low_prec();
         let layout = |t: TensorId| -> (TpLayout, Vec<u64>) {
             let local: Vec<u64> = eval_shape(fwd, t, env);
             match &program.sharded {
@@ -328,6 +329,33 @@ impl Detail {
                 None => (TpLayout::Replicated, local),
             }
         };
+        // Routed-expert weights per device under the plan's expert layout (`E/ep`
+        // experts, channels split by `etp`): the parameter shapes of the laid-out
+        // forward graph.
+        let laid = if compiler.block_layout().experts > 0 {
+            let layout = crate::passes::expert::ExpertLayout {
+                tp: c.tp,
+                ep: c.ep,
+                etp: c.etp,
+            };
+            crate::passes::expert::apply(fwd, layout).ok()
+        } else {
+            None
+        };
+        let expert_shapes: BTreeMap<String, crate::ir::TensorType> = laid
+            .as_ref()
+            .map(|g| {
+                let names = crate::passes::expert::expert_param_names(g);
+                g.ops()
+                    .filter_map(|o| match g.op(o) {
+                        crate::ir::Op::Param { name } if names.contains(name) => {
+                            Some((name.clone(), g.ty(g.node(o).results[0]).clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut tensors = Vec::new();
         for id in fwd.ops() {
             let node = fwd.node(id);
@@ -370,17 +398,35 @@ impl Detail {
                     crate::ir::Op::Param { name } => name.clone(),
                     op => format!("{}{}#{k}", op.name(), id),
                 };
+                // Ranks the low-precision copy is sharded over: the data-parallel ones,
+                // the expert-data-parallel ones for a routed expert's weight.
+                let sharded_over = match (dp_sharded, expert_shapes.contains_key(&name)) {
+                    (false, _) => 1,
+                    (true, false) => c.dp,
+                    (true, true) => c.expert_dp(),
+                };
+                let (local_shape, bytes) = match expert_shapes.get(&name) {
+                    Some(t) => (
+                        t.shape
+                            .dims()
+                            .iter()
+                            .map(|d| d.eval_ceil(env).unwrap_or(0))
+                            .collect(),
+                        t.bytes_at(env).unwrap_or(0),
+                    ),
+                    None => (eval_shape(fwd, r, env), bytes),
+                };
                 tensors.push(TensorPlacement {
                     name,
                     kind,
                     blocks,
                     dtype: ty.dtype.to_string(),
                     global_shape,
-                    local_shape: eval_shape(fwd, r, env),
+                    local_shape,
                     tp_layout,
-                    dp_sharded: dp_sharded && kind == TensorKind::Param,
-                    bytes_per_device: if dp_sharded && kind == TensorKind::Param {
-                        bytes.div_ceil(u64::from(c.dp))
+                    dp_sharded: sharded_over > 1 && kind == TensorKind::Param,
+                    bytes_per_device: if sharded_over > 1 && kind == TensorKind::Param {
+                        bytes.div_ceil(u64::from(sharded_over))
                     } else {
                         bytes
                     },

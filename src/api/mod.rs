@@ -82,8 +82,18 @@ pub struct PlanOptions {
     /// cluster's device ([`crate::cost::CostModel::new`]).
     #[serde(default)]
     pub calibration: Option<Calibration>,
+    /// Expert load imbalance under expert parallelism (`--moe-imbalance`): the
+    /// busiest expert-parallel rank's routed rows over the mean; 1 (the default) is
+    /// balanced routing ([`Compiler::with_moe_imbalance`]).
+    #[serde(default = "balanced")]
+    pub moe_imbalance: f64,
     /// Pins, bounds and search switches.
     pub search: SearchOptions,
+}
+
+/// Serde's default expert load imbalance: balanced routing.
+fn balanced() -> f64 {
+    1.0
 }
 
 impl PlanOptions {
@@ -99,6 +109,7 @@ impl PlanOptions {
             runtime: None,
             comm_overlap: CommOverlap::default(),
             calibration: None,
+            moe_imbalance: 1.0,
             search: SearchOptions {
                 runners_up: 3,
                 ..SearchOptions::default()
@@ -245,6 +256,10 @@ pub struct Plan {
     /// built-in table of the cluster's device).
     #[serde(default)]
     pub calibration: Option<Calibration>,
+    /// The expert load imbalance the plan was priced with (1: balanced; plans saved
+    /// before it existed read as 1).
+    #[serde(default = "balanced")]
+    pub moe_imbalance: f64,
     /// The configuration.
     pub config: Config,
     /// Seconds per training step.
@@ -377,7 +392,7 @@ impl Plan {
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum EmptySpace {
     /// This pin or bound alone leaves no configuration.
-    #[error("no configuration has --{pin} {value} (tp divides the {devices_per_node} devices of a node, dp × tp × pp = {devices}, pp at most the model's {blocks} blocks, dp divides the global batch {global_batch})")]
+    #[error("no configuration has --{pin} {value} (tp divides the {devices_per_node} devices of a node, dp × tp × pp = {devices}, pp at most the model's {blocks} blocks, dp divides the global batch {global_batch}{})", if *.experts == 0 { ", ep = etp = 1 for a dense model".to_string() } else { format!(", ep a power of two dividing the {experts} experts, ep × etp dividing tp × cp × dp, etp 1 or tp") })]
     Pin {
         /// The option.
         pin: &'static str,
@@ -391,6 +406,8 @@ pub enum EmptySpace {
         blocks: usize,
         /// Sequences per step.
         global_batch: u64,
+        /// Routed experts per MoE layer (0: a dense model).
+        experts: u64,
     },
     /// Each pin allows configurations, but not together.
     #[error("the pins and bounds {} allow no configuration together (each alone does)", .pins.iter().map(|p| format!("--{p}")).collect::<Vec<_>>().join(", "))]
@@ -619,7 +636,8 @@ impl Session {
         .with_comm_overlap(options.comm_overlap)?
         .with_runtime(checked_runtime(
             options.runtime.unwrap_or(options.engine.runtime()),
-        )?);
+        )?)
+        .with_moe_imbalance(options.moe_imbalance);
         let compiler = match &options.calibration {
             Some(c) => {
                 c.validate()?;
@@ -760,17 +778,21 @@ impl Session {
     fn empty_space(&self) -> EmptySpace {
         let c = &self.compiler;
         let k = &self.search.constraints;
+        let layout = c.block_layout();
         let all = |k: &Constraints| {
-            enumerate(
-                c.cluster.devices(),
-                c.cluster.devices_per_node,
-                c.global_batch,
-                c.seq,
-                c.block_count(),
+            crate::passes::candidates::with_experts(
+                enumerate(
+                    c.cluster.devices(),
+                    c.cluster.devices_per_node,
+                    c.global_batch,
+                    c.seq,
+                    c.block_count(),
+                    k,
+                ),
+                layout.experts,
                 k,
             )
         };
-        let layout = c.block_layout();
         // The engine's most common rule against what `k` allows (counting, per rule,
         // every configuration that breaks it, whatever its degrees), with its first
         // instance, if `k` allows something and the engine runs none of it.
@@ -826,6 +848,7 @@ impl Session {
                     devices_per_node: c.cluster.devices_per_node,
                     blocks: c.block_count(),
                     global_batch: c.global_batch,
+                    experts: c.block_layout().experts,
                 };
             }
         }
@@ -923,6 +946,7 @@ impl Session {
         options.runtime = Some(plan.runtime);
         options.comm_overlap = plan.comm_overlap;
         options.calibration = plan.calibration.clone();
+        options.moe_imbalance = plan.moe_imbalance;
         let session = Session::for_spec(&plan.model, &plan.cluster, &options)?;
         // The model is rebuilt from `model`; `model_config` is what that gave when the
         // plan was saved. An edit there would be ignored, so it is refused instead.
@@ -978,6 +1002,7 @@ impl Session {
             runtime: self.compiler.runtime,
             comm_overlap: self.compiler.comm_overlap,
             calibration: self.compiler.calibration.clone(),
+            moe_imbalance: self.compiler.moe_imbalance,
             config: e.config,
             step_time_s: summary.step_time_s,
             tokens_per_s: summary.tokens_per_s,

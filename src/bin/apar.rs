@@ -190,6 +190,17 @@ enum Command {
         /// Bound the context-parallel degree.
         #[arg(long)]
         max_cp: Option<u32>,
+        /// Pin the expert-parallel degree (mixture-of-experts models: E/ep experts per
+        /// rank, tokens exchanged by all-to-all); without it, every power of two
+        /// dividing the experts and tp × cp × dp is tried.
+        #[arg(long)]
+        ep: Option<u32>,
+        /// Bound the expert-parallel degree.
+        #[arg(long)]
+        max_ep: Option<u32>,
+        /// Pin the expert-tensor-parallel degree (1 or the candidate's tp).
+        #[arg(long)]
+        etp: Option<u32>,
         /// Bound the number of pipeline stages.
         #[arg(long)]
         max_stages: Option<u32>,
@@ -257,7 +268,7 @@ enum Command {
         /// Re-cost a saved plan (from `--save`, possibly edited) instead of the flags below.
         #[arg(long, conflicts_with_all = [
             "model", "attention", "layers", "cluster", "global_batch", "seq", "memory_ratio",
-            "engine", "dp", "tp", "pp", "cp", "micro_batch", "sp", "recompute", "recompute_layers",
+            "engine", "dp", "tp", "pp", "cp", "ep", "etp", "micro_batch", "sp", "recompute", "recompute_layers",
             "recompute_modules", "zero", "low_prec_shard", "schedule", "precision", "grad_dtype",
             "optimizer_dtype", "runtime_overhead_gib", "calibration",
         ])]
@@ -278,6 +289,13 @@ enum Command {
         /// Context-parallel degree: the sequence split over N ranks (ring attention).
         #[arg(long, default_value_t = 1)]
         cp: u32,
+        /// Expert-parallel degree (mixture-of-experts models).
+        #[arg(long, default_value_t = 1)]
+        ep: u32,
+        /// Expert-tensor-parallel degree, 1 or tp (default: tp for a mixture-of-experts
+        /// model, Megatron-LM's default; 1 for a dense one).
+        #[arg(long)]
+        etp: Option<u32>,
         /// Sequences per micro-batch.
         #[arg(long, default_value_t = 1)]
         micro_batch: u32,
@@ -347,6 +365,11 @@ struct MemoryArgs {
     /// critical path instead of beside its GEMM (Transformer Engine userbuffers).
     #[arg(long)]
     no_tp_comm_overlap: bool,
+    /// Expert load imbalance with expert parallelism: the busiest expert-parallel rank
+    /// receives F times the mean routed tokens (default 1, balanced); its expert
+    /// GEMMs and all-to-alls take F times as long.
+    #[arg(long)]
+    moe_imbalance: Option<f64>,
 }
 
 impl MemoryArgs {
@@ -371,6 +394,12 @@ impl MemoryArgs {
         }
         if let Some(path) = &self.calibration {
             o.calibration = Some(Calibration::from_json_file(path).map_err(|e| e.to_string())?);
+        }
+        if let Some(f) = self.moe_imbalance {
+            if !(f.is_finite() && (1.0..=1e3).contains(&f)) {
+                return Err(format!("--moe-imbalance {f} must be between 1 and 1000"));
+            }
+            o.moe_imbalance = f;
         }
         Ok(())
     }
@@ -750,6 +779,9 @@ fn run(cli: Cli) -> Result<String, Failure> {
             dp,
             cp,
             max_cp,
+            ep,
+            max_ep,
+            etp,
             max_stages,
             max_tp,
             micro_batch,
@@ -781,6 +813,9 @@ fn run(cli: Cli) -> Result<String, Failure> {
                         dp,
                         cp,
                         max_cp,
+                        ep,
+                        max_ep,
+                        etp,
                         max_stages,
                         max_tp,
                         micro_batch,
@@ -891,6 +926,8 @@ fn run(cli: Cli) -> Result<String, Failure> {
             tp,
             pp,
             cp,
+            ep,
+            etp,
             micro_batch,
             sp,
             recompute,
@@ -930,12 +967,16 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 recompute_pins(recompute, recompute_modules, options.engine).map_err(bad)?;
             let recompute = recompute.unwrap_or(Recompute::None);
             let session = Session::for_spec(&spec, &cluster, &options).map_err(bad)?;
+            let moe = session.compiler().block_layout().experts > 0;
+            let etp = etp.unwrap_or(if moe { tp } else { 1 });
             let config = session
                 .with_micro_batches(Config {
                     dp,
                     tp,
                     pp,
                     cp,
+                    ep,
+                    etp,
                     micro_batch,
                     num_micro_batches: 0,
                     sp,

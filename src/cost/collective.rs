@@ -120,13 +120,23 @@ impl CostModel {
         let g = f64::from(group.per_node.max(1)).min(n);
         let k = f64::from(group.nodes().max(1));
         if kind == Collective::AllToAll {
-            // Personalized exchange: n-1 messages of S/n each, on the slowest link
-            // the group spans.
+            // Personalized exchange: each rank sends S/n to each of its n-1 peers
+            // (NCCL runs it as grouped point-to-point sends, nccl-tests `alltoall.cu`,
+            // bus bandwidth = algorithm bandwidth · (n-1)/n, nccl-tests
+            // `doc/PERFORMANCE.md`). Of the n-1 messages, g-1 stay on the node's
+            // links and n-g leave through the rank's own NIC; both links move their
+            // share at once, so the slower share sets the time
+            // (`max((g-1)/n · S/B_intra, (n-g)/n · S/B_inter)`; inside one node,
+            // `(n-1)/n · S/B_intra`). Latency: n-1 messages on the slowest link the
+            // group spans.
             let link = if k <= 1.0 { intra } else { inter };
+            let transfer = self
+                .transfer(intra, (g - 1.0) / n * bytes)
+                .max(self.transfer(inter, (n - g) / n * bytes));
             return CollectiveCost {
                 algorithm: Algorithm::Ring,
                 latency_s: (n - 1.0) * link.latency_s,
-                transfer_s: self.transfer(link, (n - 1.0) / n * bytes),
+                transfer_s: transfer,
             };
         }
         let passes = if kind == Collective::AllReduce {
@@ -270,6 +280,22 @@ mod tests {
         // The choice is the minimum of the two.
         let ring = m.ring_cost(Collective::AllReduce, 1e6, g).total();
         assert!(small.total() <= ring);
+    }
+
+    #[test]
+    fn all_to_all_moves_each_peer_share_on_its_link() {
+        let c = Cluster::resolve("dgx-h100:2").unwrap();
+        let m = CostModel::new(c.clone());
+        let s = 1e9;
+        let bw = |l: &crate::cluster::Link| l.bandwidth * m.eff.link;
+        // Inside a node: (n-1)/n of the bytes over NVLink.
+        let one = m.ring_cost(Collective::AllToAll, s, group(8, 8));
+        assert!((one.transfer_s - 7.0 / 8.0 * s / bw(&c.intra_node)).abs() < 1e-12);
+        // Two nodes: 7 of 16 shares on NVLink, 8 of 16 through the NIC, concurrently.
+        let two = m.ring_cost(Collective::AllToAll, s, group(16, 8));
+        let want = (7.0 / 16.0 * s / bw(&c.intra_node)).max(8.0 / 16.0 * s / bw(&c.inter_node));
+        assert!((two.transfer_s - want).abs() / want < 1e-12);
+        assert!(two.total() > one.total());
     }
 
     #[test]

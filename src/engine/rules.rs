@@ -200,6 +200,18 @@ pub enum Unsupported {
         /// Why not, and what it has instead.
         why: &'static str,
     },
+    /// The engine cannot lay the experts out this way.
+    #[error("{engine} cannot run experts at ep {ep}, etp {etp}: {why}")]
+    ExpertParallel {
+        /// The engine.
+        engine: Engine,
+        /// Expert-parallel degree asked for.
+        ep: u32,
+        /// Expert-tensor-parallel degree asked for.
+        etp: u32,
+        /// Why not.
+        why: &'static str,
+    },
     /// The schedule needs at least as many micro-batches as stages.
     #[error("{engine}'s 1F1B schedule needs at least as many micro-batches ({m}) as pipeline stages ({pp})")]
     MicroBatches {
@@ -230,6 +242,9 @@ pub struct BlockLayout {
     pub blocks: usize,
     /// Block index of each layer, increasing.
     pub layers: Vec<usize>,
+    /// Routed experts per mixture-of-experts layer (0: a dense model): what the
+    /// expert-parallel degrees are listed from.
+    pub experts: u64,
 }
 
 impl BlockLayout {
@@ -238,6 +253,7 @@ impl BlockLayout {
         BlockLayout {
             blocks: layers + 2,
             layers: (1..=layers).collect(),
+            experts: 0,
         }
     }
 
@@ -446,6 +462,17 @@ impl Engine {
                         recompute: c.recompute,
                     });
                 }
+                if model.experts > 0 && c.tp > 1 && !c.sp {
+                    // `MoELayer.forward` raises during training when the attention's
+                    // tensor-parallel group has more than one rank and
+                    // `sequence_parallel` is off (megatron/core/transformer/moe/moe_layer.py).
+                    out.push(Unsupported::ExpertParallel {
+                        engine,
+                        ep: c.ep,
+                        etp: c.etp,
+                        why: "MoELayer.forward refuses tensor parallelism without --sequence-parallel",
+                    });
+                }
                 if let Some(modules) = c.recompute_modules {
                     if let Some(why) = megatron_modules_refusal(c.recompute, modules) {
                         out.push(Unsupported::RecomputeModules {
@@ -526,6 +553,25 @@ impl Engine {
                         pp: 1,
                     });
                 }
+                // `ParallelismConfig` has `expert_parallel_degree` and no expert-tensor
+                // degree: the sparse region is efsdp × ep over the dense region's
+                // dp_shard × cp × tp ranks (torchtitan/config/configs.py, b5bcd76).
+                if c.etp > 1 {
+                    out.push(Unsupported::ExpertParallel {
+                        engine,
+                        ep: c.ep,
+                        etp: c.etp,
+                        why: "its ParallelismConfig has expert_parallel_degree but no expert-tensor-parallel degree",
+                    });
+                }
+                if c.ep > 1 && c.zero < 2 && (c.tp * c.cp) % c.ep != 0 {
+                    out.push(Unsupported::ExpertParallel {
+                        engine,
+                        ep: c.ep,
+                        etp: c.etp,
+                        why: "expert parallelism borrows ranks from dp_shard × cp × tp, and without FSDP dp_shard is 1",
+                    });
+                }
                 if c.schedule == Schedule::OneFOneB && pipelined && c.num_micro_batches < c.pp {
                     out.push(Unsupported::MicroBatches {
                         engine,
@@ -557,6 +603,14 @@ impl Engine {
                         engine,
                         tp: c.tp,
                         context: "at all (apar plans data parallelism with FSDP for it)",
+                    });
+                }
+                if c.ep > 1 || c.etp > 1 {
+                    out.push(Unsupported::ExpertParallel {
+                        engine,
+                        ep: c.ep,
+                        etp: c.etp,
+                        why: "the Trainer with FSDP has no expert parallelism",
                     });
                 }
                 if c.zero == 1 {

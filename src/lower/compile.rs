@@ -18,9 +18,10 @@ use crate::engine::rules::{BlockLayout, Unsupported};
 use crate::engine::Engine;
 use crate::ir::{Block, Env, Graph, Op, ShapeError, VerifyErrors};
 use crate::models::{build_template, ModelCode, ModelConfig, ModelError, Position};
+use crate::passes::expert::ExpertLayout;
 use crate::passes::manager::{
-    Autodiff, Distribute, Fp8Linears, MixedPrecision, PassError, PassManager, RecomputeLayers,
-    TensorParallel,
+    Autodiff, Distribute, ExpertParallel, Fp8Linears, MixedPrecision, PassError, PassManager,
+    RecomputeLayers, TensorParallel,
 };
 use crate::passes::recompute::Recomputed;
 use crate::passes::{pipeline, Config, Recomputation, Recompute, RecomputeModules, Schedule};
@@ -153,6 +154,40 @@ pub enum CompileError {
     /// The ZeRO stage does not exist.
     #[error("ZeRO stage {0} does not exist (0–3)")]
     NoSuchZeroStage(u8),
+    /// Expert degrees for a model without mixture-of-experts layers.
+    #[error("ep {ep} / etp {etp}: the model has no mixture-of-experts layers")]
+    ExpertsWithoutMoe {
+        /// Expert-parallel degree.
+        ep: u32,
+        /// Expert-tensor-parallel degree.
+        etp: u32,
+    },
+    /// The routed experts do not split over the expert-parallel ranks.
+    #[error("expert parallelism ep {ep} needs the experts per layer ({experts}) divisible by ep")]
+    ExpertsNotDividing {
+        /// Routed experts per layer.
+        experts: u64,
+        /// Expert-parallel degree.
+        ep: u32,
+    },
+    /// `ep · etp` does not divide the ranks of one pipeline stage.
+    #[error("ep {ep} × etp {etp} must divide tp × cp × dp = {ranks} (experts fold over the same ranks as attention)")]
+    ExpertGroupNotDividing {
+        /// Expert-parallel degree.
+        ep: u32,
+        /// Expert-tensor-parallel degree.
+        etp: u32,
+        /// `tp · cp · dp`.
+        ranks: u64,
+    },
+    /// An expert-tensor degree other than 1 or the tensor-parallel degree.
+    #[error("expert tensor parallelism etp {etp} must be 1 or tp ({tp})")]
+    ExpertTensorDegree {
+        /// Expert-tensor-parallel degree.
+        etp: u32,
+        /// Tensor-parallel degree.
+        tp: u32,
+    },
     /// Sequence parallelism was asked for without tensor parallelism.
     #[error("sequence parallelism needs tp > 1")]
     SequenceParallelNeedsTp,
@@ -347,6 +382,7 @@ pub enum ModelSource {
 struct ProfileKey {
     tp: u32,
     cp: u32,
+    experts: Xk,
     sp: bool,
     recompute: Recomputation,
     micro_batch: u32,
@@ -376,16 +412,18 @@ type BlockMap = BTreeMap<Block, BlockProfile>;
 type Cache<K, V> = Mutex<BTreeMap<K, Arc<V>>>;
 type Compiled<T> = Result<T, CompileError>;
 /// (tp, sp, recompute, micro-batch): what block times depend on.
-type BaseKey = (u32, bool, Recomputation, u32, u32);
-/// (tp, zero, low-precision sharding, dp, cp).
-type DistKey = (u32, u8, bool, u32, u32);
+type BaseKey = (u32, bool, Recomputation, u32, u32, Xk);
+/// (tp, zero, low-precision sharding, dp, cp, (ep, etp)).
+type DistKey = (u32, u8, bool, u32, u32, Xk);
+/// (ep, etp): the expert layout (always (1, 1) for a dense model).
+type Xk = (u32, u32);
 
 #[derive(Default)]
 struct Caches {
     /// Per-device forward graphs, by (tp, sp).
     sharded: Cache<(u32, bool), Compiled<Graph>>,
-    /// Training graphs with recomputation, by (tp, sp, recompute).
-    graphs: Cache<(u32, bool, Recomputation), Compiled<Recomputed>>,
+    /// Training graphs with recomputation, by (tp, sp, recompute, (ep, etp)).
+    graphs: Cache<(u32, bool, Recomputation, Xk), Compiled<Recomputed>>,
     /// Undistributed profiles, by (tp, sp, recompute, b).
     base: Cache<BaseKey, Compiled<BlockMap>>,
     /// Distribution profiles, by (tp, zero, low-precision sharding, dp, cp).
@@ -458,6 +496,10 @@ pub struct Compiler {
     /// The calibration a user gave (`None`: the device's built-in table, see
     /// [`CostModel::new`]); kept by [`Compiler::with_job`].
     pub calibration: Option<Calibration>,
+    /// Expert load imbalance under expert parallelism: the busiest expert-parallel
+    /// rank's routed rows over the mean, at least 1 (1: balanced routing, what
+    /// auxiliary load-balancing losses aim at). See [`Compiler::with_moe_imbalance`].
+    pub moe_imbalance: f64,
     caches: Caches,
 }
 
@@ -550,7 +592,8 @@ impl Compiler {
                         });
                     }
                 }
-                let layout = BlockLayout::transformer(cfg.layers as usize);
+                let mut layout = BlockLayout::transformer(cfg.layers as usize);
+                layout.experts = cfg.moe.as_ref().map_or(0, |m| m.experts);
                 (g, cfg.layers, layout)
             }
             ModelSource::Graph(g) => {
@@ -571,6 +614,13 @@ impl Compiler {
                         .filter(|(_, b)| matches!(b, Block::Layer(_)))
                         .map(|(i, _)| i)
                         .collect(),
+                    experts: g
+                        .ops()
+                        .find_map(|o| match g.node(o).op {
+                            Op::MoeDispatch { experts, .. } => Some(experts),
+                            _ => None,
+                        })
+                        .unwrap_or(0),
                 };
                 (g.clone(), layers, layout)
             }
@@ -595,8 +645,20 @@ impl Compiler {
             precision: PrecisionOptions::default(),
             runtime: Engine::default().runtime(),
             calibration: None,
+            moe_imbalance: 1.0,
             caches: Caches::default(),
         })
+    }
+
+    /// The same compiler with expert load imbalance `f` (the busiest expert-parallel
+    /// rank receives `f` times the mean routed rows; values below 1, and non-finite
+    /// ones, are taken as 1): with `ep > 1` that rank's grouped expert matmuls and
+    /// token exchanges take `f` times as long, and every rank waits for it at the
+    /// combine's all-to-all. Activation memory stays the mean's. Caches start empty.
+    pub fn with_moe_imbalance(mut self, f: f64) -> Compiler {
+        self.moe_imbalance = if f.is_finite() { f.max(1.0) } else { 1.0 };
+        self.caches = Caches::default();
+        self
     }
 
     /// The same compiler for another engine, with the engine's runtime overhead;
@@ -756,6 +818,7 @@ impl Compiler {
             precision: self.precision,
             runtime: self.runtime,
             calibration: Some(calibration),
+            moe_imbalance: self.moe_imbalance,
             caches: Caches {
                 sharded: copy_cache(&self.caches.sharded),
                 graphs: copy_cache(&self.caches.graphs),
@@ -781,7 +844,8 @@ impl Compiler {
         .with_engine(self.engine)
         .with_model_code(self.model_code)?
         .with_precision(self.precision)?
-        .with_runtime(self.runtime);
+        .with_runtime(self.runtime)
+        .with_moe_imbalance(self.moe_imbalance);
         Ok(match &self.calibration {
             Some(cal) => c.with_calibration(cal.clone()),
             None => c,
@@ -804,6 +868,31 @@ impl Compiler {
         match &self.source {
             ModelSource::Config(cfg) => cfg.param_count(),
             ModelSource::Graph(g) => crate::train::memory::param_count(g).unwrap_or(0),
+        }
+    }
+
+    /// Parameters of the routed experts (0 for a dense model): the stacked expert
+    /// weights of every MoE layer, which expert parallelism splits.
+    pub fn expert_param_count(&self) -> u64 {
+        match &self.source {
+            ModelSource::Config(cfg) => cfg.moe.as_ref().map_or(0, |m| {
+                let layers = (0..cfg.layers).filter(|&i| cfg.is_moe_layer(i)).count() as u64;
+                layers
+                    .saturating_mul(m.experts)
+                    .saturating_mul(cfg.hidden)
+                    .saturating_mul(m.expert_ffn)
+                    .saturating_mul(3)
+            }),
+            ModelSource::Graph(g) => {
+                let names = crate::passes::expert::expert_param_names(g);
+                g.ops()
+                    .filter(|&o| matches!(g.op(o), Op::Param { name } if names.contains(name)))
+                    .filter_map(|o| {
+                        let t = g.node(o).results[0];
+                        g.ty(t).shape.numel_at(Env::new(1, 1))
+                    })
+                    .fold(0u64, u64::saturating_add)
+            }
         }
     }
 
@@ -871,6 +960,8 @@ impl Compiler {
             || c.tp == 0
             || c.pp == 0
             || c.cp == 0
+            || c.ep == 0
+            || c.etp == 0
             || c.micro_batch == 0
             || c.num_micro_batches == 0
         {
@@ -924,6 +1015,7 @@ impl Compiler {
         if c.sp && c.tp == 1 {
             return Err(CompileError::SequenceParallelNeedsTp);
         }
+        self.check_experts(c)?;
         if c.cp > 1 {
             if self.seq % (2 * u64::from(c.cp)) != 0 {
                 return Err(CompileError::CpNotDividingSeq {
@@ -966,6 +1058,37 @@ impl Compiler {
             _ => {}
         }
         self.engine.allows(c, &self.layout)?;
+        Ok(())
+    }
+
+    /// The expert layout's own rules (see [`Config`]'s folding).
+    fn check_experts(&self, c: &Config) -> Result<(), CompileError> {
+        let experts = self.layout.experts;
+        if experts == 0 {
+            if c.ep > 1 || c.etp > 1 {
+                return Err(CompileError::ExpertsWithoutMoe {
+                    ep: c.ep,
+                    etp: c.etp,
+                });
+            }
+            return Ok(());
+        }
+        if c.etp != 1 && c.etp != c.tp {
+            return Err(CompileError::ExpertTensorDegree {
+                etp: c.etp,
+                tp: c.tp,
+            });
+        }
+        if experts % u64::from(c.ep) != 0 {
+            return Err(CompileError::ExpertsNotDividing { experts, ep: c.ep });
+        }
+        if c.expert_dp() == 0 {
+            return Err(CompileError::ExpertGroupNotDividing {
+                ep: c.ep,
+                etp: c.etp,
+                ranks: u64::from(c.tp) * u64::from(c.cp) * u64::from(c.dp),
+            });
+        }
         Ok(())
     }
 
@@ -1025,6 +1148,41 @@ impl Compiler {
         }
     }
 
+    /// `c`'s expert layout as the caches key it: (1, 1) for a dense model.
+    fn xk(&self, c: &Config) -> Xk {
+        if self.layout.experts == 0 {
+            (1, 1)
+        } else {
+            (c.ep, c.etp)
+        }
+    }
+
+    /// Whether `c` reduces any gradient over data-parallel ranks: the dense states
+    /// over `dp · cp`, the routed experts' over the expert-data-parallel ranks.
+    fn reduces(&self, c: &Config) -> bool {
+        c.grad_ranks() > 1 || (self.layout.experts > 0 && c.expert_dp() > 1)
+    }
+
+    /// The expert-parallel group of `(ep, etp)`: in Megatron-Core's expert rank order
+    /// (etp fastest, then ep, then edp: `order="tp-ep-dp-pp"` over the same ranks), so
+    /// `ep` ranks `etp` apart, inside a node while `ep · etp` fits one.
+    fn ep_group(&self, (ep, etp): Xk) -> Group {
+        Group {
+            size: ep.max(1),
+            per_node: (self.cluster.devices_per_node / etp.max(1)).clamp(1, ep.max(1)),
+        }
+    }
+
+    /// The expert-data-parallel group of `c`: `edp` ranks `ep · etp` apart.
+    fn edp_group(&self, c: &Config) -> Group {
+        let edp = c.expert_dp().max(1);
+        let stride = c.ep.max(1).saturating_mul(c.etp.max(1));
+        Group {
+            size: edp,
+            per_node: (self.cluster.devices_per_node / stride).clamp(1, edp),
+        }
+    }
+
     /// The configuration whose data-parallel degree is `c`'s gradient group (`dp ·
     /// cp`): what the distribution pass shards and reduces over.
     fn grad_config(c: &Config) -> Config {
@@ -1057,8 +1215,9 @@ impl Compiler {
             sp: c.sp,
             recompute: c.recomputation(),
             micro_batch: c.micro_batch,
-            zero: if c.grad_ranks() > 1 { c.zero } else { 0 },
-            low_prec_shard: c.grad_ranks() > 1 && c.shards_low_prec(),
+            experts: self.xk(c),
+            zero: if self.reduces(c) { c.zero } else { 0 },
+            low_prec_shard: self.reduces(c) && c.shards_low_prec(),
             dp: c.dp,
         };
         cached(&self.caches.profiles, key, || {
@@ -1077,30 +1236,36 @@ impl Compiler {
                 self.per_device_forward(tp, sp)
             });
         });
-        let trains: BTreeSet<(u32, bool, Recomputation)> = configs
+        let trains: BTreeSet<(u32, bool, Recomputation, Xk)> = configs
             .iter()
-            .map(|c| (c.tp, c.sp, c.recomputation()))
-            .chain(configs.iter().map(|c| (c.tp, false, Recomputation::NONE)))
-            .collect();
-        trains.par_iter().for_each(|&(tp, sp, rc)| {
-            self.graph(tp, sp, rc);
-        });
-        let bases: BTreeSet<BaseKey> = configs
-            .iter()
-            .map(|c| (c.tp, c.sp, c.recomputation(), c.micro_batch, c.cp))
+            .map(|c| (c.tp, c.sp, c.recomputation(), self.xk(c)))
             .chain(
                 configs
                     .iter()
-                    .map(|c| (c.tp, false, Recomputation::NONE, 1, c.cp)),
+                    .map(|c| (c.tp, false, Recomputation::NONE, self.xk(c))),
             )
             .collect();
-        bases.par_iter().for_each(|&(tp, sp, rc, b, cp)| {
-            self.base(tp, sp, rc, b, cp);
+        trains.par_iter().for_each(|&(tp, sp, rc, x)| {
+            self.graph(tp, sp, rc, x);
+        });
+        let bases: BTreeSet<BaseKey> = configs
+            .iter()
+            .map(|c| {
+                let x = self.xk(c);
+                (c.tp, c.sp, c.recomputation(), c.micro_batch, c.cp, x)
+            })
+            .chain(configs.iter().map(|c| {
+                let x = self.xk(c);
+                (c.tp, false, Recomputation::NONE, 1, c.cp, x)
+            }))
+            .collect();
+        bases.par_iter().for_each(|&(tp, sp, rc, b, cp, x)| {
+            self.base(tp, sp, rc, b, cp, x);
         });
         let mut dists: BTreeMap<DistKey, Config> = BTreeMap::new();
-        for c in configs.iter().filter(|c| c.grad_ranks() > 1) {
+        for c in configs.iter().filter(|c| self.reduces(c)) {
             dists
-                .entry((c.tp, c.zero, c.shards_low_prec(), c.dp, c.cp))
+                .entry((c.tp, c.zero, c.shards_low_prec(), c.dp, c.cp, self.xk(c)))
                 .or_insert(*c);
         }
         dists.par_iter().for_each(|(_, c)| {
@@ -1132,13 +1297,27 @@ impl Compiler {
     }
 
     /// The per-device training graph with recomputation (symbolic in `b` and `s`).
-    fn graph(&self, tp: u32, sp: bool, rc: Recomputation) -> Arc<Result<Recomputed, CompileError>> {
-        cached(&self.caches.graphs, (tp, sp, rc), || {
+    fn graph(
+        &self,
+        tp: u32,
+        sp: bool,
+        rc: Recomputation,
+        (ep, etp): Xk,
+    ) -> Arc<Result<Recomputed, CompileError>> {
+        cached(&self.caches.graphs, (tp, sp, rc, (ep, etp)), || {
             let fwd = cached(&self.caches.sharded, (tp, sp), || {
                 self.per_device_forward(tp, sp)
             });
             let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
             let states = self.states();
+            let layout = ExpertLayout { tp, ep, etp };
+            let laid;
+            let fwd = if self.layout.experts > 0 && !layout.is_identity() {
+                laid = self.passes.run(&ExpertParallel(layout), fwd)?;
+                &laid
+            } else {
+                fwd
+            };
             let mut fwd = self
                 .passes
                 .run(&MixedPrecision(states.compute, states.logits), fwd)?;
@@ -1176,9 +1355,10 @@ impl Compiler {
         rc: Recomputation,
         b: u32,
         cp: u32,
+        x: Xk,
     ) -> Arc<Result<BlockMap, CompileError>> {
-        cached(&self.caches.base, (tp, sp, rc, b, cp), || {
-            let g = self.graph(tp, sp, rc);
+        cached(&self.caches.base, (tp, sp, rc, b, cp, x), || {
+            let g = self.graph(tp, sp, rc, x);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
             let env = self.env(b, cp);
             let none = BTreeSet::new();
@@ -1191,6 +1371,10 @@ impl Compiler {
                 dp: Group::SINGLE,
                 cp: self.cp_group(tp, cp),
                 tp_overlap: self.tp_overlap(tp, sp),
+                ep: self.ep_group(x),
+                edp: Group::SINGLE,
+                edp_ops: &none,
+                imbalance: self.moe_imbalance,
             };
             profile(&g.graph, env, &self.cost, &groups, &g.clones).ok_or_else(|| self.size_error())
         })
@@ -1198,9 +1382,10 @@ impl Compiler {
 
     /// What distribution changes per block (see [`Compiler::profiles`]).
     fn distribution(&self, c: &Config) -> Arc<Result<BlockMap, CompileError>> {
-        let key = (c.tp, c.zero, c.shards_low_prec(), c.dp, c.cp);
+        let x = self.xk(c);
+        let key = (c.tp, c.zero, c.shards_low_prec(), c.dp, c.cp, x);
         cached(&self.caches.dist, key, || {
-            let g = self.graph(c.tp, false, Recomputation::NONE);
+            let g = self.graph(c.tp, false, Recomputation::NONE, x);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
             let d = self.passes.run(
                 &Distribute(Compiler::grad_config(c), self.states().params_in_master),
@@ -1214,10 +1399,14 @@ impl Compiler {
                 dp,
                 cp: self.cp_group(c.tp, c.cp),
                 tp_overlap: None,
+                ep: self.ep_group(x),
+                edp: self.edp_group(c),
+                edp_ops: &d.edp_ops,
+                imbalance: self.moe_imbalance,
             };
             let mut with = profile(&d.graph, env, &self.cost, &groups, &BTreeSet::new())
                 .ok_or_else(|| self.size_error())?;
-            let without = self.base(c.tp, false, Recomputation::NONE, 1, c.cp);
+            let without = self.base(c.tp, false, Recomputation::NONE, 1, c.cp, x);
             let without = without.as_ref().as_ref().map_err(Clone::clone)?;
             for (b, p) in with.iter_mut() {
                 let base = without.get(b).cloned().unwrap_or_default();
@@ -1229,9 +1418,16 @@ impl Compiler {
     }
 
     fn compute_profiles(&self, c: &Config) -> Result<Blocks, CompileError> {
-        let base = self.base(c.tp, c.sp, c.recomputation(), c.micro_batch, c.cp);
+        let base = self.base(
+            c.tp,
+            c.sp,
+            c.recomputation(),
+            c.micro_batch,
+            c.cp,
+            self.xk(c),
+        );
         let mut by_block = base.as_ref().as_ref().map_err(Clone::clone)?.clone();
-        if c.grad_ranks() > 1 {
+        if self.reduces(c) {
             let dist = self.distribution(c);
             let dist = dist.as_ref().as_ref().map_err(Clone::clone)?;
             for (b, p) in by_block.iter_mut() {
@@ -1300,7 +1496,7 @@ impl Compiler {
     pub fn lower_bound(&self, c: &Config) -> Result<(f64, Vec<StageSpan>), CompileError> {
         self.check(c)?;
         if c.recompute == Recompute::Selective {
-            let g = self.graph(c.tp, c.sp, c.recomputation());
+            let g = self.graph(c.tp, c.sp, c.recomputation(), self.xk(c));
             if let Ok(g) = g.as_ref() {
                 if let Some(idle) = g.idle {
                     return Err(CompileError::ModulesRecomputeNothing(idle));
@@ -1543,7 +1739,7 @@ impl Compiler {
         } else {
             None
         };
-        let g = self.graph(c.tp, c.sp, c.recomputation());
+        let g = self.graph(c.tp, c.sp, c.recomputation(), self.xk(c));
         let g = g.as_ref().as_ref().map_err(Clone::clone)?;
         let d = self.passes.run(
             &Distribute(Compiler::grad_config(c), self.states().params_in_master),
@@ -1699,7 +1895,12 @@ pub fn model_flops_per_token(cfg: &ModelConfig, seq: u64) -> f64 {
 /// communicates over (NCCL connects a communicator's buffers at its first collective,
 /// so groups a configuration never uses cost nothing).
 fn communicators(c: &Config) -> u32 {
-    u32::from(c.tp > 1) + u32::from(c.grad_ranks() > 1) + u32::from(c.pp > 1) + u32::from(c.cp > 1)
+    u32::from(c.tp > 1)
+        + u32::from(c.grad_ranks() > 1)
+        + u32::from(c.pp > 1)
+        + u32::from(c.cp > 1)
+        + u32::from(c.ep > 1)
+        + u32::from(c.ep > 1 && c.expert_dp() > 1)
 }
 
 /// What one device of a configuration runs, op by op ([`Compiler::device_program`]).

@@ -134,12 +134,22 @@ pub struct StageMemory {
 }
 
 /// Where the step time of the slowest device goes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+///
+/// Serialized with its fields in declaration order; `ep_comm_s` is left out of
+/// human-readable formats (JSON) when 0, so breakdowns of plans without expert
+/// parallelism print as before, and always written in binary ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize)]
 pub struct TimeBreakdown {
     /// Forward and backward compute (no communication, no recomputation).
     pub compute_s: f64,
-    /// Tensor-parallel communication (inside the passes, not overlapped).
+    /// Tensor-parallel communication (inside the passes, not overlapped), the
+    /// expert-tensor-parallel gathers and reduce-scatters included.
     pub tp_comm_s: f64,
+    /// Expert-parallel token exchanges (the all-to-all dispatch and combine of every
+    /// MoE layer, forward and backward; inside the passes, not overlapped). Left out of
+    /// JSON when 0.
+    #[serde(default)]
+    pub ep_comm_s: f64,
     /// Data-parallel communication not hidden behind compute.
     pub dp_comm_s: f64,
     /// Pipeline point-to-point waits.
@@ -153,6 +163,27 @@ pub struct TimeBreakdown {
 }
 
 pub use crate::passes::pipeline::StageSpan;
+
+impl Serialize for TimeBreakdown {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let skip_ep = s.is_human_readable() && self.ep_comm_s == 0.0;
+        let mut st = s.serialize_struct("TimeBreakdown", 8 - usize::from(skip_ep))?;
+        st.serialize_field("compute_s", &self.compute_s)?;
+        st.serialize_field("tp_comm_s", &self.tp_comm_s)?;
+        if skip_ep {
+            st.skip_field("ep_comm_s")?;
+        } else {
+            st.serialize_field("ep_comm_s", &self.ep_comm_s)?;
+        }
+        st.serialize_field("dp_comm_s", &self.dp_comm_s)?;
+        st.serialize_field("pp_comm_s", &self.pp_comm_s)?;
+        st.serialize_field("bubble_s", &self.bubble_s)?;
+        st.serialize_field("recompute_s", &self.recompute_s)?;
+        st.serialize_field("optimizer_s", &self.optimizer_s)?;
+        st.end()
+    }
+}
 
 /// One block's share of a virtual stage's work unit (one micro-batch), for traces:
 /// a forward unit runs its blocks in order, a backward unit in reverse.
@@ -296,6 +327,7 @@ struct Vs {
     bwd: f64,
     recompute: f64,
     tp: f64,
+    ep: f64,
     dp_exposed_fwd: f64,
     dp_exposed_bwd: f64,
     saved: u64,
@@ -327,6 +359,7 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
         bwd: 0.0,
         recompute: 0.0,
         tp: 0.0,
+        ep: 0.0,
         dp_exposed_fwd: 0.0,
         dp_exposed_bwd: 0.0,
         saved: 0,
@@ -381,6 +414,7 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
         compute.1 += b.bwd_s;
         v.recompute += b.recompute_s;
         v.tp += b.tp_comm_s;
+        v.ep += b.ep_comm_s;
         if held + b.fwd_extra > v.fwd_peak.0 {
             v.fwd_peak = (held + b.fwd_extra, held);
         }
@@ -812,15 +846,18 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         let d = critical;
         let mut recompute = 0.0;
         let mut tp = 0.0;
+        let mut ep = 0.0;
         let mut dp_mb = 0.0;
         for c in 0..v {
             let k = vstage(d as u32, c);
             recompute += vs[k].recompute * f64::from(m);
             tp += vs[k].tp * f64::from(m);
+            ep += vs[k].ep * f64::from(m);
             dp_mb += (vs[k].dp_exposed_fwd + vs[k].dp_exposed_bwd) * f64::from(m);
         }
         br.recompute_s = recompute;
-        br.tp_comm_s = tp;
+        br.tp_comm_s = tp - ep;
+        br.ep_comm_s = ep;
         br.dp_comm_s = dp_exposed[d] + dp_mb;
         br.compute_s = busy[d] - recompute - tp - dp_mb;
         br.pp_comm_s = p2p_wait[d];

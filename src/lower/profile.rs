@@ -210,6 +210,10 @@ pub struct BlockProfile {
     pub tp_comm_s: f64,
     /// Tensor-parallel collective share of `fwd_s`.
     pub tp_fwd_s: f64,
+    /// Expert-parallel token exchanges (the all-to-all dispatch and combine, forward
+    /// and backward) per micro-batch: the part of `tp_comm_s` on the expert-parallel
+    /// group.
+    pub ep_comm_s: f64,
     /// Data-parallel collectives issued every micro-batch (ZeRO-2/3), forward.
     pub dp_fwd_s: f64,
     /// Data-parallel parameter gathers issued every micro-batch before the backward
@@ -274,6 +278,31 @@ pub struct Groups<'a> {
     /// Tensor-parallel collectives overlapped with their GEMMs (Megatron-LM's
     /// `--tp-comm-overlap`), or `None`.
     pub tp_overlap: Option<TpOverlap>,
+    /// The expert-parallel group ([`Group::SINGLE`] for none): token exchanges
+    /// ([`crate::passes::expert::is_token_exchange`]) run on it.
+    pub ep: Group,
+    /// The expert-data-parallel group: the routed experts' gradient reductions and
+    /// ZeRO collectives (`edp_ops`) run on it.
+    pub edp: Group,
+    /// The data-parallel collectives of routed-expert states (a subset of `dp_ops`).
+    pub edp_ops: &'a BTreeSet<OpId>,
+    /// Expert load imbalance with expert parallelism: the busiest rank's routed rows
+    /// over the mean (1 = balanced). Its grouped expert matmuls and token exchanges
+    /// take this many times the mean rank's time; FLOPs stay the mean.
+    pub imbalance: f64,
+}
+
+impl Groups<'_> {
+    /// The slowdown of the busiest expert-parallel rank on `op` (1 for other ops).
+    fn expert_load(&self, op: &Op) -> f64 {
+        let expert = matches!(op, Op::GroupedMatMul { .. } | Op::GroupedMatMulWgrad { .. })
+            || crate::passes::expert::is_token_exchange(op);
+        if self.ep.size > 1 && expert && self.imbalance.is_finite() {
+            self.imbalance.max(1.0)
+        } else {
+            1.0
+        }
+    }
 }
 
 /// Transformer Engine's userbuffers overlap of the sequence-parallel all-gathers and
@@ -533,7 +562,9 @@ pub fn profile(
     // per-block `fully_shard` all-gather and reduce-scatter, Megatron-LM's and
     // DeepSpeed's contiguous gradient buckets), so a block pays one collective's
     // latency, not one per parameter tensor. Keyed by (block, slot, kind).
-    let mut dp_bytes: BTreeMap<(Block, DpSlot, u8), (Collective, f64)> = BTreeMap::new();
+    // Routed-expert states are bucketed apart: they reduce over the expert-data-parallel
+    // group (the key's last field).
+    let mut dp_bytes: BTreeMap<(Block, DpSlot, u8, bool), (Collective, f64)> = BTreeMap::new();
 
     // GEMMs already hiding a tensor-parallel collective.
     let mut ub_taken: BTreeSet<OpId> = BTreeSet::new();
@@ -546,7 +577,14 @@ pub fn profile(
         let ins = g.input_types(id);
         let res = g.result_types(id);
         let is_dp = groups.dp_ops.contains(&id);
-        let group = if is_dp { groups.dp } else { groups.tp };
+        let is_edp = groups.edp_ops.contains(&id);
+        let exchange = groups.ep.size > 1 && crate::passes::expert::is_token_exchange(&node.op);
+        let group = match (is_dp, is_edp, exchange) {
+            (true, true, _) => groups.edp,
+            (true, false, _) => groups.dp,
+            (false, _, true) => groups.ep,
+            (false, _, false) => groups.tp,
+        };
         if is_dp {
             if let Some((kind, bytes)) = collective_of(&node.op, &ins, &res, env) {
                 let gather = matches!(node.op, crate::ir::Op::AllGather { .. });
@@ -558,13 +596,13 @@ pub fn profile(
                     Phase::Opt => DpSlot::OptReduce,
                 };
                 let e = dp_bytes
-                    .entry((node.block, slot, kind as u8))
+                    .entry((node.block, slot, kind as u8, is_edp))
                     .or_insert((kind, 0.0));
                 e.1 += bytes;
                 continue;
             }
         }
-        let mut t = cost.op_time(&node.op, &ins, &res, env, group);
+        let mut t = cost.op_time(&node.op, &ins, &res, env, group) * groups.expert_load(&node.op);
         let mut flops = node.op.cost(&ins, &res, env)?.flops;
         if groups.cp.size > 1 && is_ring_attention(&node.op) {
             let r = ring_attention(g, id, env, cost, groups.tp, groups.cp)?;
@@ -623,6 +661,9 @@ pub fn profile(
             Phase::Opt => p.opt_s += t,
         }
         if collective && !is_dp && node.phase != Phase::Opt {
+            if exchange {
+                p.ep_comm_s += t;
+            }
             p.tp_comm_s += t;
             if node.phase == Phase::Fwd {
                 p.tp_fwd_s += t;
@@ -630,8 +671,9 @@ pub fn profile(
         }
     }
 
-    for ((block, slot, _), (kind, bytes)) in dp_bytes {
-        let t = cost.collective_time(kind, bytes, groups.dp);
+    for ((block, slot, _, expert), (kind, bytes)) in dp_bytes {
+        let group = if expert { groups.edp } else { groups.dp };
+        let t = cost.collective_time(kind, bytes, group);
         let p = out.entry(block).or_default();
         match slot {
             DpSlot::Fwd => p.dp_fwd_s += t,

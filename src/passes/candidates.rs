@@ -37,6 +37,15 @@ pub struct Constraints {
     /// Largest context-parallel degree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cp: Option<u32>,
+    /// Expert-parallel degree (mixture-of-experts models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep: Option<u32>,
+    /// Largest expert-parallel degree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ep: Option<u32>,
+    /// Expert-tensor-parallel degree (1 or the candidate's `tp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etp: Option<u32>,
     /// Largest number of pipeline stages.
     pub max_stages: Option<u32>,
     /// Largest tensor-parallel degree.
@@ -90,6 +99,9 @@ impl Constraints {
         pin!(dp, "dp");
         pin!(cp, "cp");
         pin!(max_cp, "max-cp");
+        pin!(ep, "ep");
+        pin!(max_ep, "max-ep");
+        pin!(etp, "etp");
         pin!(max_stages, "max-stages");
         pin!(max_tp, "max-tp");
         pin!(micro_batch, "micro-batch");
@@ -263,6 +275,8 @@ pub fn enumerate(
                                             tp,
                                             pp,
                                             cp,
+                                            ep: 1,
+                                            etp: 1,
                                             micro_batch: b,
                                             num_micro_batches: m,
                                             sp,
@@ -287,6 +301,40 @@ pub fn enumerate(
     out
 }
 
+/// The expert layouts of each configuration for a model with `experts` routed experts
+/// per MoE layer (0: dense), in order: every expert-tensor degree `etp ∈ {1, tp}` and
+/// every expert-parallel degree `ep` that is a power of two dividing `experts` with
+/// `ep · etp` dividing `tp · cp · dp` (Megatron-Core folds the experts over the same
+/// ranks, `etp × ep × edp = tp × cp × dp`), within `k`'s pins and bounds. A dense model
+/// keeps `ep = etp = 1` (and has no configuration when `k` pins either above 1).
+pub fn with_experts(configs: Vec<Config>, experts: u64, k: &Constraints) -> Vec<Config> {
+    if experts == 0 {
+        let pinned = k.ep.is_some_and(|e| e != 1) || k.etp.is_some_and(|e| e != 1);
+        return if pinned { Vec::new() } else { configs };
+    }
+    let mut out = Vec::with_capacity(configs.len());
+    for c in configs {
+        let ranks = u64::from(c.tp) * u64::from(c.cp) * u64::from(c.dp);
+        let etps: &[u32] = if c.tp > 1 { &[1, c.tp] } else { &[1] };
+        for &etp in etps {
+            if k.etp.is_some_and(|e| e != etp) {
+                continue;
+            }
+            let mut ep = 1u32;
+            while u64::from(ep) <= experts {
+                let fits =
+                    experts % u64::from(ep) == 0 && ranks % (u64::from(ep) * u64::from(etp)) == 0;
+                if fits && k.ep.is_none_or(|e| e == ep) && k.max_ep.is_none_or(|m| ep <= m) {
+                    out.push(Config { ep, etp, ..c });
+                }
+                let Some(next) = ep.checked_mul(2) else { break };
+                ep = next;
+            }
+        }
+    }
+    out
+}
+
 /// [`enumerate`] for a model whose pipeline sees `model`, keeping only the
 /// configurations `engine` can run ([`Engine::allows`]), in the same order.
 pub fn enumerate_for(
@@ -298,12 +346,16 @@ pub fn enumerate_for(
     seq: u64,
     k: &Constraints,
 ) -> Vec<Config> {
-    let mut all = enumerate(
-        devices,
-        devices_per_node,
-        global_batch,
-        seq,
-        model.blocks,
+    let mut all = with_experts(
+        enumerate(
+            devices,
+            devices_per_node,
+            global_batch,
+            seq,
+            model.blocks,
+            k,
+        ),
+        model.experts,
         k,
     );
     let default = engine.default_recompute_modules();

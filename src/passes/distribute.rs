@@ -28,6 +28,9 @@ pub struct Distributed {
     pub graph: Graph,
     /// Collectives over the data-parallel group (the rest run on the tensor-parallel group).
     pub dp_ops: BTreeSet<OpId>,
+    /// Collectives over the expert-data-parallel group (routed-expert states, reduced
+    /// and sharded over [`Config::expert_dp`] ranks); a subset of `dp_ops`.
+    pub edp_ops: BTreeSet<OpId>,
 }
 
 struct ParamInfo {
@@ -39,6 +42,15 @@ struct ParamInfo {
     shard: u64,
     /// Parameter shape.
     shape: Shape,
+    /// Ranks the parameter's states are reduced and sharded over: the data-parallel
+    /// degree, or the expert-data-parallel degree for a routed expert's weights.
+    parts: u64,
+    /// ZeRO stage for this parameter (0 when it has no replica to shard over).
+    zero: u8,
+    /// Its low-precision copy is sharded.
+    shard_lowp: bool,
+    /// A routed expert's weight (collectives on the expert-data-parallel group).
+    expert: bool,
 }
 
 /// Applies `cfg`'s distribution (zero, low_prec_shard) for `cfg.dp` ranks, keeping a
@@ -71,9 +83,15 @@ pub fn apply_with(
     cfg: &Config,
     params_in_master: bool,
 ) -> Result<Distributed, ShapeError> {
-    let dp = u64::from(cfg.dp.max(1));
-    let zero = if dp == 1 { 0 } else { cfg.zero };
-    let shard_lowp = dp > 1 && cfg.shards_low_prec();
+    let dense_dp = u64::from(cfg.dp.max(1));
+    // Routed-expert weights: reduced and sharded over the expert-data-parallel ranks.
+    let experts = super::expert::expert_param_names(g);
+    let expert_dp = u64::from(cfg.expert_dp().max(1));
+    let degrees = |expert: bool| {
+        let dp = if expert { expert_dp } else { dense_dp };
+        let zero = if dp == 1 { 0 } else { cfg.zero };
+        (dp, zero, dp > 1 && cfg.shards_low_prec())
+    };
 
     // Find each AdamW op's parameter: inputs (master, grad, m, v).
     let mut adam_of_grad: BTreeMap<TensorId, OpId> = BTreeMap::new();
@@ -111,6 +129,8 @@ pub fn apply_with(
             .unwrap_or(master);
         let shape = g.ty(lowp).shape.clone();
         let numel = shape.numel_at(crate::ir::Env::new(1, 1)).unwrap_or(0);
+        let expert = experts.contains(lowp_name);
+        let (dp, zero, shard_lowp) = degrees(expert);
         params.insert(
             id,
             ParamInfo {
@@ -118,6 +138,10 @@ pub fn apply_with(
                 numel,
                 shard: numel.div_ceil(dp),
                 shape,
+                parts: dp,
+                zero,
+                shard_lowp,
+                expert,
             },
         );
         // The gradient buffer: the optimizer's input, or the input of the
@@ -159,21 +183,29 @@ pub fn apply_with(
 
     let mut b = GraphBuilder::new(g.name());
     let mut dp_ops = BTreeSet::new();
+    let mut edp_ops = BTreeSet::new();
     let mut map: Vec<Option<TensorId>> = vec![None; g.tensor_count()];
     // Gathered low-precision parameters for forward and backward uses.
     let mut gathered: BTreeMap<(TensorId, Phase), TensorId> = BTreeMap::new();
     // Reduced gradient per AdamW op.
     let mut reduced: BTreeMap<OpId, TensorId> = BTreeMap::new();
 
-    let mut collective = |b: &mut GraphBuilder, op: Op, x: TensorId, role: Role| {
+    let mut collective = |b: &mut GraphBuilder, op: Op, x: TensorId, role: Role, p: &ParamInfo| {
+        if p.parts <= 1 {
+            // No replica: nothing to reduce or gather.
+            return Ok::<TensorId, ShapeError>(x);
+        }
         let r = b.add_with_role(op, &[x], role)?;
         let producer = b.graph().tensor(r[0]).producer;
         dp_ops.insert(producer);
+        if p.expert {
+            edp_ops.insert(producer);
+        }
         Ok::<TensorId, ShapeError>(r[0])
     };
-    let parts = cfg.dp;
     // Flatten to [n], pad to dp·shard.
     let flat = |b: &mut GraphBuilder, x: TensorId, p: &ParamInfo| -> Result<TensorId, ShapeError> {
+        let dp = p.parts;
         let f = b.add1(
             Op::Reshape {
                 shape: Shape::new([Dim::lit(p.numel)]),
@@ -194,6 +226,7 @@ pub fn apply_with(
     // [dp·shard] → unpadded → parameter shape.
     let unflat =
         |b: &mut GraphBuilder, x: TensorId, p: &ParamInfo| -> Result<TensorId, ShapeError> {
+            let dp = p.parts;
             let x = if p.shard * dp == p.numel {
                 x
             } else {
@@ -222,7 +255,9 @@ pub fn apply_with(
         // Sources that shrink to shards.
         if node.op.is_source() {
             let t = node.results[0];
-            let fsdp_lowp = params_in_master && shard_lowp && master_of_lowp.contains_key(&t);
+            let fsdp_lowp = params_in_master
+                && master_of_lowp.contains_key(&t)
+                && lowp_of.get(&t).is_some_and(|a| params[a].shard_lowp);
             if fsdp_lowp {
                 // No low-precision copy: the master shard, declared where the
                 // parameter was, stands for it.
@@ -242,7 +277,7 @@ pub fn apply_with(
                 // A master already declared at its parameter's place.
                 continue;
             }
-            let sharded_lowp = shard_lowp && lowp_of.contains_key(&t);
+            let sharded_lowp = lowp_of.get(&t).is_some_and(|a| params[a].shard_lowp);
             let new = if sharded_sources.contains(&t) || sharded_lowp {
                 let adam = lowp_of
                     .get(&t)
@@ -266,13 +301,14 @@ pub fn apply_with(
         if let Some(&adam) = main_cast.get(&id) {
             let p = &params[&adam];
             let gr = map[node.inputs[0].index()].expect("grad defined");
-            let reduced_grad = match (reduced.get(&adam).copied(), zero) {
+            let parts = p.parts as u32;
+            let reduced_grad = match (reduced.get(&adam).copied(), p.zero) {
                 (Some(r), _) => r,
-                (None, 0) => collective(&mut b, Op::AllReduce { parts }, gr, Role::Grad)?,
+                (None, 0) => collective(&mut b, Op::AllReduce { parts }, gr, Role::Grad, p)?,
                 (None, _) => {
                     let f = flat(&mut b, gr, p)?;
                     let rs = Op::ReduceScatter { axis: 0, parts };
-                    collective(&mut b, rs, f, Role::Temporary)?
+                    collective(&mut b, rs, f, Role::Temporary, p)?
                 }
             };
             let role = g.tensor(node.results[0]).role;
@@ -285,19 +321,20 @@ pub fn apply_with(
         // Optimizer step on shards.
         if let Some(p) = params.get(&id) {
             let grad = reduced.get(&id).copied();
-            let grad = match (grad, zero) {
+            let parts = p.parts as u32;
+            let grad = match (grad, p.zero) {
                 (Some(r), _) => r,
                 (None, 0) => {
                     let gr = map[node.inputs[1].index()].expect("grad defined");
                     // In place: the result shares the gradient buffer.
-                    collective(&mut b, Op::AllReduce { parts }, gr, Role::Grad)?
+                    collective(&mut b, Op::AllReduce { parts }, gr, Role::Grad, p)?
                 }
                 (None, _) => {
                     let gr = map[node.inputs[1].index()].expect("grad defined");
                     let f = flat(&mut b, gr, p)?;
                     // Stage 1 reduces in place into the persistent full-size buffer.
                     let rs = Op::ReduceScatter { axis: 0, parts };
-                    collective(&mut b, rs, f, Role::Temporary)?
+                    collective(&mut b, rs, f, Role::Temporary, p)?
                 }
             };
             let mut ins: Vec<TensorId> = [node.inputs[0], node.inputs[2], node.inputs[3]]
@@ -306,7 +343,7 @@ pub fn apply_with(
                 .collect();
             // A parameter that is its own master and stays whole: the step updates
             // this rank's shard through a view of it.
-            let whole_master = zero >= 1 && p.lowp == node.inputs[0] && !shard_lowp;
+            let whole_master = p.zero >= 1 && p.lowp == node.inputs[0] && !p.shard_lowp;
             if whole_master {
                 let f = b.add1(
                     Op::Reshape {
@@ -333,7 +370,7 @@ pub fn apply_with(
             if whole_master {
                 // The updated shards are all-gathered back into the parameter.
                 let ag = Op::AllGather { axis: 0, parts };
-                collective(&mut b, ag, r[0], Role::Temporary)?;
+                collective(&mut b, ag, r[0], Role::Temporary, p)?;
             }
             for (&old, &new) in node.results.iter().zip(&r) {
                 map[old.index()] = Some(new);
@@ -344,16 +381,19 @@ pub fn apply_with(
         // The cast that refreshes the low-precision copy after the step.
         if let Some(&adam) = refresh.get(&id) {
             let p = &params[&adam];
-            if params_in_master && shard_lowp {
+            if params_in_master && p.shard_lowp {
                 // No low-precision copy to refresh.
                 continue;
             }
             let x = map[node.inputs[0].index()].expect("defined");
             let cast = b.add_with_role(node.op.clone(), &[x], Role::LowPrecParam)?[0];
-            let out = if zero >= 1 && !shard_lowp {
+            let out = if p.zero >= 1 && !p.shard_lowp {
                 b.set_role(cast, Role::Temporary);
-                let ag = Op::AllGather { axis: 0, parts };
-                let full = collective(&mut b, ag, cast, Role::Temporary)?;
+                let ag = Op::AllGather {
+                    axis: 0,
+                    parts: p.parts as u32,
+                };
+                let full = collective(&mut b, ag, cast, Role::Temporary, p)?;
                 let full = unflat(&mut b, full, p)?;
                 b.set_role(full, Role::LowPrecParam);
                 full
@@ -368,21 +408,24 @@ pub fn apply_with(
         let mut inputs = Vec::with_capacity(node.inputs.len());
         for &t in &node.inputs {
             let mapped = map[t.index()].expect("inputs are defined earlier");
-            let use_gathered = shard_lowp && lowp_of.contains_key(&t);
+            let use_gathered = lowp_of.get(&t).is_some_and(|a| params[a].shard_lowp);
             if use_gathered {
                 let key = (t, node.phase);
                 let gt = match gathered.get(&key) {
                     Some(&x) => x,
                     None => {
                         let p = &params[&lowp_of[&t]];
-                        let ag = Op::AllGather { axis: 0, parts };
+                        let ag = Op::AllGather {
+                            axis: 0,
+                            parts: p.parts as u32,
+                        };
                         let shard = if params_in_master && b.ty(mapped).dtype != g.ty(t).dtype {
                             let to = g.ty(t).dtype;
                             b.add_with_role(Op::Cast { to }, &[mapped], Role::Temporary)?[0]
                         } else {
                             mapped
                         };
-                        let full = collective(&mut b, ag, shard, Role::Temporary)?;
+                        let full = collective(&mut b, ag, shard, Role::Temporary, p)?;
                         let x = unflat(&mut b, full, p)?;
                         b.set_role(x, Role::Temporary);
                         gathered.insert(key, x);
@@ -400,15 +443,18 @@ pub fn apply_with(
         }
 
         // Gradient reduction every micro-batch (stages 2 and 3).
-        if zero >= 2 {
-            for &old in &node.results {
-                if let Some(&adam) = adam_of_grad.get(&old) {
-                    let p = &params[&adam];
+        for &old in &node.results {
+            if let Some(&adam) = adam_of_grad.get(&old) {
+                let p = &params[&adam];
+                if p.zero >= 2 {
                     let gnew = map[old.index()].expect("just defined");
                     b.set_role(gnew, Role::Temporary);
                     let f = flat(&mut b, gnew, p)?;
-                    let rs = Op::ReduceScatter { axis: 0, parts };
-                    let r = collective(&mut b, rs, f, Role::Grad)?;
+                    let rs = Op::ReduceScatter {
+                        axis: 0,
+                        parts: p.parts as u32,
+                    };
+                    let r = collective(&mut b, rs, f, Role::Grad, p)?;
                     reduced.insert(adam, r);
                 }
             }
@@ -417,6 +463,7 @@ pub fn apply_with(
     Ok(Distributed {
         graph: b.finish(),
         dp_ops,
+        edp_ops,
     })
 }
 
@@ -435,6 +482,8 @@ mod tests {
             tp: 1,
             pp: 1,
             cp: 1,
+            ep: 1,
+            etp: 1,
             micro_batch: 1,
             num_micro_batches: 1,
             sp: false,

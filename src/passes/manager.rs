@@ -223,6 +223,21 @@ impl Pass for Distribute {
     }
 }
 
+/// Lays out mixture-of-experts layers for expert (and expert-tensor) parallelism
+/// ([`crate::passes::expert::apply`]).
+pub struct ExpertParallel(pub crate::passes::expert::ExpertLayout);
+
+impl Pass for ExpertParallel {
+    type Output = Graph;
+    type Error = ShapeError;
+    fn name(&self) -> &'static str {
+        "expert"
+    }
+    fn run(&self, g: &Graph) -> Result<Graph, ShapeError> {
+        crate::passes::expert::apply(g, self.0)
+    }
+}
+
 /// The forward graph at the engine's compute dtype, with the logits in `.1` before the
 /// loss ([`crate::train::precision::apply`]).
 #[derive(Clone, Copy, Debug)]

@@ -10,6 +10,7 @@
 
 pub mod candidates;
 pub mod distribute;
+pub mod expert;
 pub mod manager;
 pub mod pipeline;
 pub mod recompute;
@@ -128,10 +129,16 @@ impl Recomputation {
 /// One parallelization candidate: everything the lowering needs besides the model,
 /// the cluster and the global batch.
 ///
-/// Serialized with its fields in declaration order; `cp` is left out of human-readable
-/// formats (JSON) when 1 and `recompute_modules` when `None`, so configurations from before it existed
-/// print and read the same, and always written in binary ones (bincode has no optional
-/// fields).
+/// Serialized with its fields in declaration order; `cp`, `ep` and `etp` are left out
+/// of human-readable formats (JSON) when 1 and `recompute_modules` when `None`, so
+/// configurations from before they existed print and read the same, and always written
+/// in binary ones (bincode has no optional fields).
+///
+/// Experts are laid out over the same ranks as the rest of the model, as Megatron-Core
+/// folds them (`RankGenerator(tp=etp, ep=ep, dp=edp, pp=pp, order="tp-ep-dp-pp")`,
+/// `megatron/core/parallel_state.py`): attention and dense layers see
+/// `tp × cp × dp × pp`, the experts `etp × ep × edp × pp` with `ep · etp · edp = tp ·
+/// cp · dp` ([`Config::expert_dp`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 pub struct Config {
     /// Data-parallel degree.
@@ -145,6 +152,17 @@ pub struct Config {
     /// so configurations written before it existed read and print the same.
     #[serde(default = "one")]
     pub cp: u32,
+    /// Expert-parallel degree: the routed experts of each MoE layer are split over `ep`
+    /// ranks (`E / ep` each), tokens reach them by all-to-all (Megatron-LM's
+    /// `--expert-model-parallel-size`); 1 for none (and for dense models). Left out of
+    /// JSON when 1.
+    #[serde(default = "one")]
+    pub ep: u32,
+    /// Expert-tensor-parallel degree: each expert's weights are split over `etp` ranks
+    /// (1 or `tp`; Megatron-LM's `--expert-tensor-parallel-size`, whose default is
+    /// `tp`); 1 for none. Left out of JSON when 1.
+    #[serde(default = "one")]
+    pub etp: u32,
     /// Sequences per micro-batch `b`.
     pub micro_batch: u32,
     /// Micro-batches per step per pipeline `m` (global batch = dp·m·b).
@@ -181,7 +199,13 @@ impl Serialize for Config {
         use serde::ser::SerializeStruct;
         let skip = s.is_human_readable() && self.recompute_modules.is_none();
         let skip_cp = s.is_human_readable() && self.cp == 1;
-        let fields = 13 - usize::from(skip) - usize::from(skip_cp);
+        let skip_ep = s.is_human_readable() && self.ep == 1;
+        let skip_etp = s.is_human_readable() && self.etp == 1;
+        let fields = 15
+            - usize::from(skip)
+            - usize::from(skip_cp)
+            - usize::from(skip_ep)
+            - usize::from(skip_etp);
         let mut st = s.serialize_struct("Config", fields)?;
         st.serialize_field("dp", &self.dp)?;
         st.serialize_field("tp", &self.tp)?;
@@ -190,6 +214,16 @@ impl Serialize for Config {
             st.skip_field("cp")?;
         } else {
             st.serialize_field("cp", &self.cp)?;
+        }
+        if skip_ep {
+            st.skip_field("ep")?;
+        } else {
+            st.serialize_field("ep", &self.ep)?;
+        }
+        if skip_etp {
+            st.skip_field("etp")?;
+        } else {
+            st.serialize_field("etp", &self.etp)?;
         }
         st.serialize_field("micro_batch", &self.micro_batch)?;
         st.serialize_field("num_micro_batches", &self.num_micro_batches)?;
@@ -218,6 +252,8 @@ impl Config {
             tp,
             pp,
             cp: 1,
+            ep: 1,
+            etp: 1,
             micro_batch,
             num_micro_batches,
             sp: false,
@@ -240,6 +276,19 @@ impl Config {
     /// parallelism, `get_data_parallel_group(with_context_parallel=True)`).
     pub fn grad_ranks(&self) -> u32 {
         self.dp.saturating_mul(self.cp)
+    }
+
+    /// The expert-data-parallel degree `edp = tp · cp · dp / (ep · etp)`: the ranks that
+    /// hold the same expert shard, over which expert gradients are reduced and ZeRO
+    /// shards expert optimizer states (Megatron-Core's `expert_data_parallel_size`).
+    /// 0 when `ep · etp` does not divide `tp · cp · dp` (an invalid configuration).
+    pub fn expert_dp(&self) -> u32 {
+        let ranks = u64::from(self.tp) * u64::from(self.cp) * u64::from(self.dp);
+        let expert = u64::from(self.ep) * u64::from(self.etp);
+        if expert == 0 || ranks % expert != 0 {
+            return 0;
+        }
+        u32::try_from(ranks / expert).unwrap_or(0)
     }
 
     /// Sequences per step.
@@ -268,12 +317,22 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dp {} tp {} pp {}{} b {} m {}{} recompute {}{}{} zero {}{} {}",
+            "dp {} tp {} pp {}{}{}{} b {} m {}{} recompute {}{}{} zero {}{} {}",
             self.dp,
             self.tp,
             self.pp,
             if self.cp > 1 {
                 format!(" cp {}", self.cp)
+            } else {
+                String::new()
+            },
+            if self.ep > 1 {
+                format!(" ep {}", self.ep)
+            } else {
+                String::new()
+            },
+            if self.etp > 1 {
+                format!(" etp {}", self.etp)
             } else {
                 String::new()
             },

@@ -135,8 +135,8 @@ pub fn summary_text(e: &EvalJson, stages: &[StageJson]) -> String {
     let b = &e.breakdown;
     let _ = writeln!(
         s,
-        "  slowest device: compute {:.3} s, TP comm {:.3} s, DP comm (exposed) {:.3} s, PP comm {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s",
-        b.compute_s, b.tp_comm_s, b.dp_comm_s, b.pp_comm_s, b.bubble_s, b.recompute_s, b.optimizer_s
+        "  slowest device: compute {:.3} s, TP comm {:.3} s,{} DP comm (exposed) {:.3} s, PP comm {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s",
+        b.compute_s, b.tp_comm_s, ep_part(b, " EP comm"), b.dp_comm_s, b.pp_comm_s, b.bubble_s, b.recompute_s, b.optimizer_s
     );
     let m = &e.memory;
     let _ = writeln!(
@@ -310,9 +310,13 @@ pub fn selected_line(c: &Config) -> String {
         c.zero >= 1,
         c.shards_low_prec(),
         c.dp,
-        // Printed only when on, so that logs without it read as before.
+        // Printed only when on, so that logs without them read as before.
         if c.cp > 1 {
             format!(", context_parallel : {}", c.cp)
+        } else {
+            String::new()
+        } + &if c.ep > 1 || c.etp > 1 {
+            format!(", expert_parallel : {}, expert_tensor_parallel : {}", c.ep, c.etp)
         } else {
             String::new()
         },
@@ -352,9 +356,10 @@ pub fn plan_log(
             let b = &e.breakdown;
             let _ = writeln!(
                 s,
-                "             compute {:.3} s, TP {:.3} s, DP {:.3} s, PP {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s; peak {}",
+                "             compute {:.3} s, TP {:.3} s,{} DP {:.3} s, PP {:.3} s, bubble {:.3} s, recompute {:.3} s, optimizer {:.3} s; peak {}",
                 b.compute_s,
                 b.tp_comm_s,
+                ep_part(b, " EP"),
                 b.dp_comm_s,
                 b.pp_comm_s,
                 b.bubble_s,
@@ -401,11 +406,22 @@ pub fn search_log(st: &SearchStats) -> String {
     s
 }
 
+/// `"{label} X.XXX s,"` for a breakdown with expert-parallel all-to-all time, else
+/// nothing (dense plans print as before).
+fn ep_part(b: &TimeBreakdown, label: &str) -> String {
+    if b.ep_comm_s > 0.0 {
+        format!("{label} {:.3} s,", b.ep_comm_s)
+    } else {
+        String::new()
+    }
+}
+
 /// The largest difference in the step-time breakdown between a runner-up and the winner.
 pub fn why_slower(a: &TimeBreakdown, b: &TimeBreakdown) -> String {
     let parts = [
         ("compute", b.compute_s - a.compute_s),
         ("TP communication", b.tp_comm_s - a.tp_comm_s),
+        ("EP communication", b.ep_comm_s - a.ep_comm_s),
         ("exposed DP communication", b.dp_comm_s - a.dp_comm_s),
         ("PP communication", b.pp_comm_s - a.pp_comm_s),
         ("pipeline bubble", b.bubble_s - a.bubble_s),

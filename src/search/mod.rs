@@ -7,6 +7,7 @@ use crate::passes::candidates::{enumerate_for, Constraints};
 use crate::passes::{Config, Recompute};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 /// A concrete change and what it would give.
@@ -98,10 +99,24 @@ fn neighbours(c: &Config) -> Vec<(String, Config)> {
                 tp: c.tp * 2,
                 dp: c.dp / 2,
                 num_micro_batches: c.num_micro_batches * 2,
+                // Experts split by the tensor-parallel degree keep following it.
+                etp: if c.etp > 1 && c.etp == c.tp {
+                    c.tp * 2
+                } else {
+                    c.etp
+                },
                 ..*c
             },
         ));
     }
+    // Mixture-of-experts models: experts spread over twice the ranks, each holding
+    // half as many (the compiler drops it for a dense model, or where the experts or
+    // the ranks do not divide).
+    let ep = c.ep.saturating_mul(2);
+    out.push((
+        format!("expert parallel {ep} (--ep {ep})"),
+        Config { ep, ..*c },
+    ));
     if c.dp % 2 == 0 {
         // Long sequences: activations shrink by the context-parallel degree while the
         // model states stay (the compiler drops it where the sequence does not split
@@ -276,20 +291,33 @@ fn simplicity(c: &Config) -> impl Ord {
     )
 }
 
+/// The expert layout kind of `c`: (experts split over expert-parallel ranks, experts
+/// tensor-split). Every dense configuration is `(false, false)`.
+fn expert_kind(c: &Config) -> (bool, bool) {
+    (c.ep > 1, c.etp > 1)
+}
+
 /// A lower bound on a configuration's per-device peak: the average model-state bytes
 /// per device of its tensor × pipeline grid (replication only adds), with ZeRO's
 /// per-parameter bytes (16, 4 + 12/N, 2 + 14/N, 16/N; 2/N instead of 2 for sharded
-/// low-precision copies).
-pub fn state_lower_bound(params: u64, c: &Config) -> u64 {
-    let n = f64::from(c.grad_ranks().max(1));
-    let lowp = if c.shards_low_prec() { 2.0 / n } else { 2.0 };
-    let per_param = match c.zero {
-        0 => lowp + 14.0,
-        1 => lowp + 2.0 + 12.0 / n,
-        _ => lowp + 14.0 / n,
+/// low-precision copies). Of the `params`, `expert_params` (routed experts) are split
+/// over `ep · etp × pp` ranks and sharded over the expert-data-parallel ones instead.
+pub fn state_lower_bound(params: u64, expert_params: u64, c: &Config) -> u64 {
+    let per_param = |n: u32| {
+        let n = f64::from(n.max(1));
+        let lowp = if c.shards_low_prec() { 2.0 / n } else { 2.0 };
+        match c.zero {
+            0 => lowp + 14.0,
+            1 => lowp + 2.0 + 12.0 / n,
+            _ => lowp + 14.0 / n,
+        }
     };
-    let grid = f64::from(c.tp) * f64::from(c.pp);
-    (params as f64 * per_param / grid) as u64
+    let expert = expert_params.min(params);
+    let dense =
+        (params - expert) as f64 * per_param(c.grad_ranks()) / (f64::from(c.tp) * f64::from(c.pp));
+    let experts = expert as f64 * per_param(c.expert_dp())
+        / (f64::from(c.ep.max(1)) * f64::from(c.etp.max(1)) * f64::from(c.pp));
+    (dense + experts) as u64
 }
 
 /// Compiles every candidate in parallel, drops those that do not fit and selects the
@@ -316,6 +344,7 @@ pub fn plan_with_progress(
         &opts.constraints,
     );
     let params = compiler.param_count();
+    let expert_params = compiler.expert_param_count();
     let t0 = Instant::now();
     // 1. Cheap screening, in parallel: the model-state memory bound and the step-time
     //    lower bound of every candidate.
@@ -326,7 +355,7 @@ pub fn plan_with_progress(
         .iter()
         .map(|c| {
             if fp32_optimizer {
-                state_lower_bound(params, c)
+                state_lower_bound(params, expert_params, c)
             } else {
                 0
             }
@@ -387,13 +416,21 @@ pub fn plan_with_progress(
     let keep = 1 + opts.runners_up;
     let mut fastest: Vec<f64> = Vec::with_capacity(keep + 1);
     let mut best_time = f64::INFINITY;
+    // Mixture-of-experts models: the fastest plan of every expert layout kind is
+    // reported too (why expert parallelism won or lost), so a candidate is spared
+    // while its kind has no faster fitting plan. One kind for a dense model.
+    let mut kind_best: BTreeMap<(bool, bool), f64> = BTreeMap::new();
     for round in order.chunks(SIMULATION_ROUND) {
         let results: Vec<(usize, Outcome)> = round
             .par_iter()
             .map(|&i| {
                 tick();
                 let c = &candidates[i];
-                let o = if !opts.exhaustive && bound_of(i) > best_time {
+                let kind_time = kind_best
+                    .get(&expert_kind(c))
+                    .copied()
+                    .unwrap_or(f64::INFINITY);
+                let o = if !opts.exhaustive && bound_of(i) > best_time && bound_of(i) > kind_time {
                     Outcome::Slower {
                         lower_bound_s: bound_of(i),
                     }
@@ -409,6 +446,10 @@ pub fn plan_with_progress(
             .collect();
         for (i, o) in results {
             if let Outcome::Fits { step_time_s, .. } = o {
+                let k = kind_best
+                    .entry(expert_kind(&candidates[i]))
+                    .or_insert(f64::INFINITY);
+                *k = k.min(step_time_s);
                 let at = fastest.partition_point(|&t| t <= step_time_s);
                 fastest.insert(at, step_time_s);
                 fastest.truncate(keep);
@@ -516,10 +557,25 @@ pub fn plan_with_progress(
     // Re-run the few reported plans with their events and memory timelines.
     let detailed = |c: &Config| compiler.evaluate(c).ok();
     let best = fitting.first().and_then(|(_, c)| detailed(c));
-    let runners_up = fitting
-        .iter()
-        .skip(1)
-        .take(opts.runners_up)
+    // The next fastest, then (for a mixture-of-experts model) the fastest of each other
+    // expert layout kind that is not among them, in step-time order.
+    let mut reported: Vec<&(f64, &Config)> = fitting.iter().skip(1).take(opts.runners_up).collect();
+    if opts.runners_up > 0 {
+        if let Some((_, best_c)) = fitting.first() {
+            let mut kinds: BTreeSet<(bool, bool)> = reported
+                .iter()
+                .map(|(_, c)| expert_kind(c))
+                .chain([expert_kind(best_c)])
+                .collect();
+            for f in fitting.iter().skip(1 + opts.runners_up) {
+                if kinds.insert(expert_kind(f.1)) {
+                    reported.push(f);
+                }
+            }
+        }
+    }
+    let runners_up = reported
+        .into_iter()
         .filter_map(|(_, c)| detailed(c))
         .collect();
     // When every candidate was skipped by the bound, the one with the smallest bound is

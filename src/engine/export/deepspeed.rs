@@ -362,6 +362,8 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         tp,
         pp,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch,
         num_micro_batches,
         sp: tp > 1 && v["apar"]["sequence_parallel"].as_bool() == Some(true),

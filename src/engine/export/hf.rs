@@ -137,6 +137,8 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         tp: 1,
         pp: 1,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch,
         num_micro_batches,
         sp: false,

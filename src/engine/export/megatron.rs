@@ -39,11 +39,11 @@
 //!   gate), dense layers as a `--moe-layer-freq` list pattern (`([0]*3+[1]*45)`, which
 //!   `moe_freq_type` evaluates), a capacity factor as `--moe-expert-capacity-factor` with
 //!   `--moe-pad-expert-input-to-capacity` (fixed buffers, as apar counts them), the
-//!   alltoall dispatcher, `--moe-grouped-gemm` and `--expert-model-parallel-size 1`
-//!   (experts replicated on every data-parallel rank). `MoELayer.forward` refuses
-//!   to train with tensor parallelism but no sequence parallelism, and
-//!   `TransformerConfig` allows linear biases in experts only with expert tensor
-//!   parallelism 1, which is not how apar shards experts: both are refused;
+//!   alltoall dispatcher, `--moe-grouped-gemm`, and the plan's expert layout as
+//!   `--expert-model-parallel-size` and `--expert-tensor-parallel-size` (always
+//!   written; read back with Megatron-LM's default `tp` for the latter).
+//!   `MoELayer.forward` refuses to train with tensor parallelism but no sequence
+//!   parallelism, and apar's experts have no linear biases: both are refused;
 //! - per-head query/key norms (Qwen3) are `--qk-layernorm`;
 //! - multi-latent attention (DeepSeek-V2/V3) is `--multi-latent-attention` with
 //!   `--q-lora-rank` (absent: a full query projection), `--kv-lora-rank`,
@@ -411,6 +411,11 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             ));
         }
         moe_args(&mut a, &moe, m.layers);
+        // The expert layout: `E/ep` experts per rank, each split over etp ranks
+        // (written even at its default, tp, so that the export reads the same
+        // whatever Megatron-LM's default becomes).
+        arg(&mut a, "expert-model-parallel-size", c.ep);
+        arg(&mut a, "expert-tensor-parallel-size", c.etp);
         deepseek_router_args(&mut a, &moe);
     }
     if let Some(mla) = &m.mla {
@@ -457,7 +462,6 @@ fn moe_args(a: &mut Vec<Vec<String>>, moe: &ParsedMoe, layers: u32) {
     }
     arg(a, "moe-token-dispatcher-type", "alltoall");
     flag(a, "moe-grouped-gemm");
-    arg(a, "expert-model-parallel-size", 1);
 }
 
 // ---- multi-latent attention and DeepSeek routing (branch `mla`) ----
@@ -634,12 +638,6 @@ fn parse_moe(o: &Options, layers: u32) -> Result<Option<ParsedMoe>, ParseError> 
     };
     if experts == 0 {
         return Ok(None);
-    }
-    let ep: u32 = o.num("--expert-model-parallel-size")?.unwrap_or(1);
-    if ep != 1 {
-        return Err(ParseError::Inconsistent(format!(
-            "--expert-model-parallel-size {ep}: apar plans experts replicated on every data-parallel rank (1)"
-        )));
     }
     let scoring = match o.value("--moe-router-score-function")?.unwrap_or("softmax") {
         "softmax" => Scoring::Softmax,
@@ -883,11 +881,28 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
             })
         }
     };
+    let moe = match parse_moe(&o, layers)? {
+        Some(mut moe) => {
+            parse_deepseek_router(&o, &mut moe)?;
+            Some(moe)
+        }
+        None => None,
+    };
+    // Megatron-LM's default expert-tensor degree is the tensor-parallel degree.
+    let (ep, etp) = match moe {
+        Some(_) => (
+            o.num("--expert-model-parallel-size")?.unwrap_or(1),
+            o.num("--expert-tensor-parallel-size")?.unwrap_or(tp),
+        ),
+        None => (1, 1),
+    };
     Ok(ParsedConfig {
         dp,
         tp,
         pp,
         cp,
+        ep,
+        etp,
         micro_batch,
         num_micro_batches,
         sp: tp > 1 && o.has("--sequence-parallel"),
@@ -903,13 +918,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         }),
         stages,
         fp8,
-        moe: match parse_moe(&o, layers)? {
-            Some(mut moe) => {
-                parse_deepseek_router(&o, &mut moe)?;
-                Some(moe)
-            }
-            None => None,
-        },
+        moe,
         mla: parse_mla(&o)?,
     })
 }

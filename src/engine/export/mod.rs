@@ -354,6 +354,12 @@ pub struct ParsedConfig {
     /// Context-parallel degree (left out of JSON when 1).
     #[serde(skip_serializing_if = "is_one")]
     pub cp: u32,
+    /// Expert-parallel degree (left out of JSON when 1).
+    #[serde(skip_serializing_if = "is_one")]
+    pub ep: u32,
+    /// Expert-tensor-parallel degree (left out of JSON when 1).
+    #[serde(skip_serializing_if = "is_one")]
+    pub etp: u32,
     /// Sequences per micro-batch.
     pub micro_batch: u32,
     /// Micro-batches per step and pipeline.
@@ -469,6 +475,8 @@ impl ParsedConfig {
             tp: c.tp,
             pp: c.pp,
             cp: c.cp,
+            ep: c.ep,
+            etp: c.etp,
             micro_batch: c.micro_batch,
             num_micro_batches: c.num_micro_batches,
             sp: c.sp && c.tp > 1,

@@ -217,6 +217,11 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         // PyTorch's `context_parallel` over SDPA, load-balanced on causal masks.
         a.push(o("parallelism.context_parallel_degree", c.cp));
     }
+    if c.ep > 1 {
+        // `E/ep` experts per rank, the sparse region efsdp × ep over the dense
+        // region's ranks (`ParallelismConfig.expert_parallel_degree`).
+        a.push(o("parallelism.expert_parallel_degree", c.ep));
+    }
     if c.pp > 1 {
         a.push(o(
             "parallelism.pipeline_parallel_schedule",
@@ -261,6 +266,7 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
     let tp: u32 = w.req("--parallelism.tensor_parallel_degree")?;
     let pp: u32 = w.req("--parallelism.pipeline_parallel_degree")?;
     let cp: u32 = w.num("--parallelism.context_parallel_degree")?.unwrap_or(1);
+    let ep: u32 = w.num("--parallelism.expert_parallel_degree")?.unwrap_or(1);
     let dp = replicate
         .checked_mul(shard)
         .ok_or_else(|| ParseError::Inconsistent("data-parallel degree overflows".into()))?;
@@ -349,6 +355,8 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         tp,
         pp,
         cp,
+        ep,
+        etp: 1,
         micro_batch,
         num_micro_batches,
         sp: tp > 1 && w.has("--parallelism.enable_sequence_parallel"),
