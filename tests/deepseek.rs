@@ -420,6 +420,8 @@ fn megatron_exports_mla_and_deepseek_routing() {
         tp: 1,
         pp: 4,
         cp: 1,
+        ep: 1,
+        etp: 1,
         micro_batch: 1,
         num_micro_batches: 8,
         sp: false,
