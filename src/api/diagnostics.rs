@@ -108,6 +108,18 @@ pub enum Warning {
         /// The devices the calibration file names.
         calibrated: Vec<String>,
     },
+    /// Most of the step is pipeline bubble because the stages are unequal: the
+    /// slowest (virtual) stage's time per micro-batch is over twice the fastest's
+    /// (layers of unequal cost, e.g. dense first layers beside mixture-of-experts
+    /// ones, that the cut cannot spread evenly over the stages).
+    StagesUnbalanced {
+        /// Bubble share of the step time.
+        fraction: f64,
+        /// Slowest stage's forward and backward per micro-batch, seconds.
+        slowest_s: f64,
+        /// Fastest stage's, seconds.
+        fastest_s: f64,
+    },
     /// Most of the step is pipeline bubble: the batch cannot feed this many devices.
     BubbleDominates {
         /// Bubble share of the step time.
@@ -175,6 +187,17 @@ impl fmt::Display for Warning {
                 } else {
                     calibrated.join(", ")
                 }
+            ),
+            Warning::StagesUnbalanced {
+                fraction,
+                slowest_s,
+                fastest_s,
+            } => write!(
+                f,
+                "{:.0}% of the step is pipeline bubble because the stages are unequal: the slowest takes {:.3} s per micro-batch, the fastest {:.3} s (the cut cannot divide the layers' time evenly at this pipeline degree)",
+                100.0 * fraction,
+                slowest_s,
+                fastest_s
             ),
             Warning::BubbleDominates {
                 fraction,
@@ -339,11 +362,28 @@ pub(super) fn of_plan(
     }
     let bubble = e.sim.breakdown.bubble_s / e.step_time_s.max(f64::MIN_POSITIVE);
     if c.pp > 1 && bubble > BUBBLE_WARNING_FRACTION {
-        out.push(Warning::BubbleDominates {
-            fraction: bubble,
-            num_micro_batches: c.num_micro_batches,
-            pp: c.pp,
-        });
+        // The schedule's own idle share with equal stages: (p − 1) of the
+        // v·m + p − 1 slots of a (virtual) stage. Far below the simulated share, the
+        // stages are unequal rather than the batch too small.
+        let v = f64::from(c.schedule.chunks().max(1));
+        let p = f64::from(c.pp);
+        let ideal = (p - 1.0) / (v * f64::from(c.num_micro_batches) + p - 1.0);
+        let times = &e.sim.stage_time_s;
+        let slowest = times.iter().copied().fold(0.0, f64::max);
+        let fastest = times.iter().copied().fold(f64::INFINITY, f64::min);
+        if ideal < BUBBLE_WARNING_FRACTION / 2.0 && fastest.is_finite() && slowest > 2.0 * fastest {
+            out.push(Warning::StagesUnbalanced {
+                fraction: bubble,
+                slowest_s: slowest,
+                fastest_s: fastest,
+            });
+        } else {
+            out.push(Warning::BubbleDominates {
+                fraction: bubble,
+                num_micro_batches: c.num_micro_batches,
+                pp: c.pp,
+            });
+        }
     }
     out
 }
