@@ -479,3 +479,61 @@ fn megatron_exports_mla_and_deepseek_routing() {
         );
     }
 }
+
+/// DeepSeek-V3's published training layout (Liu et al. 2024, DeepSeek-V3 technical
+/// report, Sec. 3.2: 2,048 H800 GPUs, 16-way pipeline parallelism, 64-way expert
+/// parallelism spanning 8 nodes, ZeRO-1 data parallelism, no tensor parallelism; Sec.
+/// 4.2: sequence 4,096, batch 15,360 sequences) evaluates, fits in 80 GB with
+/// recomputation, and exports for Megatron-LM with every option the layout needs,
+/// which Megatron-LM's spelling reads back as the plan.
+#[test]
+fn deepseek_v3_published_layout_fits_and_exports() {
+    use apar::cluster::Cluster;
+    use apar::{ModelSpec, PlanOptions, Session};
+    let mut options = PlanOptions::new(4096, 15_360);
+    options.memory_ratio = 1.0;
+    let session = Session::for_spec(
+        &ModelSpec::parse("deepseek-v3"),
+        &Cluster::resolve("hgx-h800:256").unwrap(),
+        &options,
+    )
+    .unwrap();
+    let config = Config {
+        dp: 128,
+        tp: 1,
+        pp: 16,
+        ep: 64,
+        etp: 1,
+        zero: 1,
+        recompute: Recompute::Full,
+        ..Config::new(128, 1, 16, 1, 120)
+    };
+    assert_eq!(config.devices(), 2048);
+    let plan = session.evaluate(&config).unwrap();
+    assert!(
+        plan.memory.peak_bytes < 80_000_000_000,
+        "peak {}",
+        plan.memory.peak_bytes
+    );
+    let e = plan.export(Engine::Megatron).unwrap();
+    for option in [
+        "--pipeline-model-parallel-size 16",
+        "--tensor-model-parallel-size 1",
+        "--expert-model-parallel-size 64",
+        "--expert-tensor-parallel-size 1",
+        "--use-distributed-optimizer",
+        "--num-experts 256",
+        "--moe-router-topk 8",
+        "--multi-latent-attention",
+        "--kv-lora-rank 512",
+        "--moe-router-score-function sigmoid",
+        "--moe-router-enable-expert-bias",
+        "--moe-router-num-groups 8",
+        "--moe-router-group-topk 4",
+    ] {
+        assert!(e.text.contains(option), "{option} missing from\n{}", e.text);
+    }
+    let back = parse(Engine::Megatron, &e.text, 2048).unwrap();
+    assert_eq!((back.dp, back.tp, back.pp, back.ep, back.etp), (128, 1, 16, 64, 1));
+    assert_eq!(back.zero, 1);
+}
