@@ -115,3 +115,42 @@ fn llama3_405b_long_context_fits() {
         .unwrap();
     assert!(!none.fits);
 }
+
+/// torchtitan's context parallelism (PyTorch's `context_parallel`, all-gather rotate
+/// method) gathers every rank's keys and values once, hidden only behind the local
+/// block, and holds all of them; Megatron-LM's ring passes one block a step and holds
+/// two. The FLOPs and the compute are the same.
+#[test]
+fn torchtitan_gathers_keys_and_values_once() {
+    use apar::cost::{Collective, CostModel, Group};
+    use apar::ir::{Env, Op};
+    use apar::lower::profile::{ring_attention, CpMethod};
+    let mut cfg = zoo::lookup("llama3-8b").unwrap();
+    cfg.layers = 1;
+    cfg.attention = Attention::Flash;
+    let g = apar::models::build_forward(&cfg).unwrap();
+    let id = g
+        .ops()
+        .find(|&o| matches!(g.op(o), Op::FlashAttention { .. }))
+        .unwrap();
+    let cost = CostModel::new(Cluster::resolve("dgx-h100:1").unwrap());
+    let cp = Group {
+        size: 4,
+        per_node: 4,
+    };
+    let env = Env::new(1, 8192);
+    let ring = ring_attention(&g, id, env, &cost, Group::SINGLE, cp, CpMethod::Ring).unwrap();
+    let gather =
+        ring_attention(&g, id, env, &cost, Group::SINGLE, cp, CpMethod::AllGather).unwrap();
+    assert_eq!(ring.flops, gather.flops);
+    assert_eq!(ring.compute_s, gather.compute_s);
+    // K and V of one rank: 8192 tokens × 8 KV heads × 128 channels × 2 bytes, each.
+    let kv = 2 * 8192 * 8 * 128 * 2u64;
+    assert_eq!(ring.buffer_bytes, 2 * kv);
+    assert_eq!(gather.buffer_bytes, 4 * kv);
+    let all_gather = cost.collective_time(Collective::AllGather, (4 * kv) as f64, cp);
+    assert!((gather.comm_s - all_gather).abs() < 1e-12);
+    let step = gather.compute_s / 4.0;
+    assert!((gather.exposed_s - (all_gather - step).max(0.0)).abs() < 1e-12);
+    assert!((ring.comm_s - 3.0 * cost.p2p_time(kv as f64, false)).abs() < 1e-12);
+}

@@ -534,6 +534,9 @@ fn deepseek_v3_published_layout_fits_and_exports() {
         assert!(e.text.contains(option), "{option} missing from\n{}", e.text);
     }
     let back = parse(Engine::Megatron, &e.text, 2048).unwrap();
-    assert_eq!((back.dp, back.tp, back.pp, back.ep, back.etp), (128, 1, 16, 64, 1));
+    assert_eq!(
+        (back.dp, back.tp, back.pp, back.ep, back.etp),
+        (128, 1, 16, 64, 1)
+    );
     assert_eq!(back.zero, 1);
 }

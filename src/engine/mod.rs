@@ -30,6 +30,24 @@ pub enum Engine {
     Hf,
 }
 
+/// How an engine's context parallelism moves keys and values between the ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum CpMethod {
+    /// Ring attention: `cp − 1` peer-to-peer steps, each sending the next key/value
+    /// block while the current one is computed on (Megatron-LM / Transformer Engine
+    /// `--cp-comm-type p2p`, the default).
+    #[default]
+    Ring,
+    /// One all-gather of every rank's keys and values before the blockwise attention,
+    /// issued with the local block's compute (PyTorch's `context_parallel`,
+    /// `_AllGatherRotater`, the default `rotate_method` that torchtitan runs); the
+    /// backward gathers them again and passes the key/value gradients around the ring
+    /// (`_templated_ring_attention_backward`: `dkv_rotater` is `ALL_TO_ALL`). Source:
+    /// `torch/distributed/tensor/experimental/_context_parallel/_attention.py`,
+    /// PyTorch 2.15.
+    AllGather,
+}
+
 impl Engine {
     /// Every engine, in the order the CLI lists them.
     pub const ALL: [Engine; 4] = [
@@ -48,6 +66,17 @@ impl Engine {
             }
             Engine::Torchtitan => "torchtitan 0.3.0 (main at b5bcd76) on PyTorch 2.15",
             Engine::Hf => "Transformers 5.23 with PyTorch FSDP2",
+        }
+    }
+
+    /// How the engine's context parallelism exchanges keys and values: ring
+    /// attention for Megatron-LM (Transformer Engine's default `p2p`), one all-gather
+    /// for torchtitan (PyTorch's `context_parallel` default rotate method); the others
+    /// refuse context parallelism (`engine::rules`), so theirs is never used.
+    pub fn cp_method(self) -> CpMethod {
+        match self {
+            Engine::Torchtitan => CpMethod::AllGather,
+            Engine::Megatron | Engine::DeepSpeed | Engine::Hf => CpMethod::Ring,
         }
     }
 

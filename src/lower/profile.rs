@@ -11,6 +11,7 @@
 
 use crate::cost::collective::collective_of;
 use crate::cost::{Collective, CostModel, Group};
+pub use crate::engine::CpMethod;
 use crate::ir::{Block, Env, Graph, Op, OpId, Phase, Role};
 use crate::train::memory::buffer_root;
 use serde::Serialize;
@@ -275,6 +276,8 @@ pub struct Groups<'a> {
     /// at the device's `s / cp` tokens, and its attention ops as ring attention over
     /// the whole sequence's keys ([`ring_attention`]).
     pub cp: Group,
+    /// How the context-parallel ranks exchange keys and values (the engine's).
+    pub cp_method: CpMethod,
     /// Tensor-parallel collectives overlapped with their GEMMs (Megatron-LM's
     /// `--tp-comm-overlap`), or `None`.
     pub tp_overlap: Option<TpOverlap>,
@@ -494,6 +497,7 @@ pub fn ring_attention(
     cost: &CostModel,
     tp: Group,
     cp: Group,
+    method: CpMethod,
 ) -> Option<RingAttention> {
     let node = g.node(id);
     let ins = g.input_types(id);
@@ -516,15 +520,42 @@ pub fn ring_attention(
     // for it.
     let block = if grad { kv.checked_mul(2)? } else { kv };
     let steps = (n - 1) as f64;
-    let send = cost.p2p_time(block as f64, cp.nodes() > 1);
     let step_compute = compute_s / n as f64;
-    Some(RingAttention {
-        flops,
-        compute_s,
-        comm_s: steps * send,
-        exposed_s: steps * (send - step_compute).max(0.0),
-        buffer_bytes: block.checked_mul(2)?,
-    })
+    match method {
+        CpMethod::Ring => {
+            let send = cost.p2p_time(block as f64, cp.nodes() > 1);
+            Some(RingAttention {
+                flops,
+                compute_s,
+                comm_s: steps * send,
+                exposed_s: steps * (send - step_compute).max(0.0),
+                buffer_bytes: block.checked_mul(2)?,
+            })
+        }
+        CpMethod::AllGather => {
+            // Every rank's keys and values at once, hidden behind the local block only.
+            let gathered = kv.checked_mul(n)?;
+            let gather =
+                cost.collective_time(crate::cost::Collective::AllGather, gathered as f64, cp);
+            let mut comm_s = gather;
+            let mut exposed_s = (gather - step_compute).max(0.0);
+            let mut buffer_bytes = gathered;
+            if grad {
+                // The key/value gradients go around the ring, one block a step.
+                let send = cost.p2p_time(kv as f64, cp.nodes() > 1);
+                comm_s += steps * send;
+                exposed_s += steps * (send - step_compute).max(0.0);
+                buffer_bytes = buffer_bytes.checked_add(kv.checked_mul(2)?)?;
+            }
+            Some(RingAttention {
+                flops,
+                compute_s,
+                comm_s,
+                exposed_s,
+                buffer_bytes,
+            })
+        }
+    }
 }
 
 /// Where a data-parallel collective runs in the step.
@@ -605,7 +636,7 @@ pub fn profile(
         let mut t = cost.op_time(&node.op, &ins, &res, env, group) * groups.expert_load(&node.op);
         let mut flops = node.op.cost(&ins, &res, env)?.flops;
         if groups.cp.size > 1 && is_ring_attention(&node.op) {
-            let r = ring_attention(g, id, env, cost, groups.tp, groups.cp)?;
+            let r = ring_attention(g, id, env, cost, groups.tp, groups.cp, groups.cp_method)?;
             t = r.compute_s + r.exposed_s;
             flops = r.flops;
             p.cp_comm_s += r.comm_s;
@@ -769,7 +800,7 @@ pub fn profile(
         }
         // Ring attention's receive buffers, alive while the op runs.
         let ring = if groups.cp.size > 1 && is_ring_attention(&node.op) {
-            ring_attention(g, id, env, cost, groups.tp, groups.cp)?.buffer_bytes
+            ring_attention(g, id, env, cost, groups.tp, groups.cp, groups.cp_method)?.buffer_bytes
         } else {
             0
         };
