@@ -538,6 +538,7 @@ class _Builder:
         self.param_used: Dict[str, _T] = {}
         self.inputs: Dict[str, _T] = {}
         self.pads: Dict[int, _T] = {}
+        self.transposed: Dict[int, Tuple[_T, List[int]]] = {}
         self.params = 0
 
     def _user_keys(self, user_nodes) -> List[str]:
@@ -773,7 +774,7 @@ class _Builder:
             for d in t.shape:
                 k *= d
             params += k
-        graph = {"name": self.e.name, "ops": self.e.ops}
+        graph = {"name": self.e.name, "ops": _dead_code_removed(self.e.ops)}
         return graph, params, set(self.param_used)
 
     def _placeholder(self, n, memo):
@@ -1009,8 +1010,13 @@ class _Builder:
     def _transpose(self, x, perm):
         if perm == list(range(len(perm))):
             return x
+        prev = self.transposed.get(x.id)
+        if prev is not None and all(prev[1][p] == i for i, p in enumerate(perm)):
+            return prev[0]
         shape = [x.shape[p] for p in perm]
-        return self.e.one({"op": "transpose", "perm": perm}, [x], x.dtype, shape)
+        y = self.e.one({"op": "transpose", "perm": perm}, [x], x.dtype, shape)
+        self.transposed[y.id] = (x, perm)
+        return y
 
     def op_permute(self, n):
         x = self.value(n.args[0])
@@ -1279,6 +1285,39 @@ class _Builder:
 
 class _Skip(Exception):
     pass
+
+
+def _dead_code_removed(ops: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The ops the last op (the loss) reads, transitively, with tensors renumbered.
+    Helper ops whose results nothing reads (a reshape a later broadcast bypassed) go."""
+    first = []
+    k = 0
+    for op in ops:
+        first.append(k)
+        k += len(op["results"])
+    owner = {}
+    for i, op in enumerate(ops):
+        for r in range(len(op["results"])):
+            owner[first[i] + r] = i
+    keep = [False] * len(ops)
+    keep[-1] = True
+    for i in range(len(ops) - 1, -1, -1):
+        if keep[i]:
+            for t in ops[i]["inputs"]:
+                keep[owner[t]] = True
+    renum = {}
+    out = []
+    k = 0
+    for i, op in enumerate(ops):
+        if not keep[i]:
+            continue
+        for r in range(len(op["results"])):
+            renum[first[i] + r] = k
+            k += 1
+        out.append(op)
+    for op in out:
+        op["inputs"] = [renum[t] for t in op["inputs"]]
+    return out
 
 
 # Keep imports referenced for linters.
