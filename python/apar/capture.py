@@ -422,8 +422,11 @@ def capture(
     builder = _Builder(ep, gname, symbol_of, mask_seq)
     graph, params, used = builder.run()
     module_params = sum(p.numel() for p in module.parameters())
-    names = [n for n, _ in module.named_parameters()]
-    unused = [n for n in names if n not in used]
+    # Tied parameters have several names; one is used when any of them is.
+    aliases: Dict[int, List[str]] = {}
+    for pname, p in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(pname)
+    unused = [ns[0] for ns in aliases.values() if not any(x in used for x in ns)]
     hf_config = None
     cfg = getattr(module, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
@@ -539,6 +542,7 @@ class _Builder:
         self.inputs: Dict[str, _T] = {}
         self.pads: Dict[int, _T] = {}
         self.transposed: Dict[int, Tuple[_T, List[int]]] = {}
+        self.sdpa_out: Dict[int, bool] = {}
         self.params = 0
 
     def _user_keys(self, user_nodes) -> List[str]:
@@ -987,6 +991,11 @@ class _Builder:
 
     def op_contiguous(self, n):
         x = self.value(n.args[0])
+        if self.sdpa_out.get(x.id) is False:
+            # SDPA's flash kernel lays its output out like `q`; for a `q` in the
+            # projection's `[b, s, heads, d]` layout, `transpose(1, 2).contiguous()`
+            # copies nothing.
+            return x
         return self.e.one({"op": "contiguous"}, [x], x.dtype, x.shape)
 
     op_clone = op_contiguous
@@ -1190,7 +1199,9 @@ class _Builder:
         causal = args[5] if args[5] is not None else n.kwargs.get("is_causal", False)
         scale = n.kwargs.get("scale", args[6])
         if dropout:
-            raise _Unsupported("attention dropout inside SDPA has no IR form")
+            # The flash kernel keeps its random state, not a mask: the memory of
+            # attention without dropout (as apar's own Hugging Face model code).
+            self.notes.append("attention dropout inside SDPA captured as SDPA (the kernel saves no mask)")
         d = q.shape[-1]
         if scale is None:
             scale = 1.0 / math.sqrt(d)
@@ -1228,7 +1239,34 @@ class _Builder:
         b, s, a = q2.shape[0], q2.shape[1], q2.shape[2]
         o, _lse = self.e.emit(op, ins, [(q2.dtype, q2.shape), ("f32", [b, s, a])])
         del torch
+        self.sdpa_out[o.id] = self._heads_first(n.args[0])
         return self._transpose(o, perm)
+
+    def _heads_first(self, q) -> bool:
+        """Whether PyTorch's ``q`` (``[b, heads, s, d]``) is laid out heads-first in
+        memory: elementwise ops keep their input's layout, a transpose of the
+        projection's ``[b, s, heads, d]`` is not, a concatenation or a copy is."""
+        torch = self.torch
+        keep = {"mul", "add", "sub", "neg", "to", "_to_copy", "type_as", "alias", "div"}
+        n = q
+        for _ in range(64):
+            if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+                return True
+            name = _aten_name(n.target)
+            if name in ("transpose", "permute"):
+                return False
+            if name not in keep:
+                return True
+            shape = tuple(n.meta["val"].shape)
+            nxt = None
+            for a in n.args:
+                if isinstance(a, torch.fx.Node) and not self._is_const(a, {}):
+                    v = a.meta.get("val")
+                    if isinstance(v, torch.Tensor) and tuple(v.shape) == shape:
+                        nxt = a
+                        break
+            n = nxt
+        return True
 
     def _mask_kind(self, node) -> Tuple[str, Optional[int]]:
         """Evaluates a folded attention mask at ``mask_seq``: ``("causal", window)``,
@@ -1275,6 +1313,39 @@ class _Builder:
             raise _Unsupported("repeat_interleave without a dim")
         dtype, shape = self._out_type(n)
         return self.e.one({"op": "repeat", "axis": dim % len(x.shape), "times": times}, [x], dtype, shape)
+
+    def op_split(self, n):
+        x = self.value(n.args[0])
+        r = len(x.shape)
+        axis = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % r
+        size = x.shape[axis]
+        if not isinstance(size, int):
+            raise _Unsupported("split of a symbolic axis")
+        sizes = n.args[1]
+        if isinstance(sizes, int):
+            sizes = [sizes] * (size // sizes) + ([size % sizes] if size % sizes else [])
+        outs, start = [], 0
+        for k in sizes:
+            shape = list(x.shape)
+            shape[axis] = k
+            outs.append(self.e.one({"op": "slice", "axis": axis, "start": start, "len": k}, [x], x.dtype, shape))
+            start += k
+        return outs
+
+    op_split_with_sizes = op_split
+
+    def op_chunk(self, n):
+        x = self.value(n.args[0])
+        r = len(x.shape)
+        axis = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % r
+        size = x.shape[axis]
+        if not isinstance(size, int):
+            raise _Unsupported("chunk of a symbolic axis")
+        k = -(-size // n.args[1])
+        fake = type("N", (), {})()
+        fake.args = (n.args[0], k, axis)
+        fake.kwargs = {}
+        return self.op_split(fake)
 
     def op_getitem(self, n):
         v = self.value(n.args[0])
