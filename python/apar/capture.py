@@ -297,7 +297,7 @@ def _aten_name(target) -> str:
 def _full_name(target) -> str:
     if hasattr(target, "_schema"):
         s = target._schema
-        return f"aten.{s.name.split('::')[-1]}" + (f".{s.overload_name}" if s.overload_name else "")
+        return f"aten.{s.name.split('::')[-1]}.{s.overload_name or 'default'}"
     return getattr(target, "__name__", str(target))
 
 
@@ -548,15 +548,11 @@ class _Builder:
     def _user_keys(self, user_nodes) -> List[str]:
         # The user inputs in the order of the exported call: kwargs by name, positional
         # args as arg<i>.
-        spec = self.ep.call_spec.in_spec if getattr(self.ep, "call_spec", None) else None
         try:
-            import torch.utils._pytree as pytree
-
             spec = self.ep.call_spec.in_spec
-            ctx = spec.children_specs[1].context if spec is not None else None
-            nargs = spec.children_specs[0].num_children if spec is not None else 0
-            keys = [f"arg{i}" for i in range(nargs)] + list(ctx or [])
-            del pytree
+            kids = spec.children() if hasattr(spec, "children") else spec.children_specs
+            nargs = kids[0].num_children
+            keys = [f"arg{i}" for i in range(nargs)] + list(kids[1].context or [])
             if len(keys) >= len(user_nodes):
                 return keys[: len(user_nodes)]
         except Exception:

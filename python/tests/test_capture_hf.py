@@ -1,0 +1,114 @@
+"""Hugging Face models captured with torch.export on the meta device: parameter counts
+against Hugging Face's own, block structure, and the plan against apar's own loader."""
+
+import json
+
+import pytest
+
+import apar
+from conftest import LAYERS, captured, hf_model
+
+ARCHS = ["llama", "qwen2", "gpt2", "granite"]
+# Architectures apar also reads from config.json with a hand-written loader.
+WITH_LOADER = ["llama", "qwen2", "gpt2"]
+# (cluster, global batch, seq): memory-bound jobs for these 4-layer models.
+JOBS = [("mi250-gcd:1", 32, 1024), ("dgx-a100-40g:1", 64, 1024), ("dgx-a100-80g:2", 128, 1024)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parameter_count_is_hugging_faces(arch):
+    m = hf_model(arch)
+    # Hugging Face's count: every distinct parameter tensor once (tied weights once).
+    want = sum(p.numel() for p in m.parameters())
+    c = captured(arch)
+    assert c.params == want
+    assert c.module_params == want
+    assert c.unused_params == []
+    # apar's verifier accepts the graph and counts the same elements.
+    ops, tensors, params, text = apar._apar.check_graph(c.to_json())
+    assert params == want
+    assert ops == len(c.graph["ops"]) and tensors >= ops
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_blocks_come_from_the_module_hierarchy(arch):
+    c = captured(arch)
+    m = hf_model(arch)
+    assert c.layers == m.config.num_hidden_layers == LAYERS
+    blocks = [op["block"] for op in c.graph["ops"]]
+    assert blocks[0] == "embed" and blocks[-1] == "head"
+    assert [b["layer"] for b in blocks if isinstance(b, dict)] == sorted(
+        b["layer"] for b in blocks if isinstance(b, dict)
+    )
+    # Every layer has the same op sequence (one template for apar).
+    seqs = {}
+    for op in c.graph["ops"]:
+        b = op["block"]
+        if isinstance(b, dict):
+            seqs.setdefault(b["layer"], []).append(op["op"]["op"])
+    assert len(seqs) == LAYERS
+    assert all(s == seqs[0] for s in seqs.values())
+    # The loss is Hugging Face's cross-entropy, in the head.
+    assert c.graph["ops"][-1]["op"]["op"] == "cross_entropy"
+    assert c.graph["ops"][-1]["block"] == "head"
+
+
+def test_symbolic_batch_and_sequence():
+    c = captured("llama")
+    tokens = [op for op in c.graph["ops"] if op["op"] == {"op": "input", "name": "tokens"}]
+    assert tokens and tokens[0]["results"][0]["type"]["shape"] == ["b", "s"]
+    # No literal example size (2 sequences of 16 tokens) leaks into activations.
+    for op in c.graph["ops"]:
+        for r in op["results"]:
+            if r["role"] == "activation" and op["op"]["op"] != "constant":
+                shape = r["type"]["shape"]
+                assert shape == [] or any(isinstance(d, str) for d in shape), op
+
+
+@pytest.mark.parametrize("arch", WITH_LOADER)
+@pytest.mark.parametrize("job", JOBS, ids=lambda j: f"{j[0]}-b{j[1]}-s{j[2]}")
+def test_plan_equals_the_loaders_plan(arch, job, config_file):
+    cluster, gb, seq = job
+    # Same engine on both sides: the hf engine runs Hugging Face's model code, which is
+    # what the capture records and what apar's loader emits for it.
+    got = apar.plan(captured(arch), cluster, global_batch=gb, seq=seq, engine="hf")
+    want = apar.plan(config_file(arch), cluster, global_batch=gb, seq=seq, engine="hf")
+    assert got.config == want.config
+    assert got.memory.peak_bytes <= got.memory.budget_bytes
+    # Same tensors, so peak memory agrees closely (the capture keeps PyTorch's views
+    # and copies where the loader folds some).
+    assert abs(got.memory.peak_bytes - want.memory.peak_bytes) <= 0.01 * want.memory.peak_bytes
+
+
+def test_architecture_without_a_loader_plans_and_exports(config_file):
+    path = config_file("granite")
+    with pytest.raises(apar.UnsupportedModel):
+        apar.plan(path, "mi250-gcd:1", global_batch=32, seq=1024, engine="hf")
+    c = captured("granite")
+    # Granite's multipliers are scalings in the graph.
+    factors = {op["op"].get("factor") for op in c.graph["ops"] if op["op"]["op"] == "scale"}
+    assert {12.0, 0.22, 1 / 16.0} <= factors
+    p = apar.plan(c, "mi250-gcd:1", global_batch=32, seq=1024, engine="hf")
+    assert p.memory.peak_bytes <= p.memory.budget_bytes
+    e = p.export_for("hf")
+    assert "--per_device_train_batch_size" in e.text
+
+
+def test_mixtral_routing_is_reported_not_dropped():
+    with pytest.raises(apar.UnsupportedOp) as err:
+        captured("mixtral")
+    ops = err.value.ops
+    assert ("aten.topk.default", "model.layers.0.mlp.gate") in {(o, p) for o, p, _ in ops}
+    assert "aten.topk" in str(err.value) and "model.layers.0.mlp" in str(err.value)
+
+
+def test_captured_graph_is_an_apar_ir_file(tmp_path):
+    c = captured("gpt2")
+    path = tmp_path / "gpt2.json"
+    c.save(str(path))
+    doc = json.loads(path.read_text())
+    assert doc["name"] == "GPT2LMHeadModel" and len(doc["ops"]) == len(c.graph["ops"])
+    # apar plans the file by path as it plans the document.
+    a = apar.plan(str(path), "mi250-gcd:1", global_batch=32, seq=1024, engine="hf")
+    b = apar.plan(c, "mi250-gcd:1", global_batch=32, seq=1024, engine="hf")
+    assert a.config == b.config and a.step_time_s == b.step_time_s
