@@ -401,12 +401,20 @@ def capture(
                 symbol_of[(key, i)] = sym
         return out or None
 
+    def widened(t, dyn):
+        # torch.export specializes sizes 0 and 1: symbolic dims get at least 2.
+        # Inputs sharing a tensor object (labels = input_ids) become separate inputs.
+        if not isinstance(t, torch.Tensor):
+            return t
+        shape = [max(d, 2) if dyn and i in dyn else d for i, d in enumerate(t.shape)]
+        return torch.empty(shape, dtype=t.dtype, device="meta")
+
     if kwargs:
         dynamic = {k: dyn_for(k, v) for k, v in kwargs.items()}
-        # Inputs sharing a tensor object (labels = input_ids) are separate inputs.
-        kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        kwargs = {k: widened(v, dynamic[k]) for k, v in kwargs.items()}
     else:
         dynamic = tuple(dyn_for(f"arg{i}", v) for i, v in enumerate(args))
+        args = tuple(widened(v, d) for v, d in zip(args, dynamic))
 
     te = time.perf_counter()
     try:
