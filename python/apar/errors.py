@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, List, Optional, Sequence, Tuple
 
+from .types import OomReport
+
 __all__ = [
     "ApError",
     "ConfigError",
@@ -107,8 +109,6 @@ class OutOfMemory(ApError):
 
     def __init__(self, message: str, kind: str = "out_of_memory", detail: Any = None):
         super().__init__(message, kind, detail)
-        from .types import OomReport
-
         self.report: Optional[OomReport] = (
             OomReport.from_json(self.detail) if isinstance(self.detail, dict) else None
         )

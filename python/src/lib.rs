@@ -17,7 +17,13 @@ use pyo3::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Raises `apar.errors.<class>(message, kind, detail)`.
-fn raise(py: Python<'_>, class: &str, message: String, kind: &str, detail: Option<String>) -> PyErr {
+fn raise(
+    py: Python<'_>,
+    class: &str,
+    message: String,
+    kind: &str,
+    detail: Option<String>,
+) -> PyErr {
     let made = py
         .import("apar.errors")
         .and_then(|m| m.getattr(class))
@@ -29,8 +35,15 @@ fn raise(py: Python<'_>, class: &str, message: String, kind: &str, detail: Optio
 }
 
 fn to_json<T: serde::Serialize>(py: Python<'_>, v: &T) -> PyResult<String> {
-    serde_json::to_string(v)
-        .map_err(|e| raise(py, "ApError", format!("cannot serialize: {e}"), "internal", None))
+    serde_json::to_string(v).map_err(|e| {
+        raise(
+            py,
+            "ApError",
+            format!("cannot serialize: {e}"),
+            "internal",
+            None,
+        )
+    })
 }
 
 fn bad_json(py: Python<'_>, what: &str, e: serde_json::Error) -> PyErr {
@@ -54,7 +67,11 @@ fn plan_error(py: Python<'_>, e: PlanError) -> PyErr {
         PlanError::Model(m) => {
             let unsupported = matches!(m, apar::models::ModelError::Unsupported { .. });
             (
-                if unsupported { "UnsupportedModel" } else { "ModelError" },
+                if unsupported {
+                    "UnsupportedModel"
+                } else {
+                    "ModelError"
+                },
                 "model",
                 None,
             )
@@ -120,7 +137,13 @@ fn session(
     match graph {
         Some(text) => {
             let g = apar::ir::json::from_json(text).map_err(|e| {
-                raise(py, "GraphError", format!("{model}: {e}"), "graph_json", None)
+                raise(
+                    py,
+                    "GraphError",
+                    format!("{model}: {e}"),
+                    "graph_json",
+                    None,
+                )
             })?;
             let mut g = g;
             g.set_name(model);
@@ -162,7 +185,7 @@ fn plan(
     let result = py.allow_threads(|| {
         let report = |done: usize, total: usize| {
             let Some(cb) = &progress else { return };
-            let pct = if total == 0 { 100 } else { done * 100 / total };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
             if last.swap(pct, Ordering::Relaxed) != pct {
                 Python::with_gil(|py| {
                     // A failing callback must not stop the search.
@@ -229,16 +252,15 @@ fn export(py: Python<'_>, plan: &str, engine: Option<&str>) -> PyResult<String> 
 }
 
 fn parse_engine(py: Python<'_>, name: &str) -> PyResult<Engine> {
-    serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| {
-            raise(
-                py,
-                "ConfigError",
-                format!("unknown engine `{name}` (megatron, deepspeed, torchtitan, hf)"),
-                "engine",
-                None,
-            )
-        })
+    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
+        raise(
+            py,
+            "ConfigError",
+            format!("unknown engine `{name}` (megatron, deepspeed, torchtitan, hf)"),
+            "engine",
+            None,
+        )
+    })
 }
 
 /// The AP-style search log of a plan.
@@ -273,8 +295,7 @@ fn check_graph(py: Python<'_>, graph: &str) -> PyResult<(usize, usize, u64, Stri
         .flat_map(|o| g.node(o).results.clone())
         .filter_map(|t| g.get_tensor(t))
         .map(|t| {
-            t.ty
-                .shape
+            t.ty.shape
                 .dims()
                 .iter()
                 .map(|d| d.as_lit().unwrap_or(0))
@@ -336,7 +357,10 @@ fn models() -> Vec<(String, String)> {
 /// The IR op names of the op table.
 #[pyfunction]
 fn op_names() -> Vec<&'static str> {
-    apar::ir::OpKind::ALL.iter().map(|k| k.info().name).collect()
+    apar::ir::OpKind::ALL
+        .iter()
+        .map(|k| k.info().name)
+        .collect()
 }
 
 /// The Rust side of the `apar` package.
