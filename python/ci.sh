@@ -14,6 +14,8 @@ if [ ! -x "$PYENV/bin/python" ]; then
     "${APAR_PYTHON:-python3}" -m venv "$PYENV"
 fi
 PY="$PYENV/bin/python"
+# The build backend runs the environment's `maturin` executable.
+export PATH="$PYENV/bin:$PATH"
 "$PY" -m pip install -q -r requirements.txt -c requirements-lock.txt
 # The pinned maturin builds the extension (no isolated build environment).
 "$PY" -m pip install -q --no-build-isolation --force-reinstall --no-deps .
