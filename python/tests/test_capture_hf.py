@@ -112,3 +112,40 @@ def test_captured_graph_is_an_apar_ir_file(tmp_path):
     a = apar.plan(str(path), "mi250-gcd:1", global_batch=32, seq=1024, engine="hf")
     b = apar.plan(c, "mi250-gcd:1", global_batch=32, seq=1024, engine="hf")
     assert a.config == b.config and a.step_time_s == b.step_time_s
+
+
+def _check_exports():
+    """scripts/check_exports/check.py, the engine issue's export checker."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        "check_exports", os.path.join(root, "scripts", "check_exports", "check.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("arch", ["granite", "llama"])
+def test_hf_export_passes_the_engine_check(arch):
+    pytest.importorskip("accelerate")
+    check = _check_exports()
+    p = apar.plan(captured(arch), "mi250-gcd:1", global_batch=32, seq=1024, engine="hf")
+    e = p.export_for("hf")
+    row = {"export": {"text": e.text, "env": e.env}, "expected": p.config.to_json()}
+    # Transformers' own HfArgumentParser(TrainingArguments) reads the plan back.
+    assert check.check_hf(row, None) == "HfArgumentParser(TrainingArguments)"
+
+
+def test_megatron_export_of_a_captured_graph_needs_model_dimensions():
+    # Megatron-LM builds the model from its dimensions: a captured Llama carries its
+    # Hugging Face configuration, which apar's loader reads ...
+    p = apar.plan(captured("llama"), "dgx-a100-80g:1", global_batch=32, seq=1024, engine="megatron")
+    text = p.export_for("megatron").text
+    assert "--num-layers 4" in text and "--hidden-size 4096" in text
+    # ... Granite's it does not, and the export says so.
+    g = apar.plan(captured("granite"), "dgx-a100-80g:1", global_batch=32, seq=1024, engine="megatron")
+    with pytest.raises(apar.ExportError):
+        g.export_for("megatron")
