@@ -159,7 +159,10 @@ class _Dims:
     def spell(self, d) -> Any:
         """A size as a GraphDoc dim: an int, or ``"b*s"``-style text; ``None`` if not a
         monomial in b and s."""
-        e = self.expr(d)
+        return self.spell_sympy(self.expr(d))
+
+    def spell_sympy(self, e) -> Any:
+        """:meth:`spell` of a sympy expression in b and s."""
         if e.is_Integer:
             return int(e)
         try:
@@ -749,8 +752,23 @@ class _Builder:
             stack.extend(n.all_input_nodes)
         memo: Dict[Any, bool] = {}
         blocks = self._assign_blocks(live)
+        regions = self._moe_regions(live, memo)
         for n in self.nodes:
             if n not in live:
+                continue
+            if n in regions:
+                region = regions[n]
+                if n is region["output"]:
+                    self.e.block = blocks.get(n, "head")
+                    try:
+                        self.env[n] = self._moe(region)
+                    except _Unsupported as u:
+                        self.unsupported.append(("mixture of experts", region["path"], u.why))
+                        self.env[n] = self._stand_in(n)
+                    except _Skip:
+                        self.env[n] = None
+                else:
+                    self.env[n] = None
                 continue
             if n.op == "placeholder":
                 self._placeholder(n, memo)
@@ -765,7 +783,7 @@ class _Builder:
                 self.env[n] = self._call(n)
             except _Unsupported as u:
                 self.unsupported.append((_full_name(n.target), _module_path(n), u.why))
-                self.env[n] = None
+                self.env[n] = self._stand_in(n)
             except _Skip:
                 self.env[n] = None
         if self.unsupported:
@@ -784,6 +802,16 @@ class _Builder:
             params += k
         graph = {"name": self.e.name, "ops": _dead_code_removed(self.e.ops)}
         return graph, params, set(self.param_used)
+
+    def _stand_in(self, n):
+        """A tensor of ``n``'s type that is never written: the walk goes on past an
+        unsupported op so that every unsupported op is reported (the capture then
+        fails)."""
+        try:
+            dtype, shape = self._out_type(n)
+        except _Unsupported:
+            return None
+        return _T(-1, dtype, shape)
 
     def _placeholder(self, n, memo):
         torch = self.torch
@@ -867,6 +895,131 @@ class _Builder:
         if isinstance(val, (list, tuple)):
             val = val[0]
         return self._type_of(n, val)
+
+    # mixture of experts ------------------------------------------------------------
+
+    def _moe_regions(self, live, memo) -> Dict[Any, Dict[str, Any]]:
+        """Hugging Face's sparse MoE blocks (router with ``topk`` + experts with
+        grouped GEMMs): node → region, for the module holding the router."""
+        torch = self.torch
+        regions: Dict[Any, Dict[str, Any]] = {}
+        for n in self.nodes:
+            if n not in live or n.op != "call_function" or _aten_name(n.target) != "topk":
+                continue
+            stack = list((n.meta.get("nn_module_stack") or {}).values())
+            if len(stack) < 2:
+                continue
+            root, kind = stack[-2][0], stack[-2][1]
+            k = n.args[1]
+
+            def inside(m, root=root):
+                path = _module_path(m)
+                return path == root or path.startswith(root + ".")
+
+            nodes = [
+                m
+                for m in self.nodes
+                if m in live and m.op == "call_function" and inside(m) and not self._is_const(m, memo)
+            ]
+            members = set(nodes)
+            ins, outs, params = [], [], []
+            for m in nodes:
+                for a in m.all_input_nodes:
+                    if a in members:
+                        continue
+                    env = self.env.get(a)
+                    if a.op == "placeholder" and a.name in self.param_of:
+                        if a not in params:
+                            params.append(a)
+                    elif self._is_const(a, memo):
+                        continue
+                    elif a not in ins:
+                        ins.append(a)
+                    del env
+                if any(u not in members and u in live for u in m.users):
+                    outs.append(m)
+            region = {
+                "path": root,
+                "kind": str(kind).split(".")[-1],
+                "topk": k,
+                "inputs": ins,
+                "outputs": outs,
+                "params": params,
+                "output": outs[-1] if outs else None,
+                "sigmoid": any(_aten_name(m.target) == "sigmoid" for m in nodes),
+            }
+            for m in nodes:
+                regions[m] = region
+        del torch
+        return regions
+
+    def _moe(self, r: Dict[str, Any]) -> _T:
+        """The IR of a sparse MoE block: router matmul, ``moe_route``,
+        ``moe_dispatch``, grouped GEMMs, ``moe_combine``."""
+        if len(r["inputs"]) != 1 or len(r["outputs"]) != 1:
+            raise _Unsupported(
+                f"{r['kind']}: expected one input and one output tensor, got "
+                f"{len(r['inputs'])} and {len(r['outputs'])}"
+            )
+        if not isinstance(r["topk"], int):
+            raise _Unsupported("top-k is not a number")
+        x = self.value(r["inputs"][0])
+        h = x.shape[-1]
+        router = [p for p in r["params"] if len(p.meta["val"].shape) == 2]
+        experts = [p for p in r["params"] if len(p.meta["val"].shape) == 3]
+        other = [p for p in r["params"] if p not in router and p not in experts]
+        if len(router) != 1 or len(experts) != 2 or other:
+            names = [self.param_of[p.name] for p in r["params"]]
+            raise _Unsupported(
+                f"{r['kind']}: a router weight and fused gate_up/down expert weights "
+                f"expected, got {names} (shared experts and biases are not captured)"
+            )
+        e, hr = (int(d) for d in router[0].meta["val"].shape)
+        if hr != h:
+            raise _Unsupported(f"{r['kind']}: router weight is not [experts, {h}]")
+        gate_up = next((p for p in experts if int(p.meta["val"].shape[2]) == h), None)
+        down = next((p for p in experts if p is not gate_up), None)
+        if gate_up is None or down is None:
+            raise _Unsupported(f"{r['kind']}: expert weights are not [E, 2f, h] and [E, h, f]")
+        two_f = int(gate_up.meta["val"].shape[1])
+        f = two_f // 2
+        if tuple(int(d) for d in down.meta["val"].shape) != (e, h, f):
+            raise _Unsupported(f"{r['kind']}: down_proj is not [{e}, {h}, {f}]")
+        wr = self._param(router[0], transposed=True)
+        lead = x.shape[:-1]
+        logits = self.e.one({"op": "matmul", "ta": False, "tb": False}, [x, wr], x.dtype, lead + [e])
+        k = r["topk"]
+        weights, _probs, idx = self.e.emit(
+            {"op": "moe_route", "topk": k, "sigmoid": bool(r["sigmoid"])},
+            [logits],
+            [(x.dtype, lead + [k]), ("f32", lead + [e]), ("i64", lead + [k])],
+        )
+        tokens = self.dims.sympy.Integer(1)
+        for d in lead:
+            tokens = tokens * self.dims.sympy.sympify(d)
+        rows_dim = self._spell_expr(tokens * k)
+        rows = self.e.one({"op": "moe_dispatch", "experts": e}, [x, idx], x.dtype, [rows_dim, h])
+        wgu = self._param(gate_up)
+        gu = self.e.one({"op": "grouped_matmul", "tb": True}, [rows, wgu], x.dtype, [rows_dim, two_f])
+        g = self.e.one({"op": "slice", "axis": 1, "start": 0, "len": f}, [gu], x.dtype, [rows_dim, f])
+        u = self.e.one({"op": "slice", "axis": 1, "start": f, "len": f}, [gu], x.dtype, [rows_dim, f])
+        a = self.e.one({"op": "silu"}, [g], x.dtype, [rows_dim, f])
+        y = self.e.one({"op": "mul"}, [a, u], x.dtype, [rows_dim, f])
+        wd = self._param(down)
+        y = self.e.one({"op": "grouped_matmul", "tb": True}, [y, wd], x.dtype, [rows_dim, h])
+        out = self.e.one({"op": "moe_combine", "experts": e}, [y, weights, idx], x.dtype, lead + [h])
+        self.notes.append(
+            f"{r['kind']} captured as moe_route(top-{k}) / moe_dispatch / grouped_matmul / moe_combine (dropless)"
+        )
+        return out
+
+    def _spell_expr(self, e) -> Any:
+        B, S = self.dims.B, self.dims.S
+        e = self.dims.sympy.sympify(e).subs({self.dims.sympy.Symbol("b"): B, self.dims.sympy.Symbol("s"): S})
+        text = self.dims.spell_sympy(e)
+        if text is None:
+            raise _Unsupported(f"routed rows {e} are not a monomial in b and s")
+        return text
 
     # ops -------------------------------------------------------------------------
 

@@ -8,9 +8,14 @@ import pytest
 import apar
 from conftest import LAYERS, captured, hf_model
 
-ARCHS = ["llama", "qwen2", "gpt2", "granite"]
+ARCHS = ["llama", "qwen2", "gpt2", "mixtral", "granite"]
 # Architectures apar also reads from config.json with a hand-written loader.
-WITH_LOADER = ["llama", "qwen2", "gpt2"]
+WITH_LOADER = ["llama", "qwen2", "gpt2", "mixtral"]
+# How far the captured graph's peak may be from the loader's. Mixtral's experts run one
+# fused gate_up GEMM whose output Hugging Face chunks in two; apar's IR has no split, so
+# the chunks are slices, whose derivative (a zero pad each, then a sum) costs more
+# temporaries in backward than PyTorch's concatenation of the two gradients.
+PEAK_TOLERANCE = {"mixtral": 0.10}
 # (cluster, global batch, seq): memory-bound jobs for these 4-layer models.
 JOBS = [("mi250-gcd:1", 32, 1024), ("dgx-a100-40g:1", 64, 1024), ("dgx-a100-80g:2", 128, 1024)]
 
@@ -34,7 +39,7 @@ def test_parameter_count_is_hugging_faces(arch):
 def test_blocks_come_from_the_module_hierarchy(arch):
     c = captured(arch)
     m = hf_model(arch)
-    assert c.layers == m.config.num_hidden_layers == LAYERS
+    assert c.layers == m.config.num_hidden_layers
     blocks = [op["block"] for op in c.graph["ops"]]
     assert blocks[0] == "embed" and blocks[-1] == "head"
     assert [b["layer"] for b in blocks if isinstance(b, dict)] == sorted(
@@ -46,7 +51,7 @@ def test_blocks_come_from_the_module_hierarchy(arch):
         b = op["block"]
         if isinstance(b, dict):
             seqs.setdefault(b["layer"], []).append(op["op"]["op"])
-    assert len(seqs) == LAYERS
+    assert len(seqs) == m.config.num_hidden_layers
     assert all(s == seqs[0] for s in seqs.values())
     # The loss is Hugging Face's cross-entropy, in the head.
     assert c.graph["ops"][-1]["op"]["op"] == "cross_entropy"
@@ -77,7 +82,8 @@ def test_plan_equals_the_loaders_plan(arch, job, config_file):
     assert got.memory.peak_bytes <= got.memory.budget_bytes
     # Same tensors, so peak memory agrees closely (the capture keeps PyTorch's views
     # and copies where the loader folds some).
-    assert abs(got.memory.peak_bytes - want.memory.peak_bytes) <= 0.01 * want.memory.peak_bytes
+    tol = PEAK_TOLERANCE.get(arch, 0.01)
+    assert abs(got.memory.peak_bytes - want.memory.peak_bytes) <= tol * want.memory.peak_bytes
 
 
 def test_architecture_without_a_loader_plans_and_exports(config_file):
@@ -94,12 +100,37 @@ def test_architecture_without_a_loader_plans_and_exports(config_file):
     assert "--per_device_train_batch_size" in e.text
 
 
-def test_mixtral_routing_is_reported_not_dropped():
+def test_mixtral_experts_become_moe_ops():
+    c = captured("mixtral")
+    kinds = [op["op"]["op"] for op in c.graph["ops"]]
+    cfg = hf_model("mixtral").config
+    layers = cfg.num_hidden_layers
+    for k in ["moe_route", "moe_dispatch", "moe_combine"]:
+        assert kinds.count(k) == layers
+    assert kinds.count("grouped_matmul") == 2 * layers
+    route = next(op for op in c.graph["ops"] if op["op"]["op"] == "moe_route")
+    assert route["op"]["topk"] == cfg.num_experts_per_tok
+    dispatch = next(op for op in c.graph["ops"] if op["op"]["op"] == "moe_dispatch")
+    assert dispatch["op"]["experts"] == cfg.num_local_experts
+    assert dispatch["results"][0]["type"]["shape"] == [f"{cfg.num_experts_per_tok}*b*s", cfg.hidden_size]
+
+
+def test_moe_with_shared_experts_is_reported_not_dropped():
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen2MoeConfig(
+        hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+        shared_expert_intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=1000, num_experts=4, num_experts_per_tok=2,
+    )
+    with torch.device("meta"):
+        m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     with pytest.raises(apar.UnsupportedOp) as err:
-        captured("mixtral")
-    ops = err.value.ops
-    assert ("aten.topk.default", "model.layers.0.mlp.gate") in {(o, p) for o, p, _ in ops}
-    assert "aten.topk" in str(err.value) and "model.layers.0.mlp" in str(err.value)
+        apar.capture(m)
+    paths = {p for _, p, _ in err.value.ops}
+    assert paths == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert "shared_expert" in str(err.value)
 
 
 def test_captured_graph_is_an_apar_ir_file(tmp_path):
