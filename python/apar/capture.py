@@ -554,6 +554,9 @@ class _Builder:
         self.pads: Dict[int, _T] = {}
         self.transposed: Dict[int, Tuple[_T, List[int]]] = {}
         self.sdpa_out: Dict[int, bool] = {}
+        self.small_values: Dict[Any, Any] = {}
+        self.mask_kinds: Dict[Any, Tuple[str, Optional[int]]] = {}
+        self.const_memo: Dict[Any, bool] = {}
         self.params = 0
 
     def _user_keys(self, user_nodes) -> List[str]:
@@ -692,8 +695,7 @@ class _Builder:
         return t
 
     def _eval_small(self, n):
-        cache: Dict[Any, Any] = {}
-        return self._eval_const(n, {"b": 1, "s": 8}, cache)
+        return self._eval_const(n, {"b": 1, "s": 8}, self.small_values)
 
     # types -----------------------------------------------------------------------
 
@@ -750,7 +752,7 @@ class _Builder:
                 continue
             live.add(n)
             stack.extend(n.all_input_nodes)
-        memo: Dict[Any, bool] = {}
+        memo = self.const_memo
         blocks = self._assign_blocks(live)
         regions = self._moe_regions(live, memo)
         for n in self.nodes:
@@ -1417,7 +1419,7 @@ class _Builder:
             shape = tuple(n.meta["val"].shape)
             nxt = None
             for a in n.args:
-                if isinstance(a, torch.fx.Node) and not self._is_const(a, {}):
+                if isinstance(a, torch.fx.Node) and not self._is_const(a, self.const_memo):
                     v = a.meta.get("val")
                     if isinstance(v, torch.Tensor) and tuple(v.shape) == shape:
                         nxt = a
@@ -1427,7 +1429,13 @@ class _Builder:
 
     def _mask_kind(self, node) -> Tuple[str, Optional[int]]:
         """Evaluates a folded attention mask at ``mask_seq``: ``("causal", window)``,
-        ``("none", None)`` for an all-true mask, ``("other", None)`` otherwise."""
+        ``("none", None)`` for an all-true mask, ``("other", None)`` otherwise (once
+        per mask: the layers share it)."""
+        if node not in self.mask_kinds:
+            self.mask_kinds[node] = self._mask_kind_uncached(node)
+        return self.mask_kinds[node]
+
+    def _mask_kind_uncached(self, node) -> Tuple[str, Optional[int]]:
         torch = self.torch
         if not (isinstance(self.env.get(node), tuple) and self.env[node][0] == "const"):
             return ("other", None)
