@@ -17,8 +17,10 @@ PY="$PYENV/bin/python"
 # The build backend runs the environment's `maturin` executable.
 export PATH="$PYENV/bin:$PATH"
 "$PY" -m pip install -q -r requirements.txt -c requirements-lock.txt
-# The pinned maturin builds the extension (no isolated build environment).
-"$PY" -m pip install -q --no-build-isolation --force-reinstall --no-deps .
+# The pinned maturin builds the extension (no isolated build environment), in the
+# dev profile unless APAR_PY_PROFILE says otherwise (the package's default is release).
+MATURIN_PEP517_ARGS="--profile ${APAR_PY_PROFILE:-dev}" \
+    "$PY" -m pip install -q --no-build-isolation --force-reinstall --no-deps .
 # pytest exits 5 when it collects no test: that fails here like any other failure.
 (cd tests && "$PY" -m pytest -q -p no:cacheprovider -p no:logging .)
 "$PY" gen_docs.py "${APAR_DOCS:-../target/python-docs}"
