@@ -50,6 +50,9 @@ from .types import (
 
 __version__ = _apar.__version__
 
+#: ``apar eval``'s name for :func:`evaluate`.
+eval = evaluate  # noqa: A001
+
 __all__ = [
     "auto", "plan", "evaluate", "calibrate", "capture", "clusters", "models",
     "Captured", "Plan", "Config", "Memory", "StageMemory", "Stage", "Breakdown",

@@ -32,8 +32,15 @@ writes each ATen op as IR ops (the op list is ``ir-spec/README.md``):
   ``cross_entropy`` against an integer ``labels`` input appended in the ``head``
   block. Hugging Face's label shift (``pad`` + ``slice`` of the integer labels) keeps the
   labels' shape and is captured as the labels themselves.
-* **Unsupported ops** (data-dependent routing such as ``topk``/``nonzero`` in
-  mixture-of-experts layers, ops the IR has no form for) raise
+* **Mixture of experts.** A Hugging Face sparse MoE block (the module holding a router
+  that calls ``topk``, with experts whose weights are ``gate_up_proj[E, 2f, h]`` and
+  ``down_proj[E, h, f]``, as Mixtral's) is lowered as a whole: router ``matmul``,
+  ``moe_route {topk}``, ``moe_dispatch``, ``grouped_matmul`` (gate and up, split by two
+  ``slice``\ s), ``silu``·``mul``, ``grouped_matmul`` (down), ``moe_combine``
+  (dropless), the ops apar's own loader emits. Blocks with other parameters (shared
+  experts, biases) are :class:`~apar.errors.UnsupportedOp`.
+* **Unsupported ops** (data-dependent ops outside a recognized MoE block such as
+  ``sort``/``nonzero``, ops the IR has no form for) raise
   :class:`~apar.errors.UnsupportedOp`, which lists every such op by ATen name with the
   module path where it occurs; nothing is dropped silently.
 """
