@@ -760,6 +760,12 @@ class _Builder:
             live.add(n)
             stack.extend(n.all_input_nodes)
         memo = self.const_memo
+        # In graph order, so that every query finds its inputs answered (no deep
+        # recursion along the residual stream).
+        for n in self.nodes:
+            if n.op == "placeholder":
+                self._placeholder(n, memo)
+            self._is_const(n, memo)
         blocks = self._assign_blocks(live)
         regions = self._moe_regions(live, memo)
         for n in self.nodes:
@@ -778,9 +784,6 @@ class _Builder:
                         self.env[n] = None
                 else:
                     self.env[n] = None
-                continue
-            if n.op == "placeholder":
-                self._placeholder(n, memo)
                 continue
             if n.op != "call_function":
                 continue
