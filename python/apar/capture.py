@@ -36,7 +36,7 @@ writes each ATen op as IR ops (the op list is ``ir-spec/README.md``):
   that calls ``topk``, with experts whose weights are ``gate_up_proj[E, 2f, h]`` and
   ``down_proj[E, h, f]``, as Mixtral's) is lowered as a whole: router ``matmul``,
   ``moe_route {topk}``, ``moe_dispatch``, ``grouped_matmul`` (gate and up, split by two
-  ``slice``\ s), ``silu``·``mul``, ``grouped_matmul`` (down), ``moe_combine``
+  slices), ``silu``·``mul``, ``grouped_matmul`` (down), ``moe_combine``
   (dropless), the ops apar's own loader emits. Blocks with other parameters (shared
   experts, biases) are :class:`~apar.errors.UnsupportedOp`.
 * **Unsupported ops** (data-dependent ops outside a recognized MoE block such as
