@@ -47,7 +47,7 @@ PINS = (
 class ProgressBar:
     """A text progress bar on stderr for the candidate search: called with ``(done,
     total)`` candidates; it draws nothing for searches shorter than ``delay_s``
-    seconds."""
+    seconds, nor when the stream is neither a terminal nor a notebook's."""
 
     def __init__(self, stream=None, width: int = 30, delay_s: float = 0.3):
         self.stream = stream or sys.stderr
@@ -55,8 +55,13 @@ class ProgressBar:
         self.delay_s = delay_s
         self.start = time.perf_counter()
         self.drawn = False
+        # A terminal or a notebook; not a log file.
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.interactive = bool(isatty()) or "ipykernel" in sys.modules
 
     def __call__(self, done: int, total: int) -> None:
+        if not self.interactive:
+            return
         elapsed = time.perf_counter() - self.start
         if not self.drawn and elapsed < self.delay_s and done < total:
             return
@@ -318,21 +323,20 @@ def auto(
         progress=progress,
         **kwargs,
     )
-    p.export_error = None  # type: ignore[attr-defined]
     from .errors import ExportError
 
     try:
         p.export = p.export_for(engine)
     except ExportError as e:
         p.export = None
-        p.export_error = e  # type: ignore[attr-defined]
+        p.export_error = e
     if verbose:
         print(p.log.rstrip())
         if p.export is not None:
             print(f"[info] {p.export.engine} configuration:")
             print(p.export.text.rstrip())
         else:
-            print(f"[warn] no {engine} export: {p.export_error}")  # type: ignore[attr-defined]
+            print(f"[warn] no {engine} export: {p.export_error}")
     return p
 
 

@@ -254,6 +254,8 @@ class Plan:
         seq: sequence length (tokens); global_batch: sequences per step.
         export: the engine export, when one was asked for (:func:`apar.auto`).
         log: the AP-style search log.
+        export_error: why :func:`apar.auto` has no export (an
+            :class:`apar.ExportError`), else ``None``.
         raw: the whole JSON document (mesh, tensors, programs, trace...).
     """
 
@@ -276,6 +278,7 @@ class Plan:
     raw: Dict[str, Any] = dataclasses.field(repr=False)
     export: Optional[Export] = None
     log: str = dataclasses.field(default="", repr=False)
+    export_error: Optional[Exception] = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Plan":

@@ -135,3 +135,19 @@ def test_calibrate_recovers_a_known_matmul_efficiency(tmp_path):
 def test_listings():
     assert "moai-4xlarge" in apar.clusters()
     assert "llama2-13b" in apar.models()
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        bar = apar.ProgressBar(stream=stream, delay_s=0.0)
+        for d in range(1, 5):
+            bar(d, 4)
+    assert "4/4" in tty.getvalue() and tty.getvalue().endswith("\n")
+    assert log.getvalue() == ""
