@@ -22,5 +22,6 @@ export PATH="$PYENV/bin:$PATH"
 MATURIN_PEP517_ARGS="--profile ${APAR_PY_PROFILE:-dev}" \
     "$PY" -m pip install -q --no-build-isolation --force-reinstall --no-deps .
 # pytest exits 5 when it collects no test: that fails here like any other failure.
-(cd tests && "$PY" -m pytest -q -p no:cacheprovider -p no:logging .)
+# Torch and transformers are required here: their absence fails instead of skipping.
+(cd tests && APAR_REQUIRE_TORCH=1 "$PY" -m pytest -q -p no:cacheprovider -p no:logging .)
 "$PY" gen_docs.py "${APAR_DOCS:-../target/python-docs}"
