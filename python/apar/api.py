@@ -68,6 +68,8 @@ class ProgressBar:
         if not self.drawn and done >= total:
             return
         self.drawn = True
+        # Workers report out of order: show the furthest point reached.
+        done = self.done = max(done, getattr(self, "done", 0))
         frac = done / total if total else 1.0
         fill = int(frac * self.width)
         bar = "#" * fill + "." * (self.width - fill)

@@ -181,12 +181,14 @@ fn plan(
 ) -> PyResult<String> {
     let opts = self::options(py, seq, global_batch, options)?;
     let s = session(py, model, graph, cluster, &opts)?;
-    let last = AtomicUsize::new(usize::MAX);
+    // The highest percentage reported so far: workers finish out of order, so a
+    // report goes out only when it raises it (at most 100 reports, the last at 100%).
+    let last = AtomicUsize::new(0);
     let result = py.allow_threads(|| {
         let report = |done: usize, total: usize| {
             let Some(cb) = &progress else { return };
             let pct = (done * 100).checked_div(total).unwrap_or(100);
-            if last.swap(pct, Ordering::Relaxed) != pct {
+            if last.fetch_max(pct, Ordering::Relaxed) < pct {
                 Python::with_gil(|py| {
                     // A failing callback must not stop the search.
                     let _ = cb.call1(py, (done, total));
