@@ -356,6 +356,8 @@ def capture(
             causal language model takes). Tensors may be on any device; only their
             shapes and dtypes are used. For a Hugging Face model, ``use_cache=False``
             and ``labels`` (= ``input_ids``) are added when its forward takes them.
+            Leave out ``attention_mask``: a padding mask is data, and the ops that
+            read it have no IR form (without it the model's causal mask is folded).
         name: the graph's name (default: the module's class name).
         batch, seq: the example sizes used when ``example_inputs`` is ``None``; the
             captured graph is symbolic in both (planning picks the real ones).

@@ -153,3 +153,26 @@ def test_progress_bar_draws_on_a_terminal_only():
             bar(d, 4)
     assert "4/4" in tty.getvalue() and tty.getvalue().endswith("\n")
     assert log.getvalue() == ""
+
+
+def test_malformed_documents_raise_typed_errors_not_panics():
+    from apar import _apar
+
+    with pytest.raises(apar.ConfigError):
+        _apar.plan("tiny-gpt", "dgx-a100-80g:1", 16, 128, "not json")
+    with pytest.raises(apar.ConfigError):
+        _apar.plan("tiny-gpt", "dgx-a100-80g:1", 16, 128, '{"search": {"constraints": {"tp": "two"}}}')
+    with pytest.raises(apar.ConfigError):
+        _apar.export("{}")
+    with pytest.raises(apar.ConfigError):
+        _apar.plan_log('{"config": 3}')
+    with pytest.raises(apar.GraphError):
+        _apar.check_graph("[]")
+    with pytest.raises(apar.GraphError):
+        _apar.plan("g", "dgx-a100-80g:1", 16, 128, "{}", '{"name": "g", "ops": [{"op": {"op": "nope"}}]}')
+    with pytest.raises(apar.ConfigError):
+        _apar.evaluate("tiny-gpt", "dgx-a100-80g:1", 16, 128, '{"dp": 1}')
+    with pytest.raises(apar.ConfigError):
+        _apar.plan("tiny-gpt", "dgx-a100-80g:1", 0, 128)
+    with pytest.raises(apar.ConfigError):
+        apar.calibrate("/nonexistent/runs.csv", "matmul")
