@@ -217,6 +217,16 @@ class _T:
     shape: List[Any]
 
 
+#: The id of an empty tensor (a zero-length slice), which only ``cat`` reads.
+_EMPTY = -2
+#: The id of a stand-in for an unsupported op's result (see ``_Builder._stand_in``).
+_STAND_IN = -1
+
+
+class _Poisoned(Exception):
+    """An op reads a stand-in: it is not reported (its producer is)."""
+
+
 class _Emitter:
     def __init__(self, name: str):
         self.name = name
@@ -226,6 +236,10 @@ class _Emitter:
         self.reshape_src: Dict[int, _T] = {}
 
     def emit(self, op: Dict[str, Any], inputs: Sequence[_T], results, role="activation"):
+        if any(t.id == _STAND_IN for t in inputs):
+            raise _Poisoned()
+        if any(t.id < 0 for t in inputs):
+            raise _Unsupported("reads an empty tensor")
         ids = []
         doc_results = []
         for dtype, shape in results:
@@ -782,6 +796,8 @@ class _Builder:
                     except _Unsupported as u:
                         self.unsupported.append(("mixture of experts", region["path"], u.why))
                         self.env[n] = self._stand_in(n)
+                    except _Poisoned:
+                        self.env[n] = self._stand_in(n)
                     except _Skip:
                         self.env[n] = None
                 else:
@@ -797,6 +813,8 @@ class _Builder:
                 self.env[n] = self._call(n)
             except _Unsupported as u:
                 self.unsupported.append((_full_name(n.target), _module_path(n), u.why))
+                self.env[n] = self._stand_in(n)
+            except _Poisoned:
                 self.env[n] = self._stand_in(n)
             except _Skip:
                 self.env[n] = None
@@ -825,7 +843,7 @@ class _Builder:
             dtype, shape = self._out_type(n)
         except _Unsupported:
             return None
-        return _T(-1, dtype, shape)
+        return _T(_STAND_IN, dtype, shape)
 
     def _placeholder(self, n, memo):
         torch = self.torch
@@ -1222,6 +1240,8 @@ class _Builder:
         size = x.shape[axis]
         start = n.args[2] if len(n.args) > 2 else 0
         step = n.args[4] if len(n.args) > 4 else 1
+        if isinstance(size, int) and isinstance(start, int) and isinstance(step, int) and step > 1:
+            return self._strided_slice(x, axis, start, step, shape, dtype)
         if not isinstance(size, int) or not isinstance(start, int) or step != 1:
             # The label shift of a causal LM: pad by one then slice back.
             src = self.pads.get(x.id)
@@ -1233,7 +1253,53 @@ class _Builder:
         if start < 0:
             start += size
         length = shape[axis]
+        if length == 0:
+            # An empty slice (`x[..., d:]` of a d-wide axis): only a concatenation may
+            # read it, which drops it.
+            return _T(_EMPTY, dtype, shape)
         return self.e.one({"op": "slice", "axis": axis, "start": int(start), "len": int(length)}, [x], dtype, shape)
+
+    def _strided_slice(self, x, axis, start, step, shape, dtype):
+        """``x[..., start::step, ...]`` on a literal axis: the axis split into
+        ``[size/step, step]``, one column kept (the interleaved rotary of GPT-J and
+        Cohere)."""
+        size = x.shape[axis]
+        if size % step or start >= step:
+            raise _Unsupported(f"strided slice {start}::{step} of an axis of {size}")
+        split = x.shape[:axis] + [size // step, step] + x.shape[axis + 1 :]
+        y = self.e.reshape(x, split)
+        col = split[: axis + 1] + [1] + split[axis + 2 :]
+        y = self.e.one({"op": "slice", "axis": axis + 1, "start": start, "len": 1}, [y], dtype, col)
+        return self.e.reshape(y, shape)
+
+    def op_select(self, n):
+        x = self.value(n.args[0])
+        r = len(x.shape)
+        axis = n.args[1] % r
+        size = x.shape[axis]
+        index = n.args[2]
+        if not isinstance(size, int) or not isinstance(index, int):
+            raise _Unsupported("select on a symbolic axis")
+        index %= size
+        dtype, shape = self._out_type(n)
+        kept = x.shape[:axis] + [1] + x.shape[axis + 1 :]
+        y = self.e.one({"op": "slice", "axis": axis, "start": index, "len": 1}, [x], dtype, kept)
+        return self.e.reshape(y, shape)
+
+    def op_stack(self, n):
+        xs = [self.value(a) for a in n.args[0]]
+        dtype, shape = self._out_type(n)
+        axis = (n.args[1] if len(n.args) > 1 else 0) % len(shape)
+        parts = []
+        for x in xs:
+            x = self.e.cast(x, dtype)
+            parts.append(self.e.reshape(x, x.shape[:axis] + [1] + x.shape[axis:]))
+        if len(parts) == 1:
+            return parts[0]
+        return self.e.one({"op": "concat", "axis": axis}, parts, dtype, shape)
+
+    def op_square(self, n):
+        return self._unary(n, {"op": "pow", "exponent": 2.0})
 
     def op_pad(self, n):
         x = self.value(n.args[0])
@@ -1247,10 +1313,12 @@ class _Builder:
         return fake
 
     def op_cat(self, n):
-        xs = [self.value(a) for a in n.args[0]]
+        xs = [x for x in (self.value(a) for a in n.args[0]) if x.id != _EMPTY]
         dtype, shape = self._out_type(n)
         axis = (n.args[1] if len(n.args) > 1 else 0) % len(shape)
         xs = [self.e.cast(x, dtype) for x in xs]
+        if len(xs) == 1:
+            return xs[0]
         return self.e.one({"op": "concat", "axis": axis}, xs, dtype, shape)
 
     def op_embedding(self, n):

@@ -205,3 +205,51 @@ def test_llama3_8b_full_config_captures_in_seconds_and_little_memory():
     assert c.layers == 32
     assert c.capture_s < 120
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 2**20  # KiB
+
+
+def _small(arch):
+    import transformers as T
+
+    common = dict(num_hidden_layers=2, vocab_size=1000)
+    return {
+        # Partial rotary by concatenation, LayerNorm with bias.
+        "stablelm": T.StableLmConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                     num_key_value_heads=2, **common),
+        # Interleaved rotary (strided slices, stack), parallel residual.
+        "cohere": T.CohereConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                 num_key_value_heads=2, **common),
+        # Interleaved partial rotary with the whole head rotated (an empty pass-through).
+        "gptj": T.GPTJConfig(n_embd=256, n_layer=2, n_head=4, rotary_dim=64, vocab_size=1000),
+        "olmo": T.OlmoConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, **common),
+        "phi": T.PhiConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, **common),
+    }[arch]
+
+
+@pytest.mark.parametrize("arch", ["stablelm", "cohere", "gptj", "olmo", "phi"])
+def test_more_architectures_capture_with_hugging_faces_parameter_count(arch):
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        m = transformers.AutoModelForCausalLM.from_config(_small(arch), dtype=torch.bfloat16)
+    c = apar.capture(m)
+    assert c.params == sum(p.numel() for p in m.parameters())
+    assert c.unused_params == [] and c.layers == 2
+    p = apar.plan(c, "dgx-a100-80g:1", global_batch=16, seq=512, engine="hf")
+    assert p.memory.peak_bytes <= p.memory.budget_bytes
+
+
+def test_relu_is_reported_with_its_module():
+    import torch
+    import transformers
+
+    cfg = transformers.OPTConfig(hidden_size=128, ffn_dim=256, num_attention_heads=4, num_hidden_layers=2,
+                                 vocab_size=1000, word_embed_proj_dim=128)
+    with torch.device("meta"):
+        m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with pytest.raises(apar.UnsupportedOp) as err:
+        apar.capture(m)
+    assert {(op, path) for op, path, _ in err.value.ops} >= {
+        ("aten.relu.default", "model.decoder.layers.0.activation_fn"),
+        ("aten.relu.default", "model.decoder.layers.1.activation_fn"),
+    }
