@@ -52,9 +52,8 @@ import dataclasses
 import inspect
 import json
 import math
-import operator
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ConfigError, UnsupportedOp
 
@@ -959,15 +958,11 @@ class _Builder:
                 for a in m.all_input_nodes:
                     if a in members:
                         continue
-                    env = self.env.get(a)
                     if a.op == "placeholder" and a.name in self.param_of:
                         if a not in params:
                             params.append(a)
-                    elif self._is_const(a, memo):
-                        continue
-                    elif a not in ins:
+                    elif not self._is_const(a, memo) and a not in ins:
                         ins.append(a)
-                    del env
                 if any(u not in members and u in live for u in m.users):
                     outs.append(m)
             region = {
@@ -1561,12 +1556,24 @@ class _Builder:
 
     def op_split(self, n):
         x = self.value(n.args[0])
-        r = len(x.shape)
-        axis = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % r
+        axis = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % len(x.shape)
+        return self._split(x, axis, n.args[1])
+
+    op_split_with_sizes = op_split
+
+    def op_chunk(self, n):
+        x = self.value(n.args[0])
+        axis = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % len(x.shape)
+        size = x.shape[axis]
+        if not isinstance(size, int):
+            raise _Unsupported("chunk of a symbolic axis")
+        return self._split(x, axis, -(-size // n.args[1]))
+
+    def _split(self, x: _T, axis: int, sizes) -> List[_T]:
+        """``torch.split(x, sizes, axis)`` as slices (views)."""
         size = x.shape[axis]
         if not isinstance(size, int):
             raise _Unsupported("split of a symbolic axis")
-        sizes = n.args[1]
         if isinstance(sizes, int):
             sizes = [sizes] * (size // sizes) + ([size % sizes] if size % sizes else [])
         outs, start = [], 0
@@ -1576,21 +1583,6 @@ class _Builder:
             outs.append(self.e.one({"op": "slice", "axis": axis, "start": start, "len": k}, [x], x.dtype, shape))
             start += k
         return outs
-
-    op_split_with_sizes = op_split
-
-    def op_chunk(self, n):
-        x = self.value(n.args[0])
-        r = len(x.shape)
-        axis = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % r
-        size = x.shape[axis]
-        if not isinstance(size, int):
-            raise _Unsupported("chunk of a symbolic axis")
-        k = -(-size // n.args[1])
-        fake = type("N", (), {})()
-        fake.args = (n.args[0], k, axis)
-        fake.kwargs = {}
-        return self.op_split(fake)
 
     def op_getitem(self, n):
         v = self.value(n.args[0])
@@ -1635,6 +1627,3 @@ def _dead_code_removed(ops: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         op["inputs"] = [renum[t] for t in op["inputs"]]
     return out
 
-
-# Keep imports referenced for linters.
-_ = (operator, Callable)
