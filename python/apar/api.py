@@ -105,6 +105,12 @@ def _model_args(model) -> Dict[str, Any]:
     )
 
 
+def _overrides(layers: Optional[int], attention: Optional[str]) -> Optional[str]:
+    if layers is None and attention is None:
+        return None
+    return json.dumps({"layers": layers, "attention": attention})
+
+
 def _options(
     engine: Optional[str],
     memory_ratio: Optional[float],
@@ -153,6 +159,8 @@ def plan(
     runners_up: Optional[int] = None,
     options: Optional[Dict[str, Any]] = None,
     progress: Union[bool, Callable[[int, int], None], None] = None,
+    layers: Optional[int] = None,
+    attention: Optional[str] = None,
     **pins: Any,
 ) -> Plan:
     """Plans ``model`` on ``cluster``: the fastest configuration that fits.
@@ -173,6 +181,9 @@ def plan(
             ``runtime``, ``search``), merged over the defaults.
         progress: ``True`` for a progress bar on stderr (drawn for searches longer
             than 0.3 s), a callable ``(done, total)``, or ``False``/``None`` for none.
+        layers: override the layer count of a zoo or ``config.json`` model.
+        attention: override its attention form: ``"flash"`` (SDPA / fused kernels) or
+            ``"eager"`` (Hugging Face's ``attn_implementation="eager"``).
         **pins: pins and bounds (:data:`PINS`), e.g. ``tp=2, max_stages=4``.
 
     Returns:
@@ -198,6 +209,7 @@ def plan(
         m["graph"],
         m["hf_config"],
         cb,
+        _overrides(layers, attention),
     )
     p = Plan.from_json(json.loads(text))
     p.log = _apar.plan_log(text)
@@ -215,6 +227,8 @@ def evaluate(
     memory_ratio: Optional[float] = None,
     calibration: Optional[Union[str, Dict[str, Any]]] = None,
     options: Optional[Dict[str, Any]] = None,
+    layers: Optional[int] = None,
+    attention: Optional[str] = None,
 ) -> Plan:
     """Evaluates one configuration of ``model`` (``apar eval``): its step time and
     memory, whether or not it fits (compare ``plan.memory.peak_bytes`` with
@@ -255,6 +269,7 @@ def evaluate(
         opts,
         m["graph"],
         m["hf_config"],
+        _overrides(layers, attention),
     )
     p = Plan.from_json(json.loads(text))
     p.log = p.text()

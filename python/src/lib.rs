@@ -132,8 +132,25 @@ fn session(
     graph: Option<&str>,
     cluster: &str,
     options: &PlanOptions,
+    overrides: Option<&str>,
 ) -> PyResult<Session> {
     let cluster = Cluster::resolve(cluster).map_err(|e| plan_error(py, e.into()))?;
+    if let Some(text) = overrides {
+        if graph.is_some() {
+            return Err(raise(
+                py,
+                "ConfigError",
+                format!("{model}: layers and attention override zoo and config.json models, not a graph"),
+                "overrides",
+                None,
+            ));
+        }
+        let o: Overrides = serde_json::from_str(text).map_err(|e| bad_json(py, "overrides", e))?;
+        let mut spec = ModelSpec::parse(model);
+        spec.layers = o.layers;
+        spec.attention = o.attention;
+        return Session::for_spec(&spec, &cluster, options).map_err(|e| plan_error(py, e));
+    }
     match graph {
         Some(text) => {
             let g = apar::ir::json::from_json(text).map_err(|e| {
@@ -154,6 +171,15 @@ fn session(
     }
 }
 
+/// The model overrides of a zoo name or `config.json` (`apar plan --layers
+/// --attention`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Overrides {
+    layers: Option<u32>,
+    attention: Option<apar::models::Attention>,
+}
+
 fn with_config(mut plan: Plan, model: &str, hf_config: Option<&str>) -> Plan {
     if plan.model_config.is_none() {
         if let Some(text) = hf_config {
@@ -166,7 +192,7 @@ fn with_config(mut plan: Plan, model: &str, hf_config: Option<&str>) -> Plan {
 /// Plans a model; returns the plan JSON. `progress(done, total)` is called as
 /// candidates are compiled (at most once per percent).
 #[pyfunction]
-#[pyo3(signature = (model, cluster, seq, global_batch, options="{}", graph=None, hf_config=None, progress=None))]
+#[pyo3(signature = (model, cluster, seq, global_batch, options="{}", graph=None, hf_config=None, progress=None, overrides=None))]
 #[allow(clippy::too_many_arguments)]
 fn plan(
     py: Python<'_>,
@@ -178,9 +204,10 @@ fn plan(
     graph: Option<&str>,
     hf_config: Option<&str>,
     progress: Option<PyObject>,
+    overrides: Option<&str>,
 ) -> PyResult<String> {
     let opts = self::options(py, seq, global_batch, options)?;
-    let s = session(py, model, graph, cluster, &opts)?;
+    let s = session(py, model, graph, cluster, &opts, overrides)?;
     // The highest percentage reported so far: workers finish out of order, so a
     // report goes out only when it raises it (at most 100 reports, the last at 100%).
     let last = AtomicUsize::new(0);
@@ -203,7 +230,7 @@ fn plan(
 
 /// Evaluates one configuration (a `Config` JSON document); returns the plan JSON.
 #[pyfunction]
-#[pyo3(signature = (model, cluster, seq, global_batch, config, options="{}", graph=None, hf_config=None))]
+#[pyo3(signature = (model, cluster, seq, global_batch, config, options="{}", graph=None, hf_config=None, overrides=None))]
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     py: Python<'_>,
@@ -215,9 +242,10 @@ fn evaluate(
     options: &str,
     graph: Option<&str>,
     hf_config: Option<&str>,
+    overrides: Option<&str>,
 ) -> PyResult<String> {
     let opts = self::options(py, seq, global_batch, options)?;
-    let s = session(py, model, graph, cluster, &opts)?;
+    let s = session(py, model, graph, cluster, &opts, overrides)?;
     let c: Config = serde_json::from_str(config).map_err(|e| bad_json(py, "config", e))?;
     let c = s.with_micro_batches(c).map_err(|e| plan_error(py, e))?;
     let plan = py

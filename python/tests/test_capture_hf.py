@@ -253,3 +253,34 @@ def test_relu_is_reported_with_its_module():
         ("aten.relu.default", "model.decoder.layers.0.activation_fn"),
         ("aten.relu.default", "model.decoder.layers.1.activation_fn"),
     }
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_eager_attention_plan_equals_the_loaders_eager_plan(arch, config_file):
+    """attn_implementation="eager": the captured graph materializes the scores as
+    Hugging Face's eager code does; the loader builds the same with attention="eager"."""
+    import torch
+    import transformers
+
+    from conftest import hf_configs
+
+    cfg = hf_configs()[arch]
+    cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    c = apar.capture(m)
+    assert "softmax" in {op["op"]["op"] for op in c.graph["ops"]}
+    for cluster, gb, seq in JOBS[:2]:
+        got = apar.plan(c, cluster, global_batch=gb, seq=seq, engine="hf")
+        want = apar.plan(config_file(arch), cluster, global_batch=gb, seq=seq, engine="hf", attention="eager")
+        assert got.config == want.config
+        assert abs(got.memory.peak_bytes - want.memory.peak_bytes) <= 0.02 * want.memory.peak_bytes, (
+            got.memory.peak_bytes, want.memory.peak_bytes)
+
+
+def test_overrides_are_for_loaded_models_only():
+    with pytest.raises(apar.ConfigError) as err:
+        apar.plan(captured("gpt2"), "mi250-gcd:1", global_batch=32, seq=1024, layers=2)
+    assert err.value.kind == "overrides"
+    p = apar.plan("llama2-7b", "dgx-a100-80g:1", global_batch=32, seq=1024, layers=2)
+    assert p.stages[-1].blocks[1] == 3  # embed, 2 layers, head
