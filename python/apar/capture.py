@@ -363,7 +363,8 @@ def capture(
         module: a ``torch.nn.Module``. Build it under ``torch.device("meta")`` (for a
             Hugging Face model: ``AutoModelForCausalLM.from_config(config)`` inside
             ``with torch.device("meta"):``). A module with real weights is copied to the
-            meta device first (its weights are not read).
+            meta device first (its weights are not read, but the copy costs the
+            module's memory once).
         example_inputs: a dict of keyword arguments, a tuple of positional arguments,
             or ``None`` for token ids ``input_ids`` of ``int64[batch, seq]`` (what a
             causal language model takes). Tensors may be on any device; only their
