@@ -24,4 +24,6 @@ MATURIN_PEP517_ARGS="--profile ${APAR_PY_PROFILE:-dev}" \
 # pytest exits 5 when it collects no test: that fails here like any other failure.
 # Torch and transformers are required here: their absence fails instead of skipping.
 (cd tests && APAR_REQUIRE_TORCH=1 "$PY" -m pytest -q -p no:cacheprovider -p no:logging .)
-"$PY" gen_docs.py "${APAR_DOCS:-../target/python-docs}"
+# From tests/, with -P: `import apar` is the installed package, not the source folder.
+DOCS="$(cd .. && pwd)/target/python-docs"
+(cd tests && "$PY" -P ../gen_docs.py "${APAR_DOCS:-$DOCS}")
