@@ -460,6 +460,9 @@ pub enum PlanError {
         /// Its value.
         value: f64,
     },
+    /// An expert load imbalance outside `[1, 1000]` (or not a number).
+    #[error("expert load imbalance {0} must be between 1 (balanced) and 1000")]
+    MoeImbalance(f64),
     /// A calibration (from `--calibration` or stored in a saved plan) with an unusable
     /// value.
     #[error(transparent)]
@@ -638,6 +641,9 @@ impl Session {
             options.runtime.unwrap_or(options.engine.runtime()),
         )?)
         .with_moe_imbalance(options.moe_imbalance);
+        if !(options.moe_imbalance.is_finite() && (1.0..=1e3).contains(&options.moe_imbalance)) {
+            return Err(PlanError::MoeImbalance(options.moe_imbalance));
+        }
         let compiler = match &options.calibration {
             Some(c) => {
                 c.validate()?;

@@ -270,7 +270,8 @@ enum Command {
             "model", "attention", "layers", "cluster", "global_batch", "seq", "memory_ratio",
             "engine", "dp", "tp", "pp", "cp", "ep", "etp", "micro_batch", "sp", "recompute", "recompute_layers",
             "recompute_modules", "zero", "low_prec_shard", "schedule", "precision", "grad_dtype",
-            "optimizer_dtype", "runtime_overhead_gib", "calibration",
+            "optimizer_dtype", "runtime_overhead_gib", "calibration", "no_overlap_grad_reduce",
+            "no_overlap_param_gather", "no_tp_comm_overlap", "moe_imbalance",
         ])]
         plan: Option<PathBuf>,
         #[command(flatten)]
@@ -353,7 +354,8 @@ struct MemoryArgs {
     /// Price the job as Megatron-LM runs without `--overlap-grad-reduce`: every
     /// gradient reduction after the step's last backward (implies
     /// --no-overlap-param-gather). For a measured run made at Megatron-LM's defaults;
-    /// plans are made, and exported, with overlap on.
+    /// without it plans are priced and exported with overlap on, with it the export
+    /// leaves the flag out.
     #[arg(long)]
     no_overlap_grad_reduce: bool,
     /// Price the job as Megatron-LM runs without `--overlap-param-gather`: the

@@ -534,6 +534,18 @@ impl Engine {
                         recompute: c.recompute,
                     });
                 }
+                if model.experts > 0 && c.zero >= 3 {
+                    // `DeepSpeedEngine` raises for `deepspeed.moe.layer.MoE` layers at
+                    // stage 3 ("Native DeepSpeed MoE is not supported with ZeRO Stage
+                    // 3", deepspeed/runtime/engine.py, 0.19.8); its AutoEP layers are
+                    // another dispatcher apar does not model.
+                    out.push(Unsupported::ExpertParallel {
+                        engine,
+                        ep: c.ep,
+                        etp: c.etp,
+                        why: "DeepSpeed's engine refuses its native mixture-of-experts layers at ZeRO stage 3",
+                    });
+                }
             }
             Engine::Torchtitan => {
                 // `parallelize_llama` applies FSDP over the `dp_shard_cp` mesh whenever

@@ -422,8 +422,10 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
             v.bwd_peak = (held + b.bwd_extra, held);
         }
         held += b.saved;
-        v.flops += b.flops;
-        v.recompute_flops += b.recompute_flops;
+        // Saturating: a count past u64 (millions of tokens a micro-batch) pins at the
+        // maximum rather than wrapping to a small plausible number.
+        v.flops = v.flops.saturating_add(b.flops);
+        v.recompute_flops = v.recompute_flops.saturating_add(b.recompute_flops);
     }
     let last_saved = blocks
         .refs(span.last, span.last)
@@ -879,13 +881,21 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         })
         .collect();
     let flops_per_device = (0..pp)
-        .map(|s| (0..v).map(|c| vs[vstage(s, c)].flops * u64::from(m)).sum())
+        .map(|s| {
+            (0..v).fold(0u64, |acc, c| {
+                acc.saturating_add(vs[vstage(s, c)].flops.saturating_mul(u64::from(m)))
+            })
+        })
         .collect();
     let recompute_flops_per_device = (0..pp)
         .map(|s| {
-            (0..v)
-                .map(|c| vs[vstage(s, c)].recompute_flops * u64::from(m))
-                .sum()
+            (0..v).fold(0u64, |acc, c| {
+                acc.saturating_add(
+                    vs[vstage(s, c)]
+                        .recompute_flops
+                        .saturating_mul(u64::from(m)),
+                )
+            })
         })
         .collect();
     let block_timings = if input.detail {

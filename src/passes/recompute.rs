@@ -333,7 +333,17 @@ fn claim_modules(
         .copied()
         .filter(|&id| is_norm(g.op(id)))
         .collect();
-    if modules.contains(Mlp) && norms.len() >= 2 {
+    // Megatron-LM checkpoints `self.mlp` for `mlp` only in dense layers
+    // (`transformer_layer.py`: `if "mlp" in recompute_modules: if not
+    // self.is_moe_layer`); a mixture-of-experts layer has its own modules (`moe`,
+    // `moe_act`), which apar does not offer.
+    let moe_layer = ops.iter().any(|&id| {
+        matches!(
+            g.op(id),
+            Op::MoeRoute { .. } | Op::MoeDispatch { .. } | Op::GroupedMatMul { .. }
+        )
+    });
+    if modules.contains(Mlp) && norms.len() >= 2 && !moe_layer {
         let root = norms[norms.len() - 1];
         let mut mlp_tensors: BTreeSet<TensorId> = BTreeSet::new();
         for &id in ops.iter().skip_while(|&&id| id != root) {
