@@ -19,8 +19,8 @@ from .types import Config, Export, Fit, Plan
 __all__ = ["plan", "evaluate", "auto", "calibrate", "clusters", "models", "ProgressBar"]
 
 #: Pins and bounds :func:`plan` accepts as keyword arguments (the CLI's options):
-#: degrees ``tp``, ``pp``, ``dp``, ``cp``; bounds ``max_tp``, ``max_stages``,
-#: ``max_cp``, ``max_chunks``; ``micro_batch``, ``sp``, ``recompute`` (``"none"``,
+#: degrees ``tp``, ``pp``, ``dp``, ``cp``, ``ep``, ``etp``; bounds ``max_tp``,
+#: ``max_stages``, ``max_cp``, ``max_ep``, ``max_chunks``; ``micro_batch``, ``sp``, ``recompute`` (``"none"``,
 #: ``"selective"``, ``"full"``), ``recompute_layers``, ``recompute_modules``, ``zero``
 #: (0–3), ``low_prec_shard``, ``schedule`` (``"gpipe"``, ``"1f1b"``,
 #: ``"interleaved:V"``).
@@ -30,6 +30,9 @@ PINS = (
     "dp",
     "cp",
     "max_cp",
+    "ep",
+    "max_ep",
+    "etp",
     "max_stages",
     "max_tp",
     "micro_batch",

@@ -93,10 +93,19 @@ class Config:
         parts = [f"dp {self.dp}", f"tp {self.tp}", f"pp {self.pp}"]
         if self.cp != 1:
             parts.append(f"cp {self.cp}")
+        if self.ep != 1:
+            parts.append(f"ep {self.ep}")
+        if self.etp != 1:
+            parts.append(f"etp {self.etp}")
         parts += [f"b {self.micro_batch}", f"m {self.num_micro_batches}"]
         if self.sp:
             parts.append("sp")
-        parts += [f"recompute {self.recompute}", f"zero {self.zero}", self.schedule]
+        recompute = f"recompute {self.recompute}"
+        if self.recompute_modules:
+            recompute += f" [{','.join(self.recompute_modules)}]"
+        if self.recompute_layers is not None:
+            recompute += f" ({self.recompute_layers} layers/stage)"
+        parts += [recompute, f"zero {self.zero}", self.schedule]
         return " ".join(parts)
 
 

@@ -85,6 +85,7 @@ fn plan_error(py: Python<'_>, e: PlanError) -> PyErr {
         PlanError::Cluster(_) => ("ConfigError", "cluster", None),
         PlanError::Compile(_) => ("ConfigError", "compile", None),
         PlanError::InvalidRuntime { .. } => ("ConfigError", "runtime", None),
+        PlanError::MoeImbalance(_) => ("ConfigError", "moe_imbalance", None),
         PlanError::Calibration(_) => ("ConfigError", "calibration", None),
         PlanError::BatchNotDivisible { .. } => ("ConfigError", "batch_not_divisible", None),
         PlanError::NothingCompiled { .. } => ("PlanFailed", "nothing_compiled", None),
@@ -246,7 +247,15 @@ fn evaluate(
 ) -> PyResult<String> {
     let opts = self::options(py, seq, global_batch, options)?;
     let s = session(py, model, graph, cluster, &opts, overrides)?;
-    let c: Config = serde_json::from_str(config).map_err(|e| bad_json(py, "config", e))?;
+    let mut c: Config = serde_json::from_str(config).map_err(|e| bad_json(py, "config", e))?;
+    // An unspecified expert-tensor degree is Megatron-LM's default, tp, for a
+    // mixture-of-experts model (as `apar eval`).
+    let etp_given = serde_json::from_str::<serde_json::Value>(config)
+        .ok()
+        .is_some_and(|v| v.get("etp").is_some());
+    if !etp_given && s.model_config().is_some_and(|m| m.moe.is_some()) {
+        c.etp = c.tp;
+    }
     let c = s.with_micro_batches(c).map_err(|e| plan_error(py, e))?;
     let plan = py
         .allow_threads(|| s.evaluate(&c))
