@@ -2,7 +2,7 @@
 //! Hugging Face's, one layer's FLOPs from first principles, tensor parallelism checked
 //! by the reference interpreter, the expert layout of its biases, and a plan.
 
-use apar::engine::export::{export, ExportError, ExportPlan};
+use apar::engine::export::{export, parse, ExportError, ExportPlan, ParsedConfig};
 use apar::engine::Engine;
 use apar::ir::{json, text, verify, Block, Env, Graph, Op, OpClass};
 use apar::models::{build_forward, hf, zoo, ModelConfig};
@@ -287,18 +287,19 @@ fn a_plan_on_one_dgx_h100() {
     assert!(stdout.contains("step time"), "{stdout}");
 }
 
-/// The engines: Megatron-LM has gpt-oss's options, but the export does not write them
-/// all; every engine refuses with a typed reason rather than launching another model.
+/// Megatron-LM `d98e8a6` has gpt-oss's options (`examples/gptoss/02_train.sh`): the
+/// export writes them and reads the plan back; MoE biases need expert tensor
+/// parallelism 1 there, and the other engines refuse the experts with a typed reason.
 #[test]
-fn exports_refuse_with_typed_reasons() {
+fn megatron_writes_gpt_oss_and_the_others_refuse() {
     let cfg = zoo::lookup("gpt-oss-20b").unwrap();
-    let c = Config {
+    let config = |etp: u32| Config {
         dp: 2,
         tp: 4,
         pp: 1,
         cp: 1,
         ep: 2,
-        etp: 1,
+        etp,
         micro_batch: 1,
         num_micro_batches: 4,
         sp: true,
@@ -309,20 +310,39 @@ fn exports_refuse_with_typed_reasons() {
         low_prec_shard: false,
         schedule: Schedule::OneFOneB,
     };
-    let plan = ExportPlan::with_layers(c, Some(cfg), 4096, &[24]);
-    for engine in [
-        Engine::Megatron,
-        Engine::DeepSpeed,
-        Engine::Torchtitan,
-        Engine::Hf,
+    let plan = ExportPlan::with_layers(config(1), Some(cfg.clone()), 4096, &[24]);
+    let e = export(Engine::Megatron, &plan).unwrap();
+    for option in [
+        "--softmax-type learnable",
+        "--window-size 127,0",
+        "--window-attn-skip-freq 2",
+        "--quick-geglu",
+        "--glu-linear-offset 1",
+        "--activation-func-clamp-value 7",
+        "--num-experts 32",
+        "--moe-router-topk 4",
+        "--attention-backend fused",
+        "--expert-model-parallel-size 2",
     ] {
+        assert!(e.text.contains(option), "{option}:\n{}", e.text);
+    }
+    // Biases everywhere (Megatron-LM's default `--add-bias-linear`), no plain SwiGLU.
+    assert!(!e.text.contains("--disable-bias-linear") && !e.text.contains("--swiglu"));
+    let back = parse(Engine::Megatron, &e.text, plan.config.devices()).unwrap();
+    assert_eq!(back, ParsedConfig::of(&plan));
+    let plan = ExportPlan::with_layers(config(4), Some(cfg), 4096, &[24]);
+    match export(Engine::Megatron, &plan) {
+        Err(ExportError::Unsupported { missing, .. }) => {
+            assert!(
+                missing.contains("expert-tensor-parallel-size 1"),
+                "{missing}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    for engine in [Engine::DeepSpeed, Engine::Torchtitan, Engine::Hf] {
         match export(engine, &plan) {
-            Err(ExportError::Unsupported { what, .. }) => {
-                assert!(engine == Engine::Megatron, "{engine}: {what}")
-            }
-            Err(ExportError::MixtureOfExperts { .. }) => {
-                assert!(engine != Engine::Megatron, "{engine}")
-            }
+            Err(ExportError::MixtureOfExperts { .. }) => {}
             other => panic!("{engine}: {other:?}"),
         }
     }

@@ -25,7 +25,7 @@
 //!   `deepseek-ai/DeepSeek-V2-Lite` configs (`tests/data/hf/deepseek-*.json`). The
 //!   counts are Hugging Face's model, which builds no multi-token-prediction module
 //!   (V3's checkpoint has one more layer, 61, for it; the report's 671B excludes it).
-//! - gpt-oss-20b and gpt-oss-120b (OpenAI 2025, gpt-oss model card): the Hugging Face
+//! - gpt-oss-20b and gpt-oss-120b (OpenAI: Agarwal et al. 2025, gpt-oss-120b & gpt-oss-20b model card): the Hugging Face
 //!   `openai/gpt-oss-20b` and `openai/gpt-oss-120b` configs (`tests/data/hf/gpt-oss-*.json`).
 
 use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
@@ -560,7 +560,8 @@ pub static ZOO: &[ZooEntry] = &[
         about: "gpt-oss-20b, 20,914,757,184 params (4,187,440,704 active): 24 layers, h 2880, \
                 64 heads / 8 kv of 64 with biases and attention sinks, 128-token window on \
                 every other layer, 32 experts of 2880 with biases and the clamped SwiGLU, \
-                top 4 (OpenAI gpt-oss model card 2025; HF config openai/gpt-oss-20b)",
+                top 4 (gpt-oss model card, OpenAI: Agarwal et al. 2025; HF config \
+                openai/gpt-oss-20b)",
         config: gpt_oss_20b,
     },
     ZooEntry {
@@ -568,7 +569,8 @@ pub static ZOO: &[ZooEntry] = &[
         about: "gpt-oss-120b, 116,829,156,672 params (5,711,982,912 active): 36 layers, \
                 h 2880, 64 heads / 8 kv of 64 with biases and attention sinks, 128-token \
                 window on every other layer, 128 experts of 2880 with biases and the clamped \
-                SwiGLU, top 4 (OpenAI gpt-oss model card 2025; HF config openai/gpt-oss-120b)",
+                SwiGLU, top 4 (gpt-oss model card, OpenAI: Agarwal et al. 2025; HF config \
+                openai/gpt-oss-120b)",
         config: gpt_oss_120b,
     },
     ZooEntry {
