@@ -1486,8 +1486,8 @@ mod tests {
             .collect();
         let mask = Mask::new(true, Some(2));
         let (o, grads) = attention(&q, &k, &v, Some(&d_o), Some(&sinks), mask, 0.5).unwrap();
-        for c in 0..d {
-            assert!((o.data[(i * a + h) * d + c] - want[c]).abs() < 1e-12);
+        for (c, w) in want.iter().enumerate() {
+            assert!((o.data[(i * a + h) * d + c] - w).abs() < 1e-12);
         }
         let (dq, _, _, ds) = grads.unwrap();
         let eps = 1e-6;
