@@ -347,3 +347,20 @@ fn megatron_writes_gpt_oss_and_the_others_refuse() {
         }
     }
 }
+
+/// The `hf` engine runs Hugging Face's modeling code, whose gpt-oss attention is eager
+/// or a kernels-hub flash kernel (`_supports_sdpa = False`): apar refuses to price it
+/// as anything else, with a typed reason.
+#[test]
+fn the_hf_engine_is_refused_with_its_reason() {
+    let cfg = zoo::lookup("gpt-oss-20b").unwrap();
+    let cluster = apar::cluster::Cluster::resolve("dgx-h100:1").unwrap();
+    let mut options = apar::PlanOptions::new(1024, 64);
+    options.engine = Engine::Hf;
+    match apar::plan_model(&cfg, &cluster, &options) {
+        Err(apar::PlanError::Model(apar::models::ModelError::Invalid { field, .. })) => {
+            assert_eq!(field, "attn_sinks")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
