@@ -454,6 +454,8 @@ fn every_loadable_config_counts_what_hugging_face_builds() {
         "deepseek-v2-lite.json",
         "deepseek-v2.json",
         "deepseek-v3.json",
+        "gpt-oss-20b.json",
+        "gpt-oss-120b.json",
     ] {
         assert!(
             counts.contains_key(file),
@@ -468,7 +470,7 @@ fn every_loadable_config_counts_what_hugging_face_builds() {
         assert_params(&cfg, expected);
         checked += 1;
     }
-    assert!(checked >= 23, "{checked} configs checked");
+    assert!(checked >= 25, "{checked} configs checked");
 }
 
 /// `active_params` of `tests/data/hf_param_counts.json`: the total less `(E - k)/E` of
@@ -488,7 +490,7 @@ fn every_loadable_config_counts_hugging_faces_active_parameters() {
         assert_eq!(cfg.active_param_count(), expected, "{file}: active");
         moe += usize::from(cfg.moe.is_some());
     }
-    assert!(moe >= 5, "{moe} mixture-of-experts configs checked");
+    assert!(moe >= 7, "{moe} mixture-of-experts configs checked");
     // The published headline sizes: Mixtral-8x7B 46.7B total, 12.9B active.
     let m = load("mixtral-8x7b.json");
     assert_eq!(

@@ -1063,6 +1063,19 @@ fn model_code(
         }
         _ => return Ok(models::ModelCode::Fused),
     };
+    if cfg.attn_sinks {
+        // `GptOssPreTrainedModel._supports_sdpa = False` (transformers 4.55): its
+        // sinks run in eager attention or a kernels-hub flash kernel, neither of
+        // which apar models as Hugging Face runs it.
+        return Err(PlanError::Model(ModelError::Invalid {
+            model: cfg.name.clone(),
+            field: "attn_sinks",
+            why: "run in Hugging Face's eager attention or a kernels-hub flash kernel \
+                  (gpt-oss does not support sdpa), which the hf engine's model code does \
+                  not model"
+                .into(),
+        }));
+    }
     let arch = notes
         .model_type
         .as_deref()

@@ -274,7 +274,6 @@ pub fn verify_with(g: &Graph, opts: VerifyOptions) -> Result<(), VerifyErrors> {
     for id in g.ops() {
         let node = g.node(id);
         let name = node.op.name();
-        let info = node.op.info();
 
         if !cyclic {
             for &t in &node.inputs {
@@ -290,12 +289,12 @@ pub fn verify_with(g: &Graph, opts: VerifyOptions) -> Result<(), VerifyErrors> {
             }
         }
 
-        if node.results.len() != info.results {
+        if node.results.len() != node.op.result_count() {
             errs.push(VerifyError::ResultCount {
                 op: id,
                 name,
                 got: node.results.len(),
-                expected: info.results,
+                expected: node.op.result_count(),
             });
         }
 

@@ -190,6 +190,13 @@ impl Ctx<'_> {
         }
     }
 
+    /// The attention sinks `[heads]` of layer prefix `p` when the model has them.
+    fn sinks(&mut self, p: &str) -> Option<TensorId> {
+        self.cfg
+            .attn_sinks
+            .then(|| self.param(&format!("{p}.sinks"), &[self.cfg.heads]))
+    }
+
     /// `[b, s, n·d]` → `[b, s, n, d]`.
     fn split_heads(&mut self, x: TensorId, n: u64) -> R<TensorId> {
         let d = self.cfg.head_dim;
@@ -222,14 +229,19 @@ impl Ctx<'_> {
         }
         let scale = self.attn_scale();
         let ctx = match cfg.attention {
-            Attention::Flash => self.op(
-                Op::FlashAttention {
-                    causal: true,
-                    scale,
-                    window: self.window,
-                },
-                &[q, k, v],
-            )?,
+            Attention::Flash => {
+                let mut ins = vec![q, k, v];
+                ins.extend(self.sinks(p));
+                self.op(
+                    Op::FlashAttention {
+                        causal: true,
+                        scale,
+                        window: self.window,
+                        sinks: cfg.attn_sinks,
+                    },
+                    &ins,
+                )?
+            }
             Attention::Eager => {
                 let (k, v) = if a == kv {
                     (k, v)
@@ -401,6 +413,7 @@ impl Ctx<'_> {
                         causal: true,
                         scale,
                         window: self.window,
+                        sinks: false,
                     };
                     self.b.add(op, &[q, k, v])?[0]
                 } else {
@@ -408,6 +421,7 @@ impl Ctx<'_> {
                         causal: true,
                         scale,
                         window: self.window,
+                        sinks: false,
                     };
                     self.op(op, &[q, k, v])?
                 };
@@ -500,11 +514,13 @@ impl Ctx<'_> {
                     let dtype = self.b.ty(q).dtype;
                     ins.push(self.op(Op::Cast { to: dtype }, &[mask])?);
                 }
+                ins.extend(self.sinks(p));
                 let causal = self.mask.is_none();
                 let op = Op::Sdpa {
                     causal,
                     scale,
                     window: self.window,
+                    sinks: cfg.attn_sinks,
                 };
                 let o = self.b.add(op, &ins)?[0];
                 // The flash kernel lays its output out like `q`: `[b, s, heads, d]`,
@@ -515,6 +531,15 @@ impl Ctx<'_> {
                 } else {
                     o
                 }
+            }
+            AttnImpl::Eager if cfg.attn_sinks => {
+                return Err(ShapeError {
+                    op: "softmax",
+                    inputs: Vec::new(),
+                    reason: "eager attention with sinks (a softmax over the scores and one \
+                             more column) is not expressed; use the sdpa code"
+                        .into(),
+                });
             }
             AttnImpl::Eager => {
                 let heads_first = Op::Transpose {
@@ -643,7 +668,7 @@ impl Ctx<'_> {
     fn moe_mlp(&mut self, x: TensorId, p: &str, m: &super::Moe) -> R<TensorId> {
         let h = self.cfg.hidden;
         let (e, f) = (m.experts, m.expert_ffn);
-        let logits = self.linear(x, &format!("{p}.router"), h, e, false)?;
+        let logits = self.linear(x, &format!("{p}.router"), h, e, m.router_bias)?;
         let route = Op::MoeRoute {
             topk: m.topk,
             sigmoid: m.scoring == super::Scoring::Sigmoid,
@@ -667,11 +692,28 @@ impl Ctx<'_> {
             w(self, "up", h, f),
             w(self, "down", f, h),
         );
+        // Per-expert biases `[E, n]` (gpt-oss), added to each expert's rows.
+        let bias = |c: &mut Self, y: TensorId, name: &str, n: u64| -> R<TensorId> {
+            if !m.expert_linear_bias {
+                return Ok(y);
+            }
+            let ty = TensorType::new(COMPUTE_DTYPE, [Dim::lit(e), Dim::lit(n)]);
+            let b = c.b.param(&format!("{p}.experts.{name}.bias"), ty);
+            c.op(Op::GroupedBiasAdd, &[y, b])
+        };
         let gate = self.op(Op::GroupedMatMul { tb: false }, &[rows, wg])?;
+        let gate = bias(self, gate, "gate", f)?;
         let up = self.op(Op::GroupedMatMul { tb: false }, &[rows, wu])?;
-        let act = self.op(Op::Silu, &[gate])?;
-        let y = self.op(Op::Mul, &[act, up])?;
+        let up = bias(self, up, "up", f)?;
+        let y = match m.clamped_swiglu {
+            None => {
+                let act = self.op(Op::Silu, &[gate])?;
+                self.op(Op::Mul, &[act, up])?
+            }
+            Some(c) => self.clamped_swiglu(gate, up, c)?,
+        };
         let y = self.op(Op::GroupedMatMul { tb: false }, &[y, wd])?;
+        let y = bias(self, y, "down", h)?;
         let mut out = self.op(
             Op::MoeCombine {
                 experts: e,
@@ -701,6 +743,40 @@ impl Ctx<'_> {
             out = self.op(Op::Add, &[out, shared])?;
         }
         Ok(out)
+    }
+
+    /// gpt-oss's clamped SwiGLU: `g = min(gate, limit)`, `u = clamp(up, −limit,
+    /// limit)`, `(u + 1) · g · σ(α·g)`, with `g · σ(α·g) = silu(α·g)/α` exactly.
+    fn clamped_swiglu(
+        &mut self,
+        gate: TensorId,
+        up: TensorId,
+        c: super::ClampedSwiglu,
+    ) -> R<TensorId> {
+        let g = self.op(
+            Op::Clamp {
+                min: None,
+                max: Some(c.limit),
+            },
+            &[gate],
+        )?;
+        let u = self.op(
+            Op::Clamp {
+                min: Some(-c.limit),
+                max: Some(c.limit),
+            },
+            &[up],
+        )?;
+        let ag = self.op(Op::Scale { factor: c.alpha }, &[g])?;
+        let glu = self.op(Op::Silu, &[ag])?;
+        let glu = self.op(
+            Op::Scale {
+                factor: 1.0 / c.alpha,
+            },
+            &[glu],
+        )?;
+        let u1 = self.op(Op::Shift { value: 1.0 }, &[u])?;
+        self.op(Op::Mul, &[u1, glu])
     }
 
     /// Layer `i` of the graph, built as the model's layer `real` (which decides its

@@ -51,13 +51,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    Attention, Mlp, ModelConfig, ModelError, Moe, Norm, NormLayout, Position, QkNorm, Scoring,
+    Attention, ClampedSwiglu, Mlp, ModelConfig, ModelError, Moe, Norm, NormLayout, Position,
+    QkNorm, Scoring,
 };
 
 /// The `model_type`s this loader reads.
 pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, olmo2, gemma, gemma2, \
                              gemma3_text, starcoder2, gpt2, gpt_neox, falcon (rotary), mixtral, qwen2_moe, qwen3_moe, \
-                             deepseek_v2, deepseek_v3";
+                             deepseek_v2, deepseek_v3, gpt_oss";
 
 /// Keys that give a dense architecture's file routed experts: such a file is refused
 /// ([`ModelError::ExpertsOnDense`]) rather than planned dense.
@@ -330,7 +331,7 @@ pub fn from_json_str_with_notes(
         "qwen3_moe" => llama_like(&f, Family::Qwen3Moe)?,
         "deepseek_v2" => deepseek(&f, DeepSeek::V2)?,
         "deepseek_v3" => deepseek(&f, DeepSeek::V3)?,
-        "gpt_oss" => return Err(f.unsupported(GPT_OSS_REFUSAL.to_string())),
+        "gpt_oss" => gpt_oss(&f)?,
         other => return Err(f.unsupported(other.to_string())),
     };
     if cfg.moe.is_none() {
@@ -473,6 +474,7 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
         global_every: 0,
         moe,
         mla: None,
+        attn_sinks: false,
     })
 }
 
@@ -518,6 +520,7 @@ fn gpt2(f: &Fields) -> Result<ModelConfig, ModelError> {
         global_every: 0,
         moe: None,
         mla: None,
+        attn_sinks: false,
     })
 }
 
@@ -566,6 +569,7 @@ fn gpt_neox(f: &Fields) -> Result<ModelConfig, ModelError> {
         global_every: 0,
         moe: None,
         mla: None,
+        attn_sinks: false,
     })
 }
 
@@ -647,6 +651,7 @@ fn falcon(f: &Fields) -> Result<ModelConfig, ModelError> {
         global_every: 0,
         moe: None,
         mla: None,
+        attn_sinks: false,
     })
 }
 
@@ -783,15 +788,116 @@ fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
         global_every,
         moe: None,
         mla: None,
+        attn_sinks: false,
     })
 }
 
-/// Why `gpt_oss` (OpenAI gpt-oss-20b/120b) is refused: its layers need what no IR op
-/// expresses yet, and a plan without them would not be the model Hugging Face builds.
-pub const GPT_OSS_REFUSAL: &str = "gpt_oss (not built: its attention sinks, a learned \
-     logit per head in every softmax denominator, need a sink input on the fused attention \
-     ops, and its experts' per-expert biases a grouped bias op; the clamped SwiGLU and the \
-     biased router alone would fit)";
+/// `modeling_gpt_oss.py` (transformers 4.55; `GptOssConfig` defaults where a key is
+/// absent): RMSNorm pre-norm; GQA attention with biases on q, k, v, o
+/// (`attention_bias`), rotary embedding over the whole head (YaRN's scaling changes
+/// the frequencies, not the work), `layer_types` alternating sliding (`sliding_window`)
+/// and full attention, and a learned sink logit per head (`sinks`); every layer a
+/// mixture of `num_local_experts` experts, top `num_experts_per_tok` (softmax over the
+/// chosen logits), a router with a bias, experts with biases and the clamped SwiGLU
+/// (`swiglu_alpha`, `swiglu_limit`); untied head.
+///
+/// Modeled as: the fused `gate_up_proj` `[E, h, 2f]` (gate and up interleaved) as two
+/// `[E, h, f]` grouped matmuls with their `[E, f]` biases (the same parameters and
+/// FLOPs).
+fn gpt_oss(f: &Fields) -> Result<ModelConfig, ModelError> {
+    let hidden = f.req_u64("hidden_size")?;
+    let heads = f.req_u64("num_attention_heads")?;
+    let kv_heads = f.u64("num_key_value_heads")?.unwrap_or(8);
+    let head_dim = f.u64("head_dim")?.unwrap_or(64);
+    let act = f.str("hidden_act")?.unwrap_or("silu");
+    if act != "silu" {
+        return Err(f.invalid(
+            "hidden_act",
+            format!("`{act}` is not supported: gpt-oss's experts use the clamped SwiGLU"),
+        ));
+    }
+    let bias = f.bool("attention_bias")?.unwrap_or(true);
+    let window = match f.u64("sliding_window")? {
+        Some(0) => return Err(f.invalid("sliding_window", "must be positive".into())),
+        w => w.or(Some(128)),
+    };
+    f.window_used.set(true);
+    // `GptOssConfig` defaults `layer_types` to sliding, full, sliding, ….
+    let global_every = f.layer_types()?.unwrap_or(2);
+    let positive = |key: &'static str, default: f64| -> Result<f64, ModelError> {
+        match f.non_negative(key)? {
+            Some(x) if x > 0.0 => Ok(x),
+            Some(_) => Err(f.invalid(key, "must be positive".into())),
+            None => Ok(default),
+        }
+    };
+    let clamp = ClampedSwiglu {
+        alpha: positive("swiglu_alpha", 1.702)?,
+        limit: positive("swiglu_limit", 7.0)?,
+    };
+    // `experts_per_token` is the original release's spelling of `num_experts_per_tok`.
+    let topk = f.req_u64_any(&["num_experts_per_tok", "experts_per_token"])?;
+    if let (Some(a), Some(b)) = (f.u64("num_experts_per_tok")?, f.u64("experts_per_token")?) {
+        if a != b {
+            return Err(f.invalid(
+                "experts_per_token",
+                format!("{b} differs from num_experts_per_tok {a}"),
+            ));
+        }
+    }
+    for key in [
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "initial_context_length",
+    ] {
+        let _ = f.get(key);
+    }
+    let ffn = f.req_u64("intermediate_size")?;
+    let moe = Moe {
+        experts: f.req_u64("num_local_experts")?,
+        topk,
+        expert_ffn: ffn,
+        router_bias: true,
+        expert_linear_bias: true,
+        clamped_swiglu: Some(clamp),
+        ..Default::default()
+    };
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers: f.layers("num_hidden_layers")?,
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+        ffn,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::RmsNorm,
+        norm_eps: f.non_negative("rms_norm_eps")?.unwrap_or(1e-5),
+        position: Position::Rotary {
+            dims: head_dim,
+            theta: f.rope_theta(&["rope_theta"])?,
+        },
+        mlp: Mlp::SwiGlu,
+        qkv_bias: bias,
+        out_bias: bias,
+        mlp_bias: false,
+        parallel_residual: false,
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
+        dropout: f.dropout(&["attention_dropout"], 0.0)?,
+        attention: Attention::Flash,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: window,
+        global_every,
+        moe: Some(Box::new(moe)),
+        mla: None,
+        attn_sinks: true,
+    })
+}
 
 /// DeepSeek generations.
 #[derive(Clone, Copy, PartialEq)]
@@ -979,6 +1085,9 @@ fn deepseek(f: &Fields, v: DeepSeek) -> Result<ModelConfig, ModelError> {
         // `DeepseekV2TopkRouter`: softmax over all experts, top-k, no renormalization
         // (it reads no `norm_topk_prob`).
         pre_softmax: v == DeepSeek::V2,
+        router_bias: false,
+        expert_linear_bias: false,
+        clamped_swiglu: None,
     };
     Ok(ModelConfig {
         name: f.name.to_string(),
@@ -1013,6 +1122,7 @@ fn deepseek(f: &Fields, v: DeepSeek) -> Result<ModelConfig, ModelError> {
         global_every: 0,
         moe: Some(Box::new(moe)),
         mla: Some(Box::new(mla)),
+        attn_sinks: false,
     })
 }
 
@@ -1074,6 +1184,7 @@ fn starcoder2(f: &Fields) -> Result<ModelConfig, ModelError> {
         global_every: 0,
         moe: None,
         mla: None,
+        attn_sinks: false,
     })
 }
 

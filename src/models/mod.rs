@@ -211,6 +211,11 @@ pub struct ModelConfig {
     /// projections (`None`: ordinary attention).
     #[serde(default)]
     pub mla: Option<Box<Mla>>,
+    /// Attention sinks: a learned logit per head in every softmax denominator
+    /// (gpt-oss's `sinks`, `[heads]` per layer; Megatron-LM `--softmax-type
+    /// learnable`). The fused attention ops take them as an input.
+    #[serde(default)]
+    pub attn_sinks: bool,
 }
 
 /// How a router scores the experts.
@@ -287,6 +292,28 @@ pub struct Moe {
     /// experts (Mixtral's softmax over the top-k logits). A value: no size changes.
     #[serde(default)]
     pub pre_softmax: bool,
+    /// The router's linear layer has a bias `[E]` (gpt-oss).
+    #[serde(default)]
+    pub router_bias: bool,
+    /// The routed experts' linear layers have biases: `[E, f]` on the gate and up
+    /// projections, `[E, h]` on the down projection (gpt-oss's `gate_up_proj_bias`
+    /// and `down_proj_bias`), added per expert (`grouped_bias_add`).
+    #[serde(default)]
+    pub expert_linear_bias: bool,
+    /// The experts' activation is gpt-oss's clamped SwiGLU instead of SwiGLU.
+    #[serde(default)]
+    pub clamped_swiglu: Option<ClampedSwiglu>,
+}
+
+/// gpt-oss's expert activation (`GptOssExperts._apply_gate`, transformers 4.55):
+/// `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`, `(u + 1) · g · σ(α·g)`.
+/// The same parameters as SwiGLU; a few more elementwise ops.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClampedSwiglu {
+    /// `α` (gpt-oss: 1.702).
+    pub alpha: f64,
+    /// `limit` (gpt-oss's `swiglu_limit`: 7.0).
+    pub limit: f64,
 }
 
 /// Group-limited expert choice ([`Moe::group_limit`]).
@@ -336,12 +363,11 @@ impl Moe {
     /// Parameters of one MoE feed-forward layer: router, `E` SwiGLU experts, shared
     /// experts and their gate.
     fn params(&self, h: u64) -> Option<u64> {
-        let router = h.checked_mul(self.experts)?;
-        let experts = self
-            .experts
-            .checked_mul(h)?
-            .checked_mul(self.expert_ffn)?
-            .checked_mul(3)?;
+        let mut router = h.checked_mul(self.experts)?;
+        if self.router_bias {
+            router = router.checked_add(self.experts)?;
+        }
+        let experts = self.experts.checked_mul(self.per_expert(h)?)?;
         let shared = h.checked_mul(self.shared_ffn)?.checked_mul(3)?;
         let gate = if self.shared_gate { h } else { 0 };
         router
@@ -354,9 +380,18 @@ impl Moe {
     fn inactive(&self, h: u64) -> Option<u64> {
         self.experts
             .checked_sub(self.topk)?
-            .checked_mul(h)?
-            .checked_mul(self.expert_ffn)?
-            .checked_mul(3)
+            .checked_mul(self.per_expert(h)?)
+    }
+
+    /// Parameters of one routed expert: three `[h, f]` matrices, and with
+    /// [`Moe::expert_linear_bias`] the biases `2f + h`.
+    fn per_expert(&self, h: u64) -> Option<u64> {
+        let f = self.expert_ffn;
+        let mut n = h.checked_mul(f)?.checked_mul(3)?;
+        if self.expert_linear_bias {
+            n = n.checked_add(f.checked_mul(2)?.checked_add(h)?)?;
+        }
+        Some(n)
     }
 }
 
@@ -539,6 +574,9 @@ impl ModelConfig {
         if self.out_bias {
             layer = layer.checked_add(h)?;
         }
+        if self.attn_sinks {
+            layer = layer.checked_add(self.heads)?;
+        }
         let (mats, bias) = match self.mlp {
             Mlp::Gelu => (2, f.checked_add(h)?),
             Mlp::SwiGlu | Mlp::GeGlu => (3, f.checked_mul(2)?.checked_add(h)?),
@@ -680,6 +718,14 @@ impl ModelConfig {
                 "alternates local and global layers, but there is no sliding window".into(),
             );
         }
+        if self.attn_sinks && (self.mla.is_some() || self.attention == Attention::Eager) {
+            return bad(
+                "attn_sinks",
+                "attention sinks are an input of the fused attention ops only (not with \
+                 eager attention or MLA)"
+                    .into(),
+            );
+        }
         if let Some(m) = &self.moe {
             if m.experts == 0 || m.expert_ffn == 0 || m.experts > MAX_DIM || m.expert_ffn > MAX_DIM
             {
@@ -696,6 +742,17 @@ impl ModelConfig {
                     "moe.topk",
                     format!("{} must be in 1..={} (the expert count)", m.topk, m.experts),
                 );
+            }
+            if let Some(c) = m.clamped_swiglu {
+                if !(c.alpha.is_finite() && c.alpha > 0.0 && c.limit.is_finite() && c.limit > 0.0) {
+                    return bad(
+                        "moe.clamped_swiglu",
+                        format!(
+                            "alpha {} and limit {} must be positive and finite",
+                            c.alpha, c.limit
+                        ),
+                    );
+                }
             }
             if m.shared_gate && m.shared_ffn == 0 {
                 return bad(

@@ -25,6 +25,8 @@
 //!   `deepseek-ai/DeepSeek-V2-Lite` configs (`tests/data/hf/deepseek-*.json`). The
 //!   counts are Hugging Face's model, which builds no multi-token-prediction module
 //!   (V3's checkpoint has one more layer, 61, for it; the report's 671B excludes it).
+//! - gpt-oss-20b and gpt-oss-120b (OpenAI: Agarwal et al. 2025, gpt-oss-120b & gpt-oss-20b model card): the Hugging Face
+//!   `openai/gpt-oss-20b` and `openai/gpt-oss-120b` configs (`tests/data/hf/gpt-oss-*.json`).
 
 use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
 
@@ -81,6 +83,7 @@ pub fn gpt(
         global_every: 0,
         moe: None,
         mla: None,
+        attn_sinks: false,
     }
 }
 
@@ -130,6 +133,7 @@ pub fn llama(
         global_every: 0,
         moe: None,
         mla: None,
+        attn_sinks: false,
     }
 }
 
@@ -239,6 +243,20 @@ fn deepseek_v3() -> ModelConfig {
     from_hf(
         "deepseek-v3",
         include_str!("../../tests/data/hf/deepseek-v3.json"),
+    )
+}
+
+fn gpt_oss_20b() -> ModelConfig {
+    from_hf(
+        "gpt-oss-20b",
+        include_str!("../../tests/data/hf/gpt-oss-20b.json"),
+    )
+}
+
+fn gpt_oss_120b() -> ModelConfig {
+    from_hf(
+        "gpt-oss-120b",
+        include_str!("../../tests/data/hf/gpt-oss-120b.json"),
     )
 }
 
@@ -536,6 +554,24 @@ pub static ZOO: &[ZooEntry] = &[
                 v 128), layer 0 dense (10944), then 64 experts of 1408 + 2 shared, top 6, \
                 softmax (DeepSeek-V2 paper, DeepSeek-AI: Liu et al. 2024; HF config deepseek-ai/DeepSeek-V2-Lite)",
         config: deepseek_v2_lite,
+    },
+    ZooEntry {
+        name: "gpt-oss-20b",
+        about: "gpt-oss-20b, 20,914,757,184 params (4,187,440,704 active): 24 layers, h 2880, \
+                64 heads / 8 kv of 64 with biases and attention sinks, 128-token window on \
+                every other layer, 32 experts of 2880 with biases and the clamped SwiGLU, \
+                top 4 (gpt-oss model card, OpenAI: Agarwal et al. 2025; HF config \
+                openai/gpt-oss-20b)",
+        config: gpt_oss_20b,
+    },
+    ZooEntry {
+        name: "gpt-oss-120b",
+        about: "gpt-oss-120b, 116,829,156,672 params (5,711,982,912 active): 36 layers, \
+                h 2880, 64 heads / 8 kv of 64 with biases and attention sinks, 128-token \
+                window on every other layer, 128 experts of 2880 with biases and the clamped \
+                SwiGLU, top 4 (gpt-oss model card, OpenAI: Agarwal et al. 2025; HF config \
+                openai/gpt-oss-120b)",
+        config: gpt_oss_120b,
     },
     ZooEntry {
         name: "qwen2-7b",

@@ -22,7 +22,10 @@
 //!    an `all_gather` over the `etp` ranks of the expert-tensor group.
 //! 3. **Experts.** The stacked expert weights are the device's `E/ep` experts, the
 //!    first grouped matmuls column-split (`f/etp` output channels), the last row-split
-//!    (`f/etp` input channels, partial sums).
+//!    (`f/etp` input channels, partial sums). Per-expert biases (`grouped_bias_add`,
+//!    gpt-oss) follow the weights: `E/ep` experts, the column-split GEMMs' biases
+//!    `f/etp` channels; a bias after the row-split GEMM needs `etp = 1` (as in
+//!    Megatron-LM).
 //! 4. **Combine.** A `reduce_scatter` over `etp` sums the partial rows and returns this
 //!    rank's, an `all_to_all` over `ep` sends them home, and the combine runs on the
 //!    local tokens.
@@ -62,13 +65,14 @@ pub fn is_token_exchange(op: &Op) -> bool {
 }
 
 /// Names of the parameters that are routed-expert weights: the weights (input 1) of
-/// `grouped_matmul` ops. Their low-precision copies, master copies (`name.master`) and
-/// gradients are the expert states that expert data parallelism reduces and shards.
+/// `grouped_matmul` ops and the biases (input 1) of `grouped_bias_add` ops. Their
+/// low-precision copies, master copies (`name.master`) and gradients are the expert
+/// states that expert data parallelism reduces and shards.
 pub fn expert_param_names(g: &Graph) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for id in g.ops() {
         let node = g.node(id);
-        if matches!(node.op, Op::GroupedMatMul { .. }) {
+        if matches!(node.op, Op::GroupedMatMul { .. } | Op::GroupedBiasAdd) {
             let Some(&w) = node.inputs.get(1) else {
                 continue;
             };
@@ -186,6 +190,10 @@ pub fn apply(g: &Graph, layout: ExpertLayout) -> Result<Graph, ShapeError> {
     // `tp_copy` if it marked them): whether each is column-split (its rows are not
     // computed by an earlier grouped matmul of the layer) or row-split.
     let mut weights: BTreeMap<TensorId, (bool, bool)> = BTreeMap::new();
+    // Per-expert biases `[E, n]` (input 1 of the region's `grouped_bias_add`s): whether
+    // each adds to column-split channels (split `n` over etp like the weight's
+    // columns) or to the row-split GEMM's partial sums.
+    let mut biases: BTreeMap<TensorId, bool> = BTreeMap::new();
     let source_of = |t: TensorId| -> TensorId {
         let p = g.node(g.tensor(t).producer);
         match p.op {
@@ -201,6 +209,25 @@ pub fn apply(g: &Graph, layout: ExpertLayout) -> Result<Graph, ShapeError> {
             if let Op::GroupedMatMul { tb } = node.op {
                 let column = !split.contains(&node.inputs[0]);
                 weights.insert(source_of(node.inputs[1]), (column, tb));
+                if column {
+                    split.extend(node.results.iter().copied());
+                }
+            } else if let Op::GroupedBiasAdd = node.op {
+                let column = split.contains(&node.inputs[0]);
+                if !column && etp > 1 {
+                    // The row-split GEMM's rows are partial sums over etp: each rank
+                    // adding the bias would add it etp times. Megatron-LM likewise
+                    // allows biases in MoE layers only with expert tensor parallelism 1
+                    // (`TransformerConfig.__post_init__`, Megatron-LM `d98e8a6`).
+                    return Err(shape_error(
+                        &node.op,
+                        format!(
+                            "a bias after the row-split expert GEMM needs etp 1, not {etp} \
+                             (the partial sums would each add it)"
+                        ),
+                    ));
+                }
+                biases.insert(source_of(node.inputs[1]), column);
                 if column {
                     split.extend(node.results.iter().copied());
                 }
@@ -279,7 +306,32 @@ pub fn apply(g: &Graph, layout: ExpertLayout) -> Result<Graph, ShapeError> {
                         g.tensor(t).role,
                     )
                 }
-                None => b.copy_op(g, id, &[])?[0],
+                None => match biases.get(&t) {
+                    Some(&column) => {
+                        let ty = g.ty(t);
+                        let mut dims = ty.shape.dims().to_vec();
+                        if dims.len() != 2 {
+                            return Err(shape_error(&node.op, "expert biases are [E, n]".into()));
+                        }
+                        dims[0] = split_dim(dims[0], ep).map_err(|m| {
+                            shape_error(&node.op, format!("experts over ep {ep}: {m}"))
+                        })?;
+                        if column {
+                            dims[1] = split_dim(dims[1], etp).map_err(|m| {
+                                shape_error(
+                                    &node.op,
+                                    format!("expert channels over etp {etp}: {m}"),
+                                )
+                            })?;
+                        }
+                        b.source(
+                            node.op.clone(),
+                            TensorType::new(ty.dtype, dims),
+                            g.tensor(t).role,
+                        )
+                    }
+                    None => b.copy_op(g, id, &[])?[0],
+                },
             };
             map[t.index()] = Some(new);
             continue;
@@ -288,7 +340,8 @@ pub fn apply(g: &Graph, layout: ExpertLayout) -> Result<Graph, ShapeError> {
             // The sharder marked a replicated operand of the layer (a dispatched row
             // block, an expert weight): each rank now holds its own, so its gradient
             // is not summed over the tensor-parallel group.
-            let expert_weight = weights.contains_key(&node.inputs[0]);
+            let expert_weight =
+                weights.contains_key(&node.inputs[0]) || biases.contains_key(&node.inputs[0]);
             if expert_weight || in_region.contains_key(&id) {
                 map[node.results[0].index()] = map[node.inputs[0].index()];
                 continue;

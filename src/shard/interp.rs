@@ -880,45 +880,64 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             causal,
             scale,
             window,
+            sinks,
         } => {
             let mask = Mask::new(*causal, *window);
-            let (o, _) = attention(ins[0], ins[1], ins[2], None, mask, *scale)?;
+            let sk = sinks.then(|| ins[3]);
+            let (o, _) = attention(ins[0], ins[1], ins[2], None, sk, mask, *scale)?;
             one(o)
         }
         Op::FlashAttentionGrad {
             causal,
             scale,
             window,
+            sinks,
         } => {
             let mask = Mask::new(*causal, *window);
-            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), mask, *scale)?;
-            let (dq, dk, dv) = grads.ok_or("no gradients")?;
-            Ok(vec![dq, dk, dv])
+            let sk = sinks.then(|| ins[5]);
+            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), sk, mask, *scale)?;
+            grad_results(grads, *sinks)
         }
         Op::Sdpa {
             causal,
             scale,
             window,
+            sinks,
         } => {
             let mask = Mask::new(*causal, *window);
-            if ins.len() > 3 {
+            if ins.len() > 3 + usize::from(*sinks) {
                 return Err("the interpreter runs sdpa without a mask tensor".into());
             }
-            let (o, _) = attention(ins[0], ins[1], ins[2], None, mask, *scale)?;
-            Ok(vec![o, log_sum_exp(ins[0], ins[1], mask, *scale)])
+            let sk = sinks.then(|| ins[3]);
+            let (o, _) = attention(ins[0], ins[1], ins[2], None, sk, mask, *scale)?;
+            Ok(vec![o, log_sum_exp(ins[0], ins[1], sk, mask, *scale)])
         }
         Op::SdpaGrad {
             causal,
             scale,
             window,
+            sinks,
         } => {
             let mask = Mask::new(*causal, *window);
-            if ins.len() > 6 {
+            if ins.len() > 6 + usize::from(*sinks) {
                 return Err("the interpreter runs sdpa without a mask tensor".into());
             }
-            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), mask, *scale)?;
-            let (dq, dk, dv) = grads.ok_or("no gradients")?;
-            Ok(vec![dq, dk, dv])
+            let sk = sinks.then(|| ins[6]);
+            let (_, grads) = attention(ins[1], ins[2], ins[3], Some(ins[0]), sk, mask, *scale)?;
+            grad_results(grads, *sinks)
+        }
+        Op::Clamp { min, max } => one(map1(x0()?, |v| clamp(v, *min, *max))),
+        Op::ClampGrad { min, max } => one(zip2(ins[0], ins[1], |dy, x| {
+            if clamp(x, *min, *max) == x {
+                dy
+            } else {
+                0.0
+            }
+        })?),
+        Op::GroupedBiasAdd => one(grouped_bias(ins[0], ins[1])?),
+        Op::GroupedBiasAddGrad { experts } => {
+            let e = usize::try_from(*experts).map_err(|_| "too many experts".to_string())?;
+            one(grouped_bias_grad(x0()?, e)?)
         }
         Op::AllReduce { .. }
         | Op::AllGather { .. }
@@ -940,6 +959,53 @@ fn local_op(op: &Op, ins: &[&Tensor], outs: &[Vec<usize>], ctx: &Ctx) -> R<Vec<T
             Err("the interpreter does not run mixture-of-experts routing".into())
         }
     }
+}
+
+/// PyTorch's `clamp` with optional bounds.
+fn clamp(v: F, min: Option<f64>, max: Option<f64>) -> F {
+    let v = min.map_or(v, |lo| v.max(lo));
+    max.map_or(v, |hi| v.min(hi))
+}
+
+/// Rows per expert of a grouped op's `r` rows over `e` experts (equal groups).
+fn expert_rows(r: usize, e: usize) -> R<usize> {
+    if e == 0 || r % e != 0 {
+        return Err(format!("{r} rows do not split into {e} expert groups"));
+    }
+    Ok(r / e)
+}
+
+/// `rows[R, n] + bias[E, n]`, expert `e`'s bias on the `e`-th of `E` equal row groups.
+fn grouped_bias(x: &Tensor, bias: &Tensor) -> R<Tensor> {
+    let (e, n) = (bias.shape[0], bias.shape[1]);
+    let per = expert_rows(x.shape[0], e)?;
+    let mut t = x.clone();
+    t.data
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v += bias.data[(i / n / per) * n + i % n]);
+    Ok(t)
+}
+
+/// `dy[R, n] → dbias[E, n]`: each of the `E` equal row groups summed.
+fn grouped_bias_grad(dy: &Tensor, e: usize) -> R<Tensor> {
+    let (r, n) = (dy.shape[0], dy.shape[1]);
+    let per = expert_rows(r, e)?;
+    let mut t = Tensor::zeros(&[e, n]);
+    for (i, v) in dy.data.iter().enumerate() {
+        t.data[(i / n / per) * n + i % n] += v;
+    }
+    Ok(t)
+}
+
+/// The results of an attention gradient op: `dq, dk, dv` and, with sinks, `dsinks`.
+fn grad_results(grads: Grads, sinks: bool) -> R<Vec<Tensor>> {
+    let (dq, dk, dv, ds) = grads.ok_or("no gradients")?;
+    let mut out = vec![dq, dk, dv];
+    if sinks {
+        out.push(ds);
+    }
+    Ok(out)
 }
 
 fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, out: &[usize]) -> R<Tensor> {
@@ -979,12 +1045,12 @@ fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool, out: &[usize]) -> R<Tensor
     Ok(t)
 }
 
-type Grads = Option<(Tensor, Tensor, Tensor)>;
+type Grads = Option<(Tensor, Tensor, Tensor, Tensor)>;
 
 /// Attention on `q[b,s,a,d]`, `k, v[b,t,kv,d]`; with `d_o`, also the gradients.
 /// The row log-sum-exp `[b, s, a]` of the scaled (and causally masked) scores, as
 /// [`Op::Sdpa`] returns it.
-fn log_sum_exp(q: &Tensor, k: &Tensor, mask: Mask, scale: f64) -> Tensor {
+fn log_sum_exp(q: &Tensor, k: &Tensor, sinks: Option<&Tensor>, mask: Mask, scale: f64) -> Tensor {
     let (b, s, a, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (t, kv) = (k.shape[1], k.shape[2]);
     let group = (a / kv.max(1)).max(1);
@@ -1005,8 +1071,13 @@ fn log_sum_exp(q: &Tensor, k: &Tensor, mask: Mask, scale: f64) -> Tensor {
                         dot * scale
                     })
                     .collect();
-                let m = dots.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = dots.iter().map(|&x| (x - m).exp()).sum();
+                let sink = sinks.map(|t| t.data[h]);
+                let m = dots
+                    .iter()
+                    .copied()
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = dots.iter().chain(&sink).map(|&x| (x - m).exp()).sum();
                 out.data[(bi * s + i) * a + h] = (m + sum.ln()) as F;
             }
         }
@@ -1041,6 +1112,7 @@ fn attention(
     k: &Tensor,
     v: &Tensor,
     d_o: Option<&Tensor>,
+    sinks: Option<&Tensor>,
     mask: Mask,
     scale: f64,
 ) -> R<(Tensor, Grads)> {
@@ -1056,6 +1128,10 @@ fn attention(
     let mut dq = Tensor::zeros(&q.shape);
     let mut dk = Tensor::zeros(&k.shape);
     let mut dv = Tensor::zeros(&v.shape);
+    let mut ds = Tensor::zeros(&[a]);
+    if sinks.is_some_and(|t| t.data.len() != a) {
+        return Err("sinks must have one value per query head".into());
+    }
     for bi in 0..b {
         for h in 0..a {
             let hk = h / group;
@@ -1073,7 +1149,14 @@ fn attention(
                     *pj = dot * scale;
                     m = m.max(*pj);
                 }
-                let sum: f64 = p.iter().map(|&x| (x - m).exp()).sum();
+                // A sink is one more logit in the denominator, with no value.
+                let sink = sinks.map(|t| t.data[h]);
+                if let Some(z) = sink {
+                    m = m.max(z);
+                }
+                let sum: f64 = p.iter().map(|&x| (x - m).exp()).sum::<f64>()
+                    + sink.map_or(0.0, |z| (z - m).exp());
+                let p_sink = sink.map_or(0.0, |z| (z - m).exp() / sum);
                 p.iter_mut().for_each(|x| *x = (*x - m).exp() / sum);
                 for c in 0..d {
                     let val: f64 = (0..t).map(|j| p[j] * (v.data[ki(bi, j, hk, c)])).sum();
@@ -1089,6 +1172,8 @@ fn attention(
                         })
                         .collect();
                     let dot: f64 = (0..t).map(|j| p[j] * dp[j]).sum();
+                    // The sink's dP is 0: dsink = P_sink · (0 − Σ P dP).
+                    ds.data[h] -= (p_sink * dot) as F;
                     for j in 0..t {
                         let ds = p[j] * (dp[j] - dot) * scale;
                         for c in 0..d {
@@ -1101,7 +1186,7 @@ fn attention(
             }
         }
     }
-    Ok((o, d_o.map(|_| (dq, dk, dv))))
+    Ok((o, d_o.map(|_| (dq, dk, dv, ds))))
 }
 
 /// How far a sharded training step is from the unsharded one.
@@ -1357,5 +1442,99 @@ mod tests {
         // Grouped: device 0 holds the first half of each of the 3 groups.
         let p0 = piece(&t, Layout::Sharded { axis: 1, groups: 3 }, 2, 0);
         assert_eq!(&p0.data[..6], &[0.0, 1.0, 4.0, 5.0, 8.0, 9.0]);
+    }
+
+    fn filled(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor {
+            shape: shape.to_vec(),
+            data: (0..n as u64)
+                .map(|i| unit(splitmix(seed * 1_000_003 + i)) * 2.0 - 1.0)
+                .collect(),
+        }
+    }
+
+    /// `L = Σ dO ⊙ O`, the scalar whose gradients the attention rule returns for `dO`.
+    fn loss(q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, sinks: &Tensor) -> f64 {
+        let mask = Mask::new(true, Some(2));
+        let (o, _) = attention(q, k, v, None, Some(sinks), mask, 0.5).unwrap();
+        o.data.iter().zip(&d_o.data).map(|(a, b)| a * b).sum()
+    }
+
+    /// Attention with sinks against the definition (one more logit per head in the
+    /// softmax denominator, no value) and its sink and query gradients against central
+    /// differences.
+    #[test]
+    fn attention_sinks_match_the_definition_and_their_gradients() {
+        let (b, s, a, kv, d) = (1, 4, 2, 1, 3);
+        let q = filled(&[b, s, a, d], 1);
+        let k = filled(&[b, s, kv, d], 2);
+        let v = filled(&[b, s, kv, d], 3);
+        let d_o = filled(&[b, s, a, d], 4);
+        let sinks = filled(&[a], 5);
+        // Definition, for query 3 of head 1 (window 2: keys 2 and 3).
+        let (i, h) = (3, 1);
+        let logit = |j: usize| {
+            (0..d)
+                .map(|c| q.data[(i * a + h) * d + c] * k.data[j * d + c])
+                .sum::<f64>()
+                * 0.5
+        };
+        let z = logit(2).exp() + logit(3).exp() + sinks.data[h].exp();
+        let want: Vec<f64> = (0..d)
+            .map(|c| (logit(2).exp() * v.data[2 * d + c] + logit(3).exp() * v.data[3 * d + c]) / z)
+            .collect();
+        let mask = Mask::new(true, Some(2));
+        let (o, grads) = attention(&q, &k, &v, Some(&d_o), Some(&sinks), mask, 0.5).unwrap();
+        for (c, w) in want.iter().enumerate() {
+            assert!((o.data[(i * a + h) * d + c] - w).abs() < 1e-12);
+        }
+        let (dq, _, _, ds) = grads.unwrap();
+        let eps = 1e-6;
+        for hh in 0..a {
+            let (mut up, mut down) = (sinks.clone(), sinks.clone());
+            up.data[hh] += eps;
+            down.data[hh] -= eps;
+            let fd = (loss(&q, &k, &v, &d_o, &up) - loss(&q, &k, &v, &d_o, &down)) / (2.0 * eps);
+            assert!(
+                (fd - ds.data[hh]).abs() < 1e-7,
+                "dsinks[{hh}]: {fd} vs {}",
+                ds.data[hh]
+            );
+        }
+        for idx in [0, 7, 17, 23] {
+            let (mut up, mut down) = (q.clone(), q.clone());
+            up.data[idx] += eps;
+            down.data[idx] -= eps;
+            let fd =
+                (loss(&up, &k, &v, &d_o, &sinks) - loss(&down, &k, &v, &d_o, &sinks)) / (2.0 * eps);
+            assert!((fd - dq.data[idx]).abs() < 1e-7, "dq[{idx}]");
+        }
+        // The log-sum-exp sdpa returns includes the sink's term.
+        let lse = log_sum_exp(&q, &k, Some(&sinks), mask, 0.5);
+        assert!((lse.data[i * a + h] - z.ln()).abs() < 1e-12);
+    }
+
+    /// `grouped_bias_add` adds expert `e`'s row to the `e`-th group of rows; its
+    /// gradient sums each group.
+    #[test]
+    fn grouped_bias_adds_per_expert_and_sums_back() {
+        let x = Tensor::zeros(&[6, 2]);
+        let bias = Tensor {
+            shape: vec![3, 2],
+            data: vec![1.0, 2.0, 10.0, 20.0, 100.0, 200.0],
+        };
+        let y = grouped_bias(&x, &bias).unwrap();
+        assert_eq!(
+            y.data,
+            [1.0, 2.0, 1.0, 2.0, 10.0, 20.0, 10.0, 20.0, 100.0, 200.0, 100.0, 200.0]
+        );
+        let dy = Tensor {
+            shape: vec![6, 2],
+            data: (0..12).map(|v| v as F).collect(),
+        };
+        let db = grouped_bias_grad(&dy, 3).unwrap();
+        assert_eq!(db.data, [2.0, 4.0, 10.0, 12.0, 18.0, 20.0]);
+        assert!(grouped_bias_grad(&dy, 4).is_err());
     }
 }

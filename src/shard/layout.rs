@@ -217,7 +217,7 @@ fn sharded(op: &Op, args: &[&Val], p: u32) -> Option<(Layout, Op)> {
     let same = |l: Layout| Some((l, op.clone()));
     let x = lay(0)?;
     match op {
-        Op::Gelu | Op::Silu | Op::Dropout { .. } | Op::Cast { .. } => match x {
+        Op::Gelu | Op::Silu | Op::Clamp { .. } | Op::Dropout { .. } | Op::Cast { .. } => match x {
             Sharded { .. } => same(x),
             _ => None,
         },
@@ -395,14 +395,25 @@ fn sharded(op: &Op, args: &[&Val], p: u32) -> Option<(Layout, Op)> {
             }
             _ => None,
         },
-        Op::FlashAttention { .. } => {
+        Op::FlashAttention { sinks, .. } => {
             let (k, v) = (lay(1)?, lay(2)?);
+            // Sinks (one per query head) split with the heads and stay whole with a
+            // batch split.
+            let sinks_fit = |heads_split: bool| {
+                !*sinks
+                    || lay(3)
+                        == Some(if heads_split {
+                            Sharded { axis: 0, groups: 1 }
+                        } else {
+                            R
+                        })
+            };
             match x {
                 // Heads (GQA groups stay aligned: see the `shard-flash` rule) or batch.
                 Sharded {
-                    axis: 0 | 2,
+                    axis: a @ (0 | 2),
                     groups: 1,
-                } if k == x && v == x => same(x),
+                } if k == x && v == x && sinks_fit(a == 2) => same(x),
                 _ => None,
             }
         }

@@ -609,7 +609,16 @@ fn shard_attention(b: &mut Build, _: Id, node: &ShardNode) -> Vec<Id> {
         } else if axis != 0 {
             continue;
         }
-        out.extend(b.like(&inner, &[Arg::Lay(q, s), Arg::Lay(k, s), Arg::Lay(v, s)]));
+        let mut args = vec![Arg::Lay(q, s), Arg::Lay(k, s), Arg::Lay(v, s)];
+        if let Some(&sinks) = a.get(3) {
+            // One sink per query head: split with the heads, whole with the batch.
+            args.push(if axis == 2 {
+                Arg::Lay(sinks, split(0, 1))
+            } else {
+                Arg::Id(sinks)
+            });
+        }
+        out.extend(b.like(&inner, &args));
     }
     out
 }

@@ -537,6 +537,21 @@ impl Diff<'_> {
                 let x = self.input(0);
                 out.push((0, self.b.add1(Op::SiluGrad, &[dy, x])?));
             }
+            Op::Clamp { min, max } => {
+                // dy where min ≤ x ≤ max, 0 outside (PyTorch's `clamp_backward`).
+                let x = self.input(0);
+                out.push((0, self.b.add1(Op::ClampGrad { min, max }, &[dy, x])?));
+            }
+            Op::GroupedBiasAdd => {
+                out.push((0, dy));
+                if self.wants(1) {
+                    let experts = self.in_ty(1).shape.dims()[0]
+                        .as_lit()
+                        .ok_or_else(|| self.unsupported("symbolic expert count".into()))?;
+                    let grad = Op::GroupedBiasAddGrad { experts };
+                    out.push((1, self.b.add1(grad, &[dy])?));
+                }
+            }
             Op::Softmax { scale, .. } => {
                 let y = self.result(0);
                 out.push((0, self.b.add1(Op::SoftmaxGrad { scale }, &[dy, y])?));
@@ -684,25 +699,34 @@ impl Diff<'_> {
                 causal,
                 scale,
                 window,
+                sinks,
             } => {
+                let n = fwd.node(id).inputs.len();
                 let mut ins = vec![dy, self.input(0), self.input(1), self.input(2)];
                 ins.push(self.result(0));
                 ins.push(self.result(1));
-                if fwd.node(id).inputs.len() > 3 {
+                if n > 3 + usize::from(sinks) {
                     if self.wants(3) {
                         return Err(self.unsupported("gradient of an attention mask".into()));
                     }
                     ins.push(self.input(3));
+                }
+                if sinks {
+                    ins.push(self.input(n - 1));
                 }
                 let r = self.b.add(
                     Op::SdpaGrad {
                         causal,
                         scale,
                         window,
+                        sinks,
                     },
                     &ins,
                 )?;
                 out.extend([(0, r[0]), (1, r[1]), (2, r[2])]);
+                if sinks {
+                    out.push((n - 1, r[3]));
+                }
             }
             Op::CrossEntropy => {
                 let logits = self.input(0);
@@ -713,20 +737,29 @@ impl Diff<'_> {
                 causal,
                 scale,
                 window,
+                sinks,
             } => {
                 let q = self.input(0);
                 let k = self.input(1);
                 let v = self.input(2);
                 let o = self.result(0);
+                let mut ins = vec![dy, q, k, v, o];
+                if sinks {
+                    ins.push(self.input(3));
+                }
                 let r = self.b.add(
                     Op::FlashAttentionGrad {
                         causal,
                         scale,
                         window,
+                        sinks,
                     },
-                    &[dy, q, k, v, o],
+                    &ins,
                 )?;
                 out.extend([(0, r[0]), (1, r[1]), (2, r[2])]);
+                if sinks {
+                    out.push((3, r[3]));
+                }
             }
             // Collectives: the conjugate collective (a per-device sum's derivative is
             // the identity, a gather's is a reduce-scatter, and so on).
@@ -826,6 +859,8 @@ impl Diff<'_> {
             | Op::MoeRouteGrad { .. }
             | Op::MoeDispatchGrad { .. }
             | Op::GroupedMatMulWgrad { .. }
+            | Op::ClampGrad { .. }
+            | Op::GroupedBiasAddGrad { .. }
             | Op::MoeCombineGrad { .. }
             | Op::Send { .. } => {
                 return Err(TrainError::NoRule {

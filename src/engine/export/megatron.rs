@@ -369,7 +369,11 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         arg(&mut a, "normalization", "RMSNorm");
     }
     arg(&mut a, "norm-epsilon", m.norm_eps);
-    if m.mlp == Mlp::SwiGlu {
+    let clamped = m
+        .moe
+        .as_deref()
+        .is_some_and(|moe| moe.clamped_swiglu.is_some());
+    if m.mlp == Mlp::SwiGlu && !clamped {
         flag(&mut a, "swiglu");
     }
     if m.qk_norm == QkNorm::PerHead {
@@ -386,11 +390,13 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     }
     arg(&mut a, "attention-dropout", m.dropout);
     arg(&mut a, "hidden-dropout", m.dropout);
+    gpt_oss_args(&mut a, m);
     let backend = match m.attention {
         // Multi-latent attention's query/key and value head dims differ, which the
         // flash-attn backend does not take; Transformer Engine's cuDNN fused attention
-        // does (branch `mla`).
-        Attention::Flash if m.mla.is_some() => "fused",
+        // does (branch `mla`), and runs the learnable softmax's sinks
+        // (`TransformerConfig.softmax_type`: TE FusedAttention or unfused).
+        Attention::Flash if m.mla.is_some() || m.attn_sinks => "fused",
         Attention::Flash => "flash",
         Attention::Eager => "unfused",
     };
@@ -410,6 +416,14 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
                 "TransformerConfig allows bias in MoE only with --expert-tensor-parallel-size 1, and apar shards experts by the tensor-parallel degree",
             ));
         }
+        let expert_bias = m.moe.as_deref().is_some_and(|moe| moe.expert_linear_bias);
+        if expert_bias && c.etp > 1 {
+            return Err(ExportError::unsupported(
+                E,
+                "experts with linear biases split over expert tensor parallelism",
+                "TransformerConfig allows bias in MoE only with --expert-tensor-parallel-size 1",
+            ));
+        }
         moe_args(&mut a, &moe, m.layers);
         // The expert layout: `E/ep` experts per rank, each split over etp ranks
         // (written even at its default, tp, so that the export reads the same
@@ -420,6 +434,14 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     }
     if let Some(mla) = &m.mla {
         mla_args(&mut a, mla);
+    }
+    if m.attn_sinks {
+        notes.push(
+            "the plan prices the rotary embedding, not its frequencies: add gpt-oss's YaRN \
+             scaling (--position-embedding-type yarn and its factors from rope_scaling) to \
+             match the checkpoint"
+                .into(),
+        );
     }
     notes.push(format!(
         "the tokenizer sets the vocabulary ({} tokens in the plan)",
@@ -719,13 +741,60 @@ pub(super) fn model_supported(m: &ModelConfig) -> Result<(), ExportError> {
             "the GPT model scales neither the embedding nor the scores by a configured factor",
         );
     }
-    if m.sliding_window.is_some() {
+    if m.sliding_window.is_some() && m.global_every == 1 {
         return missing(
-            "model's sliding-window attention",
-            "apar's export does not write --window-size yet",
+            "model's window that no layer uses",
+            "--window-attn-skip-freq 1 is not a pattern apar writes",
         );
     }
+    if let Some(moe) = m.moe.as_deref() {
+        // `--add-bias-linear` (biases unless `--disable-bias-linear`) biases every
+        // linear layer alike: attention, router (`TopKRouter.bias`) and experts.
+        let linears = m.mlp_bias || m.out_bias;
+        if linears != (moe.router_bias && moe.expert_linear_bias) {
+            return missing(
+                "model's biases on some linear layers but not on the router and experts",
+                "--add-bias-linear biases the attention projections, the router and the experts together",
+            );
+        }
+        if let Some(c) = moe.clamped_swiglu {
+            if c.alpha != QUICK_GELU_ALPHA {
+                return missing(
+                    &format!("experts' clamped SwiGLU with alpha {}", c.alpha),
+                    "--quick-geglu gates with x·σ(1.702·x) (megatron/core/fusions/fused_bias_geglu.py)",
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// The `α` of Megatron-LM's `quick_gelu`, `y·σ(1.702·y)`
+/// (`megatron/core/fusions/fused_bias_geglu.py`, Megatron-LM `d98e8a6`).
+const QUICK_GELU_ALPHA: f64 = 1.702;
+
+/// gpt-oss's options (Megatron-LM `d98e8a6`, as `examples/gptoss/02_train.sh` sets
+/// them): the learned sinks (`--softmax-type learnable`, `TransformerConfig.softmax_type`),
+/// the window (`--window-size w-1,0`: `w - 1` keys to the left of each query, and
+/// `--window-attn-skip-freq n`: one full layer after `n - 1` windowed ones, apar's
+/// `global_every`), and the experts' clamped SwiGLU as `--quick-geglu` (`y·σ(1.702·y)`
+/// on the gate) with `--glu-linear-offset 1` (`up + 1`) and
+/// `--activation-func-clamp-value` (gate ≤ limit, up in ±limit: `mlp.py`).
+fn gpt_oss_args(a: &mut Vec<Vec<String>>, m: &ModelConfig) {
+    if m.attn_sinks {
+        arg(a, "softmax-type", "learnable");
+    }
+    if let Some(w) = m.sliding_window {
+        arg(a, "window-size", format!("{},0", w - 1));
+        if m.global_every > 1 {
+            arg(a, "window-attn-skip-freq", m.global_every);
+        }
+    }
+    if let Some(c) = m.moe.as_deref().and_then(|moe| moe.clamped_swiglu) {
+        flag(a, "quick-geglu");
+        arg(a, "glu-linear-offset", 1.0);
+        arg(a, "activation-func-clamp-value", c.limit);
+    }
 }
 
 pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError> {

@@ -127,6 +127,33 @@ impl AttrReader<'_> {
             Some(_) => Err(self.ty(ATTR, "a positive integer")),
         }
     }
+    /// An optional flag: absent is `false`.
+    fn flag(&self, attr: &'static str) -> Result<bool, AttrError> {
+        match self.attrs.get(attr) {
+            None => Ok(false),
+            Some(AttrValue::Bool(b)) => Ok(*b),
+            Some(_) => Err(self.ty(attr, "a bool")),
+        }
+    }
+    /// The optional finite bounds `min` and `max` of a clamp, at least one set and
+    /// `min ≤ max` when both are.
+    fn bounds(&self) -> Result<(Option<f64>, Option<f64>), AttrError> {
+        let one = |attr: &'static str| match self.attrs.get(attr) {
+            None => Ok(None),
+            Some(AttrValue::Float(x)) if x.is_finite() => Ok(Some(*x)),
+            Some(AttrValue::Int(n)) => Ok(Some(*n as f64)),
+            Some(_) => Err(self.ty(attr, "a finite number")),
+        };
+        let (min, max) = (one("min")?, one("max")?);
+        match (min, max) {
+            (None, None) => Err(AttrError::Missing {
+                op: self.op,
+                attr: "min",
+            }),
+            (Some(lo), Some(hi)) if lo > hi => Err(self.ty("max", "at least `min`")),
+            b => Ok(b),
+        }
+    }
     fn capacity(&self) -> Result<Option<f64>, AttrError> {
         const ATTR: &str = "capacity";
         match self.attrs.get(ATTR) {
@@ -211,28 +238,47 @@ impl Op {
                 causal,
                 scale,
                 window,
+                sinks,
             }
             | Op::FlashAttentionGrad {
                 causal,
                 scale,
                 window,
+                sinks,
             }
             | Op::Sdpa {
                 causal,
                 scale,
                 window,
+                sinks,
             }
             | Op::SdpaGrad {
                 causal,
                 scale,
                 window,
+                sinks,
             } => {
                 let mut v = vec![("causal", V::Bool(*causal)), ("scale", V::Float(*scale))];
                 if let Some(w) = window {
                     v.push(("window", V::Int(*w)));
                 }
+                if *sinks {
+                    v.push(("sinks", V::Bool(true)));
+                }
                 v
             }
+            Op::Clamp { min, max } | Op::ClampGrad { min, max } => {
+                let mut v = Vec::new();
+                if let Some(lo) = min {
+                    v.push(("min", V::Float(*lo)));
+                }
+                if let Some(hi) = max {
+                    v.push(("max", V::Float(*hi)));
+                }
+                v
+            }
+            Op::GroupedBiasAdd => vec![],
+            Op::GroupedBiasAddGrad { experts } => vec![("experts", V::Int(*experts))],
             Op::Dropout { p } | Op::DropoutGrad { p } => vec![("p", V::Float(*p))],
             Op::LayerNorm { eps }
             | Op::RmsNorm { eps }
@@ -424,6 +470,10 @@ impl Op {
             OpKind::Pow => Op::Pow {
                 exponent: r.f64("exponent")?,
             },
+            OpKind::Clamp => {
+                let (min, max) = r.bounds()?;
+                Op::Clamp { min, max }
+            }
             OpKind::Tanh => Op::Tanh,
             OpKind::Rsqrt => Op::Rsqrt,
             OpKind::Shift => Op::Shift {
@@ -435,19 +485,26 @@ impl Op {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,
                 window: r.window()?,
+                sinks: r.flag("sinks")?,
             },
             OpKind::SdpaGrad => Op::SdpaGrad {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,
                 window: r.window()?,
+                sinks: r.flag("sinks")?,
             },
             OpKind::FlashAttention => Op::FlashAttention {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,
                 window: r.window()?,
+                sinks: r.flag("sinks")?,
             },
             OpKind::GeluGrad => Op::GeluGrad,
             OpKind::SiluGrad => Op::SiluGrad,
+            OpKind::ClampGrad => {
+                let (min, max) = r.bounds()?;
+                Op::ClampGrad { min, max }
+            }
             OpKind::SoftmaxGrad => Op::SoftmaxGrad {
                 scale: r.f64("scale")?,
             },
@@ -466,6 +523,7 @@ impl Op {
                 causal: r.bool("causal")?,
                 scale: r.f64("scale")?,
                 window: r.window()?,
+                sinks: r.flag("sinks")?,
             },
             OpKind::AdamW => Op::AdamW {
                 lr: r.f64("lr")?,
@@ -537,6 +595,10 @@ impl Op {
             OpKind::GroupedMatMulWgrad => Op::GroupedMatMulWgrad {
                 experts: r.u64("experts")?,
                 tb: r.bool("tb")?,
+            },
+            OpKind::GroupedBiasAdd => Op::GroupedBiasAdd,
+            OpKind::GroupedBiasAddGrad => Op::GroupedBiasAddGrad {
+                experts: r.u64("experts")?,
             },
             OpKind::MoeCombine => Op::MoeCombine {
                 experts: r.u64("experts")?,

@@ -9,6 +9,12 @@ use crate::ir::types::{Env, TensorType};
 pub mod flops_per_element {
     /// `a + b`, `a · b`, `c · x`, bias add, dropout apply, cast-free elementwise.
     pub const SIMPLE: u64 = 1;
+    /// An attention sink, per query row and head: `exp(sink − max)` and its add to the
+    /// softmax denominator.
+    pub const SINK: u64 = 2;
+    /// An attention sink's gradient, per query row and head: the sink's probability
+    /// `exp(sink − lse)`, its product with `rowsum(dO·O)`, and the sum over rows.
+    pub const SINK_GRAD: u64 = 3;
     /// GeLU tanh approximation: cube, 2 mul, add, tanh, add, 2 mul.
     pub const GELU: u64 = 8;
     /// GeLU backward: the forward terms plus the tanh derivative.
@@ -157,7 +163,15 @@ impl Op {
             | Op::Pow { .. }
             | Op::Tanh
             | Op::Rsqrt
+            | Op::Clamp { .. }
+            | Op::ClampGrad { .. }
+            | Op::GroupedBiasAdd
             | Op::Shift { .. } => per_elem(fpe::SIMPLE),
+            // Each expert's rows summed: one add per element of dy.
+            Op::GroupedBiasAddGrad { .. } => Some(OpCost {
+                flops: numel(inputs.first()?)?,
+                bytes: io_bytes()?,
+            }),
             Op::Contiguous => per_elem(0),
             Op::Gelu => per_elem(fpe::GELU),
             Op::GeluGrad => per_elem(fpe::GELU_GRAD),
@@ -210,8 +224,17 @@ impl Op {
                 let pair = per_pair.checked_mul(pairs)?.checked_mul(4)?;
                 // Backward recomputes QKᵀ and runs dV, dP, dQ, dK: five products.
                 let matmuls = if grad { 5 } else { 2 };
+                // Sinks: one more term per query row and head in the softmax
+                // denominator (forward), and the sink's share of each row against
+                // `rowsum(dO·O)` summed per head (backward): O(b·s·a), not O(s·t).
+                let sink = if self.has_sinks() {
+                    let rows = numel(q)?.checked_div(q.shape.0.get(3)?.eval(env)?)?;
+                    rows.checked_mul(if grad { fpe::SINK_GRAD } else { fpe::SINK })?
+                } else {
+                    0
+                };
                 Some(OpCost {
-                    flops: pair.checked_mul(matmuls)? / 2,
+                    flops: (pair.checked_mul(matmuls)? / 2).checked_add(sink)?,
                     bytes: io_bytes()?,
                 })
             }
@@ -324,6 +347,7 @@ mod tests {
             causal: true,
             scale: 0.25,
             window: Some(3),
+            sinks: false,
         };
         let out = op.infer(&[&q, &q, &q]).unwrap().unwrap();
         let env = Env::new(2, 8);

@@ -179,6 +179,14 @@ pub enum Op {
         /// The exponent.
         exponent: f64,
     },
+    /// Elementwise `min(max(x, min), max)` (PyTorch's `clamp`; an absent bound does not
+    /// clamp; at least one is set). Its derivative reads `x`.
+    Clamp {
+        /// Lower bound. Printed only when set.
+        min: Option<f64>,
+        /// Upper bound. Printed only when set.
+        max: Option<f64>,
+    },
     /// Elementwise hyperbolic tangent (its derivative reads the result).
     Tanh,
     /// Elementwise reciprocal square root `1/√x` (its derivative reads the result).
@@ -206,8 +214,15 @@ pub enum Op {
         /// Sliding window: each query sees only the `w` latest keys up to its own
         /// position (keys `i-w+1 ..= i`); `None` for every key. Printed only when set.
         window: Option<u64>,
+        /// Attention sinks: the last input is a learned logit per head, `sinks[a]`,
+        /// an extra term `exp(sinks[h])` in every row's softmax denominator (gpt-oss);
+        /// the gradient op then also takes `sinks` and returns `dsinks[a]`. Printed
+        /// only when set.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        sinks: bool,
     },
-    /// Fused attention (no `s×s` tensor): `(q[b,s,a,d], k[b,s,kv,d], v[b,s,kv,d]) → [b,s,a,d]`.
+    /// Fused attention (no `s×s` tensor): `(q[b,s,a,d], k[b,s,kv,d], v[b,s,kv,d][,
+    /// sinks[a]]) → [b,s,a,d]`.
     FlashAttention {
         /// Causal mask.
         causal: bool,
@@ -216,6 +231,12 @@ pub enum Op {
         /// Sliding window: each query sees only the `w` latest keys up to its own
         /// position (keys `i-w+1 ..= i`); `None` for every key. Printed only when set.
         window: Option<u64>,
+        /// Attention sinks: the last input is a learned logit per head, `sinks[a]`,
+        /// an extra term `exp(sinks[h])` in every row's softmax denominator (gpt-oss);
+        /// the gradient op then also takes `sinks` and returns `dsinks[a]`. Printed
+        /// only when set.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        sinks: bool,
     },
 
     // ---- backward ----
@@ -223,6 +244,13 @@ pub enum Op {
     GeluGrad,
     /// `(dy, x) → dx` of SiLU.
     SiluGrad,
+    /// `(dy, x) → dx` of [`Op::Clamp`]: `dy` where `x` is inside the bounds, 0 outside.
+    ClampGrad {
+        /// The forward's lower bound.
+        min: Option<f64>,
+        /// The forward's upper bound.
+        max: Option<f64>,
+    },
     /// `(dy, y) → dx` of the fused scale-mask-softmax.
     SoftmaxGrad {
         /// The forward scale.
@@ -257,7 +285,8 @@ pub enum Op {
     },
     /// `(dloss, logits, labels) → dlogits`.
     CrossEntropyGrad,
-    /// `(do, q, k, v, o) → (dq, dk, dv)`; recomputes the attention scores.
+    /// `(do, q, k, v, o[, sinks]) → (dq, dk, dv[, dsinks])`; recomputes the attention
+    /// scores.
     FlashAttentionGrad {
         /// Causal mask.
         causal: bool,
@@ -266,9 +295,15 @@ pub enum Op {
         /// Sliding window: each query sees only the `w` latest keys up to its own
         /// position (keys `i-w+1 ..= i`); `None` for every key. Printed only when set.
         window: Option<u64>,
+        /// Attention sinks: the last input is a learned logit per head, `sinks[a]`,
+        /// an extra term `exp(sinks[h])` in every row's softmax denominator (gpt-oss);
+        /// the gradient op then also takes `sinks` and returns `dsinks[a]`. Printed
+        /// only when set.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        sinks: bool,
     },
 
-    /// `(do, q, k, v, o, lse[, mask]) → (dq, dk, dv)` of [`Op::Sdpa`].
+    /// `(do, q, k, v, o, lse[, mask][, sinks]) → (dq, dk, dv[, dsinks])` of [`Op::Sdpa`].
     SdpaGrad {
         /// Causal mask.
         causal: bool,
@@ -277,6 +312,12 @@ pub enum Op {
         /// Sliding window: each query sees only the `w` latest keys up to its own
         /// position (keys `i-w+1 ..= i`); `None` for every key. Printed only when set.
         window: Option<u64>,
+        /// Attention sinks: the last input is a learned logit per head, `sinks[a]`,
+        /// an extra term `exp(sinks[h])` in every row's softmax denominator (gpt-oss);
+        /// the gradient op then also takes `sinks` and returns `dsinks[a]`. Printed
+        /// only when set.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        sinks: bool,
     },
 
     // ---- optimizer ----
@@ -436,6 +477,15 @@ pub enum Op {
         experts: u64,
         /// The forward's `tb`.
         tb: bool,
+    },
+    /// Per-expert bias: `(rows[R, n], bias[E, n]) → [R, n]`, each expert's rows (the
+    /// `R/E` rows of each expert's group, in expert order, as [`Op::GroupedMatMul`]
+    /// reads them) plus that expert's bias row.
+    GroupedBiasAdd,
+    /// `dy[R, n] → dbias[E, n]` of [`Op::GroupedBiasAdd`]: each expert's rows summed.
+    GroupedBiasAddGrad {
+        /// Experts `E`.
+        experts: u64,
     },
     /// Token combine: `(y[R, h], weights[.., k], indices[.., k]) → [.., h]`, each token
     /// the weighted sum of its `k` experts' rows. Its derivative reads all three.

@@ -147,6 +147,7 @@ impl Op {
                 one(inputs[0].clone())
             }
             Op::Scale { .. }
+            | Op::Clamp { .. }
             | Op::Gelu
             | Op::Silu
             | Op::Pow { .. }
@@ -372,17 +373,24 @@ impl Op {
                 }
                 one(TensorType::new(DType::F32, []))
             }
-            Op::FlashAttention { .. } => {
+            Op::FlashAttention { sinks, .. } => {
                 let (q, k) = (inputs[0], inputs[1]);
                 float(0)?;
                 same(1, 2)?;
                 attention_shapes(q, k).map_err(err)?;
                 if q.dtype != k.dtype {
                     return Err(err("q, k, v must share a dtype".into()));
+                }
+                let n = 3 + usize::from(*sinks);
+                if inputs.len() != n {
+                    return Err(err(format!("takes {n} inputs, got {}", inputs.len())));
+                }
+                if *sinks {
+                    sinks_of(q, inputs[3]).map_err(err)?;
                 }
                 one(q.clone())
             }
-            Op::Sdpa { .. } => {
+            Op::Sdpa { sinks, .. } => {
                 let (q, k) = (inputs[0], inputs[1]);
                 float(0)?;
                 same(1, 2)?;
@@ -390,10 +398,19 @@ impl Op {
                 if q.dtype != k.dtype {
                     return Err(err("q, k, v must share a dtype".into()));
                 }
-                if inputs.len() > 4 {
-                    return Err(err(format!("takes 3 or 4 inputs, got {}", inputs.len())));
+                let s = usize::from(*sinks);
+                if inputs.len() > 4 + s {
+                    return Err(err(format!(
+                        "takes {} or {} inputs, got {}",
+                        3 + s,
+                        4 + s,
+                        inputs.len()
+                    )));
                 }
-                if let Some(mask) = inputs.get(3) {
+                if *sinks {
+                    sinks_of(q, inputs[inputs.len() - 1]).map_err(err)?;
+                }
+                if let Some(mask) = inputs[..inputs.len() - s].get(3) {
                     sdpa_mask(q, k, mask).map_err(err)?;
                 }
                 // attention_shapes checked the rank: q is [b, s, a, d].
@@ -403,7 +420,7 @@ impl Op {
                     TensorType::new(DType::F32, [b, s, a]),
                 ]))
             }
-            Op::SdpaGrad { .. } => {
+            Op::SdpaGrad { sinks, .. } => {
                 let (dout, q, k, v, o, lse) = (
                     inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5],
                 );
@@ -416,19 +433,30 @@ impl Op {
                 if lse.dtype != DType::F32 || lse.shape.0[..] != lse_shape[..] {
                     return Err(err("lse must be f32[b, s, heads] of q".into()));
                 }
-                if inputs.len() > 7 {
-                    return Err(err(format!("takes 6 or 7 inputs, got {}", inputs.len())));
+                let s = usize::from(*sinks);
+                if inputs.len() > 7 + s {
+                    return Err(err(format!(
+                        "takes {} or {} inputs, got {}",
+                        6 + s,
+                        7 + s,
+                        inputs.len()
+                    )));
                 }
-                if let Some(mask) = inputs.get(6) {
+                if let Some(mask) = inputs[..inputs.len() - s].get(6) {
                     sdpa_mask(q, k, mask).map_err(err)?;
                 }
-                Ok(Some(vec![
+                let mut out = vec![
                     q.with_dtype(dout.dtype),
                     k.with_dtype(dout.dtype),
                     v.with_dtype(dout.dtype),
-                ]))
+                ];
+                if *sinks {
+                    sinks_of(q, inputs[inputs.len() - 1]).map_err(err)?;
+                    out.push(inputs[inputs.len() - 1].clone());
+                }
+                Ok(Some(out))
             }
-            Op::GeluGrad | Op::SiluGrad | Op::SoftmaxGrad { .. } => {
+            Op::GeluGrad | Op::SiluGrad | Op::SoftmaxGrad { .. } | Op::ClampGrad { .. } => {
                 float(0)?;
                 same_shape(0, 1)?;
                 one(inputs[0].clone())
@@ -488,18 +516,27 @@ impl Op {
                 }
                 one(logits.clone())
             }
-            Op::FlashAttentionGrad { .. } => {
+            Op::FlashAttentionGrad { sinks, .. } => {
                 let (d_o, q, k, v, o) = (inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]);
                 float(0)?;
                 if d_o.shape != q.shape || o.shape != q.shape || k != v {
                     return Err(err("do, q and o must share a shape; k and v a type".into()));
                 }
                 attention_shapes(q, k).map_err(err)?;
-                Ok(Some(vec![
+                let n = 5 + usize::from(*sinks);
+                if inputs.len() != n {
+                    return Err(err(format!("takes {n} inputs, got {}", inputs.len())));
+                }
+                let mut out = vec![
                     q.with_dtype(d_o.dtype),
                     k.with_dtype(d_o.dtype),
                     v.with_dtype(d_o.dtype),
-                ]))
+                ];
+                if *sinks {
+                    sinks_of(q, inputs[5]).map_err(err)?;
+                    out.push(inputs[5].clone());
+                }
+                Ok(Some(out))
             }
             Op::AdamW { .. } => {
                 let (p, g, m, v) = (inputs[0], inputs[1], inputs[2], inputs[3]);
@@ -658,6 +695,29 @@ impl Op {
                 let dims = if *tb { [e, n, k] } else { [e, k, n] };
                 one(TensorType::new(a.dtype, dims))
             }
+            Op::GroupedBiasAdd => {
+                float(0)?;
+                let (x, bias) = (inputs[0], inputs[1]);
+                if x.dtype != bias.dtype
+                    || x.shape.rank() != 2
+                    || bias.shape.rank() != 2
+                    || x.shape.0[1] != bias.shape.0[1]
+                {
+                    return Err(err("takes rows[R, n] and bias[E, n] of one dtype".into()));
+                }
+                grouped_rows(x.shape.0[0], bias.shape.0[0]).map_err(err)?;
+                one(x.clone())
+            }
+            Op::GroupedBiasAddGrad { experts } => {
+                float(0)?;
+                let dy = inputs[0];
+                if dy.shape.rank() != 2 {
+                    return Err(err("takes dy[R, n]".into()));
+                }
+                let e = Dim::lit(*experts);
+                grouped_rows(dy.shape.0[0], e).map_err(err)?;
+                one(TensorType::new(dy.dtype, [e, dy.shape.0[1]]))
+            }
             Op::MoeCombine { capacity, .. } | Op::MoeCombineGrad { capacity, .. } => {
                 let grad = matches!(self, Op::MoeCombineGrad { .. });
                 float(0)?;
@@ -745,6 +805,30 @@ pub fn split_dim(dim: Dim, parts: u32) -> Result<Dim, String> {
     }
     dim.checked_div(u64::from(parts))
         .ok_or_else(|| "bad group size".into())
+}
+
+/// The sinks input of an attention op with `sinks`: one value per query head,
+/// `[a]` of `q[b, s, a, d]`, a float.
+fn sinks_of(q: &TensorType, sinks: &TensorType) -> Result<(), String> {
+    let heads = q.shape.0.get(2).copied();
+    if !sinks.dtype.is_float() || sinks.shape.rank() != 1 || Some(sinks.shape.0[0]) != heads {
+        return Err(format!(
+            "sinks must be a float vector of q's heads, [{}]",
+            heads.map_or_else(|| "?".to_string(), |h| h.to_string())
+        ));
+    }
+    Ok(())
+}
+
+/// The expert count of a grouped op: a positive literal. (The rows are the experts'
+/// groups in order, balanced as [`Op::GroupedMatMul`] prices them; a row count the
+/// experts do not divide is left to the runtime's uneven groups.)
+fn grouped_rows(_rows: Dim, experts: Dim) -> Result<(), String> {
+    experts
+        .as_lit()
+        .filter(|&e| e > 0)
+        .map(|_| ())
+        .ok_or_else(|| format!("the expert count must be a positive literal, not {experts}"))
 }
 
 /// The additive mask of [`Op::Sdpa`]: `[b, s, t]` for `q[b,s,..]`, `k[b,t,..]`, in `q`'s dtype.

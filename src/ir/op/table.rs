@@ -139,6 +139,7 @@ op_kinds!(
     ReduceSum,
     Cast,
     Pow,
+    Clamp,
     Tanh,
     Rsqrt,
     Shift,
@@ -148,6 +149,7 @@ op_kinds!(
     FlashAttention,
     GeluGrad,
     SiluGrad,
+    ClampGrad,
     SoftmaxGrad,
     DropoutGrad,
     LayerNormGrad,
@@ -176,6 +178,8 @@ op_kinds!(
     MoeDispatchGrad,
     GroupedMatMul,
     GroupedMatMulWgrad,
+    GroupedBiasAdd,
+    GroupedBiasAddGrad,
     MoeCombine,
     MoeCombineGrad,
 );
@@ -299,6 +303,15 @@ impl OpKind {
             OpKind::ReduceSum => info("reduce_sum", C::Reduction, N(1), 1, &["axes"], true, &[]),
             OpKind::Cast => info("cast", C::Elementwise, N(1), 1, &["to"], true, &[]),
             OpKind::Pow => info("pow", C::Elementwise, N(1), 1, &["exponent"], true, &[I(0)]),
+            OpKind::Clamp => info(
+                "clamp",
+                C::Elementwise,
+                N(1),
+                1,
+                &["min", "max"],
+                true,
+                &[I(0)],
+            ),
             OpKind::Tanh => info("tanh", C::Elementwise, N(1), 1, &[], true, &[R(0)]),
             OpKind::Rsqrt => info("rsqrt", C::Elementwise, N(1), 1, &[], true, &[R(0)]),
             OpKind::Shift => info("shift", C::Elementwise, N(1), 1, &["value"], true, &[]),
@@ -317,21 +330,30 @@ impl OpKind {
                 C::Attention,
                 AtLeast(3),
                 2,
-                &["causal", "scale", "window"],
+                &["causal", "scale", "window", "sinks"],
                 true,
-                &[I(0), I(1), I(2), I(3), R(0), R(1)],
+                &[I(0), I(1), I(2), I(3), I(4), R(0), R(1)],
             ),
             OpKind::FlashAttention => info(
                 "flash_attention",
                 C::Attention,
-                N(3),
+                AtLeast(3),
                 1,
-                &["causal", "scale", "window"],
+                &["causal", "scale", "window", "sinks"],
                 true,
-                &[I(0), I(1), I(2), R(0)],
+                &[I(0), I(1), I(2), I(3), R(0)],
             ),
             OpKind::GeluGrad => info("gelu_grad", C::Elementwise, N(2), 1, &[], false, &[]),
             OpKind::SiluGrad => info("silu_grad", C::Elementwise, N(2), 1, &[], false, &[]),
+            OpKind::ClampGrad => info(
+                "clamp_grad",
+                C::Elementwise,
+                N(2),
+                1,
+                &["min", "max"],
+                false,
+                &[],
+            ),
             OpKind::SoftmaxGrad => info(
                 "softmax_grad",
                 C::Elementwise,
@@ -380,9 +402,9 @@ impl OpKind {
             OpKind::FlashAttentionGrad => info(
                 "flash_attention_grad",
                 C::Attention,
-                N(5),
+                AtLeast(5),
                 3,
-                &["causal", "scale", "window"],
+                &["causal", "scale", "window", "sinks"],
                 false,
                 &[],
             ),
@@ -391,7 +413,7 @@ impl OpKind {
                 C::Attention,
                 AtLeast(6),
                 3,
-                &["causal", "scale", "window"],
+                &["causal", "scale", "window", "sinks"],
                 false,
                 &[],
             ),
@@ -542,6 +564,18 @@ impl OpKind {
                 false,
                 &[],
             ),
+            OpKind::GroupedBiasAdd => {
+                info("grouped_bias_add", C::Elementwise, N(2), 1, &[], true, &[])
+            }
+            OpKind::GroupedBiasAddGrad => info(
+                "grouped_bias_add_grad",
+                C::Reduction,
+                N(1),
+                1,
+                &["experts"],
+                false,
+                &[],
+            ),
             OpKind::MoeCombine => info(
                 "moe_combine",
                 C::Layout,
@@ -623,6 +657,10 @@ impl Op {
             Op::FlashAttention { .. } => OpKind::FlashAttention,
             Op::GeluGrad => OpKind::GeluGrad,
             Op::SiluGrad => OpKind::SiluGrad,
+            Op::Clamp { .. } => OpKind::Clamp,
+            Op::ClampGrad { .. } => OpKind::ClampGrad,
+            Op::GroupedBiasAdd => OpKind::GroupedBiasAdd,
+            Op::GroupedBiasAddGrad { .. } => OpKind::GroupedBiasAddGrad,
             Op::SoftmaxGrad { .. } => OpKind::SoftmaxGrad,
             Op::DropoutGrad { .. } => OpKind::DropoutGrad,
             Op::LayerNormGrad { .. } => OpKind::LayerNormGrad,
@@ -674,6 +712,27 @@ impl Op {
                 | Op::State { .. }
                 | Op::Constant { .. }
                 | Op::Recv { .. }
+        )
+    }
+
+    /// The number of results: the table's, plus the sink gradient of an attention
+    /// gradient op with sinks.
+    pub fn result_count(&self) -> usize {
+        let sink_grad = matches!(
+            self,
+            Op::FlashAttentionGrad { sinks: true, .. } | Op::SdpaGrad { sinks: true, .. }
+        );
+        self.info().results + usize::from(sink_grad)
+    }
+
+    /// Whether the op is an attention op with a sinks input (see [`Op::FlashAttention`]).
+    pub fn has_sinks(&self) -> bool {
+        matches!(
+            self,
+            Op::FlashAttention { sinks: true, .. }
+                | Op::FlashAttentionGrad { sinks: true, .. }
+                | Op::Sdpa { sinks: true, .. }
+                | Op::SdpaGrad { sinks: true, .. }
         )
     }
 
