@@ -78,3 +78,25 @@ fn an_edited_model_config_is_refused() {
     let err = Session::recost(&edited).unwrap_err();
     assert!(err.to_string().contains("model_config"), "{err}");
 }
+
+/// transformers 5 saves Qwen-MoE's expert count as `num_local_experts`
+/// (`Qwen3MoeConfig.attribute_map` maps `num_experts` to it): either spelling reads the
+/// same model, and two that disagree are refused.
+#[test]
+fn qwen_moe_reads_either_expert_count_spelling() {
+    let text = std::fs::read_to_string("tests/data/hf/qwen3-30b-a3b.json").unwrap();
+    let original = hf::from_json_str("qwen3-30b-a3b", &text).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let experts = v["num_experts"].clone();
+    let o = v.as_object_mut().unwrap();
+    o.remove("num_experts");
+    o.insert("num_local_experts".into(), experts.clone());
+    let renamed = hf::from_json_str("qwen3-30b-a3b", &v.to_string()).unwrap();
+    assert_eq!(renamed.param_count(), original.param_count());
+    let o = v.as_object_mut().unwrap();
+    o.insert(
+        "num_experts".into(),
+        serde_json::json!(experts.as_u64().unwrap() + 1),
+    );
+    assert!(hf::from_json_str("qwen3-30b-a3b", &v.to_string()).is_err());
+}

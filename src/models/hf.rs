@@ -1310,10 +1310,24 @@ impl Fields<'_> {
                 self.req_u64("num_local_experts")?,
                 self.req_u64("intermediate_size")?,
             ),
-            _ => (
-                self.req_u64("num_experts")?,
-                self.req_u64("moe_intermediate_size")?,
-            ),
+            _ => {
+                // transformers 5 maps `num_experts` to `num_local_experts`
+                // (`Qwen3MoeConfig.attribute_map`) and saves that spelling.
+                if let (Some(a), Some(b)) =
+                    (self.u64("num_experts")?, self.u64("num_local_experts")?)
+                {
+                    if a != b {
+                        return Err(self.invalid(
+                            "num_local_experts",
+                            format!("{b} differs from num_experts {a}"),
+                        ));
+                    }
+                }
+                (
+                    self.req_u64_any(&["num_experts", "num_local_experts"])?,
+                    self.req_u64("moe_intermediate_size")?,
+                )
+            }
         };
         let topk = self.req_u64("num_experts_per_tok")?;
         let (shared_ffn, shared_gate) = match family {
