@@ -206,8 +206,8 @@ def plan(
     text = _apar.plan(
         m["model"],
         cluster,
-        int(seq),
-        int(global_batch),
+        _count("seq", seq),
+        _count("global_batch", global_batch),
         opts,
         m["graph"],
         m["hf_config"],
@@ -217,6 +217,27 @@ def plan(
     p = Plan.from_json(json.loads(text))
     p.log = _apar.plan_log(text)
     return p
+
+
+def _count(name: str, value: Any) -> int:
+    """A positive whole number that fits apar's unsigned 64-bit counts, or a
+    :class:`ConfigError` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ConfigError(f"{name} must be a whole number, not {value!r}", name)
+    if not 0 < value < 2**64:
+        raise ConfigError(f"{name} must be between 1 and 2^64 - 1, not {value}", name)
+    return value
+
+
+#: The fields of a configuration dict (:class:`apar.Config`'s).
+CONFIG_FIELDS = (
+    "dp", "tp", "pp", "cp", "ep", "etp", "micro_batch", "num_micro_batches", "sp",
+    "recompute", "recompute_layers", "recompute_modules", "zero", "low_prec_shard",
+    "schedule",
+)
 
 
 def evaluate(
@@ -245,7 +266,10 @@ def evaluate(
 
     Raises:
         ConfigError: the configuration does not match the cluster or the batch.
-        Others: as :func:`plan` (never ``OutOfMemory``: an evaluation reports peaks).
+        ConfigError: also for a field a configuration does not have.
+        OutOfMemory: the configuration does not fit (its report has the changes that
+            fit).
+        Others: as :func:`plan`.
     """
     m = _model_args(model)
     opts = _options(engine, memory_ratio, calibration, None, options, {})
@@ -262,12 +286,23 @@ def evaluate(
             "low_prec_shard": False,
             "schedule": "1f1b",
         }
+        if not isinstance(config, dict):
+            raise ConfigError(
+                f"config must be an apar.Config or a dict of its fields, not {type(config).__name__}",
+                "config",
+            )
+        unknown = sorted(k for k in config if k not in CONFIG_FIELDS)
+        if unknown:
+            raise ConfigError(
+                f"unknown configuration field(s) {', '.join(unknown)} (fields: {', '.join(CONFIG_FIELDS)})",
+                "config",
+            )
         cfg.update(config)
     text = _apar.evaluate(
         m["model"],
         cluster,
-        int(seq),
-        int(global_batch),
+        _count("seq", seq),
+        _count("global_batch", global_batch),
         json.dumps(cfg),
         opts,
         m["graph"],
