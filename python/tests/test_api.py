@@ -176,3 +176,28 @@ def test_malformed_documents_raise_typed_errors_not_panics():
         _apar.plan("tiny-gpt", "dgx-a100-80g:1", 0, 128)
     with pytest.raises(apar.ConfigError):
         apar.calibrate("/nonexistent/runs.csv", "matmul")
+
+
+@pytest.mark.parametrize("value", [-1, 0, 2**64, 64.5, "64"])
+def test_counts_are_checked_before_the_core(value):
+    with pytest.raises(apar.ConfigError):
+        apar.plan("tiny-gpt", cluster="dgx-a100-80g:1", global_batch=value, seq=128,
+                  progress=False)
+
+
+def test_unknown_configuration_fields_are_refused():
+    with pytest.raises(apar.ConfigError) as e:
+        apar.evaluate("tiny-gpt", "dgx-a100-80g:1", dict(dp=8, tp=1, pp=1, micro_batch=1, foo=3),
+                      global_batch=16, seq=128)
+    assert "foo" in str(e.value)
+
+
+def test_expert_parallel_pins_and_default_expert_tensor_degree():
+    # The CLI's `eval` takes etp = tp for a mixture-of-experts model (Megatron-LM's
+    # default); so does evaluate, and `ep` pins the search.
+    cfg = dict(dp=4, tp=2, pp=2, ep=4, micro_batch=1, sp=True, recompute="full", zero=1)
+    p = apar.evaluate("mixtral-8x7b", "dgx-h100:2", cfg, global_batch=64, seq=4096)
+    assert p.config.etp == 2 and "etp 2" in str(p.config)
+    q = apar.plan("mixtral-8x7b", cluster="dgx-h100:2", global_batch=64, seq=4096, ep=2,
+                  progress=False)
+    assert q.config.ep == 2
