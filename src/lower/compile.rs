@@ -8,7 +8,9 @@
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
 use super::peak::{device_peaks, ChunkSummary, InFlight};
-use super::profile::{is_ring_attention, profile, BlockProfile, Blocks, Groups, TpOverlap};
+use super::profile::{
+    is_ring_attention, profile, BlockProfile, Blocks, Groups, ProfilePrep, TpOverlap,
+};
 use super::{simulate, SharedLinks, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{Calibration, CostModel, Group};
@@ -424,6 +426,9 @@ struct Caches {
     sharded: Cache<(u32, bool), Compiled<Graph>>,
     /// Training graphs with recomputation, by (tp, sp, recompute, (ep, etp)).
     graphs: Cache<(u32, bool, Recomputation, Xk), Compiled<Recomputed>>,
+    /// What profiling a training graph reads off it at every micro-batch, by the
+    /// training graph's key.
+    prepared: Cache<(u32, bool, Recomputation, Xk), ProfilePrep>,
     /// Undistributed profiles, by (tp, sp, recompute, b).
     base: Cache<BaseKey, Compiled<BlockMap>>,
     /// Distribution profiles, by (tp, zero, low-precision sharding, dp, cp).
@@ -462,6 +467,10 @@ pub struct Compiler {
     layers: u32,
     /// The blocks the pipeline cuts between, and which are layers.
     layout: BlockLayout,
+    /// A configuration's layers as runs of one template each: (first layer, layers,
+    /// index into [`ModelConfig::template_layers`]); computed once, since finding a
+    /// layer's template walks the layers (empty for a graph).
+    template_runs: Vec<(u32, u32, usize)>,
     /// The cluster.
     pub cluster: Cluster,
     /// The cost model.
@@ -575,7 +584,7 @@ impl Compiler {
         cluster
             .validate()
             .map_err(|e| CompileError::Cluster(e.into()))?;
-        let (forward, layers, layout) = match &source {
+        let (forward, layers, layout, template_runs) = match &source {
             ModelSource::Config(cfg) => {
                 // Two layers: `layer.0` stands for every layer but the last (its output
                 // gradient sums two uses), `layer.1` for the last; a model alternating
@@ -594,7 +603,7 @@ impl Compiler {
                 }
                 let mut layout = BlockLayout::transformer(cfg.layers as usize);
                 layout.experts = cfg.moe.as_ref().map_or(0, |m| m.experts);
-                (g, cfg.layers, layout)
+                (g, cfg.layers, layout, template_runs(cfg))
             }
             ModelSource::Graph(g) => {
                 let layers = g
@@ -622,7 +631,7 @@ impl Compiler {
                         })
                         .unwrap_or(0),
                 };
-                (g.clone(), layers, layout)
+                (g.clone(), layers, layout, Vec::new())
             }
         };
         let budget_bytes = (cluster.device_memory() as f64 * memory_ratio) as u64;
@@ -631,6 +640,7 @@ impl Compiler {
             forward,
             layers,
             layout,
+            template_runs,
             cost: CostModel::new(cluster.clone()),
             shard_cost: CostModel::new(cluster.clone()),
             cluster,
@@ -804,6 +814,7 @@ impl Compiler {
             forward: self.forward.clone(),
             layers: self.layers,
             layout: self.layout.clone(),
+            template_runs: self.template_runs.clone(),
             cluster: self.cluster.clone(),
             cost: CostModel::with_calibration(self.cluster.clone(), calibration.clone()),
             shard_cost: self.shard_cost.clone(),
@@ -1248,6 +1259,15 @@ impl Compiler {
         trains.par_iter().for_each(|&(tp, sp, rc, x)| {
             self.graph(tp, sp, rc, x);
         });
+        // Profiles only for the configurations that get to them: those
+        // [`Compiler::lower_bound`] refuses before its profiles need none (selective
+        // recomputation that recomputes nothing is most of the space of a model with
+        // flash attention).
+        let configs: Vec<Config> = configs
+            .iter()
+            .filter(|c| self.check(c).is_ok() && self.recomputes_something(c).is_ok())
+            .copied()
+            .collect();
         let bases: BTreeSet<BaseKey> = configs
             .iter()
             .map(|c| {
@@ -1376,7 +1396,13 @@ impl Compiler {
                 edp_ops: &none,
                 imbalance: self.moe_imbalance,
             };
-            profile(&g.graph, env, &self.cost, &groups, &g.clones).ok_or_else(|| self.size_error())
+            // The graph is profiled at every micro-batch and context-parallel degree:
+            // what does not depend on them is read off it once.
+            let prep = cached(&self.caches.prepared, (tp, sp, rc, x), || {
+                ProfilePrep::new(&g.graph, &none, &none, &g.clones)
+            });
+            prep.profile(&g.graph, env, &self.cost, &groups)
+                .ok_or_else(|| self.size_error())
         })
     }
 
@@ -1451,17 +1477,14 @@ impl Compiler {
                 // uniform model: layers 0..L-2, then the last layer), the head.
                 let mut out = Blocks::default();
                 out.push(get(Block::Embed), 1);
-                let mut start = 0;
-                while start < cfg.layers {
-                    let t = cfg.template_of(start);
-                    let mut end = start + 1;
-                    while end < cfg.layers && cfg.template_of(end) == t {
-                        end += 1;
-                    }
+                debug_assert_eq!(
+                    self.template_runs.iter().map(|r| r.1).sum::<u32>(),
+                    cfg.layers
+                );
+                for &(start, len, t) in &self.template_runs {
                     let mut p = get(Block::Layer(t as u32));
                     p.block = Some(Block::Layer(start));
-                    out.push(p, (end - start) as usize);
-                    start = end;
+                    out.push(p, len as usize);
                 }
                 out.push(get(Block::Head), 1);
                 out
@@ -1495,17 +1518,7 @@ impl Compiler {
     /// when a size does not fit at this micro-batch and sequence; [`CompileError::NoCut`].
     pub fn lower_bound(&self, c: &Config) -> Result<(f64, Vec<StageSpan>), CompileError> {
         self.check(c)?;
-        if c.recompute == Recompute::Selective {
-            let g = self.graph(c.tp, c.sp, c.recomputation(), self.xk(c));
-            if let Ok(g) = g.as_ref() {
-                if let Some(idle) = g.idle {
-                    return Err(CompileError::ModulesRecomputeNothing(idle));
-                }
-                if g.clones.is_empty() {
-                    return Err(CompileError::SelectiveRecomputesNothing);
-                }
-            }
-        }
+        self.recomputes_something(c)?;
         let profiles = self.profiles(c);
         let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
         let stages = self.cut(set, c)?;
@@ -1545,6 +1558,23 @@ impl Compiler {
             }
         }
         Ok((busy.into_iter().fold(0.0, f64::max), stages))
+    }
+
+    /// Selective recomputation of `c` that recomputes nothing is refused (it would be
+    /// `--recompute none` under another name).
+    fn recomputes_something(&self, c: &Config) -> Result<(), CompileError> {
+        if c.recompute == Recompute::Selective {
+            let g = self.graph(c.tp, c.sp, c.recomputation(), self.xk(c));
+            if let Ok(g) = g.as_ref() {
+                if let Some(idle) = g.idle {
+                    return Err(CompileError::ModulesRecomputeNothing(idle));
+                }
+                if g.clones.is_empty() {
+                    return Err(CompileError::SelectiveRecomputesNothing);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Compiles and simulates one configuration; `detail` records every event and the
@@ -1850,6 +1880,19 @@ impl Compiler {
         sum.push_range(blocks, at, span.last);
         sum
     }
+}
+
+/// The layers of `cfg` as runs of consecutive layers with one template each: (first
+/// layer, layers, template index of [`ModelConfig::template_of`]).
+fn template_runs(cfg: &ModelConfig) -> Vec<(u32, u32, usize)> {
+    let mut runs: Vec<(u32, u32, usize)> = Vec::new();
+    for (i, t) in cfg.template_indices().into_iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if r.2 == t => r.1 += 1,
+            _ => runs.push((i as u32, 1, t)),
+        }
+    }
+    runs
 }
 
 /// PaLM's model FLOPs per token of `cfg` at context `seq`: `6·N + 12·L·H·Q·T`
