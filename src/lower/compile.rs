@@ -424,6 +424,8 @@ type Xk = (u32, u32);
 struct Caches {
     /// Per-device forward graphs, by (tp, sp).
     sharded: Cache<(u32, bool), Compiled<Graph>>,
+    /// Training graphs before recomputation, by (tp, sp, (ep, etp)).
+    trained: Cache<(u32, bool, Xk), Compiled<Graph>>,
     /// Training graphs with recomputation, by (tp, sp, recompute, (ep, etp)).
     graphs: Cache<(u32, bool, Recomputation, Xk), Compiled<Recomputed>>,
     /// What profiling a training graph reads off it at every micro-batch, by the
@@ -832,6 +834,7 @@ impl Compiler {
             moe_imbalance: self.moe_imbalance,
             caches: Caches {
                 sharded: copy_cache(&self.caches.sharded),
+                trained: copy_cache(&self.caches.trained),
                 graphs: copy_cache(&self.caches.graphs),
                 ..Caches::default()
             },
@@ -1256,6 +1259,11 @@ impl Compiler {
                     .map(|c| (c.tp, false, Recomputation::NONE, self.xk(c))),
             )
             .collect();
+        let unrecomputed: BTreeSet<(u32, bool, Xk)> =
+            trains.iter().map(|&(tp, sp, _, x)| (tp, sp, x)).collect();
+        unrecomputed.par_iter().for_each(|&(tp, sp, x)| {
+            self.train_graph(tp, sp, x);
+        });
         trains.par_iter().for_each(|&(tp, sp, rc, x)| {
             self.graph(tp, sp, rc, x);
         });
@@ -1325,6 +1333,20 @@ impl Compiler {
         (ep, etp): Xk,
     ) -> Arc<Result<Recomputed, CompileError>> {
         cached(&self.caches.graphs, (tp, sp, rc, (ep, etp)), || {
+            let train = self.train_graph(tp, sp, (ep, etp));
+            let train = train.as_ref().as_ref().map_err(Clone::clone)?;
+            let selective = self.engine.selective_for(rc.modules);
+            let r = self
+                .passes
+                .run(&RecomputeLayers(rc.policy, selective), train)?;
+            Ok(r)
+        })
+    }
+
+    /// The per-device training graph before recomputation (what every recomputation
+    /// policy of `(tp, sp, (ep, etp))` starts from).
+    fn train_graph(&self, tp: u32, sp: bool, (ep, etp): Xk) -> Arc<Result<Graph, CompileError>> {
+        cached(&self.caches.trained, (tp, sp, (ep, etp)), || {
             let fwd = cached(&self.caches.sharded, (tp, sp), || {
                 self.per_device_forward(tp, sp)
             });
@@ -1352,12 +1374,7 @@ impl Compiler {
                 fp8: states.fp8,
                 ..TrainOptions::default()
             };
-            let train = self.passes.run(&Autodiff(opts), &fwd)?;
-            let selective = self.engine.selective_for(rc.modules);
-            let r = self
-                .passes
-                .run(&RecomputeLayers(rc.policy, selective), &train)?;
-            Ok(r)
+            Ok(self.passes.run(&Autodiff(opts), &fwd)?)
         })
     }
 
