@@ -7,7 +7,7 @@
 //! the last, the second for the last; an IR file is compiled whole. Profiles are cached per (tp, sp, recompute, micro-batch,
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
-use super::peak::{device_peaks, ChunkSummary, InFlight};
+use super::peak::{max_device_peak, ChunkSummary, InFlight};
 use super::profile::{
     is_ring_attention, profile, BlockProfile, Blocks, Groups, ProfilePrep, TpOverlap,
 };
@@ -436,6 +436,8 @@ struct Caches {
     /// Distribution profiles, by (tp, zero, low-precision sharding, dp, cp).
     dist: Cache<DistKey, Compiled<BlockMap>>,
     profiles: Cache<ProfileKey, Compiled<ProfileSet>>,
+    /// The engine's cuts of the model, by (pp, virtual stages per rank).
+    cuts: Cache<(u32, u32), Vec<Vec<StageSpan>>>,
     /// In-flight micro-batch patterns of each device, by (schedule, pp, m).
     inflight: Cache<(Schedule, u32, u32), InFlight>,
 }
@@ -1812,9 +1814,12 @@ impl Compiler {
             blocks: blocks.len(),
             stages: parts,
         };
-        let mut family = self.engine.cuts(c, &self.layout);
+        // The engine's cuts depend on the stages alone (the layout is the compiler's).
+        let family = cached(&self.caches.cuts, (c.pp, c.schedule.chunks()), || {
+            self.engine.cuts(c, &self.layout)
+        });
         if family.len() == 1 {
-            return family.pop().ok_or(no_cut);
+            return family.first().cloned().ok_or(no_cut);
         }
         let plain = match c.recompute_layers {
             Some(k) if c.recompute != Recompute::None => {
@@ -1836,24 +1841,21 @@ impl Compiler {
             (c.schedule, c.pp, c.num_micro_batches),
             || InFlight::new(c.schedule, c.pp, c.num_micro_batches),
         );
+        let mut chunks: Vec<ChunkSummary> = Vec::with_capacity(parts);
         let scores: Vec<pipeline::CutScore> = family
             .iter()
             .map(|spans| {
-                let chunks: Vec<ChunkSummary> = spans
-                    .iter()
-                    .map(|s| self.chunk_summary(blocks, plain, *s))
-                    .collect();
+                chunks.clear();
+                chunks.extend(spans.iter().map(|s| self.chunk_summary(blocks, plain, *s)));
                 pipeline::CutScore {
                     time_s: chunks.iter().map(|x| x.time_s).fold(0.0, f64::max),
-                    peak_bytes: device_peaks(&chunks, c.pp, &inflight)
-                        .into_iter()
-                        .max()
-                        .unwrap_or(0),
+                    peak_bytes: max_device_peak(&chunks, c.pp, &inflight),
                 }
             })
             .collect();
-        let best = pipeline::select(&scores, self.tensor_budget(c)).ok_or(no_cut)?;
-        Ok(family.swap_remove(best))
+        pipeline::select(&scores, self.tensor_budget(c))
+            .and_then(|best| family.get(best).cloned())
+            .ok_or(no_cut)
     }
 
     /// The summary of one stage as [`Compiler::compose`] builds it: with `plain =
