@@ -52,6 +52,11 @@ pub const MAX_PIPELINE_UNITS: u64 = 1 << 20;
 /// Keeps every per-step token and byte count far inside `u64`.
 pub const MAX_TOKENS_PER_STEP: u64 = 1 << 40;
 
+/// Stage summaries [`Compiler::cut`] keeps per call for stages inside one run of equal
+/// blocks (a pipeline's middle stages take two or three lengths; the bound keeps the
+/// lookup short for a graph of many one-block runs).
+const INNER_SUMMARIES: usize = 16;
+
 /// Why a configuration cannot be compiled (bad input, not out-of-memory).
 ///
 /// Every variant is typed so that an embedder can match on it; `Display` gives the
@@ -1842,11 +1847,38 @@ impl Compiler {
             || InFlight::new(c.schedule, c.pp, c.num_micro_batches),
         );
         let mut chunks: Vec<ChunkSummary> = Vec::with_capacity(parts);
+        // A stage inside one run of equal blocks (most middle stages of a pipeline) is
+        // summarized by that run's profile pushed `len` times, whatever its position:
+        // such summaries are computed once per (run, len) here.
+        let mut inner: Vec<(usize, usize, ChunkSummary)> = Vec::new();
         let scores: Vec<pipeline::CutScore> = family
             .iter()
             .map(|spans| {
                 chunks.clear();
-                chunks.extend(spans.iter().map(|s| self.chunk_summary(blocks, plain, *s)));
+                for s in spans {
+                    let within = plain
+                        .is_none()
+                        .then(|| blocks.within_run(s.first, s.last))
+                        .flatten();
+                    let x = match within {
+                        Some((run, len)) => {
+                            match inner.iter().find(|x| x.0 == run && x.1 == len) {
+                                Some(x) => x.2,
+                                None => {
+                                    let x = self.chunk_summary(blocks, None, *s);
+                                    // A few lengths per run in practice; bounded so
+                                    // that a graph of many one-block runs stays linear.
+                                    if inner.len() < INNER_SUMMARIES {
+                                        inner.push((run, len, x));
+                                    }
+                                    x
+                                }
+                            }
+                        }
+                        None => self.chunk_summary(blocks, plain, *s),
+                    };
+                    chunks.push(x);
+                }
                 pipeline::CutScore {
                     time_s: chunks.iter().map(|x| x.time_s).fold(0.0, f64::max),
                     peak_bytes: max_device_peak(&chunks, c.pp, &inflight),

@@ -99,6 +99,17 @@ impl Blocks {
         self.len == 0
     }
 
+    /// When blocks `first..=last` all lie in one run: that run's index and the span's
+    /// length (its blocks then share one profile).
+    pub fn within_run(&self, first: usize, last: usize) -> Option<(usize, usize)> {
+        if first > last || last >= self.len {
+            return None;
+        }
+        let r = self.run_of(first);
+        let run = self.runs.get(r)?;
+        (last < run.start + run.len).then_some((r, last - first + 1))
+    }
+
     /// The runs as (length, profile of their first block).
     pub fn runs(&self) -> impl Iterator<Item = (usize, &BlockProfile)> + '_ {
         self.runs.iter().map(|r| (r.len, &r.profile))
