@@ -1,5 +1,7 @@
 //! Planning benchmarks: the reference scenario, one evaluation of Llama-3.1-405B on
-//! 16,384 H100s, the whole 405B search, and plan time as layers and devices grow.
+//! 16,384 H100s, the whole 405B search, the whole DeepSeek-V3 search (expert and
+//! context parallelism included) on 2,048 H800s, and plan time as layers and devices
+//! grow.
 
 use apar::cluster::Cluster;
 use apar::lower::compile::{Compiler, ModelSource, DEFAULT_MEMORY_RATIO};
@@ -80,6 +82,20 @@ fn plan_405b(c: &mut Criterion) {
     g.finish();
 }
 
+fn plan_deepseek_v3(c: &mut Criterion) {
+    // Issue 11's target: DeepSeek-V3 on 2,048 H800-class GPUs over the whole space
+    // (57,400 candidates), fresh compiler per iteration.
+    let mut g = c.benchmark_group("plan-deepseek-v3");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    g.bench_function("hgx-h800:256/whole-space", |b| {
+        b.iter(|| {
+            let comp = compiler("deepseek-v3", "hgx-h800:256", 4096, 15360, None);
+            plan_with(&comp, &search())
+        })
+    });
+    g.finish();
+}
+
 fn scaling(c: &mut Criterion) {
     let mut g = c.benchmark_group("plan-scaling");
     g.sample_size(10);
@@ -103,5 +119,12 @@ fn scaling(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, reference, eval_405b, plan_405b, scaling);
+criterion_group!(
+    benches,
+    reference,
+    eval_405b,
+    plan_405b,
+    plan_deepseek_v3,
+    scaling
+);
 criterion_main!(benches);

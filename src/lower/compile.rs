@@ -7,8 +7,10 @@
 //! the last, the second for the last; an IR file is compiled whole. Profiles are cached per (tp, sp, recompute, micro-batch,
 //! ZeRO stage, low-precision sharding, dp); the cache is shared by concurrent callers.
 
-use super::peak::{device_peaks, ChunkSummary, InFlight};
-use super::profile::{is_ring_attention, profile, BlockProfile, Blocks, Groups, TpOverlap};
+use super::peak::{max_device_peak, ChunkSummary, InFlight};
+use super::profile::{
+    is_ring_attention, profile, BlockProfile, Blocks, Groups, ProfilePrep, TpOverlap,
+};
 use super::{simulate, SharedLinks, SimInput, Simulation, StageSpan};
 use crate::cluster::{Cluster, ClusterError};
 use crate::cost::{Calibration, CostModel, Group};
@@ -49,6 +51,11 @@ pub const MAX_PIPELINE_UNITS: u64 = 1 << 20;
 /// about 65,000× the largest published batch (Llama 3 405B: 16M tokens per step).
 /// Keeps every per-step token and byte count far inside `u64`.
 pub const MAX_TOKENS_PER_STEP: u64 = 1 << 40;
+
+/// Stage summaries [`Compiler::cut`] keeps per call for stages inside one run of equal
+/// blocks (a pipeline's middle stages take two or three lengths; the bound keeps the
+/// lookup short for a graph of many one-block runs).
+const INNER_SUMMARIES: usize = 16;
 
 /// Why a configuration cannot be compiled (bad input, not out-of-memory).
 ///
@@ -422,13 +429,20 @@ type Xk = (u32, u32);
 struct Caches {
     /// Per-device forward graphs, by (tp, sp).
     sharded: Cache<(u32, bool), Compiled<Graph>>,
+    /// Training graphs before recomputation, by (tp, sp, (ep, etp)).
+    trained: Cache<(u32, bool, Xk), Compiled<Graph>>,
     /// Training graphs with recomputation, by (tp, sp, recompute, (ep, etp)).
     graphs: Cache<(u32, bool, Recomputation, Xk), Compiled<Recomputed>>,
+    /// What profiling a training graph reads off it at every micro-batch, by the
+    /// training graph's key.
+    prepared: Cache<(u32, bool, Recomputation, Xk), ProfilePrep>,
     /// Undistributed profiles, by (tp, sp, recompute, b).
     base: Cache<BaseKey, Compiled<BlockMap>>,
     /// Distribution profiles, by (tp, zero, low-precision sharding, dp, cp).
     dist: Cache<DistKey, Compiled<BlockMap>>,
     profiles: Cache<ProfileKey, Compiled<ProfileSet>>,
+    /// The engine's cuts of the model, by (pp, virtual stages per rank).
+    cuts: Cache<(u32, u32), Vec<Vec<StageSpan>>>,
     /// In-flight micro-batch patterns of each device, by (schedule, pp, m).
     inflight: Cache<(Schedule, u32, u32), InFlight>,
 }
@@ -462,6 +476,10 @@ pub struct Compiler {
     layers: u32,
     /// The blocks the pipeline cuts between, and which are layers.
     layout: BlockLayout,
+    /// A configuration's layers as runs of one template each: (first layer, layers,
+    /// index into [`ModelConfig::template_layers`]); computed once, since finding a
+    /// layer's template walks the layers (empty for a graph).
+    template_runs: Vec<(u32, u32, usize)>,
     /// The cluster.
     pub cluster: Cluster,
     /// The cost model.
@@ -575,7 +593,7 @@ impl Compiler {
         cluster
             .validate()
             .map_err(|e| CompileError::Cluster(e.into()))?;
-        let (forward, layers, layout) = match &source {
+        let (forward, layers, layout, template_runs) = match &source {
             ModelSource::Config(cfg) => {
                 // Two layers: `layer.0` stands for every layer but the last (its output
                 // gradient sums two uses), `layer.1` for the last; a model alternating
@@ -594,7 +612,7 @@ impl Compiler {
                 }
                 let mut layout = BlockLayout::transformer(cfg.layers as usize);
                 layout.experts = cfg.moe.as_ref().map_or(0, |m| m.experts);
-                (g, cfg.layers, layout)
+                (g, cfg.layers, layout, template_runs(cfg))
             }
             ModelSource::Graph(g) => {
                 let layers = g
@@ -622,7 +640,7 @@ impl Compiler {
                         })
                         .unwrap_or(0),
                 };
-                (g.clone(), layers, layout)
+                (g.clone(), layers, layout, Vec::new())
             }
         };
         let budget_bytes = (cluster.device_memory() as f64 * memory_ratio) as u64;
@@ -631,6 +649,7 @@ impl Compiler {
             forward,
             layers,
             layout,
+            template_runs,
             cost: CostModel::new(cluster.clone()),
             shard_cost: CostModel::new(cluster.clone()),
             cluster,
@@ -804,6 +823,7 @@ impl Compiler {
             forward: self.forward.clone(),
             layers: self.layers,
             layout: self.layout.clone(),
+            template_runs: self.template_runs.clone(),
             cluster: self.cluster.clone(),
             cost: CostModel::with_calibration(self.cluster.clone(), calibration.clone()),
             shard_cost: self.shard_cost.clone(),
@@ -821,6 +841,7 @@ impl Compiler {
             moe_imbalance: self.moe_imbalance,
             caches: Caches {
                 sharded: copy_cache(&self.caches.sharded),
+                trained: copy_cache(&self.caches.trained),
                 graphs: copy_cache(&self.caches.graphs),
                 ..Caches::default()
             },
@@ -1245,9 +1266,23 @@ impl Compiler {
                     .map(|c| (c.tp, false, Recomputation::NONE, self.xk(c))),
             )
             .collect();
+        let unrecomputed: BTreeSet<(u32, bool, Xk)> =
+            trains.iter().map(|&(tp, sp, _, x)| (tp, sp, x)).collect();
+        unrecomputed.par_iter().for_each(|&(tp, sp, x)| {
+            self.train_graph(tp, sp, x);
+        });
         trains.par_iter().for_each(|&(tp, sp, rc, x)| {
             self.graph(tp, sp, rc, x);
         });
+        // Profiles only for the configurations that get to them: those
+        // [`Compiler::lower_bound`] refuses before its profiles need none (selective
+        // recomputation that recomputes nothing is most of the space of a model with
+        // flash attention).
+        let configs: Vec<Config> = configs
+            .iter()
+            .filter(|c| self.check(c).is_ok() && self.recomputes_something(c).is_ok())
+            .copied()
+            .collect();
         let bases: BTreeSet<BaseKey> = configs
             .iter()
             .map(|c| {
@@ -1305,6 +1340,20 @@ impl Compiler {
         (ep, etp): Xk,
     ) -> Arc<Result<Recomputed, CompileError>> {
         cached(&self.caches.graphs, (tp, sp, rc, (ep, etp)), || {
+            let train = self.train_graph(tp, sp, (ep, etp));
+            let train = train.as_ref().as_ref().map_err(Clone::clone)?;
+            let selective = self.engine.selective_for(rc.modules);
+            let r = self
+                .passes
+                .run(&RecomputeLayers(rc.policy, selective), train)?;
+            Ok(r)
+        })
+    }
+
+    /// The per-device training graph before recomputation (what every recomputation
+    /// policy of `(tp, sp, (ep, etp))` starts from).
+    fn train_graph(&self, tp: u32, sp: bool, (ep, etp): Xk) -> Arc<Result<Graph, CompileError>> {
+        cached(&self.caches.trained, (tp, sp, (ep, etp)), || {
             let fwd = cached(&self.caches.sharded, (tp, sp), || {
                 self.per_device_forward(tp, sp)
             });
@@ -1332,12 +1381,7 @@ impl Compiler {
                 fp8: states.fp8,
                 ..TrainOptions::default()
             };
-            let train = self.passes.run(&Autodiff(opts), &fwd)?;
-            let selective = self.engine.selective_for(rc.modules);
-            let r = self
-                .passes
-                .run(&RecomputeLayers(rc.policy, selective), &train)?;
-            Ok(r)
+            Ok(self.passes.run(&Autodiff(opts), &fwd)?)
         })
     }
 
@@ -1377,7 +1421,13 @@ impl Compiler {
                 edp_ops: &none,
                 imbalance: self.moe_imbalance,
             };
-            profile(&g.graph, env, &self.cost, &groups, &g.clones).ok_or_else(|| self.size_error())
+            // The graph is profiled at every micro-batch and context-parallel degree:
+            // what does not depend on them is read off it once.
+            let prep = cached(&self.caches.prepared, (tp, sp, rc, x), || {
+                ProfilePrep::new(&g.graph, &none, &none, &g.clones)
+            });
+            prep.profile(&g.graph, env, &self.cost, &groups)
+                .ok_or_else(|| self.size_error())
         })
     }
 
@@ -1453,17 +1503,14 @@ impl Compiler {
                 // uniform model: layers 0..L-2, then the last layer), the head.
                 let mut out = Blocks::default();
                 out.push(get(Block::Embed), 1);
-                let mut start = 0;
-                while start < cfg.layers {
-                    let t = cfg.template_of(start);
-                    let mut end = start + 1;
-                    while end < cfg.layers && cfg.template_of(end) == t {
-                        end += 1;
-                    }
+                debug_assert_eq!(
+                    self.template_runs.iter().map(|r| r.1).sum::<u32>(),
+                    cfg.layers
+                );
+                for &(start, len, t) in &self.template_runs {
                     let mut p = get(Block::Layer(t as u32));
                     p.block = Some(Block::Layer(start));
-                    out.push(p, (end - start) as usize);
-                    start = end;
+                    out.push(p, len as usize);
                 }
                 out.push(get(Block::Head), 1);
                 out
@@ -1497,17 +1544,7 @@ impl Compiler {
     /// when a size does not fit at this micro-batch and sequence; [`CompileError::NoCut`].
     pub fn lower_bound(&self, c: &Config) -> Result<(f64, Vec<StageSpan>), CompileError> {
         self.check(c)?;
-        if c.recompute == Recompute::Selective {
-            let g = self.graph(c.tp, c.sp, c.recomputation(), self.xk(c));
-            if let Ok(g) = g.as_ref() {
-                if let Some(idle) = g.idle {
-                    return Err(CompileError::ModulesRecomputeNothing(idle));
-                }
-                if g.clones.is_empty() {
-                    return Err(CompileError::SelectiveRecomputesNothing);
-                }
-            }
-        }
+        self.recomputes_something(c)?;
         let profiles = self.profiles(c);
         let set = profiles.as_ref().as_ref().map_err(Clone::clone)?;
         let stages = self.cut(set, c)?;
@@ -1547,6 +1584,23 @@ impl Compiler {
             }
         }
         Ok((busy.into_iter().fold(0.0, f64::max), stages))
+    }
+
+    /// Selective recomputation of `c` that recomputes nothing is refused (it would be
+    /// `--recompute none` under another name).
+    fn recomputes_something(&self, c: &Config) -> Result<(), CompileError> {
+        if c.recompute == Recompute::Selective {
+            let g = self.graph(c.tp, c.sp, c.recomputation(), self.xk(c));
+            if let Ok(g) = g.as_ref() {
+                if let Some(idle) = g.idle {
+                    return Err(CompileError::ModulesRecomputeNothing(idle));
+                }
+                if g.clones.is_empty() {
+                    return Err(CompileError::SelectiveRecomputesNothing);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Compiles and simulates one configuration; `detail` records every event and the
@@ -1767,9 +1821,12 @@ impl Compiler {
             blocks: blocks.len(),
             stages: parts,
         };
-        let mut family = self.engine.cuts(c, &self.layout);
+        // The engine's cuts depend on the stages alone (the layout is the compiler's).
+        let family = cached(&self.caches.cuts, (c.pp, c.schedule.chunks()), || {
+            self.engine.cuts(c, &self.layout)
+        });
         if family.len() == 1 {
-            return family.pop().ok_or(no_cut);
+            return family.first().cloned().ok_or(no_cut);
         }
         let plain = match c.recompute_layers {
             Some(k) if c.recompute != Recompute::None => {
@@ -1791,24 +1848,48 @@ impl Compiler {
             (c.schedule, c.pp, c.num_micro_batches),
             || InFlight::new(c.schedule, c.pp, c.num_micro_batches),
         );
+        let mut chunks: Vec<ChunkSummary> = Vec::with_capacity(parts);
+        // A stage inside one run of equal blocks (most middle stages of a pipeline) is
+        // summarized by that run's profile pushed `len` times, whatever its position:
+        // such summaries are computed once per (run, len) here.
+        let mut inner: Vec<(usize, usize, ChunkSummary)> = Vec::new();
         let scores: Vec<pipeline::CutScore> = family
             .iter()
             .map(|spans| {
-                let chunks: Vec<ChunkSummary> = spans
-                    .iter()
-                    .map(|s| self.chunk_summary(blocks, plain, *s))
-                    .collect();
+                chunks.clear();
+                for s in spans {
+                    let within = plain
+                        .is_none()
+                        .then(|| blocks.within_run(s.first, s.last))
+                        .flatten();
+                    let x = match within {
+                        Some((run, len)) => {
+                            match inner.iter().find(|x| x.0 == run && x.1 == len) {
+                                Some(x) => x.2,
+                                None => {
+                                    let x = self.chunk_summary(blocks, None, *s);
+                                    // A few lengths per run in practice; bounded so
+                                    // that a graph of many one-block runs stays linear.
+                                    if inner.len() < INNER_SUMMARIES {
+                                        inner.push((run, len, x));
+                                    }
+                                    x
+                                }
+                            }
+                        }
+                        None => self.chunk_summary(blocks, plain, *s),
+                    };
+                    chunks.push(x);
+                }
                 pipeline::CutScore {
                     time_s: chunks.iter().map(|x| x.time_s).fold(0.0, f64::max),
-                    peak_bytes: device_peaks(&chunks, c.pp, &inflight)
-                        .into_iter()
-                        .max()
-                        .unwrap_or(0),
+                    peak_bytes: max_device_peak(&chunks, c.pp, &inflight),
                 }
             })
             .collect();
-        let best = pipeline::select(&scores, self.tensor_budget(c)).ok_or(no_cut)?;
-        Ok(family.swap_remove(best))
+        pipeline::select(&scores, self.tensor_budget(c))
+            .and_then(|best| family.get(best).cloned())
+            .ok_or(no_cut)
     }
 
     /// The summary of one stage as [`Compiler::compose`] builds it: with `plain =
@@ -1852,6 +1933,19 @@ impl Compiler {
         sum.push_range(blocks, at, span.last);
         sum
     }
+}
+
+/// The layers of `cfg` as runs of consecutive layers with one template each: (first
+/// layer, layers, template index of [`ModelConfig::template_of`]).
+fn template_runs(cfg: &ModelConfig) -> Vec<(u32, u32, usize)> {
+    let mut runs: Vec<(u32, u32, usize)> = Vec::new();
+    for (i, t) in cfg.template_indices().into_iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if r.2 == t => r.1 += 1,
+            _ => runs.push((i as u32, 1, t)),
+        }
+    }
+    runs
 }
 
 /// PaLM's model FLOPs per token of `cfg` at context `seq`: `6·N + 12·L·H·Q·T`

@@ -138,39 +138,52 @@ impl ChunkSummary {
     }
 }
 
+/// The largest of [`device_peaks`] (0 for no device), without collecting them: what
+/// choosing a cut compares.
+pub fn max_device_peak(chunks: &[ChunkSummary], pp: u32, inflight: &InFlight) -> u64 {
+    let pp = pp.max(1) as usize;
+    (0..pp)
+        .map(|d| device_peak(chunks, pp, d, inflight))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The peak bytes of device `d` of `pp` (see [`device_peaks`]).
+fn device_peak(chunks: &[ChunkSummary], pp: usize, d: usize, inflight: &InFlight) -> u64 {
+    let mine = |c: usize| chunks.get(c * pp + d);
+    let v = chunks.len() / pp;
+    let states = (0..v)
+        .filter_map(mine)
+        .fold(0u64, |s, x| s.saturating_add(x.states));
+    let opt = (0..v)
+        .filter_map(mine)
+        .map(|x| x.opt_extra)
+        .max()
+        .unwrap_or(0);
+    let mut top = opt;
+    for p in inflight.devices.get(d).map_or(&[][..], Vec::as_slice) {
+        let held = p
+            .counts
+            .iter()
+            .enumerate()
+            .filter_map(|(c, &n)| mine(c).map(|x| x.saved.saturating_mul(u64::from(n))))
+            .fold(0u64, u64::saturating_add);
+        let transient = mine(p.chunk as usize).map_or(0, |x| match p.pass {
+            Pass::F => x.fwd_peak,
+            Pass::B => x.bwd_peak,
+        });
+        top = top.max(held.saturating_add(transient));
+    }
+    states.saturating_add(top)
+}
+
 /// The peak bytes of each of the `pp` devices when virtual stage `k` (chunk `k / pp`
 /// of device `k mod pp`) is `chunks[k]`, under the in-flight patterns `inflight` of
 /// the same schedule shape. Equal to the peaks [`super::simulate`] reports.
 pub fn device_peaks(chunks: &[ChunkSummary], pp: u32, inflight: &InFlight) -> Vec<u64> {
     let pp = pp.max(1) as usize;
     (0..pp)
-        .map(|d| {
-            let mine = |c: usize| chunks.get(c * pp + d);
-            let v = chunks.len() / pp;
-            let states = (0..v)
-                .filter_map(mine)
-                .fold(0u64, |s, x| s.saturating_add(x.states));
-            let opt = (0..v)
-                .filter_map(mine)
-                .map(|x| x.opt_extra)
-                .max()
-                .unwrap_or(0);
-            let mut top = opt;
-            for p in inflight.devices.get(d).map_or(&[][..], Vec::as_slice) {
-                let held = p
-                    .counts
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(c, &n)| mine(c).map(|x| x.saved.saturating_mul(u64::from(n))))
-                    .fold(0u64, u64::saturating_add);
-                let transient = mine(p.chunk as usize).map_or(0, |x| match p.pass {
-                    Pass::F => x.fwd_peak,
-                    Pass::B => x.bwd_peak,
-                });
-                top = top.max(held.saturating_add(transient));
-            }
-            states.saturating_add(top)
-        })
+        .map(|d| device_peak(chunks, pp, d, inflight))
         .collect()
 }
 
@@ -255,6 +268,10 @@ mod tests {
                 .collect();
             let ours = device_peaks(&chunks, pp, &InFlight::new(schedule, pp, m));
             let theirs: Vec<u64> = sim.memory.iter().map(|d| d.peak_bytes).collect();
+            prop_assert_eq!(
+                max_device_peak(&chunks, pp, &InFlight::new(schedule, pp, m)),
+                ours.iter().copied().max().unwrap_or(0)
+            );
             prop_assert_eq!(ours, theirs);
         }
     }

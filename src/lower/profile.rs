@@ -12,7 +12,7 @@
 use crate::cost::collective::collective_of;
 use crate::cost::{Collective, CostModel, Group};
 pub use crate::engine::CpMethod;
-use crate::ir::{Block, Env, Graph, Op, OpId, Phase, Role};
+use crate::ir::{Block, Env, Graph, Op, OpId, Phase, Role, TensorId, TensorType};
 use crate::train::memory::buffer_root;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -98,6 +98,17 @@ impl Blocks {
     /// Whether there is no block.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// When blocks `first..=last` all lie in one run: that run's index and the span's
+    /// length (its blocks then share one profile).
+    pub fn within_run(&self, first: usize, last: usize) -> Option<(usize, usize)> {
+        if first > last || last >= self.len {
+            return None;
+        }
+        let r = self.run_of(first);
+        let run = self.runs.get(r)?;
+        (last < run.start + run.len).then_some((r, last - first + 1))
     }
 
     /// The runs as (length, profile of their first block).
@@ -578,6 +589,9 @@ fn persistent(role: Role) -> bool {
 }
 
 /// Profiles every block of `g` under `env`. Returns `None` if a size overflows.
+///
+/// The same as [`ProfilePrep::new`] on `g` followed by [`ProfilePrep::profile`]; a
+/// caller profiling one graph at several environments prepares it once.
 pub fn profile(
     g: &Graph,
     env: Env,
@@ -585,278 +599,500 @@ pub fn profile(
     groups: &Groups,
     clones: &BTreeSet<OpId>,
 ) -> Option<BTreeMap<Block, BlockProfile>> {
-    let mut out: BTreeMap<Block, BlockProfile> = BTreeMap::new();
-    let n = g.op_count();
+    ProfilePrep::new(g, groups.dp_ops, groups.edp_ops, clones).profile(g, env, cost, groups)
+}
 
-    // Data-parallel collectives run as one message per block, kind and slot: the
-    // engines flatten a unit's tensors into one buffer before communicating (FSDP2's
-    // per-block `fully_shard` all-gather and reduce-scatter, Megatron-LM's and
-    // DeepSpeed's contiguous gradient buckets), so a block pays one collective's
-    // latency, not one per parameter tensor. Keyed by (block, slot, kind).
-    // Routed-expert states are bucketed apart: they reduce over the expert-data-parallel
-    // group (the key's last field).
-    let mut dp_bytes: BTreeMap<(Block, DpSlot, u8, bool), (Collective, f64)> = BTreeMap::new();
+/// Per-op flags of a [`ProfilePrep`].
+const DP: u8 = 1;
+const EDP: u8 = 1 << 1;
+const EXCHANGE: u8 = 1 << 2;
+const RING: u8 = 1 << 3;
+const CLONE: u8 = 1 << 4;
+const COLLECTIVE: u8 = 1 << 5;
+/// Neither a view, a source nor a collective: a kernel launch.
+const KERNEL: u8 = 1 << 6;
+const ALL_GATHER: u8 = 1 << 7;
 
-    // GEMMs already hiding a tensor-parallel collective.
-    let mut ub_taken: BTreeSet<OpId> = BTreeSet::new();
+/// Which model-state bytes a persistent buffer counts as (see [`StateBytes`]).
+#[derive(Clone, Copy, Debug)]
+enum StateKind {
+    LowPrec,
+    /// A master parameter, with its element size (for `param_elems`).
+    Master(u64),
+    Optimizer,
+    Grad,
+}
 
-    // Times and FLOPs.
-    for id in g.ops() {
-        let node = g.node(id);
-        let p = out.entry(node.block).or_default();
-        p.block = Some(node.block);
-        let ins = g.input_types(id);
-        let res = g.result_types(id);
-        let is_dp = groups.dp_ops.contains(&id);
-        let is_edp = groups.edp_ops.contains(&id);
-        let exchange = groups.ep.size > 1 && crate::passes::expert::is_token_exchange(&node.op);
-        let group = match (is_dp, is_edp, exchange) {
-            (true, true, _) => groups.edp,
-            (true, false, _) => groups.dp,
-            (false, _, true) => groups.ep,
-            (false, _, false) => groups.tp,
+/// What [`profile`] reads off a graph apart from sizes and costs: which block and kind
+/// each op is, the userbuffers pairs, buffer roots, where each buffer is allocated and
+/// freed, which buffers are model states or saved activations, and which forward
+/// tensors cross each block boundary. None of it depends on the environment, so a
+/// graph profiled at several micro-batch sizes is walked once
+/// ([`ProfilePrep::profile`] then only sizes and prices the ops, in the same order).
+#[derive(Clone, Debug)]
+pub struct ProfilePrep {
+    /// The graph's blocks, in order (the result's keys).
+    blocks: Vec<Block>,
+    /// Per op: its block's index in `blocks`.
+    block_of: Vec<u32>,
+    /// Per op: [`DP`], [`EDP`], ... flags.
+    flags: Vec<u8>,
+    /// Per op: the userbuffers pair a tensor-parallel collective would overlap with
+    /// (method and a range of `ub_gemms`), taken in op order as [`ub_pair`] takes them.
+    ub: Vec<Option<(UbMethod, u32, u32)>>,
+    ub_gemms: Vec<OpId>,
+    /// Buffer roots (tensor indices), in tensor order.
+    roots: Vec<u32>,
+    /// Per op `i`: `allocs[alloc_at[i]..alloc_at[i + 1]]` are the non-persistent
+    /// buffers its results allocate.
+    alloc_at: Vec<u32>,
+    allocs: Vec<u32>,
+    /// Per op `i`: `frees[free_at[i]..free_at[i + 1]]` are the buffers freed after it.
+    free_at: Vec<u32>,
+    frees: Vec<u32>,
+    /// Persistent buffers: (tensor, block index, kind).
+    states: Vec<(u32, u32, StateKind)>,
+    /// Forward buffers alive into the backward: (tensor, block index).
+    saved: Vec<(u32, u32)>,
+    /// Per block: whether it saves any buffer (its liveness base is the saved bytes of
+    /// the blocks before it; 0 otherwise, as [`profile`] has always counted it).
+    has_saved: Vec<bool>,
+    /// Forward tensors read by a later block's forward: (tensor, from, to) block
+    /// indices.
+    crossing: Vec<(u32, u32, u32)>,
+}
+
+impl ProfilePrep {
+    /// Prepares `g` with data-parallel collectives `dp_ops` (of which `edp_ops` run on
+    /// the expert-data-parallel group) and recomputation clones `clones`.
+    pub fn new(
+        g: &Graph,
+        dp_ops: &BTreeSet<OpId>,
+        edp_ops: &BTreeSet<OpId>,
+        clones: &BTreeSet<OpId>,
+    ) -> ProfilePrep {
+        let n = g.op_count();
+        let nt = g.tensor_count();
+        let blocks: Vec<Block> = {
+            let set: BTreeSet<Block> = g.ops().map(|o| g.node(o).block).collect();
+            set.into_iter().collect()
         };
-        if is_dp {
-            if let Some((kind, bytes)) = collective_of(&node.op, &ins, &res, env) {
-                let gather = matches!(node.op, crate::ir::Op::AllGather { .. });
-                let slot = match node.phase {
-                    Phase::Fwd => DpSlot::Fwd,
-                    Phase::Bwd if gather => DpSlot::BwdGather,
-                    Phase::Bwd => DpSlot::BwdReduce,
-                    Phase::Opt if gather => DpSlot::OptGather,
-                    Phase::Opt => DpSlot::OptReduce,
-                };
-                let e = dp_bytes
-                    .entry((node.block, slot, kind as u8, is_edp))
-                    .or_insert((kind, 0.0));
-                e.1 += bytes;
-                continue;
-            }
-        }
-        let mut t = cost.op_time(&node.op, &ins, &res, env, group) * groups.expert_load(&node.op);
-        let mut flops = node.op.cost(&ins, &res, env)?.flops;
-        if groups.cp.size > 1 && is_ring_attention(&node.op) {
-            let r = ring_attention(g, id, env, cost, groups.tp, groups.cp, groups.cp_method)?;
-            t = r.compute_s + r.exposed_s;
-            flops = r.flops;
-            p.cp_comm_s += r.comm_s;
-            p.cp_exposed_s += r.exposed_s;
-        }
-        let collective = node.op.is_collective();
-        if let (true, false, Some(o)) = (collective, is_dp, groups.tp_overlap) {
-            if let Some((method, gemms)) = ub_pair(g, id, &ub_taken) {
-                let gemm_s: f64 = gemms
-                    .iter()
-                    .map(|&m| {
-                        let node = g.node(m);
-                        cost.op_time(&node.op, &g.input_types(m), &g.result_types(m), env, group)
-                    })
-                    .sum();
-                t = ub_exposed(method, t, gemm_s, groups.tp.size, &o);
-                ub_taken.extend(gemms);
-            }
-        }
-        if !collective && !node.op.is_view() && !node.op.is_source() {
-            // The host issues kernels one after another: a kernel shorter than its
-            // launch waits for the next one to be issued (`crate::cost::overhead`).
-            t = t.max(cost.launch_time(1));
-            match node.phase {
-                Phase::Fwd => p.fwd_kernels += 1,
-                Phase::Bwd => p.bwd_kernels += 1,
-                Phase::Opt => {}
-            }
-        }
-        match node.phase {
-            Phase::Fwd if is_dp => p.dp_fwd_s += t,
-            Phase::Bwd if is_dp && matches!(node.op, crate::ir::Op::AllGather { .. }) => {
-                p.dp_bwd_s += t
-            }
-            Phase::Bwd if is_dp => p.dp_reduce_s += t,
-            Phase::Opt if is_dp && matches!(node.op, crate::ir::Op::AllGather { .. }) => {
-                p.dp_param_s += t
-            }
-            Phase::Opt if is_dp => p.dp_grad_s += t,
-            Phase::Fwd => {
-                p.fwd_s += t;
-                p.flops += flops;
-            }
-            Phase::Bwd => {
-                p.bwd_s += t;
-                if clones.contains(&id) {
-                    p.recompute_s += t;
-                    p.recompute_flops += flops;
-                } else {
-                    p.flops += flops;
+        let index = |b: Block| blocks.binary_search(&b).unwrap_or(0) as u32;
+        let mut block_of = Vec::with_capacity(n);
+        let mut flags = Vec::with_capacity(n);
+        let mut ub = Vec::with_capacity(n);
+        let mut ub_gemms = Vec::new();
+        let mut ub_taken: BTreeSet<OpId> = BTreeSet::new();
+        for id in g.ops() {
+            let node = g.node(id);
+            block_of.push(index(node.block));
+            let op = &node.op;
+            let is_dp = dp_ops.contains(&id);
+            let collective = op.is_collective();
+            let mut f = 0u8;
+            for (on, bit) in [
+                (is_dp, DP),
+                (edp_ops.contains(&id), EDP),
+                (crate::passes::expert::is_token_exchange(op), EXCHANGE),
+                (is_ring_attention(op), RING),
+                (clones.contains(&id), CLONE),
+                (collective, COLLECTIVE),
+                (!collective && !op.is_view() && !op.is_source(), KERNEL),
+                (matches!(op, Op::AllGather { .. }), ALL_GATHER),
+            ] {
+                if on {
+                    f |= bit;
                 }
             }
-            Phase::Opt => p.opt_s += t,
+            flags.push(f);
+            // [`profile`] pairs the collectives that are not data-parallel, in op order
+            // (data-parallel ones that `collective_of` prices as buckets never reach
+            // the pairing; any other data-parallel op is not paired either).
+            let pair = if collective && !is_dp {
+                ub_pair(g, id, &ub_taken).map(|(method, gemms)| {
+                    let from = ub_gemms.len() as u32;
+                    ub_taken.extend(gemms.iter().copied());
+                    ub_gemms.extend(gemms);
+                    (method, from, ub_gemms.len() as u32)
+                })
+            } else {
+                None
+            };
+            ub.push(pair);
         }
-        if collective && !is_dp && node.phase != Phase::Opt {
-            if exchange {
-                p.ep_comm_s += t;
-            }
-            p.tp_comm_s += t;
-            if node.phase == Phase::Fwd {
-                p.tp_fwd_s += t;
-            }
-        }
-    }
 
-    for ((block, slot, _, expert), (kind, bytes)) in dp_bytes {
-        let group = if expert { groups.edp } else { groups.dp };
-        let t = cost.collective_time(kind, bytes, group);
-        let p = out.entry(block).or_default();
-        match slot {
-            DpSlot::Fwd => p.dp_fwd_s += t,
-            DpSlot::BwdGather => p.dp_bwd_s += t,
-            DpSlot::BwdReduce => p.dp_reduce_s += t,
-            DpSlot::OptGather => p.dp_param_s += t,
-            DpSlot::OptReduce => p.dp_grad_s += t,
-        }
-    }
-
-    // Buffers: root, bytes, last use.
-    let mut root_of = vec![0usize; g.tensor_count()];
-    let mut last_use = vec![0usize; g.tensor_count()];
-    let mut bytes = vec![0u64; g.tensor_count()];
-    for t in g.tensor_ids() {
-        let r = buffer_root(g, t);
-        root_of[t.index()] = r.index();
-        last_use[r.index()] = last_use[r.index()].max(g.tensor(t).producer.index());
-        if r == t {
-            bytes[t.index()] = g.ty(t).bytes_at(env)?;
-        }
-    }
-    for id in g.ops() {
-        for &t in &g.node(id).inputs {
-            let r = root_of[t.index()];
-            last_use[r] = last_use[r].max(id.index());
-        }
-    }
-    // Persistent state bytes by block of the buffer's producer.
-    for t in g.tensor_ids() {
-        if root_of[t.index()] != t.index() {
-            continue;
-        }
-        let tensor = g.tensor(t);
-        let block = g.node(tensor.producer).block;
-        let source = g.op(tensor.producer).is_source();
-        // A low-precision copy made outside the optimizer step and not by a
-        // recomputation: an FP8 weight cache (`Fp8Recipe::weight_cache`).
-        let cache =
-            g.node(tensor.producer).phase != Phase::Opt && !clones.contains(&tensor.producer);
-        let p = out.entry(block).or_default();
-        let s = &mut p.states;
-        match tensor.role {
-            Role::LowPrecParam if source || cache => s.low_prec_params += bytes[t.index()],
-            Role::Param if source => {
-                s.master_params += bytes[t.index()];
-                p.param_elems += bytes[t.index()] / g.ty(t).dtype.size_bytes().max(1);
-            }
-            Role::OptimizerState if source => s.optimizer += bytes[t.index()],
-            Role::Grad => s.grads += bytes[t.index()],
-            _ => {}
-        }
-    }
-
-    // Liveness over forward+backward, then over the optimizer step.
-    let first_bwd = g
-        .ops()
-        .find(|&o| g.node(o).phase != Phase::Fwd)
-        .map_or(n, |o| o.index());
-    let mut frees: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for t in g.tensor_ids() {
-        let i = t.index();
-        if root_of[i] == i && !persistent(g.tensor(t).role) {
-            frees[last_use[i].max(g.tensor(t).producer.index())].push(i);
-        }
-    }
-    let mut saved_by_block: BTreeMap<Block, u64> = BTreeMap::new();
-    for t in g.tensor_ids() {
-        let i = t.index();
-        let producer = g.node(g.tensor(t).producer);
-        if root_of[i] == i
-            && !persistent(g.tensor(t).role)
-            && producer.phase == Phase::Fwd
-            && last_use[i] >= first_bwd
-        {
-            *saved_by_block.entry(producer.block).or_default() += bytes[i];
-        }
-    }
-    let mut before: BTreeMap<Block, u64> = BTreeMap::new();
-    let mut acc = 0u64;
-    for (&b, &s) in &saved_by_block {
-        before.insert(b, acc);
-        acc += s;
-    }
-    let mut live: u64 = 0;
-    for id in g.ops() {
-        let node = g.node(id);
-        for &r in &node.results {
-            let i = r.index();
-            if root_of[i] == i && !persistent(g.tensor(r).role) {
-                live += bytes[i];
+        // Buffer roots and last uses.
+        let mut root_of = vec![0usize; nt];
+        let mut last_use = vec![0usize; nt];
+        let mut roots = Vec::new();
+        for t in g.tensor_ids() {
+            let r = buffer_root(g, t);
+            root_of[t.index()] = r.index();
+            last_use[r.index()] = last_use[r.index()].max(g.tensor(t).producer.index());
+            if r == t {
+                roots.push(t.index() as u32);
             }
         }
-        // Ring attention's receive buffers, alive while the op runs.
-        let ring = if groups.cp.size > 1 && is_ring_attention(&node.op) {
-            ring_attention(g, id, env, cost, groups.tp, groups.cp, groups.cp_method)?.buffer_bytes
-        } else {
-            0
+        for id in g.ops() {
+            for &t in &g.node(id).inputs {
+                let r = root_of[t.index()];
+                last_use[r] = last_use[r].max(id.index());
+            }
+        }
+        let is_root = |i: usize| root_of[i] == i;
+        let transient = |t: TensorId| !persistent(g.tensor(t).role);
+
+        // Persistent state bytes by block of the buffer's producer.
+        let mut states = Vec::new();
+        for &i in &roots {
+            let t = TensorId::from_index(i as usize);
+            let tensor = g.tensor(t);
+            let producer = g.node(tensor.producer);
+            let source = producer.op.is_source();
+            // A low-precision copy made outside the optimizer step and not by a
+            // recomputation: an FP8 weight cache (`Fp8Recipe::weight_cache`).
+            let cache = producer.phase != Phase::Opt && !clones.contains(&tensor.producer);
+            let kind = match tensor.role {
+                Role::LowPrecParam if source || cache => Some(StateKind::LowPrec),
+                Role::Param if source => Some(StateKind::Master(g.ty(t).dtype.size_bytes().max(1))),
+                Role::OptimizerState if source => Some(StateKind::Optimizer),
+                Role::Grad => Some(StateKind::Grad),
+                _ => None,
+            };
+            if let Some(k) = kind {
+                states.push((i, index(producer.block), k));
+            }
+        }
+
+        // Allocations, frees and saved buffers.
+        let first_bwd = g
+            .ops()
+            .find(|&o| g.node(o).phase != Phase::Fwd)
+            .map_or(n, |o| o.index());
+        let mut alloc_at = Vec::with_capacity(n + 1);
+        let mut allocs = Vec::new();
+        for id in g.ops() {
+            alloc_at.push(allocs.len() as u32);
+            for &r in &g.node(id).results {
+                if is_root(r.index()) && transient(r) {
+                    allocs.push(r.index() as u32);
+                }
+            }
+        }
+        alloc_at.push(allocs.len() as u32);
+        let mut free_count = vec![0u32; n + 1];
+        let free_op = |t: TensorId| {
+            let i = t.index();
+            last_use[i].max(g.tensor(t).producer.index())
         };
-        let p = out.entry(node.block).or_default();
-        let base = before.get(&node.block).copied().unwrap_or(0);
-        let extra = (live + ring).saturating_sub(base);
-        match node.phase {
-            Phase::Fwd => p.fwd_extra = p.fwd_extra.max(extra),
-            Phase::Bwd => p.bwd_extra = p.bwd_extra.max(extra),
-            Phase::Opt => p.opt_extra = p.opt_extra.max(live),
+        let freed: Vec<TensorId> = g
+            .tensor_ids()
+            .filter(|&t| is_root(t.index()) && transient(t))
+            .collect();
+        for &t in &freed {
+            free_count[free_op(t)] += 1;
         }
-        for &i in &frees[id.index()] {
-            live = live.saturating_sub(bytes[i]);
+        let mut free_at = Vec::with_capacity(n + 1);
+        let mut acc = 0u32;
+        for c in &free_count[..n] {
+            free_at.push(acc);
+            acc += c;
         }
-    }
-    for (b, s) in saved_by_block {
-        out.entry(b).or_default().saved = s;
-    }
+        free_at.push(acc);
+        let mut frees = vec![0u32; acc as usize];
+        let mut fill = free_at.clone();
+        for &t in &freed {
+            let o = free_op(t);
+            frees[fill[o] as usize] = t.index() as u32;
+            fill[o] += 1;
+        }
+        let mut saved = Vec::new();
+        let mut has_saved = vec![false; blocks.len()];
+        for &t in &freed {
+            let i = t.index();
+            let producer = g.node(g.tensor(t).producer);
+            if producer.phase == Phase::Fwd && last_use[i] >= first_bwd {
+                let b = index(producer.block);
+                saved.push((i as u32, b));
+                has_saved[b as usize] = true;
+            }
+        }
 
-    // Boundary: forward bytes alive across the cut after each block — every tensor
-    // produced at or before the block and read by a forward op after it (the next
-    // block's input, and skip connections from any earlier block).
-    let order: Vec<Block> = out.keys().copied().collect();
-    let ordinal = |b: Block| order.binary_search(&b).unwrap_or(0);
-    let mut delta = vec![0i128; order.len() + 1];
-    for id in g.ops() {
-        let node = g.node(id);
-        if node.phase != Phase::Fwd {
-            continue;
-        }
-        let from = ordinal(node.block);
-        for &r in &node.results {
-            if persistent(g.tensor(r).role) {
+        // Forward tensors crossing block boundaries.
+        let mut crossing = Vec::new();
+        for id in g.ops() {
+            let node = g.node(id);
+            if node.phase != Phase::Fwd {
                 continue;
             }
-            let to = g
-                .uses(r)
-                .iter()
-                .map(|&u| g.node(u))
-                .filter(|un| un.phase == Phase::Fwd)
-                .map(|un| ordinal(un.block))
-                .max()
-                .unwrap_or(from);
-            if to > from {
-                let b = i128::from(g.ty(r).bytes_at(env)?);
-                delta[from] += b;
-                delta[to] -= b;
+            let from = index(node.block);
+            for &r in &node.results {
+                if !transient(r) {
+                    continue;
+                }
+                let to = g
+                    .uses(r)
+                    .iter()
+                    .map(|&u| g.node(u))
+                    .filter(|un| un.phase == Phase::Fwd)
+                    .map(|un| index(un.block))
+                    .max()
+                    .unwrap_or(from);
+                if to > from {
+                    crossing.push((r.index() as u32, from, to));
+                }
             }
         }
+        ProfilePrep {
+            blocks,
+            block_of,
+            flags,
+            ub,
+            ub_gemms,
+            roots,
+            alloc_at,
+            allocs,
+            free_at,
+            frees,
+            states,
+            saved,
+            has_saved,
+            crossing,
+        }
     }
-    let mut crossing = 0i128;
-    for (i, b) in order.iter().enumerate() {
-        crossing += delta[i];
-        out.entry(*b).or_default().boundary = u64::try_from(crossing.max(0)).ok()?;
+
+    /// Profiles every block of `g` (the graph this was prepared from) under `env`, with
+    /// `groups` (whose data-parallel op sets must be those given to
+    /// [`ProfilePrep::new`]). Returns `None` if a size overflows.
+    pub fn profile(
+        &self,
+        g: &Graph,
+        env: Env,
+        cost: &CostModel,
+        groups: &Groups,
+    ) -> Option<BTreeMap<Block, BlockProfile>> {
+        let n = g.op_count();
+        let mut out: Vec<BlockProfile> = self
+            .blocks
+            .iter()
+            .map(|&b| BlockProfile {
+                block: Some(b),
+                ..BlockProfile::default()
+            })
+            .collect();
+
+        // Data-parallel collectives run as one message per block, kind and slot: the
+        // engines flatten a unit's tensors into one buffer before communicating (FSDP2's
+        // per-block `fully_shard` all-gather and reduce-scatter, Megatron-LM's and
+        // DeepSpeed's contiguous gradient buckets), so a block pays one collective's
+        // latency, not one per parameter tensor. Keyed by (block, slot, kind).
+        // Routed-expert states are bucketed apart: they reduce over the expert-data-parallel
+        // group (the key's last field).
+        let mut dp_bytes: BTreeMap<(Block, DpSlot, u8, bool), (Collective, f64)> = BTreeMap::new();
+        // Ring attention's receive buffers per op (alive while the op runs).
+        let ring_on = groups.cp.size > 1;
+        let mut ring_bytes: Vec<u64> = if ring_on { vec![0; n] } else { Vec::new() };
+        // Input and result types of the op at hand (reused: no allocation per op).
+        let mut ins: Vec<&TensorType> = Vec::new();
+        let mut res: Vec<&TensorType> = Vec::new();
+
+        // Times and FLOPs.
+        for id in g.ops() {
+            let i = id.index();
+            let node = g.node(id);
+            let f = self.flags[i];
+            let p = &mut out[self.block_of[i] as usize];
+            ins.clear();
+            ins.extend(node.inputs.iter().map(|&t| g.ty(t)));
+            res.clear();
+            res.extend(node.results.iter().map(|&t| g.ty(t)));
+            let is_dp = f & DP != 0;
+            let is_edp = f & EDP != 0;
+            let exchange = groups.ep.size > 1 && f & EXCHANGE != 0;
+            let group = match (is_dp, is_edp, exchange) {
+                (true, true, _) => groups.edp,
+                (true, false, _) => groups.dp,
+                (false, _, true) => groups.ep,
+                (false, _, false) => groups.tp,
+            };
+            let gather = f & ALL_GATHER != 0;
+            if is_dp {
+                if let Some((kind, bytes)) = collective_of(&node.op, &ins, &res, env) {
+                    let slot = match node.phase {
+                        Phase::Fwd => DpSlot::Fwd,
+                        Phase::Bwd if gather => DpSlot::BwdGather,
+                        Phase::Bwd => DpSlot::BwdReduce,
+                        Phase::Opt if gather => DpSlot::OptGather,
+                        Phase::Opt => DpSlot::OptReduce,
+                    };
+                    let e = dp_bytes
+                        .entry((node.block, slot, kind as u8, is_edp))
+                        .or_insert((kind, 0.0));
+                    e.1 += bytes;
+                    continue;
+                }
+            }
+            let mut t =
+                cost.op_time(&node.op, &ins, &res, env, group) * groups.expert_load(&node.op);
+            let mut flops = node.op.cost(&ins, &res, env)?.flops;
+            if ring_on && f & RING != 0 {
+                let r = ring_attention(g, id, env, cost, groups.tp, groups.cp, groups.cp_method)?;
+                t = r.compute_s + r.exposed_s;
+                flops = r.flops;
+                p.cp_comm_s += r.comm_s;
+                p.cp_exposed_s += r.exposed_s;
+                ring_bytes[i] = r.buffer_bytes;
+            }
+            let collective = f & COLLECTIVE != 0;
+            if let (true, false, Some(o)) = (collective, is_dp, groups.tp_overlap) {
+                if let Some((method, from, to)) = self.ub[i] {
+                    let gemm_s: f64 = self.ub_gemms[from as usize..to as usize]
+                        .iter()
+                        .map(|&m| {
+                            let node = g.node(m);
+                            cost.op_time(
+                                &node.op,
+                                &g.input_types(m),
+                                &g.result_types(m),
+                                env,
+                                group,
+                            )
+                        })
+                        .sum();
+                    t = ub_exposed(method, t, gemm_s, groups.tp.size, &o);
+                }
+            }
+            if f & KERNEL != 0 {
+                // The host issues kernels one after another: a kernel shorter than its
+                // launch waits for the next one to be issued (`crate::cost::overhead`).
+                t = t.max(cost.launch_time(1));
+                match node.phase {
+                    Phase::Fwd => p.fwd_kernels += 1,
+                    Phase::Bwd => p.bwd_kernels += 1,
+                    Phase::Opt => {}
+                }
+            }
+            match node.phase {
+                Phase::Fwd if is_dp => p.dp_fwd_s += t,
+                Phase::Bwd if is_dp && gather => p.dp_bwd_s += t,
+                Phase::Bwd if is_dp => p.dp_reduce_s += t,
+                Phase::Opt if is_dp && gather => p.dp_param_s += t,
+                Phase::Opt if is_dp => p.dp_grad_s += t,
+                Phase::Fwd => {
+                    p.fwd_s += t;
+                    p.flops += flops;
+                }
+                Phase::Bwd => {
+                    p.bwd_s += t;
+                    if f & CLONE != 0 {
+                        p.recompute_s += t;
+                        p.recompute_flops += flops;
+                    } else {
+                        p.flops += flops;
+                    }
+                }
+                Phase::Opt => p.opt_s += t,
+            }
+            if collective && !is_dp && node.phase != Phase::Opt {
+                if exchange {
+                    p.ep_comm_s += t;
+                }
+                p.tp_comm_s += t;
+                if node.phase == Phase::Fwd {
+                    p.tp_fwd_s += t;
+                }
+            }
+        }
+
+        for ((block, slot, _, expert), (kind, bytes)) in dp_bytes {
+            let group = if expert { groups.edp } else { groups.dp };
+            let t = cost.collective_time(kind, bytes, group);
+            let at = self.blocks.binary_search(&block).unwrap_or(0);
+            let p = &mut out[at];
+            match slot {
+                DpSlot::Fwd => p.dp_fwd_s += t,
+                DpSlot::BwdGather => p.dp_bwd_s += t,
+                DpSlot::BwdReduce => p.dp_reduce_s += t,
+                DpSlot::OptGather => p.dp_param_s += t,
+                DpSlot::OptReduce => p.dp_grad_s += t,
+            }
+        }
+
+        // Buffer bytes (roots only).
+        let mut bytes = vec![0u64; g.tensor_count()];
+        for &i in &self.roots {
+            bytes[i as usize] = g.ty(TensorId::from_index(i as usize)).bytes_at(env)?;
+        }
+        // Persistent state bytes by block of the buffer's producer.
+        for &(i, b, kind) in &self.states {
+            let x = bytes[i as usize];
+            let p = &mut out[b as usize];
+            let s = &mut p.states;
+            match kind {
+                StateKind::LowPrec => s.low_prec_params += x,
+                StateKind::Master(size) => {
+                    s.master_params += x;
+                    p.param_elems += x / size;
+                }
+                StateKind::Optimizer => s.optimizer += x,
+                StateKind::Grad => s.grads += x,
+            }
+        }
+
+        // Liveness over forward+backward, then over the optimizer step.
+        let mut saved_by_block = vec![0u64; self.blocks.len()];
+        for &(i, b) in &self.saved {
+            saved_by_block[b as usize] += bytes[i as usize];
+        }
+        let mut before = vec![0u64; self.blocks.len()];
+        let mut acc = 0u64;
+        for (b, &s) in saved_by_block.iter().enumerate() {
+            if self.has_saved[b] {
+                before[b] = acc;
+                acc += s;
+            }
+        }
+        let mut live: u64 = 0;
+        for id in g.ops() {
+            let i = id.index();
+            for &r in &self.allocs[self.alloc_at[i] as usize..self.alloc_at[i + 1] as usize] {
+                live += bytes[r as usize];
+            }
+            let ring = if ring_on { ring_bytes[i] } else { 0 };
+            let b = self.block_of[i] as usize;
+            let p = &mut out[b];
+            let extra = (live + ring).saturating_sub(before[b]);
+            match g.node(id).phase {
+                Phase::Fwd => p.fwd_extra = p.fwd_extra.max(extra),
+                Phase::Bwd => p.bwd_extra = p.bwd_extra.max(extra),
+                Phase::Opt => p.opt_extra = p.opt_extra.max(live),
+            }
+            for &r in &self.frees[self.free_at[i] as usize..self.free_at[i + 1] as usize] {
+                live = live.saturating_sub(bytes[r as usize]);
+            }
+        }
+        for (b, s) in saved_by_block.into_iter().enumerate() {
+            if self.has_saved[b] {
+                out[b].saved = s;
+            }
+        }
+
+        // Boundary: forward bytes alive across the cut after each block — every tensor
+        // produced at or before the block and read by a forward op after it (the next
+        // block's input, and skip connections from any earlier block).
+        let mut delta = vec![0i128; self.blocks.len() + 1];
+        for &(r, from, to) in &self.crossing {
+            let b = i128::from(g.ty(TensorId::from_index(r as usize)).bytes_at(env)?);
+            delta[from as usize] += b;
+            delta[to as usize] -= b;
+        }
+        let mut crossing = 0i128;
+        for (i, p) in out.iter_mut().enumerate() {
+            crossing += delta[i];
+            p.boundary = u64::try_from(crossing.max(0)).ok()?;
+        }
+        Some(self.blocks.iter().copied().zip(out).collect())
     }
-    Some(out)
 }
 
 #[cfg(test)]

@@ -495,6 +495,26 @@ impl ModelConfig {
             .unwrap_or(0)
     }
 
+    /// [`ModelConfig::template_of`] of every layer, in layer order, in `O(layers)`
+    /// (`template_of` alone rebuilds the template list, `O(layers)` per call): what a
+    /// compiler computes once and reads per configuration.
+    pub fn template_indices(&self) -> Vec<usize> {
+        if self.moe.is_none() {
+            return (0..self.layers).map(|i| self.template_of(i)).collect();
+        }
+        let t = self.template_layers();
+        let kinds: Vec<(bool, bool)> = t.iter().map(|&j| self.layer_kind(j)).collect();
+        (0..self.layers)
+            .map(|i| {
+                if i + 1 >= self.layers {
+                    return t.len() - 1;
+                }
+                let kind = self.layer_kind(i);
+                kinds.iter().position(|&k| k == kind).unwrap_or(0)
+            })
+            .collect()
+    }
+
     /// Whether layer `i`'s feed-forward is a mixture of experts.
     pub fn is_moe_layer(&self, i: u32) -> bool {
         let Some(m) = &self.moe else {
@@ -914,4 +934,31 @@ pub enum ModelError {
         /// The shape error.
         source: crate::ir::ShapeError,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zoo::ZOO;
+
+    /// The precomputed template of every layer is `template_of`'s, for every zoo model
+    /// and a few layer counts (uniform, alternating and mixture-of-experts layouts).
+    #[test]
+    fn template_indices_are_template_of() {
+        for e in ZOO {
+            for layers in [None, Some(1), Some(2), Some(3), Some(7)] {
+                let mut cfg = (e.config)();
+                if let Some(l) = layers {
+                    cfg.layers = l;
+                }
+                let want: Vec<usize> = (0..cfg.layers).map(|i| cfg.template_of(i)).collect();
+                assert_eq!(
+                    cfg.template_indices(),
+                    want,
+                    "{} with {} layers",
+                    e.name,
+                    cfg.layers
+                );
+            }
+        }
+    }
 }

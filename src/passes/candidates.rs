@@ -308,31 +308,39 @@ pub fn enumerate(
 /// ranks, `etp × ep × edp = tp × cp × dp`), within `k`'s pins and bounds. A dense model
 /// keeps `ep = etp = 1` (and has no configuration when `k` pins either above 1).
 pub fn with_experts(configs: Vec<Config>, experts: u64, k: &Constraints) -> Vec<Config> {
-    if experts == 0 {
-        let pinned = k.ep.is_some_and(|e| e != 1) || k.etp.is_some_and(|e| e != 1);
-        return if pinned { Vec::new() } else { configs };
-    }
     let mut out = Vec::with_capacity(configs.len());
     for c in configs {
-        let ranks = u64::from(c.tp) * u64::from(c.cp) * u64::from(c.dp);
-        let etps: &[u32] = if c.tp > 1 { &[1, c.tp] } else { &[1] };
-        for &etp in etps {
-            if k.etp.is_some_and(|e| e != etp) {
-                continue;
-            }
-            let mut ep = 1u32;
-            while u64::from(ep) <= experts {
-                let fits =
-                    experts % u64::from(ep) == 0 && ranks % (u64::from(ep) * u64::from(etp)) == 0;
-                if fits && k.ep.is_none_or(|e| e == ep) && k.max_ep.is_none_or(|m| ep <= m) {
-                    out.push(Config { ep, etp, ..c });
-                }
-                let Some(next) = ep.checked_mul(2) else { break };
-                ep = next;
-            }
-        }
+        expert_layouts(c, experts, k, |e| out.push(e));
     }
     out
+}
+
+/// Calls `f` with each expert layout of `c`, in [`with_experts`]' order.
+fn expert_layouts(c: Config, experts: u64, k: &Constraints, mut f: impl FnMut(Config)) {
+    if experts == 0 {
+        let pinned = k.ep.is_some_and(|e| e != 1) || k.etp.is_some_and(|e| e != 1);
+        if !pinned {
+            f(c);
+        }
+        return;
+    }
+    let ranks = u64::from(c.tp) * u64::from(c.cp) * u64::from(c.dp);
+    let etps: &[u32] = if c.tp > 1 { &[1, c.tp] } else { &[1] };
+    for &etp in etps {
+        if k.etp.is_some_and(|e| e != etp) {
+            continue;
+        }
+        let mut ep = 1u32;
+        while u64::from(ep) <= experts {
+            let fits =
+                experts % u64::from(ep) == 0 && ranks % (u64::from(ep) * u64::from(etp)) == 0;
+            if fits && k.ep.is_none_or(|e| e == ep) && k.max_ep.is_none_or(|m| ep <= m) {
+                f(Config { ep, etp, ..c });
+            }
+            let Some(next) = ep.checked_mul(2) else { break };
+            ep = next;
+        }
+    }
 }
 
 /// [`enumerate`] for a model whose pipeline sees `model`, keeping only the
@@ -346,46 +354,46 @@ pub fn enumerate_for(
     seq: u64,
     k: &Constraints,
 ) -> Vec<Config> {
-    let mut all = with_experts(
-        enumerate(
-            devices,
-            devices_per_node,
-            global_batch,
-            seq,
-            model.blocks,
-            k,
-        ),
-        model.experts,
-        k,
-    );
     let default = engine.default_recompute_modules();
-    if k.recompute_modules.is_some() {
-        // A pinned module set that is the engine's default is spelled `None`.
-        for c in &mut all {
-            if c.recompute_modules == default && default.is_some() {
-                c.recompute_modules = None;
-            }
+    let sets = engine.recompute_module_sets();
+    // One configuration at a time through the expert layouts, the module sets and the
+    // engine's rules (the space before the rules is many times what they keep).
+    let mut out = Vec::new();
+    let mut keep = |c: Config| {
+        if engine.allows(&c, model).is_ok() {
+            out.push(c);
         }
-    } else {
-        // The engine's other module sets beside each selective candidate.
-        let sets = engine.recompute_module_sets();
-        all = all
-            .into_iter()
-            .flat_map(|c| {
-                let extra: &[RecomputeModules] = if c.recompute == Recompute::Selective {
-                    &sets
-                } else {
-                    &[]
-                };
-                std::iter::once(c).chain(extra.iter().map(move |&m| Config {
-                    recompute_modules: Some(m),
-                    ..c
-                }))
-            })
-            .collect();
+    };
+    for base in enumerate(
+        devices,
+        devices_per_node,
+        global_batch,
+        seq,
+        model.blocks,
+        k,
+    ) {
+        expert_layouts(base, model.experts, k, |mut c| {
+            if k.recompute_modules.is_some() {
+                // A pinned module set that is the engine's default is spelled `None`.
+                if c.recompute_modules == default && default.is_some() {
+                    c.recompute_modules = None;
+                }
+                keep(c);
+            } else {
+                // The engine's other module sets beside each selective candidate.
+                keep(c);
+                if c.recompute == Recompute::Selective {
+                    for &m in &sets {
+                        keep(Config {
+                            recompute_modules: Some(m),
+                            ..c
+                        });
+                    }
+                }
+            }
+        });
     }
-    all.retain(|c| engine.allows(c, model).is_ok());
-    all
+    out
 }
 
 #[cfg(test)]
