@@ -350,3 +350,50 @@ fn tensor_parallel_communication_overlaps_its_gemms() {
     let (no_sp_off, _) = run("dgx-h100:1", &["--no-tp-comm-overlap"]);
     assert_eq!(no_sp_on, no_sp_off);
 }
+
+/// At long sequences the sharder may keep layer projections whole and split their
+/// GEMMs by sequence, which Megatron-LM's tensor parallelism does not run: the plan
+/// says so. At 2,048 tokens the projections are split and nothing is said.
+#[test]
+fn weights_left_whole_under_tensor_parallelism_are_reported() {
+    let run = |seq: &str| {
+        let (code, out, err) = apar(&[
+            "eval",
+            "--model",
+            "llama2-7b",
+            "--cluster",
+            "dgx-h100:1",
+            "--global-batch",
+            "8",
+            "--seq",
+            seq,
+            "--tp",
+            "4",
+            "--pp",
+            "2",
+            "--dp",
+            "1",
+            "--zero",
+            "1",
+            "--sp",
+            "--recompute",
+            "full",
+            "--memory-ratio",
+            "1",
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let replicated = v["tensors"].as_array().unwrap().iter().any(|t| {
+            t["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("qkv.weight"))
+                && t["tp_layout"] == "replicated"
+        });
+        let warned = v["warnings"].to_string().contains("weights_replicated");
+        (replicated, warned)
+    };
+    assert_eq!(run("2048"), (false, false));
+    let (replicated, warned) = run("16384");
+    assert_eq!(warned, replicated, "the warning follows the layout");
+}

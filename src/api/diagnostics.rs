@@ -39,6 +39,19 @@ pub enum Warning {
         /// divisible by tp), or none was cheaper than replication.
         reason: String,
     },
+    /// Layer weights as large as the hidden size in both dimensions are left whole on
+    /// every tensor-parallel rank (the sharder split the GEMMs by sequence instead,
+    /// which it finds cheaper at long sequences): Megatron-LM's and torchtitan's
+    /// tensor parallelism split every such weight by columns or rows, so the engine
+    /// runs another program than the one priced.
+    WeightsReplicated {
+        /// The block (`layer.0`).
+        block: String,
+        /// Tensor-parallel degree.
+        tp: u32,
+        /// The replicated weights' names.
+        weights: Vec<String>,
+    },
     /// A sharding run stopped at its node or iteration limit, so its result may not be
     /// the best split.
     ShardingStopped {
@@ -134,6 +147,11 @@ pub enum Warning {
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Warning::WeightsReplicated { block, tp, weights } => write!(
+                f,
+                "{block} keeps {} whole on every rank at tp {tp} (its GEMMs split by sequence): the engine's tensor parallelism splits these weights, so it runs another program than the one priced; pin --cp or a shorter sequence per rank, or check `tp_layout` in --json",
+                weights.join(", ")
+            ),
             Warning::BlockReplicated { block, tp, reason } => write!(
                 f,
                 "{block} is not split at tp {tp}: {reason}; every tensor-parallel rank runs all of it"
@@ -306,6 +324,50 @@ pub(super) fn of_plan(
                         entry.1 = true;
                     }
                 }
+            }
+        }
+        // Weights at least half the hidden size in both dimensions (attention and
+        // MLP projections; not routers, latents or norms) that stay whole.
+        if let (Some(cfg), Engine::Megatron | Engine::Torchtitan) = (config, compiler.engine) {
+            let half = cfg.hidden / 2;
+            let mut whole: BTreeMap<Block, Vec<String>> = BTreeMap::new();
+            for id in s.graph.ops() {
+                let node = s.graph.node(id);
+                let (Op::Param { name }, Block::Layer(_)) = (s.graph.op(id), node.block) else {
+                    continue;
+                };
+                let Some(&r) = node.results.first() else {
+                    continue;
+                };
+                let dims: Vec<u64> = s
+                    .graph
+                    .ty(r)
+                    .shape
+                    .dims()
+                    .iter()
+                    .filter_map(|d| d.as_lit())
+                    .collect();
+                let large = dims.len() == 2 && dims.iter().all(|&d| d >= half);
+                let replicated = s
+                    .layouts
+                    .get(r.index())
+                    .is_some_and(|v| v.layout.is_replicated());
+                if large && replicated {
+                    whole.entry(node.block).or_default().push(name.to_string());
+                }
+            }
+            for t in &s.templates {
+                let Some(weights) = whole.remove(&t.first_block) else {
+                    continue;
+                };
+                if !matches!(split.get(&t.first_block), Some((true, true))) {
+                    continue;
+                }
+                out.push(Warning::WeightsReplicated {
+                    block: format!("{} (and every layer built like it)", t.first_block),
+                    tp: c.tp,
+                    weights,
+                });
             }
         }
         for (i, t) in s.templates.iter().enumerate() {
