@@ -253,8 +253,8 @@ fn evaluate(
     let etp_given = serde_json::from_str::<serde_json::Value>(config)
         .ok()
         .is_some_and(|v| v.get("etp").is_some());
-    if !etp_given && s.model_config().is_some_and(|m| m.moe.is_some()) {
-        c.etp = c.tp;
+    if !etp_given {
+        c.etp = s.default_etp(c.tp);
     }
     let c = s.with_micro_batches(c).map_err(|e| plan_error(py, e))?;
     let plan = py

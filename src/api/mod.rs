@@ -879,6 +879,17 @@ impl Session {
         }
     }
 
+    /// The expert-tensor-parallel degree a configuration at tensor-parallel degree `tp`
+    /// gets when none is given: Megatron-LM's default, `tp`, for a model with routed
+    /// experts (`--expert-tensor-parallel-size`, `arguments.py`); 1 otherwise.
+    pub fn default_etp(&self, tp: u32) -> u32 {
+        if self.compiler.block_layout().experts > 0 {
+            tp
+        } else {
+            1
+        }
+    }
+
     /// Completes a configuration given without its micro-batch count: `m = B / (dp ·
     /// b)` for the session's global batch `B`.
     ///

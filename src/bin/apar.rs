@@ -969,8 +969,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 recompute_pins(recompute, recompute_modules, options.engine).map_err(bad)?;
             let recompute = recompute.unwrap_or(Recompute::None);
             let session = Session::for_spec(&spec, &cluster, &options).map_err(bad)?;
-            let moe = session.compiler().block_layout().experts > 0;
-            let etp = etp.unwrap_or(if moe { tp } else { 1 });
+            let etp = etp.unwrap_or_else(|| session.default_etp(tp));
             let config = session
                 .with_micro_batches(Config {
                     dp,
