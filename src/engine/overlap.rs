@@ -117,12 +117,6 @@ impl Default for CommOverlap {
     }
 }
 
-impl CommOverlap {
-    /// All on (the default).
-    pub fn is_default(&self) -> bool {
-        *self == CommOverlap::default()
-    }
-}
 
 /// Overlap switches an engine cannot run with.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -141,6 +135,11 @@ pub enum CommOverlapError {
 }
 
 impl CommOverlap {
+    /// All on (the default).
+    pub fn is_default(&self) -> bool {
+        *self == CommOverlap::default()
+    }
+
     /// Checks the switches against `engine`.
     ///
     /// # Errors
