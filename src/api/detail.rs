@@ -269,9 +269,12 @@ fn block_range(compiler: &Compiler, block: Block, order: &[Block]) -> [usize; 2]
                 // the kind.)
                 Block::Layer(t) => {
                     let t = t as usize;
-                    let mine: Vec<usize> = (0..cfg.layers)
-                        .filter(|&i| cfg.template_of(i) == t)
-                        .map(|i| i as usize + 1)
+                    let mine: Vec<usize> = cfg
+                        .template_indices()
+                        .iter()
+                        .enumerate()
+                        .filter(|&(_, &of)| of == t)
+                        .map(|(i, _)| i + 1)
                         .collect();
                     match (mine.first(), mine.last()) {
                         (Some(&a), Some(&b)) => [a, b],

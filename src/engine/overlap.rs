@@ -117,7 +117,6 @@ impl Default for CommOverlap {
     }
 }
 
-
 /// Overlap switches an engine cannot run with.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum CommOverlapError {

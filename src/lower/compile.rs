@@ -865,6 +865,7 @@ impl Compiler {
         .with_engine(self.engine)
         .with_model_code(self.model_code)?
         .with_precision(self.precision)?
+        .with_comm_overlap(self.comm_overlap)?
         .with_runtime(self.runtime)
         .with_moe_imbalance(self.moe_imbalance);
         Ok(match &self.calibration {
@@ -900,9 +901,7 @@ impl Compiler {
                 let layers = (0..cfg.layers).filter(|&i| cfg.is_moe_layer(i)).count() as u64;
                 layers
                     .saturating_mul(m.experts)
-                    .saturating_mul(cfg.hidden)
-                    .saturating_mul(m.expert_ffn)
-                    .saturating_mul(3)
+                    .saturating_mul(m.per_expert(cfg.hidden).unwrap_or(u64::MAX))
             }),
             ModelSource::Graph(g) => {
                 let names = crate::passes::expert::expert_param_names(g);
@@ -1156,7 +1155,7 @@ impl Compiler {
             && userbuffers
             && sp
             && tp > 1)
-            .then(|| TpOverlap::te_default(self.shard_cost.eff.gemm.compute_units))
+            .then(|| TpOverlap::te_default(self.cost.eff.gemm.compute_units))
     }
 
     /// The context-parallel group of `cp` ranks beside `tp` tensor-parallel ones: next

@@ -715,12 +715,9 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
                 continue;
             }
             if vs[k].bucket == Bucket::Step {
-                after_step += vs[k]
-                    .bwd_work
-                    .iter()
-                    .zip(&vs[k].grad_s)
-                    .map(|(w, &g)| w.reduce_s + g)
-                    .sum::<f64>();
+                // Once-per-step reductions only: a micro-batch's reduce-scatter
+                // (ZeRO-2/3) is in the backward already.
+                after_step += vs[k].grad_s.iter().sum::<f64>();
                 continue;
             }
             let span = input.stages[k];

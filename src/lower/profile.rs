@@ -980,15 +980,15 @@ impl ProfilePrep {
                 Phase::Opt if is_dp => p.dp_grad_s += t,
                 Phase::Fwd => {
                     p.fwd_s += t;
-                    p.flops += flops;
+                    p.flops = p.flops.saturating_add(flops);
                 }
                 Phase::Bwd => {
                     p.bwd_s += t;
                     if f & CLONE != 0 {
                         p.recompute_s += t;
-                        p.recompute_flops += flops;
+                        p.recompute_flops = p.recompute_flops.saturating_add(flops);
                     } else {
-                        p.flops += flops;
+                        p.flops = p.flops.saturating_add(flops);
                     }
                 }
                 Phase::Opt => p.opt_s += t,

@@ -729,24 +729,22 @@ fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
     let (sliding_window, global_every) = match v {
         Gemma::V1 => (None, 0),
         Gemma::V2 | Gemma::V3 => {
-            let w = f.u64("sliding_window")?.unwrap_or(4096);
-            let default_every = if v == Gemma::V2 { 2 } else { 6 };
+            let w = f.window()?.unwrap_or(4096);
             let every = match f.layer_types()? {
                 Some(every) => every,
-                None if v == Gemma::V3 => {
-                    let n = f.u64("sliding_window_pattern")?.unwrap_or(default_every);
-                    u32::try_from(n).map_err(|_| {
+                None if v == Gemma::V3 => match f.u64("sliding_window_pattern")?.unwrap_or(6) {
+                    0 => {
+                        return Err(f.invalid("sliding_window_pattern", "must be at least 1".into()))
+                    }
+                    n => u32::try_from(n).map_err(|_| {
                         f.invalid("sliding_window_pattern", format!("{n} is too large"))
-                    })?
-                }
+                    })?,
+                },
                 None => 2,
             };
             (Some(w), every)
         }
     };
-    if v != Gemma::V1 {
-        f.window_used.set(true);
-    }
     // Gemma 3's local layers use `rope_local_base_freq` as their RoPE base: a position
     // value, no size.
     let _ = f.f64("rope_local_base_freq")?;
@@ -817,11 +815,7 @@ fn gpt_oss(f: &Fields) -> Result<ModelConfig, ModelError> {
         ));
     }
     let bias = f.bool("attention_bias")?.unwrap_or(true);
-    let window = match f.u64("sliding_window")? {
-        Some(0) => return Err(f.invalid("sliding_window", "must be positive".into())),
-        w => w.or(Some(128)),
-    };
-    f.window_used.set(true);
+    let window = f.window()?.or(Some(128));
     // `GptOssConfig` defaults `layer_types` to sliding, full, sliding, ….
     let global_every = f.layer_types()?.unwrap_or(2);
     let positive = |key: &'static str, default: f64| -> Result<f64, ModelError> {
@@ -1278,6 +1272,11 @@ impl Fields<'_> {
         let Some(list) = v.as_array() else {
             return Err(self.wrong_type(KEY, "a list of layer types", v));
         };
+        if let Some(n) = self.u64("num_hidden_layers")? {
+            if list.len() as u64 != n {
+                return Err(self.invalid(KEY, format!("has {} entries for {n} layers", list.len())));
+            }
+        }
         let mut global = Vec::with_capacity(list.len());
         for t in list {
             match t.as_str() {

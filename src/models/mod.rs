@@ -385,7 +385,7 @@ impl Moe {
 
     /// Parameters of one routed expert: three `[h, f]` matrices, and with
     /// [`Moe::expert_linear_bias`] the biases `2f + h`.
-    fn per_expert(&self, h: u64) -> Option<u64> {
+    pub fn per_expert(&self, h: u64) -> Option<u64> {
         let f = self.expert_ffn;
         let mut n = h.checked_mul(f)?.checked_mul(3)?;
         if self.expert_linear_bias {
@@ -485,13 +485,9 @@ impl ModelConfig {
             }
             return usize::from(alternates && self.layer_window(i).is_none());
         }
-        let t = self.template_layers();
-        if i + 1 >= self.layers {
-            return t.len() - 1;
-        }
-        let kind = self.layer_kind(i);
-        t.iter()
-            .position(|&j| self.layer_kind(j) == kind)
+        self.template_indices()
+            .get(i as usize)
+            .copied()
             .unwrap_or(0)
     }
 
@@ -564,17 +560,18 @@ impl ModelConfig {
     pub fn checked_param_count(&self) -> Option<u64> {
         let (h, f, v) = (self.hidden, self.ffn, self.vocab);
         let d = self.head_dim;
-        let norm = match self.norm {
-            Norm::LayerNorm => h.checked_mul(2)?,
-            Norm::RmsNorm => h,
+        // Weights per normalized channel: scale and bias, or scale alone.
+        let per_channel: u64 = match self.norm {
+            Norm::LayerNorm => 2,
+            Norm::RmsNorm => 1,
         };
+        let norm = h.checked_mul(per_channel)?;
         let q = h.checked_mul(self.heads)?.checked_mul(d)?;
         let kv = h
             .checked_mul(self.kv_heads)?
             .checked_mul(d)?
             .checked_mul(2)?;
         let out = self.heads.checked_mul(d)?.checked_mul(h)?;
-        let per_channel = norm / h;
         let qk_norm = match self.qk_norm {
             QkNorm::None => 0,
             QkNorm::PerHead => d.checked_mul(2)?,
@@ -940,24 +937,35 @@ pub enum ModelError {
 mod tests {
     use super::zoo::ZOO;
 
-    /// The precomputed template of every layer is `template_of`'s, for every zoo model
-    /// and a few layer counts (uniform, alternating and mixture-of-experts layouts).
+    /// Every layer's template is a layer of the same kind (window and experts), the
+    /// last layer's the last template, for every zoo model and a few layer counts
+    /// (uniform, alternating and mixture-of-experts layouts).
     #[test]
-    fn template_indices_are_template_of() {
+    fn every_layer_maps_to_a_template_of_its_kind() {
         for e in ZOO {
             for layers in [None, Some(1), Some(2), Some(3), Some(7)] {
                 let mut cfg = (e.config)();
                 if let Some(l) = layers {
                     cfg.layers = l;
                 }
-                let want: Vec<usize> = (0..cfg.layers).map(|i| cfg.template_of(i)).collect();
-                assert_eq!(
-                    cfg.template_indices(),
-                    want,
-                    "{} with {} layers",
-                    e.name,
-                    cfg.layers
-                );
+                let templates = cfg.template_layers();
+                let of = cfg.template_indices();
+                assert_eq!(of.len(), cfg.layers as usize, "{}", e.name);
+                for (i, &t) in of.iter().enumerate() {
+                    let i = i as u32;
+                    assert_eq!(cfg.template_of(i), t, "{} layer {i}", e.name);
+                    if i + 1 == cfg.layers {
+                        assert_eq!(t, templates.len() - 1, "{} last layer", e.name);
+                    } else {
+                        assert_eq!(
+                            cfg.layer_kind(templates[t]),
+                            cfg.layer_kind(i),
+                            "{} layer {i} of {} layers",
+                            e.name,
+                            cfg.layers
+                        );
+                    }
+                }
             }
         }
     }

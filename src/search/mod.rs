@@ -426,10 +426,16 @@ pub fn plan_with_progress(
             .map(|&i| {
                 tick();
                 let c = &candidates[i];
-                let kind_time = kind_best
-                    .get(&expert_kind(c))
-                    .copied()
-                    .unwrap_or(f64::INFINITY);
+                // Without runners-up no kind's fastest plan is reported: the overall
+                // best decides alone.
+                let kind_time = if opts.runners_up == 0 {
+                    f64::NEG_INFINITY
+                } else {
+                    kind_best
+                        .get(&expert_kind(c))
+                        .copied()
+                        .unwrap_or(f64::INFINITY)
+                };
                 let o = if !opts.exhaustive && bound_of(i) > best_time && bound_of(i) > kind_time {
                     Outcome::Slower {
                         lower_bound_s: bound_of(i),
