@@ -100,3 +100,24 @@ fn qwen_moe_reads_either_expert_count_spelling() {
     );
     assert!(hf::from_json_str("qwen3-30b-a3b", &v.to_string()).is_err());
 }
+
+/// `layer_types` must list every layer (transformers refuses another length), and
+/// Gemma 3's `sliding_window_pattern` must be at least 1 (Hugging Face divides by it).
+#[test]
+fn layer_patterns_that_do_not_fit_the_model_are_refused() {
+    let text = std::fs::read_to_string("tests/data/hf/gpt-oss-20b.json").unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(hf::from_json_str("gpt-oss-20b", &v.to_string()).is_ok());
+    v["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"]);
+    let e = hf::from_json_str("gpt-oss-20b", &v.to_string()).unwrap_err();
+    assert!(e.to_string().contains("layer_types"), "{e}");
+
+    let gemma3 = serde_json::json!({
+        "model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+        "intermediate_size": 2048, "vocab_size": 1024, "sliding_window": 512,
+        "sliding_window_pattern": 0
+    });
+    let e = hf::from_json_str("gemma3", &gemma3.to_string()).unwrap_err();
+    assert!(e.to_string().contains("sliding_window_pattern"), "{e}");
+}
