@@ -69,8 +69,6 @@ pub const FIT_START_STEP: f64 = 0.1;
 /// and the fit would leave it where it started.
 pub const FIT_MIN_SENSITIVITY: f64 = 1e-9;
 
-/// Bounds a fitted efficiency is kept in.
-pub const FIT_BOUNDS: (f64, f64) = (0.01, 1.0);
 
 /// One measured run.
 ///
@@ -661,7 +659,8 @@ impl Residual {
 }
 
 /// Minimizes `cost(calibration)` over the `free` parameters of `start` by
-/// Nelder-Mead, deterministically. Values are kept inside [`FIT_BOUNDS`].
+/// Nelder-Mead, deterministically. Values are kept inside each parameter's
+/// [`Param::bounds`] at `start`.
 ///
 /// # Errors
 ///
@@ -697,8 +696,11 @@ pub fn minimize_counted(
         type Param = Vec<f64>;
         type Output = f64;
         fn cost(&self, x: &Vec<f64>) -> Result<f64, argmin::core::Error> {
-            let (lo, hi) = FIT_BOUNDS;
-            if x.iter().any(|v| !(lo..=hi).contains(v)) {
+            let outside = self.free.iter().zip(x).any(|(p, v)| {
+                let (lo, hi) = p.bounds(self.start);
+                !(lo..=hi).contains(v)
+            });
+            if outside {
                 return Ok(f64::MAX);
             }
             let c = with_values(self.start, self.free, x);
@@ -710,8 +712,12 @@ pub fn minimize_counted(
     let mut simplex = vec![x0.clone()];
     for i in 0..x0.len() {
         let mut x = x0.clone();
-        // Step down (towards the inside of the bounds) by the start step.
-        x[i] *= 1.0 - FIT_START_STEP;
+        // Step down (towards the inside of the bounds) by the start step; up from 0.
+        x[i] = if x[i] > 0.0 {
+            x[i] * (1.0 - FIT_START_STEP)
+        } else {
+            FIT_START_STEP
+        };
         simplex.push(x);
     }
     let solver = NelderMead::new(simplex)
@@ -817,7 +823,7 @@ pub fn fit(
             }
         })
         .collect();
-    let warnings = residuals
+    let mut warnings: Vec<String> = residuals
         .iter()
         .enumerate()
         .filter(|(_, r)| r.predicted_peak_bytes > r.device_memory_bytes)
@@ -830,6 +836,16 @@ pub fn fit(
             )
         })
         .collect();
+    for p in free {
+        let (lo, hi) = p.bounds(&start);
+        let v = p.get(&fitted);
+        let edge = FIT_START_STEP * 1e-3;
+        if v - lo <= edge * hi.max(1e-9) || hi - v <= edge * hi.max(1e-9) {
+            warnings.push(format!(
+                "`{p}` stopped at the end of its range [{lo}, {hi}] ({v:.4}): the runs ask for a value it cannot take, so what they measure is not (only) what it prices"
+            ));
+        }
+    }
     let rms_log_error = (residuals
         .iter()
         .map(|r| (r.predicted_s / r.measured_s).ln().powi(2))

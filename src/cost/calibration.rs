@@ -178,6 +178,21 @@ impl Param {
         }
     }
 
+    /// The values the parameter may take in `c`, inclusive: the efficiencies
+    /// `[MIN_EFFICIENCY, 1]` (attention's upper end lowered so that the backward
+    /// value, which keeps its ratio to the forward one, stays at most 1), the overlap
+    /// slowdown `[0, MAX_OVERLAP_SLOWDOWN]` — the ranges [`Calibration::validate`]
+    /// accepts.
+    pub fn bounds(self, c: &Calibration) -> (f64, f64) {
+        match self {
+            Param::Overlap => (0.0, MAX_OVERLAP_SLOWDOWN),
+            Param::Attention if c.attention_bwd > c.attention && c.attention > 0.0 => {
+                (MIN_EFFICIENCY, c.attention / c.attention_bwd)
+            }
+            _ => (MIN_EFFICIENCY, 1.0),
+        }
+    }
+
     /// Sets the parameter in `c` (attention: the backward value keeps its ratio to the
     /// forward one).
     pub fn set(self, c: &mut Calibration, v: f64) {
@@ -225,6 +240,10 @@ pub enum CalibrationError {
 /// The smallest accepted efficiency: 1% of a peak.
 pub const MIN_EFFICIENCY: f64 = 0.01;
 
+/// The largest [`Calibration::overlap_slowdown`]: compute beside a collective keeps at
+/// least a tenth of its speed (at 1 the overlapped compute would never finish).
+pub const MAX_OVERLAP_SLOWDOWN: f64 = 0.9;
+
 impl Calibration {
     /// Checks the version and that every value is usable.
     ///
@@ -260,10 +279,13 @@ impl Calibration {
                 return bad(f, format!("{v} is not a fraction in [{MIN_EFFICIENCY}, 1]"));
             }
         }
-        if !(0.0..=0.9).contains(&self.overlap_slowdown) {
+        if !(0.0..=MAX_OVERLAP_SLOWDOWN).contains(&self.overlap_slowdown) {
             return bad(
                 "overlap_slowdown",
-                format!("{} is outside [0, 0.9]", self.overlap_slowdown),
+                format!(
+                    "{} is outside [0, {MAX_OVERLAP_SLOWDOWN}]",
+                    self.overlap_slowdown
+                ),
             );
         }
         if self.gemm.compute_units == 0 {
