@@ -69,7 +69,6 @@ pub const FIT_START_STEP: f64 = 0.1;
 /// and the fit would leave it where it started.
 pub const FIT_MIN_SENSITIVITY: f64 = 1e-9;
 
-
 /// One measured run.
 ///
 /// As read from a file: `recompute_modules` implies selective recomputation and the

@@ -266,9 +266,14 @@ mod tests {
         let t = m.ring_cost(Collective::AllReduce, bytes, g).total();
         // nccl-tests' bus bandwidth: algbw · 2(n-1)/n.
         let busbw = bytes / t * 2.0 * 15.0 / 16.0;
-        assert!((0.85..=1.15).contains(&(busbw / 86e9)), "bus bandwidth {busbw:e}");
+        assert!(
+            (0.85..=1.15).contains(&(busbw / 86e9)),
+            "bus bandwidth {busbw:e}"
+        );
         // The three-node run.
-        let t3 = m.ring_cost(Collective::AllReduce, bytes, group(24, 8)).total();
+        let t3 = m
+            .ring_cost(Collective::AllReduce, bytes, group(24, 8))
+            .total();
         let busbw3 = bytes / t3 * 2.0 * 23.0 / 24.0;
         assert!(
             (0.85..=1.15).contains(&(busbw3 / 84.8e9)),

@@ -13,6 +13,15 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+/// DeepSpeed's default `stage3_prefetch_bucket_size`, elements: 5·10⁷
+/// (`deepspeed/runtime/zero/config.py`, `prefetch_bucket_size: int = Field(pp_int(5e7),
+/// alias="stage3_prefetch_bucket_size")`, DeepSpeed 0.19.8).
+pub const DEEPSPEED_PREFETCH_BUCKET_ELEMENTS: u64 = 50_000_000;
+
+/// DeepSpeed's default `stage3_param_persistence_threshold`, elements: 10⁵ (same
+/// file: parameters smaller than this are never partitioned).
+pub const DEEPSPEED_PARAM_PERSISTENCE_ELEMENTS: u64 = 100_000;
+
 /// The training engine a plan is made for.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
@@ -77,6 +86,27 @@ impl Engine {
         match self {
             Engine::Torchtitan => CpMethod::AllGather,
             Engine::Megatron | Engine::DeepSpeed | Engine::Hf => CpMethod::Ring,
+        }
+    }
+
+    /// How many parameter elements one ZeRO-3 parameter all-gather carries at most,
+    /// when the engine gathers parameter by parameter rather than a block at a time
+    /// (`None`: one collective per block, FSDP2's per-`fully_shard`-unit gather).
+    ///
+    /// DeepSpeed's stage 3 fetches each submodule's parameters from its forward and
+    /// backward pre-hooks (`PartitionedParameterCoordinator.fetch_sub_module`), and
+    /// each fetch issues one coalesced all-gather (`all_gather_coalesced`) of the
+    /// upcoming parameters not yet fetched, up to `stage3_prefetch_bucket_size`
+    /// elements ([`DEEPSPEED_PREFETCH_BUCKET_ELEMENTS`]): every parameter tensor of
+    /// a block is gathered by its own collective, and one larger than the bucket is
+    /// still one collective. Parameters below `stage3_param_persistence_threshold`
+    /// ([`DEEPSPEED_PARAM_PERSISTENCE_ELEMENTS`]; norms, biases) stay gathered and are
+    /// not fetched. Each collective pays its own latency, which at hundreds of ranks
+    /// is milliseconds per ring.
+    pub fn zero3_gather_bucket(self) -> Option<u64> {
+        match self {
+            Engine::DeepSpeed => Some(DEEPSPEED_PREFETCH_BUCKET_ELEMENTS),
+            Engine::Megatron | Engine::Torchtitan | Engine::Hf => None,
         }
     }
 

@@ -1419,6 +1419,7 @@ impl Compiler {
                 edp: Group::SINGLE,
                 edp_ops: &none,
                 imbalance: self.moe_imbalance,
+                gather_bucket: None,
             };
             // The graph is profiled at every micro-batch and context-parallel degree:
             // what does not depend on them is read off it once.
@@ -1454,6 +1455,7 @@ impl Compiler {
                 edp: self.edp_group(c),
                 edp_ops: &d.edp_ops,
                 imbalance: self.moe_imbalance,
+                gather_bucket: self.engine.zero3_gather_bucket(),
             };
             let mut with = profile(&d.graph, env, &self.cost, &groups, &BTreeSet::new())
                 .ok_or_else(|| self.size_error())?;

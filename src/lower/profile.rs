@@ -12,6 +12,7 @@
 use crate::cost::collective::collective_of;
 use crate::cost::{Collective, CostModel, Group};
 pub use crate::engine::CpMethod;
+use crate::engine::DEEPSPEED_PARAM_PERSISTENCE_ELEMENTS;
 use crate::ir::{Block, Env, Graph, Op, OpId, Phase, Role, TensorId, TensorType};
 use crate::train::memory::buffer_root;
 use serde::Serialize;
@@ -304,6 +305,10 @@ pub struct Groups<'a> {
     /// over the mean (1 = balanced). Its grouped expert matmuls and token exchanges
     /// take this many times the mean rank's time; FLOPs stay the mean.
     pub imbalance: f64,
+    /// ZeRO-3 parameter gathers issued parameter by parameter, coalescing consecutive
+    /// ones up to this many elements ([`crate::engine::Engine::zero3_gather_bucket`],
+    /// DeepSpeed), or `None` for one gather per block.
+    pub gather_bucket: Option<u64>,
 }
 
 impl Groups<'_> {
@@ -889,6 +894,9 @@ impl ProfilePrep {
         // Routed-expert states are bucketed apart: they reduce over the expert-data-parallel
         // group (the key's last field).
         let mut dp_bytes: BTreeMap<(Block, DpSlot, u8, bool), (Collective, f64)> = BTreeMap::new();
+        // Parameter-by-parameter ZeRO-3 gathers (`gather_bucket`): (elements, bytes) of
+        // each gathered parameter in op order, per (block, slot, expert).
+        let mut dp_tensors: BTreeMap<(Block, DpSlot, bool), Vec<(u64, f64)>> = BTreeMap::new();
         // Ring attention's receive buffers per op (alive while the op runs).
         let ring_on = groups.cp.size > 1;
         let mut ring_bytes: Vec<u64> = if ring_on { vec![0; n] } else { Vec::new() };
@@ -925,6 +933,18 @@ impl ProfilePrep {
                         Phase::Opt if gather => DpSlot::OptGather,
                         Phase::Opt => DpSlot::OptReduce,
                     };
+                    let numel = res.first().and_then(|t| t.shape.numel_at(env)).unwrap_or(0);
+                    let per_tensor = groups.gather_bucket.is_some()
+                        && kind == Collective::AllGather
+                        && matches!(slot, DpSlot::Fwd | DpSlot::BwdGather)
+                        && numel >= DEEPSPEED_PARAM_PERSISTENCE_ELEMENTS;
+                    if per_tensor {
+                        dp_tensors
+                            .entry((node.block, slot, is_edp))
+                            .or_default()
+                            .push((numel, bytes));
+                        continue;
+                    }
                     let e = dp_bytes
                         .entry((node.block, slot, kind as u8, is_edp))
                         .or_insert((kind, 0.0));
@@ -1004,7 +1024,27 @@ impl ProfilePrep {
             }
         }
 
-        for ((block, slot, _, expert), (kind, bytes)) in dp_bytes {
+        let bucket = groups.gather_bucket.unwrap_or(u64::MAX);
+        let packed = dp_tensors
+            .into_iter()
+            .flat_map(|((block, slot, expert), ts)| {
+                // Consecutive parameters coalesce into one all-gather up to the bucket; one
+                // larger than the bucket is a collective of its own.
+                let mut packs: Vec<(u64, f64)> = Vec::new();
+                for (numel, bytes) in ts {
+                    match packs.last_mut() {
+                        Some(last) if last.0.saturating_add(numel) <= bucket => {
+                            last.0 += numel;
+                            last.1 += bytes;
+                        }
+                        _ => packs.push((numel, bytes)),
+                    }
+                }
+                packs.into_iter().map(move |(_, bytes)| {
+                    ((block, slot, 0, expert), (Collective::AllGather, bytes))
+                })
+            });
+        for ((block, slot, _, expert), (kind, bytes)) in dp_bytes.into_iter().chain(packed) {
             let group = if expert { groups.edp } else { groups.dp };
             let t = cost.collective_time(kind, bytes, group);
             let at = self.blocks.binary_search(&block).unwrap_or(0);
