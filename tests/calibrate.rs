@@ -464,3 +464,40 @@ gpt2,dgx-a100-80g:1,1024,64,8,4,fp8,1
     let err = parse_runs(bad).unwrap_err();
     assert!(err.contains("`precision`") || err.contains("fp4"), "{err}");
 }
+
+/// A fit keeps each parameter inside the range a calibration file may hold
+/// (`Param::bounds`: an efficiency in [0.01, 1], `overlap_slowdown` in [0, 0.9]) and
+/// says when it stops at an end; as many runs as parameters is fitted, with a warning
+/// that the residuals cannot check it.
+#[test]
+fn fits_stay_in_range_and_say_when_they_stop_at_an_end() {
+    // A step a thousand times longer than any matmul efficiency in range explains.
+    let csv = "\
+model,cluster,seq,global_batch,dp,micro_batch,step_time_s
+gpt2,dgx-a100-80g:1,1024,64,8,4,1000
+";
+    let runs = parse_runs(csv).unwrap();
+    let fit = calibrate::fit(&runs, None, &[Param::Matmul]).unwrap();
+    let m = fit.calibration.matmul;
+    assert!((0.01..=0.0101).contains(&m), "{m}");
+    fit.calibration.validate().unwrap();
+    assert!(
+        fit.warnings
+            .iter()
+            .any(|w| w.starts_with("`matmul` stopped at the end of its range [0.01, 1]")),
+        "{:?}",
+        fit.warnings
+    );
+    assert!(
+        fit.warnings
+            .iter()
+            .any(|w| w
+                .starts_with("1 run(s) for 1 parameter(s): the fit can pass through every run")),
+        "{:?}",
+        fit.warnings
+    );
+    // The overlap slowdown's range ends at 0.9, below the efficiencies' 1.
+    let start = fit.calibration.clone();
+    assert_eq!(Param::Overlap.bounds(&start), (0.0, 0.9));
+    assert_eq!(Param::Link.bounds(&start), (0.01, 1.0));
+}

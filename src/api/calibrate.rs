@@ -835,6 +835,13 @@ pub fn fit(
             )
         })
         .collect();
+    if runs.len() == free.len() {
+        warnings.push(format!(
+            "{} run(s) for {} parameter(s): the fit can pass through every run, so its residuals cannot show whether the parameters are right; add runs to check it",
+            runs.len(),
+            free.len()
+        ));
+    }
     for p in free {
         let (lo, hi) = p.bounds(&start);
         let v = p.get(&fitted);
