@@ -217,7 +217,7 @@ fn a_device_without_a_table_warns() {
 #[test]
 fn unusable_measurements_are_refused() {
     let header = "model,cluster,seq,global_batch,dp,step_time_s\n";
-    for bad in ["-2.0", "0", "1e300"] {
+    for bad in ["-2.0", "0", "1e300", "5e-324", "1e-300"] {
         let text = format!("{header}llama2-7b,dgx-h100:1,4096,16,8,{bad}\n");
         let err = apar::calibrate::parse_runs(&text).unwrap_err();
         assert!(err.contains("run 1: step_time_s"), "{bad}: {err}");
@@ -265,6 +265,10 @@ llama2-7b,dgx-a100-80g:1,4096,16,2,4,,1.5\n";
     let short = "model,cluster,seq\n# c\ngpt2,x\n";
     let err = parse_runs(short).unwrap_err();
     assert!(err.contains("line 3: 2 cells for 3 columns"), "{err}");
+    // An indented `#` is not a comment to the reader, and its line is named as such.
+    let indented = "model,cluster,seq\n  # c\ngpt2,x,1\n";
+    let err = parse_runs(indented).unwrap_err();
+    assert!(err.contains("line 2"), "{err}");
     // A cell of the wrong type names its line and column.
     let typo = "model,cluster,seq,global_batch,dp,step_time_s\ngpt2,x,1,8,two,1\n";
     let err = parse_runs(typo).unwrap_err();
@@ -500,4 +504,54 @@ gpt2,dgx-a100-80g:1,1024,64,8,4,1000
     let start = fit.calibration.clone();
     assert_eq!(Param::Overlap.bounds(&start), (0.0, 0.9));
     assert_eq!(Param::Link.bounds(&start), (0.01, 1.0));
+}
+
+/// Attention's backward efficiency keeps its ratio to the forward one, so a fit that
+/// drives attention to the bottom of its range stops where the backward value is
+/// still a valid efficiency: the written file loads back.
+#[test]
+fn a_fit_at_attentions_lower_end_loads_back() {
+    let csv = "\
+model,cluster,seq,global_batch,dp,micro_batch,step_time_s
+llama2-7b,dgx-a100-80g:1,8192,8,8,1,5000
+";
+    let runs = parse_runs(csv).unwrap();
+    let fit = calibrate::fit(&runs, None, &[Param::Attention]).unwrap();
+    let c = &fit.calibration;
+    c.validate().unwrap();
+    assert!(c.attention_bwd >= 0.01 && c.attention_bwd < 0.0101, "{c:?}");
+    let text = serde_json::to_string(c).unwrap();
+    apar::cost::Calibration::from_json(&text, "fit").unwrap();
+}
+
+/// A fit is for the runs' device: the file names it whatever table the fit started
+/// from (a device with no built-in table included), and a start made for another
+/// device is warned about; a file with no runs is refused as such.
+#[test]
+fn a_fit_names_the_runs_device() {
+    let csv = "\
+model,cluster,seq,global_batch,dp,micro_batch,step_time_s
+gpt2,dgx-a100-80g:1,1024,64,8,4,1
+gpt2,dgx-a100-80g:1,1024,128,8,4,2
+";
+    let runs = parse_runs(csv).unwrap();
+    let fit = calibrate::fit(&runs, None, &[Param::Matmul]).unwrap();
+    assert_eq!(fit.calibration.devices, vec!["A100-SXM4-80GB".to_string()]);
+    assert!(fit
+        .warnings
+        .iter()
+        .all(|w| !w.contains("starting calibration")));
+    let h100 = apar::cost::calibration::builtin_named("h100").unwrap();
+    let fit = calibrate::fit(&runs, Some(&h100), &[Param::Matmul]).unwrap();
+    assert_eq!(fit.calibration.devices, vec!["A100-SXM4-80GB".to_string()]);
+    assert!(
+        fit.warnings.iter().any(|w| w.starts_with(
+            "the starting calibration is for H100-SXM5-80GB, H800-SXM5-80GB, the runs ran on A100-SXM4-80GB"
+        )),
+        "{:?}",
+        fit.warnings
+    );
+    let none = parse_runs("model,cluster,seq,global_batch,dp,step_time_s\n").unwrap();
+    let err = calibrate::fit(&none, None, &[Param::Matmul]).unwrap_err();
+    assert!(err.to_string().starts_with("no runs to fit"), "{err}");
 }

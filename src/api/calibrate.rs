@@ -273,7 +273,7 @@ impl Run {
     }
 
     /// Whether the run's numbers are usable: degrees and micro-batch at least 1, a
-    /// measured step time in (0 s, [`MAX_STEP_TIME_S`]].
+    /// measured step time in [[`MIN_STEP_TIME_S`], [`MAX_STEP_TIME_S`]].
     ///
     /// # Errors
     ///
@@ -291,9 +291,9 @@ impl Run {
         }
         // A step takes time: zero, negative or absurd measurements are typos, and the
         // log errors the fit minimizes are undefined for them.
-        if !(self.step_time_s > 0.0 && self.step_time_s <= MAX_STEP_TIME_S) {
+        if !(MIN_STEP_TIME_S..=MAX_STEP_TIME_S).contains(&self.step_time_s) {
             return Err(format!(
-                "step_time_s {} is not in (0, {MAX_STEP_TIME_S}] seconds",
+                "step_time_s {:?} is not in [{MIN_STEP_TIME_S:e}, {MAX_STEP_TIME_S}] seconds",
                 self.step_time_s
             ));
         }
@@ -369,6 +369,9 @@ pub enum CalibrateError {
         /// Their names.
         names: String,
     },
+    /// No runs at all (a file with a header and nothing else).
+    #[error("no runs to fit: the run file(s) hold a header and no run")]
+    NoRuns,
     /// Runs on different devices (a calibration is for one device type).
     #[error("runs use different devices ({0}); a calibration is for one device type")]
     MixedDevices(String),
@@ -474,6 +477,11 @@ pub fn parse_runs(text: &str) -> Result<Vec<Run>, String> {
 /// The longest accepted measured step, seconds: one day.
 pub const MAX_STEP_TIME_S: f64 = 86_400.0;
 
+/// The shortest accepted measured step, seconds: 1 µs, a few kernel launches
+/// (`crate::cost::overhead::KERNEL_LAUNCH_S` is 5 µs); a training step is never
+/// shorter, and a log error against a vanishing time is no measurement.
+pub const MIN_STEP_TIME_S: f64 = 1e-6;
+
 fn parse_rows(text: &str) -> Result<Vec<Run>, String> {
     // Spreadsheet programs save UTF-8 with a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -547,8 +555,9 @@ fn record_line(text: &str, byte: u64) -> usize {
         .iter()
         .filter(|&&b| b == b'\n')
         .count();
+    // Skip what the CSV reader skips: empty lines and lines starting with `#` (an
+    // indented `#` is a record to it, and so here).
     for l in text[at..].lines() {
-        let l = l.trim();
         if !(l.is_empty() || l.starts_with('#')) {
             break;
         }
@@ -783,6 +792,9 @@ pub fn fit(
             why: format!("`{p}` is named twice"),
         });
     }
+    if runs.is_empty() {
+        return Err(CalibrateError::NoRuns);
+    }
     if runs.len() < free.len() {
         return Err(CalibrateError::TooFewRuns {
             runs: runs.len(),
@@ -806,6 +818,16 @@ pub fn fit(
             .sum()
     };
     let (mut fitted, iterations) = minimize_counted(&start, free, cost)?;
+    // The fit is for the runs' device (one device type, `compile_runs`), whatever
+    // table it started from.
+    let device = compiled.lock().expect("runs lock")[0]
+        .compiler
+        .cluster
+        .device
+        .name
+        .clone();
+    let start_for_other = !start.devices.is_empty() && !start.devices.contains(&device);
+    fitted.devices = vec![device.clone()];
     let mut compiled = compiled.into_inner().expect("runs lock");
     let residuals: Vec<Residual> = compiled
         .iter_mut()
@@ -835,6 +857,17 @@ pub fn fit(
             )
         })
         .collect();
+    if start_for_other {
+        warnings.push(format!(
+            "the starting calibration is for {}, the runs ran on {device}: its values other than the fitted ones are another device's",
+            start.devices.join(", ")
+        ));
+    }
+    if iterations >= FIT_ITERATIONS {
+        warnings.push(format!(
+            "the fit stopped after {FIT_ITERATIONS} iterations without converging: the values may not be the best"
+        ));
+    }
     if runs.len() == free.len() {
         warnings.push(format!(
             "{} run(s) for {} parameter(s): the fit can pass through every run, so its residuals cannot show whether the parameters are right; add runs to check it",
@@ -858,6 +891,11 @@ pub fn fit(
         .sum::<f64>()
         / residuals.len() as f64)
         .sqrt();
+    if !rms_log_error.is_finite() {
+        return Err(CalibrateError::Solver(
+            "a run's predicted step time is not finite at the fitted values".into(),
+        ));
+    }
     for p in free {
         fitted.sources.insert(
             p.name().to_string(),

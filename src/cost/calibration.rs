@@ -179,15 +179,18 @@ impl Param {
     }
 
     /// The values the parameter may take in `c`, inclusive: the efficiencies
-    /// `[MIN_EFFICIENCY, 1]` (attention's upper end lowered so that the backward
-    /// value, which keeps its ratio to the forward one, stays at most 1), the overlap
+    /// `[MIN_EFFICIENCY, 1]` (attention's ends moved so that the backward value, which
+    /// keeps its ratio to the forward one, stays in that range too), the overlap
     /// slowdown `[0, MAX_OVERLAP_SLOWDOWN]` — the ranges [`Calibration::validate`]
     /// accepts.
     pub fn bounds(self, c: &Calibration) -> (f64, f64) {
         match self {
             Param::Overlap => (0.0, MAX_OVERLAP_SLOWDOWN),
-            Param::Attention if c.attention_bwd > c.attention && c.attention > 0.0 => {
-                (MIN_EFFICIENCY, c.attention / c.attention_bwd)
+            // The backward value keeps its ratio to the forward one: both ends move so
+            // that it stays in [MIN_EFFICIENCY, 1] too.
+            Param::Attention if c.attention > 0.0 && c.attention_bwd > 0.0 => {
+                let ratio = c.attention / c.attention_bwd;
+                (MIN_EFFICIENCY * ratio.max(1.0), ratio.min(1.0))
             }
             _ => (MIN_EFFICIENCY, 1.0),
         }
