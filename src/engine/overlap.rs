@@ -24,7 +24,7 @@
 //! | engine | gradient bucket | ZeRO-3 gathers | gather after the optimizer | source |
 //! |---|---|---|---|---|
 //! | Megatron-LM | `max(4·10⁷, 10⁶·dp)` elements on the first pipeline stage's first chunk, one bucket per chunk elsewhere | prefetched one block ahead | next forward (`--overlap-param-gather`) | `megatron/core/distributed/distributed_data_parallel.py`, `megatron/training/arguments.py`, `megatron/training/training.py` (`get_model`, `disable_bucketing`); Megatron-Core 0.20 |
-//! | DeepSpeed | `reduce_bucket_size` = 5·10⁸ elements (`overlap_comm: true`); one bucket per stage with pipelining | prefetched one block ahead | after the step | `deepspeed/runtime/zero/config.py`, `stage_1_and_2.py`, `deepspeed/runtime/pipe/engine.py` (`_exec_reduce_grads`); DeepSpeed 0.19.6 |
+//! | DeepSpeed | `reduce_bucket_size` = 5·10⁸ elements (`overlap_comm: true`); one bucket per stage with pipelining | prefetched one block ahead, one all-gather per parameter (consecutive ones coalesced up to `stage3_prefetch_bucket_size`, [`Engine::zero3_gather_bucket`]) | after the step | `deepspeed/runtime/zero/config.py`, `stage_1_and_2.py`, `deepspeed/runtime/pipe/engine.py` (`_exec_reduce_grads`); DeepSpeed 0.19.6 |
 //! | torchtitan, HF + FSDP2 | one block (each transformer block is a `fully_shard` unit) | prefetched one block ahead (implicit prefetching) | next forward | `torchtitan/distributed/fsdp.py`; PyTorch `torch/distributed/fsdp/_fully_shard/_fsdp_state.py`, `docs/source/notes/fsdp.rst` ("FSDP Prefetch Nuances") |
 
 use super::memory::DEEPSPEED_REDUCE_BUCKET_ELEMENTS;
