@@ -469,3 +469,45 @@ fn the_hf_engine_runs_transformers_code() {
     let fused = Session::for_spec(&ModelSpec::parse(path), &cluster, &options).unwrap();
     assert_eq!(fused.compiler().model_code, ModelCode::Fused);
 }
+
+/// A block is reported as not split at tp > 1 only when no parameter it reads is split:
+/// a head tied to the embedding reads the embedding's vocabulary-split weight (its own
+/// parameters are only the final norm's), so Megatron's GPT 1.7B head is split at tp 8; GPT-2's
+/// 50,257-token vocabulary divides by no tp, so its embedding and head stay whole and
+/// both are reported.
+#[test]
+fn a_tied_head_reading_a_split_embedding_is_not_reported_whole() {
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let replicated = |model: &str, tp: u32| -> Vec<String> {
+        let m = zoo::lookup(model).unwrap();
+        let session = Session::for_config(&m, &cluster, &options(1024, 8, |_| {})).unwrap();
+        let config = apar::passes::Config {
+            dp: 8 / tp,
+            tp,
+            pp: 1,
+            cp: 1,
+            ep: 1,
+            etp: 1,
+            micro_batch: 1,
+            num_micro_batches: tp,
+            sp: false,
+            recompute: apar::passes::Recompute::None,
+            recompute_layers: None,
+            recompute_modules: None,
+            zero: 0,
+            low_prec_shard: false,
+            schedule: apar::passes::Schedule::OneFOneB,
+        };
+        let plan = session.evaluate(&config).unwrap();
+        plan.warnings
+            .iter()
+            .filter_map(|w| match w {
+                Warning::BlockReplicated { block, .. } => Some(block.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(zoo::lookup("megatron-1.7b").unwrap().tied_embeddings);
+    assert_eq!(replicated("megatron-1.7b", 8), Vec::<String>::new());
+    assert_eq!(replicated("gpt2", 4), vec!["embed", "head"]);
+}

@@ -309,20 +309,30 @@ pub(super) fn of_plan(
     let mut out = Vec::new();
     let c = &e.config;
     if let Some(s) = &program.sharded {
-        // A block with parameters none of which is split is replicated.
+        // A block that uses parameters none of which is split is replicated. A block's
+        // parameters are the ones its ops read, its own and another block's (a head
+        // tied to the embedding reads the embedding's vocabulary-split weight).
         let mut split: BTreeMap<Block, (bool, bool)> = BTreeMap::new();
         for id in s.graph.ops() {
+            let node = s.graph.node(id);
             if let Op::Param { .. } = s.graph.op(id) {
-                let node = s.graph.node(id);
+                split.entry(node.block).or_default().0 = true;
+                continue;
+            }
+            for &t in &node.inputs {
+                let producer = s.graph.tensor(t).producer;
+                if !matches!(s.graph.op(producer), Op::Param { .. }) {
+                    continue;
+                }
                 let entry = split.entry(node.block).or_default();
                 entry.0 = true;
-                for r in &node.results {
-                    if s.layouts
-                        .get(r.index())
+                // Split where declared split, or by a `tp_split` of a whole declaration.
+                if matches!(node.op, Op::TpSplit { .. })
+                    || s.layouts
+                        .get(t.index())
                         .is_some_and(|v| !v.layout.is_replicated())
-                    {
-                        entry.1 = true;
-                    }
+                {
+                    entry.1 = true;
                 }
             }
         }
