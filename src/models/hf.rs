@@ -475,6 +475,7 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
         moe,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -521,6 +522,7 @@ fn gpt2(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -570,6 +572,7 @@ fn gpt_neox(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -652,6 +655,7 @@ fn falcon(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -787,6 +791,7 @@ fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -890,6 +895,7 @@ fn gpt_oss(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: Some(Box::new(moe)),
         mla: None,
         attn_sinks: true,
+        embed_norm: false,
     })
 }
 
@@ -1117,6 +1123,7 @@ fn deepseek(f: &Fields, v: DeepSeek) -> Result<ModelConfig, ModelError> {
         moe: Some(Box::new(moe)),
         mla: Some(Box::new(mla)),
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -1179,6 +1186,7 @@ fn starcoder2(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 

@@ -84,6 +84,7 @@ pub fn gpt(
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     }
 }
 
@@ -134,6 +135,7 @@ pub fn llama(
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     }
 }
 
