@@ -849,7 +849,13 @@ fn bloom_loads_with_alibi_and_an_embedding_layernorm() {
     // 70·(12·14336² + 13·14336) + 250880·14336 + 4·14336
     let cfg = load("bloom-176b.json");
     assert_eq!(
-        (cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim),
+        (
+            cfg.layers,
+            cfg.hidden,
+            cfg.heads,
+            cfg.kv_heads,
+            cfg.head_dim
+        ),
         (70, 14336, 112, 112, 128)
     );
     assert_eq!((cfg.ffn, cfg.vocab), (4 * 14336, 250880));
@@ -1077,7 +1083,10 @@ fn interpreter_agrees_on_a_bloom_block() {
             assert!(c.replica_error < 1e-4, "{label}");
             let layer = Block::Layer(0);
             let reduces = m.collectives(layer).get("all_reduce").copied().unwrap_or(0)
-                + m.collectives(layer).get("reduce_scatter").copied().unwrap_or(0);
+                + m.collectives(layer)
+                    .get("reduce_scatter")
+                    .copied()
+                    .unwrap_or(0);
             assert_eq!(reduces, 2, "{label}: {:?}", m.collectives(layer));
         }
     }

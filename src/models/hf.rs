@@ -700,8 +700,7 @@ fn bloom(f: &Fields) -> Result<ModelConfig, ModelError> {
     let layers = u32::try_from(layers)
         .map_err(|_| f.invalid("n_layer", format!("{layers} layers is too many")))?;
     let head_dim = f.head_dim(hidden, "hidden_size", heads, "n_head")?;
-    if f
-        .bool("apply_residual_connection_post_layernorm")?
+    if f.bool("apply_residual_connection_post_layernorm")?
         .unwrap_or(false)
     {
         return Err(f.invalid(
