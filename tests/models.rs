@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use apar::ir::{verify, Env, Graph, Op};
+use apar::ir::{verify, Block, Env, Graph, Op};
 use apar::models::{
     build_forward, hf, zoo, Attention, Mlp, ModelConfig, ModelError, NormLayout, Position, QkNorm,
 };
@@ -320,6 +320,7 @@ fn hf_configs_load_as_the_zoo_entries() {
         ("gpt2.json", "gpt2"),
         ("gemma-2-9b.json", "gemma2-9b"),
         ("gemma-2-27b.json", "gemma2-27b"),
+        ("bloom-176b.json", "bloom-176b"),
     ] {
         let mut cfg = load(file);
         assert!(cfg.name.ends_with(file), "{}", cfg.name);
@@ -456,6 +457,8 @@ fn every_loadable_config_counts_what_hugging_face_builds() {
         "deepseek-v3.json",
         "gpt-oss-20b.json",
         "gpt-oss-120b.json",
+        "bloom-176b.json",
+        "bloom-560m.json",
     ] {
         assert!(
             counts.contains_key(file),
@@ -470,7 +473,7 @@ fn every_loadable_config_counts_what_hugging_face_builds() {
         assert_params(&cfg, expected);
         checked += 1;
     }
-    assert!(checked >= 25, "{checked} configs checked");
+    assert!(checked >= 27, "{checked} configs checked");
 }
 
 /// `active_params` of `tests/data/hf_param_counts.json`: the total less `(E - k)/E` of
@@ -828,4 +831,263 @@ fn sliding_windows_price_the_band_and_alternating_layers_get_their_own_templates
     assert!(attention_windows(&g, seq).iter().all(|a| a.1 == Some(4096)));
     // A uniform model builds the two layers it always did.
     assert_eq!(zoo_model("llama2-7b").template_layers(), vec![0, 31]);
+}
+
+// ---------------------------------------------------------------------------------
+// BLOOM (BigScience Workshop 2022, "BLOOM: A 176B-Parameter Open-Access Multilingual
+// Language Model", arXiv 2211.05100; Hugging Face `modeling_bloom.py`).
+// ---------------------------------------------------------------------------------
+
+/// bigscience/bloom and bigscience/bloom-560m: ALiBi positions (no table, no op), a
+/// LayerNorm after the embedding, a fused QKV projection, GeLU of 4h, biases on every
+/// linear layer, a tied head. Per layer 12h² + 13h (QKV 3h² + 3h, dense h² + h, MLP
+/// 8h² + 5h, two LayerNorms 4h); plus the V·h embedding and the embedding and final
+/// LayerNorms (4h). Both totals are also Hugging Face's
+/// (`tests/data/hf_param_counts.json`).
+#[test]
+fn bloom_loads_with_alibi_and_an_embedding_layernorm() {
+    // 70·(12·14336² + 13·14336) + 250880·14336 + 4·14336
+    let cfg = load("bloom-176b.json");
+    assert_eq!(
+        (
+            cfg.layers,
+            cfg.hidden,
+            cfg.heads,
+            cfg.kv_heads,
+            cfg.head_dim
+        ),
+        (70, 14336, 112, 112, 128)
+    );
+    assert_eq!((cfg.ffn, cfg.vocab), (4 * 14336, 250880));
+    assert_eq!(cfg.position, Position::Alibi);
+    assert!(cfg.embed_norm && cfg.tied_embeddings);
+    assert!(cfg.qkv_bias && cfg.out_bias && cfg.mlp_bias && !cfg.parallel_residual);
+    assert_eq!(cfg.norm, apar::models::Norm::LayerNorm);
+    assert_eq!((cfg.mlp, cfg.norm_layout), (Mlp::Gelu, NormLayout::Pre));
+    assert_eq!((cfg.norm_eps, cfg.dropout), (1e-5, 0.0));
+    assert_params(&cfg, 176_247_271_424);
+    // 24·(12·1024² + 13·1024) + 250880·1024 + 4·1024
+    let small = load("bloom-560m.json");
+    assert_eq!((small.layers, small.hidden, small.heads), (24, 1024, 16));
+    assert_params(&small, 559_214_592);
+    // Every key of the published files is understood.
+    for file in ["bloom-176b.json", "bloom-560m.json"] {
+        let (_, notes) = hf::load_with_notes(&fixture(file)).unwrap();
+        assert!(notes.ignored.is_empty(), "{file}: {:?}", notes.ignored);
+        assert_eq!(notes.model_type.as_deref(), Some("bloom"));
+    }
+
+    // One LayerNorm per norm: the embedding's, two a layer, the final one; no rotary
+    // op and no position input, under flash and eager attention alike.
+    let mut two = small;
+    two.layers = 2;
+    for attention in [Attention::Flash, Attention::Eager] {
+        let g = build_forward(&zoo::with_attention(two.clone(), attention)).unwrap();
+        verify(&g).unwrap();
+        let norms = |block: Block| {
+            g.ops()
+                .filter(|&o| g.node(o).block == block && matches!(g.op(o), Op::LayerNorm { .. }))
+                .count()
+        };
+        assert_eq!(norms(Block::Embed), 1);
+        assert_eq!((norms(Block::Layer(0)), norms(Block::Layer(1))), (2, 2));
+        assert_eq!(norms(Block::Head), 1);
+        assert!(!g.ops().any(|o| matches!(g.op(o), Op::Rotary { .. })));
+        assert!(g.find_source("positions").is_none());
+        assert!(g.find_source("embed.norm.bias").is_some());
+    }
+}
+
+/// A small BLOOM file to mutate: bigscience/bloom-560m's.
+fn bloom_560m() -> String {
+    std::fs::read_to_string(fixture("bloom-560m.json")).unwrap()
+}
+
+#[test]
+fn bloom_refuses_what_it_does_not_model_naming_the_key() {
+    let base = bloom_560m();
+    let cases: &[(&str, &str, &str)] = &[
+        // The residual taken after each layernorm is not modeled.
+        (
+            "apply_residual_connection_post_layernorm",
+            "true",
+            "apply_residual_connection_post_layernorm",
+        ),
+        // Hugging Face's MLP is 4h whatever `n_inner` says.
+        ("n_inner", "5000", "n_inner"),
+        // Two spellings of one size that disagree (`n_embed` wins in BloomConfig).
+        ("n_embed", "2048", "hidden_size"),
+        ("num_attention_heads", "8", "num_attention_heads"),
+        ("num_hidden_layers", "12", "num_hidden_layers"),
+        ("n_head", "0", "n_head"),
+        ("hidden_size", "1000", "hidden_size"), // not a multiple of 16 heads
+        ("layer_norm_epsilon", "-1e-5", "layer_norm_epsilon"),
+        ("tie_word_embeddings", "\"yes\"", "tie_word_embeddings"),
+        ("hidden_dropout", "1.0", "dropout"),
+    ];
+    for &(key, value, field) in cases {
+        assert_eq!(
+            invalid_field(&with_field(&base, key, value)),
+            field,
+            "{key} = {value}"
+        );
+    }
+    let msg = hf::from_json_str(
+        "b.json",
+        &with_field(&base, "apply_residual_connection_post_layernorm", "true"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("apply_residual_connection_post_layernorm") && msg.contains("b.json"),
+        "{msg}"
+    );
+    // What agrees is accepted: n_inner = 4h, the same size spelled twice, the older
+    // `n_embed` alone (bigscience/bloom's file), an untied head.
+    for (key, value) in [
+        ("n_inner", "4096"),
+        ("n_embed", "1024"),
+        ("num_hidden_layers", "24"),
+        ("apply_residual_connection_post_layernorm", "false"),
+    ] {
+        let cfg = hf::from_json_str("b", &with_field(&base, key, value))
+            .unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+        assert_eq!(cfg.param_count(), 559_214_592, "{key} = {value}");
+    }
+    let untied = hf::from_json_str("b", &with_field(&base, "tie_word_embeddings", "false"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_params(&untied, 559_214_592 + 250_880 * 1024);
+    // A missing size names the modern key.
+    let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("hidden_size");
+    }
+    assert!(matches!(
+        hf::from_json_str("b", &v.to_string()),
+        Err(ModelError::MissingField { field, .. }) if field == "hidden_size"
+    ));
+}
+
+/// Plans and configurations saved before ALiBi and the embedding norm existed still
+/// load (the new field defaults to no norm), and ALiBi round-trips as `"alibi"`.
+#[test]
+fn configurations_saved_before_alibi_still_load() {
+    let gpt2 = zoo_model("gpt2");
+    let mut v = serde_json::to_value(&gpt2).unwrap();
+    if let Some(m) = v.as_object_mut() {
+        assert!(m.remove("embed_norm").is_some());
+    }
+    let back: ModelConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(back, gpt2);
+    let bloom = zoo_model("bloom-176b");
+    let text = serde_json::to_string(&bloom).unwrap();
+    assert!(text.contains(r#""position":"alibi""#), "{text}");
+    assert!(text.contains(r#""embed_norm":true"#), "{text}");
+    assert_eq!(serde_json::from_str::<ModelConfig>(&text).unwrap(), bloom);
+}
+
+/// BLOOM-176B's training layout (Le Scao et al. 2022, section 3.4: 384 A100-80GB, TP 4,
+/// PP 12, DP 8, micro-batch 2, global batch 2048 of 2048 tokens, ZeRO-1) compiles and
+/// fits in memory; Megatron-LM's export refuses ALiBi and the embedding norm up front
+/// (Megatron-DeepSpeed, which trained BLOOM, has both). No time is asserted.
+#[test]
+fn bloom_176b_plans_at_its_training_layout() {
+    use apar::cluster::Cluster;
+    use apar::engine::Engine;
+    use apar::passes::{Config, Recompute};
+    use apar::{PlanOptions, Session};
+
+    let model = zoo_model("bloom-176b");
+    let cluster = Cluster::resolve("dgx-a100-80g:48").unwrap();
+    let mut opts = PlanOptions::new(2048, 2048);
+    opts.memory_ratio = 1.0;
+    let session = Session::for_config(&model, &cluster, &opts).unwrap();
+    let mut c = Config::new(8, 4, 12, 2, 128);
+    c.recompute = Recompute::Full;
+    c.zero = 1;
+    let plan = session.evaluate(&c).unwrap_or_else(|e| panic!("{e}"));
+    assert!(plan.step_time_s > 0.0 && plan.step_time_s.is_finite());
+    assert!(plan.mfu > 0.0 && plan.mfu < plan.hfu && plan.hfu < 1.0);
+    assert!(plan.memory.peak_bytes <= plan.memory.budget_bytes);
+    assert_eq!(plan.stages.len(), 12);
+
+    let err = apar::engine::export::model_supported(
+        Engine::Megatron,
+        &model,
+        apar::engine::memory::Precision::Bf16,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("ALiBi"), "{err}");
+    let mut no_alibi = model.clone();
+    no_alibi.position = Position::Rotary {
+        dims: 128,
+        theta: 10000.0,
+    };
+    let err = apar::engine::export::model_supported(
+        Engine::Megatron,
+        &no_alibi,
+        apar::engine::memory::Precision::Bf16,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("embedding"), "{err}");
+    assert!(apar::engine::export::model_supported(
+        Engine::DeepSpeed,
+        &model,
+        apar::engine::memory::Precision::Bf16
+    )
+    .is_ok());
+}
+
+/// A small BLOOM block through the reference interpreter: the unsharded and the
+/// tensor-parallel training steps (tp 2, 4, with and without sequence parallelism)
+/// give the same loss and gradients, the embedding LayerNorm included.
+#[test]
+fn interpreter_agrees_on_a_bloom_block() {
+    use apar::shard::{interp, ModelCost, ShardOptions, Sharder};
+
+    let mut text = bloom_560m();
+    for (key, value) in [
+        ("hidden_size", "64"),
+        ("n_head", "4"),
+        ("n_layer", "2"),
+        ("vocab_size", "256"),
+    ] {
+        text = with_field(&text, key, value);
+    }
+    let cfg = hf::from_json_str("tiny-bloom", &text).unwrap_or_else(|e| panic!("{e}"));
+    let fwd = build_forward(&cfg).unwrap();
+    // A slow device on a fast link, so that the tiny block shards like a large one.
+    let mut cluster = apar::cluster::Cluster::resolve("dgx-a100-80g:1").expect("preset");
+    cluster.device.peak_bf16_flops = 1e9;
+    cluster.device.peak_fp32_flops = 1e9;
+    cluster.device.memory_bandwidth = 1e9;
+    cluster.intra_node.bandwidth = 1e12;
+    cluster.intra_node.latency_s = 1e-6;
+    let model = apar::cost::CostModel::new(cluster);
+    for tp in [2, 4] {
+        for sp in [false, true] {
+            let cost = ModelCost::tensor_parallel(&model, tp);
+            let env = Env::new(2, 8);
+            let opts = ShardOptions {
+                env,
+                ..ShardOptions::new(tp, sp)
+            };
+            let m = Sharder::with_cost(opts, &cost)
+                .shard_model(&fwd)
+                .expect("shards");
+            let c = interp::compare(&fwd, &m, env, 11).expect("runs");
+            let label = format!("tp {tp} sp {sp}: {c:?}");
+            assert!(c.params > 0, "{label}");
+            assert!(c.loss_error < 1e-4, "{label}");
+            assert!(c.grad_error < 1e-4, "{label}");
+            assert!(c.replica_error < 1e-4, "{label}");
+            let layer = Block::Layer(0);
+            let reduces = m.collectives(layer).get("all_reduce").copied().unwrap_or(0)
+                + m.collectives(layer)
+                    .get("reduce_scatter")
+                    .copied()
+                    .unwrap_or(0);
+            assert_eq!(reduces, 2, "{label}: {:?}", m.collectives(layer));
+        }
+    }
 }

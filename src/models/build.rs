@@ -223,6 +223,8 @@ impl Ctx<'_> {
         let k = self.split_heads(k, kv)?;
         let v = self.split_heads(v, kv)?;
         let (mut q, mut k) = self.qk_norm_heads(q, k, p)?;
+        // ALiBi adds no op: its bias is added inside the attention kernel or the score
+        // GEMM (see `Position::Alibi`).
         if let Position::Rotary { dims, theta } = cfg.position {
             q = self.op(Op::Rotary { dims, theta }, &[q])?;
             k = self.op(Op::Rotary { dims, theta }, &[k])?;
@@ -333,7 +335,7 @@ impl Ctx<'_> {
         let theta = match cfg.position {
             Position::Rotary { theta, .. } => theta,
             // `validate` refuses MLA without rotary positions.
-            Position::Learned { .. } => 10_000.0,
+            Position::Learned { .. } | Position::Alibi => 10_000.0,
         };
         let rotary = Op::Rotary { dims: dr, theta };
         let heads = |c: &mut Self, t: TensorId, d: u64| {
@@ -833,9 +835,11 @@ impl Ctx<'_> {
     }
 }
 
-/// Builds the forward graph: `embed`, `layer.0` … `layer.{l-1}`, `head` (final norm,
-/// logits, mean cross-entropy). Inputs `tokens` and `labels` (and `positions` with
-/// learned positions) are `i64[b,s]`; parameters are bf16 with role `param`.
+/// Builds the forward graph: `embed` (with [`ModelConfig::embed_norm`], the embedding
+/// norm), `layer.0` … `layer.{l-1}`, `head` (final norm, logits, mean cross-entropy).
+/// Inputs `tokens` and `labels` (and `positions` with learned positions) are
+/// `i64[b,s]`; parameters are bf16 with role `param`. ALiBi positions add no op
+/// ([`Position::Alibi`] says why).
 ///
 /// This is the fused (Megatron-LM) model code: `build_forward_with(cfg, ModelCode::Fused)`.
 pub fn build_forward(cfg: &ModelConfig) -> Result<Graph, ModelError> {
@@ -894,6 +898,10 @@ fn build(cfg: &ModelConfig, code: ModelCode, layers: &[u32]) -> Result<Graph, Mo
         // Gemma: `hidden_states * normalizer`, `normalizer = hidden_size ** 0.5`.
         let factor = (h as f64).sqrt();
         x = c.op(Op::Scale { factor }, &[x]).map_err(shape_err)?;
+    }
+    if cfg.embed_norm {
+        // BLOOM: `word_embeddings_layernorm(inputs_embeds)`.
+        x = c.norm(x, "embed.norm").map_err(shape_err)?;
     }
     x = c.dropout(x).map_err(shape_err)?;
     if let ModelCode::Transformers {

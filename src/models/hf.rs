@@ -13,6 +13,7 @@
 //! | `gpt2` | LayerNorm, learned positions, GeLU | all | yes | `attn_pdrop`, `resid_pdrop`, `embd_pdrop` |
 //! | `gpt_neox` | LayerNorm, partial RoPE, GeLU, `use_parallel_residual` | all (`attention_bias`) | no | `attention_dropout`, `hidden_dropout` |
 //! | `falcon` | LayerNorm, RoPE, GeLU, parallel (one shared or two layernorms) or sequential | `bias` | yes | `attention_dropout`, `hidden_dropout` |
+//! | `bloom` | LayerNorm (also after the embedding), ALiBi, GeLU of 4h, fused `query_key_value` | all | yes | `attention_dropout`, `hidden_dropout` |
 //! | `gemma` | RMSNorm(1+w), RoPE, GeGLU, `√h` embedding scale, `head_dim` | `attention_bias` | yes | `attention_dropout` |
 //! | `gemma2` | as gemma, four norms a layer, soft-capping, `query_pre_attn_scalar`, window on even layers | `attention_bias` | yes | `attention_dropout` |
 //! | `gemma3_text` | as gemma2, q/k norms per head, five local layers to one global | `attention_bias` | yes | `attention_dropout` |
@@ -37,7 +38,10 @@
 //! rotary model the sequence exceeds, mixture-of-experts keys on a dense architecture,
 //! and keys the loader does not know. Read past silently: [`INERT_KEYS`] (RoPE scaling,
 //! tensor-parallel pretraining hints, token ids and other keys that change no size).
-//! Falcon ALiBi checkpoints do not fit [`ModelConfig`] and are refused as unsupported.
+//! Falcon ALiBi checkpoints (`alibi: true`) are refused as unsupported: Hugging Face's
+//! Falcon adds the ALiBi bias to a causal mask it materializes per head (`[b, heads, s,
+//! s]`), which the `hf` engine's model code of Falcon does not build. BLOOM's ALiBi is
+//! read as [`Position::Alibi`].
 //!
 //! Every committed `tests/data/hf/*.json` is instantiated by Hugging Face Transformers
 //! on the meta device (`scripts/count_hf_params.py`); `tests/models.rs` checks that
@@ -57,8 +61,8 @@ use super::{
 
 /// The `model_type`s this loader reads.
 pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, olmo2, gemma, gemma2, \
-                             gemma3_text, starcoder2, gpt2, gpt_neox, falcon (rotary), mixtral, qwen2_moe, qwen3_moe, \
-                             deepseek_v2, deepseek_v3, gpt_oss";
+                             gemma3_text, starcoder2, gpt2, gpt_neox, falcon (rotary), bloom, mixtral, qwen2_moe, \
+                             qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss";
 
 /// Keys that give a dense architecture's file routed experts: such a file is refused
 /// ([`ModelError::ExpertsOnDense`]) rather than planned dense.
@@ -319,6 +323,7 @@ pub fn from_json_str_with_notes(
         "gpt2" => gpt2(&f)?,
         "gpt_neox" => gpt_neox(&f)?,
         "falcon" => falcon(&f)?,
+        "bloom" => bloom(&f)?,
         "gemma" => gemma(&f, Gemma::V1)?,
         "gemma2" => gemma(&f, Gemma::V2)?,
         "gemma3_text" => gemma(&f, Gemma::V3)?,
@@ -475,6 +480,7 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
         moe,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -521,6 +527,7 @@ fn gpt2(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -570,6 +577,7 @@ fn gpt_neox(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -652,6 +660,112 @@ fn falcon(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
+    })
+}
+
+/// BLOOM (`modeling_bloom.py`, `configuration_bloom.py`; BigScience Workshop 2022,
+/// "BLOOM: A 176B-Parameter Open-Access Multilingual Language Model", arXiv 2211.05100):
+/// the word embedding followed by a LayerNorm (`word_embeddings_layernorm`,
+/// [`ModelConfig::embed_norm`]); ALiBi positions ([`Position::Alibi`]); pre-LayerNorm
+/// layers (`input_layernorm`, `post_attention_layernorm`) with a fused
+/// `query_key_value` (h → 3h) and `dense`, an MLP `dense_h_to_4h` → GeLU (the tanh
+/// approximation, `bloom_gelu_forward`) → `dense_4h_to_h` of `4·hidden` (no key sets
+/// it), biases on every linear layer; a final `ln_f`; the head tied to the embedding
+/// (`tie_word_embeddings`, true by default). All norms use `layer_norm_epsilon`.
+///
+/// `n_embed` (older files) is the hidden size and takes precedence over `hidden_size`
+/// in `BloomConfig`; `num_hidden_layers` and `num_attention_heads` are aliases of
+/// `n_layer` and `n_head` (its `attribute_map`). Two spellings of one size that disagree
+/// are refused. Read past: switches of the Megatron-DeepSpeed training run that the
+/// published files carry and that change no size (`masked_softmax_fusion`,
+/// `attention_softmax_in_fp32`, `bias_dropout_fusion`, `skip_bias_add`,
+/// `skip_bias_add_qkv`, `offset_alibi`, `slow_but_exact` — which splits the output
+/// projections into `pretraining_tp` slices of the same product — and `unk_token_id`).
+///
+/// Refused, naming the key: `apply_residual_connection_post_layernorm` true (the
+/// residual taken after each layernorm is no [`NormLayout`]), and an `n_inner` other
+/// than `4·hidden` (Hugging Face's MLP is `4·hidden` whatever it says; the training
+/// code's `--ffn-hidden-size` would not be).
+fn bloom(f: &Fields) -> Result<ModelConfig, ModelError> {
+    let hidden = f
+        .agreeing_u64(&["n_embed", "hidden_size"])?
+        .ok_or_else(|| f.missing("hidden_size"))?;
+    let heads = f
+        .agreeing_u64(&["n_head", "num_attention_heads"])?
+        .ok_or_else(|| f.missing("n_head"))?;
+    let layers = f
+        .agreeing_u64(&["n_layer", "num_hidden_layers"])?
+        .ok_or_else(|| f.missing("n_layer"))?;
+    let layers = u32::try_from(layers)
+        .map_err(|_| f.invalid("n_layer", format!("{layers} layers is too many")))?;
+    let head_dim = f.head_dim(hidden, "hidden_size", heads, "n_head")?;
+    if f.bool("apply_residual_connection_post_layernorm")?
+        .unwrap_or(false)
+    {
+        return Err(f.invalid(
+            "apply_residual_connection_post_layernorm",
+            "is true: residuals taken after the layernorms are not modeled (only the \
+             pre-layernorm residual, the default)"
+                .into(),
+        ));
+    }
+    let ffn = f.times4(hidden, "hidden_size")?;
+    if let Some(n) = f.u64("n_inner")? {
+        if n != ffn {
+            return Err(f.invalid(
+                "n_inner",
+                format!(
+                    "{n}: Hugging Face's BLOOM MLP is 4·hidden = {ffn} whatever n_inner says; \
+                     only that value (or null) is unambiguous"
+                ),
+            ));
+        }
+    }
+    for key in [
+        "masked_softmax_fusion",
+        "attention_softmax_in_fp32",
+        "bias_dropout_fusion",
+        "skip_bias_add",
+        "skip_bias_add_qkv",
+        "offset_alibi",
+        "slow_but_exact",
+        "unk_token_id",
+    ] {
+        let _ = f.get(key);
+    }
+    Ok(ModelConfig {
+        name: f.name.to_string(),
+        layers,
+        hidden,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        ffn,
+        vocab: f.req_u64("vocab_size")?,
+        norm: Norm::LayerNorm,
+        norm_eps: f.non_negative("layer_norm_epsilon")?.unwrap_or(1e-5),
+        position: Position::Alibi,
+        mlp: Mlp::Gelu,
+        qkv_bias: true,
+        out_bias: true,
+        mlp_bias: true,
+        parallel_residual: false,
+        tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
+        dropout: f.dropout(&["attention_dropout", "hidden_dropout"], 0.0)?,
+        attention: Attention::Flash,
+        norm_layout: NormLayout::Pre,
+        qk_norm: QkNorm::None,
+        embed_scale: false,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
+        global_every: 0,
+        moe: None,
+        mla: None,
+        attn_sinks: false,
+        embed_norm: true,
     })
 }
 
@@ -787,6 +901,7 @@ fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -890,6 +1005,7 @@ fn gpt_oss(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: Some(Box::new(moe)),
         mla: None,
         attn_sinks: true,
+        embed_norm: false,
     })
 }
 
@@ -1117,6 +1233,7 @@ fn deepseek(f: &Fields, v: DeepSeek) -> Result<ModelConfig, ModelError> {
         moe: Some(Box::new(moe)),
         mla: Some(Box::new(mla)),
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -1179,6 +1296,7 @@ fn starcoder2(f: &Fields) -> Result<ModelConfig, ModelError> {
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     })
 }
 
@@ -1444,6 +1562,22 @@ impl Fields<'_> {
             }
         }
         Err(self.missing(keys[0]))
+    }
+
+    /// The value of the first of `keys` present (spellings of one size, by
+    /// precedence), refusing a file where two of them disagree.
+    fn agreeing_u64(&self, keys: &[&'static str]) -> Result<Option<u64>, ModelError> {
+        let mut found: Option<(&'static str, u64)> = None;
+        for &key in keys {
+            match (self.u64(key)?, found) {
+                (Some(v), None) => found = Some((key, v)),
+                (Some(v), Some((first, w))) if v != w => {
+                    return Err(self.invalid(key, format!("{v} differs from {first} {w}")));
+                }
+                _ => {}
+            }
+        }
+        Ok(found.map(|(_, v)| v))
     }
 
     fn layers(&self, key: &'static str) -> Result<u32, ModelError> {

@@ -48,6 +48,19 @@ pub enum Position {
         /// Frequency base.
         theta: f64,
     },
+    /// Attention with linear biases (ALiBi; Press, Smith and Lewis 2022, "Train
+    /// Short, Test Long", arXiv 2108.12409): no position table and nothing applied to
+    /// the queries or keys; each head `i` adds `-m_i·(query − key position)` to its
+    /// scores, with fixed slopes `m_i` (BLOOM; Falcon's `alibi`). No parameters.
+    ///
+    /// The graph has no op for it: the fused attention kernels take the slopes and
+    /// add the bias inside the kernel (FlashAttention-2's `alibi_slopes`), and eager
+    /// attention adds it in the score GEMM itself (Hugging Face's and
+    /// Megatron-DeepSpeed's `baddbmm` with the `[b·heads, 1, s]` bias as its input,
+    /// broadcast over the queries), which materializes no tensor beyond the scores.
+    /// The one add per score (beside `2·head_dim` FLOPs of `QKᵀ` per score) and the
+    /// small bias tensor are not priced.
+    Alibi,
 }
 
 /// Feed-forward block kind.
@@ -216,6 +229,12 @@ pub struct ModelConfig {
     /// learnable`). The fused attention ops take them as an input.
     #[serde(default)]
     pub attn_sinks: bool,
+    /// A norm of the model's kind right after the embedding, before dropout and the
+    /// first layer (BLOOM's `word_embeddings_layernorm`; Megatron-DeepSpeed's
+    /// `--embed-layernorm`): `h` weights, and `h` biases for LayerNorm. Absent in
+    /// older documents: none.
+    #[serde(default)]
+    pub embed_norm: bool,
 }
 
 /// How a router scores the experts.
@@ -614,6 +633,9 @@ impl ModelConfig {
         }
         let embed = v.checked_mul(h)?;
         let mut total = layers.checked_add(embed)?.checked_add(norm)?;
+        if self.embed_norm {
+            total = total.checked_add(norm)?;
+        }
         if let Position::Learned { max_positions } = self.position {
             total = total.checked_add(max_positions.checked_mul(h)?)?;
         }
@@ -658,7 +680,7 @@ impl ModelConfig {
         }
         let positions = match self.position {
             Position::Learned { max_positions } => max_positions,
-            Position::Rotary { .. } => 0,
+            Position::Rotary { .. } | Position::Alibi => 0,
         };
         for (field, v) in [
             ("hidden", self.hidden),

@@ -27,6 +27,10 @@
 //!   (V3's checkpoint has one more layer, 61, for it; the report's 671B excludes it).
 //! - gpt-oss-20b and gpt-oss-120b (OpenAI: Agarwal et al. 2025, gpt-oss-120b & gpt-oss-20b model card): the Hugging Face
 //!   `openai/gpt-oss-20b` and `openai/gpt-oss-120b` configs (`tests/data/hf/gpt-oss-*.json`).
+//! - BLOOM 176B (BigScience Workshop 2022, "BLOOM: A 176B-Parameter Open-Access
+//!   Multilingual Language Model", arXiv 2211.05100): the Hugging Face `bigscience/bloom`
+//!   config (`tests/data/hf/bloom-176b.json`): ALiBi positions, a LayerNorm after the
+//!   embedding, 250,880-token vocabulary, tied head.
 
 use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
 
@@ -84,6 +88,7 @@ pub fn gpt(
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     }
 }
 
@@ -134,6 +139,7 @@ pub fn llama(
         moe: None,
         mla: None,
         attn_sinks: false,
+        embed_norm: false,
     }
 }
 
@@ -201,9 +207,8 @@ fn qwen2_7b() -> ModelConfig {
     cfg
 }
 
-/// A mixture-of-experts model read from its published `config.json`, committed under
-/// `tests/data/hf/` (whose total and active counts `tests/models.rs` checks against
-/// Hugging Face's).
+/// A model read from its published `config.json`, committed under `tests/data/hf/`
+/// (whose total and active counts `tests/models.rs` checks against Hugging Face's).
 ///
 /// # Panics
 /// If the committed file does not load (an internal bug, caught by the zoo tests).
@@ -257,6 +262,13 @@ fn gpt_oss_120b() -> ModelConfig {
     from_hf(
         "gpt-oss-120b",
         include_str!("../../tests/data/hf/gpt-oss-120b.json"),
+    )
+}
+
+fn bloom_176b() -> ModelConfig {
+    from_hf(
+        "bloom-176b",
+        include_str!("../../tests/data/hf/bloom-176b.json"),
     )
 }
 
@@ -592,6 +604,14 @@ pub static ZOO: &[ZooEntry] = &[
                 128, ffn 36864 GeGLU, 4096-token window on every other layer, soft-capping \
                 50/30 (Gemma Team, Riviere et al. 2024; HF google/gemma-2-27b config)",
         config: || gemma2("gemma2-27b", 46, 4608, 32, 16, 128, 36864, 144.0),
+    },
+    ZooEntry {
+        name: "bloom-176b",
+        about: "BLOOM, 176,247,271,424 params: 70 layers, h 14336, 112 heads, ffn 4h GeLU, \
+                ALiBi positions, a LayerNorm after the embedding, vocab 250880, tied (BigScience \
+                Workshop: Le Scao et al. 2022, BLOOM: A 176B-Parameter Open-Access Multilingual \
+                Language Model, arXiv 2211.05100; HF config bigscience/bloom)",
+        config: bloom_176b,
     },
 ];
 

@@ -364,6 +364,8 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
             }
             arg(&mut a, "max-position-embeddings", p.seq);
         }
+        // Refused by `model_supported` above.
+        Position::Alibi => {}
     }
     if m.norm == Norm::RmsNorm {
         arg(&mut a, "normalization", "RMSNorm");
@@ -709,6 +711,18 @@ pub(super) fn model_supported(m: &ModelConfig) -> Result<(), ExportError> {
         return missing(
             "model's query/key norms over the whole projection",
             "--qk-layernorm normalizes each head (head_dim channels)",
+        );
+    }
+    if m.position == Position::Alibi {
+        return missing(
+            "model's ALiBi positions",
+            "--position-embedding-type takes learned_absolute, rope, mrope, relative or none (ALiBi is Megatron-DeepSpeed's)",
+        );
+    }
+    if m.embed_norm {
+        return missing(
+            "model's norm after the embedding",
+            "the GPT model has no embedding layernorm (Megatron-DeepSpeed's --embed-layernorm)",
         );
     }
     if m.parallel_residual {
