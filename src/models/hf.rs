@@ -55,8 +55,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    Attention, ClampedSwiglu, Mlp, ModelConfig, ModelError, Moe, Norm, NormLayout, Position,
-    QkNorm, Scoring,
+    ClampedSwiglu, Mlp, ModelConfig, ModelError, Moe, Norm, NormLayout, Position, QkNorm, Scoring,
 };
 
 /// The `model_type`s this loader reads.
@@ -465,22 +464,13 @@ fn llama_like(f: &Fields, family: Family) -> Result<ModelConfig, ModelError> {
         qkv_bias,
         out_bias,
         mlp_bias,
-        parallel_residual: false,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
         dropout,
-        attention: Attention::Flash,
         norm_layout,
         qk_norm,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
         sliding_window,
-        global_every: 0,
         moe,
-        mla: None,
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     })
 }
 
@@ -511,23 +501,10 @@ fn gpt2(f: &Fields) -> Result<ModelConfig, ModelError> {
         qkv_bias: true,
         out_bias: true,
         mlp_bias: true,
-        parallel_residual: false,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
         // GPT2Config defaults each of the three to 0.1.
         dropout: f.dropout(&["attn_pdrop", "resid_pdrop", "embd_pdrop"], 0.1)?,
-        attention: Attention::Flash,
-        norm_layout: NormLayout::Pre,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
-        sliding_window: None,
-        global_every: 0,
-        moe: None,
-        mla: None,
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     })
 }
 
@@ -565,19 +542,7 @@ fn gpt_neox(f: &Fields) -> Result<ModelConfig, ModelError> {
         parallel_residual: f.bool("use_parallel_residual")?.unwrap_or(true),
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
         dropout: f.dropout(&["attention_dropout", "hidden_dropout"], 0.0)?,
-        attention: Attention::Flash,
-        norm_layout: NormLayout::Pre,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
-        sliding_window: None,
-        global_every: 0,
-        moe: None,
-        mla: None,
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     })
 }
 
@@ -648,19 +613,8 @@ fn falcon(f: &Fields) -> Result<ModelConfig, ModelError> {
         parallel_residual,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
         dropout: f.dropout(&["attention_dropout", "hidden_dropout"], 0.0)?,
-        attention: Attention::Flash,
         norm_layout,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
-        sliding_window: None,
-        global_every: 0,
-        moe: None,
-        mla: None,
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     })
 }
 
@@ -750,22 +704,10 @@ fn bloom(f: &Fields) -> Result<ModelConfig, ModelError> {
         qkv_bias: true,
         out_bias: true,
         mlp_bias: true,
-        parallel_residual: false,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
         dropout: f.dropout(&["attention_dropout", "hidden_dropout"], 0.0)?,
-        attention: Attention::Flash,
-        norm_layout: NormLayout::Pre,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
-        sliding_window: None,
-        global_every: 0,
-        moe: None,
-        mla: None,
-        attn_sinks: false,
         embed_norm: true,
+        ..ModelConfig::decoder()
     })
 }
 
@@ -886,10 +828,8 @@ fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
         qkv_bias: bias,
         out_bias: bias,
         mlp_bias: false,
-        parallel_residual: false,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
         dropout: f.dropout(&["attention_dropout"], 0.0)?,
-        attention: Attention::Flash,
         norm_layout,
         qk_norm,
         embed_scale: true,
@@ -898,10 +838,7 @@ fn gemma(f: &Fields, v: Gemma) -> Result<ModelConfig, ModelError> {
         final_softcap,
         sliding_window,
         global_every,
-        moe: None,
-        mla: None,
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     })
 }
 
@@ -990,22 +927,13 @@ fn gpt_oss(f: &Fields) -> Result<ModelConfig, ModelError> {
         qkv_bias: bias,
         out_bias: bias,
         mlp_bias: false,
-        parallel_residual: false,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
         dropout: f.dropout(&["attention_dropout"], 0.0)?,
-        attention: Attention::Flash,
-        norm_layout: NormLayout::Pre,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
         sliding_window: window,
         global_every,
         moe: Some(Box::new(moe)),
-        mla: None,
         attn_sinks: true,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     })
 }
 
@@ -1218,22 +1146,11 @@ fn deepseek(f: &Fields, v: DeepSeek) -> Result<ModelConfig, ModelError> {
         qkv_bias: false,
         out_bias: false,
         mlp_bias: false,
-        parallel_residual: false,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
         dropout: f.dropout(&["attention_dropout"], 0.0)?,
-        attention: Attention::Flash,
-        norm_layout: NormLayout::Pre,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
-        sliding_window: None,
-        global_every: 0,
         moe: Some(Box::new(moe)),
         mla: Some(Box::new(mla)),
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     })
 }
 
@@ -1278,25 +1195,13 @@ fn starcoder2(f: &Fields) -> Result<ModelConfig, ModelError> {
         qkv_bias: bias,
         out_bias: bias,
         mlp_bias: bias,
-        parallel_residual: false,
         tied_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(true),
         dropout: f.dropout(
             &["attention_dropout", "residual_dropout", "embedding_dropout"],
             0.0,
         )?,
-        attention: Attention::Flash,
-        norm_layout: NormLayout::Pre,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
         sliding_window: f.window()?,
-        global_every: 0,
-        moe: None,
-        mla: None,
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     })
 }
 

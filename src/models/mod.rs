@@ -440,6 +440,49 @@ impl Mla {
 }
 
 impl ModelConfig {
+    /// The base the loaders and the zoo complete with struct update syntax
+    /// (`ModelConfig { hidden: 4096, .., ..ModelConfig::decoder() }`): a sequential,
+    /// pre-norm decoder with fused attention and none of the optional features
+    /// (no biases, untied, no dropout, no windows, experts, latent attention, sinks,
+    /// scales or soft-capping). Its sizes are zero, which [`ModelConfig::validate`]
+    /// refuses, so a literal must give every size (and its name, norm, position and
+    /// MLP, which the base only fills in).
+    pub fn decoder() -> ModelConfig {
+        ModelConfig {
+            name: String::new(),
+            layers: 0,
+            hidden: 0,
+            heads: 0,
+            kv_heads: 0,
+            head_dim: 0,
+            ffn: 0,
+            vocab: 0,
+            norm: Norm::LayerNorm,
+            norm_eps: 1e-5,
+            position: Position::Alibi,
+            mlp: Mlp::Gelu,
+            qkv_bias: false,
+            out_bias: false,
+            mlp_bias: false,
+            parallel_residual: false,
+            tied_embeddings: false,
+            dropout: 0.0,
+            attention: Attention::Flash,
+            norm_layout: NormLayout::Pre,
+            qk_norm: QkNorm::None,
+            embed_scale: false,
+            attn_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
+            global_every: 0,
+            moe: None,
+            mla: None,
+            attn_sinks: false,
+            embed_norm: false,
+        }
+    }
+
     /// Number of trainable parameters, counted from the configuration (the built
     /// graph's parameter tensors must add up to the same number; a test checks it).
     ///

@@ -32,7 +32,7 @@
 //!   config (`tests/data/hf/bloom-176b.json`): ALiBi positions, a LayerNorm after the
 //!   embedding, 250,880-token vocabulary, tied head.
 
-use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, QkNorm};
+use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position};
 
 /// One zoo entry.
 pub struct ZooEntry {
@@ -73,22 +73,10 @@ pub fn gpt(
         qkv_bias: true,
         out_bias: true,
         mlp_bias: true,
-        parallel_residual: false,
         tied_embeddings: true,
         dropout,
         attention,
-        norm_layout: NormLayout::Pre,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
-        sliding_window: None,
-        global_every: 0,
-        moe: None,
-        mla: None,
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     }
 }
 
@@ -124,22 +112,9 @@ pub fn llama(
         qkv_bias: false,
         out_bias: false,
         mlp_bias: false,
-        parallel_residual: false,
         tied_embeddings: false,
         dropout: 0.0,
-        attention: Attention::Flash,
-        norm_layout: NormLayout::Pre,
-        qk_norm: QkNorm::None,
-        embed_scale: false,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
-        sliding_window: None,
-        global_every: 0,
-        moe: None,
-        mla: None,
-        attn_sinks: false,
-        embed_norm: false,
+        ..ModelConfig::decoder()
     }
 }
 
