@@ -33,7 +33,7 @@ fn rows(runs: &[(Run, Compiler)], cal: &Calibration) -> Vec<(String, f64, f64)> 
     let mut out = Vec::new();
     let mut table4 = false;
     for (run, c) in runs {
-        let c = c.repriced(cal.clone());
+        let c = c.repriced(cal.clone()).expect("a valid calibration");
         let config = run.config().expect("a valid run");
         let e = c.evaluate(&config).unwrap();
         let rc = run.recompute;

@@ -69,3 +69,35 @@ fn the_h800_preset_uses_the_h100_table() {
     assert!(!m.defaulted);
     assert_eq!(m.eff, builtin_named("h100").unwrap());
 }
+
+/// A library user handing the compiler a calibration directly gets the same checks as
+/// `PlanOptions::calibration`: nonsense is refused, naming the field, not priced.
+#[test]
+fn the_compiler_refuses_an_invalid_calibration() {
+    use apar::lower::compile::{CompileError, Compiler, ModelSource};
+    let model = zoo::lookup("tiny-llama").unwrap();
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let compiler = || {
+        Compiler::new(
+            ModelSource::Config(model.clone()),
+            cluster.clone(),
+            128,
+            8,
+            1.0,
+        )
+        .unwrap()
+    };
+    let mut bad = builtin_named("a100").unwrap();
+    bad.overlap_slowdown = 0.95;
+    let err = compiler().with_calibration(bad.clone()).err().unwrap();
+    assert!(
+        matches!(&err, CompileError::Calibration(m) if m.contains("overlap_slowdown")),
+        "{err}"
+    );
+    let mut c = compiler();
+    assert!(c.reprice(bad.clone()).is_err());
+    assert!(c.repriced(bad).is_err());
+    let good = builtin_named("a100").unwrap();
+    assert!(c.reprice(good.clone()).is_ok());
+    assert!(compiler().with_calibration(good).is_ok());
+}

@@ -754,13 +754,16 @@ fn with_values(start: &Calibration, free: &[Param], x: &[f64]) -> Calibration {
 }
 
 /// Step times of the compiled runs under `calibration`, seconds (infinite for a run
-/// that fails to evaluate). The runs are re-priced in place
+/// that fails to evaluate, and for every run under a calibration
+/// [`Calibration::validate`] refuses). The runs are re-priced in place
 /// ([`Compiler::reprice`]).
 pub fn predict(runs: &mut [CompiledRun], calibration: &Calibration) -> Vec<f64> {
     use rayon::prelude::*;
     runs.par_iter_mut()
         .map(|r| {
-            r.compiler.reprice(calibration.clone());
+            if r.compiler.reprice(calibration.clone()).is_err() {
+                return f64::INFINITY;
+            }
             r.compiler
                 .evaluate(&r.config)
                 .map_or(f64::INFINITY, |e| e.step_time_s)
@@ -832,8 +835,11 @@ pub fn fit(
     let residuals: Vec<Residual> = compiled
         .iter_mut()
         .map(|r| {
-            r.compiler.reprice(fitted.clone());
-            let e = r.compiler.evaluate(&r.config);
+            // The fit keeps every value inside its bounds, which `validate` accepts.
+            let e = r
+                .compiler
+                .reprice(fitted.clone())
+                .and_then(|()| r.compiler.evaluate(&r.config));
             let (t, peak) = e.map_or((f64::INFINITY, 0), |e| (e.step_time_s, e.peak_bytes));
             Residual {
                 measured_s: r.run.step_time_s,

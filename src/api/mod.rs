@@ -647,7 +647,7 @@ impl Session {
         let compiler = match &options.calibration {
             Some(c) => {
                 c.validate()?;
-                compiler.with_calibration(c.clone())
+                compiler.with_calibration(c.clone())?
             }
             None => compiler,
         };

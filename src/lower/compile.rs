@@ -63,6 +63,10 @@ const INNER_SUMMARIES: usize = 16;
 /// message the CLI prints.
 #[derive(Clone, Debug, PartialEq, Error)]
 pub enum CompileError {
+    /// A calibration that [`Calibration::validate`] refuses (the message names the
+    /// field).
+    #[error("{0}")]
+    Calibration(String),
     /// The memory ratio is outside `(0, 1]`.
     #[error("memory ratio {ratio} must be in (0, 1]")]
     MemoryRatio {
@@ -795,30 +799,54 @@ impl Compiler {
 
     /// The same compiler priced with `calibration` instead of the device's built-in
     /// table; caches start empty.
-    pub fn with_calibration(mut self, calibration: Calibration) -> Compiler {
+    ///
+    /// # Errors
+    ///
+    /// [`CompileError::Calibration`] for a calibration [`Calibration::validate`]
+    /// refuses (an efficiency outside `[0.01, 1]`, an overlap slowdown outside
+    /// `[0, 0.9]`, an empty tile list, …): it would price nonsense.
+    pub fn with_calibration(mut self, calibration: Calibration) -> Result<Compiler, CompileError> {
+        calibration
+            .validate()
+            .map_err(|e| CompileError::Calibration(e.to_string()))?;
         self.cost = CostModel::with_calibration(self.cluster.clone(), calibration.clone());
         self.calibration = Some(calibration);
         self.caches = Caches::default();
-        self
+        Ok(self)
     }
 
     /// Prices with `calibration` from now on, keeping the per-device and training
     /// graphs already built (their sharding was chosen under the previous costs):
     /// what a fit does many times. Profiles are dropped.
-    pub fn reprice(&mut self, calibration: Calibration) {
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::with_calibration`]; the compiler is left unchanged.
+    pub fn reprice(&mut self, calibration: Calibration) -> Result<(), CompileError> {
+        calibration
+            .validate()
+            .map_err(|e| CompileError::Calibration(e.to_string()))?;
         self.cost.eff = calibration.clone();
         self.cost.defaulted = false;
         self.calibration = Some(calibration);
         self.caches.base = Mutex::default();
         self.caches.dist = Mutex::default();
         self.caches.profiles = Mutex::default();
+        Ok(())
     }
 
     /// The same compiler priced with `calibration`, keeping the per-device and
     /// training graphs already built (their sharding was chosen under the current
     /// costs): what a fit re-evaluates many times. Profiles start empty.
-    pub fn repriced(&self, calibration: Calibration) -> Compiler {
-        Compiler {
+    ///
+    /// # Errors
+    ///
+    /// As [`Compiler::with_calibration`].
+    pub fn repriced(&self, calibration: Calibration) -> Result<Compiler, CompileError> {
+        calibration
+            .validate()
+            .map_err(|e| CompileError::Calibration(e.to_string()))?;
+        Ok(Compiler {
             source: self.source.clone(),
             forward: self.forward.clone(),
             layers: self.layers,
@@ -845,7 +873,7 @@ impl Compiler {
                 graphs: copy_cache(&self.caches.graphs),
                 ..Caches::default()
             },
-        }
+        })
     }
 
     /// A compiler for the same model and sequence length on another cluster or global
@@ -868,10 +896,10 @@ impl Compiler {
         .with_comm_overlap(self.comm_overlap)?
         .with_runtime(self.runtime)
         .with_moe_imbalance(self.moe_imbalance);
-        Ok(match &self.calibration {
+        match &self.calibration {
             Some(cal) => c.with_calibration(cal.clone()),
-            None => c,
-        })
+            None => Ok(c),
+        }
     }
 
     /// Number of blocks the pipeline can cut between.
