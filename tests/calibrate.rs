@@ -555,3 +555,34 @@ gpt2,dgx-a100-80g:1,1024,128,8,4,2
     let err = calibrate::fit(&none, None, &[Param::Matmul]).unwrap_err();
     assert!(err.to_string().starts_with("no runs to fit"), "{err}");
 }
+
+/// Runs describe context and expert parallelism as the command line does (`cp`, `ep`,
+/// `etp`, `moe_imbalance`): an unset `etp` is the engine's default for the model (`tp`
+/// for Megatron-LM with routed experts), and a busier expert rank makes the predicted
+/// step longer.
+#[test]
+fn runs_carry_context_and_expert_parallelism() {
+    let csv = "\
+model,cluster,seq,global_batch,dp,tp,cp,ep,etp,moe_imbalance,sp,step_time_s
+mixtral-8x7b,dgx-h100:2,1024,16,8,2,,8,,1,true,1
+mixtral-8x7b,dgx-h100:2,1024,16,8,2,,8,1,1,true,1
+mixtral-8x7b,dgx-h100:2,1024,16,8,2,,8,1,1.5,true,1
+tiny-llama,dgx-h100:1,1024,8,2,2,2,,,,false,1
+";
+    let runs = parse_runs(csv).unwrap();
+    let compiled = calibrate::compile_runs(&runs, None).unwrap();
+    let degrees: Vec<(u32, u32, u32)> = compiled
+        .iter()
+        .map(|r| (r.config.cp, r.config.ep, r.config.etp))
+        .collect();
+    assert_eq!(degrees, vec![(1, 8, 2), (1, 8, 1), (1, 8, 1), (2, 1, 1)]);
+    let mut compiled = compiled;
+    let cal = builtin_named("h100").unwrap();
+    let t = calibrate::predict(&mut compiled, &cal);
+    assert!(t.iter().all(|x| x.is_finite() && *x > 0.0), "{t:?}");
+    assert!(t[2] > t[1], "imbalance 1.5 {} vs balanced {}", t[2], t[1]);
+    let zero =
+        "model,cluster,seq,global_batch,dp,ep,step_time_s\nmixtral-8x7b,dgx-h100:1,1024,8,8,0,1\n";
+    let err = parse_runs(zero).unwrap_err();
+    assert!(err.contains("ep must be at least 1"), "{err}");
+}

@@ -26,6 +26,9 @@
 //! | `engine` | `megatron` (default), `deepspeed`, `torchtitan`, `hf` |
 //! | `seq`, `global_batch` | sequence length and sequences per step |
 //! | `dp`, `tp`, `pp`, `micro_batch` | degrees and micro-batch size, each at least 1 (`tp`, `pp`, `micro_batch` default 1) |
+//! | `cp`, `ep` | context- and expert-parallel degrees (default 1), as `--cp`, `--ep` |
+//! | `etp` | expert-tensor-parallel degree (default: `tp` for a model with routed experts, Megatron-LM's, else 1), as `--etp` |
+//! | `moe_imbalance` | the busiest expert-parallel rank's routed tokens over the mean (default 1), as `--moe-imbalance` |
 //! | `sp` | sequence parallelism (`false` by default) |
 //! | `recompute` | `none` (default), `selective`, `full` |
 //! | `recompute_layers` | recompute only the first K layers of each stage (optional) |
@@ -95,6 +98,15 @@ pub struct Run {
     pub pp: u32,
     /// Sequences per micro-batch.
     pub micro_batch: u32,
+    /// Context-parallel degree.
+    pub cp: u32,
+    /// Expert-parallel degree.
+    pub ep: u32,
+    /// Expert-tensor-parallel degree; `None`: the engine's default for the model
+    /// ([`crate::Session::default_etp`]).
+    pub etp: Option<u32>,
+    /// Expert load imbalance (`--moe-imbalance`; 1 = balanced).
+    pub moe_imbalance: f64,
     /// Sequence parallelism.
     pub sp: bool,
     /// Recomputation policy.
@@ -140,6 +152,14 @@ struct RunFields {
     pp: u32,
     #[serde(default = "one")]
     micro_batch: u32,
+    #[serde(default = "one")]
+    cp: u32,
+    #[serde(default = "one")]
+    ep: u32,
+    #[serde(default)]
+    etp: Option<u32>,
+    #[serde(default = "balanced")]
+    moe_imbalance: f64,
     #[serde(default)]
     sp: bool,
     #[serde(default)]
@@ -167,6 +187,10 @@ struct RunFields {
 
 fn one() -> u32 {
     1
+}
+
+fn balanced() -> f64 {
+    1.0
 }
 
 fn one_f_one_b() -> Schedule {
@@ -237,6 +261,10 @@ impl TryFrom<RunFields> for Run {
             tp: f.tp,
             pp: f.pp,
             micro_batch: f.micro_batch,
+            cp: f.cp,
+            ep: f.ep,
+            etp: f.etp,
+            moe_imbalance: f.moe_imbalance,
             sp: f.sp,
             recompute,
             recompute_layers: f.recompute_layers,
@@ -284,6 +312,9 @@ impl Run {
             ("tp", self.tp),
             ("pp", self.pp),
             ("micro_batch", self.micro_batch),
+            ("cp", self.cp),
+            ("ep", self.ep),
+            ("etp", self.etp.unwrap_or(1)),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
@@ -305,7 +336,8 @@ impl Run {
     /// # Errors
     ///
     /// What is wrong when a degree or the micro-batch is 0 ([`Run::check`]) or
-    /// `dp × micro_batch` does not divide the global batch.
+    /// `dp × micro_batch` does not divide the global batch. An unset `etp` is 1 here;
+    /// [`compile_runs`] gives it the engine's default for the model.
     pub fn config(&self) -> Result<Config, String> {
         self.check()?;
         let per = u64::from(self.dp) * u64::from(self.micro_batch);
@@ -320,9 +352,9 @@ impl Run {
             dp: self.dp,
             tp: self.tp,
             pp: self.pp,
-            cp: 1,
-            ep: 1,
-            etp: 1,
+            cp: self.cp,
+            ep: self.ep,
+            etp: self.etp.unwrap_or(1),
             micro_batch: self.micro_batch,
             num_micro_batches: m,
             sp: self.sp,
@@ -599,13 +631,15 @@ pub fn compile_runs(
         options.engine = run.engine;
         options.precision.compute = run.precision;
         options.comm_overlap = run.comm_overlap();
+        options.moe_imbalance = run.moe_imbalance;
         options.calibration = start.cloned();
         // The run ran: all of the device memory was usable (a budget below it could
         // move the pipeline cuts away from the ones the run had).
         options.memory_ratio = 1.0;
         let session = Session::for_spec(&ModelSpec::parse(&run.model), &cluster, &options)
             .map_err(|e: PlanError| err(e.to_string()))?;
-        let config = run.config().map_err(err)?;
+        let mut config = run.config().map_err(err)?;
+        config.etp = run.etp.unwrap_or_else(|| session.default_etp(run.tp));
         let compiler = session.into_compiler();
         compiler.evaluate(&config).map_err(|e| err(e.to_string()))?;
         out.push(CompiledRun {
