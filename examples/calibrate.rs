@@ -107,7 +107,7 @@ fn main() {
         );
     }
     println!(
-        "matmul {:.3}  memory {:.3}  link {:.3}  (largest error {:.1}%)",
+        "matmul {:.4}  memory {:.3}  link {:.3}  (largest error {:.1}%)",
         fitted.matmul,
         fitted.memory,
         fitted.link,

@@ -1514,6 +1514,7 @@ impl Compiler {
             for (b, p) in by_block.iter_mut() {
                 let d = dist.get(b).cloned().unwrap_or_default();
                 p.states = d.states;
+                p.borrowed = d.borrowed;
                 p.dp_fwd_s = d.dp_fwd_s;
                 p.dp_bwd_s = d.dp_bwd_s;
                 p.dp_reduce_s = d.dp_reduce_s;

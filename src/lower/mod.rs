@@ -509,6 +509,34 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
             states[dev].add(&b.states);
             opt_s[dev] += b.opt_s;
             opt_extra[dev] = opt_extra[dev].max(b.opt_extra);
+            // A borrowed parameter (a tied head) whose owner runs on another device:
+            // this device keeps a copy with its gradient and optimizer state, and the
+            // two devices all-reduce the copies' gradients before the step
+            // (`profile::Borrowed`), over the pipeline's link.
+            if let Some(copy) = b.borrowed {
+                let owner_dev = input
+                    .stages
+                    .iter()
+                    .position(|s| blocks.contains_block(copy.owner, s.first, s.last))
+                    .map(|k| k % pp as usize);
+                if owner_dev.is_some_and(|o| o != dev) {
+                    states[dev].add(&copy.states);
+                    opt_s[dev] += copy.opt_s;
+                    let pair = Group {
+                        size: 2,
+                        per_node: if input.pp_cross_node { 1 } else { 2 },
+                    };
+                    let t = input.cost.collective_time(
+                        crate::cost::Collective::AllReduce,
+                        copy.states.grads as f64,
+                        pair,
+                    );
+                    opt_s[dev] += t;
+                    if let Some(o) = owner_dev {
+                        opt_s[o] += t;
+                    }
+                }
+            }
         }
     }
     // Gradient clipping before the step (`crate::cost::overhead`): the norm over the

@@ -117,7 +117,9 @@ impl ChunkSummary {
         self.opt_extra = self.opt_extra.max(b.opt_extra);
     }
 
-    /// Appends blocks `first..=last` of `blocks`, run by run (`O(runs)`).
+    /// Appends blocks `first..=last` of `blocks`, run by run (`O(runs)`), with the
+    /// copies of parameters they borrow from blocks outside the range
+    /// ([`super::profile::Borrowed`]).
     pub fn push_range(&mut self, blocks: &Blocks, first: usize, last: usize) {
         if first > last {
             return;
@@ -129,6 +131,14 @@ impl ChunkSummary {
                 let lo = start.max(first);
                 let hi = (end - 1).min(last);
                 self.push(b, hi + 1 - lo);
+                if let Some(copy) = b.borrowed {
+                    if !blocks.contains_block(copy.owner, first, last) {
+                        let n64 = (hi + 1 - lo) as u64;
+                        self.states = self
+                            .states
+                            .saturating_add(copy.states.total().saturating_mul(n64));
+                    }
+                }
             }
             if end > last {
                 break;

@@ -133,6 +133,11 @@ impl Blocks {
         p
     }
 
+    /// Whether block `b` is among blocks `first..=last`.
+    pub fn contains_block(&self, b: Block, first: usize, last: usize) -> bool {
+        (first..=last.min(self.len.saturating_sub(1))).any(|i| self.block(i) == Some(b))
+    }
+
     /// The profile of block `i`.
     ///
     /// # Panics
@@ -273,6 +278,27 @@ pub struct BlockProfile {
     /// The part of `cp_comm_s` not hidden behind the attention compute (included in
     /// `fwd_s` and `bwd_s`).
     pub cp_exposed_s: f64,
+    /// Parameters of another block this block reads (a head tied to the embedding),
+    /// or `None`.
+    pub borrowed: Option<Borrowed>,
+}
+
+/// Parameters a block reads from another block (a head tied to the word embedding).
+/// A pipeline stage that runs the block without the owner holds its own copy, as
+/// Megatron-LM and DeepSpeed's pipeline engine do for tied embeddings (the last stage
+/// allocates the output layer's weight, keeps its gradient and optimizer state, and
+/// all-reduces the gradient with the first stage's before the step:
+/// `_allreduce_embedding_grads` in Megatron-LM's `finalize_model_grads`, the tied
+/// modules' all-reduce in DeepSpeed's `PipelineEngine`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Borrowed {
+    /// The block that owns the parameters.
+    pub owner: Block,
+    /// The copy's persistent bytes: the owner's state bytes in proportion to the
+    /// borrowed parameter elements.
+    pub states: StateBytes,
+    /// The copy's share of the owner's optimizer time.
+    pub opt_s: f64,
 }
 
 /// Which collectives run on the data-parallel group, and the two groups.
@@ -657,6 +683,9 @@ pub struct ProfilePrep {
     frees: Vec<u32>,
     /// Persistent buffers: (tensor, block index, kind).
     states: Vec<(u32, u32, StateKind)>,
+    /// Parameters read across blocks: (reader block index, owner block index, root
+    /// tensor), each once.
+    borrowed: Vec<(u32, u32, u32)>,
     /// Forward buffers alive into the backward: (tensor, block index).
     saved: Vec<(u32, u32)>,
     /// Per block: whether it saves any buffer (its liveness base is the saved bytes of
@@ -768,6 +797,23 @@ impl ProfilePrep {
                 states.push((i, index(producer.block), k));
             }
         }
+        // Parameters one block reads from another's source (a tied head).
+        let mut borrowed: Vec<(u32, u32, u32)> = Vec::new();
+        for id in g.ops() {
+            let reader = index(g.node(id).block);
+            for &t in &g.node(id).inputs {
+                let r = root_of[t.index()];
+                let root = g.tensor(TensorId::from_index(r));
+                let producer = g.node(root.producer);
+                let param = matches!(root.role, Role::Param | Role::LowPrecParam);
+                let owner = index(producer.block);
+                if param && producer.op.is_source() && owner != reader {
+                    borrowed.push((reader, owner, r as u32));
+                }
+            }
+        }
+        borrowed.sort_unstable();
+        borrowed.dedup();
 
         // Allocations, frees and saved buffers.
         let first_bwd = g
@@ -860,6 +906,7 @@ impl ProfilePrep {
             free_at,
             frees,
             states,
+            borrowed,
             saved,
             has_saved,
             crossing,
@@ -1077,6 +1124,33 @@ impl ProfilePrep {
                 StateKind::Optimizer => s.optimizer += x,
                 StateKind::Grad => s.grads += x,
             }
+        }
+
+        // Copies of borrowed parameters: the owner's states and optimizer time in
+        // proportion to the elements read (all of them for a tied embedding).
+        let mut reads: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        for &(reader, owner, r) in &self.borrowed {
+            let elems = g.ty(TensorId::from_index(r as usize)).shape.numel_at(env)?;
+            *reads.entry((reader, owner)).or_default() += elems;
+        }
+        for ((reader, owner), elems) in reads {
+            let o = &out[owner as usize];
+            if o.param_elems == 0 || out[reader as usize].borrowed.is_some() {
+                continue;
+            }
+            let share = (elems as f64 / o.param_elems as f64).min(1.0);
+            let part = |x: u64| (x as f64 * share).round() as u64;
+            let copy = Borrowed {
+                owner: self.blocks[owner as usize],
+                states: StateBytes {
+                    low_prec_params: part(o.states.low_prec_params),
+                    master_params: part(o.states.master_params),
+                    grads: part(o.states.grads),
+                    optimizer: part(o.states.optimizer),
+                },
+                opt_s: o.opt_s * share,
+            };
+            out[reader as usize].borrowed = Some(copy);
         }
 
         // Liveness over forward+backward, then over the optimizer step.
