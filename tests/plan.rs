@@ -195,3 +195,18 @@ fn plans_serialize_and_recost() {
     let e = compiler.evaluate(&back.config).unwrap();
     assert_eq!(e.step_time_s, p.step_time_s);
 }
+
+/// A configuration with Megatron-LM's selective module set survives the binary codec
+/// (the set is written as a list of known length).
+#[test]
+fn recompute_modules_survive_the_binary_codec() {
+    use apar::passes::Config;
+    let c = Config {
+        recompute: apar::passes::Recompute::Selective,
+        recompute_modules: Some("mlp".parse().unwrap()),
+        ..Config::new(1, 1, 1, 1, 1)
+    };
+    let bytes = apar::ir::codec::encode(*b"PLAN", &c).unwrap();
+    let back: Config = apar::ir::codec::decode(*b"PLAN", &bytes).unwrap();
+    assert_eq!(back, c);
+}

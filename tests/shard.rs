@@ -91,6 +91,7 @@ fn the_calibrated_cost_model_finds_the_same_layouts() {
             size: 8,
             per_node: 8,
         },
+        min_split_dim: None,
     };
     let fwd = forward(&with_layers("gpt3-175b", 3));
     for sp in [false, true] {

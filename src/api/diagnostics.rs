@@ -39,11 +39,11 @@ pub enum Warning {
         /// divisible by tp), or none was cheaper than replication.
         reason: String,
     },
-    /// Layer weights as large as the hidden size in both dimensions are left whole on
-    /// every tensor-parallel rank (the sharder split the GEMMs by sequence instead,
-    /// which it finds cheaper at long sequences): Megatron-LM's and torchtitan's
-    /// tensor parallelism split every such weight by columns or rows, so the engine
-    /// runs another program than the one priced.
+    /// Layer weights as large as half the hidden size in both dimensions are left
+    /// whole on every tensor-parallel rank: the sharder keeps them whole only when no
+    /// split of them is valid (`crate::shard::cost::ShardCost::must_split`), while
+    /// Megatron-LM's and torchtitan's tensor parallelism split every such weight by
+    /// columns or rows, so the engine runs another program than the one priced.
     WeightsReplicated {
         /// The block (`layer.0`).
         block: String,
@@ -149,7 +149,7 @@ impl fmt::Display for Warning {
         match self {
             Warning::WeightsReplicated { block, tp, weights } => write!(
                 f,
-                "{block} keeps {} whole on every rank at tp {tp} (its GEMMs split by sequence): the engine's tensor parallelism splits these weights, so it runs another program than the one priced; pin --cp or a shorter sequence per rank, or check `tp_layout` in --json",
+                "{block} keeps {} whole on every rank at tp {tp}: no split of them is valid at this tp (are the heads, kv heads and widths divisible by it?), and the engine's tensor parallelism splits these weights, so it runs another program than the one priced (or refuses it); check `tp_layout` in --json",
                 weights.join(", ")
             ),
             Warning::BlockReplicated { block, tp, reason } => write!(

@@ -429,17 +429,21 @@ type DistKey = (u32, u8, bool, u32, u32, Xk);
 /// (ep, etp): the expert layout (always (1, 1) for a dense model).
 type Xk = (u32, u32);
 
+/// A training graph with recomputation: (tp, sp, cp, recompute, (ep, etp)).
+type GraphKey = (u32, bool, u32, Recomputation, Xk);
+
 #[derive(Default)]
 struct Caches {
-    /// Per-device forward graphs, by (tp, sp).
-    sharded: Cache<(u32, bool), Compiled<Graph>>,
-    /// Training graphs before recomputation, by (tp, sp, (ep, etp)).
-    trained: Cache<(u32, bool, Xk), Compiled<Graph>>,
-    /// Training graphs with recomputation, by (tp, sp, recompute, (ep, etp)).
-    graphs: Cache<(u32, bool, Recomputation, Xk), Compiled<Recomputed>>,
+    /// Per-device forward graphs, by (tp, sp, cp): the split is chosen at the
+    /// `s / cp` tokens a device runs.
+    sharded: Cache<(u32, bool, u32), Compiled<Graph>>,
+    /// Training graphs before recomputation, by (tp, sp, cp, (ep, etp)).
+    trained: Cache<(u32, bool, u32, Xk), Compiled<Graph>>,
+    /// Training graphs with recomputation, by (tp, sp, cp, recompute, (ep, etp)).
+    graphs: Cache<GraphKey, Compiled<Recomputed>>,
     /// What profiling a training graph reads off it at every micro-batch, by the
     /// training graph's key.
-    prepared: Cache<(u32, bool, Recomputation, Xk), ProfilePrep>,
+    prepared: Cache<GraphKey, ProfilePrep>,
     /// Undistributed profiles, by (tp, sp, recompute, b).
     base: Cache<BaseKey, Compiled<BlockMap>>,
     /// Distribution profiles, by (tp, zero, low-precision sharding, dp, cp).
@@ -1278,28 +1282,31 @@ impl Compiler {
     /// concurrent evaluations do not race to compute the same entry.
     pub fn warm(&self, configs: &[Config]) {
         use rayon::prelude::*;
-        let graphs: BTreeSet<(u32, bool)> = configs.iter().map(|c| (c.tp, c.sp)).collect();
-        graphs.par_iter().for_each(|&(tp, sp)| {
-            cached(&self.caches.sharded, (tp, sp), || {
-                self.per_device_forward(tp, sp)
+        let graphs: BTreeSet<(u32, bool, u32)> =
+            configs.iter().map(|c| (c.tp, c.sp, c.cp)).collect();
+        graphs.par_iter().for_each(|&(tp, sp, cp)| {
+            cached(&self.caches.sharded, (tp, sp, cp), || {
+                self.per_device_forward(tp, sp, cp)
             });
         });
-        let trains: BTreeSet<(u32, bool, Recomputation, Xk)> = configs
+        let trains: BTreeSet<GraphKey> = configs
             .iter()
-            .map(|c| (c.tp, c.sp, c.recomputation(), self.xk(c)))
+            .map(|c| (c.tp, c.sp, c.cp, c.recomputation(), self.xk(c)))
             .chain(
                 configs
                     .iter()
-                    .map(|c| (c.tp, false, Recomputation::NONE, self.xk(c))),
+                    .map(|c| (c.tp, false, c.cp, Recomputation::NONE, self.xk(c))),
             )
             .collect();
-        let unrecomputed: BTreeSet<(u32, bool, Xk)> =
-            trains.iter().map(|&(tp, sp, _, x)| (tp, sp, x)).collect();
-        unrecomputed.par_iter().for_each(|&(tp, sp, x)| {
-            self.train_graph(tp, sp, x);
+        let unrecomputed: BTreeSet<(u32, bool, u32, Xk)> = trains
+            .iter()
+            .map(|&(tp, sp, cp, _, x)| (tp, sp, cp, x))
+            .collect();
+        unrecomputed.par_iter().for_each(|&(tp, sp, cp, x)| {
+            self.train_graph(tp, sp, cp, x);
         });
-        trains.par_iter().for_each(|&(tp, sp, rc, x)| {
-            self.graph(tp, sp, rc, x);
+        trains.par_iter().for_each(|&(tp, sp, cp, rc, x)| {
+            self.graph(tp, sp, cp, rc, x);
         });
         // Profiles only for the configurations that get to them: those
         // [`Compiler::lower_bound`] refuses before its profiles need none (selective
@@ -1338,23 +1345,30 @@ impl Compiler {
     /// The sharding pass at degree `tp`, priced at the job's sequence and one
     /// sequence per micro-batch (the split trades compute against collective time,
     /// both linear in the micro-batch but for the collectives' latency).
-    fn tensor_parallel(&self, tp: u32, sp: bool) -> TensorParallel<'_> {
+    fn tensor_parallel(&self, tp: u32, sp: bool, cp: u32) -> TensorParallel<'_> {
         TensorParallel {
             tp,
             sp,
             cost: &self.shard_cost,
-            env: Env::new(1, self.seq),
+            env: Env::new(1, (self.seq / u64::from(cp.max(1))).max(1)),
+            // The engines split every projection weight: half the hidden size in both
+            // dimensions marks them (and not routers or latent down-projections).
+            min_split_dim: match &self.source {
+                ModelSource::Config(cfg) => Some((cfg.hidden / 2).max(1)),
+                _ => None,
+            },
         }
     }
 
-    /// The forward graph one device runs at tensor-parallel degree `tp`.
-    fn per_device_forward(&self, tp: u32, sp: bool) -> Result<Graph, CompileError> {
+    /// The forward graph one device runs at tensor-parallel degree `tp` with
+    /// context-parallel degree `cp` (the split priced at its `s / cp` tokens).
+    fn per_device_forward(&self, tp: u32, sp: bool, cp: u32) -> Result<Graph, CompileError> {
         if tp <= 1 {
             return Ok(self.forward.clone());
         }
         Ok(self
             .passes
-            .run(&self.tensor_parallel(tp, sp), &self.forward)?
+            .run(&self.tensor_parallel(tp, sp, cp), &self.forward)?
             .graph)
     }
 
@@ -1363,11 +1377,12 @@ impl Compiler {
         &self,
         tp: u32,
         sp: bool,
+        cp: u32,
         rc: Recomputation,
         (ep, etp): Xk,
     ) -> Arc<Result<Recomputed, CompileError>> {
-        cached(&self.caches.graphs, (tp, sp, rc, (ep, etp)), || {
-            let train = self.train_graph(tp, sp, (ep, etp));
+        cached(&self.caches.graphs, (tp, sp, cp, rc, (ep, etp)), || {
+            let train = self.train_graph(tp, sp, cp, (ep, etp));
             let train = train.as_ref().as_ref().map_err(Clone::clone)?;
             let selective = self.engine.selective_for(rc.modules);
             let r = self
@@ -1379,10 +1394,16 @@ impl Compiler {
 
     /// The per-device training graph before recomputation (what every recomputation
     /// policy of `(tp, sp, (ep, etp))` starts from).
-    fn train_graph(&self, tp: u32, sp: bool, (ep, etp): Xk) -> Arc<Result<Graph, CompileError>> {
-        cached(&self.caches.trained, (tp, sp, (ep, etp)), || {
-            let fwd = cached(&self.caches.sharded, (tp, sp), || {
-                self.per_device_forward(tp, sp)
+    fn train_graph(
+        &self,
+        tp: u32,
+        sp: bool,
+        cp: u32,
+        (ep, etp): Xk,
+    ) -> Arc<Result<Graph, CompileError>> {
+        cached(&self.caches.trained, (tp, sp, cp, (ep, etp)), || {
+            let fwd = cached(&self.caches.sharded, (tp, sp, cp), || {
+                self.per_device_forward(tp, sp, cp)
             });
             let fwd = fwd.as_ref().as_ref().map_err(Clone::clone)?;
             let states = self.states();
@@ -1429,7 +1450,7 @@ impl Compiler {
         x: Xk,
     ) -> Arc<Result<BlockMap, CompileError>> {
         cached(&self.caches.base, (tp, sp, rc, b, cp, x), || {
-            let g = self.graph(tp, sp, rc, x);
+            let g = self.graph(tp, sp, cp, rc, x);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
             let env = self.env(b, cp);
             let none = BTreeSet::new();
@@ -1451,7 +1472,7 @@ impl Compiler {
             };
             // The graph is profiled at every micro-batch and context-parallel degree:
             // what does not depend on them is read off it once.
-            let prep = cached(&self.caches.prepared, (tp, sp, rc, x), || {
+            let prep = cached(&self.caches.prepared, (tp, sp, cp, rc, x), || {
                 ProfilePrep::new(&g.graph, &none, &none, &g.clones)
             });
             prep.profile(&g.graph, env, &self.cost, &groups)
@@ -1464,7 +1485,7 @@ impl Compiler {
         let x = self.xk(c);
         let key = (c.tp, c.zero, c.shards_low_prec(), c.dp, c.cp, x);
         cached(&self.caches.dist, key, || {
-            let g = self.graph(c.tp, false, Recomputation::NONE, x);
+            let g = self.graph(c.tp, false, c.cp, Recomputation::NONE, x);
             let g = g.as_ref().as_ref().map_err(Clone::clone)?;
             let d = self.passes.run(
                 &Distribute(Compiler::grad_config(c), self.states().params_in_master),
@@ -1620,7 +1641,7 @@ impl Compiler {
     /// `--recompute none` under another name).
     fn recomputes_something(&self, c: &Config) -> Result<(), CompileError> {
         if c.recompute == Recompute::Selective {
-            let g = self.graph(c.tp, c.sp, c.recomputation(), self.xk(c));
+            let g = self.graph(c.tp, c.sp, c.cp, c.recomputation(), self.xk(c));
             if let Ok(g) = g.as_ref() {
                 if let Some(idle) = g.idle {
                     return Err(CompileError::ModulesRecomputeNothing(idle));
@@ -1820,12 +1841,12 @@ impl Compiler {
         let sharded = if c.tp > 1 {
             Some(
                 self.passes
-                    .run(&self.tensor_parallel(c.tp, c.sp), &self.forward)?,
+                    .run(&self.tensor_parallel(c.tp, c.sp, c.cp), &self.forward)?,
             )
         } else {
             None
         };
-        let g = self.graph(c.tp, c.sp, c.recomputation(), self.xk(c));
+        let g = self.graph(c.tp, c.sp, c.cp, c.recomputation(), self.xk(c));
         let g = g.as_ref().as_ref().map_err(Clone::clone)?;
         let d = self.passes.run(
             &Distribute(Compiler::grad_config(c), self.states().params_in_master),

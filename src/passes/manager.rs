@@ -282,6 +282,9 @@ pub struct TensorParallel<'a> {
     pub cost: &'a CostModel,
     /// The binding of micro-batch and sequence the split is priced at.
     pub env: Env,
+    /// Matrices at least this large in both dimensions are split, never kept whole
+    /// ([`crate::shard::cost::ModelCost::min_split_dim`]).
+    pub min_split_dim: Option<u64>,
 }
 
 impl Transformed for ShardedModel {
@@ -303,6 +306,7 @@ impl Pass for TensorParallel<'_> {
                 size: self.tp,
                 per_node: self.tp,
             },
+            min_split_dim: self.min_split_dim,
         };
         let mut opts = ShardOptions::new(self.tp, self.sp);
         opts.env = self.env;

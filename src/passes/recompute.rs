@@ -206,7 +206,10 @@ impl FromStr for RecomputeModules {
 
 impl Serialize for RecomputeModules {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.iter().map(RecomputeModule::name))
+        // A list of known length: the binary codec (bincode) refuses a sequence whose
+        // iterator cannot say how long it is.
+        let names: Vec<&str> = self.iter().map(RecomputeModule::name).collect();
+        names.serialize(s)
     }
 }
 

@@ -94,6 +94,15 @@ pub trait ShardCost {
     /// uses (its optimizer update); this is what makes splitting a weight pay even where
     /// the op using it is cheap.
     fn param_cost(&self, ty: &TensorType, env: Env) -> Cost;
+
+    /// Whether a parameter of (whole) type `full` must be split over the
+    /// tensor-parallel ranks: a program that keeps it whole on every rank is not one
+    /// the engines run (their tensor parallelism splits every projection weight), so
+    /// extraction treats it as infeasible. None by default.
+    fn must_split(&self, full: &TensorType) -> bool {
+        let _ = full;
+        false
+    }
 }
 
 /// Bytes an optimizer step touches per parameter element: the `2 + 2 + 12` bytes of
@@ -123,6 +132,13 @@ pub struct ModelCost<'a> {
     pub model: &'a CostModel,
     /// The tensor-parallel group.
     pub group: Group,
+    /// Matrices at least this large in both dimensions must be split
+    /// ([`ShardCost::must_split`]); `None`: any layout. The planner gives half the
+    /// model's hidden size: the attention and MLP projections and the embedding and
+    /// output layer, which Megatron-LM's, torchtitan's, DeepSpeed's and Hugging
+    /// Face's tensor parallelism split, and not the routers or multi-head latent
+    /// attention's down-projections, which Megatron-LM keeps whole.
+    pub min_split_dim: Option<u64>,
 }
 
 impl<'a> ModelCost<'a> {
@@ -135,6 +151,7 @@ impl<'a> ModelCost<'a> {
                 size: tp,
                 per_node: tp,
             },
+            min_split_dim: None,
         }
     }
 }
@@ -145,6 +162,13 @@ impl ShardCost for ModelCost<'_> {
             self.model
                 .op_time_unshaped(op, inputs, results, env, self.group),
         )
+    }
+
+    fn must_split(&self, full: &TensorType) -> bool {
+        let (Some(min), [a, b]) = (self.min_split_dim, full.shape.dims()) else {
+            return false;
+        };
+        matches!((a.as_lit(), b.as_lit()), (Some(a), Some(b)) if a >= min && b >= min)
     }
 
     fn param_cost(&self, ty: &TensorType, env: Env) -> Cost {

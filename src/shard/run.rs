@@ -115,6 +115,27 @@ fn build_egraph(t: &Template, fwd: &Graph, parts: u32) -> Result<(ShardGraph, Id
     Ok((eg, root))
 }
 
+/// A cost model with no weight that must be split ([`ShardCost::must_split`]): what a
+/// block falls back to when no split of its weights is valid (its heads or widths do
+/// not divide by the tensor-parallel degree), and what its replicated program costs.
+struct AnyLayout<'a>(&'a dyn ShardCost);
+
+impl ShardCost for AnyLayout<'_> {
+    fn op_cost(
+        &self,
+        op: &Op,
+        inputs: &[&crate::ir::TensorType],
+        results: &[&crate::ir::TensorType],
+        env: crate::ir::Env,
+    ) -> Cost {
+        self.0.op_cost(op, inputs, results, env)
+    }
+
+    fn param_cost(&self, ty: &crate::ir::TensorType, env: crate::ir::Env) -> Cost {
+        self.0.param_cost(ty, env)
+    }
+}
+
 /// Runs the rules on a template and lowers the cheapest per-device program.
 pub(crate) fn shard_template(
     t: &Template,
@@ -125,7 +146,8 @@ pub(crate) fn shard_template(
     let parts = opts.tp;
     let sp = opts.sp && parts > 1;
     let (eg, root) = build_egraph(t, fwd, parts)?;
-    let x = Extractor::new(&eg, t, cost, opts, root);
+    let any_layout = AnyLayout(cost);
+    let x = Extractor::new(&eg, t, &any_layout, opts, root);
     let replicated_cost = x.dag_cost(root);
     let rewrites = if parts > 1 {
         rules::rewrites(sp)
@@ -152,6 +174,13 @@ pub(crate) fn shard_template(
     let eg = runner.egraph;
     let root = eg.find(root);
     let x = Extractor::new(&eg, t, cost, opts, root);
+    // No program splits every weight that must be split: the block runs whole, as
+    // the replicated program (reported as such, `replicated_cost_ps`).
+    let x = if x.best.contains_key(&root) {
+        x
+    } else {
+        Extractor::new(&eg, t, &any_layout, opts, root)
+    };
     if !x.best.contains_key(&root) {
         return Err(ShardError::Internal {
             why: "no per-device program for the block".into(),
@@ -369,6 +398,11 @@ impl<'a> Extractor<'a> {
                 [(_, c)] => total = total + *c,
                 _ => {
                     let full = &self.t.leaves[leaf as usize].val.logical;
+                    // Declared whole (and split per use): a weight the engines always
+                    // split is not kept whole.
+                    if self.cost.must_split(full) {
+                        return Some((Cost::INFEASIBLE, colls));
+                    }
                     total = total + self.cost.param_cost(full, self.env);
                     for (layout, _) in &uses {
                         if let Layout::Sharded { axis, .. } = layout {
@@ -514,6 +548,13 @@ impl<'a> Extractor<'a> {
                     let c = self.cost.param_cost(&l.val.local, env);
                     (*leaf, l.val.layout, c)
                 });
+                // A weight the engines always split, used whole: not a program they run.
+                if param.is_some()
+                    && l.val.layout.is_replicated()
+                    && self.cost.must_split(&l.val.logical)
+                {
+                    return (Cost::INFEASIBLE, false, param);
+                }
                 (Cost::ZERO, false, param)
             }
             ShardNode::Shard { args, .. } if self.source_leaf(args[0]).is_some() => {
