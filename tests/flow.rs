@@ -464,6 +464,14 @@ fn the_hf_engine_runs_transformers_code() {
         Session::for_config(&cfg, &cluster, &options),
         Err(PlanError::NoHfArchitecture(_))
     ));
+    // BLOOM's config.json names code apar does not model: the refusal says so.
+    let bloom = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/hf/bloom-560m.json");
+    match Session::for_spec(&ModelSpec::parse(bloom), &cluster, &options) {
+        Err(e @ PlanError::HfCodeNotModelled { .. }) => {
+            assert!(e.to_string().contains("`bloom` model code"), "{e}");
+        }
+        other => panic!("expected HfCodeNotModelled, got {:?}", other.err()),
+    }
     // Other engines run the fused kernels.
     options.engine = Engine::Megatron;
     let fused = Session::for_spec(&ModelSpec::parse(path), &cluster, &options).unwrap();

@@ -77,6 +77,7 @@ fn plan_error(py: Python<'_>, e: PlanError) -> PyErr {
             )
         }
         PlanError::NoHfArchitecture(_) => ("ModelError", "no_hf_architecture", None),
+        PlanError::HfCodeNotModelled { .. } => ("ModelError", "hf_code_not_modelled", None),
         PlanError::Compile(apar::lower::compile::CompileError::Verify(_)) => {
             ("GraphError", "verify", None)
         }

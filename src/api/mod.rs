@@ -450,8 +450,17 @@ pub enum PlanError {
     Model(#[from] ModelError),
     /// The `hf` engine runs a model's Hugging Face modeling code, and this model's
     /// layout does not say which (LayerNorm with rotary positions: GPT-NeoX or Falcon).
-    #[error("the hf engine runs Hugging Face model code, and `{0}` does not say which architecture: plan its config.json (with its model_type)")]
+    #[error("the hf engine runs Hugging Face model code, and `{0}` does not say which architecture: plan its config.json (with its model_type), or plan it for another engine")]
     NoHfArchitecture(String),
+    /// The `hf` engine runs a model's Hugging Face modeling code, and apar does not
+    /// model this `model_type`'s code.
+    #[error("the hf engine runs Hugging Face's `{model_type}` model code, which apar does not model (it models {modelled}): plan it for another engine")]
+    HfCodeNotModelled {
+        /// The file's `model_type`.
+        model_type: String,
+        /// The `model_type`s whose code apar models.
+        modelled: String,
+    },
     /// A runtime-overhead value outside its range.
     #[error("runtime overhead: {field} = {value} must be between 0 and 0.9")]
     InvalidRuntime {
@@ -1087,12 +1096,19 @@ fn model_code(
                 .into(),
         }));
     }
-    let arch = notes
-        .model_type
-        .as_deref()
+    let model_type = notes.model_type.as_deref();
+    let arch = model_type
         .and_then(models::HfArch::from_model_type)
         .or_else(|| models::HfArch::infer(cfg))
-        .ok_or_else(|| PlanError::NoHfArchitecture(cfg.name.clone()))?;
+        .ok_or_else(|| match model_type {
+            Some(t) => PlanError::HfCodeNotModelled {
+                model_type: t.to_string(),
+                modelled: models::HfArch::ALL
+                    .map(models::HfArch::model_type)
+                    .join(", "),
+            },
+            None => PlanError::NoHfArchitecture(cfg.name.clone()),
+        })?;
     let attn = match cfg.attention {
         Attention::Flash => models::AttnImpl::Sdpa,
         Attention::Eager => models::AttnImpl::Eager,
