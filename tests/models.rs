@@ -638,23 +638,25 @@ fn small_llama_matches_tiny_llama() {
 
 #[test]
 fn bad_values_are_clear_errors() {
+    // Each error names the file's key (sizes checked after reading name the key they
+    // were read from, not apar's field).
     let cases: &[(&str, &str, &str)] = &[
         ("hidden_size", "\"4096\"", "hidden_size"),
         ("num_hidden_layers", "2.5", "num_hidden_layers"),
         ("num_hidden_layers", "-1", "num_hidden_layers"),
         ("num_hidden_layers", "8589934592", "num_hidden_layers"),
-        ("num_hidden_layers", "0", "layers"),
-        ("num_hidden_layers", "100000", "layers"), // > MAX_LAYERS
+        ("num_hidden_layers", "0", "num_hidden_layers"),
+        ("num_hidden_layers", "100000", "num_hidden_layers"), // > MAX_LAYERS
         ("model_type", "7", "model_type"),
         ("tie_word_embeddings", "\"no\"", "tie_word_embeddings"),
         ("rms_norm_eps", "-1e-5", "rms_norm_eps"),
         ("rope_theta", "0", "rope_theta"),
         ("num_attention_heads", "0", "num_attention_heads"),
         ("hidden_size", "66", "hidden_size"), // not a multiple of 4 heads
-        ("num_key_value_heads", "3", "kv_heads"),
+        ("num_key_value_heads", "3", "num_key_value_heads"),
         ("hidden_act", "\"gelu\"", "hidden_act"),
         ("partial_rotary_factor", "1.5", "partial_rotary_factor"),
-        ("vocab_size", "33554432", "vocab"), // 2^25 > MAX_DIM
+        ("vocab_size", "33554432", "vocab_size"), // 2^25 > MAX_DIM
         ("head_dim", "18446744073709551615", "head_dim"),
         ("rope_parameters", "[]", "rope_parameters"),
     ];

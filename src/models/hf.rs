@@ -355,9 +355,33 @@ pub fn from_json_str_with_notes(
             });
         }
     }
-    cfg.validate()?;
+    cfg.validate().map_err(|e| match e {
+        // Name the file's own key, not apar's field.
+        ModelError::Invalid { model, field, why } => ModelError::Invalid {
+            model,
+            field: config_key(field, &map).unwrap_or(field),
+            why,
+        },
+        other => other,
+    })?;
     let notes = f.notes()?;
     Ok((cfg, notes))
+}
+
+/// The `config.json` key a [`ModelConfig`] size was read from: the first of the
+/// spellings the families use that the file has.
+fn config_key(field: &str, map: &Map<String, Value>) -> Option<&'static str> {
+    let keys: &[&'static str] = match field {
+        "layers" => &["num_hidden_layers", "n_layer", "num_layers"],
+        "hidden" => &["hidden_size", "n_embd", "n_embed", "d_model"],
+        "heads" => &["num_attention_heads", "n_head"],
+        "kv_heads" => &["num_key_value_heads", "num_kv_heads", "n_head_kv"],
+        "head_dim" => &["head_dim"],
+        "ffn" => &["intermediate_size", "n_inner", "ffn_hidden_size"],
+        "vocab" => &["vocab_size"],
+        _ => &[],
+    };
+    keys.iter().copied().find(|k| map.contains_key(*k))
 }
 
 /// The Llama-layout architectures.
