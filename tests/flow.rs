@@ -489,23 +489,7 @@ fn a_tied_head_reading_a_split_embedding_is_not_reported_whole() {
     let replicated = |model: &str, tp: u32| -> Vec<String> {
         let m = zoo::lookup(model).unwrap();
         let session = Session::for_config(&m, &cluster, &options(1024, 8, |_| {})).unwrap();
-        let config = apar::passes::Config {
-            dp: 8 / tp,
-            tp,
-            pp: 1,
-            cp: 1,
-            ep: 1,
-            etp: 1,
-            micro_batch: 1,
-            num_micro_batches: tp,
-            sp: false,
-            recompute: apar::passes::Recompute::None,
-            recompute_layers: None,
-            recompute_modules: None,
-            zero: 0,
-            low_prec_shard: false,
-            schedule: apar::passes::Schedule::OneFOneB,
-        };
+        let config = apar::passes::Config::new(8 / tp, tp, 1, 1, tp);
         let plan = session.evaluate(&config).unwrap();
         plan.warnings
             .iter()

@@ -7,7 +7,7 @@
 
 use apar::cluster::Cluster;
 use apar::models::zoo;
-use apar::passes::{Config, Recompute, Schedule};
+use apar::passes::Config;
 use apar::{PlanOptions, Session};
 
 /// Per-stage (params, grads, optimizer) bytes of Megatron GPT 1.7B on one DGX A100 at
@@ -20,9 +20,7 @@ fn stages(pp: u32) -> Vec<(u64, u64, u64)> {
     opts.memory_ratio = 1.0;
     let session = Session::for_config(&model, &cluster, &opts).unwrap();
     let dp = 8 / pp;
-    let mut c = Config::new(dp, 1, pp, 1, 16 / dp);
-    c.recompute = Recompute::None;
-    c.schedule = Schedule::OneFOneB;
+    let c = Config::new(dp, 1, pp, 1, 16 / dp);
     let plan = session.evaluate(&c).unwrap();
     plan.memory
         .per_stage
