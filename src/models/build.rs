@@ -254,43 +254,7 @@ impl Ctx<'_> {
                         self.op(Op::Repeat { axis: 2, times }, &[v])?,
                     )
                 };
-                let heads_first = Op::Transpose {
-                    perm: vec![0, 2, 1, 3],
-                };
-                let q = self.op(heads_first.clone(), &[q])?;
-                let k = self.op(heads_first.clone(), &[k])?;
-                let v = self.op(heads_first.clone(), &[v])?;
-                let scores = self.op(
-                    Op::MatMul {
-                        ta: false,
-                        tb: true,
-                    },
-                    &[q, k],
-                )?;
-                // Soft-capping needs the scaled scores: scale, cap, then the softmax.
-                let (scores, scale) = match cfg.attn_softcap {
-                    Some(cap) => {
-                        let s = self.op(Op::Scale { factor: scale }, &[scores])?;
-                        (self.softcap(s, cap)?, 1.0)
-                    }
-                    None => (scores, scale),
-                };
-                let probs = self.op(
-                    Op::Softmax {
-                        causal: true,
-                        scale,
-                    },
-                    &[scores],
-                )?;
-                let probs = self.dropout(probs)?;
-                let ctx = self.op(
-                    Op::MatMul {
-                        ta: false,
-                        tb: false,
-                    },
-                    &[probs, v],
-                )?;
-                self.op(heads_first, &[ctx])?
+                self.eager_attention(q, k, v, scale)?
             }
         };
         let ctx = self.op(
@@ -433,37 +397,7 @@ impl Ctx<'_> {
                     o
                 }
             }
-            None => {
-                let heads_first = Op::Transpose {
-                    perm: vec![0, 2, 1, 3],
-                };
-                let q = self.op(heads_first.clone(), &[q])?;
-                let k = self.op(heads_first.clone(), &[k])?;
-                let v = self.op(heads_first.clone(), &[v])?;
-                let scores = self.op(
-                    Op::MatMul {
-                        ta: false,
-                        tb: true,
-                    },
-                    &[q, k],
-                )?;
-                let probs = self.op(
-                    Op::Softmax {
-                        causal: true,
-                        scale,
-                    },
-                    &[scores],
-                )?;
-                let probs = self.dropout(probs)?;
-                let ctx = self.op(
-                    Op::MatMul {
-                        ta: false,
-                        tb: false,
-                    },
-                    &[probs, v],
-                )?;
-                self.op(heads_first, &[ctx])?
-            }
+            None => self.eager_attention(q, k, v, scale)?,
         };
         let ctx = self.op(
             Op::Reshape {
@@ -472,6 +406,56 @@ impl Ctx<'_> {
             &[ctx],
         )?;
         self.linear(ctx, &format!("{p}.out"), a * dv, h, cfg.out_bias)
+    }
+
+    /// Eager causal attention over `[b, s, heads, d]` queries, keys and values (as many
+    /// key/value heads as query heads): heads first, `q·kᵀ`, soft-capping when the
+    /// model has it (on the scaled scores), the causal softmax at `scale`, dropout,
+    /// `·v`, and back to `[b, s, heads, d_v]`.
+    fn eager_attention(
+        &mut self,
+        q: TensorId,
+        k: TensorId,
+        v: TensorId,
+        scale: f64,
+    ) -> R<TensorId> {
+        let heads_first = Op::Transpose {
+            perm: vec![0, 2, 1, 3],
+        };
+        let q = self.op(heads_first.clone(), &[q])?;
+        let k = self.op(heads_first.clone(), &[k])?;
+        let v = self.op(heads_first.clone(), &[v])?;
+        let scores = self.op(
+            Op::MatMul {
+                ta: false,
+                tb: true,
+            },
+            &[q, k],
+        )?;
+        // Soft-capping needs the scaled scores: scale, cap, then the softmax.
+        let (scores, scale) = match self.cfg.attn_softcap {
+            Some(cap) => {
+                let s = self.op(Op::Scale { factor: scale }, &[scores])?;
+                (self.softcap(s, cap)?, 1.0)
+            }
+            None => (scores, scale),
+        };
+        let probs = self.op(
+            Op::Softmax {
+                causal: true,
+                scale,
+            },
+            &[scores],
+        )?;
+        let probs = self.dropout(probs)?;
+        let ctx = self.op(
+            Op::MatMul {
+                ta: false,
+                tb: false,
+            },
+            &[probs, v],
+        )?;
+        self.op(heads_first, &[ctx])
     }
 
     /// The attention block as Hugging Face's modules run it (see [`ModelCode`]).
