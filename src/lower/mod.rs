@@ -514,11 +514,13 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
             // two devices all-reduce the copies' gradients before the step
             // (`profile::Borrowed`), over the pipeline's link.
             if let Some(copy) = b.borrowed {
-                let owner_dev = input
-                    .stages
-                    .iter()
-                    .position(|s| blocks.contains_block(copy.owner, s.first, s.last))
-                    .map(|k| k % pp as usize);
+                let owner_dev = blocks.index_of(copy.owner).and_then(|o| {
+                    input
+                        .stages
+                        .iter()
+                        .position(|s| (s.first..=s.last).contains(&o))
+                        .map(|k| k % pp as usize)
+                });
                 if owner_dev.is_some_and(|o| o != dev) {
                     states[dev].add(&copy.states);
                     opt_s[dev] += copy.opt_s;

@@ -132,7 +132,8 @@ impl ChunkSummary {
                 let hi = (end - 1).min(last);
                 self.push(b, hi + 1 - lo);
                 if let Some(copy) = b.borrowed {
-                    if !blocks.contains_block(copy.owner, first, last) {
+                    let owner = blocks.index_of(copy.owner);
+                    if !owner.is_some_and(|o| (first..=last).contains(&o)) {
                         let n64 = (hi + 1 - lo) as u64;
                         self.states = self
                             .states

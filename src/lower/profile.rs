@@ -133,9 +133,15 @@ impl Blocks {
         p
     }
 
-    /// Whether block `b` is among blocks `first..=last`.
-    pub fn contains_block(&self, b: Block, first: usize, last: usize) -> bool {
-        (first..=last.min(self.len.saturating_sub(1))).any(|i| self.block(i) == Some(b))
+    /// The index of block `b`, if present (`O(runs)`).
+    pub fn index_of(&self, b: Block) -> Option<usize> {
+        self.runs.iter().find_map(|r| match (r.profile.block, b) {
+            (Some(Block::Layer(first)), Block::Layer(k)) => {
+                let offset = usize::try_from(k.checked_sub(first)?).ok()?;
+                (offset < r.len).then_some(r.start + offset)
+            }
+            (tag, b) => (tag == Some(b)).then_some(r.start),
+        })
     }
 
     /// The profile of block `i`.
