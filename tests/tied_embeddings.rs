@@ -1,7 +1,7 @@
 //! Tied embeddings across pipeline stages: the last stage keeps its own copy of the
 //! word embedding for the output layer, with its gradient and optimizer state, as
 //! Megatron-LM (`LanguageModule.setup_embeddings_and_output_layer`: the last stage
-//! allocates the shared weight; `_allreduce_embedding_grads` sums the two copies'
+//! allocates the shared weight; `_allreduce_word_embedding_grads` sums the two copies'
 //! gradients before the step) and DeepSpeed's pipeline engine (`TiedLayerSpec`) do.
 //! Without pipelining there is one copy.
 

@@ -294,8 +294,8 @@ pub struct BlockProfile {
 /// Megatron-LM and DeepSpeed's pipeline engine do for tied embeddings (the last stage
 /// allocates the output layer's weight, keeps its gradient and optimizer state, and
 /// all-reduces the gradient with the first stage's before the step:
-/// `_allreduce_embedding_grads` in Megatron-LM's `finalize_model_grads`, the tied
-/// modules' all-reduce in DeepSpeed's `PipelineEngine`).
+/// `_allreduce_word_embedding_grads` in Megatron-LM's `finalize_model_grads`, the tied
+/// modules' all-reduce in DeepSpeed's `PipelineEngine._exec_reduce_tied_grads`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Borrowed {
     /// The block that owns the parameters.
