@@ -586,3 +586,51 @@ tiny-llama,dgx-h100:1,1024,8,2,2,2,,,,false,1
     let err = parse_runs(zero).unwrap_err();
     assert!(err.contains("ep must be at least 1"), "{err}");
 }
+
+/// Every built-in table carries the compute slowdown Lee et al. measured beside
+/// overlapped collectives (18.9% on average, arXiv 2507.03114), not a fitted value.
+#[test]
+fn built_in_tables_carry_the_measured_overlap_slowdown() {
+    use apar::cost::calibration::{BUILTIN_FILES, MEASURED_OVERLAP_SLOWDOWN};
+    for (name, _) in BUILTIN_FILES {
+        let c = builtin_named(name).unwrap();
+        assert_eq!(c.overlap_slowdown, MEASURED_OVERLAP_SLOWDOWN, "{name}");
+        assert!(
+            c.sources["overlap_slowdown"].contains("2507.03114"),
+            "{name}"
+        );
+    }
+}
+
+/// Runs that apar made with an overlap slowdown of 0.6, above the largest measured
+/// (40%), are fitted back, and the fit says the value is beyond what was measured.
+#[test]
+fn a_fit_above_the_measured_overlap_slowdown_says_so() {
+    let mut truth = builtin_named("a100").unwrap();
+    truth.overlap_slowdown = 0.6;
+    // ZeRO-3 over 8 ranks: every micro-batch's gathers and reductions overlap compute.
+    let csv = "\
+model,cluster,seq,global_batch,dp,micro_batch,zero,step_time_s
+gpt2,dgx-a100-80g:1,1024,64,8,2,3,1
+gpt2,dgx-a100-80g:1,1024,64,8,4,3,1
+";
+    let mut runs = parse_runs(csv).unwrap();
+    let mut compiled = calibrate::compile_runs(&runs, Some(&truth)).unwrap();
+    for (r, t) in runs
+        .iter_mut()
+        .zip(calibrate::predict(&mut compiled, &truth))
+    {
+        r.step_time_s = t;
+    }
+    let fit = calibrate::fit(&runs, None, &[Param::Overlap]).unwrap();
+    let got = fit.calibration.overlap_slowdown;
+    assert!((got - 0.6).abs() < 0.02, "{got}");
+    assert!(
+        fit.warnings
+            .iter()
+            .any(|w| w.starts_with("`overlap_slowdown` fitted to")
+                && w.contains("above the largest slowdown measured")),
+        "{:?}",
+        fit.warnings
+    );
+}

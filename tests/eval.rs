@@ -137,9 +137,34 @@ fn schedules_behave_as_theory_says() {
     assert!((ratio - 2.0).abs() < 0.05, "activation ratio {ratio}");
     // Both have the same bubble, (p - 1) / m of the ideal time.
     assert!((gpipe.step_time_s - f1b1.step_time_s).abs() / f1b1.step_time_s < 0.05);
-    // Interleaving divides the bubble by the number of chunks.
+    // Interleaving divides the bubble by the number of chunks: on the even split into
+    // 8 chunks of 3 layers (the bubble of the cut apar picks also holds the wait
+    // of unequal stages).
     assert!(inter.step_time_s < f1b1.step_time_s);
-    assert!(inter.sim.breakdown.bubble_s < f1b1.sim.breakdown.bubble_s);
+    let chunks: Vec<StageSpan> = [
+        (0, 3),
+        (4, 6),
+        (7, 9),
+        (10, 12),
+        (13, 15),
+        (16, 18),
+        (19, 21),
+        (22, 25),
+    ]
+    .into_iter()
+    .map(|(first, last)| StageSpan { first, last })
+    .collect();
+    let inter_even = c
+        .evaluate_cut(
+            &Config {
+                schedule: Schedule::Interleaved(2),
+                ..config(2, 1, 4, 1, 8, 0)
+            },
+            chunks,
+            true,
+        )
+        .unwrap();
+    assert!(inter_even.sim.breakdown.bubble_s < f1b1.sim.breakdown.bubble_s);
 }
 
 #[test]
@@ -273,13 +298,15 @@ fn partial_recomputation_is_between_none_and_full() {
     // On the same cut, recomputing as many layers as its largest stage has is full
     // recomputation (with that many, the cut apar picks may differ: it may leave a
     // layer of a larger stage unrecomputed).
+    // Blocks are the embedding (0), the layers (1..=L) and the head (L + 1).
+    let l = c.layers() as usize;
     let most = full
         .stages
         .iter()
-        .map(|s| s.last + 1 - s.first)
+        .map(|s| s.last.min(l) + 1 - s.first.max(1))
         .max()
         .unwrap();
-    let layers = u32::try_from(most).unwrap() - 1; // the largest stage holds a non-layer block
+    let layers = u32::try_from(most).unwrap();
     let all = c
         .evaluate_cut(
             &Config {

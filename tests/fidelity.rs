@@ -10,17 +10,17 @@ use std::path::{Path, PathBuf};
 
 /// Largest |error| of each case file at the built-in tables, and at its fitted
 /// calibration when it has one. The A100 table's `matmul` was fitted to Korthikanti
-/// et al.'s Tables 4 and 5, its `overlap_slowdown` to Table 5 and torchtitan's FSDP2
-/// runs (`calibration/a100.json`'s sources give the commands), within issue 10's 10%.
-/// The A800 runs are in no built-in table: at the A100 table apar is 19-22%
-/// optimistic on them (about 0.9 s of fixed per-step cost the measured pair shows and
-/// apar lacks, and 15% on the per-micro-batch compute), so that bound is the current
-/// error rounded up, so that a change that makes them worse fails; their own fit
-/// (`megatron-a800.calibration.json`) is held to 10% like the others.
+/// et al.'s Tables 4 and 5 (`cargo run --release --example calibrate`), within issue
+/// 10's 10%. The A800 and torchtitan runs are in no built-in table: at the A100 table
+/// apar is 19-22% optimistic on the A800 pair (about 0.9 s of fixed per-step cost the
+/// measured pair shows and apar lacks, and 15% on the per-micro-batch compute) and
+/// 12-19% on torchtitan's FSDP2 runs (whose network the page does not name), so those
+/// bounds are the current errors rounded up, so that a change that makes them worse
+/// fails; their own fits (`NAME.calibration.json`) are held to 10% like the others.
 const TOLERANCE: [(&str, f64, Option<f64>); 3] = [
     ("korthikanti-table5.csv", 0.10, None),
     ("megatron-a800.csv", 0.30, Some(0.10)),
-    ("torchtitan-a100.csv", 0.10, None),
+    ("torchtitan-a100.csv", 0.20, Some(0.10)),
 ];
 
 fn dir() -> PathBuf {
@@ -84,20 +84,34 @@ fn calibration_cases_are_within_their_tolerance() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Refits `file` from the built-in table of its runs' device and compares the fitted
+/// `params` with the committed `NAME.calibration.json`.
+fn refit_matches_committed(file: &str, params: &[Param]) {
+    let runs = read_runs(&dir().join(file)).unwrap();
+    let f = fit(&runs, None, params).unwrap();
+    let committed = fitted(file).unwrap();
+    for &p in params {
+        let (got, want) = (p.get(&f.calibration), p.get(&committed));
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{file} {p}: refit {got} vs committed {want}"
+        );
+    }
+}
+
 /// The committed A800 calibration is what `apar calibrate
 /// calibration/fidelity/megatron-a800.csv --fit matmul,link -o
 /// calibration/fidelity/megatron-a800.calibration.json` writes, from the A800's
 /// built-in (A100) table.
 #[test]
 fn the_a800_fit_reproduces_from_its_command() {
-    let runs = read_runs(&dir().join("megatron-a800.csv")).unwrap();
-    let f = fit(&runs, None, &[Param::Matmul, Param::Link]).unwrap();
-    let committed = fitted("megatron-a800.csv").unwrap();
-    for p in [Param::Matmul, Param::Link] {
-        let (got, want) = (p.get(&f.calibration), p.get(&committed));
-        assert!(
-            (got - want).abs() < 1e-3,
-            "{p}: refit {got} vs committed {want}"
-        );
-    }
+    refit_matches_committed("megatron-a800.csv", &[Param::Matmul, Param::Link]);
+}
+
+/// The committed torchtitan calibration is what `apar calibrate
+/// calibration/fidelity/torchtitan-a100.csv --fit link -o
+/// calibration/fidelity/torchtitan-a100.calibration.json` writes.
+#[test]
+fn the_torchtitan_fit_reproduces_from_its_command() {
+    refit_matches_committed("torchtitan-a100.csv", &[Param::Link]);
 }

@@ -925,6 +925,15 @@ pub fn fit(
             ));
         }
     }
+    if free.contains(&Param::Overlap)
+        && fitted.overlap_slowdown > crate::cost::calibration::MEASURED_MAX_OVERLAP_SLOWDOWN
+    {
+        warnings.push(format!(
+            "`overlap_slowdown` fitted to {:.3}, above the largest slowdown measured beside a collective ({}, Lee et al. 2025, arXiv 2507.03114): the runs are slower than their compute and collectives for another reason (an unstated network, model code, host overhead), which this value then stands for",
+            fitted.overlap_slowdown,
+            crate::cost::calibration::MEASURED_MAX_OVERLAP_SLOWDOWN
+        ));
+    }
     let rms_log_error = (residuals
         .iter()
         .map(|r| (r.predicted_s / r.measured_s).ln().powi(2))

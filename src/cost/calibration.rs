@@ -247,6 +247,18 @@ pub const MIN_EFFICIENCY: f64 = 0.01;
 /// least a tenth of its speed (at 1 the overlapped compute would never finish).
 pub const MAX_OVERLAP_SLOWDOWN: f64 = 0.9;
 
+/// The compute slowdown beside a collective that Lee et al. measured, on average, on
+/// A100, H100, MI250 and MI210 running GPT and Llama layers with their collectives
+/// overlapped: 18.9% ("Characterizing Compute-Communication Overlap in GPU-Accelerated
+/// Distributed Deep Learning: Performance and Power Implications", 2025, arXiv
+/// 2507.03114, abstract). Every built-in table carries it.
+pub const MEASURED_OVERLAP_SLOWDOWN: f64 = 0.189;
+
+/// The largest compute slowdown beside a collective in the same measurements: 40.0%
+/// (Lee et al. 2025). A fit that needs more is absorbing something else, and
+/// `apar calibrate` says so.
+pub const MEASURED_MAX_OVERLAP_SLOWDOWN: f64 = 0.40;
+
 impl Calibration {
     /// Checks the version and that every value is usable.
     ///

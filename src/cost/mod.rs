@@ -5,10 +5,11 @@
 //! in a [`Calibration`] table ([`calibration`]): the built-in tables are
 //! `calibration/*.json`, compiled in; a user's file replaces them (`--calibration`).
 //! Matmul efficiency depends on the GEMM's shape ([`GemmModel`]). The A100 table's
-//! `matmul` and `overlap_slowdown` were fitted to Korthikanti et al. 2022 ("Reducing
-//! Activation Recomputation in Large Transformer Models") Tables 4 and 5 and
-//! torchtitan's published FSDP2 runs; the others come from public kernel benchmarks;
-//! see the README's calibration section for what was fitted to what.
+//! `matmul` was fitted to Korthikanti et al. 2022 ("Reducing Activation Recomputation
+//! in Large Transformer Models") Tables 4 and 5; the other values come from public
+//! kernel benchmarks and measurements (the compute slowdown beside an overlapped
+//! collective from Lee et al. 2025); see the README's calibration section for what
+//! was fitted to what.
 
 pub mod calibration;
 

@@ -197,6 +197,20 @@ impl Ctx<'_> {
             .then(|| self.param(&format!("{p}.sinks"), &[self.cfg.heads]))
     }
 
+    /// The rotary embedding of `x` as the model code applies it: one op, except in
+    /// torchtitan's Llama, whose `ComplexRoPE.apply_rotary_emb` upcasts (`x.float()`),
+    /// multiplies by the complex cache in fp32 and casts back (`type_as`)
+    /// (`torchtitan/models/common/rope.py`): three kernels, two of them fp32 passes.
+    fn rotary(&mut self, x: TensorId, dims: u64, theta: f64) -> R<TensorId> {
+        if self.code != ModelCode::Torchtitan {
+            return self.op(Op::Rotary { dims, theta }, &[x]);
+        }
+        let dtype = self.b.ty(x).dtype;
+        let x32 = self.op(Op::Cast { to: DType::F32 }, &[x])?;
+        let y32 = self.op(Op::Rotary { dims, theta }, &[x32])?;
+        self.op(Op::Cast { to: dtype }, &[y32])
+    }
+
     /// `[b, s, n·d]` → `[b, s, n, d]`.
     fn split_heads(&mut self, x: TensorId, n: u64) -> R<TensorId> {
         let d = self.cfg.head_dim;
@@ -474,8 +488,8 @@ impl Ctx<'_> {
         let (mut q_view, mut k_view, mut v_view) = (qk_view, qk_view, true);
         if let Position::Rotary { dims, theta } = cfg.position {
             // `q·cos + rotate_half(q)·sin`: a new tensor; it keeps only cos and sin.
-            q = self.op(Op::Rotary { dims, theta }, &[q])?;
-            k = self.op(Op::Rotary { dims, theta }, &[k])?;
+            q = self.rotary(q, dims, theta)?;
+            k = self.rotary(k, dims, theta)?;
             (q_view, k_view) = (false, false);
         }
         // `repeat_kv` (eager) and Falcon's new decoder broadcast key/value heads to all

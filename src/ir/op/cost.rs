@@ -47,6 +47,19 @@ pub mod flops_per_element {
     pub const ADAMW: u64 = 12;
 }
 
+/// Passes over the logits the cross-entropy forward makes: Megatron-LM's
+/// `VocabParallelCrossEntropy.forward` (`megatron/core/tensor_parallel/cross_entropy.py`,
+/// unfused unless `--cross-entropy-loss-fusion`, off by default) runs separate kernels
+/// on its fp32 logits: the row max (a read), the in-place subtraction of it (a read and
+/// a write), the in-place `exp` (a read and a write), the row sum (a read) and the
+/// in-place division into the softmax it saves (a read and a write): seven. Its
+/// backward scales that softmax in place (a read and a write: the op's own inputs and
+/// result). PyTorch's `F.cross_entropy` (Hugging Face, torchtitan) makes fewer passes
+/// forward (a `log_softmax` of about three reads and a write) and more backward (a
+/// zero-filled gradient, then `log_softmax_backward`'s two reads and a write), about as
+/// many in all, so every engine is priced with Megatron-LM's split.
+pub const CROSS_ENTROPY_PASSES: u64 = 7;
+
 /// The shape of the matrix products a [`Op::MatMul`] runs: `batch` independent
 /// products of an `m×k` by a `k×n` matrix. A rank-2 weight broadcast over the leading
 /// dims of `a` is one product with those dims folded into `m` (as cuBLAS runs a
@@ -195,9 +208,15 @@ impl Op {
                 flops: numel(inputs.first()?)?,
                 bytes: io_bytes()?,
             }),
+            // The op's own traffic (one read of the logits, the labels, the loss) plus
+            // the further passes over the logits (`CROSS_ENTROPY_PASSES`).
             Op::CrossEntropy | Op::VocabParallelCrossEntropy { .. } => Some(OpCost {
                 flops: numel(inputs.first()?)?.checked_mul(fpe::CROSS_ENTROPY)?,
-                bytes: io_bytes()?,
+                bytes: inputs
+                    .first()?
+                    .bytes_at(env)?
+                    .checked_mul(CROSS_ENTROPY_PASSES - 1)?
+                    .checked_add(io_bytes()?)?,
             }),
             Op::CrossEntropyGrad | Op::VocabParallelCrossEntropyGrad { .. } => {
                 per_elem(fpe::CROSS_ENTROPY_GRAD)
