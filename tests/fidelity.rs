@@ -10,17 +10,17 @@ use std::path::{Path, PathBuf};
 
 /// Largest |error| of each case file at the built-in tables, and at its fitted
 /// calibration when it has one. The A100 table's `matmul` was fitted to Korthikanti
-/// et al.'s Tables 4 and 5 (`cargo run --release --example calibrate`), within issue
-/// 10's 10%. The A800 and torchtitan runs are in no built-in table: at the A100 table
-/// apar is 19-22% optimistic on the A800 pair (about 0.9 s of fixed per-step cost the
-/// measured pair shows and apar lacks, and 15% on the per-micro-batch compute) and
-/// 12-19% on torchtitan's FSDP2 runs (whose network the page does not name), so those
-/// bounds are the current errors rounded up, so that a change that makes them worse
-/// fails; their own fits (`NAME.calibration.json`) are held to 10% like the others.
+/// et al.'s Tables 4 and 5 (`cargo run --release --example calibrate`); torchtitan's
+/// FSDP2 runs are priced at that table unfitted; both within issue 10's 10%. The A800
+/// runs are in no built-in table: at the A100 table apar is 19-22% optimistic on them
+/// (about 0.9 s of fixed per-step cost the measured pair shows and apar lacks, and 15%
+/// on the per-micro-batch compute), so that bound is the current error rounded up, so
+/// that a change that makes them worse fails; their own fit
+/// (`megatron-a800.calibration.json`) is held to 10% like the others.
 const TOLERANCE: [(&str, f64, Option<f64>); 3] = [
     ("korthikanti-table5.csv", 0.10, None),
     ("megatron-a800.csv", 0.30, Some(0.10)),
-    ("torchtitan-a100.csv", 0.20, Some(0.10)),
+    ("torchtitan-a100.csv", 0.10, None),
 ];
 
 fn dir() -> PathBuf {
@@ -106,12 +106,4 @@ fn refit_matches_committed(file: &str, params: &[Param]) {
 #[test]
 fn the_a800_fit_reproduces_from_its_command() {
     refit_matches_committed("megatron-a800.csv", &[Param::Matmul, Param::Link]);
-}
-
-/// The committed torchtitan calibration is what `apar calibrate
-/// calibration/fidelity/torchtitan-a100.csv --fit link -o
-/// calibration/fidelity/torchtitan-a100.calibration.json` writes.
-#[test]
-fn the_torchtitan_fit_reproduces_from_its_command() {
-    refit_matches_committed("torchtitan-a100.csv", &[Param::Link]);
 }

@@ -391,10 +391,10 @@ pub enum CalibrateError {
         /// What is wrong.
         why: String,
     },
-    /// Fewer runs than free parameters.
-    #[error("{runs} run(s) cannot determine {params} free parameter(s) ({names}): give at least {params} runs or fit fewer parameters (--fit)")]
+    /// Fewer runs (of distinct configurations) than free parameters.
+    #[error("{runs} run(s) of distinct configurations cannot determine {params} free parameter(s) ({names}): give at least {params} runs of different configurations or fit fewer parameters (--fit)")]
     TooFewRuns {
-        /// Runs given.
+        /// Runs of distinct configurations given.
         runs: usize,
         /// Free parameters.
         params: usize,
@@ -478,7 +478,9 @@ fn sensitivity_hint(p: Param) -> &'static str {
     }
 }
 
-/// Reads a run file: JSON (an array of runs) when it starts with `[`, CSV otherwise.
+/// Reads a run file: JSON (an array of runs) when it starts with `[`, CSV otherwise. A
+/// model or cluster given as a relative path of a file beside the run file (a
+/// `config.json`, a cluster JSON) is read from there.
 ///
 /// # Errors
 ///
@@ -489,7 +491,25 @@ pub fn read_runs(path: &Path) -> Result<Vec<Run>, CalibrateError> {
         file: file.clone(),
         why: e.to_string(),
     })?;
-    parse_runs(&text).map_err(|why| CalibrateError::File { file, why })
+    let mut runs = parse_runs(&text).map_err(|why| CalibrateError::File { file, why })?;
+    // A model or cluster file named relative to the run file is read from beside it
+    // (as a CSV of one's own runs next to its cluster file would be written).
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let beside = |name: &mut String| {
+        let p = Path::new(name.as_str());
+        let file_like = name.ends_with(".json") || name.contains(std::path::MAIN_SEPARATOR);
+        if file_like && p.is_relative() && !dir.as_os_str().is_empty() {
+            let q = dir.join(p);
+            if q.is_file() {
+                *name = q.display().to_string();
+            }
+        }
+    };
+    for r in &mut runs {
+        beside(&mut r.model);
+        beside(&mut r.cluster);
+    }
+    Ok(runs)
 }
 
 /// Parses run text, JSON or CSV (see the module doc), and checks each run
@@ -832,9 +852,27 @@ pub fn fit(
     if runs.is_empty() {
         return Err(CalibrateError::NoRuns);
     }
-    if runs.len() < free.len() {
+    // Runs of one configuration (repeats of a measurement) count once: they pin
+    // one step time, not one parameter each.
+    let same = |a: &Run, b: &Run| {
+        let key = |r: &Run| Run {
+            step_time_s: 0.0,
+            peak_memory_bytes: None,
+            ..r.clone()
+        };
+        key(a) == key(b)
+    };
+    let mut repeats = Vec::new();
+    let mut distinct = 0;
+    for (i, r) in runs.iter().enumerate() {
+        match runs[..i].iter().position(|e| same(e, r)) {
+            Some(j) => repeats.push((j + 1, i + 1)),
+            None => distinct += 1,
+        }
+    }
+    if distinct < free.len() {
         return Err(CalibrateError::TooFewRuns {
-            runs: runs.len(),
+            runs: distinct,
             params: free.len(),
             names: free.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
         });
@@ -908,10 +946,20 @@ pub fn fit(
             "the fit stopped after {FIT_ITERATIONS} iterations without converging: the values may not be the best"
         ));
     }
-    if runs.len() == free.len() {
+    for (first, again) in &repeats {
+        warnings.push(format!(
+            "run {again} repeats the configuration of run {first}: it weighs that configuration twice and does not help tell the parameters apart"
+        ));
+    }
+    if distinct == free.len() && repeats.is_empty() {
         warnings.push(format!(
             "{} run(s) for {} parameter(s): the fit can pass through every run, so its residuals cannot show whether the parameters are right; add runs to check it",
             runs.len(),
+            free.len()
+        ));
+    } else if distinct == free.len() {
+        warnings.push(format!(
+            "{distinct} distinct configuration(s) for {} parameter(s): the residuals cannot show whether the parameters are right; add runs of other configurations to check it",
             free.len()
         ));
     }
@@ -929,7 +977,7 @@ pub fn fit(
         && fitted.overlap_slowdown > crate::cost::calibration::MEASURED_MAX_OVERLAP_SLOWDOWN
     {
         warnings.push(format!(
-            "`overlap_slowdown` fitted to {:.3}, above the largest slowdown measured beside a collective ({}, Lee et al. 2025, arXiv 2507.03114): the runs are slower than their compute and collectives for another reason (an unstated network, model code, host overhead), which this value then stands for",
+            "`overlap_slowdown` fitted to {:.3}, above the largest slowdown measured beside a collective ({:.2}, Agrawal et al. 2024, arXiv 2412.14335): the runs are slower than their compute and collectives for another reason (an unstated network, model code, host overhead), which this value then stands for",
             fitted.overlap_slowdown,
             crate::cost::calibration::MEASURED_MAX_OVERLAP_SLOWDOWN
         ));

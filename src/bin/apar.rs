@@ -116,7 +116,7 @@ enum Command {
         #[arg(long)]
         seq: u64,
         /// Micro-batch size (sequences).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         micro_batch: u64,
         /// Tensor-parallel degree: report per-device numbers of the sharded model.
         #[arg(long, default_value_t = 1)]
@@ -208,7 +208,7 @@ enum Command {
         #[arg(long)]
         max_tp: Option<u32>,
         /// Pin the micro-batch size.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         micro_batch: Option<u32>,
         /// Pin sequence parallelism (true/false).
         #[arg(long)]
@@ -298,7 +298,7 @@ enum Command {
         #[arg(long)]
         etp: Option<u32>,
         /// Sequences per micro-batch.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         micro_batch: u32,
         /// Sequence parallelism (needs --tp > 1).
         #[arg(long)]
@@ -1000,6 +1000,22 @@ fn run(cli: Cli) -> Result<String, Failure> {
             json,
         } => {
             let free = calibrate::parse_params(&fit).map_err(bad)?;
+            // Writing the calibration over a run file would destroy the measurements.
+            if let Some(out) = &output {
+                let same = |p: &PathBuf| {
+                    p == out
+                        || matches!(
+                            (std::fs::canonicalize(p), std::fs::canonicalize(out)),
+                            (Ok(a), Ok(b)) if a == b
+                        )
+                };
+                if let Some(p) = runs.iter().chain(calibration.iter()).find(|p| same(p)) {
+                    return Err(bad(format!(
+                        "-o {} is one of the input files: the calibration would overwrite it",
+                        p.display()
+                    )));
+                }
+            }
             let start = calibration
                 .map(|p| Calibration::from_json_file(&p))
                 .transpose()

@@ -243,21 +243,58 @@ pub enum CalibrationError {
 /// The smallest accepted efficiency: 1% of a peak.
 pub const MIN_EFFICIENCY: f64 = 0.01;
 
+/// The most SMs/CUs a [`GemmModel`] may name: ten times today's largest devices
+/// (MI300X: 304 CUs; H100 SXM: 132 SMs), so that a typo cannot price a GEMM at a
+/// nonsense wave count.
+pub const MAX_COMPUTE_UNITS: u32 = 4096;
+
+/// The longest side of a GEMM output tile a [`GemmModel`] may name: four times the
+/// largest tiles cuBLAS, CUTLASS and Tensile use (256).
+pub const MAX_TILE_SIDE: u32 = 1024;
+
+/// The largest [`GemmModel`] `k_half`: a per-tile prologue and epilogue as long as
+/// 4096 steps of the contraction would halve the efficiency of a GEMM with `k` = 4096,
+/// far beyond any measured kernel.
+pub const MAX_K_HALF: f64 = 4096.0;
+
 /// The largest [`Calibration::overlap_slowdown`]: compute beside a collective keeps at
 /// least a tenth of its speed (at 1 the overlapped compute would never finish).
 pub const MAX_OVERLAP_SLOWDOWN: f64 = 0.9;
 
-/// The compute slowdown beside a collective that Lee et al. measured, on average, on
-/// A100, H100, MI250 and MI210 running GPT and Llama layers with their collectives
-/// overlapped: 18.9% ("Characterizing Compute-Communication Overlap in GPU-Accelerated
-/// Distributed Deep Learning: Performance and Power Implications", 2025, arXiv
-/// 2507.03114, abstract). Every built-in table carries it.
-pub const MEASURED_OVERLAP_SLOWDOWN: f64 = 0.189;
+/// Lee et al. measured GPT and Llama layers on A100, H100, MI250 and MI210 with their
+/// collectives overlapped ("Characterizing Compute-Communication Overlap in
+/// GPU-Accelerated Distributed Deep Learning: Performance and Power Implications",
+/// 2025, arXiv 2507.03114, abstract): the compute took 18.9% longer than alone, on
+/// average ...
+pub const LEE_COMPUTE_SLOWDOWN: f64 = 0.189;
 
-/// The largest compute slowdown beside a collective in the same measurements: 40.0%
-/// (Lee et al. 2025). A fit that needs more is absorbing something else, and
-/// `apar calibrate` says so.
-pub const MEASURED_MAX_OVERLAP_SLOWDOWN: f64 = 0.40;
+/// ... and running the compute and the communication one after the other took 10.2%
+/// longer than overlapped (same source).
+pub const LEE_SERIAL_OVER_OVERLAPPED: f64 = 1.102;
+
+/// [`Calibration::overlap_slowdown`] (`s`: the share of compute speed lost while a
+/// collective runs beside it) from a compute slowdown `sigma` and a ratio `r` of serial
+/// to overlapped time, both as Lee et al. define them: compute `C` alone, collective
+/// `M` alone, overlapped time `(1 + sigma)·C` (the collective hidden), serial
+/// `C + M = r·(1 + sigma)·C`, and apar's overlapped time `C + s·M`
+/// (`crate::lower::overlap`), so `s = sigma / (r·(1 + sigma) − 1)`. With Lee et al.'s
+/// averages ([`LEE_COMPUTE_SLOWDOWN`], [`LEE_SERIAL_OVER_OVERLAPPED`]): 0.61.
+pub fn overlap_slowdown_from(sigma: f64, r: f64) -> f64 {
+    sigma / (r * (1.0 + sigma) - 1.0)
+}
+
+/// Agrawal et al. (AMD) ran GEMMs beside RCCL collectives on MI300X and realized on
+/// average 21% of the ideal speedup of overlapping them ("Optimizing ML Concurrent
+/// Computation and Communication with GPU DMA Engines", 2024, arXiv 2412.14335,
+/// abstract): of the collective's time `M` that perfect overlap would save, `0.21·M`
+/// is saved, so apar's `C + s·M` has `s = 1 − 0.21` = 0.79. The largest slowdown
+/// measured; `apar calibrate` warns about a fit above it.
+pub const AGRAWAL_REALIZED_SPEEDUP_FRACTION: f64 = 0.21;
+
+/// The largest compute slowdown beside a collective measured (Agrawal et al. 2024 on
+/// MI300X, see [`AGRAWAL_REALIZED_SPEEDUP_FRACTION`]): a fit that needs more is
+/// absorbing something else, and `apar calibrate` says so.
+pub const MEASURED_MAX_OVERLAP_SLOWDOWN: f64 = 1.0 - AGRAWAL_REALIZED_SPEEDUP_FRACTION;
 
 impl Calibration {
     /// Checks the version and that every value is usable.
@@ -303,19 +340,31 @@ impl Calibration {
                 ),
             );
         }
-        if self.gemm.compute_units == 0 {
-            return bad("gemm.compute_units", "must be at least 1".into());
-        }
-        if self.gemm.tiles.is_empty() || self.gemm.tiles.iter().any(|t| t[0] == 0 || t[1] == 0) {
+        if !(1..=MAX_COMPUTE_UNITS).contains(&self.gemm.compute_units) {
             return bad(
-                "gemm.tiles",
-                "must list at least one tile, each side at least 1".into(),
+                "gemm.compute_units",
+                format!(
+                    "{} is outside [1, {MAX_COMPUTE_UNITS}]",
+                    self.gemm.compute_units
+                ),
             );
         }
-        if !(self.gemm.k_half >= 0.0 && self.gemm.k_half <= 1e6) {
+        if self.gemm.tiles.is_empty()
+            || self
+                .gemm
+                .tiles
+                .iter()
+                .any(|t| t.iter().any(|&d| !(1..=MAX_TILE_SIDE).contains(&d)))
+        {
+            return bad(
+                "gemm.tiles",
+                format!("must list at least one tile, each side in [1, {MAX_TILE_SIDE}]"),
+            );
+        }
+        if !(self.gemm.k_half >= 0.0 && self.gemm.k_half <= MAX_K_HALF) {
             return bad(
                 "gemm.k_half",
-                format!("{} is outside [0, 1e6]", self.gemm.k_half),
+                format!("{} is outside [0, {MAX_K_HALF}]", self.gemm.k_half),
             );
         }
         Ok(())

@@ -1514,6 +1514,14 @@ impl Compiler {
                 let base = without.get(b).cloned().unwrap_or_default();
                 p.fwd_extra = p.fwd_extra.saturating_sub(base.fwd_extra);
                 p.bwd_extra = p.bwd_extra.saturating_sub(base.bwd_extra);
+                // The kernels distribution adds beside its collectives (the cast of a
+                // shard before its gather, FSDP2's copy-out after it, a gradient's
+                // cast before its reduction): their time at one sequence, which they
+                // do not depend on (they touch parameters and gradients only).
+                p.fwd_s = (p.fwd_s - base.fwd_s).max(0.0);
+                p.bwd_s = (p.bwd_s - base.bwd_s).max(0.0);
+                p.fwd_kernels = p.fwd_kernels.saturating_sub(base.fwd_kernels);
+                p.bwd_kernels = p.bwd_kernels.saturating_sub(base.bwd_kernels);
             }
             Ok(with)
         })
@@ -1545,6 +1553,10 @@ impl Compiler {
                 p.opt_extra = d.opt_extra;
                 p.fwd_extra += d.fwd_extra;
                 p.bwd_extra += d.bwd_extra;
+                p.fwd_s += d.fwd_s;
+                p.bwd_s += d.bwd_s;
+                p.fwd_kernels += d.fwd_kernels;
+                p.bwd_kernels += d.bwd_kernels;
             }
         }
         Ok(match &self.source {

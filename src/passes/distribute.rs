@@ -66,7 +66,9 @@ pub fn apply(g: &Graph, cfg: &Config) -> Result<Distributed, ShapeError> {
 /// [`apply`] for an engine's [`States`](crate::engine::memory::States): with
 /// `params_in_master` (FSDP), a sharded parameter has no low-precision copy at all —
 /// its master shard is cast to the compute dtype before each all-gather
-/// (`MixedPrecisionPolicy(param_dtype=bf16)` casts the shard, then gathers).
+/// (`MixedPrecisionPolicy(param_dtype=bf16)` casts the shard, then gathers) — and each
+/// gathered parameter is copied out of the all-gather's flat buffer before use
+/// (FSDP2's copy-out, an [`Op::Contiguous`]).
 ///
 /// Also handled whatever the engine: an optimizer that reads gradients in another
 /// dtype than the gradient buffers (an optimizer-phase cast, Megatron-LM's fp32 main
@@ -426,7 +428,15 @@ pub fn apply_with(
                             mapped
                         };
                         let full = collective(&mut b, ag, shard, Role::Temporary, p)?;
-                        let x = unflat(&mut b, full, p)?;
+                        let mut x = unflat(&mut b, full, p)?;
+                        if params_in_master {
+                            // FSDP2 gathers into one flat buffer per unit, then copies
+                            // each parameter out of it on the compute stream
+                            // (`foreach_all_gather_copy_out`: `split_with_sizes_copy`
+                            // after waiting for the all-gather's event,
+                            // `torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py`).
+                            x = b.add_with_role(Op::Contiguous, &[x], Role::Temporary)?[0];
+                        }
                         b.set_role(x, Role::Temporary);
                         gathered.insert(key, x);
                         x
