@@ -278,7 +278,8 @@ pub const LEE_SERIAL_OVER_OVERLAPPED: f64 = 1.102;
 /// `M` alone, overlapped time `(1 + sigma)·C` (the collective hidden), serial
 /// `C + M = r·(1 + sigma)·C`, and apar's overlapped time `C + s·M`
 /// (`crate::lower::overlap`), so `s = sigma / (r·(1 + sigma) − 1)`. With Lee et al.'s
-/// averages ([`LEE_COMPUTE_SLOWDOWN`], [`LEE_SERIAL_OVER_OVERLAPPED`]): 0.61.
+/// averages ([`LEE_COMPUTE_SLOWDOWN`], [`LEE_SERIAL_OVER_OVERLAPPED`]), combined as if
+/// they were one run's (an approximation): 0.61.
 pub fn overlap_slowdown_from(sigma: f64, r: f64) -> f64 {
     sigma / (r * (1.0 + sigma) - 1.0)
 }
