@@ -397,3 +397,33 @@ fn weights_left_whole_under_tensor_parallelism_are_reported() {
     let (replicated, warned) = run("16384");
     assert_eq!(warned, replicated, "the warning follows the layout");
 }
+
+/// Under `--emit` standard output is the engine configuration a script captures: an
+/// out-of-memory report goes to standard error (exit 1), leaving standard output empty.
+#[test]
+fn emit_keeps_an_out_of_memory_report_off_standard_output() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_apar"))
+        .args([
+            "eval",
+            "--model",
+            "llama2-70b",
+            "--cluster",
+            "dgx-a100-80g:1",
+            "--seq",
+            "4096",
+            "--global-batch",
+            "8",
+            "--dp",
+            "8",
+            "--emit",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OUT_OF_MEMORY"));
+}

@@ -473,7 +473,7 @@ fn sensitivity_hint(p: Param) -> &'static str {
         Param::Memory => "add runs whose memory-bound kernels (norms, activations, optimizer) take time",
         Param::Link => "add runs with communication on the critical path (tp, pp, or dp > 1)",
         Param::Overlap => {
-            "add runs whose collectives overlap compute (dp > 1, or ZeRO-3, with bucketed gradient reduction)"
+            "add runs whose collectives overlap compute (dp > 1 with the engine's overlap on: Megatron-LM's --overlap-grad-reduce, the run columns overlap_grad_reduce / overlap_param_gather; or ZeRO-3)"
         }
     }
 }

@@ -546,12 +546,22 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// A step time for the fit's table: four decimals, or four significant digits below a
+/// millisecond (where four decimals would print zero).
+fn seconds(t: f64) -> String {
+    if t >= 1e-3 {
+        format!("{t:.4}")
+    } else {
+        format!("{t:.3e}")
+    }
+}
+
 /// The fitted parameters and the residual of every run.
 fn fit_text(fit: &calibrate::Fit, runs: &[calibrate::Run]) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "parameter     start    fitted");
+    let _ = writeln!(o, "parameter            start    fitted");
     for (name, start, value) in &fit.params {
-        let _ = writeln!(o, "{name:<10} {start:8.4}  {value:8.4}");
+        let _ = writeln!(o, "{name:<17} {start:8.4}  {value:8.4}");
     }
     let _ = writeln!(
         o,
@@ -565,7 +575,7 @@ fn fit_text(fit: &calibrate::Fit, runs: &[calibrate::Run]) -> String {
         };
         let _ = writeln!(
             o,
-            "{:>4}  {:<20} {:>3} {:>3} {:>3} {:>3}  {:<10} {:>11.4} {:>12.4} {:>+6.1}%  {peak}",
+            "{:>4}  {:<20} {:>3} {:>3} {:>3} {:>3}  {:<10} {:>11} {:>12} {:>+6.1}%  {peak}",
             i + 1,
             run.model,
             run.dp,
@@ -573,8 +583,8 @@ fn fit_text(fit: &calibrate::Fit, runs: &[calibrate::Run]) -> String {
             run.pp,
             run.micro_batch,
             run.recompute.name(),
-            r.measured_s,
-            r.predicted_s,
+            seconds(r.measured_s),
+            seconds(r.predicted_s),
             100.0 * r.error(),
         );
     }
@@ -604,10 +614,17 @@ fn load_model(args: &ModelArgs) -> Result<models::LoadedModel, Failure> {
 }
 
 /// The failure of a library call: the out-of-memory report on standard output with
-/// exit 1 (its trace and plot written if asked), anything else exit 2.
+/// exit 1 (its trace and plot written if asked; on standard error under `--emit`, whose
+/// standard output is the engine configuration a script captures), anything else
+/// exit 2.
 fn failure(e: PlanError, out: &OutputArgs) -> Failure {
     match e {
         PlanError::OutOfMemory(oom) => match oom_output(&oom, out) {
+            Ok(report) if out.emit.is_some() => Failure {
+                code: 1,
+                message: report.trim_end().to_string(),
+                stdout: String::new(),
+            },
             Ok(stdout) => Failure {
                 code: 1,
                 message: String::new(),
@@ -853,7 +870,10 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 Ok(plan) => o.push_str(&plan_output(plan, &out)?),
                 Err(e @ PlanError::OutOfMemory(_)) => {
                     let mut f = failure(e, &out);
-                    if !out.json {
+                    if out.emit.is_some() {
+                        // Standard output stays the (absent) engine configuration.
+                        f.message = report::search_log(&r.stats) + &f.message;
+                    } else if !out.json {
                         f.stdout = report::search_log(&r.stats) + &f.stdout;
                     }
                     return Err(f);

@@ -319,6 +319,12 @@ impl Calibration {
                 ),
             );
         }
+        if self.devices.iter().any(|d| d.trim().is_empty()) {
+            return bad(
+                "devices",
+                "names an empty device; list device names (`H100-SXM5-80GB`) or none for any device".into(),
+            );
+        }
         for (f, v) in [
             ("matmul", self.matmul),
             ("attention", self.attention),
