@@ -904,8 +904,19 @@ fn run(cli: Cli) -> Result<String, Failure> {
                     blocks.len().saturating_sub(1)
                 )));
             };
+            // Priced as the planner prices it: a model with a configuration has its
+            // projection, embedding and output weights split, as every engine's tensor
+            // parallelism does (`ModelCost::min_split_dim`, half the hidden size).
+            let price = apar::shard::ModelCost {
+                min_split_dim: m.config.as_ref().map(|c| (c.hidden / 2).max(1)),
+                ..apar::shard::ModelCost::tensor_parallel(
+                    apar::shard::cost::default_cost_model(),
+                    tp,
+                )
+            };
             let sharded =
-                apar::shard::shard_model(&m.graph, &apar::shard::ShardOptions::new(tp, sp))
+                apar::shard::Sharder::with_cost(apar::shard::ShardOptions::new(tp, sp), &price)
+                    .shard_model(&m.graph)
                     .map_err(bad)?;
             let g = if train {
                 sharded.training_block(b, &TrainOptions::default())
