@@ -701,3 +701,48 @@ fn absurd_gemm_shape_models_are_refused() {
         .to_string()
         .contains("gemm.k_half"));
 }
+
+/// A saved plan is re-costed at a calibration given with `--plan` (a fit made after
+/// the plan), not only at the one it was saved with.
+#[test]
+fn a_saved_plan_is_recosted_at_a_given_calibration() {
+    let dir = temp_dir("recost");
+    let plan = dir.join("plan.json");
+    let (code, _, err) = apar(&[
+        "eval",
+        "--model",
+        "gpt2",
+        "--cluster",
+        "dgx-a100-80g:1",
+        "--seq",
+        "1024",
+        "--global-batch",
+        "64",
+        "--dp",
+        "8",
+        "--micro-batch",
+        "2",
+        "--save",
+        plan.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let mut slow = builtin_named("a100").unwrap();
+    slow.matmul *= 0.5;
+    let cal = dir.join("slow.json");
+    std::fs::write(&cal, slow.to_json()).unwrap();
+    let step = |args: &[&str]| -> f64 {
+        let (code, out, err) = apar(args);
+        assert_eq!(code, Some(0), "{err}");
+        let line = out.lines().find(|l| l.starts_with("step time")).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let saved = step(&["eval", "--plan", plan.to_str().unwrap()]);
+    let slower = step(&[
+        "eval",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--calibration",
+        cal.to_str().unwrap(),
+    ]);
+    assert!(slower > saved * 1.1, "{saved} -> {slower}");
+}

@@ -265,12 +265,13 @@ enum Command {
     },
     /// Compile and simulate one parallel configuration.
     Eval {
-        /// Re-cost a saved plan (from `--save`, possibly edited) instead of the flags below.
+        /// Re-cost a saved plan (from `--save`, possibly edited) instead of the flags below
+        /// (with `--calibration FILE`, at that calibration instead of the plan's).
         #[arg(long, conflicts_with_all = [
             "model", "attention", "layers", "cluster", "global_batch", "seq", "memory_ratio",
             "engine", "dp", "tp", "pp", "cp", "ep", "etp", "micro_batch", "sp", "recompute", "recompute_layers",
             "recompute_modules", "zero", "low_prec_shard", "schedule", "precision", "grad_dtype",
-            "optimizer_dtype", "runtime_overhead_gib", "calibration", "no_overlap_grad_reduce",
+            "optimizer_dtype", "runtime_overhead_gib", "no_overlap_grad_reduce",
             "no_overlap_param_gather", "no_tp_comm_overlap", "moe_imbalance",
         ])]
         plan: Option<PathBuf>,
@@ -973,7 +974,10 @@ fn run(cli: Cli) -> Result<String, Failure> {
             out,
         } => {
             if let Some(path) = plan {
-                let saved = Session::read_plan(&path).map_err(bad)?;
+                let mut saved = Session::read_plan(&path).map_err(bad)?;
+                if let Some(c) = &memory.calibration {
+                    saved.calibration = Some(Calibration::from_json_file(c).map_err(bad)?);
+                }
                 let plan = Session::recost(&saved).map_err(|e| failure(e, &out))?;
                 o.push_str(&plan_output(plan, &out)?);
                 return Ok(o);
