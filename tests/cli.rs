@@ -427,3 +427,37 @@ fn emit_keeps_an_out_of_memory_report_off_standard_output() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("OUT_OF_MEMORY"));
 }
+
+/// Two outputs named to one file are refused before anything is written, and
+/// `--emit` (the engine's configuration) and `--json` (the report) do not combine.
+#[test]
+fn outputs_to_one_file_and_emit_with_json_are_refused() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            "gpt2",
+            "--cluster",
+            "dgx-a100-80g:1",
+            "--seq",
+            "1024",
+            "--global-batch",
+            "64",
+            "--dp",
+            "8",
+        ];
+        args.extend(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_apar"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let same = std::env::temp_dir().join(format!("apar-same-{}.json", std::process::id()));
+    let same = same.to_str().unwrap();
+    let out = run(&["--save", same, "--trace", same]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--save and --trace both write"));
+    assert!(!std::path::Path::new(same).exists());
+    let out = run(&["--emit", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+}

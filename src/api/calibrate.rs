@@ -893,6 +893,19 @@ pub fn fit(
             .sum()
     };
     let (mut fitted, iterations) = minimize_counted(&start, free, cost)?;
+    // Six decimals: far below what the runs determine, and a written file without the
+    // solver's binary noise (0.8999999914 → 0.9).
+    for &p in free {
+        let (lo, hi) = p.bounds(&start);
+        let v = (p.get(&fitted) * 1e6).round() / 1e6;
+        let mut rounded = fitted.clone();
+        p.set(&mut rounded, v.clamp(lo, hi));
+        // Not where rounding would take a value out of range (attention's backward
+        // value at the bottom of its range).
+        if rounded.validate().is_ok() {
+            fitted = rounded;
+        }
+    }
     // The fit is for the runs' device (one device type, `compile_runs`), whatever
     // table it started from.
     let device = compiled.lock().expect("runs lock")[0]

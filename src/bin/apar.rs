@@ -488,7 +488,7 @@ struct OutputArgs {
     #[arg(long)]
     save: Option<PathBuf>,
     /// Print JSON.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "emit")]
     json: bool,
     /// Write a Chrome/Perfetto trace of the simulated step.
     #[arg(long)]
@@ -499,6 +499,30 @@ struct OutputArgs {
     /// Leave wall-clock timings out of the output and the saved plan (stable snapshots).
     #[arg(long)]
     no_timings: bool,
+}
+
+impl OutputArgs {
+    /// Refuses two outputs written to one file (the second would overwrite the first).
+    fn check(&self) -> Result<(), Failure> {
+        let files = [
+            ("--save", &self.save),
+            ("--trace", &self.trace),
+            ("--svg", &self.svg),
+        ];
+        for (i, (a, pa)) in files.iter().enumerate() {
+            for (b, pb) in &files[i + 1..] {
+                if let (Some(x), Some(y)) = (pa, pb) {
+                    if x == y {
+                        return Err(bad(format!(
+                            "{a} and {b} both write {}: give them different files",
+                            x.display()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A failure with its exit code (1 infeasible, 2 bad input), its message for standard
@@ -817,6 +841,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             memory,
             out,
         } => {
+            out.check()?;
             // The pinned set goes to the search as given (`enumerate_for` spells the
             // engine's default set as none).
             let (recompute, _) =
@@ -973,6 +998,7 @@ fn run(cli: Cli) -> Result<String, Failure> {
             memory,
             out,
         } => {
+            out.check()?;
             if let Some(path) = plan {
                 let mut saved = Session::read_plan(&path).map_err(bad)?;
                 if let Some(c) = &memory.calibration {
@@ -1072,9 +1098,6 @@ fn run(cli: Cli) -> Result<String, Failure> {
             for w in &fit.warnings {
                 let _ = writeln!(std::io::stderr(), "warning: {w}");
             }
-            if let Some(path) = &output {
-                write_file(path, &fit.calibration.to_json())?;
-            }
             if json {
                 let _ = writeln!(
                     o,
@@ -1083,6 +1106,13 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 );
             } else {
                 o.push_str(&fit_text(&fit, &runs));
+            }
+            if let Some(path) = &output {
+                // The fit is printed even when its file cannot be written.
+                if let Err(mut f) = write_file(path, &fit.calibration.to_json()) {
+                    f.stdout = std::mem::take(&mut o);
+                    return Err(f);
+                }
             }
         }
         Command::Ir { model, train, json } => {
