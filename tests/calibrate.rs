@@ -746,3 +746,47 @@ fn a_saved_plan_is_recosted_at_a_given_calibration() {
     ]);
     assert!(slower > saved * 1.1, "{saved} -> {slower}");
 }
+
+/// A built-in table whose sources call a value an estimate (the MI250's attention and
+/// link values) makes every plan on that device say so; a measured table (the H100's)
+/// and a user calibration do not.
+#[test]
+fn estimated_table_values_are_warned_about() {
+    let warnings = |cluster: &str, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            "gpt2",
+            "--cluster",
+            cluster,
+            "--global-batch",
+            "16",
+            "--seq",
+            "1024",
+            "--dp",
+            "8",
+            "--json",
+        ];
+        args.extend(extra);
+        let (code, stdout, stderr) = apar(&args);
+        assert_eq!(code, Some(0), "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        v["warnings"].to_string()
+    };
+    let mi250 = warnings("mi250-gcd:1", &[]);
+    assert!(mi250.contains("estimated_cost_values"), "{mi250}");
+    assert!(
+        mi250.contains("attention") && mi250.contains("link"),
+        "{mi250}"
+    );
+    let h100 = warnings("dgx-h100:1", &[]);
+    assert!(!h100.contains("estimated_cost_values"), "{h100}");
+    let dir = temp_dir("estimated");
+    let file = dir.join("mi250.json");
+    let mut own = builtin_named("mi250-gcd").unwrap();
+    own.sources.clear();
+    std::fs::write(&file, own.to_json()).unwrap();
+    let given = warnings("mi250-gcd:1", &["--calibration", file.to_str().unwrap()]);
+    assert!(!given.contains("estimated_cost_values"), "{given}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -113,6 +113,15 @@ pub enum Warning {
         /// The device's name.
         device: String,
     },
+    /// The built-in cost table of the cluster's device holds values that are
+    /// estimates, not measurements (their source in `calibration/*.json` says
+    /// "estimate"): step times that depend on them are less certain.
+    EstimatedCostValues {
+        /// The device's name.
+        device: String,
+        /// The estimated parameters, by name.
+        params: Vec<String>,
+    },
     /// The calibration given (`--calibration`) names other devices than the
     /// cluster's: its efficiencies were measured elsewhere.
     CalibrationForOtherDevice {
@@ -197,6 +206,11 @@ impl fmt::Display for Warning {
                 f,
                 "no cost table for device `{device}`: priced with the default (A100) efficiencies; give measured runs to `apar calibrate` and pass its file with --calibration"
             ),
+            Warning::EstimatedCostValues { device, params } => write!(
+                f,
+                "the built-in cost table for `{device}` estimates {} (no public measurement found): give measured runs to `apar calibrate` and pass its file with --calibration",
+                params.join(", ")
+            ),
             Warning::CalibrationForOtherDevice { device, calibrated } => write!(
                 f,
                 "the calibration is for {} but the cluster's device is `{device}`: its efficiencies (and GEMM shape model) were measured on other hardware",
@@ -241,6 +255,21 @@ pub(super) fn of_model(
         out.push(Warning::DefaultCostTable {
             device: compiler.cluster.device.name.clone(),
         });
+    } else if compiler.calibration.is_none() {
+        let params: Vec<String> = compiler
+            .cost
+            .eff
+            .sources
+            .iter()
+            .filter(|(_, why)| why.starts_with("estimate"))
+            .map(|(p, _)| p.clone())
+            .collect();
+        if !params.is_empty() {
+            out.push(Warning::EstimatedCostValues {
+                device: compiler.cluster.device.name.clone(),
+                params,
+            });
+        }
     }
     if let Some(c) = &compiler.calibration {
         let device = &compiler.cluster.device.name;
