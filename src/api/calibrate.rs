@@ -854,18 +854,18 @@ pub fn fit(
     }
     // Runs of one configuration (repeats of a measurement) count once: they pin
     // one step time, not one parameter each.
-    let same = |a: &Run, b: &Run| {
-        let key = |r: &Run| Run {
+    let keys: Vec<Run> = runs
+        .iter()
+        .map(|r| Run {
             step_time_s: 0.0,
             peak_memory_bytes: None,
             ..r.clone()
-        };
-        key(a) == key(b)
-    };
+        })
+        .collect();
     let mut repeats = Vec::new();
     let mut distinct = 0;
-    for (i, r) in runs.iter().enumerate() {
-        match runs[..i].iter().position(|e| same(e, r)) {
+    for (i, k) in keys.iter().enumerate() {
+        match keys[..i].iter().position(|e| e == k) {
             Some(j) => repeats.push((j + 1, i + 1)),
             None => distinct += 1,
         }

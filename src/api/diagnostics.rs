@@ -368,7 +368,7 @@ pub(super) fn of_plan(
         // Weights at least half the hidden size in both dimensions (attention and
         // MLP projections; not routers, latents or norms) that stay whole.
         if let (Some(cfg), Engine::Megatron | Engine::Torchtitan) = (config, compiler.engine) {
-            let half = cfg.hidden / 2;
+            let half = cfg.tp_split_dim();
             let mut whole: BTreeMap<Block, Vec<String>> = BTreeMap::new();
             for id in s.graph.ops() {
                 let node = s.graph.node(id);

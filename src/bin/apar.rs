@@ -932,9 +932,9 @@ fn run(cli: Cli) -> Result<String, Failure> {
             };
             // Priced as the planner prices it: a model with a configuration has its
             // projection, embedding and output weights split, as every engine's tensor
-            // parallelism does (`ModelCost::min_split_dim`, half the hidden size).
+            // parallelism does.
             let price = apar::shard::ModelCost {
-                min_split_dim: m.config.as_ref().map(|c| (c.hidden / 2).max(1)),
+                min_split_dim: m.config.as_ref().map(models::ModelConfig::tp_split_dim),
                 ..apar::shard::ModelCost::tensor_parallel(
                     apar::shard::cost::default_cost_model(),
                     tp,

@@ -429,6 +429,13 @@ type DistKey = (u32, u8, bool, u32, u32, Xk);
 /// (ep, etp): the expert layout (always (1, 1) for a dense model).
 type Xk = (u32, u32);
 
+/// `calibration` if [`Calibration::validate`] accepts it, as a compile error.
+fn checked(calibration: &Calibration) -> Result<(), CompileError> {
+    calibration
+        .validate()
+        .map_err(|e| CompileError::Calibration(e.to_string()))
+}
+
 /// A training graph with recomputation: (tp, sp, cp, recompute, (ep, etp)).
 type GraphKey = (u32, bool, u32, Recomputation, Xk);
 
@@ -810,9 +817,7 @@ impl Compiler {
     /// refuses (an efficiency outside `[0.01, 1]`, an overlap slowdown outside
     /// `[0, 0.9]`, an empty tile list, …): it would price nonsense.
     pub fn with_calibration(mut self, calibration: Calibration) -> Result<Compiler, CompileError> {
-        calibration
-            .validate()
-            .map_err(|e| CompileError::Calibration(e.to_string()))?;
+        checked(&calibration)?;
         self.cost = CostModel::with_calibration(self.cluster.clone(), calibration.clone());
         self.calibration = Some(calibration);
         self.caches = Caches::default();
@@ -827,9 +832,7 @@ impl Compiler {
     ///
     /// As [`Compiler::with_calibration`]; the compiler is left unchanged.
     pub fn reprice(&mut self, calibration: Calibration) -> Result<(), CompileError> {
-        calibration
-            .validate()
-            .map_err(|e| CompileError::Calibration(e.to_string()))?;
+        checked(&calibration)?;
         self.cost.eff = calibration.clone();
         self.cost.defaulted = false;
         self.calibration = Some(calibration);
@@ -847,9 +850,7 @@ impl Compiler {
     ///
     /// As [`Compiler::with_calibration`].
     pub fn repriced(&self, calibration: Calibration) -> Result<Compiler, CompileError> {
-        calibration
-            .validate()
-            .map_err(|e| CompileError::Calibration(e.to_string()))?;
+        checked(&calibration)?;
         Ok(Compiler {
             source: self.source.clone(),
             forward: self.forward.clone(),
@@ -1351,10 +1352,8 @@ impl Compiler {
             sp,
             cost: &self.shard_cost,
             env: Env::new(1, (self.seq / u64::from(cp.max(1))).max(1)),
-            // The engines split every projection weight: half the hidden size in both
-            // dimensions marks them (and not routers or latent down-projections).
             min_split_dim: match &self.source {
-                ModelSource::Config(cfg) => Some((cfg.hidden / 2).max(1)),
+                ModelSource::Config(cfg) => Some(cfg.tp_split_dim()),
                 _ => None,
             },
         }

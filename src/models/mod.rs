@@ -440,6 +440,15 @@ impl Mla {
 }
 
 impl ModelConfig {
+    /// The smallest side of a weight every engine's tensor parallelism splits: half the
+    /// hidden size. The attention and MLP projections, the embedding and the output
+    /// layer are at least that large in both dimensions; the routers and multi-head
+    /// latent attention's down-projections, which Megatron-LM keeps whole, are not
+    /// (`crate::shard::ModelCost::min_split_dim`).
+    pub fn tp_split_dim(&self) -> u64 {
+        (self.hidden / 2).max(1)
+    }
+
     /// The base the loaders and the zoo complete with struct update syntax
     /// (`ModelConfig { hidden: 4096, .., ..ModelConfig::decoder() }`): a sequential,
     /// pre-norm decoder with fused attention and none of the optional features
