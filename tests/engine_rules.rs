@@ -98,11 +98,13 @@ fn llama3_70b_interleaved_more_memory_never_lowers_the_peak() {
     }
 }
 
-/// Megatron-LM (`get_num_layers_to_build`): 20 layers per rank cannot be split into 7
-/// virtual stages, so `plan` never lists 7 for Llama-3-70B on 4 stages, and an
-/// explicit configuration with 7 is refused with the engine's reason.
+/// Megatron-LM: 20 layers per rank do not split into 7 virtual stages
+/// (`get_num_layers_to_build`), but `--pipeline-model-parallel-layout` places 80 layers
+/// on 28 virtual stages, so `plan` lists 7 for Llama-3-70B on 4 stages; 21 virtual
+/// stages per rank (84, more than the 80 layers plus the embedding and loss stages)
+/// are refused with the engine's reason.
 #[test]
-fn megatron_refuses_seven_virtual_stages_of_twenty_layers() {
+fn megatron_places_seven_virtual_stages_by_layout_and_refuses_too_many() {
     let c = compiler(
         "llama3-70b",
         Cluster::resolve("dgx-h100:4").unwrap(),
@@ -127,24 +129,31 @@ fn megatron_refuses_seven_virtual_stages_of_twenty_layers() {
         low_prec_shard: false,
         schedule: Schedule::Interleaved(7),
     };
+    assert_eq!(c.check(&cfg), Ok(()));
+    let too_many = Config {
+        schedule: Schedule::Interleaved(21),
+        ..cfg
+    };
+    assert!(c.check(&too_many).is_err());
     assert!(matches!(
-        c.check(&cfg),
-        Err(CompileError::Unsupported(Unsupported::LayerSplit {
+        Engine::Megatron.allows(&too_many, c.block_layout()),
+        Err(Unsupported::LayerSplit {
             engine: Engine::Megatron,
-            chunks: 7,
+            chunks: 21,
             ..
-        }))
+        })
     ));
     let k = Constraints {
         max_chunks: Some(10),
         ..Constraints::default()
     };
     let all = enumerate_for(Engine::Megatron, c.block_layout(), 32, 8, 32, 1024, &k);
-    assert!(all.iter().all(|x| x.schedule != Schedule::Interleaved(7)));
-    assert!(all.contains(&Config {
-        schedule: Schedule::Interleaved(10),
-        ..cfg
-    }));
+    for v in [7, 10] {
+        assert!(all.contains(&Config {
+            schedule: Schedule::Interleaved(v),
+            ..cfg
+        }));
+    }
     // torchtitan places any modules per stage (`module_fqns_per_model_part`); with
     // ZeRO-0, as FSDP2 has no optimizer-only sharding.
     let titan = compiler(

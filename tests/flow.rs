@@ -125,9 +125,22 @@ fn an_empty_space_names_its_cause() {
         matches!(&e, PlanError::EmptySpace(EmptySpace::Pins { pins }) if pins == &["tp", "pp"]),
         "{e:?}"
     );
-    // Megatron-LM cannot: each pipeline rank needs a layer (get_num_layers_to_build),
-    // so pp 4 alone empties its space, and the error says so.
+    // Megatron-LM places them too (`--pipeline-model-parallel-layout`: the embedding
+    // alone, a layer, a layer, the loss alone), so the pair is again what empties the
+    // space.
     both.engine = Engine::Megatron;
+    let e = Session::for_config(&model, &node, &both)
+        .unwrap()
+        .plan()
+        .unwrap_err();
+    assert!(
+        matches!(&e, PlanError::EmptySpace(EmptySpace::Pins { pins }) if pins == &["tp", "pp"]),
+        "{e:?}"
+    );
+    // Hugging Face + FSDP has no pipeline parallelism: pp 4 alone empties its space,
+    // and the error says so.
+    both.engine = Engine::Hf;
+    both.search.constraints.tp = None;
     let e = Session::for_config(&model, &node, &both)
         .unwrap()
         .plan()
@@ -136,9 +149,9 @@ fn an_empty_space_names_its_cause() {
         matches!(
             &e,
             PlanError::EmptySpace(EmptySpace::Engine {
-                engine: Engine::Megatron,
+                engine: Engine::Hf,
                 pins,
-                reason: Unsupported::LayerSplit { pp: 4, .. },
+                ..
             }) if pins == &[("pp", "4".to_string())]
         ),
         "{e:?}"

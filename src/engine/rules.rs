@@ -17,6 +17,9 @@
 //!   `megatron/core/transformer/transformer_block.py` (`get_num_layers_to_build`: layers
 //!   split evenly over pipeline ranks, or `--decoder-first/last-pipeline-num-layers`
 //!   with the rest even; each rank's layers split evenly over its virtual stages);
+//!   `megatron/core/transformer/pipeline_parallel_layer_layout.py`
+//!   (`--pipeline-model-parallel-layout`: any contiguous placement of the embedding,
+//!   the layers and the loss on the `pp · v` virtual stages);
 //!   `megatron/core/transformer/transformer_config.py` (uneven first/last stages must be
 //!   positive multiples of the virtual-stage count, middle ranks too;
 //!   `recompute_num_layers` must be `None` with selective granularity);
@@ -226,7 +229,7 @@ pub enum Unsupported {
 
 fn placement_hint(engine: Engine) -> &'static str {
     match engine {
-        Engine::Megatron => " (each pipeline rank holds a positive multiple of the virtual-stage count: even split, or uneven first/last stages)",
+        Engine::Megatron => " (every middle virtual stage needs a layer; the first and last may hold only the embedding or the loss)",
         Engine::Torchtitan => " (every middle stage needs a layer)",
         Engine::DeepSpeed | Engine::Hf => "",
     }
@@ -677,11 +680,11 @@ impl Engine {
             return v <= 1;
         }
         match self {
-            // Positive multiples of v on every rank.
-            Engine::Megatron => units % v == 0 && units >= pp * v,
-            // Middle virtual stages need a layer; the ends may hold only the embedding
-            // or the head.
-            Engine::Torchtitan => units + 2 >= pp * v,
+            // `--pipeline-model-parallel-layout` places any contiguous cut (and the
+            // per-rank forms, positive multiples of v on every rank, are a subset);
+            // as with torchtitan, middle virtual stages need a layer and the ends may
+            // hold only the embedding or the loss.
+            Engine::Megatron | Engine::Torchtitan => units + 2 >= pp * v,
             // One item per stage at least (the items are the blocks).
             Engine::DeepSpeed => v == 1 && model.blocks >= pp,
             Engine::Hf => false,
@@ -694,8 +697,18 @@ impl Engine {
     ///
     /// * Megatron-LM: per-rank layer counts `(f, k, …, k, l)`, the even split
     ///   (`f = k = l`) or `--decoder-first/last-pipeline-num-layers` `f` and `l`, each a
-    ///   positive multiple of `v` and split evenly over the rank's `v` virtual stages.
-    ///   apar lists the middle count `k` within one step of the even split.
+    ///   positive multiple of `v` and split evenly over the rank's `v` virtual stages;
+    ///   then per-virtual-stage counts `(f, k, …, k, l)` as for torchtitan, which
+    ///   `--pipeline-model-parallel-layout` spells out (`validate_layer_layout` asks
+    ///   only that the embedding come first, the loss last, and every layer once). These
+    ///   include `--account-for-embedding-in-pipeline-split` /
+    ///   `--account-for-loss-in-pipeline-split` (`get_num_layers_to_build`: the first
+    ///   virtual stage holds one layer fewer for the embedding, the last one fewer for
+    ///   the loss), the placement the Llama 3 paper describes (Dubey et al. 2024,
+    ///   Sec. 3.3.2: one layer fewer on the first and last stages). apar lists the
+    ///   middle count `k` within one step of the even split, and of the layouts only
+    ///   those whose first and last virtual stages hold at most `k` layers (they also
+    ///   hold the embedding and the loss).
     /// * torchtitan (`module_fqns_per_model_part`, any contiguous modules per stage):
     ///   per-virtual-stage counts `(f, k, …, k, l)` with `f, l ≥ 0` (the first and last
     ///   stages also hold the embedding and the head), `k` as above.
@@ -720,13 +733,22 @@ impl Engine {
         }
         let units = model.layers.len();
         match self {
-            Engine::Megatron => first_last_splits(units, pp, v, v)
-                .into_iter()
-                .filter_map(|per_rank| {
-                    let per_stage: Vec<usize> = (0..parts).map(|k| per_rank[k % pp] / v).collect();
-                    model.spans(&per_stage)
-                })
-                .collect(),
+            Engine::Megatron => {
+                let mut per_stage: Vec<Vec<usize>> = first_last_splits(units, pp, v, v)
+                    .into_iter()
+                    .map(|per_rank| (0..parts).map(|k| per_rank[k % pp] / v).collect())
+                    .collect();
+                // The ends also hold the embedding and the loss: no more layers than a
+                // middle virtual stage.
+                let ends_light =
+                    |s: &Vec<usize>| parts < 3 || (s[0] <= s[1] && s[parts - 1] <= s[1]);
+                for s in first_last_splits(units, parts, 1, 0) {
+                    if ends_light(&s) && !per_stage.contains(&s) {
+                        per_stage.push(s);
+                    }
+                }
+                per_stage.iter().filter_map(|s| model.spans(s)).collect()
+            }
             Engine::Torchtitan => first_last_splits(units, parts, 1, 0)
                 .into_iter()
                 .filter_map(|per_stage| model.spans(&per_stage))
@@ -763,38 +785,73 @@ mod tests {
     }
 
     /// Megatron-LM `get_num_layers_to_build`: 80 layers on 4 ranks is 20 layers per
-    /// rank; with `--num-layers-per-virtual-pipeline-stage` the per-rank count must be
-    /// divisible by it, so 7 virtual stages per rank (80 is not a multiple of 7) cannot
-    /// be expressed, 10 (2 layers each) and 5 (4 each) can.
+    /// rank, split evenly over 2, 4, 5 or 10 virtual stages; 7 virtual stages per rank
+    /// (80 is not a multiple of 7) need `--pipeline-model-parallel-layout`, which places
+    /// any contiguous cut: 28 virtual stages of 3 layers with 1 on the first and last.
+    /// More virtual stages than layers (plus the embedding and loss stages) cannot be
+    /// placed.
     #[test]
-    fn megatron_virtual_stages_need_whole_layer_counts() {
+    fn megatron_places_even_splits_and_layouts() {
         let llama = BlockLayout::transformer(80);
         let c = |v| config(4, Schedule::Interleaved(v), 8);
-        assert!(matches!(
-            Engine::Megatron.allows(&c(7), &llama),
-            Err(Unsupported::LayerSplit { chunks: 7, .. })
-        ));
+        let layers_of = |s: &StageSpan| {
+            llama
+                .layers
+                .iter()
+                .filter(|&&b| b >= s.first && b <= s.last)
+                .count()
+        };
         for v in [2, 4, 5, 10] {
             assert_eq!(Engine::Megatron.allows(&c(v), &llama), Ok(()));
             let cuts = Engine::Megatron.cuts(&c(v), &llama);
             let per_layer = 80 / (4 * v as usize);
-            let layers_of = |s: &StageSpan| {
-                llama
-                    .layers
-                    .iter()
-                    .filter(|&&b| b >= s.first && b <= s.last)
-                    .count()
-            };
             assert!(
                 cuts.iter()
                     .any(|spans| spans.iter().all(|s| layers_of(s) == per_layer)),
                 "the even split of {v} virtual stages is listed"
             );
         }
+        assert_eq!(Engine::Megatron.allows(&c(7), &llama), Ok(()));
+        let cuts = Engine::Megatron.cuts(&c(7), &llama);
+        assert!(cuts.iter().any(|spans| {
+            let n: Vec<usize> = spans.iter().map(layers_of).collect();
+            n[0] == 1 && n[27] == 1 && n[1..27].iter().all(|&k| k == 3)
+        }));
+        // 82 virtual stages: 80 layers and the embedding and loss stages, one each.
+        let tiny = |v| config(2, Schedule::Interleaved(v), 4);
+        assert_eq!(Engine::Megatron.allows(&tiny(41), &llama), Ok(()));
+        assert!(matches!(
+            Engine::Megatron.allows(&tiny(42), &llama),
+            Err(Unsupported::LayerSplit { chunks: 42, .. })
+        ));
+    }
+
+    /// Llama 3 405B's placement (Dubey et al. 2024, Sec. 3.3.2: one layer fewer on the
+    /// first and last stages): 126 layers on 16 ranks × 8 virtual stages is Megatron-LM's
+    /// `--account-for-embedding-in-pipeline-split --account-for-loss-in-pipeline-split`
+    /// (128 units, one per virtual stage, the first holding only the embedding and the
+    /// last only the loss), which no per-rank split of 126 layers expresses.
+    #[test]
+    fn megatron_places_llama_3_405b_on_16_ranks_of_8_virtual_stages() {
+        let model = BlockLayout::transformer(126);
+        let c = config(16, Schedule::Interleaved(8), 16);
+        assert_eq!(Engine::Megatron.allows(&c, &model), Ok(()));
+        let cuts = Engine::Megatron.cuts(&c, &model);
+        let layers_of = |s: &StageSpan| {
+            model
+                .layers
+                .iter()
+                .filter(|&&b| b >= s.first && b <= s.last)
+                .count()
+        };
+        assert!(cuts.iter().any(|spans| {
+            let n: Vec<usize> = spans.iter().map(layers_of).collect();
+            n[0] == 0 && n[127] == 0 && n[1..127].iter().all(|&k| k == 1)
+        }));
     }
 
     /// Every cut an engine lists covers the blocks in order, one span per virtual
-    /// stage, and (Megatron) gives every rank a multiple of v layers split evenly.
+    /// stage, and (Megatron, torchtitan) gives every middle virtual stage a layer.
     #[test]
     fn cuts_are_contiguous_and_follow_the_rules() {
         for layers in [1usize, 2, 5, 12, 24, 30] {
@@ -821,8 +878,7 @@ mod tests {
                                 assert_eq!(w[1].first, w[0].last + 1);
                             }
                             assert!(spans.iter().all(|s| s.last >= s.first));
-                            if engine == Engine::Megatron && pp > 1 {
-                                let v = schedule.chunks() as usize;
+                            if matches!(engine, Engine::Megatron | Engine::Torchtitan) && pp > 1 {
                                 let layers_of = |s: &StageSpan| {
                                     model
                                         .layers
@@ -830,15 +886,8 @@ mod tests {
                                         .filter(|&&b| b >= s.first && b <= s.last)
                                         .count()
                                 };
-                                for r in 0..pp as usize {
-                                    let counts: Vec<usize> = (0..v)
-                                        .map(|ch| layers_of(&spans[ch * pp as usize + r]))
-                                        .collect();
-                                    assert!(counts.iter().all(|&n| n == counts[0] && n > 0));
-                                }
-                                let middle: Vec<usize> =
-                                    (1..pp as usize - 1).map(|r| layers_of(&spans[r])).collect();
-                                assert!(middle.windows(2).all(|w| w[0] == w[1]));
+                                let n = spans.len();
+                                assert!(spans[1..n - 1].iter().all(|s| layers_of(s) > 0));
                             }
                         }
                     }
