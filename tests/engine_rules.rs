@@ -6,7 +6,7 @@
 use apar::cluster::Cluster;
 use apar::engine::rules::{BlockLayout, Unsupported};
 use apar::engine::Engine;
-use apar::lower::compile::{CompileError, Compiler, ModelSource};
+use apar::lower::compile::{Compiler, ModelSource};
 use apar::lower::StageSpan;
 use apar::models::zoo;
 use apar::passes::candidates::{enumerate_for, Constraints};
