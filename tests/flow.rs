@@ -3,7 +3,6 @@
 //! true ones, and warnings reach the plan.
 
 use apar::cluster::Cluster;
-use apar::engine::rules::Unsupported;
 use apar::engine::Engine;
 use apar::ir::{Block, DType, Dim, GraphBuilder, Op, Phase, TensorType};
 use apar::models::hf::IgnoredKind;
