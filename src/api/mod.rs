@@ -272,8 +272,8 @@ pub struct Plan {
     /// Model FLOPs utilization: `tflops_per_device` over the device's bf16 peak.
     pub mfu: f64,
     /// Hardware FLOPs utilization: the FLOPs the devices execute (recomputation and
-    /// replicated work included) over the bf16 peak (0 in plans saved before it
-    /// existed).
+    /// replicated work included, causal attention at the half its kernels run) over
+    /// the bf16 peak (0 in plans saved before it existed).
     #[serde(default)]
     pub hfu: f64,
     /// Budget, peak and per-stage breakdown.

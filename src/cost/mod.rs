@@ -29,6 +29,24 @@ use serde::Serialize;
 /// attention efficiencies of the tables are such FLOP/s figures.
 pub const CAUSAL_WORK_FRACTION: f64 = 0.5;
 
+/// Share of `op`'s counted FLOPs ([`crate::ir::Op::cost`]) that its kernel executes:
+/// [`CAUSAL_WORK_FRACTION`] for causal attention, whole for everything else. HFU counts
+/// FLOPs at this share, and the time model prices them.
+pub fn executed_share(op: &Op) -> f64 {
+    let causal = matches!(
+        op,
+        Op::FlashAttention { causal: true, .. }
+            | Op::FlashAttentionGrad { causal: true, .. }
+            | Op::Sdpa { causal: true, .. }
+            | Op::SdpaGrad { causal: true, .. }
+    );
+    if causal {
+        CAUSAL_WORK_FRACTION
+    } else {
+        1.0
+    }
+}
+
 /// A group of devices that communicate: its size and how it spans nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Group {
@@ -172,16 +190,8 @@ impl CostModel {
             }
             OpClass::Attention => {
                 let grad = matches!(op, Op::FlashAttentionGrad { .. } | Op::SdpaGrad { .. });
-                let causal = matches!(
-                    op,
-                    Op::FlashAttention { causal: true, .. }
-                        | Op::FlashAttentionGrad { causal: true, .. }
-                        | Op::Sdpa { causal: true, .. }
-                        | Op::SdpaGrad { causal: true, .. }
-                );
                 let eff = if grad { e.attention_bwd } else { e.attention };
-                let work = if causal { CAUSAL_WORK_FRACTION } else { 1.0 };
-                (work * flops / (tensor_peak * eff)).max(mem)
+                (executed_share(op) * flops / (tensor_peak * eff)).max(mem)
             }
             OpClass::Elementwise | OpClass::Reduction | OpClass::Optimizer => {
                 mem.max(flops / dev.peak_fp32_flops)

@@ -552,8 +552,9 @@ pub struct Evaluation {
     /// ([`Compiler::model_flops_per_step`] says which FLOPs count).
     pub mfu: f64,
     /// Hardware FLOPs utilization: the FLOPs the devices execute (recomputation and
-    /// work replicated across tensor-parallel ranks included, read off the
-    /// per-device training graphs) per second over the bf16 peak.
+    /// work replicated across tensor-parallel ranks included, causal attention at its
+    /// executed share [`crate::cost::executed_share`], read off the per-device
+    /// training graphs) per second over the bf16 peak.
     pub hfu: f64,
     /// Memory budget per device, bytes.
     pub budget_bytes: u64,
@@ -1731,7 +1732,7 @@ impl Compiler {
             .flops_per_device
             .iter()
             .zip(&sim.recompute_flops_per_device)
-            .map(|(&f, &r)| f as f64 + r as f64)
+            .map(|(&f, &r)| f + r)
             .sum::<f64>()
             / pipeline;
         let model = self.model_flops_per_step() / self.cluster.devices().max(1) as f64;

@@ -251,10 +251,12 @@ pub struct Simulation {
     pub stage_time_s: Vec<f64>,
     /// Breakdown on the device that finishes last.
     pub breakdown: TimeBreakdown,
-    /// FLOPs one device of each stage runs per step (no recomputation).
-    pub flops_per_device: Vec<u64>,
-    /// Recomputation FLOPs one device of each stage runs per step.
-    pub recompute_flops_per_device: Vec<u64>,
+    /// FLOPs one device of each stage executes per step (no recomputation; causal
+    /// attention at its executed share, [`crate::cost::executed_share`]). A float: a
+    /// step of millions of micro-batches exceeds `u64`.
+    pub flops_per_device: Vec<f64>,
+    /// Recomputation FLOPs one device of each stage executes per step.
+    pub recompute_flops_per_device: Vec<f64>,
     /// Every work unit (for traces).
     pub events: Vec<Event>,
     /// Communication and optimizer intervals (for traces).
@@ -337,8 +339,8 @@ struct Vs {
     /// Same for the backward.
     bwd_peak: (u64, u64),
     p2p_out: f64,
-    flops: u64,
-    recompute_flops: u64,
+    flops: f64,
+    recompute_flops: f64,
     /// Forward and backward work per block, in pass order.
     fwd_work: Vec<Work>,
     bwd_work: Vec<Work>,
@@ -366,8 +368,8 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
         fwd_peak: (0, 0),
         bwd_peak: (0, 0),
         p2p_out: 0.0,
-        flops: 0,
-        recompute_flops: 0,
+        flops: 0.0,
+        recompute_flops: 0.0,
         fwd_work: Vec::new(),
         bwd_work: Vec::new(),
         grad_s: Vec::new(),
@@ -422,10 +424,8 @@ fn summarize(blocks: &Blocks, k: usize, input: &SimInput) -> Vs {
             v.bwd_peak = (held + b.bwd_extra, held);
         }
         held += b.saved;
-        // Saturating: a count past u64 (millions of tokens a micro-batch) pins at the
-        // maximum rather than wrapping to a small plausible number.
-        v.flops = v.flops.saturating_add(b.flops);
-        v.recompute_flops = v.recompute_flops.saturating_add(b.recompute_flops);
+        v.flops += b.flops;
+        v.recompute_flops += b.recompute_flops;
     }
     let last_saved = blocks
         .refs(span.last, span.last)
@@ -909,20 +909,16 @@ pub fn simulate(blocks: &Blocks, input: &SimInput) -> Simulation {
         .collect();
     let flops_per_device = (0..pp)
         .map(|s| {
-            (0..v).fold(0u64, |acc, c| {
-                acc.saturating_add(vs[vstage(s, c)].flops.saturating_mul(u64::from(m)))
-            })
+            (0..v)
+                .map(|c| vs[vstage(s, c)].flops * f64::from(m))
+                .sum::<f64>()
         })
         .collect();
     let recompute_flops_per_device = (0..pp)
         .map(|s| {
-            (0..v).fold(0u64, |acc, c| {
-                acc.saturating_add(
-                    vs[vstage(s, c)]
-                        .recompute_flops
-                        .saturating_mul(u64::from(m)),
-                )
-            })
+            (0..v)
+                .map(|c| vs[vstage(s, c)].recompute_flops * f64::from(m))
+                .sum::<f64>()
         })
         .collect();
     let block_timings = if input.detail {

@@ -252,10 +252,11 @@ pub struct BlockProfile {
     pub dp_param_s: f64,
     /// Optimizer compute once per step.
     pub opt_s: f64,
-    /// Forward and backward FLOPs per micro-batch (no recomputation).
-    pub flops: u64,
-    /// Recomputation FLOPs per micro-batch.
-    pub recompute_flops: u64,
+    /// Forward and backward FLOPs executed per micro-batch (no recomputation; causal
+    /// attention at its executed share, [`crate::cost::executed_share`]).
+    pub flops: f64,
+    /// Recomputation FLOPs executed per micro-batch.
+    pub recompute_flops: f64,
     /// Activation bytes kept from this block's forward until its backward.
     pub saved: u64,
     /// Peak bytes of the forward above the earlier blocks' saved activations.
@@ -1007,11 +1008,11 @@ impl ProfilePrep {
             }
             let mut t =
                 cost.op_time(&node.op, &ins, &res, env, group) * groups.expert_load(&node.op);
-            let mut flops = node.op.cost(&ins, &res, env)?.flops;
+            let mut flops = node.op.cost(&ins, &res, env)?.flops as f64;
             if ring_on && f & RING != 0 {
                 let r = ring_attention(g, id, env, cost, groups.tp, groups.cp, groups.cp_method)?;
                 t = r.compute_s + r.exposed_s;
-                flops = r.flops;
+                flops = r.flops as f64;
                 p.cp_comm_s += r.comm_s;
                 p.cp_exposed_s += r.exposed_s;
                 ring_bytes[i] = r.buffer_bytes;
@@ -1053,15 +1054,16 @@ impl ProfilePrep {
                 Phase::Opt if is_dp => p.dp_grad_s += t,
                 Phase::Fwd => {
                     p.fwd_s += t;
-                    p.flops = p.flops.saturating_add(flops);
+                    p.flops += flops * crate::cost::executed_share(&node.op);
                 }
                 Phase::Bwd => {
                     p.bwd_s += t;
+                    let executed = flops * crate::cost::executed_share(&node.op);
                     if f & CLONE != 0 {
                         p.recompute_s += t;
-                        p.recompute_flops = p.recompute_flops.saturating_add(flops);
+                        p.recompute_flops += executed;
                     } else {
-                        p.flops = p.flops.saturating_add(flops);
+                        p.flops += executed;
                     }
                 }
                 Phase::Opt => p.opt_s += t,

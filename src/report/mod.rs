@@ -51,7 +51,8 @@ pub struct EvalJson {
     /// [`crate::lower::compile::Compiler::model_flops_per_step`]).
     pub mfu: f64,
     /// Hardware FLOPs utilization: executed FLOPs, recomputation and tensor-parallel
-    /// replication included (0 in summaries saved before it existed).
+    /// replication included, causal attention at the half its kernels run (0 in
+    /// summaries saved before it existed).
     #[serde(default)]
     pub hfu: f64,
     /// Memory.
