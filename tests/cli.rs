@@ -461,3 +461,119 @@ fn outputs_to_one_file_and_emit_with_json_are_refused() {
     let out = run(&["--emit", "--json"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Fixes from a new user's report: each refusal names what is wrong, and a MoE plan's
+/// printed configuration can be given back to `eval` as printed.
+#[test]
+fn new_user_reports_stay_fixed() {
+    let dir = std::env::temp_dir().join(format!("apar-newuser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // An output over an input file is refused and the input left as it was.
+    let model = dir.join("config.json");
+    std::fs::copy("tests/data/hf/llama-3.1-8b.json", &model).unwrap();
+    let before = std::fs::read(&model).unwrap();
+    let m = model.to_str().unwrap();
+    let (code, _, err) = apar(&[
+        "plan",
+        "--model",
+        m,
+        "--cluster",
+        "dgx-h100:1",
+        "--global-batch",
+        "8",
+        "--seq",
+        "1024",
+        "--save",
+        m,
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("input files"), "{err}");
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+    // Two spellings of one file are one file.
+    let save = dir.join("same.json");
+    let dotted = dir.join(".").join("same.json");
+    let (code, _, err) = apar(&[
+        "eval",
+        "--model",
+        "gpt2",
+        "--cluster",
+        "dgx-a100-80g:1",
+        "--seq",
+        "1024",
+        "--global-batch",
+        "64",
+        "--dp",
+        "8",
+        "--save",
+        save.to_str().unwrap(),
+        "--trace",
+        dotted.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("both write"), "{err}");
+    // A missing cluster file is a missing file, not an unknown preset.
+    let (code, _, err) = apar(&["plan", "--cluster", "no/such/cluster.json"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no such file"), "{err}");
+    // Negative numbers reach the range check instead of clap's "unexpected argument".
+    let (code, _, err) = apar(&["plan", "--memory-ratio", "-1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("memory ratio -1"), "{err}");
+    // The interleaved schedule's refusal names the condition that fails.
+    let (code, _, err) = apar(&[
+        "eval",
+        "--model",
+        "llama2-7b",
+        "--cluster",
+        "dgx-h100:2",
+        "--global-batch",
+        "64",
+        "--seq",
+        "4096",
+        "--dp",
+        "16",
+        "--schedule",
+        "interleaved:2",
+        "--zero",
+        "1",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("pp is 1"), "{err}");
+    // An expert imbalance means nothing without experts.
+    let (code, _, err) = apar(&[
+        "eval",
+        "--model",
+        "llama2-7b",
+        "--cluster",
+        "dgx-h100:1",
+        "--global-batch",
+        "8",
+        "--seq",
+        "1024",
+        "--dp",
+        "8",
+        "--moe-imbalance",
+        "5",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("without mixture-of-experts"), "{err}");
+    // A MoE plan prints `etp` with `ep`, so its line is a valid `eval` configuration
+    // (`--etp` defaults to `tp`).
+    let (code, out, err) = apar(&[
+        "plan",
+        "--model",
+        "mixtral-8x7b",
+        "--cluster",
+        "dgx-h100:2",
+        "--global-batch",
+        "64",
+        "--seq",
+        "4096",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("configuration:"))
+        .unwrap();
+    assert!(line.contains(" ep 8 etp 1 "), "{line}");
+}

@@ -886,6 +886,15 @@ fn matrix() -> Vec<Case> {
             config(1, 2, 4, 1, 8, true, OFF, None, 0, Interleaved(2)),
             Some(&[3, 4, 5, 4, 4, 4, 4, 4]),
         ),
+        // The embedding alone on the first virtual stage and the loss after two
+        // layers on the last (`--account-for-embedding-in-pipeline-split` style).
+        case(
+            "pp4-interleaved2-embedding-alone",
+            "llama3-8b",
+            4096,
+            config(1, 2, 4, 1, 8, true, OFF, None, 0, Interleaved(2)),
+            Some(&[0, 5, 5, 5, 5, 5, 5, 2]),
+        ),
         case(
             "pp2-gpipe",
             "llama3-8b",

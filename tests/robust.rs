@@ -577,12 +577,35 @@ fn a_saved_plan_with_an_absurd_runtime_or_other_flags_is_refused() {
         &["eval", "--plan", path, "--tp", "2"],
         &["cannot be used with"],
     );
+    let original = plan.clone();
     for bad in [-0.9, 0.99] {
         plan["runtime"]["allocator_fragmentation"] = bad.into();
         let path = write("runtime-bad.json", &plan.to_string());
         refused(
             &["eval", "--plan", &path],
-            &["allocator_fragmentation", "between 0 and 0.9"],
+            &["allocator_fragmentation", "0 to 0.9"],
         );
+    }
+    // Byte counts beyond any device (10^6 GiB) are refused, not printed as a peak.
+    let mut plan = original.clone();
+    plan["runtime"]["context_bytes"] = 1_000_000_000_000_000_000u64.into();
+    let path = write("runtime-huge.json", &plan.to_string());
+    refused(&["eval", "--plan", &path], &["context_bytes", "10^6 GiB"]);
+    // A hand-edited plan with a misspelt key is refused with the key, rather than
+    // re-costed as if the edit had not been made.
+    for (at, key) in [
+        ("config", "dpp"),
+        ("", "memory_ration"),
+        ("runtime", "fixed_byte"),
+    ] {
+        let mut plan = original.clone();
+        let target = if at.is_empty() {
+            &mut plan
+        } else {
+            &mut plan[at]
+        };
+        target[key] = 4.into();
+        let path = write("typo.json", &plan.to_string());
+        refused(&["eval", "--plan", &path], &["unknown field", key]);
     }
 }

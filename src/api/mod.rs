@@ -121,6 +121,7 @@ impl PlanOptions {
 /// Where a model came from, recorded in a plan so that it can be loaded again and
 /// the plan re-costed ([`Session::recost`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// The model as the user named it: a zoo name, a file path, or the name of an
     /// in-memory graph.
@@ -224,6 +225,7 @@ impl ModelSpec {
 /// Times are seconds, memory is bytes per device, throughput is tokens per second
 /// over the whole cluster.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Plan {
     /// The model and how to load it again.
     pub model: ModelSpec,
@@ -462,7 +464,7 @@ pub enum PlanError {
         modelled: String,
     },
     /// A runtime-overhead value outside its range.
-    #[error("runtime overhead: {field} = {value} must be between 0 and 0.9")]
+    #[error("runtime overhead: {field} = {value} is outside its range (allocator_fragmentation 0 to 0.9; byte counts at most 10^6 GiB, 1073741824000000)")]
     InvalidRuntime {
         /// The field.
         field: &'static str,
@@ -472,6 +474,9 @@ pub enum PlanError {
     /// An expert load imbalance outside `[1, 1000]` (or not a number).
     #[error("expert load imbalance {0} must be between 1 (balanced) and 1000")]
     MoeImbalance(f64),
+    /// An expert load imbalance other than 1 for a model without experts.
+    #[error("expert load imbalance {0} given for a model without mixture-of-experts layers")]
+    MoeImbalanceDense(f64),
     /// A calibration (from `--calibration` or stored in a saved plan) with an unusable
     /// value.
     #[error(transparent)]
@@ -652,6 +657,9 @@ impl Session {
         .with_moe_imbalance(options.moe_imbalance);
         if !(options.moe_imbalance.is_finite() && (1.0..=1e3).contains(&options.moe_imbalance)) {
             return Err(PlanError::MoeImbalance(options.moe_imbalance));
+        }
+        if options.moe_imbalance != 1.0 && compiler.block_layout().experts == 0 {
+            return Err(PlanError::MoeImbalanceDense(options.moe_imbalance));
         }
         let compiler = match &options.calibration {
             Some(c) => {
@@ -1056,14 +1064,29 @@ fn checked_runtime(
     runtime: crate::engine::memory::RuntimeOverhead,
 ) -> Result<crate::engine::memory::RuntimeOverhead, PlanError> {
     let f = runtime.allocator_fragmentation;
-    if (0.0..=0.9).contains(&f) {
-        Ok(runtime)
-    } else {
-        Err(PlanError::InvalidRuntime {
+    if !(0.0..=0.9).contains(&f) {
+        return Err(PlanError::InvalidRuntime {
             field: "allocator_fragmentation",
             value: f,
-        })
+        });
     }
+    let bytes = [
+        ("context_bytes", Some(runtime.context_bytes)),
+        (
+            "nccl_bytes_per_communicator",
+            Some(runtime.nccl_bytes_per_communicator),
+        ),
+        ("fixed_bytes", runtime.fixed_bytes),
+    ];
+    for (field, b) in bytes {
+        if let Some(b) = b.filter(|&b| b > crate::engine::memory::MAX_RUNTIME_BYTES) {
+            return Err(PlanError::InvalidRuntime {
+                field,
+                value: b as f64,
+            });
+        }
+    }
+    Ok(runtime)
 }
 
 /// Whose model code runs a configuration under `engine`: Hugging Face Transformers'

@@ -14,7 +14,7 @@ use apar::{calibrate, ModelSpec, Plan, PlanError, PlanOptions, Session};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -74,7 +74,7 @@ struct OptJobArgs {
     #[arg(long)]
     seq: Option<u64>,
     /// Fraction of device memory a plan may use.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     memory_ratio: Option<f64>,
     /// The engine that will run the configuration: megatron (default), deepspeed,
     /// torchtitan, hf.
@@ -169,7 +169,7 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         seq: u64,
         /// Fraction of device memory a plan may use.
-        #[arg(long, default_value_t = DEFAULT_MEMORY_RATIO)]
+        #[arg(long, default_value_t = DEFAULT_MEMORY_RATIO, allow_negative_numbers = true)]
         memory_ratio: f64,
         /// The engine that will run the plan: megatron, deepspeed, torchtitan, hf.
         #[arg(long, default_value = "megatron")]
@@ -346,7 +346,7 @@ struct MemoryArgs {
     optimizer_dtype: Option<apar::ir::DType>,
     /// Runtime overhead per device in GiB (CUDA context, NCCL buffers, allocator
     /// reserve), replacing apar's estimate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     runtime_overhead_gib: Option<f64>,
     /// Cost parameters from a calibration file (`apar calibrate -o FILE`, or a copy of
     /// a built-in table from `calibration/`) instead of the device's built-in table.
@@ -370,8 +370,9 @@ struct MemoryArgs {
     no_tp_comm_overlap: bool,
     /// Expert load imbalance with expert parallelism: the busiest expert-parallel rank
     /// receives F times the mean routed tokens (default 1, balanced); its expert
-    /// GEMMs and all-to-alls take F times as long.
-    #[arg(long)]
+    /// GEMMs and all-to-alls take F times as long (at most `ep` times: every routed
+    /// token on one rank).
+    #[arg(long, allow_negative_numbers = true)]
     moe_imbalance: Option<f64>,
 }
 
@@ -473,7 +474,7 @@ struct JobArgs {
     #[arg(long)]
     seq: u64,
     /// Fraction of device memory a plan may use.
-    #[arg(long, default_value_t = DEFAULT_MEMORY_RATIO)]
+    #[arg(long, default_value_t = DEFAULT_MEMORY_RATIO, allow_negative_numbers = true)]
     memory_ratio: f64,
 }
 
@@ -501,9 +502,30 @@ struct OutputArgs {
     no_timings: bool,
 }
 
+/// Whether `a` and `b` name one file: the same path, or the same file once their
+/// folders are resolved (`./f` and `f`; a file not written yet has no canonical path of
+/// its own, its folder does).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| -> Option<PathBuf> {
+        if let Ok(c) = std::fs::canonicalize(p) {
+            return Some(c);
+        }
+        let name = p.file_name()?;
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(parent).ok()?.join(name))
+    };
+    a == b || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
+}
+
 impl OutputArgs {
-    /// Refuses two outputs written to one file (the second would overwrite the first).
-    fn check(&self) -> Result<(), Failure> {
+    /// Refuses two outputs written to one file (the second would overwrite the first),
+    /// and an output written over one of the command's `inputs` (model, cluster and
+    /// calibration files; names that are not files are skipped). A saved plan may be
+    /// re-costed onto itself: it is read whole before anything is written.
+    fn check(&self, inputs: &[&str]) -> Result<(), Failure> {
         let files = [
             ("--save", &self.save),
             ("--trace", &self.trace),
@@ -512,12 +534,25 @@ impl OutputArgs {
         for (i, (a, pa)) in files.iter().enumerate() {
             for (b, pb) in &files[i + 1..] {
                 if let (Some(x), Some(y)) = (pa, pb) {
-                    if x == y {
+                    if same_file(x, y) {
                         return Err(bad(format!(
                             "{a} and {b} both write {}: give them different files",
                             x.display()
                         )));
                     }
+                }
+            }
+            if let Some(x) = pa {
+                let input = inputs
+                    .iter()
+                    .map(Path::new)
+                    .find(|p| p.is_file() && same_file(x, p));
+                if let Some(p) = input {
+                    return Err(bad(format!(
+                        "{a} {} is one of the command's input files: writing it would overwrite {}",
+                        x.display(),
+                        p.display()
+                    )));
                 }
             }
         }
@@ -647,7 +682,10 @@ fn failure(e: PlanError, out: &OutputArgs) -> Failure {
         PlanError::OutOfMemory(oom) => match oom_output(&oom, out) {
             Ok(report) if out.emit.is_some() => Failure {
                 code: 1,
-                message: report.trim_end().to_string(),
+                message: format!(
+                    "no configuration fits, nothing to emit; the out-of-memory report:\n{}",
+                    report.trim_end()
+                ),
                 stdout: String::new(),
             },
             Ok(stdout) => Failure {
@@ -841,7 +879,13 @@ fn run(cli: Cli) -> Result<String, Failure> {
             memory,
             out,
         } => {
-            out.check()?;
+            let calibration_path = memory
+                .calibration
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned());
+            let mut inputs = vec![model.as_str(), cluster.as_str()];
+            inputs.extend(calibration_path.as_deref());
+            out.check(&inputs)?;
             // The pinned set goes to the search as given (`enumerate_for` spells the
             // engine's default set as none).
             let (recompute, _) =
@@ -897,8 +941,10 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 Err(e @ PlanError::OutOfMemory(_)) => {
                     let mut f = failure(e, &out);
                     if out.emit.is_some() {
-                        // Standard output stays the (absent) engine configuration.
-                        f.message = report::search_log(&r.stats) + &f.message;
+                        // Standard output stays the (absent) engine configuration; the
+                        // search log goes after the message's first line.
+                        let (head, rest) = f.message.split_once('\n').unwrap_or((&f.message, ""));
+                        f.message = format!("{head}\n{}{rest}", report::search_log(&r.stats));
                     } else if !out.json {
                         f.stdout = report::search_log(&r.stats) + &f.stdout;
                     }
@@ -998,7 +1044,15 @@ fn run(cli: Cli) -> Result<String, Failure> {
             memory,
             out,
         } => {
-            out.check()?;
+            let calibration_path = memory
+                .calibration
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned());
+            let mut inputs: Vec<&str> = Vec::new();
+            inputs.extend(model.model.as_deref());
+            inputs.extend(job.cluster.as_deref());
+            inputs.extend(calibration_path.as_deref());
+            out.check(&inputs)?;
             if let Some(path) = plan {
                 let mut saved = Session::read_plan(&path).map_err(bad)?;
                 if let Some(c) = &memory.calibration {
@@ -1063,14 +1117,11 @@ fn run(cli: Cli) -> Result<String, Failure> {
             let free = calibrate::parse_params(&fit).map_err(bad)?;
             // Writing the calibration over a run file would destroy the measurements.
             if let Some(out) = &output {
-                let same = |p: &PathBuf| {
-                    p == out
-                        || matches!(
-                            (std::fs::canonicalize(p), std::fs::canonicalize(out)),
-                            (Ok(a), Ok(b)) if a == b
-                        )
-                };
-                if let Some(p) = runs.iter().chain(calibration.iter()).find(|p| same(p)) {
+                if let Some(p) = runs
+                    .iter()
+                    .chain(calibration.iter())
+                    .find(|p| same_file(p, out))
+                {
                     return Err(bad(format!(
                         "-o {} is one of the input files: the calibration would overwrite it",
                         p.display()

@@ -207,6 +207,13 @@ impl Cluster {
         if path.exists() {
             return Cluster::from_json_file(path);
         }
+        if spec.contains('/') || spec.contains(std::path::MAIN_SEPARATOR) || spec.ends_with(".json")
+        {
+            return Err(ClusterError::File {
+                file: spec.to_string(),
+                why: "no such file".into(),
+            });
+        }
         Err(ClusterError::Unknown(spec.to_string()))
     }
 }

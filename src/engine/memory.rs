@@ -98,6 +98,7 @@ pub fn parse_float_dtype(s: &str) -> Result<DType, PrecisionError> {
 
 /// What the user asked for; `None` fields take the engine's default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrecisionOptions {
     /// Compute precision (`--precision`; bf16 when absent).
     #[serde(default)]
@@ -365,6 +366,7 @@ pub struct NamedBuffer {
 /// caching allocator's reserve. Peak memory includes it; the memory ratio is a safety
 /// margin on top.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct RuntimeOverhead {
     /// CUDA context, cuBLAS/cuDNN workspaces and loaded kernels, bytes.
@@ -395,6 +397,10 @@ pub const NCCL_BUFFSIZE_BYTES: u64 = 4 * MIB;
 /// NCCL's largest channel count, `MAXCHANNELS = 32` (`src/include/device.h`), which
 /// NVSwitch systems use for rings: a rank receives from one peer per channel.
 pub const NCCL_MAX_CHANNELS: u64 = 32;
+
+/// Largest runtime overhead apar takes, bytes: 10⁶ GiB per device (`--runtime-overhead-gib`'s
+/// bound), beyond any device; a saved plan's byte counts are checked against it.
+pub const MAX_RUNTIME_BYTES: u64 = 1_000_000 << 30;
 
 impl Default for RuntimeOverhead {
     /// The context, NCCL's Simple-protocol ring buffers at the largest channel count,

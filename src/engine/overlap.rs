@@ -90,6 +90,7 @@ pub const MEGATRON_BUCKET_PER_RANK_ELEMENTS: u64 = 1_000_000;
 /// on; a measured run made without them (`apar eval --no-overlap-grad-reduce`, a
 /// calibration run's `overlap_grad_reduce` column) is priced as the engine ran it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CommOverlap {
     /// Gradient reductions overlap the backward by buckets.
     pub grad_reduce: bool,

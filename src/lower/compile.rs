@@ -57,6 +57,15 @@ pub const MAX_TOKENS_PER_STEP: u64 = 1 << 40;
 /// lookup short for a graph of many one-block runs).
 const INNER_SUMMARIES: usize = 16;
 
+/// Which of the interleaved schedule's conditions `pp` and `m` micro-batches break.
+fn interleaved_violation(pp: u32, m: u32) -> String {
+    if pp < 2 {
+        format!("pp is {pp}")
+    } else {
+        format!("{m} micro-batches are not a multiple of pp {pp}")
+    }
+}
+
 /// Why a configuration cannot be compiled (bad input, not out-of-memory).
 ///
 /// Every variant is typed so that an embedder can match on it; `Display` gives the
@@ -182,7 +191,7 @@ pub enum CompileError {
         ep: u32,
     },
     /// `ep · etp` does not divide the ranks of one pipeline stage.
-    #[error("ep {ep} × etp {etp} must divide tp × cp × dp = {ranks} (experts fold over the same ranks as attention)")]
+    #[error("ep {ep} × etp {etp} must divide tp × cp × dp = {ranks} (experts fold over the same ranks as attention; `--etp` defaults to tp, Megatron-LM's default)")]
     ExpertGroupNotDividing {
         /// Expert-parallel degree.
         ep: u32,
@@ -229,7 +238,7 @@ pub enum CompileError {
         blocks: usize,
     },
     /// The interleaved schedule's requirements are not met.
-    #[error("the interleaved schedule needs pp ≥ 2 and micro-batches ({num_micro_batches}) divisible by pp ({pp})")]
+    #[error("the interleaved schedule needs pp ≥ 2 and micro-batches divisible by pp: {}", interleaved_violation(*.pp, *.num_micro_batches))]
     InterleavedNeeds {
         /// Pipeline stages.
         pp: u32,

@@ -350,7 +350,9 @@ impl Groups<'_> {
         let expert = matches!(op, Op::GroupedMatMul { .. } | Op::GroupedMatMulWgrad { .. })
             || crate::passes::expert::is_token_exchange(op);
         if self.ep.size > 1 && expert && self.imbalance.is_finite() {
-            self.imbalance.max(1.0)
+            // The busiest of `ep` ranks receives at most every token's routes: `ep`
+            // times the mean.
+            self.imbalance.clamp(1.0, f64::from(self.ep.size))
         } else {
             1.0
         }

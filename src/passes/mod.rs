@@ -140,6 +140,7 @@ impl Recomputation {
 /// `tp × cp × dp × pp`, the experts `etp × ep × edp × pp` with `ep · etp · edp = tp ·
 /// cp · dp` ([`Config::expert_dp`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     /// Data-parallel degree.
     pub dp: u32,
@@ -331,7 +332,9 @@ impl fmt::Display for Config {
             } else {
                 String::new()
             },
-            if self.etp > 1 {
+            // With experts split, the expert tensor-parallel degree always (`eval`'s
+            // `--etp` defaults to `tp`, Megatron-LM's default, so `etp 1` must show).
+            if self.etp > 1 || self.ep > 1 {
                 format!(" etp {}", self.etp)
             } else {
                 String::new()

@@ -108,6 +108,8 @@ pub fn dominant(m: &StageMemory) -> &'static str {
         (m.optimizer, "optimizer states"),
         (m.activations, "activations"),
         (m.temporary, "temporaries"),
+        (m.buffers, "engine buffers"),
+        (m.runtime, "runtime overheads"),
     ];
     parts.iter().max_by_key(|p| p.0).map_or("nothing", |p| p.1)
 }
