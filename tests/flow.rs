@@ -484,6 +484,32 @@ fn the_hf_engine_runs_transformers_code() {
         }
         other => panic!("expected HfCodeNotModelled, got {:?}", other.err()),
     }
+    // Layouts close to Llama's whose own code differs (OLMo 2's post-norms and
+    // query/key norms, Qwen3's per-head norms, Phi-3's fused projections) are refused by
+    // their model_type, not priced as Llama's code; without the file, a configuration
+    // with such features infers no architecture.
+    for (file, model_type) in [
+        ("olmo-2-1124-7b.json", "olmo2"),
+        ("qwen3-8b.json", "qwen3"),
+        ("phi-3-mini-4k.json", "phi3"),
+    ] {
+        let p = format!("{}/tests/data/hf/{file}", env!("CARGO_MANIFEST_DIR"));
+        match Session::for_spec(&ModelSpec::parse(&p), &cluster, &options) {
+            Err(e @ PlanError::HfCodeNotModelled { .. }) => {
+                assert!(e.to_string().contains(&format!("`{model_type}`")), "{e}");
+            }
+            other => panic!("{file}: expected HfCodeNotModelled, got {:?}", other.err()),
+        }
+    }
+    let qwen3 = apar::models::hf::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/hf/qwen3-8b.json"
+    )))
+    .unwrap();
+    assert!(matches!(
+        Session::for_config(&qwen3, &cluster, &options),
+        Err(PlanError::NoHfArchitecture(_))
+    ));
     // Other engines run the fused kernels.
     options.engine = Engine::Megatron;
     let fused = Session::for_spec(&ModelSpec::parse(path), &cluster, &options).unwrap();

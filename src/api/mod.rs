@@ -1119,19 +1119,22 @@ fn model_code(
                 .into(),
         }));
     }
+    // A `config.json`'s `model_type` names the code Transformers runs: one apar does
+    // not model is refused, not priced as the nearest layout's.
     let model_type = notes.model_type.as_deref();
-    let arch = model_type
-        .and_then(models::HfArch::from_model_type)
-        .or_else(|| models::HfArch::infer(cfg))
-        .ok_or_else(|| match model_type {
-            Some(t) => PlanError::HfCodeNotModelled {
-                model_type: t.to_string(),
-                modelled: models::HfArch::ALL
-                    .map(models::HfArch::model_type)
-                    .join(", "),
-            },
-            None => PlanError::NoHfArchitecture(cfg.name.clone()),
-        })?;
+    let arch = match model_type {
+        Some(t) => models::HfArch::from_model_type(t),
+        None => models::HfArch::infer(cfg),
+    }
+    .ok_or_else(|| match model_type {
+        Some(t) => PlanError::HfCodeNotModelled {
+            model_type: t.to_string(),
+            modelled: models::HfArch::ALL
+                .map(models::HfArch::model_type)
+                .join(", "),
+        },
+        None => PlanError::NoHfArchitecture(cfg.name.clone()),
+    })?;
     let attn = match cfg.attention {
         Attention::Flash => models::AttnImpl::Sdpa,
         Attention::Eager => models::AttnImpl::Eager,

@@ -106,7 +106,23 @@ impl HfArch {
     /// positions and GeLU is GPT-2's. Other layouts (LayerNorm with rotary positions:
     /// GPT-NeoX or Falcon) need the `model_type` of a `config.json`.
     pub fn infer(cfg: &super::ModelConfig) -> Option<HfArch> {
-        use super::{Mlp, Norm, Position};
+        use super::{Mlp, Norm, NormLayout, Position, QkNorm};
+        // Features the modelled code does not have (Qwen3/OLMo 2 query-key norms,
+        // OLMo 2's post-norms, experts, latent attention, Gemma's scalings and caps,
+        // sinks, an embedding norm) mean another architecture's code.
+        let plain = cfg.qk_norm == QkNorm::None
+            && cfg.norm_layout == NormLayout::Pre
+            && cfg.moe.is_none()
+            && cfg.mla.is_none()
+            && !cfg.embed_scale
+            && cfg.attn_scale.is_none()
+            && cfg.attn_softcap.is_none()
+            && cfg.final_softcap.is_none()
+            && !cfg.attn_sinks
+            && !cfg.embed_norm;
+        if !plain {
+            return None;
+        }
         match (cfg.norm, cfg.mlp, cfg.position) {
             (Norm::RmsNorm, Mlp::SwiGlu, Position::Rotary { .. }) => {
                 Some(if cfg.qkv_bias && !cfg.out_bias {
