@@ -1386,3 +1386,68 @@ fn context_parallel_exports() {
         }
     }
 }
+
+/// A `config.json`'s rotary scaling reaches Megatron-LM's options (arguments.py at
+/// `MEGATRON_COMMIT`): Llama 3.1's `llama3` scaling is `--use-rope-scaling
+/// --rope-scaling-factor 8` (its low 1 / high 4 / 8192 are Megatron-LM's fixed values),
+/// linear scaling by 4 is `--rotary-seq-len-interpolation-factor 4`, a kind Megatron-LM
+/// has no option for is a note, and a fractional `rope_theta` is noted where the
+/// integer option rounds it.
+#[test]
+fn megatron_exports_rotary_scaling() {
+    let dir = std::env::temp_dir().join(format!("apar-rope-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("tests/data/hf/llama-3.1-8b.json").unwrap())
+            .unwrap();
+    let emit = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut cfg = base.clone();
+        edit(&mut cfg);
+        let path = dir.join(name);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let (code, stdout, stderr) = apar(&[
+            "plan",
+            "--model",
+            path.to_str().unwrap(),
+            "--cluster",
+            "dgx-h100:4",
+            "--global-batch",
+            "64",
+            "--seq",
+            "2048",
+            "--emit",
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        (stdout, stderr)
+    };
+    let (out, _) = emit("llama3.json", &|_| {});
+    assert!(
+        out.contains("--use-rope-scaling \\\n--rope-scaling-factor 8 \\\n"),
+        "{out}"
+    );
+    let (out, _) = emit("linear.json", &|c| {
+        c["rope_scaling"] = json!({"rope_type": "linear", "factor": 4.0});
+    });
+    assert!(
+        out.contains("--rotary-seq-len-interpolation-factor 4 \\\n"),
+        "{out}"
+    );
+    assert!(!out.contains("use-rope-scaling"), "{out}");
+    let (out, err) = emit("dynamic.json", &|c| {
+        c["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0});
+    });
+    assert!(
+        !out.contains("rope-scaling") && !out.contains("interpolation"),
+        "{out}"
+    );
+    assert!(err.contains("`dynamic` rope scaling"), "{err}");
+    let (out, err) = emit("theta.json", &|c| {
+        c["rope_scaling"] = serde_json::Value::Null;
+        c["rope_theta"] = json!(10000.7);
+    });
+    assert!(out.contains("--rotary-base 10001 \\\n"), "{out}");
+    assert!(
+        err.contains("rope_theta 10000.7 is not an integer"),
+        "{err}"
+    );
+}

@@ -324,6 +324,21 @@ fn hf_configs_load_as_the_zoo_entries() {
     ] {
         let mut cfg = load(file);
         assert!(cfg.name.ends_with(file), "{}", cfg.name);
+        if file == "llama-3.1-8b.json" {
+            // Llama 3.1 is Llama 3 with its context stretched by rotary scaling
+            // (the file's rope_scaling: llama3, factor 8, low 1, high 4, 8192).
+            let r = cfg.rope_scaling.take().expect("Llama 3.1's rope_scaling");
+            assert_eq!(
+                (
+                    r.rope_type.as_str(),
+                    r.factor,
+                    r.low_freq_factor,
+                    r.high_freq_factor
+                ),
+                ("llama3", 8.0, Some(1.0), Some(4.0))
+            );
+            assert_eq!(r.original_max_position_embeddings, Some(8192));
+        }
         let expected = zoo_model(zoo_name);
         cfg.name = expected.name.clone();
         assert_eq!(cfg, expected, "{file}");

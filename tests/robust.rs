@@ -200,7 +200,8 @@ fn saved_plans_hold_only_finite_numbers() {
     // block of a communication event that serves no single block, the FP8 peak of a
     // device without FP8 tensor cores, a calibration file (the device's built-in
     // table when absent), and the model's optional score scale, soft-capping,
-    // sliding window, experts (and their capacity factor) and latent attention.
+    // sliding window, experts (and their capacity factor), latent attention and rotary
+    // scaling.
     let absent = [
         "block",
         "usable_memory_bytes",
@@ -220,6 +221,7 @@ fn saved_plans_hold_only_finite_numbers() {
         "moe",
         "mla",
         "capacity_factor",
+        "rope_scaling",
     ];
     found.retain(|k| !absent.contains(&k.as_str()));
     assert!(found.is_empty(), "null (non-finite?) at {found:?}");

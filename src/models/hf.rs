@@ -364,8 +364,54 @@ pub fn from_json_str_with_notes(
         },
         other => other,
     })?;
+    let mut cfg = cfg;
+    if matches!(cfg.position, super::Position::Rotary { .. }) {
+        cfg.rope_scaling = rope_scaling(&f)?;
+    }
     let notes = f.notes()?;
     Ok((cfg, notes))
+}
+
+/// The rotary scaling of `rope_scaling` (`null` or absent: none), else of
+/// `rope_parameters` when its `rope_type` is not `default`.
+fn rope_scaling(f: &Fields) -> Result<Option<super::RopeScaling>, ModelError> {
+    let (key, map) = match (f.get("rope_scaling"), f.get("rope_parameters")) {
+        (Some(v), _) if !v.is_null() => match v.as_object() {
+            Some(m) => ("rope_scaling", m),
+            None => return Err(f.wrong_type("rope_scaling", "an object or null", v)),
+        },
+        (_, Some(v)) if !v.is_null() => match v.as_object() {
+            Some(m) => ("rope_parameters", m),
+            None => return Err(f.wrong_type("rope_parameters", "an object", v)),
+        },
+        _ => return Ok(None),
+    };
+    let nested = Fields {
+        name: f.name,
+        map,
+        read: RefCell::default(),
+        window_used: Cell::new(false),
+    };
+    let rope_type = match (nested.str("rope_type")?, nested.str("type")?) {
+        (Some(t), _) | (None, Some(t)) => t.to_string(),
+        (None, None) if key == "rope_parameters" => return Ok(None),
+        (None, None) => return Err(f.invalid(key, "has no `rope_type` (or `type`)".into())),
+    };
+    if rope_type == "default" {
+        return Ok(None);
+    }
+    let factor = match nested.f64("factor")? {
+        Some(x) if x.is_finite() && x > 0.0 => x,
+        Some(x) => return Err(f.invalid(key, format!("`factor` {x} must be positive"))),
+        None => return Err(f.invalid(key, format!("`{rope_type}` scaling has no `factor`"))),
+    };
+    Ok(Some(super::RopeScaling {
+        rope_type,
+        factor,
+        low_freq_factor: nested.f64("low_freq_factor")?,
+        high_freq_factor: nested.f64("high_freq_factor")?,
+        original_max_position_embeddings: nested.u64("original_max_position_embeddings")?,
+    }))
 }
 
 /// The `config.json` key a [`ModelConfig`] size was read from: the first of the

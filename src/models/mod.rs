@@ -235,6 +235,32 @@ pub struct ModelConfig {
     /// older documents: none.
     #[serde(default)]
     pub embed_norm: bool,
+    /// Rotary frequency scaling (a `config.json`'s `rope_scaling`, or
+    /// `rope_parameters` with a `rope_type` other than `default`): it changes the
+    /// rotation angles, not a tensor's size or an op's work, so plans are the same
+    /// with or without it; engine exports carry it. Absent: none.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// Rotary frequency scaling, as Transformers' `modeling_rope_utils.py` names its
+/// parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    /// `rope_type` (or the older `type`): `llama3`, `linear`, `yarn`, `dynamic`, ….
+    pub rope_type: String,
+    /// `factor`: how many times the trained context the positions stretch over.
+    pub factor: f64,
+    /// `low_freq_factor` (`llama3`).
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    /// `high_freq_factor` (`llama3`).
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    /// `original_max_position_embeddings` (`llama3`, `yarn`).
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<u64>,
 }
 
 /// How a router scores the experts.
@@ -489,6 +515,7 @@ impl ModelConfig {
             mla: None,
             attn_sinks: false,
             embed_norm: false,
+            rope_scaling: None,
         }
     }
 

@@ -67,7 +67,7 @@ use super::{
 };
 use crate::engine::memory::Precision;
 use crate::engine::Engine;
-use crate::models::{Attention, Mlp, ModelConfig, Norm, Position, QkNorm, Scoring};
+use crate::models::{Attention, Mlp, ModelConfig, Norm, Position, QkNorm, RopeScaling, Scoring};
 use crate::passes::{Recompute, RecomputeModules, Schedule};
 
 const E: Engine = Engine::Megatron;
@@ -357,12 +357,22 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         }
         Position::Rotary { theta, dims } => {
             arg(&mut a, "position-embedding-type", "rope");
-            // `--rotary-base` is an integer option.
-            arg(&mut a, "rotary-base", theta.round() as u64);
+            // `--rotary-base` is an integer option (Python's int: any size).
+            arg(&mut a, "rotary-base", format!("{:.0}", theta.round()));
+            if theta.fract() != 0.0 {
+                notes.push(format!(
+                    "rope_theta {theta} is not an integer and --rotary-base takes one: \
+                     written as {:.0}",
+                    theta.round()
+                ));
+            }
             if dims != m.head_dim && m.mla.is_none() {
                 arg(&mut a, "rotary-percent", dims as f64 / m.head_dim as f64);
             }
             arg(&mut a, "max-position-embeddings", p.seq);
+            if let Some(r) = &m.rope_scaling {
+                rope_scaling_args(&mut a, &mut notes, r);
+            }
         }
         // Refused by `model_supported` above.
         Position::Alibi => {}
@@ -437,7 +447,7 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
     if let Some(mla) = &m.mla {
         mla_args(&mut a, mla);
     }
-    if m.attn_sinks {
+    if m.attn_sinks && m.rope_scaling.is_none() {
         notes.push(
             "the plan prices the rotary embedding, not its frequencies: add gpt-oss's YaRN \
              scaling (--position-embedding-type yarn and its factors from rope_scaling) to \
@@ -1004,4 +1014,44 @@ pub(super) fn parse(text: &str, devices: u64) -> Result<ParsedConfig, ParseError
         moe,
         mla: parse_mla(&o)?,
     })
+}
+
+/// Megatron-LM's options for a `config.json`'s rotary scaling: Llama 3's is
+/// `--use-rope-scaling --rope-scaling-factor` (`RotaryEmbedding._apply_scaling`, whose
+/// other parameters are fixed at low 1, high 4 and 8192 original positions: others are
+/// noted), linear interpolation by an integer factor
+/// `--rotary-seq-len-interpolation-factor` (positions divided by it); other kinds are
+/// noted for the user to add.
+fn rope_scaling_args(a: &mut Vec<Vec<String>>, notes: &mut Vec<String>, r: &RopeScaling) {
+    match r.rope_type.as_str() {
+        "llama3" => {
+            flag(a, "use-rope-scaling");
+            arg(a, "rope-scaling-factor", r.factor);
+            let fixed = [
+                ("low_freq_factor", r.low_freq_factor, 1.0),
+                ("high_freq_factor", r.high_freq_factor, 4.0),
+                (
+                    "original_max_position_embeddings",
+                    r.original_max_position_embeddings.map(|x| x as f64),
+                    8192.0,
+                ),
+            ];
+            for (key, value, megatron) in fixed {
+                if let Some(v) = value.filter(|&v| v != megatron) {
+                    notes.push(format!(
+                        "rope_scaling {key} is {v}; Megatron-LM's llama3 scaling fixes it at \
+                         {megatron}"
+                    ));
+                }
+            }
+        }
+        "linear" if r.factor.fract() == 0.0 => {
+            arg(a, "rotary-seq-len-interpolation-factor", r.factor);
+        }
+        other => notes.push(format!(
+            "the plan prices the rotary embedding, not its frequencies: add the checkpoint's \
+             `{other}` rope scaling (factor {}) by hand",
+            r.factor
+        )),
+    }
 }
