@@ -374,7 +374,7 @@ pub fn from_json_str_with_notes(
 
 /// The rotary scaling of `rope_scaling` (`null` or absent: none), else of
 /// `rope_parameters` when its `rope_type` is not `default`.
-fn rope_scaling(f: &Fields) -> Result<Option<super::RopeScaling>, ModelError> {
+fn rope_scaling(f: &Fields) -> Result<Option<Box<super::RopeScaling>>, ModelError> {
     let (key, map) = match (f.get("rope_scaling"), f.get("rope_parameters")) {
         (Some(v), _) if !v.is_null() => match v.as_object() {
             Some(m) => ("rope_scaling", m),
@@ -405,13 +405,13 @@ fn rope_scaling(f: &Fields) -> Result<Option<super::RopeScaling>, ModelError> {
         Some(x) => return Err(f.invalid(key, format!("`factor` {x} must be positive"))),
         None => return Err(f.invalid(key, format!("`{rope_type}` scaling has no `factor`"))),
     };
-    Ok(Some(super::RopeScaling {
+    Ok(Some(Box::new(super::RopeScaling {
         rope_type,
         factor,
         low_freq_factor: nested.f64("low_freq_factor")?,
         high_freq_factor: nested.f64("high_freq_factor")?,
         original_max_position_embeddings: nested.u64("original_max_position_embeddings")?,
-    }))
+    })))
 }
 
 /// The `config.json` key a [`ModelConfig`] size was read from: the first of the

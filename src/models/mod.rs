@@ -240,7 +240,7 @@ pub struct ModelConfig {
     /// rotation angles, not a tensor's size or an op's work, so plans are the same
     /// with or without it; engine exports carry it. Absent: none.
     #[serde(default)]
-    pub rope_scaling: Option<RopeScaling>,
+    pub rope_scaling: Option<Box<RopeScaling>>,
 }
 
 /// Rotary frequency scaling, as Transformers' `modeling_rope_utils.py` names its
