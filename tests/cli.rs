@@ -557,6 +557,14 @@ fn new_user_reports_stay_fixed() {
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("without mixture-of-experts"), "{err}");
+    // `shard` refuses a tensor-parallel degree the heads do not divide, as `eval` does,
+    // and `plan` names ZeRO's range.
+    let (code, _, err) = apar(&["shard", "--model", "tiny-gpt", "--tp", "3"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("tp 3 does not divide the 4 attention heads"), "{err}");
+    let (code, _, err) = apar(&["plan", "--zero", "4"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("0..=3"), "{err}");
     // A MoE plan prints `etp` with `ep`, so its line is a valid `eval` configuration
     // (`--etp` defaults to `tp`).
     let (code, out, err) = apar(&[

@@ -86,7 +86,9 @@ fn plan_error(py: Python<'_>, e: PlanError) -> PyErr {
         PlanError::Cluster(_) => ("ConfigError", "cluster", None),
         PlanError::Compile(_) => ("ConfigError", "compile", None),
         PlanError::InvalidRuntime { .. } => ("ConfigError", "runtime", None),
-        PlanError::MoeImbalance(_) => ("ConfigError", "moe_imbalance", None),
+        PlanError::MoeImbalance(_) | PlanError::MoeImbalanceDense(_) => {
+            ("ConfigError", "moe_imbalance", None)
+        }
         PlanError::Calibration(_) => ("ConfigError", "calibration", None),
         PlanError::BatchNotDivisible { .. } => ("ConfigError", "batch_not_divisible", None),
         PlanError::NothingCompiled { .. } => ("PlanFailed", "nothing_compiled", None),

@@ -223,8 +223,8 @@ enum Command {
         /// (layernorm and the MoE modules are refused); implies --recompute selective.
         #[arg(long, value_parser = parse_recompute_modules)]
         recompute_modules: Option<RecomputeModules>,
-        /// Pin the ZeRO stage.
-        #[arg(long)]
+        /// Pin the ZeRO stage (0–3).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
         zero: Option<u8>,
         /// Pin low-precision parameter sharding (true/false).
         #[arg(long)]
@@ -967,6 +967,22 @@ fn run(cli: Cli) -> Result<String, Failure> {
             let m = load_model(&model)?;
             if m.is_training {
                 return Err(bad("shard a forward model, not a training graph"));
+            }
+            // As `eval` refuses it: Megatron-LM splits heads, key/value groups and the
+            // feed-forward channels evenly over the tensor-parallel ranks.
+            if let Some(cfg) = &m.config {
+                for (what, count) in [
+                    ("attention heads", cfg.heads),
+                    ("key/value heads", cfg.kv_heads),
+                    ("feed-forward channels", cfg.ffn),
+                ] {
+                    if count % u64::from(tp) != 0 {
+                        return Err(bad(format!(
+                            "tp {tp} does not divide the {count} {what} of model `{}`",
+                            cfg.name
+                        )));
+                    }
+                }
             }
             let blocks: std::collections::BTreeSet<ir::Block> =
                 m.graph.ops().map(|o| m.graph.node(o).block).collect();
