@@ -561,7 +561,10 @@ fn new_user_reports_stay_fixed() {
     // and `plan` names ZeRO's range.
     let (code, _, err) = apar(&["shard", "--model", "tiny-gpt", "--tp", "3"]);
     assert_eq!(code, 2);
-    assert!(err.contains("tp 3 does not divide the 4 attention heads"), "{err}");
+    assert!(
+        err.contains("tp 3 does not divide the 4 attention heads"),
+        "{err}"
+    );
     let (code, _, err) = apar(&["plan", "--zero", "4"]);
     assert_eq!(code, 2);
     assert!(err.contains("0..=3"), "{err}");
