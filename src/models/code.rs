@@ -108,11 +108,11 @@ impl HfArch {
     pub fn infer(cfg: &super::ModelConfig) -> Option<HfArch> {
         use super::{Mlp, Norm, NormLayout, Position, QkNorm};
         // Features the modelled code does not have (Qwen3/OLMo 2 query-key norms,
-        // OLMo 2's post-norms, experts, latent attention, Gemma's scalings and caps,
-        // sinks, an embedding norm) mean another architecture's code.
+        // OLMo 2's post-norms, latent attention, Gemma's scalings and caps, sinks, an
+        // embedding norm) mean another architecture's code. Experts do not: apar builds
+        // the MoE block itself, as Mixtral's code runs it (see `from_model_type`).
         let plain = cfg.qk_norm == QkNorm::None
             && cfg.norm_layout == NormLayout::Pre
-            && cfg.moe.is_none()
             && cfg.mla.is_none()
             && !cfg.embed_scale
             && cfg.attn_scale.is_none()
@@ -138,6 +138,13 @@ impl HfArch {
 
     /// The architecture of a `model_type`, if apar models its code.
     pub fn from_model_type(model_type: &str) -> Option<HfArch> {
+        // `modeling_mixtral.py` is Mistral's attention and decoder layer around a
+        // sparse MoE block, which apar builds for every MoE model; the plan of its
+        // `config.json` agrees with a `torch.export` capture of Transformers' own
+        // Mixtral (`python/tests/test_capture_hf.py`).
+        if model_type == "mixtral" {
+            return Some(HfArch::Mistral);
+        }
         HfArch::ALL
             .into_iter()
             .find(|a| a.model_type() == model_type)
