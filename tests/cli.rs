@@ -568,6 +568,30 @@ fn new_user_reports_stay_fixed() {
     let (code, _, err) = apar(&["plan", "--zero", "4"]);
     assert_eq!(code, 2);
     assert!(err.contains("0..=3"), "{err}");
+    // `stats` refuses what `plan` refuses: a sequence past a learned position table.
+    let (code, _, err) = apar(&["stats", "--model", "gpt2", "--seq", "2048"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("exceeds the 1024 positions"), "{err}");
+    // A plan whose export the engine would refuse says so when it is made.
+    let (code, out, err) = apar(&[
+        "plan",
+        "--model",
+        "mixtral-8x7b",
+        "--cluster",
+        "dgx-h100:4",
+        "--global-batch",
+        "64",
+        "--seq",
+        "4096",
+        "--engine",
+        "deepspeed",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let all = format!("{out}{err}");
+    assert!(
+        all.contains("mixture-of-experts layers") && all.contains("the export is refused"),
+        "{all}"
+    );
     // A MoE plan prints `etp` with `ep`, so its line is a valid `eval` configuration
     // (`--etp` defaults to `tp`).
     let (code, out, err) = apar(&[

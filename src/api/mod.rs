@@ -394,7 +394,7 @@ impl Plan {
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum EmptySpace {
     /// This pin or bound alone leaves no configuration.
-    #[error("no configuration has --{pin} {value} (tp divides the {devices_per_node} devices of a node, dp × tp × pp = {devices}, pp at most the model's {blocks} blocks, dp divides the global batch {global_batch}{})", if *.experts == 0 { ", ep = etp = 1 for a dense model".to_string() } else { format!(", ep a power of two dividing the {experts} experts, ep × etp dividing tp × cp × dp, etp 1 or tp") })]
+    #[error("no configuration has --{pin} {value} (tp divides the {devices_per_node} devices of a node, dp × tp × pp = {devices}, pp at most the model's {blocks} blocks, dp divides the global batch {global_batch}{})", if *.experts == 0 { ", ep = etp = 1 for a dense model".to_string() } else { format!(", ep a power of two (or the pinned degree) dividing the {experts} experts, ep × etp dividing tp × cp × dp, etp 1 or tp") })]
     Pin {
         /// The option.
         pin: &'static str,

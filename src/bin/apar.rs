@@ -560,6 +560,25 @@ impl OutputArgs {
     }
 }
 
+/// Refuses a tensor-parallel degree `tp` that does not divide `cfg`'s heads, key/value
+/// heads or feed-forward channels, as `eval` does (Megatron-LM splits each evenly over
+/// the tensor-parallel ranks).
+fn check_tp_divides(cfg: &models::ModelConfig, tp: u32) -> Result<(), Failure> {
+    for (what, count) in [
+        ("attention heads", cfg.heads),
+        ("key/value heads", cfg.kv_heads),
+        ("feed-forward channels", cfg.ffn),
+    ] {
+        if count % u64::from(tp.max(1)) != 0 {
+            return Err(bad(format!(
+                "tp {tp} does not divide the {count} {what} of model `{}`",
+                cfg.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A failure with its exit code (1 infeasible, 2 bad input), its message for standard
 /// error, and what standard output still gets (the out-of-memory report).
 struct Failure {
@@ -968,21 +987,8 @@ fn run(cli: Cli) -> Result<String, Failure> {
             if m.is_training {
                 return Err(bad("shard a forward model, not a training graph"));
             }
-            // As `eval` refuses it: Megatron-LM splits heads, key/value groups and the
-            // feed-forward channels evenly over the tensor-parallel ranks.
             if let Some(cfg) = &m.config {
-                for (what, count) in [
-                    ("attention heads", cfg.heads),
-                    ("key/value heads", cfg.kv_heads),
-                    ("feed-forward channels", cfg.ffn),
-                ] {
-                    if count % u64::from(tp) != 0 {
-                        return Err(bad(format!(
-                            "tp {tp} does not divide the {count} {what} of model `{}`",
-                            cfg.name
-                        )));
-                    }
-                }
+                check_tp_divides(cfg, tp)?;
             }
             let blocks: std::collections::BTreeSet<ir::Block> =
                 m.graph.ops().map(|o| m.graph.node(o).block).collect();
@@ -1221,6 +1227,25 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 return Err(bad("--sp needs --tp > 1"));
             }
             let m = load_model(&model)?;
+            // The checks and warnings `plan` and `eval` give for the same model.
+            if let Some(cfg) = &m.config {
+                if let models::Position::Learned { max_positions } = cfg.position {
+                    if seq > max_positions {
+                        return Err(bad(format!(
+                            "sequence length {seq} exceeds the {max_positions} positions of model `{}`'s learned position table",
+                            cfg.name
+                        )));
+                    }
+                }
+                check_tp_divides(cfg, tp)?;
+            }
+            for (kind, keys) in &m.notes.ignored {
+                let w = apar::Warning::ConfigKeysIgnored {
+                    kind: *kind,
+                    keys: keys.clone(),
+                };
+                let _ = writeln!(std::io::stderr(), "warning: {w}");
+            }
             let env = Env::new(micro_batch, seq);
             let stats = if tp > 1 {
                 if m.is_training {

@@ -303,7 +303,8 @@ pub fn enumerate(
 
 /// The expert layouts of each configuration for a model with `experts` routed experts
 /// per MoE layer (0: dense), in order: every expert-tensor degree `etp ∈ {1, tp}` and
-/// every expert-parallel degree `ep` that is a power of two dividing `experts` with
+/// every expert-parallel degree `ep` that is a power of two (or, when `k` pins it, the
+/// pinned degree, whatever it is) dividing `experts` with
 /// `ep · etp` dividing `tp · cp · dp` (Megatron-Core folds the experts over the same
 /// ranks, `etp × ep × edp = tp × cp × dp`), within `k`'s pins and bounds. A dense model
 /// keeps `ep = etp = 1` (and has no configuration when `k` pins either above 1).
@@ -330,11 +331,22 @@ fn expert_layouts(c: Config, experts: u64, k: &Constraints, mut f: impl FnMut(Co
         if k.etp.is_some_and(|e| e != etp) {
             continue;
         }
+        let fits = |ep: u32| {
+            ep > 0
+                && experts % u64::from(ep) == 0
+                && ranks % (u64::from(ep) * u64::from(etp)) == 0
+                && k.max_ep.is_none_or(|m| ep <= m)
+        };
+        if let Some(ep) = k.ep {
+            // A pinned degree is taken as given, as `eval` takes it.
+            if fits(ep) {
+                f(Config { ep, etp, ..c });
+            }
+            continue;
+        }
         let mut ep = 1u32;
         while u64::from(ep) <= experts {
-            let fits =
-                experts % u64::from(ep) == 0 && ranks % (u64::from(ep) * u64::from(etp)) == 0;
-            if fits && k.ep.is_none_or(|e| e == ep) && k.max_ep.is_none_or(|m| ep <= m) {
+            if fits(ep) {
                 f(Config { ep, etp, ..c });
             }
             let Some(next) = ep.checked_mul(2) else { break };
@@ -424,6 +436,32 @@ mod tests {
         );
         assert!(pinned.iter().all(|c| c.pp == 2 && c.tp == 1 && c.dp == 16));
         assert!(pinned.len() < all.len());
+    }
+
+    /// The search offers powers of two for `ep`, but a pinned degree is taken as given
+    /// (as `eval` takes it): 6 experts over 6 ranks with `ep` 3 or 6 pinned.
+    #[test]
+    fn a_pinned_expert_degree_need_not_be_a_power_of_two() {
+        let c = Config::new(6, 1, 1, 1, 1);
+        let eps = |k: &Constraints| {
+            let mut v: Vec<u32> = with_experts(vec![c], 6, k).iter().map(|x| x.ep).collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(eps(&Constraints::default()), vec![1, 2]);
+        for pin in [3, 6] {
+            let k = Constraints {
+                ep: Some(pin),
+                ..Constraints::default()
+            };
+            assert_eq!(eps(&k), vec![pin]);
+        }
+        // A pin the experts or ranks do not allow gives nothing.
+        let k = Constraints {
+            ep: Some(4),
+            ..Constraints::default()
+        };
+        assert!(eps(&k).is_empty());
     }
 
     /// 80 layers on 4 pipeline ranks: Megatron-LM's `--pipeline-model-parallel-layout`

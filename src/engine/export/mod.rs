@@ -261,20 +261,7 @@ impl ExportError {
 /// the engine lacks) or lacks what it needs to build the model.
 pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> {
     if let Some(m) = &plan.model {
-        // Megatron-LM's MoE and multi-latent attention options are written
-        // (`megatron`); the other engines' are not.
-        let what = match (&m.moe, &m.mla) {
-            (_, Some(_)) if engine != Engine::Megatron => Some("multi-latent attention"),
-            (Some(_), _) if engine != Engine::Megatron => Some("mixture-of-experts layers"),
-            _ => None,
-        };
-        if let Some(what) = what {
-            return Err(ExportError::MixtureOfExperts {
-                engine,
-                model: m.name.clone(),
-                what,
-            });
-        }
+        unexported_layers(engine, m)?;
     }
     // The engines' options set the compute precision; the gradient and optimizer
     // dtypes follow from it, so an override that changes them cannot be written.
@@ -321,16 +308,20 @@ pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> 
 /// Whether `engine` can train `model` at `compute` precision, whatever the parallel
 /// configuration: torchtitan runs the models it has a recipe for at that precision
 /// (its recipes fix bf16 or float8 linears), Megatron-LM's GPT model has no parallel
-/// residual; DeepSpeed and Hugging Face take any configuration apar builds.
+/// residual; DeepSpeed and Hugging Face take any dense configuration apar builds, and
+/// only Megatron-LM's export writes experts and latent attention.
 ///
 /// # Errors
 ///
-/// [`ExportError::NoRecipe`] or [`ExportError::Unsupported`] naming what is missing.
+/// [`ExportError::NoRecipe`] or [`ExportError::Unsupported`] naming what is missing;
+/// [`ExportError::MixtureOfExperts`] for experts or latent attention outside
+/// Megatron-LM.
 pub fn model_supported(
     engine: Engine,
     model: &ModelConfig,
     compute: Precision,
 ) -> Result<(), ExportError> {
+    unexported_layers(engine, model)?;
     match engine {
         Engine::Torchtitan => torchtitan::recipe(model, compute == Precision::Fp8).map(|_| ()),
         Engine::Megatron => megatron::model_supported(model),
@@ -577,4 +568,22 @@ impl fmt::Display for StageLayers {
 fn even_layers(stages: &[StageLayers]) -> Option<u32> {
     let first = stages.first()?.layers;
     stages.iter().all(|s| s.layers == first).then_some(first)
+}
+
+/// Megatron-LM's MoE and multi-latent attention options are written (`megatron`); the
+/// other engines' are not, so their exports of such a model are refused.
+fn unexported_layers(engine: Engine, m: &ModelConfig) -> Result<(), ExportError> {
+    let what = match (&m.moe, &m.mla) {
+        (_, Some(_)) if engine != Engine::Megatron => Some("multi-latent attention"),
+        (Some(_), _) if engine != Engine::Megatron => Some("mixture-of-experts layers"),
+        _ => None,
+    };
+    match what {
+        Some(what) => Err(ExportError::MixtureOfExperts {
+            engine,
+            model: m.name.clone(),
+            what,
+        }),
+        None => Ok(()),
+    }
 }
