@@ -777,6 +777,15 @@ impl Engine {
 mod tests {
     use super::*;
 
+    /// Layers of `model` inside span `s`.
+    fn layers_in(model: &BlockLayout, s: &StageSpan) -> usize {
+        model
+            .layers
+            .iter()
+            .filter(|&&b| b >= s.first && b <= s.last)
+            .count()
+    }
+
     fn config(pp: u32, schedule: Schedule, m: u32) -> Config {
         Config {
             schedule,
@@ -794,13 +803,7 @@ mod tests {
     fn megatron_places_even_splits_and_layouts() {
         let llama = BlockLayout::transformer(80);
         let c = |v| config(4, Schedule::Interleaved(v), 8);
-        let layers_of = |s: &StageSpan| {
-            llama
-                .layers
-                .iter()
-                .filter(|&&b| b >= s.first && b <= s.last)
-                .count()
-        };
+        let layers_of = |s: &StageSpan| layers_in(&llama, s);
         for v in [2, 4, 5, 10] {
             assert_eq!(Engine::Megatron.allows(&c(v), &llama), Ok(()));
             let cuts = Engine::Megatron.cuts(&c(v), &llama);
@@ -837,13 +840,7 @@ mod tests {
         let c = config(16, Schedule::Interleaved(8), 16);
         assert_eq!(Engine::Megatron.allows(&c, &model), Ok(()));
         let cuts = Engine::Megatron.cuts(&c, &model);
-        let layers_of = |s: &StageSpan| {
-            model
-                .layers
-                .iter()
-                .filter(|&&b| b >= s.first && b <= s.last)
-                .count()
-        };
+        let layers_of = |s: &StageSpan| layers_in(&model, s);
         assert!(cuts.iter().any(|spans| {
             let n: Vec<usize> = spans.iter().map(layers_of).collect();
             n[0] == 0 && n[127] == 0 && n[1..127].iter().all(|&k| k == 1)
@@ -879,13 +876,7 @@ mod tests {
                             }
                             assert!(spans.iter().all(|s| s.last >= s.first));
                             if matches!(engine, Engine::Megatron | Engine::Torchtitan) && pp > 1 {
-                                let layers_of = |s: &StageSpan| {
-                                    model
-                                        .layers
-                                        .iter()
-                                        .filter(|&&b| b >= s.first && b <= s.last)
-                                        .count()
-                                };
+                                let layers_of = |s: &StageSpan| layers_in(&model, s);
                                 let n = spans.len();
                                 assert!(spans[1..n - 1].iter().all(|s| layers_of(s) > 0));
                             }
