@@ -489,6 +489,32 @@ fn new_user_reports_stay_fixed() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("input files"), "{err}");
     assert_eq!(std::fs::read(&model).unwrap(), before);
+    // Nor through a hard link, nor by `plan --detailed-log`.
+    let hard = dir.join("hard.json");
+    let _ = std::fs::remove_file(&hard);
+    std::fs::hard_link(&model, &hard).unwrap();
+    for out in [["--save", hard.to_str().unwrap()], ["--detailed-log", m]] {
+        let (code, _, err) = apar(
+            &[
+                &[
+                    "plan",
+                    "--model",
+                    m,
+                    "--cluster",
+                    "dgx-h100:1",
+                    "--global-batch",
+                    "8",
+                    "--seq",
+                    "1024",
+                ][..],
+                &out[..],
+            ]
+            .concat(),
+        );
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("input files"), "{err}");
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), before);
     // Two spellings of one file are one file.
     let save = dir.join("same.json");
     let dotted = dir.join(".").join("same.json");

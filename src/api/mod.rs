@@ -1131,6 +1131,9 @@ fn model_code(
             model_type: t.to_string(),
             modelled: models::HfArch::ALL
                 .map(models::HfArch::model_type)
+                .into_iter()
+                .chain(["mixtral"])
+                .collect::<Vec<_>>()
                 .join(", "),
         },
         None => PlanError::NoHfArchitecture(cfg.name.clone()),

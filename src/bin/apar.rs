@@ -478,7 +478,7 @@ struct JobArgs {
     memory_ratio: f64,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct OutputArgs {
     /// Print the plan's engine configuration instead of the report (`--emit`, or
     /// `--emit ENGINE` naming the plan's engine); its environment variables and notes
@@ -506,18 +506,31 @@ struct OutputArgs {
 /// folders are resolved (`./f` and `f`; a file not written yet has no canonical path of
 /// its own, its folder does).
 fn same_file(a: &Path, b: &Path) -> bool {
-    let resolved = |p: &Path| -> Option<PathBuf> {
+    fn resolved(p: &Path, depth: u32) -> Option<PathBuf> {
         if let Ok(c) = std::fs::canonicalize(p) {
             return Some(c);
         }
-        let name = p.file_name()?;
         let parent = match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        Some(std::fs::canonicalize(parent).ok()?.join(name))
-    };
-    a == b || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
+        // A dangling symbolic link names the file it will create.
+        if let (Ok(target), true) = (std::fs::read_link(p), depth < 8) {
+            return resolved(&parent.join(target), depth + 1);
+        }
+        Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
+    }
+    // Hard links: one file under two names (same device and inode).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            if x.dev() == y.dev() && x.ino() == y.ino() {
+                return true;
+            }
+        }
+    }
+    a == b || matches!((resolved(a, 0), resolved(b, 0)), (Some(x), Some(y)) if x == y)
 }
 
 impl OutputArgs {
@@ -526,11 +539,21 @@ impl OutputArgs {
     /// calibration files; names that are not files are skipped). A saved plan may be
     /// re-costed onto itself: it is read whole before anything is written.
     fn check(&self, inputs: &[&str]) -> Result<(), Failure> {
-        let files = [
+        self.check_with(inputs, None)
+    }
+
+    /// As [`OutputArgs::check`], with one more output of the command (`plan
+    /// --detailed-log`).
+    fn check_with(&self, inputs: &[&str], extra: Option<(&str, &PathBuf)>) -> Result<(), Failure> {
+        let extra = extra.map(|(flag, p)| (flag, Some(p.clone())));
+        let mut files = vec![
             ("--save", &self.save),
             ("--trace", &self.trace),
             ("--svg", &self.svg),
         ];
+        if let Some((flag, p)) = &extra {
+            files.push((*flag, p));
+        }
         for (i, (a, pa)) in files.iter().enumerate() {
             for (b, pb) in &files[i + 1..] {
                 if let (Some(x), Some(y)) = (pa, pb) {
@@ -904,7 +927,10 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 .map(|p| p.to_string_lossy().into_owned());
             let mut inputs = vec![model.as_str(), cluster.as_str()];
             inputs.extend(calibration_path.as_deref());
-            out.check(&inputs)?;
+            out.check_with(
+                &inputs,
+                detailed_log.as_ref().map(|p| ("--detailed-log", p)),
+            )?;
             // The pinned set goes to the search as given (`enumerate_for` spells the
             // engine's default set as none).
             let (recompute, _) =
@@ -1077,6 +1103,16 @@ fn run(cli: Cli) -> Result<String, Failure> {
             out.check(&inputs)?;
             if let Some(path) = plan {
                 let mut saved = Session::read_plan(&path).map_err(bad)?;
+                // The saved plan may be re-saved onto itself (it is read whole first),
+                // but a trace or plot over it, or any output over the model file it
+                // loads, would lose an input.
+                let no_save = OutputArgs {
+                    save: None,
+                    ..out.clone()
+                };
+                let path_text = path.to_string_lossy().into_owned();
+                no_save.check(&[path_text.as_str()])?;
+                out.check(&[saved.model.name.as_str()])?;
                 if let Some(c) = &memory.calibration {
                     saved.calibration = Some(Calibration::from_json_file(c).map_err(bad)?);
                 }
@@ -1159,6 +1195,21 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 all.extend(calibrate::read_runs(file).map_err(bad)?);
             }
             let runs = all;
+            // Nor over a model or cluster file the runs name.
+            if let Some(out) = &output {
+                let named = runs
+                    .iter()
+                    .flat_map(|r| [r.model.as_str(), r.cluster.as_str()])
+                    .map(Path::new)
+                    .find(|p| p.is_file() && same_file(p, out));
+                if let Some(p) = named {
+                    return Err(bad(format!(
+                        "-o {} is a file the runs read: the calibration would overwrite {}",
+                        out.display(),
+                        p.display()
+                    )));
+                }
+            }
             let t0 = std::time::Instant::now();
             let fit = calibrate::fit(&runs, start.as_ref(), &free).map_err(bad)?;
             let _ = writeln!(

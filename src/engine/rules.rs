@@ -339,6 +339,38 @@ fn first_last_splits(units: usize, ranks: usize, step: usize, min_end: usize) ->
     out
 }
 
+/// `units` layers over `parts` virtual stages as evenly as a layout can place them:
+/// `⌊units / parts⌋` each, the remainder one more on middle stages spread over the
+/// pipeline (the end stages also hold the embedding and the loss), then on the last
+/// and first. Every middle stage gets a layer; `None` when there are too few layers for
+/// that, or fewer than three stages (the first/last splits cover those).
+fn balanced_split(units: usize, parts: usize) -> Option<Vec<usize>> {
+    if parts < 3 || units < parts - 2 {
+        return None;
+    }
+    let middle = parts - 2;
+    let mut counts = vec![units / parts; parts];
+    let mut extra = units % parts;
+    if counts[0] == 0 {
+        // Fewer layers than stages: one per middle stage first.
+        counts[1..=middle].iter_mut().for_each(|c| *c = 1);
+        extra = units - middle;
+    }
+    let on_middle = extra.min(middle);
+    for j in 0..on_middle {
+        counts[1 + j * middle / on_middle] += 1;
+    }
+    extra -= on_middle;
+    if extra > 0 {
+        counts[parts - 1] += 1;
+        extra -= 1;
+    }
+    if extra > 0 {
+        counts[0] += 1;
+    }
+    Some(counts)
+}
+
 /// Why Megatron-LM does not run selective recomputation of `modules` with policy
 /// `recompute` as apar models it (`None`: it does). From `transformer_config.py` and
 /// `transformer_layer.py` at `d98e8a6`: `recompute_modules` is read only with
@@ -742,8 +774,12 @@ impl Engine {
                 // middle virtual stage.
                 let ends_light =
                     |s: &Vec<usize>| parts < 3 || (s[0] <= s[1] && s[parts - 1] <= s[1]);
-                for s in first_last_splits(units, parts, 1, 0) {
-                    if ends_light(&s) && !per_stage.contains(&s) {
+                let layouts = first_last_splits(units, parts, 1, 0)
+                    .into_iter()
+                    .filter(|s| ends_light(s))
+                    .chain(balanced_split(units, parts));
+                for s in layouts {
+                    if !per_stage.contains(&s) {
                         per_stage.push(s);
                     }
                 }
@@ -827,6 +863,36 @@ mod tests {
             Engine::Megatron.allows(&tiny(42), &llama),
             Err(Unsupported::LayerSplit { chunks: 42, .. })
         ));
+    }
+
+    /// Layer counts that no equal-middle cut fits (81 layers on 4 ranks × 5 virtual
+    /// stages: 4 on each of the 18 middle stages leaves 9 for the two ends, more than
+    /// either may hold) still have a layout: 4 layers a stage, the one extra on a
+    /// middle stage.
+    #[test]
+    fn megatron_places_layer_counts_no_equal_middle_fits() {
+        for (layers, pp, v) in [(81usize, 4u32, 5u32), (41, 4, 5), (61, 4, 9), (97, 8, 6)] {
+            let model = BlockLayout::transformer(layers);
+            let c = config(pp, Schedule::Interleaved(v), 2 * pp);
+            assert_eq!(Engine::Megatron.allows(&c, &model), Ok(()));
+            let cuts = Engine::Megatron.cuts(&c, &model);
+            assert!(!cuts.is_empty(), "{layers} layers on {pp} x {v}");
+            for spans in &cuts {
+                let n: Vec<usize> = spans.iter().map(|s| layers_in(&model, s)).collect();
+                assert_eq!(n.iter().sum::<usize>(), layers);
+                assert!(n[1..n.len() - 1].iter().all(|&k| k > 0));
+            }
+        }
+        let mut want = vec![4; 20];
+        want[1] = 5;
+        assert_eq!(balanced_split(81, 20), Some(want));
+        // 97 layers on 48 stages: 2 each, one more on a middle stage.
+        assert_eq!(
+            balanced_split(97, 48).map(|c| c.iter().sum::<usize>()),
+            Some(97)
+        );
+        assert_eq!(balanced_split(3, 5), Some(vec![0, 1, 1, 1, 0]));
+        assert_eq!(balanced_split(2, 5), None);
     }
 
     /// Llama 3 405B's placement (Dubey et al. 2024, Sec. 3.3.2: one layer fewer on the

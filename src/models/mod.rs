@@ -148,6 +148,7 @@ pub const MAX_LAYERS: u32 = 1 << 16;
 
 /// Everything needed to build a decoder-only transformer graph.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// Model name (the zoo key or the file it came from).
     pub name: String,
