@@ -895,6 +895,14 @@ fn matrix() -> Vec<Case> {
             config(1, 2, 4, 1, 8, true, OFF, None, 0, Interleaved(2)),
             Some(&[0, 5, 5, 5, 5, 5, 5, 2]),
         ),
+        // Unequal middle stages (a balanced layout: 32 layers on 12 virtual stages).
+        case(
+            "pp4-interleaved3-balanced",
+            "llama3-8b",
+            4096,
+            config(1, 2, 4, 1, 8, true, OFF, None, 0, Interleaved(3)),
+            Some(&[2, 3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2]),
+        ),
         case(
             "pp2-gpipe",
             "llama3-8b",
