@@ -439,7 +439,10 @@ fn megatron_exports_mla_and_deepseek_routing() {
         "--qk-head-dim 128",
         "--qk-pos-emb-head-dim 64",
         "--v-head-dim 128",
-        "--rope-type rope",
+        // DeepSeek-V3's config.json YaRN (factor 40, mscale 1, mscale_all_dim 1).
+        "--rope-type yarn",
+        "--rotary-scaling-factor 40",
+        "--mscale-all-dim 1",
         "--attention-backend fused",
         "--moe-router-score-function sigmoid",
         "--moe-router-enable-expert-bias",

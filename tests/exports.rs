@@ -1458,4 +1458,29 @@ fn megatron_exports_rotary_scaling() {
         err.contains("rope_theta 10000.7 is not an integer"),
         "{err}"
     );
+    // DeepSeek-V3's YaRN (factor 40, mscale 1, mscale_all_dim 1; beta 32/1 and 4096
+    // original positions, MLATransformerConfig's own) is multi-latent attention's
+    // `--rope-type yarn` with its options.
+    let (code, out, err) = apar(&[
+        "plan",
+        "--model",
+        "tests/data/hf/deepseek-v3.json",
+        "--cluster",
+        "hgx-h800:256",
+        "--global-batch",
+        "15360",
+        "--seq",
+        "4096",
+        "--emit",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "--rope-type yarn \\\n",
+        "--rotary-scaling-factor 40 \\\n",
+        "--mscale 1 \\\n",
+        "--mscale-all-dim 1",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    assert!(!out.contains("--rope-type rope"), "{out}");
 }

@@ -411,6 +411,10 @@ fn rope_scaling(f: &Fields) -> Result<Option<Box<super::RopeScaling>>, ModelErro
         low_freq_factor: nested.f64("low_freq_factor")?,
         high_freq_factor: nested.f64("high_freq_factor")?,
         original_max_position_embeddings: nested.u64("original_max_position_embeddings")?,
+        beta_fast: nested.f64("beta_fast")?,
+        beta_slow: nested.f64("beta_slow")?,
+        mscale: nested.f64("mscale")?,
+        mscale_all_dim: nested.f64("mscale_all_dim")?,
     })))
 }
 

@@ -262,6 +262,18 @@ pub struct RopeScaling {
     /// `original_max_position_embeddings` (`llama3`, `yarn`).
     #[serde(default)]
     pub original_max_position_embeddings: Option<u64>,
+    /// `beta_fast` (`yarn`).
+    #[serde(default)]
+    pub beta_fast: Option<f64>,
+    /// `beta_slow` (`yarn`).
+    #[serde(default)]
+    pub beta_slow: Option<f64>,
+    /// `mscale` (DeepSeek's `yarn`).
+    #[serde(default)]
+    pub mscale: Option<f64>,
+    /// `mscale_all_dim` (DeepSeek's `yarn`).
+    #[serde(default)]
+    pub mscale_all_dim: Option<f64>,
 }
 
 /// How a router scores the experts.

@@ -48,7 +48,8 @@
 //! - multi-latent attention (DeepSeek-V2/V3) is `--multi-latent-attention` with
 //!   `--q-lora-rank` (absent: a full query projection), `--kv-lora-rank`,
 //!   `--qk-head-dim` (the non-rotary channels), `--qk-pos-emb-head-dim` (the rotary
-//!   ones), `--v-head-dim` and `--rope-type rope` (MLA defaults to YaRN), with
+//!   ones), `--v-head-dim` and `--rope-type rope` (MLA defaults to YaRN; a
+//!   `config.json`'s YaRN is `--rope-type yarn` with its factors), with
 //!   `--attention-backend fused` (query/key and value head dims differ); DeepSeek's
 //!   routing is `--moe-router-topk-scaling-factor`, `--moe-router-num-groups`,
 //!   `--moe-router-group-topk`, `--moe-router-enable-expert-bias` (V3's sigmoid
@@ -370,8 +371,11 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
                 arg(&mut a, "rotary-percent", dims as f64 / m.head_dim as f64);
             }
             arg(&mut a, "max-position-embeddings", p.seq);
-            if let Some(r) = &m.rope_scaling {
-                rope_scaling_args(&mut a, &mut notes, r);
+            // Multi-latent attention takes its YaRN with its own options (`mla_args`).
+            match &m.rope_scaling {
+                Some(r) if m.mla.is_some() && r.rope_type == "yarn" => {}
+                Some(r) => rope_scaling_args(&mut a, &mut notes, r),
+                None => {}
             }
         }
         // Refused by `model_supported` above.
@@ -445,7 +449,7 @@ pub(super) fn export(p: &ExportPlan) -> Result<Export, ExportError> {
         deepseek_router_args(&mut a, &moe);
     }
     if let Some(mla) = &m.mla {
-        mla_args(&mut a, mla);
+        mla_args(&mut a, &mut notes, mla, m.rope_scaling.as_deref());
     }
     if m.attn_sinks && m.rope_scaling.is_none() {
         notes.push(
@@ -504,9 +508,18 @@ fn moe_args(a: &mut Vec<Vec<String>>, moe: &ParsedMoe, layers: u32) {
 /// `--multi-latent-attention` is set; `megatron/training/arguments.py` `_add_mla_args`):
 /// `--q-lora-rank` (absent: a full query projection), `--kv-lora-rank`, `--qk-head-dim`
 /// (the non-rotary part, DeepSeek's `qk_nope_head_dim`), `--qk-pos-emb-head-dim` (the
-/// rotary part), `--v-head-dim`, and `--rope-type rope`: MLA defaults to YaRN, and the
-/// planned model has plain rotary positions (YaRN changes position values, no size).
-fn mla_args(a: &mut Vec<Vec<String>>, m: &crate::models::Mla) {
+/// rotary part), `--v-head-dim`, and the rotary kind: `--rope-type rope` for plain
+/// rotary positions (MLA defaults to YaRN), or the `config.json`'s YaRN as `--rope-type
+/// yarn --rotary-scaling-factor --mscale --mscale-all-dim` (`_add_mla_args`); its
+/// `beta_fast`, `beta_slow` and `original_max_position_embeddings` have no MLA option
+/// and are noted where they differ from `MLATransformerConfig`'s 32, 1 and 4096. YaRN
+/// changes position values and the score scale, no size: the plan is the same.
+fn mla_args(
+    a: &mut Vec<Vec<String>>,
+    notes: &mut Vec<String>,
+    m: &crate::models::Mla,
+    scaling: Option<&RopeScaling>,
+) {
     flag(a, "multi-latent-attention");
     if let Some(r) = m.q_lora_rank {
         arg(a, "q-lora-rank", r);
@@ -515,7 +528,32 @@ fn mla_args(a: &mut Vec<Vec<String>>, m: &crate::models::Mla) {
     arg(a, "qk-head-dim", m.qk_nope_head_dim);
     arg(a, "qk-pos-emb-head-dim", m.qk_rope_head_dim);
     arg(a, "v-head-dim", m.v_head_dim);
-    arg(a, "rope-type", "rope");
+    match scaling {
+        Some(r) if r.rope_type == "yarn" => {
+            arg(a, "rope-type", "yarn");
+            arg(a, "rotary-scaling-factor", r.factor);
+            arg(a, "mscale", r.mscale.unwrap_or(1.0));
+            arg(a, "mscale-all-dim", r.mscale_all_dim.unwrap_or(0.0));
+            let fixed = [
+                ("beta_fast", r.beta_fast, 32.0),
+                ("beta_slow", r.beta_slow, 1.0),
+                (
+                    "original_max_position_embeddings",
+                    r.original_max_position_embeddings.map(|x| x as f64),
+                    4096.0,
+                ),
+            ];
+            for (key, value, megatron) in fixed {
+                if let Some(v) = value.filter(|&v| v != megatron) {
+                    notes.push(format!(
+                        "rope_scaling {key} is {v}; Megatron-LM's multi-latent attention \
+                         takes {megatron}"
+                    ));
+                }
+            }
+        }
+        _ => arg(a, "rope-type", "rope"),
+    }
 }
 
 /// DeepSeek's routing options (`TransformerConfig` fields, exposed by its argument
@@ -546,10 +584,12 @@ fn parse_mla(o: &Options) -> Result<Option<crate::models::Mla>, ParseError> {
     if !o.has("--multi-latent-attention") {
         return Ok(None);
     }
+    // YaRN changes position values and the score scale, no size: either kind reads
+    // back as the same planned model.
     if let Some(t) = o.value("--rope-type")? {
-        if t != "rope" {
+        if t != "rope" && t != "yarn" {
             return Err(ParseError::Inconsistent(format!(
-                "--rope-type {t}: apar plans plain rotary positions"
+                "--rope-type {t}: apar plans rotary positions (rope or yarn)"
             )));
         }
     }
