@@ -1168,6 +1168,7 @@ fn write_check_matrix() {
                 "devices": c.devices(),
                 "plan": c.to_string(),
                 "layers": model.layers,
+                "rope_scaling": model.rope_scaling,
                 "expected": ParsedConfig::of(&plan),
                 "export": r.as_ref().ok(),
                 "refused": r.as_ref().err().map(ToString::to_string),

@@ -141,6 +141,7 @@ def check_megatron(row, src):
         expect_equal("moe_router_group_topk", cfg.moe_router_group_topk, groups.get("topk_groups"))
         expect_equal("moe_router_enable_expert_bias", cfg.moe_router_enable_expert_bias, bool(moe.get("expert_bias")))
         expect_equal("moe_router_pre_softmax", cfg.moe_router_pre_softmax, bool(moe.get("pre_softmax")))
+    scaling = row.get("rope_scaling") or {}
     # Multi-latent attention (branch `mla`): MLATransformerConfig's ranks and head dims.
     mla = want.get("mla")
     expect_equal("multi_latent_attention", bool(cfg.multi_latent_attention), mla is not None)
@@ -151,7 +152,18 @@ def check_megatron(row, src):
         expect_equal("qk_head_dim", cfg.qk_head_dim, mla["qk_nope_head_dim"])
         expect_equal("qk_pos_emb_head_dim", cfg.qk_pos_emb_head_dim, mla["qk_rope_head_dim"])
         expect_equal("v_head_dim", cfg.v_head_dim, mla["v_head_dim"])
-        expect_equal("rope_type", cfg.rope_type, "rope")
+        # The model's rotary scaling (its config.json): YaRN is MLA's own rope type
+        # with its factor and mscales; anything else runs plain rotary positions.
+        yarn = scaling.get("rope_type") == "yarn"
+        expect_equal("rope_type", cfg.rope_type, "yarn" if yarn else "rope")
+        if yarn:
+            expect_equal("rotary_scaling_factor", cfg.rotary_scaling_factor, scaling["factor"])
+            expect_equal("mscale", cfg.mscale, scaling.get("mscale") or 1.0)
+            expect_equal("mscale_all_dim", cfg.mscale_all_dim, scaling.get("mscale_all_dim") or 0.0)
+    # Llama 3.1's rotary scaling is Megatron-LM's --use-rope-scaling with its factor.
+    if scaling.get("rope_type") == "llama3":
+        expect_equal("use_rope_scaling", bool(args.use_rope_scaling), True)
+        expect_equal("rope_scaling_factor", args.rope_scaling_factor, scaling["factor"])
     zero = 0
     if getattr(args, "use_megatron_fsdp", False):
         zero = {"optim_grads": 2, "optim_grads_params": 3}[args.data_parallel_sharding_strategy]
