@@ -1434,6 +1434,14 @@ fn megatron_exports_rotary_scaling() {
         out.contains("--use-rope-scaling \\\n--rope-scaling-factor 8 \\\n"),
         "{out}"
     );
+    // A parameter Megatron-LM fixes is noted where the file differs.
+    let (_, err) = emit("low2.json", &|c| {
+        c["rope_scaling"]["low_freq_factor"] = json!(2.0);
+    });
+    assert!(
+        err.contains("low_freq_factor is 2; Megatron-LM's llama3 scaling fixes it at 1"),
+        "{err}"
+    );
     let (out, _) = emit("linear.json", &|c| {
         c["rope_scaling"] = json!({"rope_type": "linear", "factor": 4.0});
     });

@@ -534,23 +534,16 @@ fn mla_args(
             arg(a, "rotary-scaling-factor", r.factor);
             arg(a, "mscale", r.mscale.unwrap_or(1.0));
             arg(a, "mscale-all-dim", r.mscale_all_dim.unwrap_or(0.0));
-            let fixed = [
-                ("beta_fast", r.beta_fast, 32.0),
-                ("beta_slow", r.beta_slow, 1.0),
-                (
-                    "original_max_position_embeddings",
-                    r.original_max_position_embeddings.map(|x| x as f64),
-                    4096.0,
-                ),
-            ];
-            for (key, value, megatron) in fixed {
-                if let Some(v) = value.filter(|&v| v != megatron) {
-                    notes.push(format!(
-                        "rope_scaling {key} is {v}; Megatron-LM's multi-latent attention \
-                         takes {megatron}"
-                    ));
-                }
-            }
+            let original = r.original_max_position_embeddings.map(|x| x as f64);
+            note_fixed(
+                notes,
+                "multi-latent attention takes",
+                &[
+                    ("beta_fast", r.beta_fast, 32.0),
+                    ("beta_slow", r.beta_slow, 1.0),
+                    ("original_max_position_embeddings", original, 4096.0),
+                ],
+            );
         }
         _ => arg(a, "rope-type", "rope"),
     }
@@ -1067,23 +1060,16 @@ fn rope_scaling_args(a: &mut Vec<Vec<String>>, notes: &mut Vec<String>, r: &Rope
         "llama3" => {
             flag(a, "use-rope-scaling");
             arg(a, "rope-scaling-factor", r.factor);
-            let fixed = [
-                ("low_freq_factor", r.low_freq_factor, 1.0),
-                ("high_freq_factor", r.high_freq_factor, 4.0),
-                (
-                    "original_max_position_embeddings",
-                    r.original_max_position_embeddings.map(|x| x as f64),
-                    8192.0,
-                ),
-            ];
-            for (key, value, megatron) in fixed {
-                if let Some(v) = value.filter(|&v| v != megatron) {
-                    notes.push(format!(
-                        "rope_scaling {key} is {v}; Megatron-LM's llama3 scaling fixes it at \
-                         {megatron}"
-                    ));
-                }
-            }
+            let original = r.original_max_position_embeddings.map(|x| x as f64);
+            note_fixed(
+                notes,
+                "llama3 scaling fixes it at",
+                &[
+                    ("low_freq_factor", r.low_freq_factor, 1.0),
+                    ("high_freq_factor", r.high_freq_factor, 4.0),
+                    ("original_max_position_embeddings", original, 8192.0),
+                ],
+            );
         }
         "linear" if r.factor.fract() == 0.0 => {
             arg(a, "rotary-seq-len-interpolation-factor", r.factor);
@@ -1093,5 +1079,17 @@ fn rope_scaling_args(a: &mut Vec<Vec<String>>, notes: &mut Vec<String>, r: &Rope
              `{other}` rope scaling (factor {}) by hand",
             r.factor
         )),
+    }
+}
+
+/// Notes each rotary-scaling parameter `(key, the config.json's value, Megatron-LM's)`
+/// that the file sets to something other than the one Megatron-LM has no option for.
+fn note_fixed(notes: &mut Vec<String>, megatron_does: &str, fixed: &[(&str, Option<f64>, f64)]) {
+    for &(key, value, megatron) in fixed {
+        if let Some(v) = value.filter(|&v| v != megatron) {
+            notes.push(format!(
+                "rope_scaling {key} is {v}; Megatron-LM's {megatron_does} {megatron}"
+            ));
+        }
     }
 }
