@@ -5,7 +5,7 @@ use apar::cost::Calibration;
 use apar::engine::memory::{Precision, RuntimeOverhead};
 use apar::engine::Engine;
 use apar::ir::{self, Env, Graph};
-use apar::lower::compile::DEFAULT_MEMORY_RATIO;
+use apar::lower::compile::{CompileError, DEFAULT_MEMORY_RATIO};
 use apar::models::{self, Attention};
 use apar::passes::{Config, Recompute, RecomputeModules, Schedule};
 use apar::report::{self, OomReport};
@@ -566,11 +566,7 @@ impl OutputArgs {
                 }
             }
             if let Some(x) = pa {
-                let input = inputs
-                    .iter()
-                    .map(Path::new)
-                    .find(|p| p.is_file() && same_file(x, p));
-                if let Some(p) = input {
+                if let Some(p) = overwritten(x, inputs.iter().map(Path::new)) {
                     return Err(bad(format!(
                         "{a} {} is one of the command's input files: writing it would overwrite {}",
                         x.display(),
@@ -584,22 +580,25 @@ impl OutputArgs {
 }
 
 /// Refuses a tensor-parallel degree `tp` that does not divide `cfg`'s heads, key/value
-/// heads or feed-forward channels, as `eval` does (Megatron-LM splits each evenly over
-/// the tensor-parallel ranks).
+/// heads or feed-forward channels, with `eval`'s message
+/// ([`models::ModelConfig::tp_indivisible`]).
 fn check_tp_divides(cfg: &models::ModelConfig, tp: u32) -> Result<(), Failure> {
-    for (what, count) in [
-        ("attention heads", cfg.heads),
-        ("key/value heads", cfg.kv_heads),
-        ("feed-forward channels", cfg.ffn),
-    ] {
-        if count % u64::from(tp.max(1)) != 0 {
-            return Err(bad(format!(
-                "tp {tp} does not divide the {count} {what} of model `{}`",
-                cfg.name
-            )));
-        }
+    match cfg.tp_indivisible(tp) {
+        Some((what, count)) => Err(bad(CompileError::TpNotDividingHeads {
+            model: cfg.name.clone(),
+            tp,
+            what,
+            count,
+        })),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The first of `inputs` that is an existing file `out` would overwrite.
+fn overwritten<'a>(out: &Path, inputs: impl IntoIterator<Item = &'a Path>) -> Option<&'a Path> {
+    inputs
+        .into_iter()
+        .find(|p| p.is_file() && same_file(out, p))
 }
 
 /// A failure with its exit code (1 infeasible, 2 bad input), its message for standard
@@ -1175,10 +1174,8 @@ fn run(cli: Cli) -> Result<String, Failure> {
             let free = calibrate::parse_params(&fit).map_err(bad)?;
             // Writing the calibration over a run file would destroy the measurements.
             if let Some(out) = &output {
-                if let Some(p) = runs
-                    .iter()
-                    .chain(calibration.iter())
-                    .find(|p| same_file(p, out))
+                if let Some(p) =
+                    overwritten(out, runs.iter().chain(&calibration).map(PathBuf::as_path))
                 {
                     return Err(bad(format!(
                         "-o {} is one of the input files: the calibration would overwrite it",
@@ -1200,9 +1197,8 @@ fn run(cli: Cli) -> Result<String, Failure> {
                 let named = runs
                     .iter()
                     .flat_map(|r| [r.model.as_str(), r.cluster.as_str()])
-                    .map(Path::new)
-                    .find(|p| p.is_file() && same_file(p, out));
-                if let Some(p) = named {
+                    .map(Path::new);
+                if let Some(p) = overwritten(out, named) {
                     return Err(bad(format!(
                         "-o {} is a file the runs read: the calibration would overwrite {}",
                         out.display(),
@@ -1282,10 +1278,11 @@ fn run(cli: Cli) -> Result<String, Failure> {
             if let Some(cfg) = &m.config {
                 if let models::Position::Learned { max_positions } = cfg.position {
                     if seq > max_positions {
-                        return Err(bad(format!(
-                            "sequence length {seq} exceeds the {max_positions} positions of model `{}`'s learned position table",
-                            cfg.name
-                        )));
+                        return Err(bad(CompileError::SequenceTooLong {
+                            model: cfg.name.clone(),
+                            seq,
+                            max_positions,
+                        }));
                     }
                 }
                 check_tp_divides(cfg, tp)?;

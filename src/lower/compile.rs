@@ -1055,21 +1055,13 @@ impl Compiler {
             });
         }
         if let ModelSource::Config(cfg) = &self.source {
-            // Megatron-LM splits heads, key/value groups and the feed-forward channels
-            // evenly over the tensor-parallel ranks and asserts each divides.
-            for (what, count) in [
-                ("attention heads", cfg.heads),
-                ("key/value heads", cfg.kv_heads),
-                ("feed-forward channels", cfg.ffn),
-            ] {
-                if count % u64::from(c.tp) != 0 {
-                    return Err(CompileError::TpNotDividingHeads {
-                        model: cfg.name.clone(),
-                        tp: c.tp,
-                        what,
-                        count,
-                    });
-                }
+            if let Some((what, count)) = cfg.tp_indivisible(c.tp) {
+                return Err(CompileError::TpNotDividingHeads {
+                    model: cfg.name.clone(),
+                    tp: c.tp,
+                    what,
+                    count,
+                });
             }
         }
         if c.zero > 3 {

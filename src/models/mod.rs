@@ -488,6 +488,19 @@ impl ModelConfig {
         (self.hidden / 2).max(1)
     }
 
+    /// The first of the counts tensor parallelism splits evenly (attention heads,
+    /// key/value heads, feed-forward channels: Megatron-LM asserts each divides) that
+    /// `tp` does not divide, as `(what, count)`; `None` when `tp` divides all three.
+    pub fn tp_indivisible(&self, tp: u32) -> Option<(&'static str, u64)> {
+        [
+            ("attention heads", self.heads),
+            ("key/value heads", self.kv_heads),
+            ("feed-forward channels", self.ffn),
+        ]
+        .into_iter()
+        .find(|&(_, count)| count % u64::from(tp.max(1)) != 0)
+    }
+
     /// The base the loaders and the zoo complete with struct update syntax
     /// (`ModelConfig { hidden: 4096, .., ..ModelConfig::decoder() }`): a sequential,
     /// pre-norm decoder with fused attention and none of the optional features
