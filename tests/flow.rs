@@ -109,33 +109,25 @@ fn an_empty_space_names_its_cause() {
         }
         other => panic!("{other:?}"),
     }
-    // tp 8 and pp 4 each exist on 8 devices, but not together (torchtitan can place
-    // tiny-gpt's 2 layers on 4 stages).
+    // tp 8 and pp 4 each exist on 8 devices, but not together: torchtitan and
+    // Megatron-LM (`--pipeline-model-parallel-layout`: the embedding alone, a layer, a
+    // layer, the loss alone) both place tiny-gpt's 2 layers on 4 stages, so the pair is
+    // what empties the space.
     let mut both = options(128, 16, |s| {
         s.constraints.tp = Some(8);
         s.constraints.pp = Some(4);
     });
-    both.engine = Engine::Torchtitan;
-    let e = Session::for_config(&model, &node, &both)
-        .unwrap()
-        .plan()
-        .unwrap_err();
-    assert!(
-        matches!(&e, PlanError::EmptySpace(EmptySpace::Pins { pins }) if pins == &["tp", "pp"]),
-        "{e:?}"
-    );
-    // Megatron-LM places them too (`--pipeline-model-parallel-layout`: the embedding
-    // alone, a layer, a layer, the loss alone), so the pair is again what empties the
-    // space.
-    both.engine = Engine::Megatron;
-    let e = Session::for_config(&model, &node, &both)
-        .unwrap()
-        .plan()
-        .unwrap_err();
-    assert!(
-        matches!(&e, PlanError::EmptySpace(EmptySpace::Pins { pins }) if pins == &["tp", "pp"]),
-        "{e:?}"
-    );
+    for engine in [Engine::Torchtitan, Engine::Megatron] {
+        both.engine = engine;
+        let e = Session::for_config(&model, &node, &both)
+            .unwrap()
+            .plan()
+            .unwrap_err();
+        assert!(
+            matches!(&e, PlanError::EmptySpace(EmptySpace::Pins { pins }) if pins == &["tp", "pp"]),
+            "{engine}: {e:?}"
+        );
+    }
     // Hugging Face + FSDP has no pipeline parallelism: pp 4 alone empties its space,
     // and the error says so.
     both.engine = Engine::Hf;
