@@ -32,7 +32,7 @@
 //!   config (`tests/data/hf/bloom-176b.json`): ALiBi positions, a LayerNorm after the
 //!   embedding, 250,880-token vocabulary, tied head.
 
-use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position};
+use super::{Attention, Mlp, ModelConfig, ModelError, Norm, NormLayout, Position, RopeScaling};
 
 /// One zoo entry.
 pub struct ZooEntry {
@@ -189,6 +189,39 @@ fn qwen2_7b() -> ModelConfig {
 /// If the committed file does not load (an internal bug, caught by the zoo tests).
 fn from_hf(name: &str, json: &str) -> ModelConfig {
     super::hf::from_json_str(name, json).unwrap_or_else(|e| panic!("zoo entry {name}: {e}"))
+}
+
+/// Llama 3.1's rotary scaling (`rope_scaling` of the meta-llama/Llama-3.1-* Hugging Face
+/// configs: `rope_type` `llama3`, factor 8, low/high frequency factors 1 and 4, trained
+/// on 8,192 positions; Dubey et al. 2024 extend the context to 128K tokens in long-context
+/// pre-training).
+fn llama31_rope_scaling() -> RopeScaling {
+    RopeScaling {
+        rope_type: "llama3".into(),
+        factor: 8.0,
+        low_freq_factor: Some(1.0),
+        high_freq_factor: Some(4.0),
+        original_max_position_embeddings: Some(8192),
+        beta_fast: None,
+        beta_slow: None,
+        mscale: None,
+        mscale_all_dim: None,
+    }
+}
+
+fn llama31_405b() -> ModelConfig {
+    let mut cfg = llama(
+        "llama3-405b",
+        126,
+        16384,
+        128,
+        8,
+        53248,
+        LLAMA3_VOCAB,
+        LLAMA3_THETA,
+    );
+    cfg.rope_scaling = Some(Box::new(llama31_rope_scaling()));
+    cfg
 }
 
 fn mixtral_8x7b() -> ModelConfig {
@@ -465,19 +498,8 @@ pub static ZOO: &[ZooEntry] = &[
     ZooEntry {
         name: "llama3-405b",
         about: "Llama-3.1-405B, 405,853,388,800 params: 126 layers, h 16384, 128 heads / 8 kv, \
-                ffn 53248, theta 5e5 (Dubey et al. 2024; HF config)",
-        config: || {
-            llama(
-                "llama3-405b",
-                126,
-                16384,
-                128,
-                8,
-                53248,
-                LLAMA3_VOCAB,
-                LLAMA3_THETA,
-            )
-        },
+                ffn 53248, theta 5e5, llama3 rotary scaling 8x of 8192 (Dubey et al. 2024; HF config)",
+        config: llama31_405b,
     },
     ZooEntry {
         name: "mistral-7b",
