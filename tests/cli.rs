@@ -346,6 +346,30 @@ fn tensor_parallel_communication_overlaps_its_gemms() {
     let (amd_on, _) = run("mi300x:1", &["--sp"]);
     let (amd_off, _) = run("mi300x:1", &["--sp", "--no-tp-comm-overlap"]);
     assert_eq!(amd_on, amd_off);
+    // Priced without it there, the plan says so and its export leaves the switch out.
+    let emit = |cluster: &str| {
+        let (code, out, err) = apar(&[
+            "eval",
+            "--model",
+            "llama2-13b",
+            "--cluster",
+            cluster,
+            "--global-batch",
+            "16",
+            "--seq",
+            "4096",
+            "--tp",
+            "8",
+            "--dp",
+            "1",
+            "--sp",
+            "--emit",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out.contains("--tp-comm-overlap")
+    };
+    assert!(emit("dgx-h100:1"));
+    assert!(!emit("mi300x:1"));
     let (no_sp_on, _) = run("dgx-h100:1", &[]);
     let (no_sp_off, _) = run("dgx-h100:1", &["--no-tp-comm-overlap"]);
     assert_eq!(no_sp_on, no_sp_off);

@@ -1034,7 +1034,7 @@ impl Session {
             engine: self.compiler.engine,
             precision: self.compiler.precision,
             runtime: self.compiler.runtime,
-            comm_overlap: self.compiler.comm_overlap,
+            comm_overlap: self.compiler.priced_comm_overlap(),
             calibration: self.compiler.calibration.clone(),
             moe_imbalance: self.compiler.moe_imbalance,
             config: e.config,

@@ -1184,13 +1184,20 @@ impl Compiler {
     /// on NVIDIA devices (Transformer Engine's userbuffers; ROCm's port is not
     /// assumed).
     fn tp_overlap(&self, tp: u32, sp: bool) -> Option<TpOverlap> {
-        let userbuffers = self.cluster.device.vendor == Some(crate::cluster::Vendor::Nvidia);
-        (self.engine == Engine::Megatron
-            && self.comm_overlap.tp_comm
-            && userbuffers
-            && sp
-            && tp > 1)
+        (self.engine == Engine::Megatron && self.priced_comm_overlap().tp_comm && sp && tp > 1)
             .then(|| TpOverlap::te_default(self.cost.eff.gemm.compute_units))
+    }
+
+    /// The communication-overlap switches this compiler prices plans with: the ones
+    /// given, less `--tp-comm-overlap` on devices other than NVIDIA's (Transformer
+    /// Engine's userbuffers; ROCm's port is not assumed), so that a plan's
+    /// `comm_overlap` and its export ask for no overlap it was not priced with.
+    pub fn priced_comm_overlap(&self) -> CommOverlap {
+        let userbuffers = self.cluster.device.vendor == Some(crate::cluster::Vendor::Nvidia);
+        CommOverlap {
+            tp_comm: self.comm_overlap.tp_comm && userbuffers,
+            ..self.comm_overlap
+        }
     }
 
     /// The context-parallel group of `cp` ranks beside `tp` tensor-parallel ones: next
