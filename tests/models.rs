@@ -1108,3 +1108,38 @@ fn interpreter_agrees_on_a_bloom_block() {
         }
     }
 }
+
+/// A zoo model's trained positions are its published config's
+/// `max_position_embeddings` (the committed `tests/data/hf/*.json` files), so a zoo
+/// name warns beyond them as the same `config.json` does.
+#[test]
+fn zoo_trained_positions_follow_the_committed_configs() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf");
+    for (zoo_name, file) in [
+        ("llama2-7b", "llama-2-7b.json"),
+        ("mistral-7b", "mistral-7b.json"),
+        ("qwen2-7b", "qwen2-7b.json"),
+        ("gemma2-9b", "gemma-2-9b.json"),
+        ("gemma2-27b", "gemma-2-27b.json"),
+        ("mixtral-8x7b", "mixtral-8x7b.json"),
+        ("mixtral-8x22b", "mixtral-8x22b.json"),
+        ("qwen3-30b-a3b", "qwen3-30b-a3b.json"),
+        ("qwen3-235b-a22b", "qwen3-235b-a22b.json"),
+        ("deepseek-v3", "deepseek-v3.json"),
+        ("deepseek-v2-lite", "deepseek-v2-lite.json"),
+        ("gpt-oss-20b", "gpt-oss-20b.json"),
+        ("gpt-oss-120b", "gpt-oss-120b.json"),
+        // Every Llama 3.1 model is trained to the same 131,072 positions.
+        ("llama3-405b", "llama-3.1-8b.json"),
+    ] {
+        let (_, notes) = apar::models::hf::load_with_notes(&data.join(file)).unwrap();
+        assert!(notes.trained_positions.is_some(), "{file}");
+        assert_eq!(
+            apar::models::zoo::trained_positions(zoo_name),
+            notes.trained_positions,
+            "{zoo_name} against {file}"
+        );
+    }
+    // Learned positions carry their own limit.
+    assert_eq!(apar::models::zoo::trained_positions("gpt2"), None);
+}

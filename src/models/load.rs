@@ -59,7 +59,10 @@ pub fn resolve(spec: &str, overrides: &Overrides) -> Result<ModelDef, ModelError
     let path = Path::new(spec);
     let mut notes = hf::ConfigNotes::default();
     let mut cfg = match zoo::lookup(spec) {
-        Ok(cfg) => cfg,
+        Ok(cfg) => {
+            notes.trained_positions = zoo::trained_positions(spec);
+            cfg
+        }
         Err(unknown) => {
             if !path.exists() {
                 return Err(unknown);

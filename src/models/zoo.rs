@@ -42,6 +42,11 @@ pub struct ZooEntry {
     pub about: &'static str,
     /// Builds the configuration.
     pub config: fn() -> ModelConfig,
+    /// Positions a rotary model was trained for: its Hugging Face config's
+    /// `max_position_embeddings` (the committed `tests/data/hf/*.json` where there is
+    /// one; Meta's Llama 2 and Llama 3 configs give 4,096 and 8,192). `None` where
+    /// positions are learned (the table's size is the limit) or not rotary.
+    pub trained_positions: Option<u64>,
 }
 
 /// A GPT-2 / Megatron-style model: learned positions, LayerNorm, GeLU MLP with 4h,
@@ -301,119 +306,139 @@ pub static ZOO: &[ZooEntry] = &[
     ZooEntry {
         name: "tiny-gpt",
         about: "2-layer GPT for tests (h 64, 4 heads, vocab 256, 128 positions)",
+        trained_positions: None,
         config: || gpt("tiny-gpt", 2, 64, 4, 256, 128, 0.1, Attention::Eager),
     },
     ZooEntry {
         name: "tiny-llama",
         about: "2-layer Llama for tests (h 64, 4 heads, 2 kv heads, ffn 172, vocab 256)",
+        trained_positions: None,
         config: || llama("tiny-llama", 2, 64, 4, 2, 172, 256, 10000.0),
     },
     ZooEntry {
         name: "gpt2",
         about: "GPT-2 small, 124,439,808 params: 12 layers, h 768, 12 heads \
                 (Radford et al. 2019; HF gpt2 config)",
+        trained_positions: None,
         config: || gpt2("gpt2", 12, 768, 12),
     },
     ZooEntry {
         name: "gpt2-medium",
         about: "GPT-2 medium, 354,823,168 params: 24 layers, h 1024, 16 heads \
                 (Radford et al. 2019; HF gpt2-medium config)",
+        trained_positions: None,
         config: || gpt2("gpt2-medium", 24, 1024, 16),
     },
     ZooEntry {
         name: "gpt2-large",
         about: "GPT-2 large, 774,030,080 params: 36 layers, h 1280, 20 heads \
                 (Radford et al. 2019; HF gpt2-large config)",
+        trained_positions: None,
         config: || gpt2("gpt2-large", 36, 1280, 20),
     },
     ZooEntry {
         name: "gpt2-xl",
         about: "GPT-2 XL, 1,557,611,200 params: 48 layers, h 1600, 25 heads \
                 (Radford et al. 2019; HF gpt2-xl config)",
+        trained_positions: None,
         config: || gpt2("gpt2-xl", 48, 1600, 25),
     },
     ZooEntry {
         name: "megatron-1.7b",
         about: "Megatron GPT 1.7B: 24 layers, h 2304, 24 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-1.7b", 24, 2304, 24),
     },
     ZooEntry {
         name: "megatron-3.6b",
         about: "Megatron GPT 3.6B: 30 layers, h 3072, 32 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-3.6b", 30, 3072, 32),
     },
     ZooEntry {
         name: "megatron-7.5b",
         about: "Megatron GPT 7.5B: 36 layers, h 4096, 32 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-7.5b", 36, 4096, 32),
     },
     ZooEntry {
         name: "megatron-18.4b",
         about: "Megatron GPT 18.4B: 40 layers, h 6144, 48 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-18.4b", 40, 6144, 48),
     },
     ZooEntry {
         name: "megatron-39.1b",
         about: "Megatron GPT 39.1B: 48 layers, h 8192, 64 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-39.1b", 48, 8192, 64),
     },
     ZooEntry {
         name: "megatron-76.1b",
         about: "Megatron GPT 76.1B: 60 layers, h 10240, 80 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-76.1b", 60, 10240, 80),
     },
     ZooEntry {
         name: "megatron-145.6b",
         about: "Megatron GPT 145.6B: 80 layers, h 12288, 96 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-145.6b", 80, 12288, 96),
     },
     ZooEntry {
         name: "megatron-310.1b",
         about: "Megatron GPT 310.1B: 96 layers, h 16384, 128 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-310.1b", 96, 16384, 128),
     },
     ZooEntry {
         name: "megatron-529.6b",
         about: "Megatron GPT 529.6B: 105 layers, h 20480, 128 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-529.6b", 105, 20480, 128),
     },
     ZooEntry {
         name: "megatron-1t",
         about: "Megatron GPT 1T (1008.0B): 128 layers, h 25600, 160 heads \
                 (Narayanan et al. SC'21, Table 1)",
+        trained_positions: None,
         config: || megatron("megatron-1t", 128, 25600, 160),
     },
     ZooEntry {
         name: "megatron-22b",
         about: "Megatron GPT 22B: 48 layers, h 6144, 64 heads \
                 (Korthikanti et al. 2022, Table 3)",
+        trained_positions: None,
         config: || megatron("megatron-22b", 48, 6144, 64),
     },
     ZooEntry {
         name: "gpt3-175b",
         about: "GPT-3 175B, Megatron form (vocab 51200): 96 layers, h 12288, 96 heads \
                 (Korthikanti et al. 2022, Table 3)",
+        trained_positions: None,
         config: || megatron("gpt3-175b", 96, 12288, 96),
     },
     ZooEntry {
         name: "mt-nlg-530b",
         about: "MT-NLG 530B, Megatron form: 105 layers, h 20480, 128 heads \
                 (Korthikanti et al. 2022, Table 3)",
+        trained_positions: None,
         config: || megatron("mt-nlg-530b", 105, 20480, 128),
     },
     ZooEntry {
         name: "llama2-7b",
         about: "Llama-2-7B, 6,738,415,616 params: 32 layers, h 4096, 32 heads, ffn 11008 \
                 (Touvron et al. 2023; HF config)",
+        trained_positions: Some(4096),
         config: || {
             llama(
                 "llama2-7b",
@@ -431,6 +456,7 @@ pub static ZOO: &[ZooEntry] = &[
         name: "llama2-13b",
         about: "Llama-2-13B, 13,015,864,320 params: 40 layers, h 5120, 40 heads, ffn 13824 \
                 (Touvron et al. 2023; HF config)",
+        trained_positions: Some(4096),
         config: || {
             llama(
                 "llama2-13b",
@@ -448,6 +474,7 @@ pub static ZOO: &[ZooEntry] = &[
         name: "llama2-70b",
         about: "Llama-2-70B, 68,976,648,192 params: 80 layers, h 8192, 64 heads / 8 kv, \
                 ffn 28672 (Touvron et al. 2023; HF config)",
+        trained_positions: Some(4096),
         config: || {
             llama(
                 "llama2-70b",
@@ -465,6 +492,7 @@ pub static ZOO: &[ZooEntry] = &[
         name: "llama3-8b",
         about: "Llama-3-8B, 8,030,261,248 params: 32 layers, h 4096, 32 heads / 8 kv, \
                 ffn 14336, theta 5e5 (Dubey et al. 2024; HF config)",
+        trained_positions: Some(8192),
         config: || {
             llama(
                 "llama3-8b",
@@ -482,6 +510,7 @@ pub static ZOO: &[ZooEntry] = &[
         name: "llama3-70b",
         about: "Llama-3-70B, 70,553,706,496 params: 80 layers, h 8192, 64 heads / 8 kv, \
                 ffn 28672, theta 5e5 (Dubey et al. 2024; HF config)",
+        trained_positions: Some(8192),
         config: || {
             llama(
                 "llama3-70b",
@@ -499,12 +528,14 @@ pub static ZOO: &[ZooEntry] = &[
         name: "llama3-405b",
         about: "Llama-3.1-405B, 405,853,388,800 params: 126 layers, h 16384, 128 heads / 8 kv, \
                 ffn 53248, theta 5e5, llama3 rotary scaling 8x of 8192 (Dubey et al. 2024; HF config)",
+        trained_positions: Some(131072),
         config: llama31_405b,
     },
     ZooEntry {
         name: "mistral-7b",
         about: "Mistral-7B-v0.1, 7,241,732,096 params: 32 layers, h 4096, 32 heads / 8 kv, \
                 ffn 14336; 4096-token sliding window not modeled (Jiang et al. 2023; HF config)",
+        trained_positions: Some(32768),
         config: || {
             llama(
                 "mistral-7b",
@@ -523,6 +554,7 @@ pub static ZOO: &[ZooEntry] = &[
         about: "Mixtral-8x7B, 46,702,792,704 params (12,879,925,248 active): 32 layers, h 4096, \
                 32 heads / 8 kv, 8 SwiGLU experts of 14336, top 2 (Jiang et al. 2024; HF config \
                 mistralai/Mixtral-8x7B-v0.1)",
+        trained_positions: Some(32768),
         config: mixtral_8x7b,
     },
     ZooEntry {
@@ -530,6 +562,7 @@ pub static ZOO: &[ZooEntry] = &[
         about: "Mixtral-8x22B, 140,630,071,296 params (39,161,468,928 active): 56 layers, \
                 h 6144, 48 heads / 8 kv, 8 experts of 16384, top 2, vocab 32768 (the Mixtral architecture of Jiang et al. 2024; HF config \
                 mistralai/Mixtral-8x22B-v0.1)",
+        trained_positions: Some(65536),
         config: mixtral_8x22b,
     },
     ZooEntry {
@@ -537,6 +570,7 @@ pub static ZOO: &[ZooEntry] = &[
         about: "Qwen3-30B-A3B, 30,532,122,624 params (3,353,032,704 active): 48 layers, \
                 h 2048, 32 heads / 4 kv of 128, 128 experts of 768, top 8 (Qwen3 Technical Report, Yang et al. \
                 2025; HF config Qwen/Qwen3-30B-A3B)",
+        trained_positions: Some(40960),
         config: qwen3_30b_a3b,
     },
     ZooEntry {
@@ -544,6 +578,7 @@ pub static ZOO: &[ZooEntry] = &[
         about: "Qwen3-235B-A22B, 235,093,634,560 params (22,190,763,520 active): 94 layers, \
                 h 4096, 64 heads / 4 kv of 128, 128 experts of 1536, top 8 (Qwen3 Technical Report, Yang et al. \
                 2025; HF config Qwen/Qwen3-235B-A22B)",
+        trained_positions: Some(40960),
         config: qwen3_235b_a22b,
     },
     ZooEntry {
@@ -554,6 +589,7 @@ pub static ZOO: &[ZooEntry] = &[
                 3 layers dense (18432), then 256 experts of 2048 + 1 shared, top 8 of 4 of 8 \
                 groups, sigmoid scores (DeepSeek-V3 technical report, Liu et al. 2024; HF config \
                 deepseek-ai/DeepSeek-V3)",
+        trained_positions: Some(163840),
         config: deepseek_v3,
     },
     ZooEntry {
@@ -562,6 +598,7 @@ pub static ZOO: &[ZooEntry] = &[
                 h 2048, 16 heads of latent attention (no query latent, kv rank 512, qk 128+64, \
                 v 128), layer 0 dense (10944), then 64 experts of 1408 + 2 shared, top 6, \
                 softmax (DeepSeek-V2 paper, DeepSeek-AI: Liu et al. 2024; HF config deepseek-ai/DeepSeek-V2-Lite)",
+        trained_positions: Some(163840),
         config: deepseek_v2_lite,
     },
     ZooEntry {
@@ -571,6 +608,7 @@ pub static ZOO: &[ZooEntry] = &[
                 every other layer, 32 experts of 2880 with biases and the clamped SwiGLU, \
                 top 4 (gpt-oss model card, OpenAI: Agarwal et al. 2025; HF config \
                 openai/gpt-oss-20b)",
+        trained_positions: Some(131072),
         config: gpt_oss_20b,
     },
     ZooEntry {
@@ -580,12 +618,14 @@ pub static ZOO: &[ZooEntry] = &[
                 window on every other layer, 128 experts of 2880 with biases and the clamped \
                 SwiGLU, top 4 (gpt-oss model card, OpenAI: Agarwal et al. 2025; HF config \
                 openai/gpt-oss-120b)",
+        trained_positions: Some(131072),
         config: gpt_oss_120b,
     },
     ZooEntry {
         name: "qwen2-7b",
         about: "Qwen2-7B, 7,615,616,512 params: 28 layers, h 3584, 28 heads / 4 kv, \
                 ffn 18944, qkv bias, untied, theta 1e6 (Yang et al. 2024; HF config)",
+        trained_positions: Some(131072),
         config: qwen2_7b,
     },
     ZooEntry {
@@ -593,6 +633,7 @@ pub static ZOO: &[ZooEntry] = &[
         about: "Gemma-2-9B, 9,241,705,984 params: 42 layers, h 3584, 16 heads / 8 kv of 256, \
                 ffn 14336 GeGLU, 4096-token window on every other layer, soft-capping 50/30 \
                 (Gemma Team, Riviere et al. 2024; HF google/gemma-2-9b config)",
+        trained_positions: Some(8192),
         config: || gemma2("gemma2-9b", 42, 3584, 16, 8, 256, 14336, 256.0),
     },
     ZooEntry {
@@ -600,6 +641,7 @@ pub static ZOO: &[ZooEntry] = &[
         about: "Gemma-2-27B, 27,227,128,320 params: 46 layers, h 4608, 32 heads / 16 kv of \
                 128, ffn 36864 GeGLU, 4096-token window on every other layer, soft-capping \
                 50/30 (Gemma Team, Riviere et al. 2024; HF google/gemma-2-27b config)",
+        trained_positions: Some(8192),
         config: || gemma2("gemma2-27b", 46, 4608, 32, 16, 128, 36864, 144.0),
     },
     ZooEntry {
@@ -608,6 +650,7 @@ pub static ZOO: &[ZooEntry] = &[
                 ALiBi positions, a LayerNorm after the embedding, vocab 250880, tied (BigScience \
                 Workshop: Le Scao et al. 2022, BLOOM: A 176B-Parameter Open-Access Multilingual \
                 Language Model, arXiv 2211.05100; HF config bigscience/bloom)",
+        trained_positions: None,
         config: bloom_176b,
     },
 ];
@@ -664,6 +707,14 @@ fn gemma2(
     cfg.sliding_window = Some(GEMMA2_WINDOW);
     cfg.global_every = 2;
     cfg
+}
+
+/// Positions the zoo model `name` was trained for ([`ZooEntry::trained_positions`]);
+/// `None` for other names.
+pub fn trained_positions(name: &str) -> Option<u64> {
+    ZOO.iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.trained_positions)
 }
 
 /// Looks a model up by name.
