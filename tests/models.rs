@@ -1143,3 +1143,24 @@ fn zoo_trained_positions_follow_the_committed_configs() {
     // Learned positions carry their own limit.
     assert_eq!(apar::models::zoo::trained_positions("gpt2"), None);
 }
+
+/// Phi-3's long-context configs give LongRoPE without a `factor`; Transformers takes
+/// `max_position_embeddings / original_max_position_embeddings` (here 131072 / 4096).
+#[test]
+fn longrope_without_factor_takes_the_context_ratio() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/phi-3-mini-4k.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["max_position_embeddings"] = 131072.into();
+    v["original_max_position_embeddings"] = 4096.into();
+    v["rope_scaling"] = serde_json::json!({
+        "type": "longrope", "long_factor": [1.0, 2.0], "short_factor": [1.0, 1.0]
+    });
+    let cfg = hf::from_json_str("phi3-128k", &v.to_string()).unwrap();
+    let r = cfg.rope_scaling.expect("longrope kept");
+    assert_eq!((r.rope_type.as_str(), r.factor), ("longrope", 32.0));
+    // Without the lengths there is nothing to take it from: still refused.
+    v["original_max_position_embeddings"] = serde_json::Value::Null;
+    let e = hf::from_json_str("phi3-128k", &v.to_string()).unwrap_err();
+    assert!(e.to_string().contains("no `factor`"), "{e}");
+}

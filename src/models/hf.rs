@@ -400,10 +400,27 @@ fn rope_scaling(f: &Fields) -> Result<Option<Box<super::RopeScaling>>, ModelErro
     if rope_type == "default" {
         return Ok(None);
     }
+    // LongRoPE (`longrope`, Phi-3's older `su`) may leave `factor` out: Transformers
+    // then takes `max_position_embeddings / original_max_position_embeddings`
+    // (`modeling_rope_utils.py`, `_compute_longrope_parameters`; Phi-3 gives the
+    // original length at the top level).
+    let longrope_factor = || -> Result<Option<f64>, ModelError> {
+        let original = match nested.u64("original_max_position_embeddings")? {
+            Some(o) => Some(o),
+            None => f.u64("original_max_position_embeddings")?,
+        };
+        Ok(match (f.u64("max_position_embeddings")?, original) {
+            (Some(max), Some(orig)) if orig > 0 => Some(max as f64 / orig as f64),
+            _ => None,
+        })
+    };
     let factor = match nested.f64("factor")? {
         Some(x) if x.is_finite() && x > 0.0 => x,
         Some(x) => return Err(f.invalid(key, format!("`factor` {x} must be positive"))),
-        None => return Err(f.invalid(key, format!("`{rope_type}` scaling has no `factor`"))),
+        None => match longrope_factor()? {
+            Some(x) if matches!(rope_type.as_str(), "longrope" | "su") && x > 0.0 => x,
+            _ => return Err(f.invalid(key, format!("`{rope_type}` scaling has no `factor`"))),
+        },
     };
     Ok(Some(Box::new(super::RopeScaling {
         rope_type,
