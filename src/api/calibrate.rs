@@ -1018,12 +1018,14 @@ pub fn fit(
         );
     }
     if free.contains(&Param::Attention) {
-        if let Some(s) = fitted.sources.get("attention").cloned() {
-            fitted.sources.insert(
-                "attention_bwd".into(),
-                format!("{s} (scaled with attention)"),
-            );
-        }
+        fitted.sources.insert(
+            "attention_bwd".into(),
+            format!(
+                "scaled with attention (fitted by `apar calibrate` to {} measured run(s)), from {:.4}",
+                runs.len(),
+                start.attention_bwd
+            ),
+        );
     }
     let params = free
         .iter()
