@@ -309,7 +309,8 @@ fn megatron_runs_without_data_parallel_overlap() {
 /// priced the same either way.
 #[test]
 fn tensor_parallel_communication_overlaps_its_gemms() {
-    let run = |cluster: &str, extra: &[&str]| {
+    // One configuration; `last` is `--json` (priced) or `--emit` (exported).
+    let apar_on = |cluster: &str, extra: &[&str], last: &str| {
         let mut a = vec![
             "eval",
             "--model",
@@ -330,12 +331,16 @@ fn tensor_parallel_communication_overlaps_its_gemms() {
             "1",
             "--recompute",
             "none",
-            "--json",
+            last,
         ];
         a.extend(extra);
         let (code, out, err) = apar(&a);
         assert_eq!(code, 0, "{err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        out
+    };
+    let run = |cluster: &str, extra: &[&str]| {
+        let v: serde_json::Value =
+            serde_json::from_str(&apar_on(cluster, extra, "--json")).unwrap();
         let tp: f64 = v["breakdown"]["tp_comm_s"].as_f64().unwrap_or(f64::NAN);
         (v["step_time_s"].as_f64().unwrap(), tp)
     };
@@ -347,27 +352,7 @@ fn tensor_parallel_communication_overlaps_its_gemms() {
     let (amd_off, _) = run("mi300x:1", &["--sp", "--no-tp-comm-overlap"]);
     assert_eq!(amd_on, amd_off);
     // Priced without it there, the plan says so and its export leaves the switch out.
-    let emit = |cluster: &str| {
-        let (code, out, err) = apar(&[
-            "eval",
-            "--model",
-            "llama2-13b",
-            "--cluster",
-            cluster,
-            "--global-batch",
-            "16",
-            "--seq",
-            "4096",
-            "--tp",
-            "8",
-            "--dp",
-            "1",
-            "--sp",
-            "--emit",
-        ]);
-        assert_eq!(code, 0, "{err}");
-        out.contains("--tp-comm-overlap")
-    };
+    let emit = |cluster: &str| apar_on(cluster, &["--sp"], "--emit").contains("--tp-comm-overlap");
     assert!(emit("dgx-h100:1"));
     assert!(!emit("mi300x:1"));
     let (no_sp_on, _) = run("dgx-h100:1", &[]);
