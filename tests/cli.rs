@@ -3,24 +3,32 @@
 use std::process::Command;
 
 mod common;
+
 use common::apar;
 
-const REF: [&str; 8] = [
-    "--model",
-    "llama2-13b",
-    "--cluster",
-    "moai-4xlarge",
-    "--global-batch",
-    "64",
-    "--seq",
-    "1024",
-];
+/// `apar eval --model M --cluster C --global-batch B --seq S` followed by `extra`.
+fn eval_on(
+    (model, cluster, batch, seq): (&str, &str, &str, &str),
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut a = vec![
+        "eval",
+        "--model",
+        model,
+        "--cluster",
+        cluster,
+        "--global-batch",
+        batch,
+        "--seq",
+        seq,
+    ];
+    a.extend(extra);
+    apar(&a)
+}
 
+/// `apar eval` on the reference scenario (Llama-2-13B, moai-4xlarge, 64 × 1024).
 fn eval(extra: &[&str]) -> (i32, String, String) {
-    let mut args = vec!["eval"];
-    args.extend(REF);
-    args.extend(extra);
-    apar(&args)
+    eval_on(("llama2-13b", "moai-4xlarge", "64", "1024"), extra)
 }
 
 #[test]
@@ -312,15 +320,6 @@ fn tensor_parallel_communication_overlaps_its_gemms() {
     // One configuration; `last` is `--json` (priced) or `--emit` (exported).
     let apar_on = |cluster: &str, extra: &[&str], last: &str| {
         let mut a = vec![
-            "eval",
-            "--model",
-            "llama2-13b",
-            "--cluster",
-            cluster,
-            "--global-batch",
-            "16",
-            "--seq",
-            "4096",
             "--tp",
             "8",
             "--pp",
@@ -334,7 +333,7 @@ fn tensor_parallel_communication_overlaps_its_gemms() {
             last,
         ];
         a.extend(extra);
-        let (code, out, err) = apar(&a);
+        let (code, out, err) = eval_on(("llama2-13b", cluster, "16", "4096"), &a);
         assert_eq!(code, 0, "{err}");
         out
     };
@@ -527,23 +526,17 @@ fn new_user_reports_stay_fixed() {
     // Two spellings of one file are one file.
     let save = dir.join("same.json");
     let dotted = dir.join(".").join("same.json");
-    let (code, _, err) = apar(&[
-        "eval",
-        "--model",
-        "gpt2",
-        "--cluster",
-        "dgx-a100-80g:1",
-        "--seq",
-        "1024",
-        "--global-batch",
-        "64",
-        "--dp",
-        "8",
-        "--save",
-        save.to_str().unwrap(),
-        "--trace",
-        dotted.to_str().unwrap(),
-    ]);
+    let (code, _, err) = eval_on(
+        ("gpt2", "dgx-a100-80g:1", "64", "1024"),
+        &[
+            "--dp",
+            "8",
+            "--save",
+            save.to_str().unwrap(),
+            "--trace",
+            dotted.to_str().unwrap(),
+        ],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("both write"), "{err}");
     // A missing cluster file is a missing file, not an unknown preset.
@@ -555,41 +548,17 @@ fn new_user_reports_stay_fixed() {
     assert_eq!(code, 2);
     assert!(err.contains("memory ratio -1"), "{err}");
     // The interleaved schedule's refusal names the condition that fails.
-    let (code, _, err) = apar(&[
-        "eval",
-        "--model",
-        "llama2-7b",
-        "--cluster",
-        "dgx-h100:2",
-        "--global-batch",
-        "64",
-        "--seq",
-        "4096",
-        "--dp",
-        "16",
-        "--schedule",
-        "interleaved:2",
-        "--zero",
-        "1",
-    ]);
+    let (code, _, err) = eval_on(
+        ("llama2-7b", "dgx-h100:2", "64", "4096"),
+        &["--dp", "16", "--schedule", "interleaved:2", "--zero", "1"],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("pp is 1"), "{err}");
     // An expert imbalance means nothing without experts.
-    let (code, _, err) = apar(&[
-        "eval",
-        "--model",
-        "llama2-7b",
-        "--cluster",
-        "dgx-h100:1",
-        "--global-batch",
-        "8",
-        "--seq",
-        "1024",
-        "--dp",
-        "8",
-        "--moe-imbalance",
-        "5",
-    ]);
+    let (code, _, err) = eval_on(
+        ("llama2-7b", "dgx-h100:1", "8", "1024"),
+        &["--dp", "8", "--moe-imbalance", "5"],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("without mixture-of-experts"), "{err}");
     // `shard` refuses a tensor-parallel degree the heads do not divide, as `eval` does,
