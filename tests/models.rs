@@ -1164,3 +1164,36 @@ fn longrope_without_factor_takes_the_context_ratio() {
     let e = hf::from_json_str("phi3-128k", &v.to_string()).unwrap_err();
     assert!(e.to_string().contains("no `factor`"), "{e}");
 }
+
+/// Rotary-scaling values Transformers' rope validation rejects are refused by name;
+/// DeepSeek's default `mscale_all_dim` of 0 is taken.
+#[test]
+fn rope_scaling_values_out_of_range_are_refused() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/llama-2-7b.json");
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let load = |scaling: serde_json::Value| {
+        let mut v = base.clone();
+        v["rope_scaling"] = scaling;
+        hf::from_json_str("scaled", &v.to_string()).and_then(|c| c.validate().map(|()| c))
+    };
+    for (scaling, why) in [
+        (
+            serde_json::json!({"rope_type": "llama3", "factor": 0.5}),
+            "at least 1",
+        ),
+        (
+            serde_json::json!({"rope_type": "llama3", "factor": 8, "low_freq_factor": -1}),
+            "low_freq_factor -1",
+        ),
+        (
+            serde_json::json!({"rope_type": "yarn", "factor": 4, "beta_fast": 0}),
+            "beta_fast 0",
+        ),
+    ] {
+        let e = load(scaling).unwrap_err().to_string();
+        assert!(e.contains(why), "{e}");
+    }
+    let ok = load(serde_json::json!({"rope_type": "yarn", "factor": 4, "mscale_all_dim": 0}));
+    assert_eq!(ok.unwrap().rope_scaling.unwrap().mscale_all_dim, Some(0.0));
+}

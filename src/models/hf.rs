@@ -415,10 +415,15 @@ fn rope_scaling(f: &Fields) -> Result<Option<Box<super::RopeScaling>>, ModelErro
         })
     };
     let factor = match nested.f64("factor")? {
-        Some(x) if x.is_finite() && x > 0.0 => x,
-        Some(x) => return Err(f.invalid(key, format!("`factor` {x} must be positive"))),
+        Some(x) if x.is_finite() && x >= 1.0 => x,
+        Some(x) => {
+            return Err(f.invalid(
+                key,
+                format!("`factor` {x} must be at least 1 (Transformers' rope validation)"),
+            ))
+        }
         None => match longrope_factor()? {
-            Some(x) if matches!(rope_type.as_str(), "longrope" | "su") && x > 0.0 => x,
+            Some(x) if matches!(rope_type.as_str(), "longrope" | "su") && x >= 1.0 => x,
             _ => return Err(f.invalid(key, format!("`{rope_type}` scaling has no `factor`"))),
         },
     };

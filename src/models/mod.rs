@@ -853,6 +853,35 @@ impl ModelConfig {
                 }
             }
         }
+        if let Some(r) = &self.rope_scaling {
+            // Transformers' rope validation (`modeling_rope_utils.py`) asks every
+            // scaling for a factor of at least 1; the frequency factors and betas are
+            // positive, the YaRN mscales non-negative (0 is DeepSeek's default).
+            if !(r.factor.is_finite() && r.factor >= 1.0) {
+                return bad(
+                    "rope_scaling",
+                    format!("factor {} must be at least 1", r.factor),
+                );
+            }
+            for (key, v, min) in [
+                ("low_freq_factor", r.low_freq_factor, f64::MIN_POSITIVE),
+                ("high_freq_factor", r.high_freq_factor, f64::MIN_POSITIVE),
+                ("beta_fast", r.beta_fast, f64::MIN_POSITIVE),
+                ("beta_slow", r.beta_slow, f64::MIN_POSITIVE),
+                ("mscale", r.mscale, 0.0),
+                ("mscale_all_dim", r.mscale_all_dim, 0.0),
+            ] {
+                if let Some(x) = v.filter(|&x| !(x.is_finite() && x >= min)) {
+                    return bad("rope_scaling", format!("{key} {x} is out of range"));
+                }
+            }
+            if r.original_max_position_embeddings == Some(0) {
+                return bad(
+                    "rope_scaling",
+                    "original_max_position_embeddings must be positive".into(),
+                );
+            }
+        }
         if self.sliding_window == Some(0) {
             return bad("sliding_window", "must be positive".into());
         }
