@@ -576,6 +576,13 @@ fn new_user_reports_stay_fixed() {
     let (code, _, err) = apar(&["stats", "--model", "gpt2", "--seq", "2048"]);
     assert_eq!(code, 2);
     assert!(err.contains("exceeds the 1024 positions"), "{err}");
+    // and warns as `plan` does past a rotary model's trained positions (Llama 3: 8,192).
+    let (code, _, err) = apar(&["stats", "--model", "llama3-8b", "--seq", "16384"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("the 8192 positions the model was trained for"),
+        "{err}"
+    );
     // A plan whose export the engine would refuse says so when it is made.
     let (code, out, err) = apar(&[
         "plan",

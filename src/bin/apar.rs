@@ -724,7 +724,7 @@ fn failure(e: PlanError, out: &OutputArgs) -> Failure {
             Ok(report) if out.emit.is_some() => Failure {
                 code: 1,
                 message: format!(
-                    "no configuration fits, nothing to emit; the out-of-memory report:\n{}",
+                    "out of memory, nothing to emit; the out-of-memory report:\n{}",
                     report.trim_end()
                 ),
                 stdout: String::new(),
@@ -1286,6 +1286,14 @@ fn run(cli: Cli) -> Result<String, Failure> {
                     }
                 }
                 check_tp_divides(cfg, tp)?;
+                let rotary = matches!(cfg.position, models::Position::Rotary { .. });
+                if let Some(trained) = m.notes.trained_positions.filter(|&p| rotary && seq > p) {
+                    let w = apar::Warning::SequenceBeyondTrained {
+                        seq,
+                        trained_positions: trained,
+                    };
+                    let _ = writeln!(std::io::stderr(), "warning: {w}");
+                }
             }
             for (kind, keys) in &m.notes.ignored {
                 let w = apar::Warning::ConfigKeysIgnored {
