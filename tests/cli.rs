@@ -623,3 +623,33 @@ fn new_user_reports_stay_fixed() {
         .unwrap();
     assert!(line.contains(" ep 8 etp 1 "), "{line}");
 }
+
+/// Megatron-LM's default selective recomputation (`core_attn`) on a flash-attention
+/// model recomputes nothing: `eval` refuses it with exit 2 and names what would
+/// recompute something, which then runs.
+#[test]
+fn core_attn_on_a_flash_model_points_at_mlp_and_full() {
+    let pins = ["--dp", "8", "--tp", "2", "--pp", "2", "--zero", "1"];
+    for refused in [
+        ["--recompute", "selective"],
+        ["--recompute-modules", "core_attn"],
+    ] {
+        let mut a = pins.to_vec();
+        a.extend(refused);
+        let (code, _, err) = eval(&a);
+        assert_eq!(code, 2, "{refused:?}: {err}");
+        for needle in [
+            "flash attention",
+            "--recompute-modules mlp",
+            "--recompute full",
+        ] {
+            assert!(err.contains(needle), "{refused:?}: {err}");
+        }
+    }
+    for suggested in [["--recompute-modules", "mlp"], ["--recompute", "full"]] {
+        let mut a = pins.to_vec();
+        a.extend(suggested);
+        let (code, out, err) = eval(&a);
+        assert_eq!(code, 0, "{suggested:?}: {out}{err}");
+    }
+}

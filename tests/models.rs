@@ -739,6 +739,49 @@ fn nested_rope_parameters_and_null_fields() {
     );
 }
 
+/// Where a config.json gives the rotary settings more than one way (`rope_scaling`,
+/// `rope_parameters`, a top-level `rope_theta`), apar plans with the ones Transformers
+/// keeps: `tests/data/hf_rope_precedence.json`, written by
+/// `scripts/rope_precedence.py` (Transformers 5.24.0, `AutoConfig.from_pretrained`).
+/// A `rope_parameters` replaced by a different `rope_scaling` is noted, not silent.
+#[test]
+fn rotary_settings_follow_transformers_precedence() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf_rope_precedence.json");
+    let text = std::fs::read_to_string(path).expect("tests/data/hf_rope_precedence.json");
+    let recorded: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let cases = recorded["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 5);
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let (cfg, notes) = hf::from_json_str_with_notes(name, &case["config"].to_string())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let Position::Rotary { theta, .. } = cfg.position else {
+            panic!("{name}: {:?}", cfg.position);
+        };
+        assert_eq!(theta, case["rope_theta"].as_f64().expect("theta"), "{name}");
+        match case["rope_type"].as_str().expect("rope_type") {
+            "default" => assert!(cfg.rope_scaling.is_none(), "{name}"),
+            kind => {
+                let s = cfg
+                    .rope_scaling
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{name}"));
+                assert_eq!(s.rope_type, kind, "{name}");
+                assert_eq!(Some(s.factor), case["factor"].as_f64(), "{name}");
+            }
+        }
+        let config = &case["config"];
+        let replaced = config["rope_scaling"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty())
+            && config["rope_scaling"] != config["rope_parameters"];
+        let noted = notes.ignored.iter().any(|(kind, keys)| {
+            *kind == hf::IgnoredKind::RopeParametersReplaced && keys == &["rope_parameters"]
+        });
+        assert_eq!(noted, replaced, "{name}: {:?}", notes.ignored);
+    }
+}
+
 /// Every field of every fixture replaced by values of every JSON kind, or removed:
 /// the loader returns a configuration that validates, or an error; it never panics.
 #[test]

@@ -185,6 +185,10 @@ impl fmt::Display for Warning {
                         "mixture-of-experts keys ({keys}) on a dense architecture are ignored: the model is planned dense"
                     ),
                     IgnoredKind::Unknown => write!(f, "unknown config.json keys ignored: {keys}"),
+                    IgnoredKind::RopeParametersReplaced => write!(
+                        f,
+                        "config.json has both rope_scaling and a different {keys}: {keys} is ignored, as Transformers' config loading replaces it with rope_scaling"
+                    ),
                 }
             }
             Warning::SlidingWindowIgnored { window, seq } => write!(

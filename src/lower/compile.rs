@@ -270,7 +270,7 @@ pub enum CompileError {
         stage: usize,
     },
     /// Selective recomputation on a model with no `s×s` attention tensors.
-    #[error("selective recomputation recomputes nothing in this model (no s×s attention tensors); it is the same program as --recompute none")]
+    #[error("selective recomputation recomputes nothing in this model: it recomputes the s×s attention tensors (Megatron-LM's default module, core_attn), and with flash attention there are none, so it is the same program as --recompute none; recompute the MLP (--recompute-modules mlp, Megatron-LM) or whole layers (--recompute full) instead")]
     SelectiveRecomputesNothing,
     /// Megatron-LM recompute modules that claim no op of this model (`core_attn` with
     /// flash attention, `mlp` or `layernorm` without norm ops).

@@ -247,6 +247,9 @@ pub const SLIDING_WINDOW_KEYS: &[&str] = &[
     "layer_types",
 ];
 
+/// The rotary dictionary a loader keeps: the key it came from, and its fields.
+type RopeDict<'a> = (&'static str, &'a Map<String, Value>);
+
 /// Why a `config.json` key was ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -255,6 +258,10 @@ pub enum IgnoredKind {
     MoeOnDense,
     /// A key the loader does not know.
     Unknown,
+    /// `rope_parameters` next to a `rope_scaling` object: Transformers' config loading
+    /// replaces the first with the second (`PreTrainedConfig.convert_rope_params_to_dict`:
+    /// `rope_scaling or rope_parameters`), and so does apar.
+    RopeParametersReplaced,
 }
 
 /// What loading a `config.json` could not use.
@@ -313,6 +320,7 @@ pub fn from_json_str_with_notes(
         map: &map,
         read: RefCell::default(),
         window_used: Cell::new(false),
+        rope_replaced: Cell::new(false),
     };
     let model_type = f.req_str("model_type")?;
     let cfg = match model_type {
@@ -375,22 +383,15 @@ pub fn from_json_str_with_notes(
 /// The rotary scaling of `rope_scaling` (`null` or absent: none), else of
 /// `rope_parameters` when its `rope_type` is not `default`.
 fn rope_scaling(f: &Fields) -> Result<Option<Box<super::RopeScaling>>, ModelError> {
-    let (key, map) = match (f.get("rope_scaling"), f.get("rope_parameters")) {
-        (Some(v), _) if !v.is_null() => match v.as_object() {
-            Some(m) => ("rope_scaling", m),
-            None => return Err(f.wrong_type("rope_scaling", "an object or null", v)),
-        },
-        (_, Some(v)) if !v.is_null() => match v.as_object() {
-            Some(m) => ("rope_parameters", m),
-            None => return Err(f.wrong_type("rope_parameters", "an object", v)),
-        },
-        _ => return Ok(None),
+    let Some((key, map)) = f.rope_dict()? else {
+        return Ok(None);
     };
     let nested = Fields {
         name: f.name,
         map,
         read: RefCell::default(),
         window_used: Cell::new(false),
+        rope_replaced: Cell::new(false),
     };
     let rope_type = match (nested.str("rope_type")?, nested.str("type")?) {
         (Some(t), _) | (None, Some(t)) => t.to_string(),
@@ -1316,6 +1317,8 @@ struct Fields<'a> {
     read: RefCell<BTreeSet<String>>,
     /// Whether the reader built the sliding window into the model (then it is no note).
     window_used: Cell<bool>,
+    /// Whether a `rope_scaling` object replaced a different `rope_parameters`.
+    rope_replaced: Cell<bool>,
 }
 
 impl Fields<'_> {
@@ -1357,6 +1360,12 @@ impl Fields<'_> {
                 IgnoredKind::Unknown
             };
             by_kind.entry(kind).or_default().push(key.clone());
+        }
+        if self.rope_replaced.get() {
+            by_kind
+                .entry(IgnoredKind::RopeParametersReplaced)
+                .or_default()
+                .push("rope_parameters".into());
         }
         Ok(ConfigNotes {
             ignored: by_kind.into_iter().collect(),
@@ -1668,28 +1677,60 @@ impl Fields<'_> {
             .ok_or_else(|| self.invalid(key, format!("{hidden} is too large")))
     }
 
-    /// The first RoPE base present among `keys`, else `rope_parameters.rope_theta`
-    /// (the nested form of recent files), else 10,000.
+    /// The rotary dictionary Transformers keeps (`rope_scaling or rope_parameters` in
+    /// `PreTrainedConfig.convert_rope_params_to_dict`): a non-empty `rope_scaling`
+    /// object, else `rope_parameters`; `None` when neither is there. A
+    /// `rope_parameters` the first replaces is noted in [`ConfigNotes::ignored`].
+    fn rope_dict(&self) -> Result<Option<RopeDict<'_>>, ModelError> {
+        let scaling = match self.get("rope_scaling") {
+            Some(v) => match v.as_object() {
+                Some(m) if !m.is_empty() => Some(m),
+                Some(_) => None,
+                None => return Err(self.wrong_type("rope_scaling", "an object or null", v)),
+            },
+            None => None,
+        };
+        let parameters = match self.get("rope_parameters") {
+            Some(v) => match v.as_object() {
+                Some(m) => Some(m),
+                None => return Err(self.wrong_type("rope_parameters", "an object", v)),
+            },
+            None => None,
+        };
+        Ok(match (scaling, parameters) {
+            (Some(m), Some(p)) => {
+                if m != p {
+                    self.rope_replaced.set(true);
+                }
+                Some(("rope_scaling", m))
+            }
+            (Some(m), None) => Some(("rope_scaling", m)),
+            (None, Some(p)) => Some(("rope_parameters", p)),
+            (None, None) => None,
+        })
+    }
+
+    /// The rotary dictionary's `rope_theta` ([`Fields::rope_dict`]; Transformers puts
+    /// the value there first), else the first RoPE base present among `keys`, else
+    /// 10,000.
     fn rope_theta(&self, keys: &[&'static str]) -> Result<f64, ModelError> {
         let mut theta = None;
-        for &key in keys {
-            if let Some(x) = self.f64(key)? {
-                theta = Some((key, x));
-                break;
-            }
+        if let Some((_, map)) = self.rope_dict()? {
+            let nested = Fields {
+                name: self.name,
+                map,
+                read: RefCell::default(),
+                window_used: Cell::new(false),
+                rope_replaced: Cell::new(false),
+            };
+            theta = nested.f64("rope_theta")?.map(|x| ("rope_theta", x));
         }
         if theta.is_none() {
-            if let Some(params) = self.get("rope_parameters") {
-                let Some(map) = params.as_object() else {
-                    return Err(self.wrong_type("rope_parameters", "an object", params));
-                };
-                let nested = Fields {
-                    name: self.name,
-                    map,
-                    read: RefCell::default(),
-                    window_used: Cell::new(false),
-                };
-                theta = nested.f64("rope_theta")?.map(|x| ("rope_theta", x));
+            for &key in keys {
+                if let Some(x) = self.f64(key)? {
+                    theta = Some((key, x));
+                    break;
+                }
             }
         }
         match theta {
