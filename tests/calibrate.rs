@@ -782,6 +782,16 @@ fn estimated_table_values_are_warned_about() {
     let h100 = warnings("dgx-h100:1", &[]);
     assert!(!h100.contains("estimated_cost_values"), "{h100}");
     let dir = temp_dir("estimated");
+    // A verbatim copy of the built-in table still says which values are estimates.
+    let copy = dir.join("mi250-copy.json");
+    std::fs::write(&copy, builtin_named("mi250-gcd").unwrap().to_json()).unwrap();
+    let copied = warnings("mi250-gcd:1", &["--calibration", copy.to_str().unwrap()]);
+    assert!(copied.contains("estimated_cost_values"), "{copied}");
+    assert!(copied.contains("\"calibration_file\":true"), "{copied}");
+    assert!(
+        copied.contains("attention") && copied.contains("link"),
+        "{copied}"
+    );
     let file = dir.join("mi250.json");
     let mut own = builtin_named("mi250-gcd").unwrap();
     own.sources.clear();

@@ -113,14 +113,18 @@ pub enum Warning {
         /// The device's name.
         device: String,
     },
-    /// The built-in cost table of the cluster's device holds values that are
-    /// estimates, not measurements (their source in `calibration/*.json` says
-    /// "estimate"): step times that depend on them are less certain.
+    /// The cost table in use (the device's built-in one, or the `--calibration` file,
+    /// which keeps the built-in sources of the values it did not fit) holds values that
+    /// are estimates, not measurements (their source says "estimate"): step times
+    /// that depend on them are less certain.
     EstimatedCostValues {
         /// The device's name.
         device: String,
         /// The estimated parameters, by name.
         params: Vec<String>,
+        /// Whether the table is a `--calibration` file (else the built-in table).
+        #[serde(default)]
+        calibration_file: bool,
     },
     /// The calibration given (`--calibration`) names other devices than the
     /// cluster's: its efficiencies were measured elsewhere.
@@ -210,9 +214,22 @@ impl fmt::Display for Warning {
                 f,
                 "no cost table for device `{device}`: priced with the default (A100) efficiencies; give measured runs to `apar calibrate` and pass its file with --calibration"
             ),
-            Warning::EstimatedCostValues { device, params } => write!(
+            Warning::EstimatedCostValues {
+                device,
+                params,
+                calibration_file: false,
+            } => write!(
                 f,
                 "the built-in cost table for `{device}` estimates {} (no public measurement found): give measured runs to `apar calibrate` and pass its file with --calibration",
+                params.join(", ")
+            ),
+            Warning::EstimatedCostValues {
+                device,
+                params,
+                calibration_file: true,
+            } => write!(
+                f,
+                "the calibration file for `{device}` keeps estimated values of {} (their source says \"estimate\": neither measured nor fitted): fit them with `apar calibrate --fit` to measured runs",
                 params.join(", ")
             ),
             Warning::CalibrationForOtherDevice { device, calibrated } => write!(
@@ -259,7 +276,7 @@ pub(super) fn of_model(
         out.push(Warning::DefaultCostTable {
             device: compiler.cluster.device.name.clone(),
         });
-    } else if compiler.calibration.is_none() {
+    } else {
         let params: Vec<String> = compiler
             .cost
             .eff
@@ -272,6 +289,7 @@ pub(super) fn of_model(
             out.push(Warning::EstimatedCostValues {
                 device: compiler.cluster.device.name.clone(),
                 params,
+                calibration_file: compiler.calibration.is_some(),
             });
         }
     }
