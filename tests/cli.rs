@@ -653,3 +653,28 @@ fn core_attn_on_a_flash_model_points_at_mlp_and_full() {
         assert_eq!(code, 0, "{suggested:?}: {out}{err}");
     }
 }
+
+/// `--json` writes `etp` whenever `ep` is above 1, even at 1 (its command-line default
+/// for a mixture of experts is `tp`), and neither for a dense model.
+#[test]
+fn json_config_writes_etp_with_expert_parallelism() {
+    let config = |model: &str, extra: &[&str]| {
+        let mut a = vec!["--dp", "8", "--tp", "2", "--pp", "4", "--sp", "--json"];
+        a.extend(extra);
+        let (code, out, err) = eval_on((model, "dgx-h100:8", "64", "4096"), &a);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["config"].clone()
+    };
+    let moe = config("mixtral-8x7b", &["--ep", "8", "--etp", "1"]);
+    assert_eq!(
+        (moe["ep"].as_u64(), moe["etp"].as_u64()),
+        (Some(8), Some(1)),
+        "{moe}"
+    );
+    let dense = config("llama2-13b", &[]);
+    assert!(
+        dense.get("ep").is_none() && dense.get("etp").is_none(),
+        "{dense}"
+    );
+}

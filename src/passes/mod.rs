@@ -161,7 +161,7 @@ pub struct Config {
     pub ep: u32,
     /// Expert-tensor-parallel degree: each expert's weights are split over `etp` ranks
     /// (1 or `tp`; Megatron-LM's `--expert-tensor-parallel-size`, whose default is
-    /// `tp`); 1 for none. Left out of JSON when 1.
+    /// `tp`); 1 for none. Left out of JSON when 1 without expert parallelism.
     #[serde(default = "one")]
     pub etp: u32,
     /// Sequences per micro-batch `b`.
@@ -201,7 +201,10 @@ impl Serialize for Config {
         let skip = s.is_human_readable() && self.recompute_modules.is_none();
         let skip_cp = s.is_human_readable() && self.cp == 1;
         let skip_ep = s.is_human_readable() && self.ep == 1;
-        let skip_etp = s.is_human_readable() && self.etp == 1;
+        // With expert parallelism `etp` is always written: its command-line default
+        // for a mixture of experts is `tp` (Megatron-LM's), so a missing 1 would read
+        // as a different configuration to a person.
+        let skip_etp = s.is_human_readable() && self.etp == 1 && self.ep == 1;
         let fields = 15
             - usize::from(skip)
             - usize::from(skip_cp)
