@@ -678,3 +678,54 @@ fn json_config_writes_etp_with_expert_parallelism() {
         "{dense}"
     );
 }
+
+/// A plan its engine cannot run is refused before the search (torchtitan has no fp16
+/// mixed precision: `training.mixed_precision_param` takes bfloat16 or float32), and a
+/// dtype override the export cannot write is priced with a warning that `--emit`
+/// refuses it.
+#[test]
+fn precision_the_export_cannot_write_is_refused_or_warned() {
+    let job = ("llama3-8b", "dgx-h100:2", "64", "2048");
+    let (code, _, err) = eval_on(
+        job,
+        &[
+            "--dp",
+            "16",
+            "--engine",
+            "torchtitan",
+            "--precision",
+            "fp16",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("mixed_precision_param"), "{err}");
+    let (code, out, err) = eval_on(
+        job,
+        &[
+            "--dp",
+            "8",
+            "--tp",
+            "2",
+            "--optimizer-dtype",
+            "bf16",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["warnings"]
+            .to_string()
+            .contains("dtype_override_not_exported"),
+        "{out}"
+    );
+    let (code, out, _) = eval_on(job, &["--dp", "8", "--tp", "2", "--zero", "1", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        !v["warnings"]
+            .to_string()
+            .contains("dtype_override_not_exported"),
+        "{out}"
+    );
+}

@@ -107,6 +107,13 @@ pub enum Warning {
         /// Why, as the export says it.
         reason: String,
     },
+    /// The plan is priced with a gradient or optimizer dtype other than the engine's
+    /// default, which apar's export cannot write (it sets the compute precision and
+    /// the engine picks the rest): `--emit` refuses the plan.
+    DtypeOverrideNotExported {
+        /// The engine.
+        engine: String,
+    },
     /// No built-in cost table lists the cluster's device and no calibration was
     /// given: the default table (the A100's efficiencies) prices it.
     DefaultCostTable {
@@ -209,6 +216,10 @@ impl fmt::Display for Warning {
             Warning::NoEngineRecipe { reason } => write!(
                 f,
                 "{reason}: the engine must be given this model before the plan can run (the export is refused)"
+            ),
+            Warning::DtypeOverrideNotExported { engine } => write!(
+                f,
+                "the gradient or optimizer dtype asked for is priced, but apar's {engine} export writes only the compute precision (the engine then picks its default dtypes), so --emit refuses this plan"
             ),
             Warning::DefaultCostTable { device } => write!(
                 f,
@@ -322,6 +333,13 @@ pub(super) fn of_model(
     }) {
         out.push(Warning::NoEngineRecipe {
             reason: e.to_string(),
+        });
+    }
+    // A precision the engine cannot run at all failed the compile already; what is
+    // left is a dtype override the export cannot write.
+    if crate::engine::export::precision_exportable(compiler.engine, &compiler.precision).is_err() {
+        out.push(Warning::DtypeOverrideNotExported {
+            engine: compiler.engine.to_string(),
         });
     }
     let rotary = config.is_some_and(|c| matches!(c.position, Position::Rotary { .. }));

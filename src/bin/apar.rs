@@ -341,7 +341,7 @@ struct MemoryArgs {
     /// keeps fp32 main gradients for bf16).
     #[arg(long, value_parser = parse_float_dtype)]
     grad_dtype: Option<apar::ir::DType>,
-    /// Master-parameter and Adam-moment dtype: fp32 (default), bf16.
+    /// Master-parameter and Adam-moment dtype: fp32 (default), bf16 or fp16.
     #[arg(long, value_parser = parse_float_dtype)]
     optimizer_dtype: Option<apar::ir::DType>,
     /// Runtime overhead per device in GiB (CUDA context, NCCL buffers, allocator

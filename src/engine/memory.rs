@@ -126,6 +126,15 @@ pub enum PrecisionError {
         /// Why not (what the engine offers instead).
         why: &'static str,
     },
+    /// The engine does not train in fp16 (torchtitan: `training.mixed_precision_param`
+    /// takes `bfloat16` or `float32`, `torchtitan/config/configs.py`).
+    #[error("{engine} does not run fp16 compute: {why}; plan with --precision bf16")]
+    Fp16Engine {
+        /// The engine.
+        engine: Engine,
+        /// Why not (what the engine offers instead).
+        why: &'static str,
+    },
     /// The device has no FP8 tensor cores (`peak_fp8_flops` is absent).
     #[error("device {device} has no FP8 tensor cores (no peak_fp8_flops): fp8 compute needs e.g. H100, H200 or MI300X; plan with --precision bf16")]
     Fp8Device {
@@ -238,6 +247,12 @@ impl Engine {
             Precision::Fp8 => Some(self.fp8()?),
             _ => None,
         };
+        if self == Engine::Torchtitan && p.compute == Precision::Fp16 {
+            return Err(PrecisionError::Fp16Engine {
+                engine: self,
+                why: "training.mixed_precision_param takes bfloat16 or float32",
+            });
+        }
         let fsdp = matches!(self, Engine::Torchtitan | Engine::Hf);
         let default_grad = match (self, compute) {
             // Megatron-LM: fp32 main gradients for bf16; fp16 gradients for fp16.

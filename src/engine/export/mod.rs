@@ -253,6 +253,37 @@ impl ExportError {
     }
 }
 
+/// Whether `engine`'s exported options can express `precision`: they set the compute
+/// precision, and the gradient and optimizer dtypes follow from it, so an override that
+/// changes those cannot be written (`plan` and `eval` price it, with a warning).
+///
+/// # Errors
+///
+/// [`ExportError::Unsupported`] naming the precision or the override.
+pub fn precision_exportable(
+    engine: Engine,
+    precision: &PrecisionOptions,
+) -> Result<(), ExportError> {
+    let asked = engine.states(precision);
+    let usual = engine.states(&PrecisionOptions {
+        compute: precision.compute,
+        ..PrecisionOptions::default()
+    });
+    match (asked, usual) {
+        (Ok(a), Ok(u)) if a.grad == u.grad && a.master == u.master => Ok(()),
+        (Ok(_), Ok(_)) => Err(ExportError::unsupported(
+                engine,
+                "gradient or optimizer dtype other than the engine's default",
+                "apar writes the compute precision only; the engine then picks its own gradient and optimizer dtypes",
+            )),
+        (Err(e), _) | (_, Err(e)) => Err(ExportError::unsupported(
+                engine,
+                format!("{} compute", precision.compute),
+                e.to_string(),
+            )),
+    }
+}
+
 /// Renders `plan` for `engine`.
 ///
 /// # Errors
@@ -263,30 +294,7 @@ pub fn export(engine: Engine, plan: &ExportPlan) -> Result<Export, ExportError> 
     if let Some(m) = &plan.model {
         unexported_layers(engine, m)?;
     }
-    // The engines' options set the compute precision; the gradient and optimizer
-    // dtypes follow from it, so an override that changes them cannot be written.
-    let asked = engine.states(&plan.precision);
-    let usual = engine.states(&PrecisionOptions {
-        compute: plan.precision.compute,
-        ..PrecisionOptions::default()
-    });
-    match (asked, usual) {
-        (Ok(a), Ok(u)) if a.grad == u.grad && a.master == u.master => {}
-        (Ok(_), Ok(_)) => {
-            return Err(ExportError::unsupported(
-                engine,
-                "gradient or optimizer dtype other than the engine's default",
-                "apar writes the compute precision only; the engine then picks its own gradient and optimizer dtypes",
-            ))
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            return Err(ExportError::unsupported(
-                engine,
-                format!("{} compute", plan.precision.compute),
-                e.to_string(),
-            ))
-        }
-    }
+    precision_exportable(engine, &plan.precision)?;
     // Module sets are Megatron-LM's (`Engine::allows` refuses them elsewhere).
     if let Some(modules) = plan.config.recomputation().modules {
         if engine != Engine::Megatron {
