@@ -729,3 +729,28 @@ fn precision_the_export_cannot_write_is_refused_or_warned() {
         "{out}"
     );
 }
+
+/// A sequence so long that every per-device program's time overflows is bad input
+/// (exit 2) named as such, not an internal error.
+#[test]
+fn an_overflowing_sequence_is_named_not_internal() {
+    let (code, _, err) = eval_on(
+        ("llama2-13b", "moai-4xlarge", "1", "134217728"),
+        &[
+            "--dp",
+            "1",
+            "--tp",
+            "8",
+            "--pp",
+            "4",
+            "--recompute",
+            "full",
+            "--sp",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("overflow") && !err.contains("internal"),
+        "{err}"
+    );
+}

@@ -229,6 +229,11 @@ pub enum ShardError {
     /// Per-device stats could not be computed.
     #[error("per-device stats: {0}")]
     Stats(#[from] StatsError),
+    /// Every per-device program of the block is priced [`cost::Cost::INFEASIBLE`]: a
+    /// time or size overflows (a sequence or batch far too large) or a dimension does
+    /// not divide.
+    #[error("no per-device program of the block can be priced: its sizes overflow (the sequence or micro-batch is too large) or a dimension does not divide")]
+    Unpriceable,
     /// An internal inconsistency (a bug in a rule or the lowering).
     #[error("internal sharding error: {why}")]
     Internal {

@@ -182,9 +182,7 @@ pub(crate) fn shard_template(
         Extractor::new(&eg, t, &any_layout, opts, root)
     };
     if !x.best.contains_key(&root) {
-        return Err(ShardError::Internal {
-            why: "no per-device program for the block".into(),
-        });
+        return Err(ShardError::Unpriceable);
     }
     let report = StopReport {
         stop,
