@@ -754,3 +754,30 @@ fn an_overflowing_sequence_is_named_not_internal() {
         "{err}"
     );
 }
+
+/// `--moe-imbalance` above the expert-parallel degree is priced at `ep` (the busiest
+/// rank receives at most every token's routes) and says so.
+#[test]
+fn moe_imbalance_above_ep_is_capped_with_a_warning() {
+    let job = ("mixtral-8x7b", "dgx-h100:4", "64", "1024");
+    let pins = [
+        "--dp", "16", "--pp", "2", "--ep", "8", "--etp", "1", "--zero", "1", "--json",
+    ];
+    let run = |f: &str| {
+        let mut a = pins.to_vec();
+        a.extend(["--moe-imbalance", f]);
+        let (code, out, err) = eval_on(job, &a);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let (at_ep, above) = (run("8"), run("100"));
+    assert_eq!(at_ep["step_time_s"], above["step_time_s"]);
+    assert!(!at_ep["warnings"]
+        .to_string()
+        .contains("moe_imbalance_capped"));
+    let w = above["warnings"].to_string();
+    assert!(
+        w.contains("moe_imbalance_capped") && w.contains("\"priced\":8.0"),
+        "{w}"
+    );
+}

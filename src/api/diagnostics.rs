@@ -114,6 +114,16 @@ pub enum Warning {
         /// The engine.
         engine: String,
     },
+    /// The expert load imbalance asked for (`--moe-imbalance F`) is more than the plan's
+    /// expert-parallel degree allows: the busiest of `ep` ranks receives at most every
+    /// token's routes, `ep` times the mean (1 without expert parallelism), and the
+    /// plan is priced at that.
+    MoeImbalanceCapped {
+        /// The factor asked for.
+        asked: f64,
+        /// The factor priced (`min(asked, ep)`).
+        priced: f64,
+    },
     /// No built-in cost table lists the cluster's device and no calibration was
     /// given: the default table (the A100's efficiencies) prices it.
     DefaultCostTable {
@@ -216,6 +226,10 @@ impl fmt::Display for Warning {
             Warning::NoEngineRecipe { reason } => write!(
                 f,
                 "{reason}: the engine must be given this model before the plan can run (the export is refused)"
+            ),
+            Warning::MoeImbalanceCapped { asked, priced } => write!(
+                f,
+                "--moe-imbalance {asked} is priced as {priced}: the busiest of the plan's expert-parallel ranks can receive at most every token's routes (ep times the mean; 1 without expert parallelism)"
             ),
             Warning::DtypeOverrideNotExported { engine } => write!(
                 f,
@@ -377,6 +391,13 @@ pub(super) fn of_plan(
 ) -> Vec<Warning> {
     let mut out = Vec::new();
     let c = &e.config;
+    let most = f64::from(c.ep);
+    if compiler.moe_imbalance > most {
+        out.push(Warning::MoeImbalanceCapped {
+            asked: compiler.moe_imbalance,
+            priced: most,
+        });
+    }
     if let Some(s) = &program.sharded {
         // A block that uses parameters none of which is split is replicated. A block's
         // parameters are the ones its ops read, its own and another block's (a head
