@@ -781,3 +781,23 @@ fn moe_imbalance_above_ep_is_capped_with_a_warning() {
         "{w}"
     );
 }
+
+/// An IR file's learned position table bounds the sequence as a zoo model's does.
+#[test]
+fn an_ir_model_refuses_a_sequence_past_its_position_table() {
+    let dir = std::env::temp_dir().join(format!("apar-cli-ir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gpt2.apir");
+    let (code, ir, err) = apar(&["ir", "--model", "gpt2"]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(&file, ir).unwrap();
+    let model = file.to_str().unwrap();
+    for (seq, expected) in [("1024", 0), ("2048", 2)] {
+        let (code, _, err) = eval_on((model, "dgx-h100:1", "8", seq), &["--dp", "8"]);
+        assert_eq!(code, expected, "seq {seq}: {err}");
+        if expected == 2 {
+            assert!(err.contains("1024 positions"), "{err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

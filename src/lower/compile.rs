@@ -640,6 +640,15 @@ impl Compiler {
                 (g, cfg.layers, layout, template_runs(cfg))
             }
             ModelSource::Graph(g) => {
+                if let Some(max_positions) = learned_positions(g) {
+                    if seq > max_positions {
+                        return Err(CompileError::SequenceTooLong {
+                            model: g.name().to_string(),
+                            seq,
+                            max_positions,
+                        });
+                    }
+                }
                 let layers = g
                     .ops()
                     .filter_map(|o| match g.node(o).block {
@@ -2004,6 +2013,24 @@ impl Compiler {
         sum.push_range(blocks, at, span.last);
         sum
     }
+}
+
+/// The rows of a graph's learned position table: the table an `embedding` looks up
+/// with the `input` named `positions` (the IR's name for the position indices,
+/// `ir-spec/README.md`), when its row count is literal. The smallest if several.
+fn learned_positions(g: &Graph) -> Option<u64> {
+    g.ops()
+        .filter(|&o| matches!(g.op(o), Op::Embedding))
+        .filter_map(|o| {
+            let inputs = &g.node(o).inputs;
+            let (&table, &indices) = (inputs.first()?, inputs.get(1)?);
+            let reads_positions = matches!(
+                g.op(g.tensor(indices).producer),
+                Op::Input { name } if name == "positions"
+            );
+            reads_positions.then(|| g.ty(table).shape.dims().first()?.as_lit())?
+        })
+        .min()
 }
 
 /// The layers of `cfg` as runs of consecutive layers with one template each: (first
