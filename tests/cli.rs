@@ -801,3 +801,32 @@ fn an_ir_model_refuses_a_sequence_past_its_position_table() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Megatron-LM's `--rotary-base` is an integer: a config whose `rope_theta` rounds
+/// below 1 is planned with a warning and its export refused (exit 2), not written as 0.
+#[test]
+fn a_rotary_base_below_one_is_not_exported() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf_rope_precedence.json");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut config = recorded["cases"][0]["config"].clone();
+    let m = config.as_object_mut().unwrap();
+    m.remove("rope_parameters");
+    m.insert("rope_theta".into(), serde_json::json!(0.3));
+    let dir = std::env::temp_dir().join(format!("apar-cli-theta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    let model = file.to_str().unwrap();
+    let (code, out, err) = eval_on((model, "dgx-h100:1", "8", "64"), &["--dp", "8"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("--rotary-base takes a positive integer"),
+        "{out}"
+    );
+    let (code, out, err) = eval_on((model, "dgx-h100:1", "8", "64"), &["--dp", "8", "--emit"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.is_empty() && err.contains("rotary base 3e-1"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -756,6 +756,16 @@ pub(super) fn model_supported(m: &ModelConfig) -> Result<(), ExportError> {
             "--qk-layernorm normalizes each head (head_dim channels)",
         );
     }
+    if let Position::Rotary { theta, .. } = m.position {
+        // `--rotary-base` is an integer: a base that rounds below 1 cannot be written.
+        if theta.round() < 1.0 {
+            return Err(ExportError::unsupported(
+                E,
+                format!("rotary base {theta:e}"),
+                "--rotary-base takes a positive integer",
+            ));
+        }
+    }
     if m.position == Position::Alibi {
         return missing(
             "model's ALiBi positions",
