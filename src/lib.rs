@@ -44,6 +44,7 @@ pub mod shard;
 pub mod train;
 
 mod api;
+mod input;
 
 pub use api::{
     calibrate, plan, plan_model, Axis, BlockProgram, Coordinates, EmptySpace, Mesh, ModelOrigin,

@@ -830,3 +830,15 @@ fn a_rotary_base_below_one_is_not_exported() {
     assert!(out.is_empty() && err.contains("rotary base 3e-1"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An input that never ends (a device, here `/dev/zero`) is read up to apar's bound
+/// and refused (exit 2), not read until memory runs out.
+#[cfg(unix)]
+#[test]
+fn an_endless_input_file_is_refused() {
+    for flag in ["--cluster", "--model"] {
+        let (code, _, err) = apar(&["plan", flag, "/dev/zero"]);
+        assert_eq!(code, 2, "{flag}: {err}");
+        assert!(err.contains("larger than the 512 MiB"), "{flag}: {err}");
+    }
+}

@@ -487,7 +487,7 @@ fn sensitivity_hint(p: Param) -> &'static str {
 /// [`CalibrateError::File`] naming the file, and the row or field at fault.
 pub fn read_runs(path: &Path) -> Result<Vec<Run>, CalibrateError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| CalibrateError::File {
+    let text = crate::input::read_text(path).map_err(|e| CalibrateError::File {
         file: file.clone(),
         why: e.to_string(),
     })?;

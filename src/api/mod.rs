@@ -998,7 +998,7 @@ impl Session {
     ///
     /// [`PlanError::ReadPlan`] / [`PlanError::ParsePlan`], naming the file.
     pub fn read_plan(path: &Path) -> Result<Plan, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::ReadPlan {
+        let text = crate::input::read_text(path).map_err(|source| PlanError::ReadPlan {
             path: path.display().to_string(),
             source,
         })?;

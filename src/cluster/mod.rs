@@ -185,7 +185,7 @@ impl Cluster {
     /// of range (see [`Cluster::validate`]).
     pub fn from_json_file(path: &Path) -> Result<Cluster, ClusterError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ClusterError::File {
+        let text = crate::input::read_text(path).map_err(|e| ClusterError::File {
             file: file.clone(),
             why: e.to_string(),
         })?;

@@ -400,7 +400,7 @@ impl Calibration {
     /// cannot be read.
     pub fn from_json_file(path: &Path) -> Result<Calibration, CalibrationError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| CalibrationError::File {
+        let text = crate::input::read_text(path).map_err(|e| CalibrationError::File {
             file: file.clone(),
             why: e.to_string(),
         })?;

@@ -172,7 +172,7 @@ pub fn load(path: &Path) -> Result<ModelConfig, ModelError> {
 /// As [`load`].
 pub fn load_with_notes(path: &Path) -> Result<(ModelConfig, ConfigNotes), ModelError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::File {
+    let text = crate::input::read_text(path).map_err(|e| ModelError::File {
         file: file.clone(),
         why: e.to_string(),
     })?;

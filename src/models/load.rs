@@ -123,7 +123,7 @@ pub fn load(spec: &str, overrides: &Overrides) -> Result<LoadedModel, ModelError
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
-    std::fs::read(path).map_err(|e| ModelError::File {
+    crate::input::read_bytes(path).map_err(|e| ModelError::File {
         file: path.display().to_string(),
         why: e.to_string(),
     })
