@@ -124,6 +124,18 @@ fn absurd_cluster_numbers_are_refused_naming_the_field() {
             Box::new(|v| v["devices_per_nodes"] = 8.into()),
             "devices_per_nodes",
         ),
+        // fp32 above the bf16 tensor rate (A100: 19.5 of 312 TFLOP/s, its data sheet).
+        (
+            "fp32-above-bf16",
+            Box::new(|v| v["device"]["peak_fp32_flops"] = 1e17.into()),
+            "device.peak_fp32_flops",
+        ),
+        // FP8 tensor cores below the bf16 rate (H100: 1979 vs 989 TFLOP/s dense).
+        (
+            "fp8-below-bf16",
+            Box::new(|v| v["device"]["peak_fp8_flops"] = 1e12.into()),
+            "device.peak_fp8_flops",
+        ),
     ];
     for (name, edit, field) in cases {
         let file = write(&format!("cluster-{name}.json"), &cluster_json(edit));

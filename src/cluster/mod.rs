@@ -144,6 +144,22 @@ impl Cluster {
         }
         if let Some(v) = self.device.peak_fp8_flops {
             range("device.peak_fp8_flops", v, FLOPS_RANGE, "FLOP/s")?;
+            // Every FP8 tensor core runs at least at its bf16 rate (twice it on H100,
+            // H200 and MI300X): a smaller figure is a typo or another unit.
+            if v < self.device.peak_bf16_flops {
+                return bad(
+                    "device.peak_fp8_flops",
+                    "is below device.peak_bf16_flops (FP8 tensor cores run at least at the bf16 rate)",
+                );
+            }
+        }
+        // fp32 runs on vector units or TF32-less paths at a fraction of the bf16 tensor
+        // rate on every accelerator listed (A100 19.5 of 312, H100 67 of 989 TFLOP/s).
+        if self.device.peak_fp32_flops > self.device.peak_bf16_flops {
+            return bad(
+                "device.peak_fp32_flops",
+                "is above device.peak_bf16_flops (fp32 runs at a fraction of the bf16 tensor-core rate)",
+            );
         }
         for (f, v) in [
             ("device.memory_bandwidth", self.device.memory_bandwidth),
