@@ -181,9 +181,13 @@ impl Op {
                     inputs[0].with_dtype(DType::U8),
                 ]))
             }
-            Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
+            Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
                 float(0)?;
                 rank_at_least(0, 1)?;
+                // The variance's epsilon: non-negative (as a config.json's is).
+                if *eps < 0.0 {
+                    return Err(err(format!("norm epsilon {eps} is negative")));
+                }
                 for i in 1..inputs.len() {
                     vector_of_last(0, i)?;
                     if inputs[i].dtype != inputs[0].dtype {
@@ -469,7 +473,10 @@ impl Op {
                 }
                 one(inputs[0].clone())
             }
-            Op::LayerNormGrad { .. } | Op::RmsNormGrad { .. } => {
+            Op::LayerNormGrad { eps } | Op::RmsNormGrad { eps } => {
+                if *eps < 0.0 {
+                    return Err(err(format!("norm epsilon {eps} is negative")));
+                }
                 float(0)?;
                 same_shape(0, 1)?;
                 vector_of_last(1, 2)?;
