@@ -842,3 +842,29 @@ fn an_endless_input_file_is_refused() {
         assert!(err.contains("larger than the 512 MiB"), "{flag}: {err}");
     }
 }
+
+/// Small refusals a user meets: `--max-ep 0` on a dense model (no configuration), and
+/// `calibrate -o` into a folder that does not exist (refused before the fit).
+#[test]
+fn zero_max_ep_and_a_missing_output_folder_are_refused() {
+    let (code, _, err) = apar(&["plan", "--max-ep", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-ep 0"), "{err}");
+    let runs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/calibration/fidelity/megatron-a800.csv"
+    );
+    let (code, _, err) = apar(&[
+        "calibrate",
+        runs,
+        "--fit",
+        "matmul",
+        "-o",
+        "/nonexistent-apar-dir/x.json",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("does not exist") && !err.contains("fitted"),
+        "{err}"
+    );
+}

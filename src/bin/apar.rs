@@ -1182,6 +1182,15 @@ fn run(cli: Cli) -> Result<String, Failure> {
                         p.display()
                     )));
                 }
+                // A folder that is not there fails before the fit, not after it.
+                let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+                if let Some(d) = dir.filter(|d| !d.is_dir()) {
+                    return Err(bad(format!(
+                        "-o {}: the folder {} does not exist",
+                        out.display(),
+                        d.display()
+                    )));
+                }
             }
             let start = calibration
                 .map(|p| Calibration::from_json_file(&p))

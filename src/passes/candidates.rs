@@ -307,7 +307,8 @@ pub fn enumerate(
 /// pinned degree, whatever it is) dividing `experts` with
 /// `ep · etp` dividing `tp · cp · dp` (Megatron-Core folds the experts over the same
 /// ranks, `etp × ep × edp = tp × cp × dp`), within `k`'s pins and bounds. A dense model
-/// keeps `ep = etp = 1` (and has no configuration when `k` pins either above 1).
+/// keeps `ep = etp = 1` (and has no configuration when `k` pins either above 1 or
+/// bounds `ep` below 1).
 pub fn with_experts(configs: Vec<Config>, experts: u64, k: &Constraints) -> Vec<Config> {
     let mut out = Vec::with_capacity(configs.len());
     for c in configs {
@@ -319,7 +320,9 @@ pub fn with_experts(configs: Vec<Config>, experts: u64, k: &Constraints) -> Vec<
 /// Calls `f` with each expert layout of `c`, in [`with_experts`]' order.
 fn expert_layouts(c: Config, experts: u64, k: &Constraints, mut f: impl FnMut(Config)) {
     if experts == 0 {
-        let pinned = k.ep.is_some_and(|e| e != 1) || k.etp.is_some_and(|e| e != 1);
+        let pinned = k.ep.is_some_and(|e| e != 1)
+            || k.etp.is_some_and(|e| e != 1)
+            || k.max_ep.is_some_and(|m| m < 1);
         if !pinned {
             f(c);
         }

@@ -123,7 +123,7 @@ pub enum ModulesError {
     #[error("unknown recompute module `{0}` (core_attn, mlp, layernorm; moe_act, moe, shared_experts, mla_up_proj are Megatron-LM's MoE/MLA modules)")]
     Unknown(String),
     /// An empty list.
-    #[error("empty list of recompute modules (give at least one of core_attn, mlp, layernorm)")]
+    #[error("empty list of recompute modules (give at least one: core_attn or mlp; layernorm only where the engine keeps separate norm ops)")]
     Empty,
     /// A name given twice.
     #[error("recompute module `{0}` given twice")]
