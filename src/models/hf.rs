@@ -1333,8 +1333,12 @@ impl Fields<'_> {
     fn notes(&self) -> Result<ConfigNotes, ModelError> {
         let read = self.read.borrow().clone();
         let trained_positions = match self.u64("max_position_embeddings")? {
-            Some(p) => Some(p),
-            None => self.u64("n_positions")?,
+            Some(p) => Some(("max_position_embeddings", p)),
+            None => self.u64("n_positions")?.map(|p| ("n_positions", p)),
+        };
+        let trained_positions = match trained_positions {
+            Some((key, 0)) => return Err(self.invalid(key, "0 positions: must be positive".into())),
+            other => other.map(|(_, p)| p),
         };
         // Qwen2 turns the window on with `use_sliding_window`; Mistral has no switch
         // and uses `sliding_window` when it is set.
