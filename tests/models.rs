@@ -663,6 +663,7 @@ fn bad_values_are_clear_errors() {
         ("num_hidden_layers", "0", "num_hidden_layers"),
         ("num_hidden_layers", "100000", "num_hidden_layers"), // > MAX_LAYERS
         ("max_position_embeddings", "0", "max_position_embeddings"),
+        ("sliding_window", "0", "sliding_window"),
         ("model_type", "7", "model_type"),
         ("tie_word_embeddings", "\"no\"", "tie_word_embeddings"),
         ("rms_norm_eps", "-1e-5", "rms_norm_eps"),

@@ -1345,7 +1345,10 @@ impl Fields<'_> {
         let sliding_window = match self.bool("use_sliding_window")? {
             _ if self.window_used.get() => None,
             Some(false) => None,
-            _ => self.u64("sliding_window")?,
+            _ => match self.u64("sliding_window")? {
+                Some(0) => return Err(self.invalid("sliding_window", "must be positive".into())),
+                w => w,
+            },
         };
         let mut by_kind: std::collections::BTreeMap<IgnoredKind, Vec<String>> =
             std::collections::BTreeMap::new();
