@@ -1129,12 +1129,7 @@ fn model_code(
     .ok_or_else(|| match model_type {
         Some(t) => PlanError::HfCodeNotModelled {
             model_type: t.to_string(),
-            modelled: models::HfArch::ALL
-                .map(models::HfArch::model_type)
-                .into_iter()
-                .chain(["mixtral"])
-                .collect::<Vec<_>>()
-                .join(", "),
+            modelled: models::HfArch::model_types().join(", "),
         },
         None => PlanError::NoHfArchitecture(cfg.name.clone()),
     })?;

@@ -1284,16 +1284,16 @@ fn run(cli: Cli) -> Result<String, Failure> {
             }
             let m = load_model(&model)?;
             // The checks and warnings `plan` and `eval` give for the same model.
-            if let Some(cfg) = &m.config {
-                if let models::Position::Learned { max_positions } = cfg.position {
-                    if seq > max_positions {
-                        return Err(bad(CompileError::SequenceTooLong {
-                            model: cfg.name.clone(),
-                            seq,
-                            max_positions,
-                        }));
-                    }
+            if let Some(max_positions) = apar::lower::compile::learned_positions(&m.graph) {
+                if seq > max_positions {
+                    return Err(bad(CompileError::SequenceTooLong {
+                        model: m.graph.name().to_string(),
+                        seq,
+                        max_positions,
+                    }));
                 }
+            }
+            if let Some(cfg) = &m.config {
                 check_tp_divides(cfg, tp)?;
                 let rotary = matches!(cfg.position, models::Position::Rotary { .. });
                 if let Some(trained) = m.notes.trained_positions.filter(|&p| rotary && seq > p) {

@@ -626,29 +626,11 @@ impl Compiler {
                 // (`ModelConfig::template_layers`).
                 let g = build_template(cfg, ModelCode::Fused)
                     .map_err(|e| CompileError::Model(e.into()))?;
-                if let Position::Learned { max_positions } = cfg.position {
-                    if seq > max_positions {
-                        return Err(CompileError::SequenceTooLong {
-                            model: cfg.name.clone(),
-                            seq,
-                            max_positions,
-                        });
-                    }
-                }
                 let mut layout = BlockLayout::transformer(cfg.layers as usize);
                 layout.experts = cfg.moe.as_ref().map_or(0, |m| m.experts);
                 (g, cfg.layers, layout, template_runs(cfg))
             }
             ModelSource::Graph(g) => {
-                if let Some(max_positions) = learned_positions(g) {
-                    if seq > max_positions {
-                        return Err(CompileError::SequenceTooLong {
-                            model: g.name().to_string(),
-                            seq,
-                            max_positions,
-                        });
-                    }
-                }
                 let layers = g
                     .ops()
                     .filter_map(|o| match g.node(o).block {
@@ -677,6 +659,15 @@ impl Compiler {
                 (g.clone(), layers, layout, Vec::new())
             }
         };
+        if let Some(max_positions) = learned_positions(&forward) {
+            if seq > max_positions {
+                return Err(CompileError::SequenceTooLong {
+                    model: forward.name().to_string(),
+                    seq,
+                    max_positions,
+                });
+            }
+        }
         let budget_bytes = (cluster.device_memory() as f64 * memory_ratio) as u64;
         Ok(Compiler {
             source,
@@ -2017,8 +2008,9 @@ impl Compiler {
 
 /// The rows of a graph's learned position table: the table an `embedding` looks up
 /// with the `input` named `positions` (the IR's name for the position indices,
-/// `ir-spec/README.md`), when its row count is literal. The smallest if several.
-fn learned_positions(g: &Graph) -> Option<u64> {
+/// `ir-spec/README.md`; the model builder names it so too), when its row count is
+/// literal. The smallest if several.
+pub fn learned_positions(g: &Graph) -> Option<u64> {
     g.ops()
         .filter(|&o| matches!(g.op(o), Op::Embedding))
         .filter_map(|o| {

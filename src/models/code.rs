@@ -136,18 +136,32 @@ impl HfArch {
         }
     }
 
+    /// `model_type`s whose code is another architecture's: `modeling_mixtral.py` is
+    /// Mistral's attention and decoder layer around a sparse MoE block, which apar
+    /// builds for every MoE model; the plan of its `config.json` agrees with a
+    /// `torch.export` capture of Transformers' own Mixtral
+    /// (`python/tests/test_capture_hf.py`).
+    const ALIASES: [(&'static str, HfArch); 1] = [("mixtral", HfArch::Mistral)];
+
     /// The architecture of a `model_type`, if apar models its code.
     pub fn from_model_type(model_type: &str) -> Option<HfArch> {
-        // `modeling_mixtral.py` is Mistral's attention and decoder layer around a
-        // sparse MoE block, which apar builds for every MoE model; the plan of its
-        // `config.json` agrees with a `torch.export` capture of Transformers' own
-        // Mixtral (`python/tests/test_capture_hf.py`).
-        if model_type == "mixtral" {
-            return Some(HfArch::Mistral);
-        }
         HfArch::ALL
             .into_iter()
             .find(|a| a.model_type() == model_type)
+            .or_else(|| {
+                HfArch::ALIASES
+                    .into_iter()
+                    .find_map(|(t, a)| (t == model_type).then_some(a))
+            })
+    }
+
+    /// Every `model_type` [`HfArch::from_model_type`] knows, in order.
+    pub fn model_types() -> Vec<&'static str> {
+        HfArch::ALL
+            .map(HfArch::model_type)
+            .into_iter()
+            .chain(HfArch::ALIASES.map(|(t, _)| t))
+            .collect()
     }
 
     /// Whether eager attention takes the softmax in fp32 (`softmax(…, dtype=float32)`)

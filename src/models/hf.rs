@@ -315,13 +315,7 @@ pub fn from_json_str_with_notes(
             ),
         });
     };
-    let f = Fields {
-        name,
-        map: &map,
-        read: RefCell::default(),
-        window_used: Cell::new(false),
-        rope_replaced: Cell::new(false),
-    };
+    let f = Fields::new(name, &map);
     let model_type = f.req_str("model_type")?;
     let cfg = match model_type {
         "llama" => llama_like(&f, Family::Llama)?,
@@ -386,13 +380,7 @@ fn rope_scaling(f: &Fields) -> Result<Option<Box<super::RopeScaling>>, ModelErro
     let Some((key, map)) = f.rope_dict()? else {
         return Ok(None);
     };
-    let nested = Fields {
-        name: f.name,
-        map,
-        read: RefCell::default(),
-        window_used: Cell::new(false),
-        rope_replaced: Cell::new(false),
-    };
+    let nested = Fields::new(f.name, map);
     let rope_type = match (nested.str("rope_type")?, nested.str("type")?) {
         (Some(t), _) | (None, Some(t)) => t.to_string(),
         (None, None) if key == "rope_parameters" => return Ok(None),
@@ -1321,7 +1309,18 @@ struct Fields<'a> {
     rope_replaced: Cell<bool>,
 }
 
-impl Fields<'_> {
+impl<'a> Fields<'a> {
+    /// The fields of `map`, none read yet; `name` names the model in errors.
+    fn new(name: &'a str, map: &'a Map<String, Value>) -> Fields<'a> {
+        Fields {
+            name,
+            map,
+            read: RefCell::default(),
+            window_used: Cell::new(false),
+            rope_replaced: Cell::new(false),
+        }
+    }
+
     /// The value of `key`, with `null` counted as absent.
     fn get(&self, key: &str) -> Option<&Value> {
         self.read.borrow_mut().insert(key.to_string());
@@ -1723,13 +1722,7 @@ impl Fields<'_> {
     fn rope_theta(&self, keys: &[&'static str]) -> Result<f64, ModelError> {
         let mut theta = None;
         if let Some((_, map)) = self.rope_dict()? {
-            let nested = Fields {
-                name: self.name,
-                map,
-                read: RefCell::default(),
-                window_used: Cell::new(false),
-                rope_replaced: Cell::new(false),
-            };
+            let nested = Fields::new(self.name, map);
             theta = nested.f64("rope_theta")?.map(|x| ("rope_theta", x));
         }
         if theta.is_none() {
