@@ -22,6 +22,7 @@
 //! | field | meaning |
 //! |---|---|
 //! | `model` | zoo name or `config.json` path |
+//! | `attention` | `eager` or `flash` when the run's attention differs from the model's, as `--attention` (optional) |
 //! | `cluster` | preset with node count (`dgx-a100-80g:8`) or cluster JSON file |
 //! | `engine` | `megatron` (default), `deepspeed`, `torchtitan`, `hf` |
 //! | `seq`, `global_batch` | sequence length and sequences per step |
@@ -49,6 +50,7 @@ use crate::engine::memory::Precision;
 use crate::engine::overlap::CommOverlap;
 use crate::engine::Engine;
 use crate::lower::compile::Compiler;
+use crate::models::Attention;
 use crate::passes::{Config, Recompute, RecomputeModules, Schedule};
 use argmin::core::{CostFunction, Executor};
 use argmin::solver::neldermead::NelderMead;
@@ -82,6 +84,9 @@ pub const FIT_MIN_SENSITIVITY: f64 = 1e-9;
 pub struct Run {
     /// Zoo name or `config.json` path.
     pub model: String,
+    /// The attention form, when the run's differs from the model's (`--attention`):
+    /// a zoo model listed as `eager` that ran with FlashAttention is `flash`.
+    pub attention: Option<Attention>,
     /// Cluster preset with a node count, or a cluster JSON file.
     pub cluster: String,
     /// The engine that ran it.
@@ -140,6 +145,8 @@ pub struct Run {
 #[serde(deny_unknown_fields)]
 struct RunFields {
     model: String,
+    #[serde(default)]
+    attention: Option<Attention>,
     cluster: String,
     #[serde(default)]
     engine: Engine,
@@ -253,6 +260,7 @@ impl TryFrom<RunFields> for Run {
             .filter(|&m| f.engine.default_recompute_modules() != Some(m));
         Ok(Run {
             model: f.model,
+            attention: f.attention,
             cluster: f.cluster,
             engine: f.engine,
             seq: f.seq,
@@ -656,7 +664,9 @@ pub fn compile_runs(
         // The run ran: all of the device memory was usable (a budget below it could
         // move the pipeline cuts away from the ones the run had).
         options.memory_ratio = 1.0;
-        let session = Session::for_spec(&ModelSpec::parse(&run.model), &cluster, &options)
+        let mut spec = ModelSpec::parse(&run.model);
+        spec.attention = run.attention;
+        let session = Session::for_spec(&spec, &cluster, &options)
             .map_err(|e: PlanError| err(e.to_string()))?;
         let mut config = run.config().map_err(err)?;
         config.etp = run.etp.unwrap_or_else(|| session.default_etp(run.tp));

@@ -410,6 +410,22 @@ pub mod devices {
         }
     }
 
+    /// One GCD of an AMD Instinct MI250X: half of the package's 383 TFLOP/s dense
+    /// bf16 and 47.9 TFLOP/s fp32 vector, 64 GiB HBM2e at half of the package's
+    /// 3.2768 TB/s (ROCm documentation, "GPU hardware specifications", MI250X row: 220
+    /// CUs, 128 GB). The GCD of Frontier and LUMI-G; no FP8, as the MI250.
+    pub fn mi250x_gcd() -> DeviceSpec {
+        DeviceSpec {
+            name: "MI250X-GCD".into(),
+            peak_bf16_flops: 191.5e12,
+            peak_fp32_flops: 23.95e12,
+            peak_fp8_flops: None,
+            memory_bytes: 64 * GIB,
+            memory_bandwidth: 1638.4 * GB,
+            vendor: Some(super::Vendor::Amd),
+        }
+    }
+
     /// AMD Instinct MI300X: 1,307.4 TFLOP/s dense bf16, 163.4 TFLOP/s fp32, 192 GB HBM3
     /// at 5.3 TB/s (AMD Instinct MI300X data sheet, 2023); 2,614.9 TFLOP/s dense FP8
     /// (same data sheet; 5,229.8 with sparsity).
@@ -492,7 +508,7 @@ pub mod links {
         }
     }
 
-    /// AMD Infinity Fabric (xGMI) between MI250 GCDs of one node: 50 GB/s each way per
+    /// AMD Infinity Fabric (xGMI) between MI250 (and MI250X) GCDs of one node: 50 GB/s each way per
     /// link (AMD CDNA 2 white paper); a ring over the node's GCDs gets about two links'
     /// worth, 100 GB/s.
     pub fn xgmi_mi250() -> Link {
@@ -514,7 +530,8 @@ pub mod links {
     }
 
     /// 200 Gb/s RoCE/InfiniBand shared by two GCDs (one NIC per MI250 package),
-    /// 12.5 GB/s each way per GCD.
+    /// 12.5 GB/s each way per GCD; also Frontier's and LUMI-G's four 200 Gb/s
+    /// Slingshot-11 NICs per node of four MI250X (OLCF and LUMI user guides).
     pub fn nic_200g_per_2() -> Link {
         Link {
             name: "nic-200g/2".into(),
@@ -667,6 +684,21 @@ const PRESETS: &[Preset] = &[
             node(
                 format!("mi250-gcd:{n}"),
                 devices::mi250_gcd(),
+                8,
+                n,
+                links::xgmi_mi250(),
+                links::nic_200g_per_2(),
+            )
+        },
+    },
+    Preset {
+        name: "mi250x-gcd",
+        about: "4 × MI250X (8 GCDs) per node, xGMI, one 200 Gb/s NIC per package (HPE Cray EX235a: Frontier, LUMI-G)",
+        nodes: None,
+        make: |n| {
+            node(
+                format!("mi250x-gcd:{n}"),
+                devices::mi250x_gcd(),
                 8,
                 n,
                 links::xgmi_mi250(),

@@ -439,13 +439,17 @@ impl Calibration {
 }
 
 /// The built-in tables, by short name, as compiled in from `calibration/*.json`.
-pub const BUILTIN_FILES: [(&str, &str); 5] = [
+pub const BUILTIN_FILES: [(&str, &str); 6] = [
     ("a100", include_str!("../../calibration/a100.json")),
     ("h100", include_str!("../../calibration/h100.json")),
     ("h200", include_str!("../../calibration/h200.json")),
     (
         "mi250-gcd",
         include_str!("../../calibration/mi250-gcd.json"),
+    ),
+    (
+        "mi250x-gcd",
+        include_str!("../../calibration/mi250x-gcd.json"),
     ),
     ("mi300x", include_str!("../../calibration/mi300x.json")),
 ];
@@ -470,7 +474,7 @@ pub fn builtin() -> &'static [(&'static str, Calibration)] {
 }
 
 /// The built-in table with short name `name` (`a100`, `h100`, `h200`, `mi250-gcd`,
-/// `mi300x`).
+/// `mi250x-gcd`, `mi300x`).
 pub fn builtin_named(name: &str) -> Option<Calibration> {
     builtin()
         .iter()
@@ -506,6 +510,7 @@ mod tests {
             "dgx-h100:1",
             "dgx-h200:1",
             "mi250-gcd:1",
+            "mi250x-gcd:1",
             "mi300x:1",
         ] {
             let c = Cluster::resolve(preset).unwrap();
