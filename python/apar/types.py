@@ -84,7 +84,12 @@ class Config:
     def to_json(self) -> Dict[str, Any]:
         """The library's form (what :func:`apar.evaluate` takes)."""
         if self.raw:
-            return dict(self.raw)
+            # A plan's JSON leaves `etp` out when it is 1 with `ep` 1, where
+            # `evaluate` would read a missing `etp` as the engine's default (`tp` for a
+            # mixture of experts): say it.
+            d = dict(self.raw)
+            d.setdefault("etp", self.etp)
+            return d
         d = dataclasses.asdict(self)
         d.pop("raw")
         return d

@@ -201,3 +201,11 @@ def test_expert_parallel_pins_and_default_expert_tensor_degree():
     q = apar.plan("mixtral-8x7b", cluster="dgx-h100:2", global_batch=64, seq=4096, ep=2,
                   progress=False)
     assert q.config.ep == 2
+    # A plan's configuration with etp 1 beside tp 2 (its JSON leaves etp out) evaluates
+    # as itself, not at the default etp = tp.
+    r = apar.evaluate("mixtral-8x7b", "dgx-h100:2", dict(cfg, ep=1, etp=1), global_batch=64,
+                      seq=4096, layers=2)
+    assert r.config.etp == 1 and "etp" not in r.config.raw
+    s = apar.evaluate("mixtral-8x7b", "dgx-h100:2", r.config, global_batch=64, seq=4096,
+                      layers=2)
+    assert s.config.etp == 1 and s.step_time_s == r.step_time_s
