@@ -5,6 +5,7 @@
 use apar::calibrate::{self, parse_params, parse_runs, CalibrateError, Run};
 use apar::cost::{calibration::builtin_named, Calibration, Param};
 use apar::engine::memory::Precision;
+use apar::models::Attention;
 use apar::passes::{Recompute, RecomputeModules};
 
 /// Eight configurations of GPT-2 on one DGX A100 that load compute, memory-bound
@@ -674,6 +675,44 @@ gpt2,dgx-a100-80g:1,1024,64,8,4,1,1.1
         fit.warnings
             .iter()
             .any(|w| w.starts_with("run 2 repeats the configuration of run 1")),
+        "{:?}",
+        fit.warnings
+    );
+}
+
+/// A run's `attention` column prices the run at that attention (`megatron-22b` is an
+/// eager model: FlashAttention runs it faster), and spelling out the model's own
+/// attention is the same configuration as leaving the cell empty.
+#[test]
+fn runs_carry_their_attention() {
+    let csv = "\
+model,attention,cluster,seq,global_batch,dp,tp,micro_batch,recompute,step_time_s
+megatron-22b,,dgx-a100-80g:1,2048,8,1,8,1,full,2.0
+megatron-22b,flash,dgx-a100-80g:1,2048,8,1,8,1,full,2.0
+megatron-22b,eager,dgx-a100-80g:1,2048,8,1,8,1,full,2.0
+";
+    let runs = parse_runs(csv).unwrap();
+    assert_eq!(runs[0].attention, None);
+    assert_eq!(runs[1].attention, Some(Attention::Flash));
+    let mut compiled = calibrate::compile_runs(&runs, None).unwrap();
+    assert_eq!(compiled[0].run.attention, Some(Attention::Eager));
+    let cal = compiled[0].compiler.cost.eff.clone();
+    let t = calibrate::predict(&mut compiled, &cal);
+    assert!(t[1] < 0.95 * t[0], "flash {} vs eager {}", t[1], t[0]);
+    assert_eq!(t[2], t[0]);
+    // Runs 1 and 3 are one configuration: two distinct ones cannot fit three values.
+    let three = [Param::Matmul, Param::Memory, Param::Link];
+    match calibrate::fit(&runs, None, &three) {
+        Err(CalibrateError::TooFewRuns {
+            runs: 2, params: 3, ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    let fit = calibrate::fit(&runs, None, &[Param::Matmul]).unwrap();
+    assert!(
+        fit.warnings
+            .iter()
+            .any(|w| w.starts_with("run 3 repeats the configuration of run 1")),
         "{:?}",
         fit.warnings
     );

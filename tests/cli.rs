@@ -679,6 +679,31 @@ fn json_config_writes_etp_with_expert_parallelism() {
     );
 }
 
+/// torchtitan's Llama calls `scaled_dot_product_attention` (or FlexAttention): an eager
+/// attention asked of it is refused, not priced as flash; a layout it has no model
+/// code for keeps the override.
+#[test]
+fn torchtitan_refuses_eager_attention_on_its_llama() {
+    let job = ("llama2-7b", "dgx-a100-80g:2", "64", "2048");
+    let args = [
+        "--dp",
+        "16",
+        "--engine",
+        "torchtitan",
+        "--attention",
+        "eager",
+    ];
+    let (code, _, err) = eval_on(job, &args);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`attention` is eager") && err.contains("scaled_dot_product_attention"),
+        "{err}"
+    );
+    let zero3 = [&args[..], &["--zero", "3", "--recompute", "full"]].concat();
+    let (code, _, err) = eval_on(("megatron-22b", "dgx-a100-80g:2", "64", "2048"), &zero3);
+    assert_eq!(code, 0, "{err}");
+}
+
 /// A plan its engine cannot run is refused before the search (torchtitan has no fp16
 /// mixed precision: `training.mixed_precision_param` takes bfloat16 or float32), and a
 /// dtype override the export cannot write is priced with a warning that `--emit`

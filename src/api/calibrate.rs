@@ -477,7 +477,7 @@ pub fn parse_params(list: &str) -> Result<Vec<Param>, CalibrateError> {
 fn sensitivity_hint(p: Param) -> &'static str {
     match p {
         Param::Matmul => "add runs whose step time is spent in matmuls",
-        Param::Attention => "add runs with longer sequences, whose attention kernels take time",
+        Param::Attention => "add runs with fused (flash) attention at longer sequences, whose attention kernels take time (eager attention does not use this value)",
         Param::Memory => "add runs whose memory-bound kernels (norms, activations, optimizer) take time",
         Param::Link => "add runs with communication on the critical path (tp, pp, or dp > 1)",
         Param::Overlap => {
@@ -628,7 +628,8 @@ fn record_line(text: &str, byte: u64) -> usize {
 
 /// A run as compiled for the fit.
 pub struct CompiledRun {
-    /// The run.
+    /// The run, its `attention` resolved to the attention the model runs with (the
+    /// file's, else the model's own; `None` for an IR model).
     pub run: Run,
     /// Its configuration.
     pub config: Config,
@@ -670,10 +671,12 @@ pub fn compile_runs(
             .map_err(|e: PlanError| err(e.to_string()))?;
         let mut config = run.config().map_err(err)?;
         config.etp = run.etp.unwrap_or_else(|| session.default_etp(run.tp));
+        let mut run = run.clone();
+        run.attention = session.model_config().map(|c| c.attention);
         let compiler = session.into_compiler();
         compiler.evaluate(&config).map_err(|e| err(e.to_string()))?;
         out.push(CompiledRun {
-            run: run.clone(),
+            run,
             config,
             compiler,
         });
@@ -862,14 +865,16 @@ pub fn fit(
     if runs.is_empty() {
         return Err(CalibrateError::NoRuns);
     }
+    let compiled = compile_runs(runs, start)?;
     // Runs of one configuration (repeats of a measurement) count once: they pin
-    // one step time, not one parameter each.
-    let keys: Vec<Run> = runs
+    // one step time, not one parameter each. (Compiled: an attention a run spells out
+    // is the same run as the model's own left unsaid.)
+    let keys: Vec<Run> = compiled
         .iter()
         .map(|r| Run {
             step_time_s: 0.0,
             peak_memory_bytes: None,
-            ..r.clone()
+            ..r.run.clone()
         })
         .collect();
     let mut repeats = Vec::new();
@@ -887,7 +892,7 @@ pub fn fit(
             names: free.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
         });
     }
-    let compiled = std::sync::Mutex::new(compile_runs(runs, start)?);
+    let compiled = std::sync::Mutex::new(compiled);
     let start = compiled.lock().expect("runs lock")[0]
         .compiler
         .cost

@@ -254,7 +254,7 @@ impl fmt::Display for Warning {
                 calibration_file: true,
             } => write!(
                 f,
-                "the calibration file for `{device}` keeps estimated values of {} (their source says \"estimate\": neither measured nor fitted): fit them with `apar calibrate --fit` to measured runs",
+                "the calibration file used for `{device}` keeps estimated values of {} (their source says \"estimate\": neither measured nor fitted): fit them with `apar calibrate --fit` to measured runs",
                 params.join(", ")
             ),
             Warning::CalibrationForOtherDevice { device, calibrated } => write!(

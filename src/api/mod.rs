@@ -1102,7 +1102,20 @@ fn model_code(
     let cfg = match (engine, config) {
         (Engine::Hf, Some(cfg)) => cfg,
         (Engine::Torchtitan, Some(cfg)) => {
-            return Ok(torchtitan_code(cfg).unwrap_or(models::ModelCode::Fused))
+            let code = torchtitan_code(cfg);
+            if code.is_some() && cfg.attention == Attention::Eager {
+                // Its Llama calls `scaled_dot_product_attention` (or FlexAttention):
+                // an eager attention is not something it can run.
+                return Err(PlanError::Model(ModelError::Invalid {
+                    model: cfg.name.clone(),
+                    field: "attention",
+                    why: "is eager, but torchtitan's Llama runs PyTorch's \
+                          scaled_dot_product_attention (or FlexAttention), never the \
+                          eager form: use flash attention for this engine"
+                        .into(),
+                }));
+            }
+            return Ok(code.unwrap_or(models::ModelCode::Fused));
         }
         _ => return Ok(models::ModelCode::Fused),
     };

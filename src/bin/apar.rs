@@ -664,11 +664,33 @@ fn fit_text(fit: &calibrate::Fit, runs: &[calibrate::Run]) -> String {
     for (name, start, value) in &fit.params {
         let _ = writeln!(o, "{name:<17} {start:8.4}  {value:8.4}");
     }
+    // A model file by its name, and the attention when the run names one.
+    let models: Vec<String> = runs
+        .iter()
+        .map(|run| {
+            let file = std::path::Path::new(&run.model)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or(&run.model);
+            match run.attention {
+                Some(Attention::Flash) => format!("{file} (flash)"),
+                Some(Attention::Eager) => format!("{file} (eager)"),
+                None => file.to_string(),
+            }
+        })
+        .collect();
+    let w = models
+        .iter()
+        .map(|m| m.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(5);
     let _ = writeln!(
         o,
-        "\n run  model                 dp  tp  pp   b  recompute   measured s  predicted s   error  peak GiB (measured / apar)"
+        "\n run  {:<w$}  dp  tp  pp   b  recompute   measured s  predicted s   error  peak GiB (measured / apar)",
+        "model"
     );
-    for (i, (run, r)) in runs.iter().zip(&fit.residuals).enumerate() {
+    for (i, ((run, r), model)) in runs.iter().zip(&fit.residuals).zip(&models).enumerate() {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let peak = match r.measured_peak_bytes {
             Some(m) => format!("{:.1} / {:.1}", gib(m), gib(r.predicted_peak_bytes)),
@@ -676,9 +698,8 @@ fn fit_text(fit: &calibrate::Fit, runs: &[calibrate::Run]) -> String {
         };
         let _ = writeln!(
             o,
-            "{:>4}  {:<20} {:>3} {:>3} {:>3} {:>3}  {:<10} {:>11} {:>12} {:>+6.1}%  {peak}",
+            "{:>4}  {model:<w$} {:>3} {:>3} {:>3} {:>3}  {:<10} {:>11} {:>12} {:>+6.1}%  {peak}",
             i + 1,
-            run.model,
             run.dp,
             run.tp,
             run.pp,
