@@ -718,6 +718,21 @@ megatron-22b,eager,dgx-a100-80g:1,2048,8,1,8,1,full,2.0
     );
 }
 
+/// A JSON run file's error names the run and the field, also for a value of the
+/// wrong type, which serde_json's own message does not place.
+#[test]
+fn json_run_errors_name_the_run_and_field() {
+    let run = r#"{"model": "gpt2", "cluster": "dgx-a100-80g:1", "seq": 1024, "global_batch": 64, "dp": 8, "step_time_s": 1.0"#;
+    let err = parse_runs(&format!("[{run}}}, {run}, \"attention\": 1}}]")).unwrap_err();
+    assert!(err.starts_with("run 2, `attention`: "), "{err}");
+    let err = parse_runs(&format!("[{run}, \"attention\": \"sdpa\"}}]")).unwrap_err();
+    assert!(
+        err.starts_with("run 1, `attention`: unknown variant `sdpa`"),
+        "{err}"
+    );
+    assert!(parse_runs(&format!("[{run}, \"attention\": \"flash\"}}]")).is_ok());
+}
+
 /// GEMM shape models outside what any device has are refused, not priced.
 #[test]
 fn absurd_gemm_shape_models_are_refused() {

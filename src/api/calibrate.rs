@@ -546,7 +546,29 @@ fn parse_rows(text: &str) -> Result<Vec<Run>, String> {
     // Spreadsheet programs save UTF-8 with a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim_start().starts_with('[') {
-        return serde_json::from_str(text).map_err(|e| e.to_string());
+        // The path names the run and field at fault (`[2].attention`), which serde_json's
+        // own message leaves out for a value of the wrong type.
+        let mut de = serde_json::Deserializer::from_str(text);
+        let runs = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            use serde_path_to_error::Segment;
+            let at: Vec<String> = e
+                .path()
+                .iter()
+                .filter_map(|s| match s {
+                    Segment::Seq { index } => Some(format!("run {}", index + 1)),
+                    Segment::Map { key } => Some(format!("`{key}`")),
+                    Segment::Enum { .. } | Segment::Unknown => None,
+                })
+                .collect();
+            let inner = e.into_inner();
+            if at.is_empty() {
+                inner.to_string()
+            } else {
+                format!("{}: {inner}", at.join(", "))
+            }
+        })?;
+        de.end().map_err(|e| e.to_string())?;
+        return Ok(runs);
     }
     if text.trim_start().starts_with('{') {
         return Err("a JSON run file is an array of runs ([{...}, ...])".into());
