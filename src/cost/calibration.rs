@@ -429,8 +429,8 @@ impl Calibration {
     }
 
     /// The table used for a device no built-in table lists: the A100 table's values
-    /// (its `matmul` fitted to Megatron-LM's published runs on today's software, the
-    /// MI250-class fit being of a 2023 ROCm stack), with its device list emptied. A plan
+    /// (its `matmul` fitted to Megatron-LM's published A100 runs), with its device list
+    /// emptied. A plan
     /// made with it says so ([`crate::api::Warning::DefaultCostTable`]).
     pub fn default_table() -> Calibration {
         let mut c = builtin_named("a100").expect("the A100 table is built in");
