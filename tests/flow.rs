@@ -241,6 +241,60 @@ fn runners_up_and_closest_are_the_true_ones() {
     assert_eq!(fast.config, full.config);
 }
 
+/// Megatron-LM pads GPT-2's 50,257-token vocabulary to a multiple of 128 · tp and
+/// splits the padded embedding and output layer over the tensor-parallel ranks
+/// (`_vocab_size_with_padding`): at tp 4, 50,688 rows, 12,672 per rank; no block stays
+/// whole. The other engines build the model's own 50,257 rows.
+#[test]
+fn megatron_plans_its_padded_vocabulary_split() {
+    let gpt2 = zoo::lookup("gpt2-large").unwrap();
+    let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
+    let session = |engine| {
+        let mut o = options(1024, 64, |s| {
+            s.constraints.tp = Some(4);
+            s.constraints.dp = Some(2);
+        });
+        o.engine = engine;
+        Session::for_config(&gpt2, &cluster, &o).unwrap()
+    };
+    let plan = session(Engine::Megatron).plan().unwrap();
+    assert!(
+        plan.warnings.contains(&Warning::VocabPadded {
+            vocab: 50257,
+            padded: 50688
+        }),
+        "{:?}",
+        plan.warnings
+    );
+    assert!(
+        !plan
+            .warnings
+            .iter()
+            .any(|w| matches!(w, Warning::BlockReplicated { .. })),
+        "{:?}",
+        plan.warnings
+    );
+    let rows = |plan: &apar::Plan| {
+        plan.tensors
+            .iter()
+            .find(|t| {
+                t.kind == apar::TensorKind::Param
+                    && t.global_shape.contains(&1280)
+                    && t.global_shape.iter().any(|&d| d > 50000)
+            })
+            .map(|t| (t.global_shape.clone(), t.local_shape.clone()))
+            .unwrap()
+    };
+    let (global, local) = rows(&plan);
+    assert!(
+        global.contains(&50688) && local.contains(&12672),
+        "{global:?} {local:?}"
+    );
+    let titan = session(Engine::Torchtitan).plan().unwrap();
+    let (global, _) = rows(&titan);
+    assert!(global.contains(&50257), "{global:?}");
+}
+
 #[test]
 fn warnings_reach_the_plan() {
     // GPT-2's 50,257-token vocabulary is padded by Megatron-LM to 50,304 rows (a
@@ -510,15 +564,18 @@ fn the_hf_engine_runs_transformers_code() {
 
 /// A block is reported as not split at tp > 1 only when no parameter it reads is split:
 /// a head tied to the embedding reads the embedding's vocabulary-split weight (its own
-/// parameters are only the final norm's), so Megatron's GPT 1.7B head is split at tp 8; GPT-2's
-/// 50,257-token vocabulary divides by no tp, so its embedding and head stay whole and
-/// both are reported.
+/// parameters are only the final norm's), so Megatron's GPT 1.7B head is split at tp 8;
+/// GPT-2's 50,257-token vocabulary divides by no tp, so under an engine that builds it
+/// unpadded (torchtitan) its embedding and head stay whole and both are reported, while
+/// Megatron-LM pads it to 50,688 rows and splits them.
 #[test]
 fn a_tied_head_reading_a_split_embedding_is_not_reported_whole() {
     let cluster = Cluster::resolve("dgx-a100-80g:1").unwrap();
-    let replicated = |model: &str, tp: u32| -> Vec<String> {
+    let replicated = |model: &str, tp: u32, engine: Engine| -> Vec<String> {
         let m = zoo::lookup(model).unwrap();
-        let session = Session::for_config(&m, &cluster, &options(1024, 8, |_| {})).unwrap();
+        let mut o = options(1024, 8, |_| {});
+        o.engine = engine;
+        let session = Session::for_config(&m, &cluster, &o).unwrap();
         let config = apar::passes::Config::new(8 / tp, tp, 1, 1, tp);
         let plan = session.evaluate(&config).unwrap();
         plan.warnings
@@ -530,6 +587,16 @@ fn a_tied_head_reading_a_split_embedding_is_not_reported_whole() {
             .collect()
     };
     assert!(zoo::lookup("megatron-1.7b").unwrap().tied_embeddings);
-    assert_eq!(replicated("megatron-1.7b", 8), Vec::<String>::new());
-    assert_eq!(replicated("gpt2", 4), vec!["embed", "head"]);
+    assert_eq!(
+        replicated("megatron-1.7b", 8, Engine::Megatron),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        replicated("gpt2", 4, Engine::Torchtitan),
+        vec!["embed", "head"]
+    );
+    assert_eq!(
+        replicated("gpt2", 4, Engine::Megatron),
+        Vec::<String>::new()
+    );
 }

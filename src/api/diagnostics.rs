@@ -12,10 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Megatron-LM pads the vocabulary to a multiple of `--make-vocab-size-divisible-by`
-/// (default 128) times the tensor-parallel degree (`megatron/training/tokenizer`,
-/// `_vocab_size_with_padding`).
-pub const MEGATRON_VOCAB_DIVISOR: u64 = 128;
+pub use crate::engine::MEGATRON_VOCAB_DIVISOR;
 
 /// Share of the step time spent in the pipeline bubble above which a plan is
 /// reported as using more devices than its batch can feed.
@@ -68,8 +65,8 @@ pub enum Warning {
         /// Blocks in the graph.
         blocks: usize,
     },
-    /// Megatron-LM pads the vocabulary; the padded rows' memory and FLOPs are not in
-    /// the plan.
+    /// Megatron-LM pads the vocabulary: the plan holds and computes the padded rows
+    /// (MFU counts the model's own vocabulary, HFU the padded one).
     VocabPadded {
         /// The model's vocabulary.
         vocab: u64,
@@ -196,7 +193,7 @@ impl fmt::Display for Warning {
             ),
             Warning::VocabPadded { vocab, padded } => write!(
                 f,
-                "Megatron-LM pads the vocabulary from {vocab} to {padded} rows (--make-vocab-size-divisible-by {MEGATRON_VOCAB_DIVISOR} × tp); the padding is not planned"
+                "Megatron-LM pads the vocabulary from {vocab} to {padded} rows (--make-vocab-size-divisible-by {MEGATRON_VOCAB_DIVISOR} × tp); the plan holds and computes the padded rows"
             ),
             Warning::ConfigKeysIgnored { kind, keys } => {
                 let keys = keys.join(", ");
@@ -512,9 +509,8 @@ pub(super) fn of_plan(
             }
         }
     }
-    if let Some(cfg) = config.filter(|_| compiler.engine == Engine::Megatron) {
-        let multiple = MEGATRON_VOCAB_DIVISOR * u64::from(c.tp);
-        let padded = cfg.vocab.div_ceil(multiple) * multiple;
+    if let Some(cfg) = config {
+        let padded = compiler.engine.padded_vocab(cfg.vocab, c.tp);
         if padded != cfg.vocab {
             out.push(Warning::VocabPadded {
                 vocab: cfg.vocab,

@@ -57,6 +57,10 @@ pub enum CpMethod {
     AllGather,
 }
 
+/// Megatron-LM's `--make-vocab-size-divisible-by` default: the vocabulary is padded to
+/// a multiple of this times the tensor-parallel degree ([`Engine::padded_vocab`]).
+pub const MEGATRON_VOCAB_DIVISOR: u64 = 128;
+
 impl Engine {
     /// Every engine, in the order the CLI lists them.
     pub const ALL: [Engine; 4] = [
@@ -107,6 +111,23 @@ impl Engine {
         match self {
             Engine::DeepSpeed => Some(DEEPSPEED_PREFETCH_BUCKET_ELEMENTS),
             Engine::Megatron | Engine::Torchtitan | Engine::Hf => None,
+        }
+    }
+
+    /// The vocabulary rows the engine builds for a `vocab`-token model at
+    /// tensor-parallel degree `tp`: Megatron-LM pads it to a multiple of
+    /// `--make-vocab-size-divisible-by` ([`MEGATRON_VOCAB_DIVISOR`], its default 128)
+    /// times `tp` (`megatron/training/tokenizer`, `_vocab_size_with_padding`) and
+    /// splits the padded embedding and output layer; the others build the model's own
+    /// size (Hugging Face's and torchtitan's models take the configuration's
+    /// `vocab_size`).
+    pub fn padded_vocab(self, vocab: u64, tp: u32) -> u64 {
+        match self {
+            Engine::Megatron => {
+                let multiple = MEGATRON_VOCAB_DIVISOR * u64::from(tp.max(1));
+                vocab.div_ceil(multiple) * multiple
+            }
+            Engine::DeepSpeed | Engine::Torchtitan | Engine::Hf => vocab,
         }
     }
 

@@ -31,6 +31,7 @@ use crate::shard::ShardError;
 use crate::train::TrainError;
 use crate::train::TrainOptions;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
@@ -1368,15 +1369,35 @@ impl Compiler {
         }
     }
 
+    /// The forward graph the engine builds at tensor-parallel degree `tp`: a
+    /// configuration's template with the engine's padded vocabulary
+    /// ([`Engine::padded_vocab`]: Megatron-LM's rows up to a multiple of `128 · tp`,
+    /// which it splits over the ranks), else the compiled forward graph.
+    fn forward_at(&self, tp: u32) -> Result<Cow<'_, Graph>, CompileError> {
+        match &self.source {
+            ModelSource::Config(cfg) if self.engine.padded_vocab(cfg.vocab, tp) != cfg.vocab => {
+                let padded = ModelConfig {
+                    vocab: self.engine.padded_vocab(cfg.vocab, tp),
+                    ..cfg.clone()
+                };
+                let g = build_template(&padded, self.model_code)
+                    .map_err(|e| CompileError::Model(e.into()))?;
+                Ok(Cow::Owned(g))
+            }
+            _ => Ok(Cow::Borrowed(&self.forward)),
+        }
+    }
+
     /// The forward graph one device runs at tensor-parallel degree `tp` with
     /// context-parallel degree `cp` (the split priced at its `s / cp` tokens).
     fn per_device_forward(&self, tp: u32, sp: bool, cp: u32) -> Result<Graph, CompileError> {
+        let forward = self.forward_at(tp)?;
         if tp <= 1 {
-            return Ok(self.forward.clone());
+            return Ok(forward.into_owned());
         }
         Ok(self
             .passes
-            .run(&self.tensor_parallel(tp, sp, cp), &self.forward)?
+            .run(&self.tensor_parallel(tp, sp, cp), &forward)?
             .graph)
     }
 
@@ -1859,10 +1880,10 @@ impl Compiler {
     pub fn device_program(&self, c: &Config) -> Result<DeviceProgram, CompileError> {
         self.check(c)?;
         let sharded = if c.tp > 1 {
-            Some(
-                self.passes
-                    .run(&self.tensor_parallel(c.tp, c.sp, c.cp), &self.forward)?,
-            )
+            Some(self.passes.run(
+                &self.tensor_parallel(c.tp, c.sp, c.cp),
+                &*self.forward_at(c.tp)?,
+            )?)
         } else {
             None
         };
