@@ -733,6 +733,35 @@ fn json_run_errors_name_the_run_and_field() {
     assert!(parse_runs(&format!("[{run}, \"attention\": \"flash\"}}]")).is_ok());
 }
 
+/// A CSV cell with an unknown name in an enumerated column names its column (the
+/// reader itself does not say where), and a column no run has is the header's fault.
+#[test]
+fn csv_errors_name_the_column_and_the_header() {
+    let head = "model,attention,cluster,engine,seq,global_batch,dp,step_time_s";
+    let row = |attention: &str, engine: &str| {
+        format!("{head}\ngpt2,{attention},dgx-a100-80g:1,{engine},1024,64,8,1.0\n")
+    };
+    let err = parse_runs(&row("Flash", "megatron")).unwrap_err();
+    assert!(
+        err.starts_with("line 2: `attention`: unknown variant `Flash`"),
+        "{err}"
+    );
+    let err = parse_runs(&row("flash", "megatronx")).unwrap_err();
+    assert!(
+        err.starts_with("line 2: `engine`: unknown variant"),
+        "{err}"
+    );
+    let err = parse_runs(&format!(
+        "# runs\n{}",
+        row("flash", "megatron").replace("attention", "Attention")
+    ))
+    .unwrap_err();
+    assert!(
+        err.starts_with("line 2 (header): `Attention`: unknown field"),
+        "{err}"
+    );
+}
+
 /// GEMM shape models outside what any device has are refused, not priced.
 #[test]
 fn absurd_gemm_shape_models_are_refused() {

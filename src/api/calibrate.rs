@@ -614,18 +614,49 @@ fn parse_rows(text: &str) -> Result<Vec<Run>, String> {
         let run = cells.deserialize::<Run>(Some(&columns)).map_err(|e| {
             let why = match e.kind() {
                 csv::ErrorKind::Deserialize { err, .. } => {
-                    match err.field().and_then(|f| columns.get(f as usize)) {
+                    match err
+                        .field()
+                        .and_then(|f| columns.get(f as usize))
+                        .or_else(|| culprit(&columns, &cells))
+                    {
                         Some(column) => format!("`{column}`: {}", err.kind()),
                         None => err.kind().to_string(),
                     }
                 }
                 _ => e.to_string(),
             };
+            // A column no run has is the header's fault, not the row's.
+            if why.contains("unknown field `") {
+                let header = names.position().map_or(1, |p| record_line(text, p.byte()));
+                return format!("line {header} (header): {why}");
+            }
             format!("line {line}: {why}")
         })?;
         runs.push(run);
     }
     Ok(runs)
+}
+
+/// The column at fault in a row the reader could not deserialize without saying where
+/// (an unknown name in an enumerated column such as `engine` or `attention`): the first
+/// whose cell, left empty (its default), lets the row read.
+fn culprit<'a>(columns: &'a csv::StringRecord, cells: &csv::StringRecord) -> Option<&'a str> {
+    (0..cells.len()).find_map(|i| {
+        let blanked: csv::StringRecord = cells
+            .iter()
+            .enumerate()
+            .map(|(j, c)| if j == i { "" } else { c })
+            .collect();
+        let (cols, vals): (csv::StringRecord, csv::StringRecord) = columns
+            .iter()
+            .zip(&blanked)
+            .filter(|(_, v)| !v.is_empty())
+            .unzip();
+        vals.deserialize::<Run>(Some(&cols))
+            .is_ok()
+            .then(|| columns.get(i))
+            .flatten()
+    })
 }
 
 /// The 1-based line of the CSV record the reader placed at `byte`: the reader's
