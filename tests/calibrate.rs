@@ -663,18 +663,22 @@ gpt2,dgx-a100-80g:1,1024,64,8,2,1,1.2
 gpt2,dgx-a100-80g:1,1024,64,8,4,1,1.1
 ";
     let runs = parse_runs(csv).unwrap();
+    assert_one_repeat(&runs, "run 2 repeats the configuration of run 1");
+}
+
+/// `runs` hold two distinct configurations, which cannot fit three parameters, and a
+/// fit of one names the repeat `repeat`.
+fn assert_one_repeat(runs: &[Run], repeat: &str) {
     let three = [Param::Matmul, Param::Memory, Param::Link];
-    match calibrate::fit(&runs, None, &three) {
+    match calibrate::fit(runs, None, &three) {
         Err(CalibrateError::TooFewRuns {
             runs: 2, params: 3, ..
         }) => {}
         other => panic!("{other:?}"),
     }
-    let fit = calibrate::fit(&runs, None, &[Param::Matmul]).unwrap();
+    let fit = calibrate::fit(runs, None, &[Param::Matmul]).unwrap();
     assert!(
-        fit.warnings
-            .iter()
-            .any(|w| w.starts_with("run 2 repeats the configuration of run 1")),
+        fit.warnings.iter().any(|w| w.starts_with(repeat)),
         "{:?}",
         fit.warnings
     );
@@ -700,22 +704,8 @@ megatron-22b,eager,dgx-a100-80g:1,2048,8,1,8,1,full,2.0
     let t = calibrate::predict(&mut compiled, &cal);
     assert!(t[1] < 0.95 * t[0], "flash {} vs eager {}", t[1], t[0]);
     assert_eq!(t[2], t[0]);
-    // Runs 1 and 3 are one configuration: two distinct ones cannot fit three values.
-    let three = [Param::Matmul, Param::Memory, Param::Link];
-    match calibrate::fit(&runs, None, &three) {
-        Err(CalibrateError::TooFewRuns {
-            runs: 2, params: 3, ..
-        }) => {}
-        other => panic!("{other:?}"),
-    }
-    let fit = calibrate::fit(&runs, None, &[Param::Matmul]).unwrap();
-    assert!(
-        fit.warnings
-            .iter()
-            .any(|w| w.starts_with("run 3 repeats the configuration of run 1")),
-        "{:?}",
-        fit.warnings
-    );
+    // Runs 1 and 3 are one configuration.
+    assert_one_repeat(&runs, "run 3 repeats the configuration of run 1");
 }
 
 /// A JSON run file's error names the run and the field, also for a value of the
