@@ -290,6 +290,20 @@ fn megatron_plans_its_padded_vocabulary_split() {
         global.contains(&50688) && local.contains(&12672),
         "{global:?} {local:?}"
     );
+    // At tp 1 too the plan's tensors are the padded rows its memory holds.
+    let tp1 = Session::for_config(
+        &gpt2,
+        &cluster,
+        &options(1024, 64, |s| s.constraints.tp = Some(1)),
+    )
+    .unwrap()
+    .plan()
+    .unwrap();
+    let (global, local) = rows(&tp1);
+    assert!(
+        global.contains(&50304) && local.contains(&50304),
+        "{global:?} {local:?}"
+    );
     let titan = session(Engine::Torchtitan).plan().unwrap();
     let (global, _) = rows(&titan);
     assert!(global.contains(&50257), "{global:?}");

@@ -308,7 +308,7 @@ impl Detail {
         let fwd: &Graph = program
             .sharded
             .as_ref()
-            .map_or(compiler.forward(), |s| &s.graph);
+            .map_or(&program.forward, |s| &s.graph);
         let mut order: Vec<Block> = fwd.ops().map(|o| fwd.node(o).block).collect();
         order.sort();
         order.dedup();

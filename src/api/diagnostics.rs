@@ -484,7 +484,7 @@ pub(super) fn of_plan(
                 .any(|b| matches!(split.get(b), Some((true, false))))
             {
                 let reason = if report.cost_ps >= report.replicated_cost_ps {
-                    "no valid split was cheaper than replication (are its heads, kv heads and widths divisible by tp?)"
+                    "no valid split was cheaper than replication (are its heads, kv heads, widths and vocabulary divisible by tp?)"
                 } else {
                     "no parameter split is valid for its shapes"
                 };

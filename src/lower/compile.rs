@@ -1879,11 +1879,12 @@ impl Compiler {
     /// As [`Compiler::evaluate`]: the configuration is invalid or a pass fails.
     pub fn device_program(&self, c: &Config) -> Result<DeviceProgram, CompileError> {
         self.check(c)?;
+        let forward = self.forward_at(c.tp)?.into_owned();
         let sharded = if c.tp > 1 {
-            Some(self.passes.run(
-                &self.tensor_parallel(c.tp, c.sp, c.cp),
-                &*self.forward_at(c.tp)?,
-            )?)
+            Some(
+                self.passes
+                    .run(&self.tensor_parallel(c.tp, c.sp, c.cp), &forward)?,
+            )
         } else {
             None
         };
@@ -1894,6 +1895,7 @@ impl Compiler {
             &g.graph,
         )?;
         Ok(DeviceProgram {
+            forward,
             sharded,
             graph: d.graph,
             dp_ops: d.dp_ops,
@@ -2113,9 +2115,12 @@ fn communicators(c: &Config) -> u32 {
 /// What one device of a configuration runs, op by op ([`Compiler::device_program`]).
 #[derive(Clone, Debug)]
 pub struct DeviceProgram {
-    /// The tensor-parallel sharding of the forward graph (every tensor's logical type
-    /// and layout); `None` when `tp = 1` (every tensor whole on every device, the
-    /// forward graph as [`Compiler::forward`]).
+    /// The forward graph the engine builds at the configuration's `tp`, before
+    /// sharding: [`Compiler::forward`] but for the engine's padded vocabulary
+    /// ([`Engine::padded_vocab`]).
+    pub forward: Graph,
+    /// The tensor-parallel sharding of `forward` (every tensor's logical type and
+    /// layout); `None` when `tp = 1` (every tensor of `forward` whole on every device).
     pub sharded: Option<crate::shard::ShardedModel>,
     /// The training graph one device runs: forward, backward (with recomputation
     /// clones) and optimizer, with ZeRO's collectives.
