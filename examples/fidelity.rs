@@ -50,13 +50,9 @@ fn main() {
             let want = run.step_time_s;
             let tokens_per_gpu =
                 |t: f64| (run.global_batch * run.seq) as f64 / t / r.config.devices() as f64;
-            // A model file beside the case file by its name, not the resolved path.
-            let model = Path::new(&run.model)
-                .file_name()
-                .map_or(run.model.as_str(), |n| n.to_str().unwrap_or(&run.model));
             let what = format!(
                 "{} {} dp{} tp{} pp{} b{} gbs{} {}{}{} zero{}",
-                model,
+                run.model_name(),
                 run.engine,
                 run.dp,
                 run.tp,

@@ -298,6 +298,15 @@ impl TryFrom<RunFields> for Run {
 }
 
 impl Run {
+    /// The model as a report names it: a model file by its file name (the path the
+    /// run file resolved is long), a zoo name as it is.
+    pub fn model_name(&self) -> &str {
+        Path::new(&self.model)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(&self.model)
+    }
+
     /// The communication overlap switches the run had (on unless the file says
     /// otherwise; the parameter gather's default follows the gradient reduction's).
     pub fn comm_overlap(&self) -> CommOverlap {

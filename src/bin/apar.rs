@@ -668,10 +668,7 @@ fn fit_text(fit: &calibrate::Fit, runs: &[calibrate::Run]) -> String {
     let models: Vec<String> = runs
         .iter()
         .map(|run| {
-            let file = std::path::Path::new(&run.model)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or(&run.model);
+            let file = run.model_name();
             match run.attention {
                 Some(Attention::Flash) => format!("{file} (flash)"),
                 Some(Attention::Eager) => format!("{file} (eager)"),

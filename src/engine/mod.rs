@@ -117,7 +117,8 @@ impl Engine {
     /// The vocabulary rows the engine builds for a `vocab`-token model at
     /// tensor-parallel degree `tp`: Megatron-LM pads it to a multiple of
     /// `--make-vocab-size-divisible-by` ([`MEGATRON_VOCAB_DIVISOR`], its default 128)
-    /// times `tp` (`megatron/training/tokenizer`, `_vocab_size_with_padding`) and
+    /// times `tp` (`megatron/training/vocab_utils.py`, `_calculate_padded_vocab_size_cached`,
+    /// at d98e8a6) and
     /// splits the padded embedding and output layer; the others build the model's own
     /// size (Hugging Face's and torchtitan's models take the configuration's
     /// `vocab_size`).

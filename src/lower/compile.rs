@@ -1374,18 +1374,20 @@ impl Compiler {
     /// ([`Engine::padded_vocab`]: Megatron-LM's rows up to a multiple of `128 · tp`,
     /// which it splits over the ranks), else the compiled forward graph.
     fn forward_at(&self, tp: u32) -> Result<Cow<'_, Graph>, CompileError> {
-        match &self.source {
-            ModelSource::Config(cfg) if self.engine.padded_vocab(cfg.vocab, tp) != cfg.vocab => {
-                let padded = ModelConfig {
-                    vocab: self.engine.padded_vocab(cfg.vocab, tp),
-                    ..cfg.clone()
-                };
-                let g = build_template(&padded, self.model_code)
-                    .map_err(|e| CompileError::Model(e.into()))?;
-                Ok(Cow::Owned(g))
-            }
-            _ => Ok(Cow::Borrowed(&self.forward)),
+        let ModelSource::Config(cfg) = &self.source else {
+            return Ok(Cow::Borrowed(&self.forward));
+        };
+        let vocab = self.engine.padded_vocab(cfg.vocab, tp);
+        if vocab == cfg.vocab {
+            return Ok(Cow::Borrowed(&self.forward));
         }
+        let padded = ModelConfig {
+            vocab,
+            ..cfg.clone()
+        };
+        build_template(&padded, self.model_code)
+            .map(Cow::Owned)
+            .map_err(|e| CompileError::Model(e.into()))
     }
 
     /// The forward graph one device runs at tensor-parallel degree `tp` with

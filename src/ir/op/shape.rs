@@ -184,9 +184,9 @@ impl Op {
             Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
                 float(0)?;
                 rank_at_least(0, 1)?;
-                // The variance's epsilon: non-negative (as a config.json's is).
-                if *eps < 0.0 {
-                    return Err(err(format!("norm epsilon {eps} is negative")));
+                // The variance's epsilon: finite and non-negative (as a config.json's is).
+                if !(eps.is_finite() && *eps >= 0.0) {
+                    return Err(err(format!("norm epsilon {eps} is negative or not finite")));
                 }
                 for i in 1..inputs.len() {
                     vector_of_last(0, i)?;
@@ -474,8 +474,8 @@ impl Op {
                 one(inputs[0].clone())
             }
             Op::LayerNormGrad { eps } | Op::RmsNormGrad { eps } => {
-                if *eps < 0.0 {
-                    return Err(err(format!("norm epsilon {eps} is negative")));
+                if !(eps.is_finite() && *eps >= 0.0) {
+                    return Err(err(format!("norm epsilon {eps} is negative or not finite")));
                 }
                 float(0)?;
                 same_shape(0, 1)?;
@@ -858,5 +858,29 @@ fn attention_shapes(q: &TensorType, k: &TensorType) -> Result<(), String> {
     match (qd[2].as_lit(), kd[2].as_lit()) {
         (Some(a), Some(kv)) if kv > 0 && a % kv == 0 => Ok(()),
         _ => Err("query heads must be a multiple of key/value heads".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{DType, Dim, TensorType};
+
+    /// A norm's epsilon is a finite non-negative number; the text and JSON forms cannot
+    /// spell NaN or infinity, but a binary graph can.
+    #[test]
+    fn norm_epsilons_must_be_finite_and_non_negative() {
+        let x = TensorType::new(DType::F32, [Dim::batch(), Dim::lit(8)]);
+        let w = TensorType::new(DType::F32, [Dim::lit(8)]);
+        for (eps, ok) in [
+            (1e-5, true),
+            (0.0, true),
+            (-1e-5, false),
+            (f64::NAN, false),
+            (f64::INFINITY, false),
+        ] {
+            let got = Op::RmsNorm { eps }.infer(&[&x, &w]);
+            assert_eq!(got.is_ok(), ok, "eps {eps}: {got:?}");
+        }
     }
 }
